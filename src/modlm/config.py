@@ -1,0 +1,128 @@
+"""Model configuration: one dataclass, validated on construction.
+
+Every field has a docstring because LightningCLI shows them as ``--model.*`` help, and because a
+config is the first thing a researcher reads to know what a checkpoint is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Shape and routing of a Mixture-of-Depths decoder-only transformer."""
+
+    vocab_size: int = 8192
+    """Number of token ids (follows the tokenizer)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 6
+    """Number of transformer blocks (dense and routed together)."""
+    n_heads: int = 8
+    """Attention heads per block; ``d_model`` must divide evenly and the head size must be even (RoPE)."""
+    max_seq_len: int = 512
+    """Longest sequence the model accepts (training windows and generation)."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """Feed-forward type: gated SiLU (three matrices) or a plain GELU MLP (two)."""
+    mlp_hidden: Optional[int] = None
+    """Hidden width of the MLP. Default: ``4 * d_model`` for GELU, ``8/3 * d_model`` rounded up to a
+    multiple of 64 for SwiGLU (about the same parameter count)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorm layers."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init; residual output projections use
+    ``init_std / sqrt(2 * n_layers)`` so the residual stream does not grow with depth."""
+
+    # --- Mixture-of-Depths routing -------------------------------------------------------------
+    capacity: float = 0.125
+    """Fraction of a sequence each routed block processes: ``k = max(1, floor(capacity * T))``
+    tokens per sequence (computed with a 1e-6 tolerance so 0.29 * 100 gives 29, not 28)."""
+    route_every: int = 2
+    """Block ``i`` (0-based) is routed when ``(i + 1) % route_every == 0``: 2 routes every other
+    block starting with the second (the paper's best setting), 1 routes every block, 0 gives the
+    plain dense baseline with no routers at all."""
+    router_weight: Literal["sigmoid", "raw"] = "sigmoid"
+    """What multiplies a routed block's update: ``sigmoid(r)`` (default, bounded and stable, as in
+    most follow-up work) or the raw router logit ``r`` (the paper's formulation)."""
+    causal_method: Literal["router", "predictor"] = "predictor"
+    """How ``routing="causal"`` decides per token: ``router`` trains the router logits with a BCE
+    loss toward top-k membership and processes a token iff ``sigmoid(r) > 0.5``; ``predictor``
+    trains a small MLP on the stop-gradient router input to predict membership (paper: 97-99%
+    accurate) and lets it decide. Both are the paper's methods."""
+    router_aux_weight: float = 0.1
+    """Weight of the router BCE loss (``causal_method="router"`` only)."""
+    predictor_aux_weight: float = 1.0
+    """Weight of the predictor BCE loss (``causal_method="predictor"`` only). The predictor sees a
+    detached input, so this loss never reaches the language model's weights."""
+    predictor_hidden: Optional[int] = None
+    """Hidden width of the causal predictor MLP. Default: ``max(16, d_model // 4)``."""
+    random_routing: bool = False
+    """Control experiment: pick the k tokens uniformly at random instead of by router score
+    (the paper found this much worse). The router weight still scales the update."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if self.mlp_hidden is None:
+            if self.mlp == "swiglu":
+                self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            else:
+                self.mlp_hidden = 4 * self.d_model
+        if self.predictor_hidden is None:
+            self.predictor_hidden = max(16, self.d_model // 4)
+
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: must be {allowed}")
+
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value > 0, field, "a positive integer")
+        need(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}")
+        need((self.d_model // self.n_heads) % 2 == 0, "n_heads", "such that d_model / n_heads is even (RoPE)")
+        need(self.mlp in ("swiglu", "gelu"), "mlp", "'swiglu' or 'gelu'")
+        need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
+             "mlp_hidden", "a positive integer or None")
+        need(self.rope_theta > 0, "rope_theta", "> 0")
+        need(self.norm_eps > 0, "norm_eps", "> 0")
+        need(self.init_std > 0, "init_std", "> 0")
+        need(isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1, "capacity", "in (0, 1]")
+        need(isinstance(self.route_every, int) and self.route_every >= 0, "route_every",
+             "an integer >= 0 (0 = dense)")
+        need(self.route_every <= self.n_layers, "route_every", f"<= n_layers={self.n_layers}")
+        need(self.router_weight in ("sigmoid", "raw"), "router_weight", "'sigmoid' or 'raw'")
+        need(self.causal_method in ("router", "predictor"), "causal_method", "'router' or 'predictor'")
+        need(self.router_aux_weight >= 0, "router_aux_weight", ">= 0")
+        need(self.predictor_aux_weight >= 0, "predictor_aux_weight", ">= 0")
+        need(self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
+             "predictor_hidden", "a positive integer or None")
+
+    # --- derived quantities ---------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_dense(self) -> bool:
+        return self.route_every == 0
+
+    def is_routed(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) is wrapped by a router."""
+        return self.route_every > 0 and (layer + 1) % self.route_every == 0
+
+    @property
+    def routed_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_routed(i)]
+
+    def capacity_tokens(self, seq_len: int) -> int:
+        """``k``: tokens per sequence a routed block processes in top-k mode."""
+        return max(1, min(seq_len, int(math.floor(self.capacity * seq_len + 1e-6))))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

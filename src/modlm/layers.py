@@ -1,0 +1,117 @@
+"""The ordinary transformer parts: rotary embeddings, attention, MLP and the pre-norm block.
+
+Nothing here knows about routing. A block exposes ``update(x, cos, sin)``, its residual update
+``f(x)`` such that the dense block computes ``x + f(x)``; a routed block calls the same ``update``
+on the gathered tokens only (see ``routing.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+# --- rotary position embedding ------------------------------------------------------------------
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer ``positions`` of any shape: returns ``(*positions.shape, head_dim/2)``.
+
+    Computed per forward rather than kept as buffers: it is a few thousand multiplications, it
+    works unchanged on the meta device and under FSDP, and it takes arbitrary (gathered or cached)
+    positions, which is what routed blocks and the KV cache need.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # broadcast multiply, not a matmul
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape (B, H, T, hd) by per-token angles; ``cos``/``sin`` are (B or 1, T, hd/2).
+
+    Uses the "rotate half" layout: dimension j pairs with j + hd/2.
+    """
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# --- attention ----------------------------------------------------------------------------------
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """Causal attention over the tokens of ``x`` (B, T, d), in the order given.
+
+        Tokens must be in temporal order; ``cos``/``sin`` carry each token's original position. With
+        a ``cache`` (see ``kv_cache.py``) the new keys/values are appended to it first and queries
+        attend to everything cached before them.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v, mask = cache.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# --- feed-forward -------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False) if self.gated else None
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+# --- the block ----------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def update(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """The residual update ``f(x)``: the block computes ``x + f(x)``.
+
+        Returned as a difference built from its two parts (never as ``block(x) - x``), so a routed
+        block can scale it by the router weight without cancellation error.
+        """
+        a = self.attn(self.attn_norm(x), cos, sin, cache)
+        m = self.mlp(self.mlp_norm(x + a))
+        return a + m
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        return x + self.update(x, cos, sin, cache)
+
+
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2 style init: N(0, std) everywhere, residual output projections scaled by depth."""
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue  # norms keep their ones, biases their zeros
+        std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else cfg.init_std
+        nn.init.normal_(p, mean=0.0, std=std)
