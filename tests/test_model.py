@@ -1,0 +1,307 @@
+"""Invariants of the MoD transformer: routing, causality, gradients, precision.
+
+Every test uses a tiny model and a fixed seed; each asserts an exact property of the method
+(SPEC section 1), and most of them catch one of the bugs found in public MoD code.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.layers import apply_rope, rope_tables
+from modlm.routing import RoutedBlock, topk_indices
+
+V, T = 97, 32
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.25, route_every=2)
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(seed=0, **overrides) -> MoDTransformer:
+    torch.manual_seed(seed)
+    return MoDTransformer(tiny(**overrides)).eval()
+
+
+def tokens(batch=3, length=T, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def block_input(block_seed=0, batch=3, length=T, d=32):
+    g = torch.Generator().manual_seed(block_seed)
+    return torch.randn(batch, length, d, generator=g)
+
+
+def routed_block(**overrides) -> RoutedBlock:
+    model = build(**overrides)
+    return next(b for b in model.blocks if isinstance(b, RoutedBlock))
+
+
+def full_rope(cfg, batch, length):
+    return rope_tables(cfg, torch.arange(length).unsqueeze(0))
+
+
+# --- structure ------------------------------------------------------------------------------------
+def test_route_every_picks_blocks():
+    assert tiny(route_every=2, n_layers=6).routed_layers == [1, 3, 5]
+    assert tiny(route_every=3, n_layers=6).routed_layers == [2, 5]
+    assert tiny(route_every=1, n_layers=3).routed_layers == [0, 1, 2]
+    dense = build(route_every=0)
+    assert dense.config.routed_layers == []
+    assert not any(isinstance(b, RoutedBlock) for b in dense.blocks)
+    assert not any("router" in name or "predictor" in name for name, _ in dense.named_parameters())
+
+
+def test_capacity_rounding():
+    cfg = tiny()
+    assert ModelConfig(capacity=0.125).capacity_tokens(512) == 64
+    assert tiny(capacity=0.29).capacity_tokens(100) == 29  # floor(28.999999999999996) would give 28
+    assert tiny(capacity=0.01).capacity_tokens(10) == 1  # at least one token
+    assert tiny(capacity=1.0).capacity_tokens(7) == 7
+    assert cfg.capacity_tokens(33) == 8
+
+
+def test_output_shapes_and_model_config():
+    cfg = tiny()
+    model = MoDTransformer(cfg)
+    assert model.config is cfg
+    out = model(tokens())
+    assert out.logits.shape == (3, T, V)
+    assert out.aux_loss.dim() == 0
+    assert [r.layer for r in out.routing] == [1, 3]
+    for r in out.routing:
+        assert r.selected.shape == r.router_logits.shape == r.predictor_logits.shape == (3, T)
+        assert r.selected.dtype == torch.bool
+    assert build(causal_method="router")(tokens()).routing[0].predictor_logits is None
+
+
+def test_tied_embeddings():
+    model = build()
+    assert model.lm_head.weight is model.embed.weight
+    untied = build(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed.weight
+
+
+# --- the routed block -------------------------------------------------------------------------------
+@pytest.mark.parametrize("router_weight", ["sigmoid", "raw"])
+def test_full_capacity_equals_dense_scaled_by_router_weight(router_weight):
+    block = routed_block(capacity=1.0, router_weight=router_weight)
+    x = block_input()
+    cos, sin = full_rope(block.cfg, 3, T)
+    out, info, _ = block(x, cos, sin, "topk")
+    assert info.selected.all()
+    r = x @ block.router.weight.squeeze(0)
+    w = torch.sigmoid(r) if router_weight == "sigmoid" else r
+    expected = x + w.unsqueeze(-1) * block.block.update(x, cos, sin)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_selects_k_per_row_in_temporal_order_and_leaves_others_unchanged():
+    block = routed_block()
+    x = block_input(batch=4)
+    cos, sin = full_rope(block.cfg, 4, T)
+    out, info, _ = block(x, cos, sin, "topk")
+    k = block.cfg.capacity_tokens(T)
+    assert (info.selected.sum(dim=1) == k).all()
+    idx = topk_indices(info.router_logits, k)
+    assert (idx[:, 1:] > idx[:, :-1]).all(), "gathered tokens must stay in temporal order"
+    assert torch.equal(out[~info.selected], x[~info.selected]), "skipped tokens must be bit-for-bit unchanged"
+    assert not torch.equal(out[info.selected], x[info.selected])
+    # every row picks its own top-k: the lowest picked score beats the highest skipped one
+    r = info.router_logits
+    lowest_picked = r.masked_fill(~info.selected, float("inf")).min(dim=1).values
+    highest_skipped = r.masked_fill(info.selected, float("-inf")).max(dim=1).values
+    assert (lowest_picked > highest_skipped).all()
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_attention_and_mlp_run_on_gathered_tokens_only(routing):
+    block = routed_block(capacity=0.5)
+    x = block_input(batch=2)
+    cos, sin = full_rope(block.cfg, 2, T)
+    seen = {}
+    block.block.attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("attn", args[0].shape))
+    block.block.mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("mlp", args[0].shape))
+    _, info, _ = block(x, cos, sin, routing)
+    n = int(info.selected.sum(dim=1).max())
+    assert 0 < n < T
+    assert seen["attn"] == seen["mlp"] == (2, n, 32)
+
+
+def reference_masked_block(block: RoutedBlock, x, selected):
+    """Full-length reference: every token computed, keys restricted to selected tokens, original
+    positions for RoPE. Slow but obviously right; the routed block must agree on picked tokens."""
+    cfg, inner = block.cfg, block.block
+    B, L, _ = x.shape
+    cos, sin = rope_tables(cfg, torch.arange(L).unsqueeze(0))
+    h = inner.attn_norm(x)
+    q, k, v = inner.attn.qkv(h).view(B, L, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    keys = selected[:, None, None, :] | torch.eye(L, dtype=torch.bool)  # diagonal keeps skipped rows finite
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & keys)
+    a = inner.attn.proj(y.transpose(1, 2).reshape(B, L, -1))
+    delta = a + inner.mlp(inner.mlp_norm(x + a))
+    w = block.router_weight(x @ block.router.weight.squeeze(0))
+    return torch.where(selected.unsqueeze(-1), x + w.unsqueeze(-1) * delta, x)
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+@pytest.mark.parametrize("causal_method", ["router", "predictor"])
+def test_gathered_block_equals_masked_full_length_reference(routing, causal_method):
+    block = routed_block(capacity=0.5 if routing == "causal" else 0.25, causal_method=causal_method)
+    x = block_input(batch=3)
+    cos, sin = full_rope(block.cfg, 3, T)
+    out, info, _ = block(x, cos, sin, routing)
+    counts = info.selected.sum(dim=1)
+    assert (counts > 0).all() and (counts < T).all()
+    expected = reference_masked_block(block, x, info.selected)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- gradients --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("router_weight", ["sigmoid", "raw"])
+def test_router_gets_gradient_from_the_language_model_loss(router_weight):
+    model = build(router_weight=router_weight).train()
+    idx = tokens()
+    out = model(idx[:, :-1], targets=idx[:, 1:])
+    out.loss.backward()  # LM loss alone: the router weight on the residual path is the only route
+    for block in model.blocks:
+        if isinstance(block, RoutedBlock):
+            assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
+
+
+def test_predictor_loss_does_not_reach_the_trunk():
+    model = build(causal_method="predictor").train()
+    out = model(tokens())
+    out.aux_loss.backward()
+    for name, p in model.named_parameters():
+        if ".predictor." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or not p.grad.any(), f"predictor loss leaked into {name}"
+
+
+def test_router_bce_trains_the_router():
+    model = build(causal_method="router").train()
+    model(tokens()).aux_loss.backward()
+    routers = [b.router.weight.grad for b in model.blocks if isinstance(b, RoutedBlock)]
+    assert all(g is not None and g.abs().sum() > 0 for g in routers)
+
+
+def test_aux_loss_targets_are_each_rows_own_topk():
+    for method in ("router", "predictor"):
+        model = build(causal_method=method, route_every=1)
+        idx = tokens(batch=4)
+        out = model(idx)
+        k = model.config.capacity_tokens(T)
+        terms = []
+        for info in out.routing:
+            assert (info.topk.sum(dim=1) == k).all(), "every row must get k positive targets"
+            for b in range(4):  # each row's targets are the top-k of that row's own router logits
+                expected = torch.zeros(T, dtype=torch.bool)
+                expected[info.router_logits[b].topk(k).indices] = True
+                assert torch.equal(info.topk[b], expected)
+            logits = info.predictor_logits if method == "predictor" else info.router_logits
+            terms.append(F.binary_cross_entropy_with_logits(logits, info.topk.float()))
+        weight = model.config.predictor_aux_weight if method == "predictor" else model.config.router_aux_weight
+        torch.testing.assert_close(out.aux_loss, weight * torch.stack(terms).mean())
+
+
+# --- causality ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal_method", ["router", "predictor"])
+def test_causal_routing_is_causal(causal_method):
+    model = build(causal_method=causal_method, capacity=0.5)
+    idx = tokens(batch=2)
+    base = model(idx, routing="causal")
+    picked = torch.stack([r.selected for r in base.routing])
+    assert picked.any() and not picked.all(), "the test needs a mix of processed and skipped tokens"
+    for t in (0, 7, 20, T - 2):
+        changed = idx.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(T - t - 1)) % V
+        out = model(changed, routing="causal")
+        torch.testing.assert_close(out.logits[:, : t + 1], base.logits[:, : t + 1], rtol=0, atol=1e-5)
+
+
+def test_topk_routing_is_not_causal():
+    """Documents why causal routing exists: under top-k, later tokens change earlier outputs."""
+    model = build(capacity=0.25)
+    idx = tokens(batch=2)
+    base = model(idx, routing="topk").logits
+    changed = idx.clone()
+    changed[:, T // 2:] = (changed[:, T // 2:] + 5) % V
+    out = model(changed, routing="topk").logits
+    assert not torch.allclose(out[:, : T // 2], base[:, : T // 2], atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_rows_are_independent(routing):
+    model = build(capacity=0.5)
+    idx = tokens(batch=4)
+    together = model(idx, routing=routing)
+    for b in range(4):
+        alone = model(idx[b : b + 1], routing=routing)
+        torch.testing.assert_close(alone.logits[0], together.logits[b], rtol=1e-5, atol=1e-5)
+        for a, t in zip(alone.routing, together.routing):
+            assert torch.equal(a.selected[0], t.selected[b])
+
+
+def test_causal_rows_may_select_nothing():
+    block = routed_block(causal_method="router", capacity=0.5)
+    x = block_input(batch=2)
+    with torch.no_grad():
+        block.router.weight.copy_(torch.ones_like(block.router.weight))
+    x[0] = -x[0].abs()  # row 0: every router logit negative, nothing processed
+    x[1] = x[1].abs()  # row 1: everything processed
+    cos, sin = full_rope(block.cfg, 2, T)
+    out, info, _ = block(x, cos, sin, "causal")
+    assert info.selected.sum(dim=1).tolist() == [0, T]
+    assert torch.equal(out[0], x[0])
+    torch.testing.assert_close(out, reference_masked_block(block, x, info.selected), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_model_ignores_routing_mode():
+    model = build(route_every=0)
+    idx = tokens()
+    topk, causal = model(idx, routing="topk"), model(idx, routing="causal")
+    assert torch.equal(topk.logits, causal.logits)
+    assert topk.routing == [] and topk.aux_loss.item() == 0.0
+
+
+def test_random_routing_control():
+    model = build(random_routing=True)
+    out = model(tokens())
+    k = model.config.capacity_tokens(T)
+    for info in out.routing:
+        assert (info.selected.sum(dim=1) == k).all()
+    assert out.aux_loss.item() == 0.0
+
+
+# --- precision --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_bf16_autocast_matches_fp32(routing):
+    model = build(capacity=0.5).train()
+    idx = tokens()
+    ref = model(idx[:, :-1], routing=routing, targets=idx[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(idx[:, :-1], routing=routing, targets=idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert abs(out.loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(info.router_logits.dtype == torch.float32 for info in out.routing)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+def test_forward_rejects_bad_inputs():
+    model = build()
+    with pytest.raises(ValueError, match="routing"):
+        model(tokens(), routing="sometimes")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(length=65))
+
+
+def test_generate_not_implemented_yet():
+    with pytest.raises(NotImplementedError):
+        build().generate(tokens(batch=1, length=4), max_new_tokens=2)
