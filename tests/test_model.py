@@ -301,7 +301,3 @@ def test_forward_rejects_bad_inputs():
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens(length=65))
 
-
-def test_generate_not_implemented_yet():
-    with pytest.raises(NotImplementedError):
-        build().generate(tokens(batch=1, length=4), max_new_tokens=2)

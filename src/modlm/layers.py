@@ -7,12 +7,26 @@ on the gathered tokens only (see ``routing.py``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+@dataclass
+class CacheWrite:
+    """What a block needs to use its KV cache for a batch of new tokens (real ones first per row)."""
+
+    kv: KVCache
+    n_valid: torch.Tensor
+    """(B,) how many of the new tokens of each row are real."""
+    positions: torch.Tensor
+    """(B, n) original positions of the new tokens."""
 
 
 # --- rotary position embedding ------------------------------------------------------------------
@@ -49,12 +63,12 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[CacheWrite] = None) -> torch.Tensor:
         """Causal attention over the tokens of ``x`` (B, T, d), in the order given.
 
         Tokens must be in temporal order; ``cos``/``sin`` carry each token's original position. With
-        a ``cache`` (see ``kv_cache.py``) the new keys/values are appended to it first and queries
-        attend to everything cached before them.
+        a ``cache`` the new keys/values are stored first and queries attend to everything cached
+        before them in their row.
         """
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -62,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v, mask = cache.append(k, v)
+            k, v, mask = cache.kv.append(k, v, cache.n_valid, cache.positions)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -93,7 +107,7 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def update(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def update(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[CacheWrite] = None) -> torch.Tensor:
         """The residual update ``f(x)``: the block computes ``x + f(x)``.
 
         Returned as a difference built from its two parts (never as ``block(x) - x``), so a routed
@@ -103,7 +117,7 @@ class Block(nn.Module):
         m = self.mlp(self.mlp_norm(x + a))
         return a + m
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[CacheWrite] = None) -> torch.Tensor:
         return x + self.update(x, cos, sin, cache)
 
 

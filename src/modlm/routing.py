@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Block
+from .kv_cache import KVCache
+from .layers import Block, CacheWrite
 
 Routing = Literal["topk", "causal"]
 
@@ -44,8 +45,9 @@ class RoutingInfo:
     """(B, T) float32: router scores ``r``."""
     predictor_logits: Optional[torch.Tensor]
     """(B, T) float32 logits of the causal predictor, or None without one."""
-    topk: torch.Tensor
-    """(B, T) bool: top-k membership of the router logits (the causal decision's target)."""
+    topk: Optional[torch.Tensor]
+    """(B, T) bool: top-k membership of the router logits (the causal decision's target); None
+    during incremental decoding, where the rest of the sequence is not known."""
     aux_losses: dict[str, torch.Tensor]
     """Unweighted auxiliary losses of this block by name (``router_bce``, ``predictor_bce``)."""
 
@@ -103,6 +105,9 @@ class RoutedBlock(nn.Module):
         """Start the predictor at the base rate: sigmoid(bias) = capacity, so before it has learned
         anything it picks about the right number of tokens and its BCE starts at the entropy."""
         if self.predictor is not None:
+            # A zero hidden bias keeps the initial output token-dependent (a random one would add
+            # the same offset to every token and make the first decisions all-or-nothing).
+            nn.init.zeros_(self.predictor[0].bias)
             c = min(self.cfg.capacity, 1 - 1e-3)
             nn.init.constant_(self.predictor[-1].bias, math.log(c / (1 - c)))
 
@@ -110,38 +115,55 @@ class RoutedBlock(nn.Module):
         return torch.sigmoid(r) if self.cfg.router_weight == "sigmoid" else r
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, routing: Routing = "topk", cache=None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        routing: Routing = "topk",
+        cache: Optional[KVCache] = None,
+        positions: Optional[torch.Tensor] = None,
+        token_valid: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, RoutingInfo, torch.Tensor]:
         """Returns the new residual stream, what was routed, and this block's weighted aux loss.
 
         ``cos``/``sin`` are the rope tables of every position of ``x``: (1 or B, T, head_dim/2).
+        Incremental decoding passes this block's ``cache``, the tokens' ``positions`` (B, T) and
+        ``token_valid`` (B, T), real tokens first in each row; it requires causal routing, and then
+        top-k membership and the aux losses, which need the whole sequence, are not computed.
         """
         B, T, _ = x.shape
+        if routing not in ("topk", "causal"):
+            raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
+        if cache is not None and routing != "causal":
+            raise ValueError("a KV cache needs routing='causal': top-k depends on tokens not seen yet")
         with _full_precision(x.device.type):
             r = F.linear(x.float(), self.router.weight.float()).squeeze(-1)
         p = self.predictor(x.detach()).squeeze(-1).float() if self.predictor is not None else None
 
-        k = self.cfg.capacity_tokens(T)
-        scores = torch.rand_like(r) if self.cfg.random_routing else r
-        topk_idx = topk_indices(scores, k)
-        topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
+        topk = None
+        if cache is None:
+            scores = torch.rand_like(r) if self.cfg.random_routing else r
+            topk_idx = topk_indices(scores, self.cfg.capacity_tokens(T))
+            topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
 
         if routing == "topk":
             idx, valid, selected = topk_idx, None, topk
-        elif routing == "causal":
-            if self.cfg.random_routing:
-                decision = torch.rand_like(r) < self.cfg.capacity
-            else:
-                decision = (p if self.cfg.causal_method == "predictor" else r) > 0  # sigmoid(.) > 0.5
-            idx, valid = causal_indices(decision)
-            selected = decision
         else:
-            raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
+            if self.cfg.random_routing:
+                selected = torch.rand_like(r) < self.cfg.capacity
+            else:
+                selected = (p if self.cfg.causal_method == "predictor" else r) > 0  # sigmoid(.) > 0.5
+            if token_valid is not None:
+                selected = selected & token_valid
+            idx, valid = causal_indices(selected)
 
         if idx.size(1) > 0:
+            write = None
+            if cache is not None:
+                write = CacheWrite(cache, n_valid=selected.sum(dim=1), positions=positions.gather(1, idx))
             cos_sel = gather_tokens(cos.expand(B, -1, -1), idx)
             sin_sel = gather_tokens(sin.expand(B, -1, -1), idx)
-            delta = self.block.update(gather_tokens(x, idx), cos_sel, sin_sel, cache)
+            delta = self.block.update(gather_tokens(x, idx), cos_sel, sin_sel, write)
             weight = self.router_weight(r).gather(1, idx)
             if valid is not None:
                 weight = weight * valid
@@ -149,13 +171,13 @@ class RoutedBlock(nn.Module):
             contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
             x = x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution)
 
-        aux_losses, aux = self._aux_losses(r, p, topk)
+        aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
             layer=self.layer,
             selected=selected.detach(),
             router_logits=r.detach(),
             predictor_logits=None if p is None else p.detach(),
-            topk=topk.detach(),
+            topk=None if topk is None else topk.detach(),
             aux_losses={name: loss.detach() for name, loss in aux_losses.items()},
         )
         return x, info, aux

@@ -1,0 +1,111 @@
+"""KV-cached decoding with causal routing equals one causal forward pass."""
+import pytest
+import torch
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.routing import RoutedBlock
+
+V = 97
+
+
+def build(seed=0, **overrides) -> MoDTransformer:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.5, route_every=2)
+    return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
+
+
+def tokens(batch, length, seed=1):
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+METHODS = ["router", "predictor"]
+
+
+@pytest.mark.parametrize("causal_method", METHODS)
+@pytest.mark.parametrize("prefill", [1, 9])
+def test_cached_decoding_equals_causal_forward(causal_method, prefill):
+    model = build(causal_method=causal_method)
+    idx = tokens(3, 40)
+    full = model(idx, routing="causal")
+    picked = torch.stack([r.selected for r in full.routing])
+    assert picked.any() and not picked.all(), "the test needs routed blocks that skip some tokens"
+    cache = model.new_cache(3)
+    steps = [model.forward_cached(idx[:, :prefill], cache)]
+    steps += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(prefill, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal_method", METHODS)
+def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method):
+    model = build(causal_method=causal_method)
+    idx = tokens(2, 30)
+    full = model(idx, routing="causal")
+    cache = model.new_cache(2)
+    model.forward_cached(idx[:, :5], cache)
+    for t in range(5, 30):
+        model.forward_cached(idx[:, t : t + 1], cache)
+    routed = {info.layer: info.selected for info in full.routing}
+    for layer, (block, kv) in enumerate(zip(model.blocks, cache.blocks)):
+        for row in range(2):
+            n = int(kv.length[row])
+            if isinstance(block, RoutedBlock):
+                expected = routed[layer][row].nonzero().flatten()  # processed tokens, original positions
+            else:
+                expected = torch.arange(30)
+            assert torch.equal(kv.positions[row, :n], expected), f"block {layer} row {row}"
+            assert (kv.positions[row, n:] == -1).all()
+    assert any(int(kv.length.min()) < 30 for kv in cache.blocks), "routed blocks must store fewer tokens"
+
+
+def test_prompts_of_different_lengths_batch_like_single_prompts():
+    model = build()
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 11, 7)]
+    together = model.generate(prompts, max_new_tokens=6, temperature=0)
+    for prompt, out in zip(prompts, together):
+        alone = model.generate(prompt.unsqueeze(0), max_new_tokens=6, temperature=0)[0]
+        assert torch.equal(out, alone)
+        assert torch.equal(out[: len(prompt)], prompt) and len(out) == len(prompt) + 6
+
+
+def test_greedy_generation_matches_argmax_of_full_causal_forward():
+    model = build(causal_method="router")
+    seq = tokens(1, 6)
+    out = model.generate(seq, max_new_tokens=8, temperature=0)
+    for _ in range(8):  # the slow way: one full causal pass per new token
+        nxt = model(seq, routing="causal").logits[:, -1].argmax(dim=-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_filters():
+    model = build()
+    prompt = tokens(2, 4)
+    greedy = model.generate(prompt, 5, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 5, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(prompt, 5, temperature=0.7, top_p=1e-6, generator=g), greedy)
+    a = model.generate(prompt, 5, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 5, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_stops_at_end_of_text():
+    model = build()
+    prompt = tokens(1, 4)
+    first = int(model.generate(prompt, 1, temperature=0)[0, -1])
+    out = model.generate(prompt, 10, temperature=0, eot_id=first)
+    assert out.shape == (1, 14) and (out[0, 4:] == first).all()  # stopped, padded with eot
+    assert len(model.generate([prompt[0].tolist()], 10, temperature=0, eot_id=first)[0]) == 5
+
+
+def test_length_and_mode_errors():
+    model = build()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(tokens(1, 60), max_new_tokens=5)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate([[]], max_new_tokens=1)
+    cache = model.new_cache(1)
+    block = next(b for b in model.blocks if isinstance(b, RoutedBlock))
+    x = torch.zeros(1, 4, 32)
+    with pytest.raises(ValueError, match="causal"):
+        block(x, x[..., :4], x[..., :4], "topk", cache.blocks[1])
