@@ -109,3 +109,15 @@ def test_length_and_mode_errors():
     x = torch.zeros(1, 4, 32)
     with pytest.raises(ValueError, match="causal"):
         block(x, x[..., :4], x[..., :4], "topk", cache.blocks[1])
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_save_and_load_pretrained_round_trip(tmp_path, tie_embeddings):
+    model = build(tie_embeddings=tie_embeddings, causal_method="predictor")
+    model.save_pretrained(tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MoDTransformer.from_pretrained(tmp_path / "export").eval()
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
+    idx = tokens(2, 20)
+    assert torch.equal(loaded(idx, routing="causal").logits, model(idx, routing="causal").logits)

@@ -6,9 +6,12 @@ baseline MoD is compared against, built by the same code.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +97,23 @@ class MoDTransformer(nn.Module):
                 write = None if kv is None else CacheWrite(kv, token_valid.sum(dim=1), positions)
                 x = block(x, cos, sin, write)
         return x, infos, aux_terms
+
+    # --- export ---------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """Write ``model.safetensors`` (weights) and ``config.json``: loadable with no pickled code."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        safetensors.torch.save_model(self, str(directory / "model.safetensors"))  # handles tied weights
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu") -> "MoDTransformer":
+        """Load a folder written by ``save_pretrained`` (or ``eval.py --export``)."""
+        directory = Path(directory)
+        config = ModelConfig(**json.loads((directory / "config.json").read_text()))
+        model = cls(config)
+        safetensors.torch.load_model(model, str(directory / "model.safetensors"), device=map_location)
+        return model
 
     # --- incremental decoding -----------------------------------------------------------------------
     def new_cache(self, batch_size: int, device=None) -> ModelCache:
