@@ -1,0 +1,222 @@
+"""The LightningModule: a ``MoDTransformer`` plus its loss, metrics, optimizer and sharding.
+
+Model arguments are flat: every ``ModelConfig`` field is an init argument of this module (taken as
+``**model_config`` and passed to ``ModelConfig``; jsonargparse follows that call, so LightningCLI
+shows them as ``--model.d_model``, ``--model.capacity`` ... with their docstrings). The training
+knobs sit next to them (``--model.lr``, ``--model.warmup_steps`` ...). ``save_hyperparameters``
+stores all of it as plain values, so ``MoDLightningModule.load_from_checkpoint(path)`` rebuilds the
+model with no other input.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
+
+from .config import ModelConfig
+from .flops import forward_flops, training_flops
+from .model import ModelOutput, MoDTransformer
+from .optim import WarmupCosine, build_adamw
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the model this run builds (another shape or vocab)."""
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets from a batch.
+
+    Accepts a (B, T+1) window tensor (inputs are the first T tokens, targets the last T), an
+    ``(inputs, targets)`` pair, or a dict with ``input_ids``/``targets`` (or ``labels``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:]
+    if isinstance(batch, dict):
+        targets = batch.get("targets", batch.get("labels"))
+        if targets is None:
+            return split_batch(batch["input_ids"])
+        return batch["input_ids"], targets
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(f"unsupported batch type {type(batch).__name__}: expected a (B, T+1) tensor or (inputs, targets)")
+
+
+class MoDLightningModule(pl.LightningModule):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        lr_decay_steps: Optional[int] = None,
+        compile: bool = False,
+        validate_causal: bool = True,
+        **model_config: Any,
+    ):
+        """Train a Mixture-of-Depths LM.
+
+        Args:
+            lr: Peak AdamW learning rate (reached at the end of warmup).
+            weight_decay: AdamW decay of matrices; norm gains and biases never decay.
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            warmup_steps: Optimizer steps of linear warmup.
+            min_lr_ratio: The cosine decay ends at ``lr * min_lr_ratio``.
+            lr_decay_steps: Step at which the cosine reaches its floor. Default: the trainer's
+                ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
+                stored in its checkpoint.
+            compile: ``torch.compile`` each transformer block (after sharding, if any).
+            validate_causal: For routed models, also validate with causal routing
+                (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
+            **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = ModelConfig(**model_config)
+        self.model = MoDTransformer(self.config)
+        self.routed = not self.config.is_dense
+        # Mean per-token cross-entropy over a validation/test run; torchmetrics syncs across ranks.
+        self.val_loss = MeanMetric()
+        self.val_loss_causal = MeanMetric()
+        self.last_routing: list = []
+        """Routing of the latest forward (``RoutingInfo`` per routed block): telemetry callbacks read it."""
+        self.flops_per_batch: Optional[int] = None
+        """FLOPs of the latest batch on this device (read by Lightning's ``ThroughputMonitor``)."""
+        self._configured = False
+
+    # --- model building / sharding ---------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Shard (FSDP2) and compile the model. Called by every strategy; idempotent.
+
+        With ``ModelParallelStrategy`` each transformer block becomes its own FSDP2 unit and the
+        root module holds the rest (embedding, final norm, LM head). The tied embedding / LM head
+        weight therefore lives in one unit only, as FSDP requires of a shared parameter.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        mesh = self.device_mesh
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+            if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "tensor parallelism is not implemented: use ModelParallelStrategy(data_parallel_size=N, "
+                    "tensor_parallel_size=1) to shard with FSDP2"
+                )
+            for block in self.model.blocks:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(self.model, mesh=dp_mesh)
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile()
+
+    # --- steps -----------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, routing: str = "topk", targets: Optional[torch.Tensor] = None) -> ModelOutput:
+        return self.model(idx, routing=routing, targets=targets)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        idx, targets = split_batch(batch)
+        out = self(idx, routing="topk", targets=targets)
+        self.last_routing = out.routing
+        self.flops_per_batch = training_flops(self.config, idx.size(1)) * idx.size(0)
+        # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
+        # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
+        self.log("train/loss", out.loss, on_step=True, prog_bar=True)
+        self.log("train/aux_loss", out.aux_loss, on_step=True)
+        return out.loss + out.aux_loss
+
+    def _eval_step(self, batch: Any) -> None:
+        idx, targets = split_batch(batch)
+        out = self(idx, routing="topk", targets=targets)
+        self.last_routing = out.routing
+        self.val_loss.update(out.loss, weight=targets.numel())
+        passes = 1
+        if self.routed and self.hparams.validate_causal:
+            causal = self(idx, routing="causal", targets=targets)
+            self.val_loss_causal.update(causal.loss, weight=targets.numel())
+            passes = 2
+        self.flops_per_batch = passes * forward_flops(self.config, idx.size(1)) * idx.size(0)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log(f"{prefix}/ppl", loss.exp())
+        self.val_loss.reset()
+        if self.val_loss_causal.update_count > 0:
+            loss = self.val_loss_causal.compute()
+            self.log(f"{prefix}/loss_causal", loss)
+            self.log(f"{prefix}/ppl_causal", loss.exp())
+            self.val_loss_causal.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def planned_steps(self) -> int:
+        """Optimizer steps the LR schedule spans: ``lr_decay_steps`` or the trainer's ``max_steps``."""
+        if self.hparams.lr_decay_steps is not None:
+            return self.hparams.lr_decay_steps
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                "the learning-rate schedule spans the planned run: set --trainer.max_steps "
+                "(or --model.lr_decay_steps)"
+            )
+        return max_steps
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = build_adamw(self.model, h.lr, h.weight_decay, tuple(h.betas), h.eps)
+        schedule = WarmupCosine(h.warmup_steps, self.planned_steps(), h.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        # A resumed run follows the schedule its checkpoint planned (LambdaLR restores the
+        # WarmupCosine object's fields); say so if this run's max_steps disagrees with that plan.
+        for config in self.trainer.lr_scheduler_configs:
+            for fn in getattr(config.scheduler, "lr_lambdas", []):
+                if isinstance(fn, WarmupCosine) and self.hparams.lr_decay_steps is None and fn.total_steps != self.trainer.max_steps:
+                    rank_zero_warn(
+                        f"the LR schedule restored from the checkpoint spans {fn.total_steps} steps but "
+                        f"--trainer.max_steps={self.trainer.max_steps}; keeping the checkpoint's schedule "
+                        "(set --model.lr_decay_steps to change it)"
+                    )
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a message naming the tensors, a checkpoint of another model shape."""
+        saved = checkpoint.get("state_dict") or {}
+        if not saved:
+            return  # sharded checkpoints are loaded (and checked) by the strategy itself
+        own = self.state_dict()
+        problems = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in saved.items()
+            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        if problems or missing or unexpected:
+            details = problems[:3] + [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+            raise CheckpointMismatchError(
+                "checkpoint does not fit this model (another shape or vocabulary?): " + "; ".join(details)
+            )
