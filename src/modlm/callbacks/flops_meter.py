@@ -1,0 +1,112 @@
+"""What each optimizer step costs in FLOPs, and what MoD saves (tags: SPEC section 2).
+
+  flops/step            training FLOPs of the optimizer step: every micro-batch of the gradient
+                        accumulation, on every rank; analytic (``modlm.flops``) with the number of
+                        tokens each routed block actually processed
+  flops/total           cumulative, restored on resume
+  flops/ratio_vs_dense  forward FLOPs of the model / those of its dense twin
+  flops/mfu             model FLOP/s over ``peak_flops`` (only when ``peak_flops`` is given; use it
+                        where Lightning's device table has no entry, e.g. CPUs, "NVIDIA H200")
+
+At the first step the analytic count of a batch is cross-checked against Lightning's
+``measure_flops`` on a meta-device copy of the model (``flops/measured_per_batch`` beside
+``flops/analytic_per_batch``), with a warning when they differ by more than 2%.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_warn
+
+from ..config import ModelConfig
+from ..flops import flops_ratio_vs_dense, training_flops
+from ..model import MoDTransformer
+
+
+def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
+    """Forward + backward FLOPs of one batch as torch counts them, on a meta-device model."""
+    with torch.device("meta"):
+        model = MoDTransformer(cfg)
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
+
+    def forward():
+        out = model(idx, routing="topk")
+        return out.logits.float().sum() + out.aux_loss
+
+    return measure_flops(model, forward, loss_fn=lambda loss: loss)
+
+
+def batch_training_flops(cfg: ModelConfig, routing, batch_size: int, seq_len: int) -> int:
+    """Analytic training FLOPs of a batch, with each routed block's mean processed count."""
+    counts = [info.selected.sum(dim=1).float().mean().item() for info in routing]
+    return batch_size * training_flops(cfg, seq_len, tokens_per_routed_block=counts if routing else None)
+
+
+class FlopsMeter(Callback):
+    def __init__(self, peak_flops: Optional[float] = None, tolerance: float = 0.02):
+        """``peak_flops``: the device's peak FLOP/s per rank, for MFU where Lightning knows none."""
+        self.peak_flops = peak_flops
+        self.tolerance = tolerance
+        self.total = 0.0
+        self._pending = 0.0  # micro-batches of the step being accumulated
+        self._checked = False
+        self._t_last: Optional[float] = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        cfg = pl_module.model.config
+        batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
+        routing = getattr(pl_module, "last_routing", None) or []
+        if not self._checked:
+            self._cross_check(pl_module, cfg, batch_size, seq_len)
+        self._pending += batch_training_flops(cfg, routing, batch_size, seq_len) * trainer.world_size
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # the optimizer step is not done yet
+        step_flops, self._pending = self._pending, 0.0
+        self.total += step_flops
+        metrics = {"flops/step": step_flops, "flops/total": self.total,
+                   "flops/ratio_vs_dense": flops_ratio_vs_dense(cfg, seq_len)}
+        now = time.perf_counter()
+        if self.peak_flops and self._t_last is not None:
+            metrics["flops/mfu"] = step_flops / (now - self._t_last) / (self.peak_flops * trainer.world_size)
+        self._t_last = now
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _cross_check(self, pl_module, cfg, batch_size, seq_len) -> None:
+        self._checked = True
+        measured = measured_training_flops(cfg, batch_size, seq_len)
+        analytic = batch_size * training_flops(cfg, seq_len)
+        for logger in pl_module.loggers:
+            logger.log_metrics({"flops/measured_per_batch": measured, "flops/analytic_per_batch": analytic}, step=0)
+        if abs(analytic / measured - 1) > self.tolerance:
+            rank_zero_warn(f"analytic FLOPs {analytic:.4g} differ from measured {measured:.4g} by more than {self.tolerance:.0%}")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t_last = None  # do not count data start-up time as step time
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._t_last = None  # nor validation
+
+    def state_dict(self) -> dict:
+        return {"total": self.total}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total = state_dict["total"]
+
+
+class PeakFlopsThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, with a fallback peak FLOP/s for devices its table lacks."""
+
+    def __init__(self, batch_size_fn, peak_flops: Optional[float] = None, **kwargs):
+        super().__init__(batch_size_fn, **kwargs)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None and self.peak_flops:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops

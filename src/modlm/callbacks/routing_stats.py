@@ -1,0 +1,134 @@
+"""What the routers do, as TensorBoard scalars and histograms (tags: SPEC section 2).
+
+Reads the ``RoutingInfo`` list of the module's latest forward (``pl_module.last_routing``;
+validation also keeps ``pl_module.last_routing_causal`` from its causal pass) and the batch. Everything is
+computed from tensors the forward pass already made, at ``every_n_steps`` (scalars) and
+``histogram_every_n_steps`` (histograms), so it costs next to nothing between those steps.
+
+Scalars per routed block ``i``:
+  router/capacity_used/layer_i         fraction of tokens processed in training (top-k: k/T)
+  router/capacity_used_causal/layer_i  the same under causal routing (validation)
+  router/causal_acc/layer_i            causal decision vs top-k membership (also _precision, _recall:
+                                       with 12.5% positives, accuracy alone flatters)
+  router/overlap/layer_i               fraction of this block's picks also picked by the next routed block
+  router/selected_eot/layer_i          fraction of picks that are the end-of-text token
+  router/selected_first/layer_i        fraction of rows whose first position is picked
+and ``router/depth_mean`` (mean number of blocks a token passes through), ``train/aux_<name>``
+(each auxiliary loss, unweighted). Histograms: ``router/weight/layer_i`` (router logits),
+``router/selected_pos/layer_i`` (positions picked), ``router/depth`` (blocks per token).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ..routing import RoutingInfo
+from .tensorboard import tensorboard_writer
+
+
+def causal_decision(info: RoutingInfo) -> torch.Tensor:
+    """The per-token decision causal routing makes: the predictor's if there is one, else the router's."""
+    logits = info.predictor_logits if info.predictor_logits is not None else info.router_logits
+    return logits > 0
+
+
+def decision_counts(info: RoutingInfo) -> torch.Tensor:
+    """[agreements, tokens, true positives, predicted positives, top-k positives] of the causal decision."""
+    decision, target = causal_decision(info), info.topk
+    return torch.tensor([(decision == target).sum().item(), target.numel(), (decision & target).sum().item(),
+                         decision.sum().item(), target.sum().item()], dtype=torch.float64)
+
+
+def quality_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    agree, total, true_pos, predicted, actual = counts.tolist()
+    return {
+        "causal_acc": agree / max(1.0, total),
+        "causal_precision": true_pos / max(1.0, predicted),
+        "causal_recall": true_pos / max(1.0, actual),
+    }
+
+
+def decision_quality(info: RoutingInfo) -> dict[str, float]:
+    """Accuracy, precision and recall of the causal decision against top-k membership."""
+    return quality_from_counts(decision_counts(info))
+
+
+def token_depth(infos: Sequence[RoutingInfo], n_layers: int) -> torch.Tensor:
+    """(B, T) number of blocks each token went through: every dense block plus the routed ones that picked it."""
+    n_dense = n_layers - len(infos)
+    picked = torch.stack([info.selected for info in infos]).sum(dim=0) if infos else 0
+    return n_dense + picked
+
+
+def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, float]:
+    """Per-layer capacity, overlap and trivial-token scalars for one batch (keys without prefix)."""
+    stats = {}
+    for n, info in enumerate(infos):
+        sel = info.selected
+        layer = f"layer_{info.layer}"
+        stats[f"capacity_used/{layer}"] = sel.float().mean().item()
+        stats[f"selected_first/{layer}"] = sel[:, 0].float().mean().item()
+        if eot_id is not None:
+            stats[f"selected_eot/{layer}"] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
+        if n + 1 < len(infos):
+            stats[f"overlap/{layer}"] = (sel & infos[n + 1].selected).sum().item() / max(1, sel.sum().item())
+    return stats
+
+
+class RoutingStats(Callback):
+    def __init__(self, every_n_steps: int = 10, histogram_every_n_steps: int = 100):
+        """Scalars every ``every_n_steps`` optimizer steps, histograms every ``histogram_every_n_steps``."""
+        self.every_n_steps = every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+
+    @staticmethod
+    def _eot_id(trainer) -> Optional[int]:
+        return getattr(trainer.datamodule, "eot_id", None) if trainer.datamodule is not None else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        infos = getattr(pl_module, "last_routing", None)
+        if not infos:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps == 0:
+            input_ids = batch[:, :-1]
+            scalars = {f"router/{k}": v for k, v in selection_scalars(infos, input_ids, self._eot_id(trainer)).items()}
+            if not pl_module.model.config.random_routing:
+                for info in infos:
+                    for name, value in decision_quality(info).items():
+                        scalars[f"router/{name}/layer_{info.layer}"] = value
+            depth = token_depth(infos, pl_module.model.config.n_layers)
+            scalars["router/depth_mean"] = depth.float().mean().item()
+            for name in infos[0].aux_losses:
+                scalars[f"train/aux_{name}"] = torch.stack([i.aux_losses[name] for i in infos]).mean().item()
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False)
+        if step % self.histogram_every_n_steps == 0:
+            self._histograms(trainer, infos, step)
+
+    def _histograms(self, trainer, infos, step) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        for info in infos:
+            writer.add_histogram(f"router/weight/layer_{info.layer}", info.router_logits.float().cpu(), step)
+            positions = info.selected.nonzero()[:, 1]
+            if positions.numel():
+                writer.add_histogram(f"router/selected_pos/layer_{info.layer}", positions.cpu(), step)
+        depth = token_depth(infos, trainer.lightning_module.model.config.n_layers)
+        writer.add_histogram("router/depth", depth.flatten().cpu(), step)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Validation-epoch means of causal-mode capacity and decision quality."""
+        infos = getattr(pl_module, "last_routing_causal", None)
+        if not infos or trainer.sanity_checking:
+            return
+        scalars = {}
+        for info in infos:
+            layer = f"layer_{info.layer}"
+            scalars[f"router/capacity_used_causal/{layer}"] = info.selected.float().mean()
+            if not pl_module.model.config.random_routing:
+                for name, value in decision_quality(info).items():
+                    scalars[f"router/val_{name}/{layer}"] = value
+        pl_module.log_dict(scalars, on_step=False, on_epoch=True, sync_dist=True)

@@ -1,0 +1,99 @@
+"""Evaluation of a trained model: quality under each routing mode, routing accuracy, decode speed.
+
+Used by ``eval.py``; kept free of command-line concerns so notebooks can call it too.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from .callbacks.routing_stats import decision_counts, quality_from_counts
+from .flops import forward_flops
+from .model import MoDTransformer
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Bytes of text each token id stands for (special tokens: 0), for bits per byte.
+
+    Byte-level BPE writes every byte as one character of its 256-symbol alphabet, so a token's
+    byte length is the length of its string.
+    """
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()} if hasattr(tokenizer, "get_added_tokens_decoder") else set()
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id < vocab_size and token not in special:
+            lengths[token_id] = len(token)
+    return lengths
+
+
+@torch.no_grad()
+def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], routing: str,
+                     byte_lengths: Optional[torch.Tensor] = None, progress=None) -> dict:
+    """Loss, perplexity (torchmetrics), bits per byte and per-block routing figures over ``batches``.
+
+    Each batch is a (B, T+1) window tensor. Routing figures per routed block ``i``:
+    ``capacity_used.layer_i`` (fraction processed) and, against top-k membership of the same pass,
+    ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    perplexity = Perplexity().to(device)
+    nll_sum, n_tokens, n_bytes = 0.0, 0, 0
+    capacity: dict[int, list[float]] = {}
+    counts: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        batch = batch.to(device)
+        idx, targets = batch[:, :-1], batch[:, 1:]
+        out = model(idx, routing=routing)
+        logits = out.logits.float()
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        n_tokens += targets.numel()
+        perplexity.update(logits, targets)
+        if byte_lengths is not None:
+            n_bytes += int(byte_lengths.to(device)[targets].sum())
+        for info in out.routing:
+            capacity.setdefault(info.layer, []).append(info.selected.float().mean().item())
+            counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
+        if progress is not None:
+            progress.update(1)
+    if n_tokens == 0:
+        raise ValueError("no evaluation batches")
+    loss = nll_sum / n_tokens
+    result = {"loss": loss, "ppl": perplexity.compute().item(), "tokens": n_tokens}
+    if n_bytes:
+        result["bpb"] = nll_sum / math.log(2) / n_bytes
+    for layer, values in capacity.items():
+        result[f"capacity_used.layer_{layer}"] = sum(values) / len(values)
+        if not model.config.random_routing:
+            for name, value in quality_from_counts(counts[layer]).items():
+                result[f"{name}.layer_{layer}"] = value
+    if capacity:
+        result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in capacity)
+    return result
+
+
+def flops_per_token(model: MoDTransformer, seq_len: int, capacity_used: Optional[list[float]] = None) -> float:
+    """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity."""
+    cfg = model.config
+    tokens = None if capacity_used is None else [c * seq_len for c in capacity_used]
+    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens) / seq_len
+
+
+@torch.no_grad()
+def decode_speed(model: MoDTransformer, prompt: torch.Tensor, new_tokens: int, reps: int = 3) -> float:
+    """Generated tokens per second of greedy ``generate`` (batch of one prompt), median of ``reps``."""
+    model.generate(prompt, max_new_tokens=min(new_tokens, 4), temperature=0)  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
