@@ -1,0 +1,111 @@
+"""The command line: ``python train.py fit|validate|test`` (a ``LightningCLI``).
+
+What it adds to plain LightningCLI:
+
+* ``configs/default.yaml`` is read first, so ``python train.py fit`` alone trains the default MoD
+  model on the default corpus; ``--config FILE`` (repeatable) overrides it.
+* data and model arguments are linked: the model's ``vocab_size`` is the tokenizer's, its
+  ``max_seq_len`` the data's ``seq_len``; nobody keeps two numbers in step.
+* callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
+  ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any later run),
+  ``--lr_monitor.*``, plus ``modlm.callbacks.default_callbacks()`` (non-finite loss guard,
+  ``ThroughputMonitor`` with analytic FLOPs, telemetry).
+* user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import NonFiniteLossError, default_callbacks
+from .lit_module import MoDLightningModule
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+"""The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def _datamodule_class():
+    from .data import ModLMDataModule
+
+    return ModLMDataModule
+
+
+class ModLMCLI(LightningCLI):
+    """LightningCLI with modlm's defaults; see the module docstring."""
+
+    def __init__(self, args=None, run: bool = True, datamodule_class=None, default_config: Optional[Path] = DEFAULT_CONFIG, **kwargs):
+        defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else []
+        parser_kwargs = {cmd: {"default_config_files": defaults} for cmd in SUBCOMMANDS}
+        super().__init__(
+            MoDLightningModule,
+            datamodule_class or _datamodule_class(),
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,  # the module owns AdamW + schedule (--model.lr ...)
+            save_config_kwargs={"overwrite": True},  # a requeued run with a fixed version dir resaves it
+            parser_kwargs=parser_kwargs,
+            trainer_defaults={"callbacks": default_callbacks()},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.filename": "{step:07d}",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": -1,
+            "checkpoint.every_n_train_steps": 200,
+        })
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # The model reads the vocabulary size from the tokenizer the data module trains or loads
+        # (at instantiation, since the tokenizer may not exist before), and its longest sequence
+        # from the training windows.
+        data_cls = self.datamodule_class
+        if hasattr(data_cls, "tokenizer_vocab_size"):
+            parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.max_seq_len")
+
+    def before_instantiate_classes(self) -> None:
+        # Keep checkpoints at one fixed place under the run's root directory (Lightning's default is
+        # inside the logger's version_N folder, a new one per run, where `--ckpt_path last` would
+        # never find the previous run's last.ckpt).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.checkpoint.dirpath is None:
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
+"""Exceptions that mean "fix your input", printed as one line. ``DataError``, ``ModelConfig``'s
+errors and ``CheckpointMismatchError`` are ``ValueError`` subclasses."""
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS):
+        return True
+    # torch's own message for a checkpoint of another shape (e.g. loaded by a sharding strategy).
+    return isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err)
+
+
+def main(args=None) -> int:
+    """Run the CLI; return the process exit status (0 ok, 1 non-finite loss, 2 user error).
+
+    ``MODLM_DEBUG=1`` re-raises instead, to see the full traceback.
+    """
+    try:
+        ModLMCLI(args=args)
+    except Exception as err:  # noqa: BLE001 - classified below, re-raised if not a user error
+        if os.environ.get("MODLM_DEBUG") or not _is_user_error(err):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"modlm: error: {first_line}", file=sys.stderr)
+        return 1 if isinstance(err, NonFiniteLossError) else 2
+    return 0
