@@ -1,0 +1,233 @@
+"""ModLMDataModule: corpus -> BPE tokens -> packed windows, for Lightning.
+
+Batch format. Every train, validation and test batch is a LongTensor of shape
+(batch_size, seq_len + 1) (the last validation batch may have fewer rows). A row is
+seq_len + 1 consecutive tokens of the packed stream (documents joined by the
+<|endoftext|> token, `eot_id`):
+
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+Training data is endless (epochs cycle until the trainer's max_steps / max_time), so the
+train dataloader has no length: give Lightning an integer `val_check_interval` (or
+`check_val_every_n_epoch=None`). Validation is a fixed set of `val_windows` windows taken
+from the validation split and divided across ranks; `test` uses the same windows.
+
+Resume. `state_dict()` (saved by Lightning in every checkpoint) holds the train stream
+position of every rank after the batches actually trained on; `load_state_dict()` makes
+the next train dataloader continue exactly there. See loader.py for why consumption is
+counted in `on_before_batch_transfer`.
+"""
+import copy
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from .dataset import PackedTrainStream, build_val_windows
+from .errors import DataError, DataWarning
+from .loader import ResumableLoader
+from .sources import open_corpus
+from .tokenizer import EOT_TOKEN, resolve_tokenizer
+
+
+class ModLMDataModule(L.LightningDataModule):
+    """Streams a text corpus as packed token windows for language-model training.
+
+    Args:
+        source: Where the text comes from: ``stdlib`` (this Python's standard-library
+            source, test folders excluded), a ``.txt``/``.md``/``.py``/``.jsonl``/
+            ``.json``/``.parquet`` file, a folder or a glob of them, or
+            ``hub:NAME[:CONFIG]`` for a Hugging Face dataset streamed over the network.
+        seq_len: Tokens of model input per row; batches have ``seq_len + 1`` columns.
+        batch_size: Rows per batch (per rank).
+        vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
+            actual size, ``tokenizer_vocab_size``, can be smaller on a tiny corpus).
+        tokenizer_path: An existing ``tokenizer.json`` to use instead of training one.
+        val_fraction: Share of documents held out for validation, chosen per document by a
+            hash of its path (or text), the same on every run.
+        val_windows: Number of validation windows (all ranks together); every validation
+            run evaluates exactly these.
+        num_workers: Dataloader worker processes per rank that read and tokenize (0: in the
+            main process). Changing it changes the order of training data.
+        seed: Seed of the per-epoch shuffle of training documents.
+        text_field: Field (jsonl/json) or column (parquet, hub) holding the text.
+        tokenizer_train_chars: How many characters of training text the tokenizer is
+            trained on (at most).
+        cache_dir: Where trained tokenizers are cached (default: the repository's
+            ``data/cache``).
+    """
+
+    def __init__(
+        self,
+        source: str = "stdlib",
+        seq_len: int = 256,
+        batch_size: int = 16,
+        vocab_size: int = 8192,
+        tokenizer_path: Optional[str] = None,
+        val_fraction: float = 0.05,
+        val_windows: int = 128,
+        num_workers: int = 1,
+        seed: int = 1234,
+        text_field: str = "text",
+        tokenizer_train_chars: int = 4_000_000,
+        cache_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        checks = [
+            (seq_len >= 1, f"seq_len={seq_len}: expected >= 1"),
+            (batch_size >= 1, f"batch_size={batch_size}: expected >= 1"),
+            (vocab_size >= 257, f"vocab_size={vocab_size}: expected >= 257 (256 bytes + end-of-text)"),
+            (0.0 <= val_fraction < 1.0, f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1"),
+            (val_windows >= 0, f"val_windows={val_windows}: expected >= 0"),
+            (num_workers >= 0, f"num_workers={num_workers}: expected >= 0"),
+            (tokenizer_train_chars >= 1, f"tokenizer_train_chars={tokenizer_train_chars}: expected >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(message)
+        self.save_hyperparameters()
+        self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
+        self.vocab_size, self.tokenizer_path = vocab_size, tokenizer_path
+        self.val_fraction, self.val_windows = val_fraction, val_windows
+        self.num_workers, self.seed, self.text_field = num_workers, seed, text_field
+        self.tokenizer_train_chars, self.cache_dir = tokenizer_train_chars, cache_dir
+        self._train_loader: Optional[ResumableLoader] = None
+        self._resume: Optional[dict] = None  # train positions from a checkpoint, not yet applied
+
+    # ---- lazily built pieces (usable right after __init__, no setup() needed) ----------
+
+    @cached_property
+    def corpus(self):
+        """The opened source (files indexed and split; hub reachability checked)."""
+        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed)
+
+    @cached_property
+    def _tokenizer_and_file(self):
+        return resolve_tokenizer(
+            self.tokenizer_path, lambda: self.corpus, self.vocab_size, self.tokenizer_train_chars,
+            self.cache_dir, self.text_field, self.val_fraction,
+        )
+
+    @property
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` (loaded from cache or trained on first access)."""
+        return self._tokenizer_and_file[0]
+
+    @property
+    def tokenizer_file(self) -> Optional[Path]:
+        """Path of the tokenizer.json in use."""
+        return self._tokenizer_and_file[1]
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        """The tokenizer's actual vocabulary size: what the model's vocab_size must be."""
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eot_id(self) -> int:
+        """Id of the <|endoftext|> token that separates documents."""
+        return self.tokenizer.token_to_id(EOT_TOKEN)
+
+    @cached_property
+    def _val_windows_all(self) -> torch.Tensor:
+        return build_val_windows(self.corpus, self.tokenizer, self.seq_len, self.val_windows)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    # ---- Lightning hooks ---------------------------------------------------------------
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        _ = self.tokenizer  # fail early (bad source, offline hub) and train/load once
+        if stage in (None, "fit", "validate", "test") and self.val_fraction > 0 and self.val_windows > 0:
+            _ = self._val_windows_all
+
+    def train_dataloader(self) -> ResumableLoader:
+        rank, world = self._rank_world()
+        if self.num_workers > 0:
+            # Workers tokenize in parallel already; also silences the tokenizers fork warning.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        dataset = PackedTrainStream(
+            self.corpus, self.tokenizer.to_str(), self.seq_len, self.batch_size,
+            rank=rank, world_size=world, num_workers=self.num_workers,
+        )
+        loader = ResumableLoader(dataset, self.num_workers, pin_memory=torch.cuda.is_available())
+        # In a fit, Lightning fetches ahead; count only batches it actually trains on.
+        loader.track_consumption = self.trainer is not None
+        self._train_loader = loader
+        self._apply_resume()
+        return loader
+
+    def val_dataloader(self) -> list:
+        """Fixed validation batches of this rank (a list: no sampler may reshard it)."""
+        if self.val_fraction == 0 or self.val_windows == 0:
+            return []
+        rank, world = self._rank_world()
+        windows = self._val_windows_all
+        per_rank = len(windows) // world  # equal counts, so ranks stay in lockstep
+        mine = windows[rank::world][:per_rank]
+        return list(mine.split(self.batch_size))
+
+    def test_dataloader(self) -> list:
+        """Same windows as validation (the corpus has no separate test split)."""
+        return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
+
+    # ---- checkpointed state ------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """{"train": {"ranks": [position of rank 0, rank 1, ...]}} (empty before training).
+
+        Called on every rank when Lightning saves a checkpoint, so under DDP/FSDP the
+        positions are gathered: the checkpoint file is written by rank 0 alone."""
+        if self._train_loader is None:
+            return {"train": copy.deepcopy(self._resume)} if self._resume else {}
+        mine = self._train_loader.position()
+        ranks = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        return {"train": {"ranks": ranks}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the train stream at the saved positions (from the next train_dataloader
+        iteration on)."""
+        self._resume = copy.deepcopy(state_dict.get("train")) or None
+        if self._train_loader is not None:
+            self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if not self._resume or self._train_loader is None:
+            return
+        loader, ranks = self._train_loader, self._resume["ranks"]
+        rank, world = loader.dataset.rank, loader.dataset.world_size
+        saved_workers = ranks[0]["num_workers"]
+        if len(ranks) != world or saved_workers != loader.dataset.logical_workers:
+            # Shards depend on ranks x workers: positions of another layout mean nothing
+            # here. Restart at the beginning of the epoch the run had reached.
+            epoch = min(w["epoch"] for r in ranks for w in r["workers"])
+            warnings.warn(
+                f"checkpoint data position is for {len(ranks)} rank(s) x {saved_workers} worker(s), this run "
+                f"has {world} x {loader.dataset.logical_workers}: restarting the data stream at epoch {epoch}",
+                DataWarning,
+            )
+            start = loader.dataset.initial_state()
+            for w in start["workers"]:
+                w["epoch"] = epoch
+            loader.seek(start)
+        else:
+            loader.seek(ranks[rank])
+        self._resume = None

@@ -1,0 +1,217 @@
+"""Corpus discovery: turn a `--data.source` string into a corpus object.
+
+A corpus knows its documents, their train/val split and how to stream one shard of the
+training documents for one epoch. Two kinds exist:
+
+- `FileCorpus`: `stdlib` (the running Python's standard library, test folders and
+  site-packages excluded) or a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet.
+- `HubCorpus` (in hub.py): `hub:NAME[:CONFIG]`, streamed with `datasets`.
+
+Training positions. In epoch `e` the files are visited in an order shuffled with
+(seed, e); the training documents, in that order, get positions 0, 1, 2, ... . Shard
+`slot` of `num_slots` (one per rank x dataloader worker) takes the positions
+p with p % num_slots == slot, so the shards are disjoint and together cover the epoch.
+A shard's place in the stream is the position of its next document, which is all a
+resume needs (plus a token offset inside that document, kept by the packer).
+"""
+import bisect
+import glob
+import hashlib
+import os
+import random
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+from .errors import DataError
+from .readers import SUPPORTED_SUFFIXES, count_records, is_multi_record, read_records
+from .split import is_val, record_key
+
+# Folders never part of the stdlib corpus: test suites (mostly generated or adversarial
+# text, and not "library code"), third-party packages, caches.
+STDLIB_EXCLUDED_DIRS = {
+    "test", "tests", "idle_test", "idlelib_test", "testing",
+    "site-packages", "dist-packages", "__pycache__",
+}
+_SKIPPED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".ipynb_checkpoints"}
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib root and its .py files (sorted), test folders and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
+        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return root, files
+
+
+def _walk(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith("."))
+        found += [Path(dirpath, f) for f in sorted(filenames) if Path(f).suffix.lower() in SUPPORTED_SUFFIXES]
+    return found
+
+
+def discover(source: str) -> tuple[Path, list[Path]]:
+    """Resolve a local source to (root for relative paths, sorted list of files)."""
+    if source == "stdlib":
+        return stdlib_files()
+    expected = "a .txt/.md/.py/.jsonl/.json/.parquet file, a folder of them, a glob, 'stdlib' or 'hub:NAME'"
+    if glob.has_magic(source):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
+        files = []
+        for m in matches:
+            files += _walk(m) if m.is_dir() else ([m] if m.suffix.lower() in SUPPORTED_SUFFIXES else [])
+        if not files:
+            raise DataError(f"glob {source!r} matched no supported files (expected {expected})")
+        root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
+        return root, sorted(set(f.resolve() for f in files))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _walk(path)
+        if not files:
+            raise DataError(f"folder {source!r} holds no .txt/.md/.py/.jsonl/.json/.parquet files")
+        return path.resolve(), [f.resolve() for f in files]
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise DataError(f"{source!r}: unsupported file type {path.suffix!r} (expected {expected})")
+        return path.resolve().parent, [path.resolve()]
+    raise DataError(f"data source {source!r} does not exist (expected {expected})")
+
+
+@dataclass
+class FileEntry:
+    """One file of the corpus and how its records split into train and val."""
+
+    path: Path
+    relpath: str
+    n_records: int
+    multi: bool  # several documents per file (jsonl/json/parquet)
+    val_records: list[int] = field(default_factory=list)  # sorted record numbers in val
+
+    @property
+    def n_train(self) -> int:
+        return self.n_records - len(self.val_records)
+
+    def key(self, record: int) -> str:
+        return record_key(self.relpath, record, self.multi)
+
+    def train_rank(self, record: int) -> int:
+        """Index of a train record among the file's train records."""
+        return record - bisect.bisect_left(self.val_records, record)
+
+
+class FileCorpus:
+    """Documents from local files, split per document into train and val."""
+
+    def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
+        self.source = source
+        self.text_field = text_field
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.root, files = discover(source)
+        if sum(f.stat().st_size for f in files) == 0:
+            raise DataError(f"data source {source!r} is empty: its {len(files)} file(s) hold no text")
+        self.entries = [self._entry(f) for f in files]
+        self.num_train_docs = sum(e.n_train for e in self.entries)
+        self.num_val_docs = sum(len(e.val_records) for e in self.entries)
+        if self.num_train_docs == 0:
+            raise DataError(
+                f"data source {source!r}: the training split is empty ({self.num_val_docs} document(s), "
+                f"all in validation with val_fraction={val_fraction}); add documents or lower val_fraction"
+            )
+        if val_fraction > 0 and self.num_val_docs == 0:
+            raise DataError(
+                f"data source {source!r}: the validation split is empty ({self.num_train_docs} document(s), "
+                f"none drawn with val_fraction={val_fraction}); add documents or raise val_fraction"
+            )
+
+    def _entry(self, path: Path) -> FileEntry:
+        rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.name
+        multi = is_multi_record(path)
+        n = count_records(path, self.text_field)
+        entry = FileEntry(path, rel, n, multi)
+        entry.val_records = [r for r in range(n) if is_val(entry.key(r), self.val_fraction)]
+        return entry
+
+    @property
+    def source_id(self) -> str:
+        """What identifies this corpus in the tokenizer cache key."""
+        if self.source == "stdlib":
+            return f"stdlib:{sysconfig.get_python_version()}:{self.root}"
+        return f"files:{self.root}"
+
+    def fingerprint(self) -> str:
+        """Changes when files are added, removed or resized (then the cached tokenizer is stale)."""
+        h = hashlib.sha256()
+        for e in self.entries:
+            h.update(f"{e.relpath}\0{e.path.stat().st_size}\0{e.n_records}\n".encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        return (f"{self.source} ({len(self.entries)} files, {self.num_train_docs} train / "
+                f"{self.num_val_docs} val documents)")
+
+    # ---- documents of one split, in a fixed order -------------------------------------
+
+    def _split_docs(self, entries: list[FileEntry], want_val: bool) -> Iterator[str]:
+        for e in entries:
+            if (len(e.val_records) if want_val else e.n_train) == 0:
+                continue
+            val = set(e.val_records)
+            for record, text in read_records(e.path, self.text_field):
+                if (record in val) == want_val:
+                    yield text
+
+    def train_texts(self) -> Iterator[str]:
+        """Training documents for the tokenizer, files in a seed-independent hashed order
+        (so a cap on characters samples the whole corpus, not its alphabetical head)."""
+        order = sorted(self.entries, key=lambda e: hashlib.sha1(e.relpath.encode("utf-8", "surrogatepass")).digest())
+        return self._split_docs(order, want_val=False)
+
+    def val_texts(self) -> Iterator[str]:
+        """Validation documents in path order: the same tokens every validation run."""
+        return self._split_docs(self.entries, want_val=True)
+
+    # ---- the shuffled, sharded training stream ----------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[FileEntry]:
+        """Files holding training documents, in epoch `epoch`'s shuffled order."""
+        order = [e for e in self.entries if e.n_train > 0]
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def slot_docs(self, slot: int, num_slots: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
+        """Yield (position, text) of shard `slot`'s training documents in epoch `epoch`,
+        from position `start` on."""
+        first = 0  # position of the current file's first training document
+        for e in self.epoch_order(epoch):
+            end = first + e.n_train
+            lo = max(first, start)
+            lo += (slot - lo) % num_slots  # first position >= lo in this shard
+            if lo < end:
+                val = set(e.val_records)
+                for record, text in read_records(e.path, self.text_field):
+                    if record in val:
+                        continue
+                    pos = first + e.train_rank(record)
+                    if pos >= lo and pos % num_slots == slot:
+                        yield pos, text
+            first = end
+
+
+Corpus = Union[FileCorpus, "HubCorpus"]  # noqa: F821 (HubCorpus lives in hub.py)
+
+
+def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
+    """Build the corpus for a `--data.source` string (hub sources fail fast when offline)."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError(f"data source {source!r}: expected a path, glob, 'stdlib' or 'hub:NAME[:CONFIG]'")
+    if source.startswith("hub:"):
+        from .hub import HubCorpus
+
+        return HubCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed)
+    return FileCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed)

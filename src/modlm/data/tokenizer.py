@@ -1,0 +1,159 @@
+"""Byte-level BPE tokenizer: train once per corpus and settings, cache, reuse.
+
+Byte-level (GPT-2 style) BPE: every string encodes losslessly, so
+decode(encode(text)) == text for any text, non-ASCII included. No normalizer, no prefix
+space. One special token, <|endoftext|>, separates documents in the packed stream.
+
+The cache lives in `<cache_dir>/<key>/tokenizer.json`, key = hash of the corpus identity
+and the settings that change the result. Several ranks may start at once: one trains
+(holding a lock file), the others wait for the file, and the file is written to a
+temporary name then renamed, so nobody ever reads half a tokenizer.
+"""
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import DataError
+
+EOT_TOKEN = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+_LOCK_STALE_S = 30 * 60  # a lock older than this belongs to a crashed run
+_CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
+
+
+def default_cache_dir() -> Path:
+    """`data/cache` of the repository when running from a checkout (editable install),
+    else `data/cache` under the current directory."""
+    repo = Path(__file__).resolve().parents[3]
+    if (repo / "pyproject.toml").is_file() and (repo / "src" / "modlm").is_dir():
+        return repo / "data" / "cache"
+    return Path.cwd() / "data" / "cache"
+
+
+def _prepare(tok: Tokenizer) -> Tokenizer:
+    # Treat a literal "<|endoftext|>" inside a document as text, not as a separator
+    # (this flag is not stored in tokenizer.json or pickles, so set it on every load).
+    tok.encode_special_tokens = True
+    return tok
+
+
+def capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts, cut off after `max_chars` characters in total."""
+    left = max_chars
+    for text in texts:
+        if left <= 0:
+            return
+        yield text[:left]
+        left -= len(text)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int) -> Tokenizer:
+    """Train a byte-level BPE on at most `max_chars` characters of `texts`."""
+    if vocab_size < 257:
+        raise DataError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],  # id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, always
+        show_progress=False,
+    )
+    tok.train_from_iterator(capped(texts, max_chars), trainer=trainer)
+    return _prepare(tok)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a tokenizer.json and check it has the end-of-text token."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer_path {str(path)!r} does not exist (expected a tokenizer.json file)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"tokenizer_path {str(path)!r} is not a valid tokenizer.json ({e})") from None
+    if tok.token_to_id(EOT_TOKEN) is None:
+        raise DataError(f"tokenizer_path {str(path)!r} has no {EOT_TOKEN} token")
+    return _prepare(tok)
+
+
+def tokenizer_from_str(data: str) -> Tokenizer:
+    return _prepare(Tokenizer.from_str(data))
+
+
+def cache_key(source_id: str, fingerprint: str, **settings) -> str:
+    blob = json.dumps({"format": _CACHE_FORMAT, "source": source_id, "files": fingerprint, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _atomic_save(tok: Tokenizer, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, target)  # atomic on POSIX and Windows
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_tokenizer(folder: Path, train, wait_s: float = 3600.0) -> Tokenizer:
+    """Load `folder/tokenizer.json`, or make it with `train()` (a function returning a
+    Tokenizer) while holding `folder/tokenizer.lock` so only one process trains."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, lock = folder / TOKENIZER_FILE, folder / "tokenizer.lock"
+    deadline = time.monotonic() + wait_s
+    while True:
+        if target.is_file():
+            return load_tokenizer(target)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                if time.time() - lock.stat().st_mtime > _LOCK_STALE_S:
+                    lock.unlink(missing_ok=True)  # left by a crashed process
+                    continue
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if time.monotonic() > deadline:
+                raise DataError(f"timed out waiting for another process to write {target} (lock {lock})") from None
+            time.sleep(0.2)
+            continue
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            if target.is_file():  # written while we were acquiring the lock
+                return load_tokenizer(target)
+            tok = train()
+            _atomic_save(tok, target)
+            return tok
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def resolve_tokenizer(
+    tokenizer_path: Optional[str],
+    corpus_fn,
+    vocab_size: int,
+    max_chars: int,
+    cache_dir: Optional[str],
+    text_field: str,
+    val_fraction: float,
+) -> tuple[Tokenizer, Optional[Path]]:
+    """The tokenizer to use and where it is stored: the explicit `tokenizer_path`, or the
+    cached one for this corpus and settings (trained on the first call)."""
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path), Path(tokenizer_path)
+    corpus = corpus_fn()
+    key = cache_key(
+        corpus.source_id, corpus.fingerprint(), vocab_size=vocab_size, max_chars=max_chars,
+        text_field=text_field, val_fraction=val_fraction,
+    )
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
+    tok = cached_tokenizer(folder, lambda: train_tokenizer(corpus.train_texts(), vocab_size, max_chars))
+    return tok, folder / TOKENIZER_FILE
