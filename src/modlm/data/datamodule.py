@@ -28,7 +28,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from .dataset import PackedTrainStream, build_val_windows
+from .dataset import FixedBatches, PackedTrainStream, build_val_windows
 from .errors import DataError, DataWarning
 from .loader import ResumableLoader
 from .sources import open_corpus
@@ -167,17 +167,16 @@ class ModLMDataModule(L.LightningDataModule):
         self._apply_resume()
         return loader
 
-    def val_dataloader(self) -> list:
-        """Fixed validation batches of this rank (a list: no sampler may reshard it)."""
+    def val_dataloader(self) -> FixedBatches:
+        """This rank's share of the fixed validation windows, in batches."""
         if self.val_fraction == 0 or self.val_windows == 0:
-            return []
+            return FixedBatches(torch.empty(0, self.seq_len + 1, dtype=torch.long), self.batch_size)
         rank, world = self._rank_world()
         windows = self._val_windows_all
         per_rank = len(windows) // world  # equal counts, so ranks stay in lockstep
-        mine = windows[rank::world][:per_rank]
-        return list(mine.split(self.batch_size))
+        return FixedBatches(windows[rank::world][:per_rank], self.batch_size)
 
-    def test_dataloader(self) -> list:
+    def test_dataloader(self) -> FixedBatches:
         """Same windows as validation (the corpus has no separate test split)."""
         return self.val_dataloader()
 

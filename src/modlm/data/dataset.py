@@ -132,3 +132,19 @@ def build_val_windows(corpus, tokenizer, seq_len: int, max_windows: int) -> torc
             "tokens; raise val_fraction or add documents"
         )
     return torch.from_numpy(np.stack(rows))
+
+
+class FixedBatches:
+    """A sized, re-iterable set of precomputed batches (the validation windows of a rank).
+
+    Not a list, which Lightning would take for several dataloaders; not a DataLoader over
+    a map-style dataset, which Lightning would reshard with a DistributedSampler."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int):
+        self.batches = list(windows.split(batch_size)) if len(windows) else []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -1,0 +1,158 @@
+"""Packing, sharding over ranks x workers, epochs, resume and validation windows."""
+import itertools
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modlm.data import DataError, ModLMDataModule
+from modlm.data.dataset import PackedTrainStream
+from modlm.data.packing import pack_windows
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",
+         "genericpath.py", "stat.py", "__future__.py"]  # ~30 kB: a few thousand tokens, epochs go by fast
+SEQ, BATCH = 64, 8
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in FILES:
+        shutil.copy(STDLIB / name, folder / name)
+    # Many small records in one file: shards must split inside files too.
+    (folder / "records.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"record {i}: " + "ab" * (i % 7)}) for i in range(60)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_dm(corpus_dir, cache_dir, **kw) -> ModLMDataModule:
+    args = dict(source=str(corpus_dir), seq_len=SEQ, batch_size=BATCH, vocab_size=400,
+                tokenizer_train_chars=50_000, val_fraction=0.2, val_windows=10, num_workers=2,
+                seed=7, cache_dir=str(cache_dir))
+    return ModLMDataModule(**{**args, **kw})
+
+
+def test_pack_windows_keeps_every_token_once():
+    docs = [np.arange(n, dtype=np.int64) + 100 * i for i, n in enumerate([5, 1, 12, 3, 7, 9])]
+    stream = ((0, i, d, 0) for i, d in enumerate(docs))
+    out = list(pack_windows(stream, window=4))
+    flat = np.concatenate(docs)
+    assert [len(w) for w, _ in out] == [4] * (len(flat) // 4)
+    assert np.array_equal(np.concatenate([w for w, _ in out]), flat[: 4 * len(out)])
+    # Positions point at the first token not emitted: doc 2 token 2 after 8 tokens (5 + 1 + 2).
+    assert out[1][1] == {"epoch": 0, "pos": 2, "offset": 2}
+
+
+def test_train_batches_have_fixed_shape(corpus_dir, cache_dir):
+    dm = make_dm(corpus_dir, cache_dir, num_workers=0)
+    batches = list(itertools.islice(dm.train_dataloader(), 30))  # several epochs of this corpus
+    assert all(b.shape == (BATCH, SEQ + 1) and b.dtype == torch.long for b in batches)
+    assert dm.state_dict()["train"]["ranks"][0]["workers"][0]["epoch"] >= 1
+
+
+def epoch0(ds, worker):
+    """(positions, token stream) of a worker's shard in epoch 0."""
+    docs = list(itertools.takewhile(lambda d: d[0] == 0, ds.docs(worker, ds.initial_state()["workers"][worker])))
+    return [d[1] for d in docs], np.concatenate([d[2] for d in docs])
+
+
+def test_two_ranks_two_workers_see_every_token_once(corpus_dir, cache_dir):
+    dm = make_dm(corpus_dir, cache_dir)
+    corpus, tok_json = dm.corpus, dm.tokenizer.to_str()
+    all_positions, all_tokens = [], []
+    for rank in range(2):
+        ds = PackedTrainStream(corpus, tok_json, SEQ, BATCH, rank=rank, world_size=2, num_workers=2)
+        for worker in range(2):
+            positions, tokens = epoch0(ds, worker)
+            assert all(p % 4 == rank * 2 + worker for p in positions)
+            all_positions += positions
+            all_tokens.append(tokens)
+            # The packed windows of this shard are exactly its token stream, in order.
+            rows = []
+            for batch, w, pos in ds.batches(worker, ds.initial_state()["workers"][worker]):
+                assert w == worker
+                rows.append(batch.reshape(-1))
+                if pos["epoch"] > 0:
+                    break
+            assert torch.equal(torch.cat(rows)[: len(tokens)], torch.from_numpy(tokens))
+    # No document twice, none lost: positions of the 4 shards partition the epoch.
+    assert sorted(all_positions) == list(range(corpus.num_train_docs))
+    # Same multiset of tokens as the whole training split read by a single shard.
+    single = PackedTrainStream(corpus, tok_json, SEQ, BATCH, rank=0, world_size=1, num_workers=0)
+    _, whole = epoch0(single, 0)
+    assert np.array_equal(np.sort(np.concatenate(all_tokens)), np.sort(whole))
+
+
+def test_epochs_reshuffle_with_seed(corpus_dir, cache_dir):
+    corpus = make_dm(corpus_dir, cache_dir).corpus
+    orders = [[e.relpath for e in corpus.epoch_order(e)] for e in range(3)]
+    assert orders[0] != orders[1] != orders[2]
+    assert sorted(orders[0]) == sorted(orders[1])
+    again = make_dm(corpus_dir, cache_dir).corpus
+    assert [e.relpath for e in again.epoch_order(1)] == orders[1]
+    other_seed = make_dm(corpus_dir, cache_dir, seed=8).corpus
+    assert [e.relpath for e in other_seed.epoch_order(0)] != orders[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(corpus_dir, cache_dir, num_workers):
+    n, k = 20, 7  # 20 batches cross an epoch boundary of this corpus
+    straight = list(itertools.islice(make_dm(corpus_dir, cache_dir, num_workers=num_workers).train_dataloader(), n))
+
+    first = make_dm(corpus_dir, cache_dir, num_workers=num_workers)
+    head = list(itertools.islice(first.train_dataloader(), k))
+    state = json.loads(json.dumps(first.state_dict()))  # survives serialization
+    assert state["train"]["ranks"][0]["batches"] == k
+
+    second = make_dm(corpus_dir, cache_dir, num_workers=num_workers)
+    second.load_state_dict(state)
+    tail = list(itertools.islice(second.train_dataloader(), n - k))
+    assert all(torch.equal(a, b) for a, b in zip(straight, head + tail))
+
+    # Iterating the same loader again also continues (no repeats) after a partial pass.
+    loader = make_dm(corpus_dir, cache_dir, num_workers=num_workers).train_dataloader()
+    again = list(itertools.islice(loader, k)) + list(itertools.islice(loader, n - k))
+    assert all(torch.equal(a, b) for a, b in zip(straight, again))
+
+
+def test_validation_windows_fixed_and_split_over_ranks(corpus_dir, cache_dir, monkeypatch):
+    dm = make_dm(corpus_dir, cache_dir)
+    dm.setup("fit")
+    first = list(dm.val_dataloader())
+    assert [b.shape for b in first] == [(8, SEQ + 1), (2, SEQ + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(first, dm.val_dataloader()))
+    assert all(torch.equal(a, b) for a, b in zip(first, make_dm(corpus_dir, cache_dir).val_dataloader()))
+    windows = torch.cat(first)
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(ModLMDataModule, "_rank_world", lambda self, r=rank: (r, 2))
+        shards.append(torch.cat(list(dm.val_dataloader())))
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert torch.equal(torch.cat(shards).sort(0).values, windows.sort(0).values)
+    # Validation tokens never come from training documents.
+    train_texts = {t for _, t in dm.corpus.slot_docs(0, 1, 0)}
+    assert not train_texts & set(dm.corpus.val_texts())
+
+
+def test_too_many_shards_and_bad_args(corpus_dir, cache_dir, tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("copy.py", "glob.py", "heapq.py"):
+        shutil.copy(STDLIB / name, folder / name)
+    dm = make_dm(folder, cache_dir, val_fraction=0.0, num_workers=4)
+    with pytest.raises(DataError, match="cannot be shared by 1 rank"):
+        dm.train_dataloader()
+    with pytest.raises(DataError, match="seq_len=0"):
+        make_dm(corpus_dir, cache_dir, seq_len=0)
+    with pytest.raises(DataError, match="val_fraction=1.5"):
+        make_dm(corpus_dir, cache_dir, val_fraction=1.5)
