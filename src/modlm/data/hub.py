@@ -6,7 +6,8 @@ hub is tried with a short timeout before `datasets` is asked for anything.
 
 The split is decided per document by a hash of its text (hub streams have no paths).
 Shard `slot` of `num_slots` is `datasets.distributed.split_dataset_by_node` of the stream,
-shuffled per epoch (seeded); positions count the documents of that shard's stream.
+shuffled per epoch (seeded); positions count the documents of that shard's stream; a resumed shard re-reads
+(without tokenizing) the rows before its position.
 """
 import os
 import socket
@@ -111,13 +112,14 @@ class HubCorpus:
     def slot_docs(self, slot: int, num_slots: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
         from datasets.distributed import split_dataset_by_node
 
-        stream = self._stream.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
-        stream.set_epoch(epoch)  # reshuffles shard order and buffer with seed + epoch
+        # A seed per (seed, epoch): reshuffles shard order and the buffer every epoch.
+        epoch_seed = (self.seed * 1_000_003 + epoch) % 2**32
+        stream = self._stream.shuffle(seed=epoch_seed, buffer_size=SHUFFLE_BUFFER)
         stream = split_dataset_by_node(stream, rank=slot, world_size=num_slots)
-        if start:
-            stream = stream.skip(start)
-        for pos, text in enumerate(self._texts_all(stream), start=start):
-            if text is not None and not is_val(text, self.val_fraction):
+        # Resuming reads past the first `start` rows instead of IterableDataset.skip(),
+        # which would change the shuffled order (costs bandwidth, not tokenization).
+        for pos, text in enumerate(self._texts_all(stream)):
+            if pos >= start and text is not None and not is_val(text, self.val_fraction):
                 yield pos, text
 
     def _texts_all(self, stream) -> Iterator[Optional[str]]:
