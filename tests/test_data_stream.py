@@ -106,7 +106,7 @@ def test_epochs_reshuffle_with_seed(corpus_dir, cache_dir):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_exactly(corpus_dir, cache_dir, num_workers):
-    n, k = 20, 7  # 20 batches cross an epoch boundary of this corpus
+    n, k = 30, 11  # 30 batches cross an epoch boundary of this corpus
     straight = list(itertools.islice(make_dm(corpus_dir, cache_dir, num_workers=num_workers).train_dataloader(), n))
 
     first = make_dm(corpus_dir, cache_dir, num_workers=num_workers)
@@ -118,6 +118,7 @@ def test_resume_continues_exactly(corpus_dir, cache_dir, num_workers):
     second.load_state_dict(state)
     tail = list(itertools.islice(second.train_dataloader(), n - k))
     assert all(torch.equal(a, b) for a, b in zip(straight, head + tail))
+    assert max(w["epoch"] for w in second.state_dict()["train"]["ranks"][0]["workers"]) >= 1
 
     # Iterating the same loader again also continues (no repeats) after a partial pass.
     loader = make_dm(corpus_dir, cache_dir, num_workers=num_workers).train_dataloader()
