@@ -84,7 +84,9 @@ class MoDLightningModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_loss_causal = MeanMetric()
         self.last_routing: list = []
-        """Routing of the latest forward (``RoutingInfo`` per routed block): telemetry callbacks read it."""
+        """Routing of the latest top-k forward (``RoutingInfo`` per routed block): telemetry callbacks read it."""
+        self.last_routing_causal: list = []
+        """Routing of the latest causal-routing validation forward (empty for dense models)."""
         self.flops_per_batch: Optional[int] = None
         """FLOPs of the latest batch on this device (read by Lightning's ``ThroughputMonitor``)."""
         self._configured = False
@@ -140,6 +142,7 @@ class MoDLightningModule(pl.LightningModule):
         passes = 1
         if self.routed and self.hparams.validate_causal:
             causal = self(idx, routing="causal", targets=targets)
+            self.last_routing_causal = causal.routing
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
             passes = 2
         self.flops_per_batch = passes * forward_flops(self.config, idx.size(1)) * idx.size(0)

@@ -1,0 +1,85 @@
+"""Shared pieces of the training tests: a tokenizer trained once, running train.py, reading logs.
+
+Not a test module (no ``test_`` prefix); test files import the fixture and helpers from here.
+``KillAtStep`` is used by subprocesses (``--trainer.callbacks+=train_helpers.KillAtStep``, with
+this folder on ``PYTHONPATH``) to die like a pre-empted job.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# The tiny preset's data settings; the tokenizer is trained on them once per session.
+TINY_DATA = dict(seq_len=32, batch_size=4, vocab_size=512, val_windows=8, tokenizer_train_chars=200_000)
+VAL_FRACTION = "0.2"  # the small corpus needs a larger share to give a non-empty validation split
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> tuple[str, str]:
+    """``(corpus folder, tokenizer.json)`` for tiny runs: 80 stdlib modules copied under tmp (opening
+    the whole stdlib costs seconds per process) and a tokenizer trained on them once."""
+    from modlm.data import ModLMDataModule
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py"))[:80]:
+        shutil.copy(path, corpus / path.name)
+    cache = tmp_path_factory.mktemp("tokenizer")
+    dm = ModLMDataModule(source=str(corpus), num_workers=0, cache_dir=str(cache),
+                         val_fraction=float(VAL_FRACTION), **TINY_DATA)
+    return str(corpus), str(dm.tokenizer_file)
+
+
+def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
+    """CLI arguments of a tiny run on the ``tiny_tokenizer`` corpus, every output under ``root``."""
+    corpus, tokenizer = data
+    return [
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--data.source", corpus,
+        "--data.val_fraction", VAL_FRACTION,
+        "--data.tokenizer_path", tokenizer,
+        *extra,
+    ]
+
+
+def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in a subprocess (from the repository root)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(version_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard run folder: ``{tag: {step: value}}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(version_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILL this process when ``step`` optimizer steps are done (their checkpoint is on disk,
+    since ModelCheckpoint saves at the end of the batch before) - no cleanup, like a pre-emption."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
