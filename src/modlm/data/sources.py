@@ -22,7 +22,7 @@ import random
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 from .errors import DataError
 from .readers import SUPPORTED_SUFFIXES, count_records, is_multi_record, read_records
@@ -201,9 +201,6 @@ class FileCorpus:
                     if pos >= lo and pos % num_slots == slot:
                         yield pos, text
             first = end
-
-
-Corpus = Union[FileCorpus, "HubCorpus"]  # noqa: F821 (HubCorpus lives in hub.py)
 
 
 def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
