@@ -1,8 +1,252 @@
-"""Evaluate a trained checkpoint (loss, perplexity, bits per byte, routing accuracy, decode speed).
+"""Evaluate a trained modlm checkpoint: quality under both routing modes, routing accuracy, speed.
 
-Not built yet: it lands with issue #6 ("eval.py and KV-cached generation with causal routing").
+    python eval.py runs/default/checkpoints/last.ckpt                     # table on stdout
+    python eval.py CKPT --json results.json                              # every number as JSON
+    python eval.py CKPT --compare runs/dense/checkpoints/last.ckpt       # side by side + PNG plot
+    python eval.py CKPT --generate "def fibonacci(n):"                   # print a continuation
+    python eval.py CKPT --export exported/                               # safetensors + config.json
+
+CKPT is a Lightning checkpoint written by ``train.py`` (read with ``torch.load(weights_only=True)``:
+no pickled code runs) or a folder written by ``--export``. The data is the validation split of
+the corpus the model was trained on (``--data.source`` to use another). JSON keys are flat and
+dotted: ``topk.loss``, ``topk.ppl``, ``topk.bpb``, ``causal.loss``, ``causal.ppl``,
+``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s``, ...
 """
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
 import sys
+from pathlib import Path
+
+import torch
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.evaluate import decode_speed, evaluate_routing, flops_per_token, token_byte_lengths
+
+MODEL_FIELDS = set(ModelConfig.__dataclass_fields__)
+
+
+class EvalError(ValueError):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def load(path: str, device: str) -> tuple[MoDTransformer, dict]:
+    """The model and the data settings it was trained with, from a checkpoint or an export folder."""
+    p = Path(path)
+    if not p.exists():
+        raise EvalError(f"checkpoint not found: {path}")
+    if p.is_dir():
+        if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+            raise EvalError(f"{path} is not a modlm export folder (expected config.json and model.safetensors)")
+        try:
+            model = MoDTransformer.from_pretrained(p, map_location=device)
+        except Exception as err:  # noqa: BLE001 - any failure here means a broken export
+            raise EvalError(f"cannot load export folder {path}: {err}") from None
+        data = json.loads((p / "data.json").read_text()) if (p / "data.json").is_file() else {}
+        if (p / "tokenizer.json").is_file():
+            data["tokenizer_path"] = str(p / "tokenizer.json")
+        return model, data
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - corrupt, truncated, or content that is not plain data
+        raise EvalError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, truncated, or it holds objects "
+            "other than tensors and plain values (eval.py never unpickles code)"
+        ) from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
+        raise EvalError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
+    try:
+        config = ModelConfig(**{k: v for k, v in hparams.items() if k in MODEL_FIELDS})
+    except (TypeError, ValueError) as err:
+        raise EvalError(f"{path} holds an invalid model config: {err}") from None
+    model = MoDTransformer(config)
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise EvalError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
+    data = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
+    return model.to(device).eval(), data
+
+
+def build_data(data: dict, args, model: MoDTransformer):
+    from modlm.data import ModLMDataModule
+
+    settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
+    for key in ("source", "tokenizer_path"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.batch_size:
+        settings["batch_size"] = args.batch_size
+    dm = ModLMDataModule(**settings)
+    if dm.tokenizer_vocab_size != model.config.vocab_size:
+        raise EvalError(
+            f"tokenizer does not match the model: {dm.tokenizer_vocab_size} tokens vs the model's "
+            f"vocab_size={model.config.vocab_size} (pass the tokenizer it was trained with: --tokenizer_path)"
+        )
+    return dm
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+def evaluate(path: str, args) -> tuple[dict, MoDTransformer, object]:
+    from tqdm import tqdm
+
+    model, data = load(path, args.device)
+    dm = build_data(data, args, model)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())[: args.max_batches or None]
+    if not batches:
+        raise EvalError(f"no validation windows for source {dm.source!r} (val_fraction or val_windows is 0?)")
+    byte_lengths = token_byte_lengths(dm.tokenizer, model.config.vocab_size)
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    result = {"checkpoint": str(path), "params": model.num_params(), "routed_layers": model.config.routed_layers}
+    modes = ["topk", "causal"] if model.config.routed_layers else ["topk"]
+    with autocast, tqdm(total=len(batches) * len(modes), desc=f"evaluating {Path(path).name}", disable=args.quiet) as bar:
+        for mode in modes:
+            figures = evaluate_routing(model, batches, mode, byte_lengths, progress=bar)
+            result.update({f"{mode}.{k}": v for k, v in figures.items()})
+    if "causal" not in modes:  # a dense model routes nothing: both modes are the same computation
+        result.update({k.replace("topk.", "causal.", 1): v for k, v in list(result.items()) if k.startswith("topk.")})
+    seq_len = batches[0].shape[1] - 1
+    used = [result[f"causal.capacity_used.layer_{i}"] for i in model.config.routed_layers] or None
+    result["flops_per_token"] = flops_per_token(model, seq_len, used)
+    result["flops_per_token_topk"] = flops_per_token(model, seq_len)
+    prompt_len = min(args.prompt_tokens, model.config.max_seq_len // 2)  # leave room to generate
+    prompt = batches[0][:1, :prompt_len].to(args.device)
+    new_tokens = min(args.decode_tokens, model.config.max_seq_len - prompt_len)
+    with autocast:
+        result["decode_tokens_per_s"] = decode_speed(model, prompt, new_tokens)
+    return result, model, dm
+
+
+# --- output ----------------------------------------------------------------------------------------
+ROWS = [
+    ("loss (top-k)", "topk.loss", "{:.4f}"), ("ppl (top-k)", "topk.ppl", "{:.2f}"), ("bpb (top-k)", "topk.bpb", "{:.4f}"),
+    ("loss (causal)", "causal.loss", "{:.4f}"), ("ppl (causal)", "causal.ppl", "{:.2f}"), ("bpb (causal)", "causal.bpb", "{:.4f}"),
+    ("capacity used (causal)", "causal.capacity_used", "{:.3f}"),
+    ("FLOPs / token (causal)", "flops_per_token", "{:.4g}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
+    ("parameters", "params", "{:,}"),
+]
+
+
+def run_name(path: str) -> str:
+    """An export folder's name, or the run folder a checkpoint sits in (``runs/NAME/checkpoints/x.ckpt``)."""
+    p = Path(path)
+    return p.name if p.is_dir() else (p.parent.parent.name or p.stem)
+
+
+def table(results: list[dict]) -> str:
+    names = [run_name(r["checkpoint"]) for r in results]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(results)]
+    routed = sorted({i for r in results for i in r["routed_layers"]})
+    rows = ROWS + [(f"causal acc L{i} (P / R)", f"causal.causal_acc.layer_{i}", "{:.3f}") for i in routed]
+    for label, key, fmt in rows:
+        cells = []
+        for r in results:
+            if key not in r:
+                cells.append("-")
+                continue
+            cell = fmt.format(r[key])
+            if "causal_acc" in key:
+                layer = key.rsplit(".", 1)[1]
+                cell += f" ({r[f'causal.causal_precision.{layer}']:.2f} / {r[f'causal.causal_recall.{layer}']:.2f})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [run_name(r["checkpoint"]) for r in results]
+    panels = [("causal.loss", "validation loss (causal)"), ("flops_per_token", "forward FLOPs / token"),
+              ("decode_tokens_per_s", "decode tokens / s")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(names, [r[key] for r in results], color=["tab:green", "tab:gray", "tab:blue"][: len(results)])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", help="checkpoint (.ckpt) or export folder")
+    p.add_argument("--json", help="write every number to this JSON file")
+    p.add_argument("--compare", help="a second checkpoint (e.g. the dense twin) to show side by side")
+    p.add_argument("--plot", help="PNG of the comparison (default: compare.png beside --json, or ./compare.png)")
+    p.add_argument("--generate", metavar="PROMPT", help="print a continuation of PROMPT")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--export", metavar="DIR", help="write model.safetensors, config.json, tokenizer.json, data.json")
+    p.add_argument("--data.source", dest="source", help="evaluate on this corpus instead of the training one")
+    p.add_argument("--tokenizer_path", "--data.tokenizer_path", dest="tokenizer_path")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--max-batches", type=int, default=0, help="evaluate on at most this many validation batches")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode-speed test")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for the decode-speed test")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return run(args)
+    except ValueError as err:  # EvalError, DataError, ModelConfig's errors: the user's to fix
+        if os.environ.get("MODLM_DEBUG"):
+            raise
+        print(f"eval.py: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    result, model, dm = evaluate(args.ckpt, args)
+    results = [result]
+    if args.compare:
+        results.append(evaluate(args.compare, args)[0])
+    print(table(results))
+    if args.compare:
+        out = Path(args.plot) if args.plot else (Path(args.json).with_name("compare.png") if args.json else Path("compare.png"))
+        plot(results, out)
+        print(f"plot: {out}")
+    if args.json:
+        payload = result if not args.compare else {**result, "compare": results[1]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        print(f"json: {args.json}")
+    if args.generate is not None:
+        ids = dm.tokenizer.encode(args.generate).ids
+        if not ids:
+            raise EvalError("--generate needs a non-empty prompt")
+        out = model.generate([ids], max_new_tokens=min(args.max_new_tokens, model.config.max_seq_len - len(ids)),
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=dm.eot_id)[0]
+        print(dm.tokenizer.decode(out.tolist()))
+    if args.export:
+        export(model, dm, Path(args.export))
+        print(f"exported: {args.export}")
+    return 0
+
+
+def export(model: MoDTransformer, dm, directory: Path) -> None:
+    model.save_pretrained(directory)
+    dm.tokenizer.save(str(directory / "tokenizer.json"))
+    data = {k: v for k, v in dict(dm.hparams).items() if not k.startswith("_") and k != "tokenizer_path"}
+    (directory / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+
 
 if __name__ == "__main__":
-    sys.exit("eval.py: not yet implemented (issue #6); train with `python train.py fit` meanwhile.")
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""eval.py on checkpoints of real tiny training runs: numbers, modes, export, and bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from modlm.cli import main as train_main
+from train_helpers import REPO, tiny_args, tiny_tokenizer  # noqa: F401 - fixture
+
+spec = importlib.util.spec_from_file_location("modlm_eval_script", REPO / "eval.py")
+eval_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_script)
+
+EVAL_FLAGS = ["--quiet", "--max-batches", "2", "--decode-tokens", "8", "--prompt-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_tokenizer):
+    """last.ckpt of a tiny MoD run and of its dense twin (``route_every: 0``)."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    paths = {}
+    for name, extra in {"mod": ["--model.capacity", "0.5"], "dense": ["--model.route_every", "0"]}.items():
+        args = ["fit", *tiny_args(root / name, tiny_tokenizer, "--trainer.max_steps", "6",
+                                  "--trainer.val_check_interval", "3", *extra)]
+        assert train_main(args) == 0
+        paths[name] = root / name / "checkpoints" / "last.ckpt"
+        assert paths[name].is_file()
+    return paths
+
+
+def run_eval(*argv) -> int:
+    return eval_script.main([str(a) for a in argv])
+
+
+def test_json_has_every_key_with_finite_values(checkpoints, tmp_path):
+    out = tmp_path / "mod.json"
+    assert run_eval(checkpoints["mod"], "--json", out, *EVAL_FLAGS) == 0
+    result = json.loads(out.read_text())
+    for key in ("topk.loss", "topk.ppl", "topk.bpb", "causal.loss", "causal.ppl", "causal.bpb",
+                "causal.capacity_used", "causal.capacity_used.layer_1", "causal.causal_acc.layer_1",
+                "causal.causal_precision.layer_1", "causal.causal_recall.layer_1",
+                "decode_tokens_per_s", "flops_per_token", "params"):
+        assert key in result and math.isfinite(result[key]), key
+    assert result["topk.ppl"] == pytest.approx(math.exp(result["topk.loss"]), rel=1e-4)
+    assert result["causal.ppl"] == pytest.approx(math.exp(result["causal.loss"]), rel=1e-4)
+    assert result["topk.capacity_used"] == 0.5  # top-k processes exactly k = T/2 tokens
+    assert 0 <= result["causal.capacity_used"] <= 1 and 0 <= result["causal.causal_acc.layer_1"] <= 1
+    assert result["decode_tokens_per_s"] > 0
+
+
+def test_dense_model_gives_identical_numbers_in_both_modes(checkpoints, tmp_path):
+    out = tmp_path / "dense.json"
+    assert run_eval(checkpoints["dense"], "--json", out, *EVAL_FLAGS) == 0
+    result = json.loads(out.read_text())
+    for metric in ("loss", "ppl", "bpb"):
+        assert result[f"topk.{metric}"] == result[f"causal.{metric}"]
+    assert result["routed_layers"] == [] and "causal.capacity_used" not in result
+
+
+def test_export_round_trip_compare_and_generate(checkpoints, tmp_path, capsys):
+    exported = tmp_path / "export"
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_eval(checkpoints["mod"], "--json", first, "--export", exported, "--generate", "def ", *EVAL_FLAGS) == 0
+    printed = capsys.readouterr().out
+    assert "def " in printed and f"exported: {exported}" in printed
+    assert {p.name for p in exported.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "data.json"}
+    assert run_eval(exported, "--json", second, "--compare", checkpoints["dense"], *EVAL_FLAGS) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert b["topk.loss"] == a["topk.loss"] and b["causal.loss"] == a["causal.loss"]
+    assert b["compare"]["routed_layers"] == []
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "| loss (causal) |" in table and "export" in table
+
+
+def test_bad_inputs_end_with_one_line_and_status_2(checkpoints, tmp_path, tiny_tokenizer, capsys):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(checkpoints["mod"].read_bytes()[:5000])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 0}, foreign)
+    from modlm.data import ModLMDataModule
+
+    other = ModLMDataModule(source=tiny_tokenizer[0], vocab_size=300, val_fraction=0.2, num_workers=0,
+                            tokenizer_train_chars=50_000, cache_dir=str(tmp_path / "tok"))
+    cases = {
+        "checkpoint not found": [tmp_path / "missing.ckpt"],
+        "cannot read checkpoint": [corrupt],
+        "is not a modlm checkpoint": [foreign],
+        "tokenizer does not match": [checkpoints["mod"], "--tokenizer_path", other.tokenizer_file],
+    }
+    for message, argv in cases.items():
+        assert run_eval(*argv, *EVAL_FLAGS) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
