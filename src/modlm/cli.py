@@ -23,12 +23,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import NonFiniteLossError, default_callbacks
-from .lit_module import MoDLightningModule
+from .lit_module import CheckpointMismatchError, MoDLightningModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 """The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
 
 SUBCOMMANDS = ("fit", "validate", "test")
+
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings", "route_every",
+                "causal_method", "predictor_hidden")
+"""``ModelConfig`` fields that change the model's tensors (``vocab_size`` follows the data and is
+checked against the checkpoint's tensors when they are loaded)."""
 
 
 def _datamodule_class():
@@ -72,6 +77,30 @@ class ModLMCLI(LightningCLI):
         if hasattr(data_cls, "tokenizer_vocab_size"):
             parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.max_seq_len")
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse to resume a fit whose model shape differs from the checkpoint's.
+
+        LightningCLI rebuilds the model from a checkpoint file's saved hyperparameters, which
+        silently overrides ``--model.*``. For ``validate``/``test`` that is what one wants (the
+        checkpoint defines the model). For ``fit`` a shape that disagrees means the user asked for
+        another model than the one they resume, so it is an error that names the fields.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
+            import torch
+
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            wanted = self.config.fit.model
+            diffs = [
+                f"{name}={saved[name]!r} in the checkpoint, {wanted.get(name)!r} in this run"
+                for name in SHAPE_FIELDS
+                if name in saved and wanted.get(name) is not None and saved[name] != wanted.get(name)
+            ]
+            if diffs:
+                raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         # Keep checkpoints at one fixed place under the run's root directory (Lightning's default is

@@ -76,7 +76,10 @@ class MoDLightningModule(pl.LightningModule):
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: Lightning refuses to log module and datamodule hparams that share a key
+        # with different values, and ``vocab_size`` does (the data's requested size vs the
+        # tokenizer's actual one, which the model uses). ``setup`` logs ours under ``model/``.
+        self.save_hyperparameters(logger=False)
         self.config = ModelConfig(**model_config)
         self.model = MoDTransformer(self.config)
         self.routed = not self.config.is_dense
@@ -118,6 +121,10 @@ class MoDLightningModule(pl.LightningModule):
         if self.hparams.compile:
             for block in self.model.blocks:
                 block.compile()
+
+    def setup(self, stage: str) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams({f"model/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
 
     # --- steps -----------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, routing: str = "topk", targets: Optional[torch.Tensor] = None) -> ModelOutput:

@@ -36,7 +36,8 @@ def default_callbacks() -> list[pl.Callback]:
     CLI groups) and Lightning's default progress bar."""
     return [
         NonFiniteLossGuard(),
-        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens),
+        # rates over the last 10 batches: short enough to show up in a smoke run
+        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=10),
         *telemetry_callbacks(),
     ]
 

@@ -1,0 +1,108 @@
+"""The command line (SPEC section 2): default config, outputs under default_root_dir, linked
+arguments, TensorBoard tags, and user errors as one line with a non-zero exit.
+
+Runs ``modlm.cli.main`` in-process (what ``train.py`` calls) on the tiny preset.
+"""
+import hashlib
+
+import pytest
+import torch
+import yaml
+
+from modlm.cli import DEFAULT_CONFIG, main
+from train_helpers import REPO, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("modlm: error:")][-1]
+
+
+def test_no_config_means_the_default_config(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert DEFAULT_CONFIG == REPO / "configs" / "default.yaml"
+    for group in ("trainer", "model", "data", "checkpoint"):
+        for key, value in default[group].items():
+            assert printed[group][key] == value, (group, key)
+    assert printed["model"]["capacity"] == 0.125 and printed["model"]["route_every"] == 2
+
+
+def test_run_puts_every_output_under_default_root_dir(tmp_path, tiny_tokenizer, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = tmp_path / "run"
+    assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "10")]) == 0
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=0000010.ckpt"]
+    version = root / "lightning_logs" / "version_0"
+    assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
+
+    tags = set(scalars(version))
+    assert {"train/loss", "train/aux_loss", "val/loss", "val/ppl", "val/loss_causal", "val/ppl_causal",
+            "lr-AdamW/pg1"} <= tags
+    assert {"train/device/flops_per_sec", "train/device/items_per_sec"} <= tags  # ThroughputMonitor, our FLOPs
+
+    # vocab_size follows the tokenizer, max_seq_len the windows; the checkpoint rebuilds the model
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    from tokenizers import Tokenizer
+
+    assert ckpt["hyper_parameters"]["vocab_size"] == Tokenizer.from_file(tiny_tokenizer[1]).get_vocab_size()
+    assert ckpt["hyper_parameters"]["max_seq_len"] == 32
+    assert ckpt["global_step"] == 10
+
+
+def test_bad_model_value_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, capsys):
+    assert main(["fit", *tiny_args(tmp_path, tiny_tokenizer, "--model.capacity", "1.5")]) == 2
+    assert "capacity" in error_line(capsys)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_data_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, capsys):
+    missing = tmp_path / "no_such_corpus"
+    assert main(["fit", *tiny_args(tmp_path, tiny_tokenizer, "--data.source", str(missing))]) == 2
+    assert str(missing) in error_line(capsys)
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, capsys):
+    missing = tmp_path / "nope.ckpt"
+    assert main(["fit", *tiny_args(tmp_path, tiny_tokenizer, "--ckpt_path", str(missing))]) == 2
+    assert "nope.ckpt" in error_line(capsys)
+
+
+def test_checkpoint_of_another_shape_is_refused_and_left_intact(tmp_path, tiny_tokenizer, capsys):
+    root = tmp_path / "run"
+    assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")]) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    before = digest(last)
+    for ckpt in (str(last), "last"):  # an explicit file, and the `last` lookup
+        code = main(["fit", *tiny_args(root, tiny_tokenizer, "--model.d_model", "48", "--ckpt_path", ckpt)])
+        assert code == 2
+        line = error_line(capsys)
+        assert "shape" in line and ("d_model" in line or "48" in line), line
+    assert digest(last) == before
+
+
+def test_non_finite_loss_exits_1_naming_the_step_and_keeps_checkpoints(tmp_path, tiny_tokenizer, capsys):
+    root = tmp_path / "run"
+    args = tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "2")
+    assert main(["fit", *args, "--trainer.max_steps", "4"]) == 0
+    saved = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}
+    code = main(["fit", *args, "--trainer.max_steps", "8", "--ckpt_path", "last",
+                 "--trainer.callbacks+=train_helpers.PoisonAtStep", "--trainer.callbacks.step", "6"])
+    assert code == 1
+    assert "step 7" in error_line(capsys)  # steps 5 and 6 trained; step 7 is the first NaN one
+    after = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}
+    assert after["last.ckpt"] != saved["last.ckpt"]  # step 6 was saved normally ...
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert set(after) == set(saved) | {"step=0000006.ckpt"}  # ... and nothing after the NaN
+    assert all(after[name] == saved[name] for name in saved if name != "last.ckpt")
