@@ -47,7 +47,11 @@ class ModLMCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, datamodule_class=None, default_config: Optional[Path] = DEFAULT_CONFIG, **kwargs):
         defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else []
-        parser_kwargs = {cmd: {"default_config_files": defaults} for cmd in SUBCOMMANDS}
+        # With subcommands each one reads the default config; run=False has a single parser.
+        if run:
+            parser_kwargs = {cmd: {"default_config_files": defaults} for cmd in SUBCOMMANDS}
+        else:
+            parser_kwargs = {"default_config_files": defaults}
         super().__init__(
             MoDLightningModule,
             datamodule_class or _datamodule_class(),
