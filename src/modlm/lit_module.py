@@ -44,6 +44,25 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     raise TypeError(f"unsupported batch type {type(batch).__name__}: expected a (B, T+1) tensor or (inputs, targets)")
 
 
+def fsdp_mesh(mesh):
+    """The FSDP2 mesh to use from ``ModelParallelStrategy``'s (data_parallel, tensor_parallel) mesh.
+
+    modlm has no tensor parallelism; both dimensions shard or replicate parameters. The strategy's
+    "auto" sizes give (nodes, devices per node): shard within a node, replicate across nodes (HSDP,
+    a 2-D mesh to ``fully_shard``). A dimension of size 1 is dropped, so a 1-node run, or
+    ``data_parallel_size=world, tensor_parallel_size=1``, shards over every rank (plain FSDP).
+    Every rank reads different data either way (the data module shards by global rank).
+    """
+    if mesh.ndim == 1:
+        return mesh
+    outer, inner = mesh.mesh_dim_names
+    if mesh[inner].size() == 1:
+        return mesh[outer]
+    if mesh[outer].size() == 1:
+        return mesh[inner]
+    return mesh
+
+
 class MoDLightningModule(pl.LightningModule):
     def __init__(
         self,
@@ -100,24 +119,20 @@ class MoDLightningModule(pl.LightningModule):
 
         With ``ModelParallelStrategy`` each transformer block becomes its own FSDP2 unit and the
         root module holds the rest (embedding, final norm, LM head). The tied embedding / LM head
-        weight therefore lives in one unit only, as FSDP requires of a shared parameter.
+        weight therefore lives in one unit only, as FSDP requires of a shared parameter. FSDP2
+        keeps each block's class (``isinstance(block, RoutedBlock)`` still routes), and the
+        model was built in ``__init__`` with its own init, so nothing is left on the meta device.
         """
         if self._configured:
             return
         self._configured = True
-        mesh = self.device_mesh
-        if mesh is not None:
+        if self.device_mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
-            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-            if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-                raise ValueError(
-                    "tensor parallelism is not implemented: use ModelParallelStrategy(data_parallel_size=N, "
-                    "tensor_parallel_size=1) to shard with FSDP2"
-                )
+            mesh = fsdp_mesh(self.device_mesh)
             for block in self.model.blocks:
-                fully_shard(block, mesh=dp_mesh)
-            fully_shard(self.model, mesh=dp_mesh)
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
         if self.hparams.compile:
             for block in self.model.blocks:
                 block.compile()
