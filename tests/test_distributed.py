@@ -51,7 +51,7 @@ def test_ddp_two_processes_train_and_resume(tmp_path, tiny_tokenizer):
 def test_fsdp2_two_processes_train_and_resume(tmp_path, tiny_tokenizer):
     """ModelParallelStrategy with its default mesh (1 node x 2 devices): configure_model shards every
     block and the root with fully_shard over the 2 ranks; checkpoints are sharded folders."""
-    strategy = ("--trainer.strategy", "ModelParallelStrategy")
+    strategy = ("--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
     want, got = train_and_resume(tmp_path, tiny_tokenizer, *strategy)
     assert_same_losses_after_resume(want, got)
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
@@ -91,5 +91,17 @@ def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
         assert loss.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
         loss.backward()
         assert sharded.blocks[1].router.weight.grad.abs().sum() > 0
+
+        # The same policy drives FSDPStrategy's activation checkpointing.
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointWrapper, apply_activation_checkpointing)
+
+        ckpt = MoDTransformer(cfg)
+        ckpt.load_state_dict(plain.state_dict())
+        apply_activation_checkpointing(ckpt, auto_wrap_policy=dense_block_policy)
+        assert sum(isinstance(m, CheckpointWrapper) for m in ckpt.modules()) == cfg.n_layers - len(cfg.routed_layers)
+        recomputed = ckpt(x, targets=x).loss
+        assert recomputed.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
+        recomputed.backward()
     finally:
         dist.destroy_process_group()

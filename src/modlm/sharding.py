@@ -27,5 +27,6 @@ from .routing import RoutedBlock
 def dense_block_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
     """FSDP1 ``auto_wrap_policy``: wrap each dense ``Block``, leave routed blocks whole and unwrapped."""
     if recurse:
-        return not isinstance(module, (Block, RoutedBlock))  # descend everywhere except into blocks
+        # FSDP1 asks first whether to look inside a module, and only wraps modules it looked into.
+        return not isinstance(module, RoutedBlock)
     return isinstance(module, Block)
