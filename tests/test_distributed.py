@@ -1,4 +1,4 @@
-"""Data parallel and sharded training on 2 CPU processes (gloo), and bf16 mixed precision.
+"""Data parallel and sharded training on 2 CPU processes (gloo), and reduced precision.
 
 Each distributed test trains 8 steps in one go and, separately, 4 steps then 4 more resumed from
 ``--ckpt_path last``; the resumed steps must log the same losses as the uninterrupted run (the
@@ -57,9 +57,10 @@ def test_fsdp2_two_processes_train_and_resume(tmp_path, tiny_tokenizer):
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
 
 
-def test_bf16_mixed_single_process(tmp_path, tiny_tokenizer):
-    root = tmp_path / "bf16"
-    done = run_train("fit", *tiny_args(root, tiny_tokenizer, "--trainer.precision", "bf16-mixed",
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
+def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):
+    root = tmp_path / precision
+    done = run_train("fit", *tiny_args(root, tiny_tokenizer, "--trainer.precision", precision,
                                        "--trainer.max_steps", "10"))
     assert done.returncode == 0, done.stderr[-4000:]
     logged = scalars(root / "lightning_logs" / "version_0")
@@ -67,7 +68,8 @@ def test_bf16_mixed_single_process(tmp_path, tiny_tokenizer):
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())  # fp32 master weights
+    weights = torch.bfloat16 if precision == "bf16-true" else torch.float32  # mixed: fp32 master weights
+    assert all(v.dtype == weights for v in ckpt["state_dict"].values())
 
 
 def test_fsdp1_wrap_policy_keeps_routing(tmp_path):

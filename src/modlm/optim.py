@@ -7,8 +7,6 @@ steps, floor) and a resumed run follows the plan it started with, wherever it wa
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -55,10 +53,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def count_params(groups: Iterable[dict]) -> int:
-    return sum(p.numel() for g in groups for p in g["params"])
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
