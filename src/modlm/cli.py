@@ -8,8 +8,9 @@ What it adds to plain LightningCLI:
   ``max_seq_len`` the data's ``seq_len``; nobody keeps two numbers in step.
 * callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
   ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any later run),
-  ``--lr_monitor.*``, plus ``modlm.callbacks.default_callbacks()`` (non-finite loss guard,
-  ``ThroughputMonitor`` with analytic FLOPs, telemetry).
+  ``--lr_monitor.*``, the routing / FLOPs telemetry (``--routing_stats.*``, ``--flops.*``,
+  ``--routing_heatmap.*``), plus ``modlm.callbacks.default_callbacks()`` (non-finite loss guard,
+  ``ThroughputMonitor`` with analytic FLOPs).
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import NonFiniteLossError, default_callbacks
+from .callbacks.flops_meter import FlopsMeter
+from .callbacks.routing_heatmap import RoutingHeatmap
+from .callbacks.routing_stats import RoutingStats
 from .lit_module import CheckpointMismatchError, MoDLightningModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -74,6 +78,11 @@ class ModLMCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # Routing and FLOPs telemetry (issue #5): always on, tuned with --routing_stats.*, --flops.*,
+        # --routing_heatmap.*.
+        parser.add_lightning_class_args(RoutingStats, "routing_stats")
+        parser.add_lightning_class_args(FlopsMeter, "flops")
+        parser.add_lightning_class_args(RoutingHeatmap, "routing_heatmap")
         # The model reads the vocabulary size from the tokenizer the data module trains or loads
         # (at instantiation, since the tokenizer may not exist before), and its longest sequence
         # from the training windows.

@@ -36,8 +36,8 @@ def default_callbacks() -> list[pl.Callback]:
     CLI groups) and Lightning's default progress bar."""
     return [
         NonFiniteLossGuard(),
-        # rates over the last 10 batches: short enough to show up in a smoke run
-        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=10),
+        # rates over the last 5 batches: short enough to show up in a smoke run
+        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=5),
         *telemetry_callbacks(),
     ]
 
