@@ -17,7 +17,7 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.callbacks import NonFiniteLossGuard
 from modlm.cli import ModLMCLI
 from modlm.lit_module import MoDLightningModule
-from modlm.sharding import dense_block_policy
+from modlm.sharding import block_policy
 from train_helpers import REPO, VAL_FRACTION, tiny_tokenizer  # noqa: F401 (fixture)
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -88,4 +88,4 @@ def _check_fsdp1_strategy(init_args: dict) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(FSDPStrategy, "strategy", fail_untyped=False)
     strategy = parser.instantiate(parser.parse_object({"strategy": init_args})).strategy
-    assert strategy.kwargs["auto_wrap_policy"] is dense_block_policy
+    assert strategy.kwargs["auto_wrap_policy"] is block_policy

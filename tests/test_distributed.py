@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.sharding import dense_block_policy
+from modlm.sharding import block_policy
 from train_helpers import run_train, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -85,9 +85,9 @@ def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, capacity=0.25)
         plain, sharded = MoDTransformer(cfg), MoDTransformer(cfg)
         sharded.load_state_dict(plain.state_dict())
-        wrapped = FSDP(sharded, auto_wrap_policy=dense_block_policy, device_id=torch.device("cpu"), use_orig_params=True)
+        wrapped = FSDP(sharded, auto_wrap_policy=block_policy, device_id=torch.device("cpu"), use_orig_params=True)
         units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
-        assert len(units) == 1 + cfg.n_layers - len(cfg.routed_layers)  # root + the dense blocks (0 and 2)
+        assert len(units) == 1 + cfg.n_layers  # root + every Block (dense, and inside each routed block)
         x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
         loss = wrapped(x, targets=x).loss
         assert loss.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
@@ -100,8 +100,8 @@ def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
 
         ckpt = MoDTransformer(cfg)
         ckpt.load_state_dict(plain.state_dict())
-        apply_activation_checkpointing(ckpt, auto_wrap_policy=dense_block_policy)
-        assert sum(isinstance(m, CheckpointWrapper) for m in ckpt.modules()) == cfg.n_layers - len(cfg.routed_layers)
+        apply_activation_checkpointing(ckpt, auto_wrap_policy=block_policy)
+        assert sum(isinstance(m, CheckpointWrapper) for m in ckpt.modules()) == cfg.n_layers
         recomputed = ckpt(x, targets=x).loss
         assert recomputed.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
         recomputed.backward()

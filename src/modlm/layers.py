@@ -117,8 +117,17 @@ class Block(nn.Module):
         m = self.mlp(self.mlp_norm(x + a))
         return a + m
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[CacheWrite] = None) -> torch.Tensor:
-        return x + self.update(x, cos, sin, cache)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[CacheWrite] = None, residual: bool = True
+    ) -> torch.Tensor:
+        """``x + f(x)``, or ``f(x)`` alone with ``residual=False`` (what a routed block asks for).
+
+        Routed blocks call this forward rather than ``update`` directly, so wrappers that work
+        through ``forward`` (FSDP1 units gathering their shards, activation checkpointing) see
+        every call.
+        """
+        update = self.update(x, cos, sin, cache)
+        return x + update if residual else update
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:

@@ -89,7 +89,8 @@ class MoDTransformer(nn.Module):
         infos, aux_terms = [], []
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.blocks[i]
-            if isinstance(block, RoutedBlock):
+            # Ask the config, not isinstance: FSDP1 and checkpoint wrappers replace block objects.
+            if self.config.is_routed(i):
                 x, info, aux = block(x, cos, sin, routing, kv, positions, token_valid)
                 infos.append(info)
                 aux_terms.append(aux)

@@ -163,7 +163,7 @@ class RoutedBlock(nn.Module):
                 write = CacheWrite(cache, n_valid=selected.sum(dim=1), positions=positions.gather(1, idx))
             cos_sel = gather_tokens(cos.expand(B, -1, -1), idx)
             sin_sel = gather_tokens(sin.expand(B, -1, -1), idx)
-            delta = self.block.update(gather_tokens(x, idx), cos_sel, sin_sel, write)
+            delta = self.block(gather_tokens(x, idx), cos_sel, sin_sel, write, residual=False)
             weight = self.router_weight(r).gather(1, idx)
             if valid is not None:
                 weight = weight * valid
