@@ -1,0 +1,63 @@
+"""A real tiny training run writes every routing and FLOPs tag with the right values."""
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from modlm import ModelConfig
+from modlm.cli import main as train_main
+from modlm.flops import flops_ratio_vs_dense, training_flops
+from train_helpers import TINY_DATA, tiny_args, tiny_tokenizer  # noqa: F401 - fixture
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("telemetry")
+    args = ["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "3",
+                              "--trainer.log_every_n_steps", "1", "--routing_stats.every_n_steps", "1",
+                              "--routing_stats.histogram_every_n_steps", "2", "--flops.peak_flops", "1e11")]
+    assert train_main(args) == 0
+    (log_dir,) = list(root.glob("lightning_logs/version_*"))
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def scalar(acc, tag):
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_every_tag_is_written(events):
+    tags = events.Tags()
+    expected_scalars = {
+        "train/loss", "train/aux_loss", "train/aux_predictor_bce", "val/loss", "val/ppl", "val/loss_causal",
+        "router/capacity_used/layer_1", "router/capacity_used_causal/layer_1", "router/causal_acc/layer_1",
+        "router/causal_precision/layer_1", "router/causal_recall/layer_1", "router/selected_first/layer_1",
+        "router/selected_eot/layer_1", "router/depth_mean", "flops/step", "flops/total", "flops/ratio_vs_dense",
+        "flops/mfu", "flops/measured_per_batch", "flops/analytic_per_batch",
+    }
+    assert expected_scalars <= set(tags["scalars"]), expected_scalars - set(tags["scalars"])
+    assert {"router/weight/layer_1", "router/selected_pos/layer_1", "router/depth"} <= set(tags["histograms"])
+    assert "router/heatmap" in tags["images"]
+    assert any(tag.endswith("items_per_sec") for tag in tags["scalars"])  # Lightning's ThroughputMonitor
+
+
+def test_values_follow_the_method(events):
+    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
+                      max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
+    seq, batch = TINY_DATA["seq_len"], TINY_DATA["batch_size"]
+    k_over_t = cfg.capacity_tokens(seq) / seq
+    assert all(v == k_over_t for v in scalar(events, "router/capacity_used/layer_1"))
+    assert all(v == 1 + k_over_t for v in scalar(events, "router/depth_mean"))  # one dense block + routed share
+    assert all(0 <= v <= 1 for v in scalar(events, "router/causal_acc/layer_1"))
+    assert all(0 <= v <= 1 for v in scalar(events, "router/capacity_used_causal/layer_1"))
+    per_step = batch * training_flops(cfg, seq)
+    assert scalar(events, "flops/step") == [pytest.approx(per_step)] * STEPS
+    assert scalar(events, "flops/total")[-1] == pytest.approx(STEPS * per_step)
+    assert scalar(events, "flops/ratio_vs_dense")[0] == pytest.approx(flops_ratio_vs_dense(cfg, seq))
+    measured, analytic = scalar(events, "flops/measured_per_batch"), scalar(events, "flops/analytic_per_batch")
+    assert analytic == [pytest.approx(per_step)] and abs(analytic[0] / measured[0] - 1) < 0.02
+    assert len(events.Histograms("router/selected_pos/layer_1")) == STEPS // 2
+    assert events.Images("router/heatmap")[0].width > 100
