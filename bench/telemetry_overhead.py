@@ -1,0 +1,73 @@
+"""Step time of the default training run with and without the routing/FLOPs telemetry callbacks.
+
+    python bench/telemetry_overhead.py                 # default config, 3 interleaved A/B pairs
+    python bench/telemetry_overhead.py --steps 40 --pairs 5
+
+Each run is a real ``Trainer.fit`` of the default model and data (configs/default.yaml settings)
+for ``--steps`` optimizer steps, with the default telemetry intervals (``RoutingStats``,
+``FlopsMeter``, ``RoutingHeatmap``; validation off so only per-step costs count). The time of every
+step after the warm-up is recorded by a small timing callback; the figure is the ratio of median
+step times, with and without telemetry, over interleaved pairs of runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from modlm.callbacks.flops_meter import FlopsMeter
+from modlm.callbacks.routing_heatmap import RoutingHeatmap
+from modlm.callbacks.routing_stats import RoutingStats
+from modlm.data import ModLMDataModule
+from modlm.lit_module import MoDLightningModule
+
+
+class StepTimer(pl.Callback):
+    def __init__(self, skip: int):
+        self.skip, self.times, self._t = skip, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.skip:
+            self.times.append(time.perf_counter() - self._t)
+
+
+def run(telemetry: bool, steps: int, skip: int) -> list[float]:
+    pl.seed_everything(1234, verbose=False)
+    data = ModLMDataModule(source="stdlib", seq_len=256, batch_size=16, vocab_size=8192, num_workers=1)
+    model = MoDLightningModule(d_model=256, n_layers=6, n_heads=8, capacity=0.125, route_every=2, lr=2e-3,
+                               warmup_steps=50, vocab_size=data.tokenizer_vocab_size, max_seq_len=256)
+    timer = StepTimer(skip)
+    callbacks = [timer] + ([RoutingStats(), FlopsMeter(), RoutingHeatmap()] if telemetry else [])
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(default_root_dir=root, max_steps=steps, precision="bf16-mixed", callbacks=callbacks,
+                             limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, log_every_n_steps=10, gradient_clip_val=1.0)
+        trainer.fit(model, data)
+    return timer.times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=5, help="warm-up steps not timed")
+    p.add_argument("--pairs", type=int, default=3)
+    args = p.parse_args()
+    times = {True: [], False: []}
+    for pair in range(args.pairs):
+        for telemetry in (False, True):  # interleaved, so both see the same machine noise
+            times[telemetry] += run(telemetry, args.steps, args.skip)
+        with_, without = statistics.median(times[True]), statistics.median(times[False])
+        print(f"after pair {pair + 1}: median step {without:.3f} s without, {with_:.3f} s with telemetry "
+              f"-> overhead {with_ / without - 1:+.1%}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} pairs x {args.steps - args.skip} timed steps")
+
+
+if __name__ == "__main__":
+    main()
