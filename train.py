@@ -2,7 +2,7 @@
 
 ``python train.py fit`` with no other argument trains the default MoD model (configs/default.yaml)
 on the default corpus (the Python standard library's source). ``python train.py fit --help`` lists
-every option; see docs/TRAINING.md.
+every option; see README.md.
 """
 import sys
 
