@@ -6,7 +6,8 @@
   flops/total           cumulative, restored on resume
   flops/ratio_vs_dense  forward FLOPs of the model / those of its dense twin
   flops/mfu             model FLOP/s over ``peak_flops`` (only when ``peak_flops`` is given; use it
-                        where Lightning's device table has no entry, e.g. CPUs, "NVIDIA H200")
+                        where Lightning's device table has no entry, e.g. CPUs, "NVIDIA H200",
+                        and ThroughputMonitor's own MFU is therefore missing)
 
 At the first step the analytic count of a batch is cross-checked against Lightning's
 ``measure_flops`` on a meta-device copy of the model (``flops/measured_per_batch`` beside
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..config import ModelConfig
@@ -96,17 +97,3 @@ class FlopsMeter(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.total = state_dict["total"]
 
-
-class PeakFlopsThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor, with a fallback peak FLOP/s for devices its table lacks."""
-
-    def __init__(self, batch_size_fn, peak_flops: Optional[float] = None, **kwargs):
-        super().__init__(batch_size_fn, **kwargs)
-        self.peak_flops = peak_flops
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.available_flops is None and self.peak_flops:
-            self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.peak_flops
