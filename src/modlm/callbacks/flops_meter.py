@@ -1,8 +1,8 @@
 """What each optimizer step costs in FLOPs, and what MoD saves (tags: SPEC section 2).
 
   flops/step            training FLOPs of the optimizer step: every micro-batch of the gradient
-                        accumulation, on every rank; analytic (``modlm.flops``) with the number of
-                        tokens each routed block actually processed
+                        accumulation, on every rank; analytic (``modlm.flops``, as the module's
+                        ``flops_per_batch``), with the k tokens each routed block processes in top-k
   flops/total           cumulative, restored on resume
   flops/ratio_vs_dense  forward FLOPs of the model / those of its dense twin
   flops/mfu             model FLOP/s over ``peak_flops`` (only when ``peak_flops`` is given; use it
@@ -41,12 +41,6 @@ def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> 
     return measure_flops(model, forward, loss_fn=lambda loss: loss)
 
 
-def batch_training_flops(cfg: ModelConfig, routing, batch_size: int, seq_len: int) -> int:
-    """Analytic training FLOPs of a batch, with each routed block's mean processed count."""
-    counts = [info.selected.sum(dim=1).float().mean().item() for info in routing]
-    return batch_size * training_flops(cfg, seq_len, tokens_per_routed_block=counts if routing else None)
-
-
 class FlopsMeter(Callback):
     def __init__(self, peak_flops: Optional[float] = None, tolerance: float = 0.02):
         """``peak_flops``: the device's peak FLOP/s per rank, for MFU where Lightning knows none."""
@@ -60,10 +54,11 @@ class FlopsMeter(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         cfg = pl_module.model.config
         batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
-        routing = getattr(pl_module, "last_routing", None) or []
         if not self._checked:
             self._cross_check(pl_module, cfg, batch_size, seq_len)
-        self._pending += batch_training_flops(cfg, routing, batch_size, seq_len) * trainer.world_size
+        # The module's analytic count of this batch (top-k training: exactly k tokens per routed
+        # block), read without touching the routing tensors, so no device sync per step.
+        self._pending += pl_module.flops_per_batch * trainer.world_size
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # the optimizer step is not done yet
         step_flops, self._pending = self._pending, 0.0
