@@ -65,3 +65,11 @@ def test_hub_stream_shards_partition_and_resume(tmp_path):
     # Another epoch, another order.
     assert [t for _, t in corpus.slot_docs(0, 1, 1)] != [t for _, t in corpus.slot_docs(0, 1, 0)]
     assert list(itertools.islice(corpus.slot_docs(0, 1, 1), 5)) == list(itertools.islice(corpus.slot_docs(0, 1, 1), 5))
+
+
+def test_missing_text_column_is_named_on_every_path(tmp_path):
+    corpus = local_stream_corpus(tmp_path)
+    corpus.text_field = "body"
+    for read in (lambda: next(corpus.train_texts()), lambda: next(corpus.slot_docs(0, 2, epoch=0))):
+        with pytest.raises(DataError, match="no 'body' column"):
+            read()

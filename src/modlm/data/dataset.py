@@ -12,6 +12,7 @@ delivers the next batch (torch's DataLoader takes batches from its workers round
 A new DataLoader always starts at physical worker 0, so physical worker p plays logical
 worker (p + next_worker) % num_workers: the round-robin then continues where it stopped.
 """
+from itertools import islice
 from typing import Iterator, Optional
 
 import numpy as np
@@ -73,10 +74,7 @@ class PackedTrainStream(IterableDataset):
         while True:
             found = 0
             texts = self.corpus.slot_docs(slot, self.num_slots, epoch, start)
-            while True:
-                chunk = [t for _, t in zip(range(DOCS_PER_ENCODE), texts)]
-                if not chunk:
-                    break
+            for chunk in in_chunks(texts, DOCS_PER_ENCODE):
                 encodings = self.tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
                 for (pos, _), enc in zip(chunk, encodings):
                     ids = np.asarray(enc.ids + [eot], dtype=np.int64)
@@ -109,18 +107,21 @@ class PackedTrainStream(IterableDataset):
         return self.batches(worker, state["workers"][worker])
 
 
+def in_chunks(items: Iterator, size: int) -> Iterator[list]:
+    """Consecutive lists of up to `size` items (tokenizers encode a list at once, in parallel)."""
+    items = iter(items)
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
 def build_val_windows(corpus, tokenizer, seq_len: int, max_windows: int) -> torch.Tensor:
     """The first `max_windows` windows of seq_len + 1 tokens of the validation documents,
     packed like training data: LongTensor (n, seq_len + 1), the same on every run."""
     eot = tokenizer.token_to_id(EOT_TOKEN)
 
     def docs():
-        texts = corpus.val_texts()
         pos = 0
-        while True:
-            chunk = [t for _, t in zip(range(DOCS_PER_ENCODE), texts)]
-            if not chunk:
-                return
+        for chunk in in_chunks(corpus.val_texts(), DOCS_PER_ENCODE):
             for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
                 yield 0, pos, np.asarray(enc.ids + [eot], dtype=np.int64), 0
                 pos += 1

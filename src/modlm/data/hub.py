@@ -92,7 +92,8 @@ class HubCorpus:
     def describe(self) -> str:
         return f"{self.source} (streamed)"
 
-    def _texts(self, stream) -> Iterator[str]:
+    def _rows(self, stream) -> Iterator[Optional[str]]:
+        """The text of every row, None for a non-string one (so row positions stay exact)."""
         for batch in stream.iter(batch_size=256):  # .iter() does its own, unsharded, iteration
             if self.text_field not in batch:
                 raise DataError(
@@ -100,8 +101,10 @@ class HubCorpus:
                     f"(columns: {', '.join(batch)}); set --data.text_field"
                 )
             for text in batch[self.text_field]:
-                if isinstance(text, str):
-                    yield text
+                yield text if isinstance(text, str) else None
+
+    def _texts(self, stream) -> Iterator[str]:
+        return (text for text in self._rows(stream) if text is not None)
 
     def train_texts(self) -> Iterator[str]:
         return (t for t in self._texts(self._stream) if not is_val(t, self.val_fraction))
@@ -118,12 +121,6 @@ class HubCorpus:
         stream = split_dataset_by_node(stream, rank=slot, world_size=num_slots)
         # Resuming reads past the first `start` rows instead of IterableDataset.skip(),
         # which would change the shuffled order (costs bandwidth, not tokenization).
-        for pos, text in enumerate(self._texts_all(stream)):
+        for pos, text in enumerate(self._rows(stream)):
             if pos >= start and text is not None and not is_val(text, self.val_fraction):
                 yield pos, text
-
-    def _texts_all(self, stream) -> Iterator[Optional[str]]:
-        """Like _texts but keeps a None for each non-string row, so positions stay exact."""
-        for batch in stream.iter(batch_size=256):
-            for text in batch.get(self.text_field, []):
-                yield text if isinstance(text, str) else None
