@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from modlm import ModelConfig, MoDTransformer
+from modlm.evaluate import decode_speed
 from modlm.flops import dense_twin, training_flops
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -89,20 +90,6 @@ class Trainer:
         return sum(seen.values())
 
 
-def decode_tokens_per_s(model: MoDTransformer, device: str, dtype, prompt_len: int, new_tokens: int, reps: int) -> float:
-    model.eval()
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
-    times = []
-    for _ in range(reps + 1):  # first run warms up
-        sync(device)
-        t = time.perf_counter()
-        with autocast(device, dtype):
-            model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return new_tokens / statistics.median(times[1:])
-
-
 def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -> dict:
     dtype, device = PRECISIONS[precision], args.device
     mod_cfg = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=args.layers, n_heads=d_model // 32,
@@ -135,8 +122,9 @@ def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -
             run.step()
             row[f"peak_bytes_{name}"] = torch.cuda.max_memory_allocated()
     if args.decode:
-        dec = {name: decode_tokens_per_s(run.model, device, dtype, args.prompt_len, args.new_tokens, 3)
-               for name, run in runs.items()}
+        prompt = torch.randint(0, args.vocab, (1, args.prompt_len), device=device)
+        with autocast(device, dtype):
+            dec = {name: decode_speed(run.model.eval(), prompt, args.new_tokens) for name, run in runs.items()}
         row.update(decode_tok_s_mod=dec["mod"], decode_tok_s_dense=dec["dense"], decode_speedup=dec["mod"] / dec["dense"])
     return row
 

@@ -34,6 +34,7 @@ def test_every_tag_is_written(events):
     expected_scalars = {
         "train/loss", "train/aux_loss", "train/aux_predictor_bce", "val/loss", "val/ppl", "val/loss_causal",
         "router/capacity_used/layer_1", "router/capacity_used_causal/layer_1", "router/causal_acc/layer_1",
+        "router/val_causal_acc/layer_1", "router/val_causal_precision/layer_1", "router/val_causal_recall/layer_1",
         "router/causal_precision/layer_1", "router/causal_recall/layer_1", "router/selected_first/layer_1",
         "router/selected_eot/layer_1", "router/depth_mean", "flops/step", "flops/total", "flops/ratio_vs_dense",
         "flops/mfu", "flops/measured_per_batch", "flops/analytic_per_batch",
@@ -53,6 +54,8 @@ def test_values_follow_the_method(events):
     assert all(v == 1 + k_over_t for v in scalar(events, "router/depth_mean"))  # one dense block + routed share
     assert all(0 <= v <= 1 for v in scalar(events, "router/causal_acc/layer_1"))
     assert all(0 <= v <= 1 for v in scalar(events, "router/capacity_used_causal/layer_1"))
+    assert len(scalar(events, "router/val_causal_acc/layer_1")) == STEPS // 3  # once per validation run
+    assert all(0 <= v <= 1 for v in scalar(events, "router/val_causal_acc/layer_1"))
     per_step = batch * training_flops(cfg, seq)
     assert scalar(events, "flops/step") == [pytest.approx(per_step)] * STEPS
     assert scalar(events, "flops/total")[-1] == pytest.approx(STEPS * per_step)

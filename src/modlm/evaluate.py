@@ -44,6 +44,8 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     model.eval()
     device = next(model.parameters()).device
     perplexity = Perplexity().to(device)
+    if byte_lengths is not None:
+        byte_lengths = byte_lengths.to(device)
     nll_sum, n_tokens, n_bytes = 0.0, 0, 0
     capacity: dict[int, list[float]] = {}
     counts: dict[int, torch.Tensor] = {}
@@ -56,7 +58,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         n_tokens += targets.numel()
         perplexity.update(logits, targets)
         if byte_lengths is not None:
-            n_bytes += int(byte_lengths.to(device)[targets].sum())
+            n_bytes += int(byte_lengths[targets].sum())
         for info in out.routing:
             capacity.setdefault(info.layer, []).append(info.selected.float().mean().item())
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
@@ -91,6 +93,8 @@ def decode_speed(model: MoDTransformer, prompt: torch.Tensor, new_tokens: int, r
     model.generate(prompt, max_new_tokens=min(new_tokens, 4), temperature=0)  # warm-up
     times = []
     for _ in range(reps):
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
         if prompt.is_cuda:

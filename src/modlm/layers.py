@@ -1,8 +1,8 @@
 """The ordinary transformer parts: rotary embeddings, attention, MLP and the pre-norm block.
 
-Nothing here knows about routing. A block exposes ``update(x, cos, sin)``, its residual update
-``f(x)`` such that the dense block computes ``x + f(x)``; a routed block calls the same ``update``
-on the gathered tokens only (see ``routing.py``).
+Nothing here knows about routing. A block's residual update ``f(x)`` is ``update(x, cos, sin)``:
+the dense block computes ``x + f(x)``; a routed block asks for ``f`` alone
+(``forward(..., residual=False)``) on the gathered tokens only (see ``routing.py``).
 """
 from __future__ import annotations
 

@@ -101,7 +101,6 @@ class MoDLightningModule(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         self.config = ModelConfig(**model_config)
         self.model = MoDTransformer(self.config)
-        self.routed = not self.config.is_dense
         # Mean per-token cross-entropy over a validation/test run; torchmetrics syncs across ranks.
         self.val_loss = MeanMetric()
         self.val_loss_causal = MeanMetric()
@@ -119,8 +118,8 @@ class MoDLightningModule(pl.LightningModule):
 
         With ``ModelParallelStrategy`` each transformer block becomes its own FSDP2 unit and the
         root module holds the rest (embedding, final norm, LM head). The tied embedding / LM head
-        weight therefore lives in one unit only, as FSDP requires of a shared parameter. FSDP2
-        keeps each block's class (``isinstance(block, RoutedBlock)`` still routes), and the
+        weight therefore lives in one unit only, as FSDP requires of a shared parameter. Routing
+        is decided by the config, not the block's class, so sharded blocks route as before; the
         model was built in ``__init__`` with its own init, so nothing is left on the meta device.
         """
         if self._configured:
@@ -162,7 +161,7 @@ class MoDLightningModule(pl.LightningModule):
         self.last_routing = out.routing
         self.val_loss.update(out.loss, weight=targets.numel())
         passes = 1
-        if self.routed and self.hparams.validate_causal:
+        if self.config.routed_layers and self.hparams.validate_causal:
             causal = self(idx, routing="causal", targets=targets)
             self.last_routing_causal = causal.routing
             self.val_loss_causal.update(causal.loss, weight=targets.numel())

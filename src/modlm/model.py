@@ -54,11 +54,9 @@ class MoDTransformer(nn.Module):
             if isinstance(block, RoutedBlock):
                 block.reset_parameters()
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.embed.weight.numel()
-        return n
+    def num_params(self) -> int:
+        """Parameters, tied ones counted once."""
+        return sum(p.numel() for p in self.parameters())
 
     def forward(
         self, idx: torch.Tensor, routing: Routing = "topk", targets: Optional[torch.Tensor] = None
@@ -84,8 +82,10 @@ class MoDTransformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, loss=loss)
 
-    def _trunk(self, x, cos, sin, routing: Routing, cache: Optional[ModelCache] = None, positions=None, token_valid=None):
-        """Run the residual stream through every block; with a cache, each block uses its own."""
+    def _trunk(self, x, cos, sin, routing: Routing, cache: Optional[ModelCache] = None, positions=None,
+               token_valid=None, n_valid=None):
+        """Run the residual stream through every block; with a cache, each block uses its own
+        (``n_valid`` = ``token_valid.sum(1)``, the new real tokens per row)."""
         infos, aux_terms = [], []
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache.blocks[i]
@@ -95,7 +95,7 @@ class MoDTransformer(nn.Module):
                 infos.append(info)
                 aux_terms.append(aux)
             else:
-                write = None if kv is None else CacheWrite(kv, token_valid.sum(dim=1), positions)
+                write = None if kv is None else CacheWrite(kv, n_valid, positions)
                 x = block(x, cos, sin, write)
         return x, infos, aux_terms
 
@@ -137,7 +137,7 @@ class MoDTransformer(nn.Module):
             raise ValueError(f"sequence would exceed max_seq_len={self.config.max_seq_len}")
         positions = cache.seen.unsqueeze(1) + torch.arange(T, device=idx.device)
         cos, sin = rope_tables(self.config, positions)
-        x, _, _ = self._trunk(self.embed(idx), cos, sin, "causal", cache, positions, token_valid)
+        x, _, _ = self._trunk(self.embed(idx), cos, sin, "causal", cache, positions, token_valid, n_new)
         cache.seen = cache.seen + n_new
         return self.lm_head(self.norm(x))
 

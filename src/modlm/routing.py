@@ -59,6 +59,12 @@ def _full_precision(device_type: str):
     return contextlib.nullcontext()
 
 
+def causal_logits(router_logits: torch.Tensor, predictor_logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """What causal routing thresholds at 0 (``sigmoid > 0.5``): the predictor's logits when the
+    block has a predictor, else the router's."""
+    return predictor_logits if predictor_logits is not None else router_logits
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b, j]]`` for (B, T, C) ``x`` and (B, k) ``idx`` -> (B, k, C)."""
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
@@ -152,7 +158,7 @@ class RoutedBlock(nn.Module):
             if self.cfg.random_routing:
                 selected = torch.rand_like(r) < self.cfg.capacity
             else:
-                selected = (p if self.cfg.causal_method == "predictor" else r) > 0  # sigmoid(.) > 0.5
+                selected = causal_logits(r, p) > 0
             if token_valid is not None:
                 selected = selected & token_valid
             idx, valid = causal_indices(selected)

@@ -1,9 +1,10 @@
 """Callbacks the command line adds to every run.
 
-``default_callbacks()`` is the one place the CLI asks for them. Routing and FLOPs telemetry
-(issue #5: ``router/*`` and ``flops/*`` TensorBoard tags) plugs in by adding its callbacks to
-``telemetry_callbacks()``; they can read ``pl_module.last_routing`` (the ``RoutingInfo`` list of the
-latest forward) and ``pl_module.flops_per_batch``.
+``default_callbacks()`` gives the fixed ones (non-finite loss guard, ThroughputMonitor). The
+routing and FLOPs telemetry (``routing_stats``, ``flops_meter``, ``routing_heatmap``: the
+``router/*`` and ``flops/*`` tags) are CLI groups of their own (``--routing_stats.*``, ``--flops.*``,
+``--routing_heatmap.*``, see ``cli.py``); they read ``pl_module.last_routing`` (the ``RoutingInfo``
+list of the latest forward) and ``pl_module.flops_per_batch``.
 """
 from __future__ import annotations
 
@@ -26,11 +27,6 @@ def batch_tokens(batch: Any) -> int:
     return split_batch(batch)[0].numel()
 
 
-def telemetry_callbacks() -> list[pl.Callback]:
-    """Routing / FLOPs telemetry callbacks (issue #5). Empty until they land."""
-    return []
-
-
 def default_callbacks() -> list[pl.Callback]:
     """What every run gets besides ``ModelCheckpoint`` and ``LearningRateMonitor`` (configurable
     CLI groups) and Lightning's default progress bar."""
@@ -38,8 +34,7 @@ def default_callbacks() -> list[pl.Callback]:
         NonFiniteLossGuard(),
         # rates over the last 5 batches: short enough to show up in a smoke run
         ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=5),
-        *telemetry_callbacks(),
     ]
 
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "default_callbacks", "telemetry_callbacks"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "default_callbacks"]

@@ -48,13 +48,13 @@ class FlopsMeter(Callback):
         self.tolerance = tolerance
         self.total = 0.0
         self._pending = 0.0  # micro-batches of the step being accumulated
-        self._checked = False
+        self._ratio_vs_dense: Optional[float] = None  # set by the first-step cross-check
         self._t_last: Optional[float] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         cfg = pl_module.model.config
         batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
-        if not self._checked:
+        if self._ratio_vs_dense is None:
             self._cross_check(pl_module, cfg, batch_size, seq_len)
         # The module's analytic count of this batch (top-k training: exactly k tokens per routed
         # block), read without touching the routing tensors, so no device sync per step.
@@ -64,7 +64,7 @@ class FlopsMeter(Callback):
         step_flops, self._pending = self._pending, 0.0
         self.total += step_flops
         metrics = {"flops/step": step_flops, "flops/total": self.total,
-                   "flops/ratio_vs_dense": flops_ratio_vs_dense(cfg, seq_len)}
+                   "flops/ratio_vs_dense": self._ratio_vs_dense}
         now = time.perf_counter()
         if self.peak_flops and self._t_last is not None:
             metrics["flops/mfu"] = step_flops / (now - self._t_last) / (self.peak_flops * trainer.world_size)
@@ -72,7 +72,7 @@ class FlopsMeter(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _cross_check(self, pl_module, cfg, batch_size, seq_len) -> None:
-        self._checked = True
+        self._ratio_vs_dense = flops_ratio_vs_dense(cfg, seq_len)
         measured = measured_training_flops(cfg, batch_size, seq_len)
         analytic = batch_size * training_flops(cfg, seq_len)
         for logger in pl_module.loggers:

@@ -24,21 +24,21 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..routing import RoutingInfo
+from ..routing import RoutingInfo, causal_logits
 from .tensorboard import tensorboard_writer
 
 
 def causal_decision(info: RoutingInfo) -> torch.Tensor:
     """The per-token decision causal routing makes: the predictor's if there is one, else the router's."""
-    logits = info.predictor_logits if info.predictor_logits is not None else info.router_logits
-    return logits > 0
+    return causal_logits(info.router_logits, info.predictor_logits) > 0
 
 
 def decision_counts(info: RoutingInfo) -> torch.Tensor:
     """[agreements, tokens, true positives, predicted positives, top-k positives] of the causal decision."""
     decision, target = causal_decision(info), info.topk
-    return torch.tensor([(decision == target).sum().item(), target.numel(), (decision & target).sum().item(),
-                         decision.sum().item(), target.sum().item()], dtype=torch.float64)
+    counts = [(decision == target).sum(), torch.tensor(target.numel(), device=target.device),
+              (decision & target).sum(), decision.sum(), target.sum()]
+    return torch.stack(counts).double()  # on the device: no sync until the ratios are needed
 
 
 def quality_from_counts(counts: torch.Tensor) -> dict[str, float]:
@@ -78,10 +78,13 @@ def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot
 
 
 class RoutingStats(Callback):
-    def __init__(self, every_n_steps: int = 10, histogram_every_n_steps: int = 100):
-        """Scalars every ``every_n_steps`` optimizer steps, histograms every ``histogram_every_n_steps``."""
+    def __init__(self, every_n_steps: Optional[int] = None, histogram_every_n_steps: int = 100):
+        """Scalars every ``every_n_steps`` optimizer steps (default: the trainer's
+        ``log_every_n_steps``, the only steps whose values reach the logger), histograms every
+        ``histogram_every_n_steps``."""
         self.every_n_steps = every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
+        self._val_counts: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def _eot_id(trainer) -> Optional[int]:
@@ -92,7 +95,7 @@ class RoutingStats(Callback):
         if not infos:
             return
         step = trainer.global_step
-        if step % self.every_n_steps == 0:
+        if step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
             input_ids = batch[:, :-1]
             scalars = {f"router/{k}": v for k, v in selection_scalars(infos, input_ids, self._eot_id(trainer)).items()}
             if not pl_module.model.config.random_routing:
@@ -119,16 +122,29 @@ class RoutingStats(Callback):
         depth = token_depth(infos, trainer.lightning_module.model.config.n_layers)
         writer.add_histogram("router/depth", depth.flatten().cpu(), step)
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_counts = {}
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        """Validation-epoch means of causal-mode capacity and decision quality."""
+        """Causal-mode capacity (epoch mean) and decision counts, summed until the epoch ends."""
         infos = getattr(pl_module, "last_routing_causal", None)
         if not infos or trainer.sanity_checking:
             return
+        pl_module.log_dict({f"router/capacity_used_causal/layer_{info.layer}": info.selected.float().mean()
+                            for info in infos}, on_step=False, on_epoch=True, sync_dist=True)
+        if not pl_module.model.config.random_routing:
+            for info in infos:
+                self._val_counts[info.layer] = self._val_counts.get(info.layer, 0) + decision_counts(info)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Accuracy, precision and recall over every validation token of every rank (ratios of
+        summed counts, as ``eval.py`` computes them, not means of per-batch ratios)."""
+        if trainer.sanity_checking:
+            return
         scalars = {}
-        for info in infos:
-            layer = f"layer_{info.layer}"
-            scalars[f"router/capacity_used_causal/{layer}"] = info.selected.float().mean()
-            if not pl_module.model.config.random_routing:
-                for name, value in decision_quality(info).items():
-                    scalars[f"router/val_{name}/{layer}"] = value
-        pl_module.log_dict(scalars, on_step=False, on_epoch=True, sync_dist=True)
+        for layer, counts in self._val_counts.items():
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            for name, value in quality_from_counts(counts).items():
+                scalars[f"router/val_{name}/layer_{layer}"] = value
+        if scalars:
+            pl_module.log_dict(scalars, on_step=False, on_epoch=True)

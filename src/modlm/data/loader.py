@@ -79,10 +79,6 @@ class ResumableLoader:
         if self._ahead:
             self._state = self._ahead.popleft()
 
-    @property
-    def batches_consumed(self) -> int:
-        return self._state["batches"]
-
     def position(self) -> dict:
         """This rank's stream state after the consumed batches (JSON-able)."""
         return {
