@@ -25,7 +25,7 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     byte length is the length of its string.
     """
     lengths = torch.zeros(vocab_size, dtype=torch.long)
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()} if hasattr(tokenizer, "get_added_tokens_decoder") else set()
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     for token, token_id in tokenizer.get_vocab().items():
         if token_id < vocab_size and token not in special:
             lengths[token_id] = len(token)
