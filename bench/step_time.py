@@ -34,7 +34,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 7) -> float:
+def matmul_rate(dtype: torch.dtype, device: str, n: int, reps: int = 7) -> float:
     """FLOP/s of an n x n x n matmul in ``dtype``: the ceiling a model's FLOP/s is held against."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -56,16 +56,17 @@ def autocast(device: str, dtype):
 class Trainer:
     """One model, its optimizer and a fixed batch: ``step()`` runs one full training step."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, device: str, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, device: str, dtype, compile: bool = False):
         torch.manual_seed(0)
         self.model = MoDTransformer(cfg).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device == "cuda")
+        self.forward = torch.compile(self.model) if compile else self.model
         self.idx = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
         self.device, self.dtype = device, dtype
 
-    def loss(self):
+    def loss(self, eager: bool = False):
         with autocast(self.device, self.dtype):
-            out = self.model(self.idx[:, :-1], targets=self.idx[:, 1:])
+            out = (self.model if eager else self.forward)(self.idx[:, :-1], targets=self.idx[:, 1:])
         return out.loss + out.aux_loss
 
     def step(self) -> float:
@@ -85,20 +86,20 @@ class Trainer:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss()
+            loss = self.loss(eager=True)  # saved-tensor hooks need eager autograd
         del loss
         return sum(seen.values())
 
 
 def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -> dict:
     dtype, device = PRECISIONS[precision], args.device
-    mod_cfg = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=args.layers, n_heads=d_model // 32,
+    mod_cfg = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=args.layers, n_heads=d_model // args.head_dim,
                           max_seq_len=seq_len, capacity=args.capacity, route_every=2)
     cfgs = {"mod": mod_cfg, "dense": dense_twin(mod_cfg)}
-    runs = {name: Trainer(cfg, args.batch, seq_len, device, dtype) for name, cfg in cfgs.items()}
-    for run in runs.values():  # warm-up: allocator, kernels, optimizer state
-        run.step()
-        run.step()
+    runs = {name: Trainer(cfg, args.batch, seq_len, device, dtype, args.compile) for name, cfg in cfgs.items()}
+    for run in runs.values():  # warm-up: allocator, kernels, optimizer state (and compilation)
+        for _ in range(3 if args.compile else 2):
+            run.step()
     times = {name: [] for name in runs}
     for _ in range(args.reps):  # interleaved A/B so both see the same noise
         for name, run in runs.items():
@@ -108,7 +109,7 @@ def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -
     time_ratio = med["mod"] / med["dense"]
     flops_ratio = flops["mod"] / flops["dense"]
     row = {
-        "d_model": d_model, "seq_len": seq_len, "precision": precision, "batch": args.batch,
+        "d_model": d_model, "seq_len": seq_len, "precision": precision, "batch": args.batch, "compiled": args.compile,
         "step_s_mod": med["mod"], "step_s_dense": med["dense"],
         "time_ratio": time_ratio, "flops_ratio": flops_ratio, "quotient": time_ratio / flops_ratio,
         "dense_flops_per_s": flops["dense"] / med["dense"], "matmul_flops_per_s": rate,
@@ -136,17 +137,26 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["fp32", "bf16"])
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--head-dim", type=int, default=32, help="n_heads = d_model // head_dim")
     p.add_argument("--capacity", type=float, default=0.125)
     p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="also time generate() (batch 1)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (warm-up includes compiling)")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n^3 reference matmul (default 2048 on CPU, 8192 on GPU, where 2048 is too small to reach peak)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/results/step_time.json")
     args = p.parse_args()
 
-    rates = {name: matmul_rate(dtype or torch.float32, args.device) for name, dtype in PRECISIONS.items() if name in args.precision}
+    n = args.matmul_size or (8192 if args.device.startswith("cuda") else 2048)
+    rates = {name: matmul_rate(dtype or torch.float32, args.device, n) for name, dtype in PRECISIONS.items() if name in args.precision}
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "matmul_flops_per_s": rates, "matmul_size": n,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     print("| d_model | seq | prec | MoD s | dense s | time ratio | FLOPs ratio | quotient | dense/matmul | act MB MoD/dense | decode x |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -156,14 +166,12 @@ def main() -> None:
                 args.batch = max(1, args.tokens_per_step // seq_len)
                 r = bench_shape(args, d_model, seq_len, precision, rates[precision])
                 rows.append(r)
-                print(f"| {d_model} | {seq_len} | {precision} | {r['step_s_mod']:.3f} | {r['step_s_dense']:.3f} | "
+                print(f"| {d_model} | {seq_len} | {precision} | {r['step_s_mod']:.4f} | {r['step_s_dense']:.4f} | "
                       f"{r['time_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['quotient']:.3f} | "
                       f"{r['dense_fraction_of_matmul']:.0%} | {r['act_bytes_mod'] / 2**20:.0f}/{r['act_bytes_dense'] / 2**20:.0f} | "
                       f"{r.get('decode_speedup', float('nan')):.2f} |", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "matmul_flops_per_s": rates}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+                # written after every shape, so a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), f"-> {args.out}")
 
 
