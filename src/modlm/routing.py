@@ -52,9 +52,15 @@ class RoutingInfo:
     """Unweighted auxiliary losses of this block by name (``router_bce``, ``predictor_bce``)."""
 
 
+_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+"""Device types with an autocast mode; looked up once here, because ``torch.amp.is_autocast_available``
+inside ``forward`` is opaque to ``torch.compile`` and broke the graph at every routed block."""
+
+
 def _full_precision(device_type: str):
-    """Context that turns autocast off where it is on, so router scores are ranked in fp32."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    """Context that turns autocast off (a no-op where it is off), so router scores are ranked in
+    fp32; devices without autocast (the meta device ``measure_flops`` uses) get a null context."""
+    if device_type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
