@@ -293,6 +293,22 @@ def test_bf16_autocast_matches_fp32(routing):
     assert all(info.router_logits.dtype == torch.float32 for info in out.routing)
 
 
+def test_compile_traces_the_training_forward_without_graph_breaks():
+    """``compile: true`` must trace a training forward as one graph: any host sync in top-k routing
+    (``.item()``, ``.tolist()``, a Python branch on a tensor) would split every routed block. One such
+    break (torch 2.11 could not trace ``torch.amp.is_autocast_available`` in the router's fp32
+    region) split every routed block and hit dynamo's recompile limit on an H200. ``explain`` traces
+    without compiling, so this is fast. Causal routing picks a data-dependent number of tokens, so
+    it breaks the graph by design."""
+    torch._dynamo.reset()
+    model = build().train()
+    idx = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = torch._dynamo.explain(model)(idx[:, :-1], routing="topk", targets=idx[:, 1:])
+    assert report.graph_break_count == 0, report.break_reasons
+    assert report.graph_count == 1
+
+
 # --- errors -----------------------------------------------------------------------------------------
 def test_forward_rejects_bad_inputs():
     model = build()
