@@ -80,20 +80,28 @@ class Trainer:
         return time.perf_counter() - t
 
     def saved_activation_bytes(self) -> int:
-        seen = {}
+        seen, alive = {}, []
 
         def pack(t):
             seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-            return t
+            # Hold the tensor here, as backward would, so no storage is freed and reused (and counted
+            # once for two tensors) during the forward. Handing ``t`` itself to the graph instead
+            # would make a node own a tensor whose grad_fn is that node: a cycle Python's gc cannot
+            # see, which kept every measured forward's activations alive to the end of the run.
+            alive.append(t)
+            return None
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def unpack(_):
+            raise RuntimeError("saved_activation_bytes builds a graph only to count it")
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             loss = self.loss(eager=True)  # saved-tensor hooks need eager autograd
-        del loss
+        del loss, alive
         return sum(seen.values())
 
 
 def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -> dict:
-    gc.collect()  # free the previous shape's models before building these (the optimizer holds a reference cycle)
+    gc.collect()  # free the previous shape's models before building these
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     dtype, device = PRECISIONS[precision], args.device
