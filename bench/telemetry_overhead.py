@@ -15,15 +15,19 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import yaml
 
 from modlm.callbacks.flops_meter import FlopsMeter
 from modlm.callbacks.routing_heatmap import RoutingHeatmap
 from modlm.callbacks.routing_stats import RoutingStats
 from modlm.data import ModLMDataModule
 from modlm.lit_module import MoDLightningModule
+
+DEFAULT_CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "default.yaml").read_text())
 
 
 class StepTimer(pl.Callback):
@@ -39,16 +43,17 @@ class StepTimer(pl.Callback):
 
 
 def run(telemetry: bool, steps: int, skip: int) -> list[float]:
-    pl.seed_everything(1234, verbose=False)
-    data = ModLMDataModule(source="stdlib", seq_len=256, batch_size=16, vocab_size=8192, num_workers=1)
-    model = MoDLightningModule(d_model=256, n_layers=6, n_heads=8, capacity=0.125, route_every=2, lr=2e-3,
-                               warmup_steps=50, vocab_size=data.tokenizer_vocab_size, max_seq_len=256)
+    cfg = DEFAULT_CONFIG  # the default run's model, data and trainer settings, read from its config
+    pl.seed_everything(cfg["seed_everything"], verbose=False)
+    data = ModLMDataModule(**cfg["data"])
+    model = MoDLightningModule(**cfg["model"], vocab_size=data.tokenizer_vocab_size, max_seq_len=data.seq_len)
     timer = StepTimer(skip)
     callbacks = [timer] + ([RoutingStats(), FlopsMeter(), RoutingHeatmap()] if telemetry else [])
+    trainer_cfg = {k: cfg["trainer"][k] for k in ("precision", "log_every_n_steps", "gradient_clip_val")}
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(default_root_dir=root, max_steps=steps, precision="bf16-mixed", callbacks=callbacks,
-                             limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, log_every_n_steps=10, gradient_clip_val=1.0)
+        trainer = pl.Trainer(default_root_dir=root, max_steps=steps, callbacks=callbacks, limit_val_batches=0,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             **trainer_cfg)
         trainer.fit(model, data)
     return timer.times
 
