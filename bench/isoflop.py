@@ -147,20 +147,27 @@ def plot(results: list[dict], out: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    budgets = sorted({r["budget"] for r in results})
     for variant in VARIANTS:
         rows = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["budget"])
         if not rows:
             continue
-        for ax, x in zip(axes, ("train_flops", "train_s")):
-            xs = [r[x] / (60 if x == "train_s" else 1) for r in rows]
+        # x: the nominal budget (each run's exact FLOPs differ from it by under one step's worth)
+        for ax, xs in zip(axes, ([r["budget"] for r in rows], [r["train_s"] / 60 for r in rows])):
             line, = ax.plot(xs, [r["topk_loss"] for r in rows], "o-", label=f"{variant} (top-k)")
             if variant != "dense":
                 ax.plot(xs, [r["causal_loss"] for r in rows], "x--", color=line.get_color(), label=f"{variant} (causal)")
     axes[0].set_xscale("log")
-    axes[0].set_xlabel("training FLOPs")
-    axes[1].set_xlabel("training wall-clock (min)")
+    axes[0].set_xticks(budgets, [f"{b:.0e}" for b in budgets])
+    axes[0].minorticks_off()
+    axes[0].set_xlabel("training FLOPs (budget)")
+    axes[1].set_xscale("log")
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[1].set_xlabel("training wall-clock (min, log scale)")
     axes[0].set_ylabel("final validation loss (nats/token)")
     axes[1].legend(fontsize=7)
     for ax in axes:
