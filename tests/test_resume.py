@@ -16,18 +16,21 @@ COMMON = ("--trainer.max_steps", str(N), "--checkpoint.every_n_train_steps", "4"
           "--trainer.val_check_interval", "6", "--data.num_workers", "1")
 
 
-def test_killed_and_resumed_run_logs_identical_losses(tmp_path, tiny_tokenizer):
-    full = run_train("fit", *tiny_args(tmp_path / "full", tiny_tokenizer, *COMMON))
+@pytest.mark.parametrize("routing", ["learned", "random"])
+def test_killed_and_resumed_run_logs_identical_losses(tmp_path, tiny_tokenizer, routing):
+    # random routing draws from torch's generator, so its state must come back too
+    common = COMMON + (("--model.random_routing", "true") if routing == "random" else ())
+    full = run_train("fit", *tiny_args(tmp_path / "full", tiny_tokenizer, *common))
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *COMMON,
+    killed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *common,
                                          "--trainer.callbacks+=train_helpers.KillAtStep",
                                          "--trainer.callbacks.step", str(K)))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step=0000004.ckpt", "step=0000008.ckpt"]
 
-    resumed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *COMMON, "--ckpt_path", "last"))
+    resumed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *common, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     want = scalars(tmp_path / "full" / "lightning_logs" / "version_0")

@@ -226,8 +226,29 @@ class MoDLightningModule(pl.LightningModule):
                     )
 
     # --- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torch's generators decide random routing (the control runs) and nothing else here; Lightning
+        # does not save them, so without this a resumed random-routing run would pick other tokens.
+        checkpoint["torch_rng_states"] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
+        # the generator (its worker seed), a draw the uninterrupted run made before its first step.
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if rng is not None:
+            # Every rank is seeded alike (seed_everything) and draws alike, so rank 0's saved state
+            # is every rank's; a checkpoint from another GPU count restores the CPU generator only.
+            torch.set_rng_state(rng["cpu"])
+            if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a message naming the tensors, a checkpoint of another model shape."""
+        """Keep torch's generator states for the first step; refuse, with a message naming the
+        tensors, a checkpoint of another model shape."""
+        self._rng_to_restore = checkpoint.get("torch_rng_states")
         saved = checkpoint.get("state_dict") or {}
         if not saved:
             return  # sharded checkpoints are loaded (and checked) by the strategy itself
