@@ -24,14 +24,17 @@ Variants (all MoD ones route every other block unless said otherwise):
 
 Runs are resumable: each lives in ``<root>/<variant>_<budget>/``; a finished run (``result.json``
 written) is skipped, an interrupted one resumes from its ``last.ckpt`` (killing this script
-anywhere and starting it again loses at most 100 steps per run). Wall-clock is that of the
-``train.py fit`` process (startup included), summed over resumed segments.
+anywhere and starting it again loses at most 100 steps per run). Two times are reported: the
+wall-clock of the ``train.py fit`` process (startup, validation and checkpoints included, summed
+over resumed segments), and steps x the median step time that ThroughputMonitor logged, which a
+stretch of other work on a shared machine does not distort; the plot uses the second.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -127,19 +130,41 @@ def run_one(root: Path, variant: str, budget: float, extra: list[str], eval_devi
     return result
 
 
+def median_step_s(directory: Path) -> float:
+    """Median seconds per optimizer step, from ThroughputMonitor's ``train/device/batches_per_sec``
+    (logged every ``log_every_n_steps``): robust to a stretch of a run slowed by other work on a
+    shared machine, unlike the run's total wall-clock."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rates = []
+    for events in directory.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/device/batches_per_sec" in acc.Tags()["scalars"]:
+            rates += [e.value for e in acc.Scalars("train/device/batches_per_sec")]
+    return 1.0 / statistics.median(rates) if rates else float("nan")
+
+
 def collect(root: Path) -> list[dict]:
-    return sorted((json.loads(p.read_text()) for p in root.glob("*/result.json")),
-                  key=lambda r: (r["budget"], list(VARIANTS).index(r["variant"])))
+    results = []
+    for path in root.glob("*/result.json"):
+        r = json.loads(path.read_text())
+        r["median_step_s"] = median_step_s(path.parent)
+        r["steps_x_median_s"] = r["steps"] * r["median_step_s"]
+        results.append(r)
+    return sorted(results, key=lambda r: (r["budget"], list(VARIANTS).index(r["variant"])))
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| budget (FLOPs) | variant | params | steps | val loss top-k | val loss causal | vs dense (causal) | train min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget (FLOPs) | variant | params | steps | val loss top-k | val loss causal | vs dense (causal) "
+             "| train.py min | steps x median step, min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     dense = {r["budget"]: r["causal_loss"] for r in results if r["variant"] == "dense"}
     for r in results:
         delta = r["causal_loss"] - dense[r["budget"]] if r["budget"] in dense else float("nan")
         lines.append(f"| {r['train_flops']:.3g} | {r['variant']} | {r['params'] / 1e6:.2f}M | {r['steps']} | "
-                     f"{r['topk_loss']:.4f} | {r['causal_loss']:.4f} | {delta:+.4f} | {r['train_s'] / 60:.1f} |")
+                     f"{r['topk_loss']:.4f} | {r['causal_loss']:.4f} | {delta:+.4f} | {r['train_s'] / 60:.1f} | "
+                     f"{r['steps_x_median_s'] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -156,7 +181,7 @@ def plot(results: list[dict], out: Path, title: str) -> None:
         if not rows:
             continue
         # x: the nominal budget (each run's exact FLOPs differ from it by under one step's worth)
-        for ax, xs in zip(axes, ([r["budget"] for r in rows], [r["train_s"] / 60 for r in rows])):
+        for ax, xs in zip(axes, ([r["budget"] for r in rows], [r["steps_x_median_s"] / 60 for r in rows])):
             line, = ax.plot(xs, [r["topk_loss"] for r in rows], "o-", label=f"{variant} (top-k)")
             if variant != "dense":
                 ax.plot(xs, [r["causal_loss"] for r in rows], "x--", color=line.get_color(), label=f"{variant} (causal)")
@@ -167,7 +192,7 @@ def plot(results: list[dict], out: Path, title: str) -> None:
     axes[1].set_xscale("log")
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes[1].xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    axes[1].set_xlabel("training wall-clock (min, log scale)")
+    axes[1].set_xlabel("training time: steps x median step time (min, log scale)")
     axes[0].set_ylabel("final validation loss (nats/token)")
     axes[1].legend(fontsize=7)
     for ax in axes:
