@@ -15,7 +15,6 @@ on a GPU, ``torch.cuda.max_memory_allocated`` as well.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
@@ -101,9 +100,6 @@ class Trainer:
 
 
 def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -> dict:
-    gc.collect()  # free the previous shape's models before building these
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
     dtype, device = PRECISIONS[precision], args.device
     mod_cfg = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=args.layers, n_heads=d_model // args.head_dim,
                           max_seq_len=seq_len, capacity=args.capacity, route_every=2)

@@ -111,6 +111,7 @@ class MoDLightningModule(pl.LightningModule):
         self.flops_per_batch: Optional[int] = None
         """FLOPs of the latest batch on this device (read by Lightning's ``ThroughputMonitor``)."""
         self._configured = False
+        self._rng_to_restore: Optional[dict] = None  # generator states of a resumed checkpoint, until its first step
 
     # --- model building / sharding ---------------------------------------------------------------
     def configure_model(self) -> None:
@@ -237,7 +238,7 @@ class MoDLightningModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
         # the generator (its worker seed), a draw the uninterrupted run made before its first step.
-        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is not None:
             # Every rank is seeded alike (seed_everything) and draws alike, so rank 0's saved state
             # is every rank's; a checkpoint from another GPU count restores the CPU generator only.
