@@ -22,12 +22,14 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import NonFiniteLossError, default_callbacks
 from .callbacks.flops_meter import FlopsMeter
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
 from .lit_module import CheckpointMismatchError, MoDLightningModule
+from .precision import choose_precision
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 """The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
@@ -120,6 +122,10 @@ class ModLMCLI(LightningCLI):
         # inside the logger's version_N folder, a new one per run, where `--ckpt_path last` would
         # never find the previous run's last.ckpt).
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("precision") is None:  # not named anywhere: pick what this machine runs fast
+            config.trainer.precision, why = choose_precision(config.trainer.get("accelerator") or "auto")
+            rank_zero_info(f"modlm: precision {config.trainer.precision} (chosen automatically: {why}; "
+                           "--trainer.precision overrides)")
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
