@@ -64,3 +64,46 @@ def test_values_follow_the_method(events):
     assert analytic == [pytest.approx(per_step)] and abs(analytic[0] / measured[0] - 1) < 0.02
     assert len(events.Histograms("router/selected_pos/layer_1")) == STEPS // 2
     assert events.Images("router/heatmap")[0].width > 100
+
+
+def written_layout(acc) -> dict[str, dict[str, list[str]]]:
+    """The Custom Scalars layout in the run's events: category -> chart title -> tag patterns."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+
+
+def test_dashboard_groups_only_tags_the_run_logs(events):
+    import re
+
+    layout = written_layout(events)
+    assert list(layout) == ["1 loss", "2 routing", "3 compute"]
+    logged = set(events.Tags()["scalars"])
+    patterns = [p for charts in layout.values() for tags in charts.values() for p in tags]
+    for pattern in patterns:
+        assert [t for t in logged if re.fullmatch(pattern.strip("^$"), t)], f"{pattern} matches no logged tag"
+    # every routed block's capacity on one chart, top-k and causal
+    (capacity,) = [tags for title, tags in layout["2 routing"].items() if title.startswith("capacity used")]
+    assert capacity == ["^router/capacity_used/layer_1$", "^router/capacity_used_causal/layer_1$"]
+    assert ["^train/loss$", "^val/loss$", "^val/loss_causal$"] in layout["1 loss"].values()
+    assert ["^flops/mfu$"] in layout["3 compute"].values()  # --flops.peak_flops was given
+
+
+def test_no_constant_cards(events):
+    assert not {"epoch", "hp_metric"} & set(events.Tags()["scalars"])
+
+
+def test_dense_layout_has_no_routing_charts():
+    from modlm.callbacks.dashboard import layout
+
+    dense = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, route_every=0)
+    groups = layout(dense, mfu_tags=[])
+    assert list(groups) == ["1 loss", "3 compute"]
+    assert all(not t.startswith("router/") and t != "val/loss_causal"
+               for charts in groups.values() for _, tags in charts for t in tags)
+    routed = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, route_every=2, capacity=0.25)
+    (capacity,) = [tags for title, tags in layout(routed, [])["2 routing"] if title.startswith("capacity used (target 0.25)")]
+    assert capacity == ["router/capacity_used/layer_1", "router/capacity_used/layer_3",
+                        "router/capacity_used_causal/layer_1", "router/capacity_used_causal/layer_3"]

@@ -25,9 +25,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import NonFiniteLossError, default_callbacks
+from .callbacks.dashboard import Dashboard
 from .callbacks.flops_meter import FlopsMeter
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
+from .callbacks.tensorboard import StreamTensorBoardLogger
 from .lit_module import CheckpointMismatchError, MoDLightningModule
 from .precision import choose_precision
 
@@ -85,6 +87,7 @@ class ModLMCLI(LightningCLI):
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
         parser.add_lightning_class_args(FlopsMeter, "flops")
         parser.add_lightning_class_args(RoutingHeatmap, "routing_heatmap")
+        parser.add_lightning_class_args(Dashboard, "dashboard")
         # The model reads the vocabulary size from the tokenizer the data module trains or loads
         # (at instantiation, since the tokenizer may not exist before), and its longest sequence
         # from the training windows.
@@ -116,6 +119,14 @@ class ModLMCLI(LightningCLI):
             if diffs:
                 raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        # Where the user names no logger, Lightning would make a TensorBoardLogger under
+        # default_root_dir; make the same one minus the cards that never change (epoch, hp_metric).
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            kwargs.setdefault("logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd()))
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         # Keep checkpoints at one fixed place under the run's root directory (Lightning's default is

@@ -1,53 +1,57 @@
 """A picture of which tokens got compute: routed blocks x positions for one validation sequence.
 
 Every ``every_n_validations`` validation runs, the first sequence of the first validation batch
-(the same tokens every time, since validation windows are fixed) is drawn as a heat map: one row
-per routed block under top-k routing and one under causal routing, one column per position
-(the first ``max_positions``), the decoded tokens along the bottom. Logged as the TensorBoard
-image ``router/heatmap``.
+(the same tokens every time, since validation windows are fixed) is drawn as a heat map: for each
+routed block, one row under top-k routing and one under causal routing, one column per position
+(the first ``max_positions``). Logged through the TensorBoard writer's figure API as the image
+``router/heatmap``.
+
+It is drawn to be read at TensorBoard's default card size (about 500 pixels wide): few, large
+cells; block names and a position scale in large type; the first tokens of the sequence in the
+title instead of one rotated label per column, which no card can show legibly.
 """
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from .tensorboard import tensorboard_writer
 
 
-def token_labels(trainer, ids: list[int]) -> list[str]:
+def sequence_text(trainer, ids: list[int], limit: int = 48) -> str:
     tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
     if tokenizer is None:
-        return [str(i) for i in ids]
-    return [repr(tokenizer.decode([i]))[1:-1][:8] for i in ids]
+        return ""
+    text = tokenizer.decode(ids).replace("\n", "\u23ce")
+    return text[:limit] + ("\u2026" if len(text) > limit else "")
 
 
-def render_heatmap(rows: list[tuple[str, torch.Tensor]], labels: list[str]) -> np.ndarray:
-    """Draw (name, (T,) bool) rows as an RGB uint8 image of shape (3, H, W)."""
+def heatmap_figure(rows: list[tuple[str, torch.Tensor]], title: str = "", group: int = 2):
+    """A matplotlib figure of (name, (T,) bool) rows: processed cells dark, skipped ones light;
+    a white gap after every ``group`` rows so each block's top-k/causal pair reads as one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     grid = torch.stack([r.float() for _, r in rows]).numpy()
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(labels)), 0.5 * len(rows) + 1.6), dpi=100)
-    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6, family="monospace")
-    ax.set_title("tokens processed per routed block (green = processed)", fontsize=9)
+    n_rows, n_pos = grid.shape
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * n_rows + 1.3), dpi=100)
+    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=-0.15, vmax=1.0, interpolation="nearest")
+    ax.set_yticks(range(n_rows), [name for name, _ in rows], fontsize=11)
+    step = max(1, n_pos // 8)
+    ax.set_xticks(range(0, n_pos, step), [str(p) for p in range(0, n_pos, step)], fontsize=11)
+    ax.set_xlabel("position in the sequence", fontsize=11)
+    for boundary in range(group, n_rows, group) if group > 1 else ():
+        ax.axhline(boundary - 0.5, color="white", linewidth=3)
+    ax.set_title(title or "tokens processed per routed block (dark = processed)", fontsize=10, loc="left")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB")).transpose(2, 0, 1)
+    return fig
 
 
 class RoutingHeatmap(Callback):
-    def __init__(self, every_n_validations: int = 1, max_positions: int = 64):
+    def __init__(self, every_n_validations: int = 1, max_positions: int = 32):
+        """Draw every ``every_n_validations`` validations, the first ``max_positions`` positions."""
         self.every_n_validations = every_n_validations
         self.max_positions = max_positions
         self._validations = 0
@@ -63,7 +67,13 @@ class RoutingHeatmap(Callback):
         if writer is None:
             return
         n = min(self.max_positions, batch.shape[1] - 1)
-        rows = [(f"top-k L{i.layer}", i.selected[0, :n].cpu()) for i in topk]
-        rows += [(f"causal L{i.layer}", i.selected[0, :n].cpu()) for i in getattr(pl_module, "last_routing_causal", None) or []]
-        image = render_heatmap(rows, token_labels(trainer, batch[0, :n].tolist()))
-        writer.add_image("router/heatmap", image, trainer.global_step)
+        causal = {i.layer: i for i in getattr(pl_module, "last_routing_causal", None) or []}
+        rows = []
+        for info in topk:
+            rows.append((f"L{info.layer} top-k", info.selected[0, :n].cpu()))
+            if info.layer in causal:
+                rows.append((f"L{info.layer} causal", causal[info.layer].selected[0, :n].cpu()))
+        text = sequence_text(trainer, batch[0, :n].tolist())
+        title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
+        group = 2 if len(rows) == 2 * len(topk) else 1
+        writer.add_figure("router/heatmap", heatmap_figure(rows, title, group), trainer.global_step, close=True)

@@ -1,0 +1,108 @@
+"""The MoD dashboard: TensorBoard's Custom Scalars page, laid out once per run.
+
+TensorBoard's Time Series page shows one small card per tag in alphabetical order, so comparing
+the routed blocks of a run means scrolling between cards. The Custom Scalars page draws several
+tags on one chart; this callback writes its layout (once, at the start of a fit) with what a
+Mixture-of-Depths user compares side by side:
+
+  loss      train loss with validation loss under top-k and under causal routing; the auxiliary losses
+  routing   capacity used by every routed block (top-k in training, causal in validation; the
+            target capacity in the title); the causal decision's accuracy, precision and recall
+            against top-k membership, all blocks on each chart; overlap between consecutive routed
+            blocks and the mean depth a token passes through
+  compute   FLOPs per optimizer step and the MoD/dense FLOPs ratio; tokens per second; MFU where a
+            peak FLOP/s is known
+
+The layout names only tags the run logs: routing charts are left out of dense runs, MFU where no
+peak is known. Open it with ``tensorboard --logdir runs`` and the "Custom Scalars" tab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Callback
+
+from ..config import ModelConfig
+from .tensorboard import tensorboard_writer
+
+Chart = tuple[str, list[str]]  # title, tags drawn on it
+
+
+def loss_charts(cfg: ModelConfig) -> list[Chart]:
+    val = ["val/loss", "val/loss_causal"] if cfg.routed_layers else ["val/loss"]
+    charts = [("loss: train, validation (top-k), validation (causal)" if cfg.routed_layers
+               else "loss: train, validation", ["train/loss", *val])]
+    if cfg.routed_layers:
+        aux = "predictor_bce" if cfg.causal_method == "predictor" else "router_bce"
+        charts.append(("auxiliary loss (weighted total; unweighted routing BCE)", ["train/aux_loss", f"train/aux_{aux}"]))
+    return charts
+
+
+def routing_charts(cfg: ModelConfig) -> list[Chart]:
+    layers = cfg.routed_layers
+    if not layers:
+        return []
+    per = lambda name, ls=layers: [f"router/{name}/layer_{i}" for i in ls]
+    charts = [(f"capacity used per routed block (target {cfg.capacity:g}): top-k in training, causal in validation",
+               per("capacity_used") + per("capacity_used_causal"))]
+    if not cfg.random_routing:  # random picks have no causal decision to grade
+        charts += [(f"causal decision vs top-k: {what}, per routed block", per(f"causal_{name}"))
+                   for name, what in (("acc", "accuracy"), ("precision", "precision"), ("recall", "recall"))]
+    if len(layers) > 1:
+        charts.append(("overlap: share of a block's picks the next routed block picks too", per("overlap", layers[:-1])))
+    charts.append(("mean number of blocks a token passes through", ["router/depth_mean"]))
+    return charts
+
+
+def compute_charts(mfu_tags: list[str]) -> list[Chart]:
+    charts = [("training FLOPs per optimizer step (all ranks)", ["flops/step"]),
+              ("forward FLOPs / dense twin's", ["flops/ratio_vs_dense"]),
+              ("tokens per second (this device)", ["train/device/items_per_sec"])]
+    if mfu_tags:
+        charts.append(("model FLOPs utilisation", mfu_tags))
+    return charts
+
+
+def layout(cfg: ModelConfig, mfu_tags: list[str]) -> dict[str, list[Chart]]:
+    """Category -> charts, in the order the page shows them (empty categories dropped)."""
+    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "3 compute": compute_charts(mfu_tags)}
+    return {name: charts for name, charts in groups.items() if charts}
+
+
+def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
+    """The dict ``SummaryWriter.add_custom_scalars`` takes. Its tags are regular expressions, so
+    each exact tag is anchored and escaped."""
+    import re
+
+    return {name: {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]] for title, tags in charts}
+            for name, charts in groups.items()}
+
+
+class Dashboard(Callback):
+    def __init__(self, enabled: bool = True):
+        """Write the Custom Scalars layout at the start of each fit (``enabled=False``: don't)."""
+        self.enabled = enabled
+        self.groups: Optional[dict[str, list[Chart]]] = None
+
+    def mfu_tags(self, trainer, pl_module) -> list[str]:
+        from lightning.pytorch.callbacks import ThroughputMonitor
+
+        from .flops_meter import FlopsMeter
+
+        tags = []
+        if any(isinstance(cb, FlopsMeter) and cb.peak_flops for cb in trainer.callbacks):
+            tags.append("flops/mfu")
+        monitor = any(isinstance(cb, ThroughputMonitor) for cb in trainer.callbacks)
+        dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+        if monitor and get_available_flops(pl_module.device, dtype) is not None:
+            tags.append("train/device/mfu")
+        return tags
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        writer = tensorboard_writer(trainer)
+        if not self.enabled or writer is None:
+            return
+        self.groups = layout(pl_module.model.config, self.mfu_tags(trainer, pl_module))
+        writer.add_custom_scalars(as_tensorboard_layout(self.groups))
