@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from .callbacks.routing_stats import decision_counts, quality_from_counts
 from .flops import forward_flops
+from .metrics import capacity_used, decision_counts, quality_from_counts
 from .model import MoDTransformer
 
 
@@ -60,7 +60,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[targets].sum())
         for info in out.routing:
-            capacity.setdefault(info.layer, []).append(info.selected.float().mean().item())
+            capacity.setdefault(info.layer, []).append(capacity_used(info).item())
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
         if progress is not None:
             progress.update(1)
