@@ -17,7 +17,7 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.callbacks import NonFiniteLossGuard
 from modlm.cli import ModLMCLI
 from modlm.lit_module import MoDLightningModule
-from modlm.sharding import block_policy
+from modlm.parallel import block_policy
 from train_helpers import REPO, VAL_FRACTION, tiny_tokenizer  # noqa: F401 (fixture)
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

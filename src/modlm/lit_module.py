@@ -1,4 +1,4 @@
-"""The LightningModule: a ``MoDTransformer`` plus its loss, metrics, optimizer and sharding.
+"""The LightningModule: a ``MoDTransformer`` plus its loss, metrics and optimizer.
 
 Model arguments are flat: every ``ModelConfig`` field is an init argument of this module (taken as
 ``**model_config`` and passed to ``ModelConfig``; jsonargparse follows that call, so LightningCLI
@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .flops import forward_flops, training_flops
 from .model import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
+from .parallel import parallelize
 
 
 class CheckpointMismatchError(ValueError):
@@ -42,25 +43,6 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(f"unsupported batch type {type(batch).__name__}: expected a (B, T+1) tensor or (inputs, targets)")
-
-
-def fsdp_mesh(mesh):
-    """The FSDP2 mesh to use from ``ModelParallelStrategy``'s (data_parallel, tensor_parallel) mesh.
-
-    modlm has no tensor parallelism; both dimensions shard or replicate parameters. The strategy's
-    "auto" sizes give (nodes, devices per node): shard within a node, replicate across nodes (HSDP,
-    a 2-D mesh to ``fully_shard``). A dimension of size 1 is dropped, so a 1-node run, or
-    ``data_parallel_size=world, tensor_parallel_size=1``, shards over every rank (plain FSDP).
-    Every rank reads different data either way (the data module shards by global rank).
-    """
-    if mesh.ndim == 1:
-        return mesh
-    outer, inner = mesh.mesh_dim_names
-    if mesh[inner].size() == 1:
-        return mesh[outer]
-    if mesh[outer].size() == 1:
-        return mesh[inner]
-    return mesh
 
 
 class MoDLightningModule(pl.LightningModule):
@@ -89,7 +71,7 @@ class MoDLightningModule(pl.LightningModule):
             lr_decay_steps: Step at which the cosine reaches its floor. Default: the trainer's
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
-            compile: ``torch.compile`` each transformer block (after sharding, if any).
+            compile: ``torch.compile`` each transformer block (see ``modlm.parallel``).
             validate_causal: For routed models, also validate with causal routing
                 (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
@@ -113,29 +95,15 @@ class MoDLightningModule(pl.LightningModule):
         self._configured = False
         self._rng_to_restore: Optional[dict] = None  # generator states of a resumed checkpoint, until its first step
 
-    # --- model building / sharding ---------------------------------------------------------------
+    # --- compile / sharding ---------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Shard (FSDP2) and compile the model. Called by every strategy; idempotent.
-
-        With ``ModelParallelStrategy`` each transformer block becomes its own FSDP2 unit and the
-        root module holds the rest (embedding, final norm, LM head). The tied embedding / LM head
-        weight therefore lives in one unit only, as FSDP requires of a shared parameter. Routing
-        is decided by the config, not the block's class, so sharded blocks route as before; the
-        model was built in ``__init__`` with its own init, so nothing is left on the meta device.
-        """
+        """Compile and shard the model (``modlm.parallel.parallelize``). Called by every strategy,
+        again for validate/test after fit: idempotent. The model was built in ``__init__`` with its
+        own init, so nothing is left on the meta device."""
         if self._configured:
             return
         self._configured = True
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = fsdp_mesh(self.device_mesh)
-            for block in self.model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-        if self.hparams.compile:
-            for block in self.model.blocks:
-                block.compile()
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
