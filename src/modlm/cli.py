@@ -27,17 +27,13 @@ from .callbacks import NonFiniteLossError, default_callbacks
 from .callbacks.flops_meter import FlopsMeter
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
-from .lit_module import CheckpointMismatchError, MoDLightningModule
+from .checkpoint import check_resume_shape
+from .lit_module import MoDLightningModule
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 """The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
 
 SUBCOMMANDS = ("fit", "validate", "test")
-
-SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings", "route_every",
-                "causal_method", "predictor_hidden")
-"""``ModelConfig`` fields that change the model's tensors (``vocab_size`` follows the data and is
-checked against the checkpoint's tensors when they are loaded)."""
 
 
 def _datamodule_class():
@@ -102,17 +98,7 @@ class ModLMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-            import torch
-
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            wanted = self.config.fit.model
-            diffs = [
-                f"{name}={saved[name]!r} in the checkpoint, {wanted.get(name)!r} in this run"
-                for name in SHAPE_FIELDS
-                if name in saved and wanted.get(name) is not None and saved[name] != wanted.get(name)
-            ]
-            if diffs:
-                raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
+            check_resume_shape(ckpt_path, self.config.fit.model)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -127,7 +113,7 @@ class ModLMCLI(LightningCLI):
 
 USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
 """Exceptions that mean "fix your input", printed as one line. ``DataError``, ``ModelConfig``'s
-errors and ``CheckpointMismatchError`` are ``ValueError`` subclasses."""
+errors and ``modlm.checkpoint``'s are ``ValueError`` subclasses."""
 
 
 def _is_user_error(err: BaseException) -> bool:

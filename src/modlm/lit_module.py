@@ -16,15 +16,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
 from .config import ModelConfig
 from .flops import forward_flops, training_flops
 from .model import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
 from .parallel import parallelize
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit the model this run builds (another shape or vocab)."""
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,41 +193,19 @@ class MoDLightningModule(pl.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # torch's generators decide random routing (the control runs) and nothing else here; Lightning
-        # does not save them, so without this a resumed random-routing run would pick other tokens.
-        checkpoint["torch_rng_states"] = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
         # the generator (its worker seed), a draw the uninterrupted run made before its first step.
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is not None:
-            # Every rank is seeded alike (seed_everything) and draws alike, so rank 0's saved state
-            # is every rank's; a checkpoint from another GPU count restores the CPU generator only.
-            torch.set_rng_state(rng["cpu"])
-            if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            restore_rng_states(rng)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep torch's generator states for the first step; refuse, with a message naming the
         tensors, a checkpoint of another model shape."""
-        self._rng_to_restore = checkpoint.get("torch_rng_states")
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
         saved = checkpoint.get("state_dict") or {}
-        if not saved:
-            return  # sharded checkpoints are loaded (and checked) by the strategy itself
-        own = self.state_dict()
-        problems = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in saved.items()
-            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        missing = sorted(set(own) - set(saved))
-        unexpected = sorted(set(saved) - set(own))
-        if problems or missing or unexpected:
-            details = problems[:3] + [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
-            raise CheckpointMismatchError(
-                "checkpoint does not fit this model (another shape or vocabulary?): " + "; ".join(details)
-            )
+        if saved:  # sharded checkpoints are loaded (and checked) by the strategy itself
+            check_state_dict_fits(self.state_dict(), saved)
