@@ -70,7 +70,7 @@ class ModLMCLI(LightningCLI):
             "checkpoint.filename": "{step:07d}",
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": -1,
-            "checkpoint.every_n_train_steps": 200,
+            "checkpoint.every_n_train_steps": 100,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

@@ -45,11 +45,11 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 class MoDLightningModule(pl.LightningModule):
     def __init__(
         self,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        warmup_steps: int = 100,
+        warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         lr_decay_steps: Optional[int] = None,
         compile: bool = False,
