@@ -1,4 +1,4 @@
-"""The command line (SPEC section 2): default config, outputs under default_root_dir, linked
+"""The command line: default config, outputs under default_root_dir, linked
 arguments, TensorBoard tags, and user errors as one line with a non-zero exit.
 
 Runs ``modlm.cli.main`` in-process (what ``train.py`` calls) on the tiny preset.

@@ -74,7 +74,7 @@ class ModLMCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        # Routing and FLOPs telemetry (issue #5): always on, tuned with --routing_stats.*, --flops.*,
+        # Routing and FLOPs telemetry: always on, tuned with --routing_stats.*, --flops.*,
         # --routing_heatmap.*.
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
         parser.add_lightning_class_args(FlopsMeter, "flops")
