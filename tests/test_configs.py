@@ -20,7 +20,7 @@ from modlm.cli import ModLMCLI
 from modlm.data import ModLMDataModule
 from modlm.lit_module import MoDLightningModule
 from modlm.parallel import block_policy
-from train_helpers import REPO, VAL_FRACTION, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import REPO, VAL_FRACTION
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Parameter counts the preset files promise (tied embeddings, at their own vocab_size).

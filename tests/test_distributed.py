@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.parallel import block_policy
-from train_helpers import run_train, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import run_train, scalars, tiny_args
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 
 from modlm.cli import main as train_main
 from modlm.eval_cli import main as eval_main
-from train_helpers import tiny_args, tiny_tokenizer  # noqa: F401 - fixture
+from train_helpers import REPO, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--max-batches", "2", "--decode-tokens", "8", "--prompt-tokens", "8"]
 
@@ -98,8 +98,6 @@ def test_eval_script_runs_the_package_command(checkpoints, tmp_path):
     """``python eval.py`` is a thin entry point: the flags the benchmarks use reach ``modlm.eval_cli``."""
     import subprocess
     import sys
-
-    from train_helpers import REPO
 
     out = tmp_path / "script.json"
     done = subprocess.run([sys.executable, str(REPO / "eval.py"), str(checkpoints["mod"]), "--json", str(out),

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from modlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from modlm.checkpoint import CheckpointMismatchError
-from modlm.lit_module import MoDLightningModule, split_batch
+from modlm.batch import split_batch
+from modlm.lit_module import MoDLightningModule
 from modlm.optim import WarmupCosine, param_groups
 
 V, T = 64, 16

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from modlm.cli import DEFAULT_CONFIG, main
-from train_helpers import REPO, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import REPO, scalars, tiny_args
 
 
 def digest(path) -> str:

@@ -9,7 +9,7 @@ What it adds to plain LightningCLI:
 * callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
   ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any later run),
   ``--lr_monitor.*``, the routing / FLOPs telemetry (``--routing_stats.*``, ``--flops.*``,
-  ``--routing_heatmap.*``), plus ``modlm.callbacks.default_callbacks()`` (non-finite loss guard,
+  ``--routing_heatmap.*``), plus ``default_callbacks()`` (non-finite loss guard,
   ``ThroughputMonitor`` with analytic FLOPs).
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
 """
@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import NonFiniteLossError, default_callbacks
+from .batch import batch_size, batch_tokens
+from .callbacks import NonFiniteLossError, NonFiniteLossGuard
 from .callbacks.flops_meter import FlopsMeter
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
@@ -34,6 +36,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 """The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
 
 SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def default_callbacks() -> list[pl.Callback]:
+    """What every run gets besides ``ModelCheckpoint``, ``LearningRateMonitor`` and the telemetry
+    (configurable groups below) and Lightning's default progress bar."""
+    return [
+        NonFiniteLossGuard(),
+        # rates over the last 5 batches: short enough to show up in a smoke run
+        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=5),
+    ]
 
 
 def _datamodule_class():

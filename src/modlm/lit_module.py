@@ -16,30 +16,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from .batch import split_batch
 from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
 from .config import ModelConfig
 from .flops import forward_flops, training_flops
 from .model import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
 from .parallel import parallelize
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets from a batch.
-
-    Accepts a (B, T+1) window tensor (inputs are the first T tokens, targets the last T), an
-    ``(inputs, targets)`` pair, or a dict with ``input_ids``/``targets`` (or ``labels``).
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch[:, :-1], batch[:, 1:]
-    if isinstance(batch, dict):
-        targets = batch.get("targets", batch.get("labels"))
-        if targets is None:
-            return split_batch(batch["input_ids"])
-        return batch["input_ids"], targets
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"unsupported batch type {type(batch).__name__}: expected a (B, T+1) tensor or (inputs, targets)")
 
 
 class MoDLightningModule(pl.LightningModule):
