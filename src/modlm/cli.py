@@ -23,6 +23,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from .batch import batch_size, batch_tokens
 from .callbacks import NonFiniteLossError, NonFiniteLossGuard
@@ -31,6 +32,7 @@ from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
 from .checkpoint import check_resume_shape
 from .lit_module import MoDLightningModule
+from .precision import choose_precision
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 """The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
@@ -118,6 +120,10 @@ class ModLMCLI(LightningCLI):
         # inside the logger's version_N folder, a new one per run, where `--ckpt_path last` would
         # never find the previous run's last.ckpt).
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("precision") is None:  # not named anywhere: pick what this machine runs fast
+            config.trainer.precision, why = choose_precision(config.trainer.get("accelerator") or "auto")
+            rank_zero_info(f"modlm: precision {config.trainer.precision} (chosen automatically: {why}; "
+                           "--trainer.precision overrides)")
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from .flops import forward_flops
-from .metrics import capacity_used, decision_counts, quality_from_counts
+from .metrics import capacity_used, decision_counts, overlap_counts, quality_from_counts, token_depth
 from .model import MoDTransformer
 
 
@@ -39,7 +39,9 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
 
     Each batch is a (B, T+1) window tensor. Routing figures per routed block ``i``:
     ``capacity_used.layer_i`` (fraction processed) and, against top-k membership of the same pass,
-    ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision.
+    ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision;
+    ``overlap.layer_i``: the share of block ``i``'s picks that the next routed block picks too; and
+    ``depth.d``: the share of tokens that pass through exactly ``d`` blocks (how routing spends depth).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -49,6 +51,8 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     nll_sum, n_tokens, n_bytes = 0.0, 0, 0
     capacity: dict[int, list[float]] = {}
     counts: dict[int, torch.Tensor] = {}
+    shared: dict[int, list[int]] = {}  # per routed block: [picked by it and by the next one, picked by it]
+    depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long)
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
@@ -62,6 +66,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         for info in out.routing:
             capacity.setdefault(info.layer, []).append(capacity_used(info).item())
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
+        for info, after in zip(out.routing, out.routing[1:]):
+            both, mine = shared.setdefault(info.layer, [0, 0])
+            add_both, add_mine = overlap_counts(info, after)
+            shared[info.layer] = [both + add_both, mine + add_mine]
+        depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers)).expand(targets.shape)
+        depth_counts += torch.bincount(depth.flatten().cpu(), minlength=model.config.n_layers + 1)
         if progress is not None:
             progress.update(1)
     if n_tokens == 0:
@@ -75,6 +85,10 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         if not model.config.random_routing:
             for name, value in quality_from_counts(counts[layer]).items():
                 result[f"{name}.layer_{layer}"] = value
+    for layer, (both, mine) in shared.items():
+        result[f"overlap.layer_{layer}"] = both / max(1, mine)
+    for depth, count in enumerate(depth_counts.tolist()):
+        result[f"depth.{depth}"] = count / n_tokens
     if capacity:
         result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in capacity)
     return result

@@ -56,6 +56,12 @@ def token_depth(infos: Sequence[RoutingInfo], n_layers: int) -> torch.Tensor:
     return n_dense + picked
 
 
+def overlap_counts(info: RoutingInfo, after: RoutingInfo) -> tuple[int, int]:
+    """(tokens picked by this block and by the next routed block ``after``, tokens picked by this
+    block): counts, to add up over batches before the ratio."""
+    return int((info.selected & after.selected).sum()), int(info.selected.sum())
+
+
 def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, float]:
     """Per-block capacity, overlap with the next routed block, and trivial-token picks for one
     batch, keyed ``"<name>/layer_<i>"``."""
@@ -68,5 +74,6 @@ def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot
         if eot_id is not None:
             stats[f"selected_eot/{layer}"] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
         if n + 1 < len(infos):
-            stats[f"overlap/{layer}"] = (sel & infos[n + 1].selected).sum().item() / max(1, sel.sum().item())
+            both, mine = overlap_counts(info, infos[n + 1])
+            stats[f"overlap/{layer}"] = both / max(1, mine)
     return stats
