@@ -10,14 +10,9 @@ and the median. The tokenizer is trained (or loaded from data/cache) before timi
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from modlm.data import ModLMDataModule  # noqa: E402
+from modlm.data import ModLMDataModule
 
 
 def main() -> None:
@@ -30,6 +25,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a hub source must not download while timed
 
     dm = ModLMDataModule(source=args.source, seq_len=args.seq_len, batch_size=args.batch_size,
                          num_workers=args.num_workers)

@@ -3,7 +3,8 @@
     python bench/telemetry_overhead.py                 # default config, 3 interleaved A/B pairs
     python bench/telemetry_overhead.py --steps 40 --pairs 5
 
-Each run is a real ``Trainer.fit`` of the default model and data (configs/default.yaml settings)
+Each run is a real ``Trainer.fit`` of the default model and data (the code's defaults, with
+configs/default.yaml's trainer settings)
 for ``--steps`` optimizer steps, with the default telemetry intervals (``RoutingStats``,
 ``FlopsMeter``, ``RoutingHeatmap``; validation off so only per-step costs count). The time of every
 step after the warm-up is recorded by a small timing callback; the figure is the ratio of median
@@ -43,10 +44,10 @@ class StepTimer(pl.Callback):
 
 
 def run(telemetry: bool, steps: int, skip: int) -> list[float]:
-    cfg = DEFAULT_CONFIG  # the default run's model, data and trainer settings, read from its config
+    cfg = DEFAULT_CONFIG  # the default run's trainer settings; its model and data are the code's defaults
     pl.seed_everything(cfg["seed_everything"], verbose=False)
-    data = ModLMDataModule(**cfg["data"])
-    model = MoDLightningModule(**cfg["model"], vocab_size=data.tokenizer_vocab_size, max_seq_len=data.seq_len)
+    data = ModLMDataModule()
+    model = MoDLightningModule(vocab_size=data.tokenizer_vocab_size, max_seq_len=data.seq_len)
     timer = StepTimer(skip)
     callbacks = [timer] + ([RoutingStats(), FlopsMeter(), RoutingHeatmap()] if telemetry else [])
     trainer_cfg = {k: cfg["trainer"][k] for k in ("precision", "log_every_n_steps", "gradient_clip_val")}

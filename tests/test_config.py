@@ -48,3 +48,14 @@ def test_defaults_are_the_papers_setting():
 def test_round_trips_through_a_dict():
     cfg = ModelConfig(d_model=128, n_heads=4, capacity=0.5, causal_method="router")
     assert ModelConfig(**cfg.to_dict()) == cfg
+
+
+def test_rebuilt_from_saved_hyperparameters_and_tensor_differences():
+    saved = {"d_model": 64, "n_heads": 4, "capacity": 0.5, "lr": 1e-3, "warmup_steps": 10}  # module hparams
+    cfg = ModelConfig.from_hparams(saved)
+    assert (cfg.d_model, cfg.n_heads, cfg.capacity) == (64, 4, 0.5)
+    # capacity does not change tensors; d_model does; a field this run leaves unset is not compared
+    assert ModelConfig.tensor_differences(saved, {"d_model": 64, "capacity": 0.25}) == []
+    assert ModelConfig.tensor_differences(saved, {"d_model": 32, "n_heads": None}) == [
+        "d_model=64 in the checkpoint, 32 in this run"]
+    assert "capacity" not in ModelConfig.TENSOR_FIELDS and "d_model" in ModelConfig.TENSOR_FIELDS

@@ -5,6 +5,7 @@ GPU presets are instantiated on the CPU (``--trainer.accelerator cpu --trainer.d
 test corpus and tokenizer instead of their real data; their model shapes are checked on the meta
 device at the vocabulary size they ask for.
 """
+import inspect
 from pathlib import Path
 
 import pytest
@@ -16,21 +17,35 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from modlm import ModelConfig, MoDTransformer
 from modlm.callbacks import NonFiniteLossGuard
 from modlm.cli import ModLMCLI
+from modlm.data import ModLMDataModule
 from modlm.lit_module import MoDLightningModule
-from modlm.sharding import block_policy
-from train_helpers import REPO, VAL_FRACTION, tiny_tokenizer  # noqa: F401 (fixture)
+from modlm.parallel import block_policy
+from train_helpers import REPO, VAL_FRACTION
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Parameter counts the preset files promise (tied embeddings, at their own vocab_size).
 PROMISED_PARAMS = {"paper60m.yaml": 62e6, "paper220m.yaml": 225e6, "default.yaml": 7e6}
 
 
+def code_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
 def merged(path: Path) -> dict:
-    """default.yaml overridden by ``path``, one level deep per group (what the CLI does)."""
-    out = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
-    for group, values in (yaml.safe_load(path.read_text()) or {}).items():
-        out[group] = {**out.get(group, {}), **values} if isinstance(values, dict) else values
+    """The data module's defaults, then default.yaml, then ``path``, one level deep per group (what
+    the CLI does; the model's defaults stay implicit, ``ModelConfig`` applies them)."""
+    out = {"model": {}, "data": code_defaults(ModLMDataModule)}
+    for config in (REPO / "configs" / "default.yaml", path):
+        for group, values in (yaml.safe_load(config.read_text()) or {}).items():
+            out[group] = {**out.get(group, {}), **values} if isinstance(values, dict) else values
     return out
+
+
+def test_default_config_restates_no_code_default():
+    """Each default has one source: default.yaml holds the trainer's settings, never a value the
+    model, data or checkpoint classes already declare."""
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert set(default) == {"seed_everything", "trainer"}
 
 
 def test_there_are_presets():

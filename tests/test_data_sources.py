@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from modlm.data import DataError, DataWarning
-from modlm.data.sources import FileCorpus, open_corpus, stdlib_files
-from modlm.data.split import is_val
+from modlm.data.sources import FileCorpus, is_val, open_corpus, stdlib_files
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py",

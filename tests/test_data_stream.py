@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from modlm.data import DataError, ModLMDataModule
-from modlm.data.dataset import PackedTrainStream
-from modlm.data.packing import pack_windows
+from modlm.data.dataset import PackedTrainStream, pack_windows
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",

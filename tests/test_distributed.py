@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.sharding import block_policy
-from train_helpers import run_train, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+from modlm.parallel import block_policy
+from train_helpers import run_train, scalars, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):
 
 
 def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
-    """FSDPStrategy's policy (modlm.sharding): with raw FSDP1 on a 1-process gloo group, the wrapped
+    """FSDPStrategy's policy (modlm.parallel): with raw FSDP1 on a 1-process gloo group, the wrapped
     model computes the same loss as the plain one, and gradients reach the routers."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -105,5 +105,35 @@ def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
         recomputed = ckpt(x, targets=x).loss
         assert recomputed.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
         recomputed.backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_parallelize_compiles_then_shards_every_block_and_the_root():
+    """FSDP2 on a 1-process gloo group: ``parallelize`` makes each block and the root a
+    ``fully_shard`` unit, keeps the blocks' compile, drops a mesh's size-1 dimension, and the
+    sharded model computes what the plain one does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from modlm.parallel import fsdp_mesh, parallelize
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29518")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        assert fsdp_mesh(mesh).ndim == 1
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, capacity=0.25)
+        plain, compiled, sharded = MoDTransformer(cfg), MoDTransformer(cfg), MoDTransformer(cfg)
+        sharded.load_state_dict(plain.state_dict())
+        parallelize(compiled, mesh, compile=True)
+        assert isinstance(compiled, FSDPModule) and all(isinstance(b, FSDPModule) for b in compiled.blocks)
+        assert all(b._compiled_call_impl is not None for b in compiled.blocks)
+        parallelize(sharded, mesh)
+        assert all(b._compiled_call_impl is None for b in sharded.blocks)
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        assert sharded(x, targets=x).loss.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
     finally:
         dist.destroy_process_group()

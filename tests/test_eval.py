@@ -1,7 +1,6 @@
 """eval.py on checkpoints of real tiny training runs: numbers, modes, export, and bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -9,11 +8,8 @@ import pytest
 import torch
 
 from modlm.cli import main as train_main
-from train_helpers import REPO, tiny_args, tiny_tokenizer  # noqa: F401 - fixture
-
-spec = importlib.util.spec_from_file_location("modlm_eval_script", REPO / "eval.py")
-eval_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_script)
+from modlm.eval_cli import main as eval_main
+from train_helpers import REPO, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--max-batches", "2", "--decode-tokens", "8", "--prompt-tokens", "8"]
 
@@ -33,7 +29,7 @@ def checkpoints(tmp_path_factory, tiny_tokenizer):
 
 
 def run_eval(*argv) -> int:
-    return eval_script.main([str(a) for a in argv])
+    return eval_main([str(a) for a in argv])
 
 
 def test_json_has_every_key_with_finite_values(checkpoints, tmp_path):
@@ -96,3 +92,16 @@ def test_bad_inputs_end_with_one_line_and_status_2(checkpoints, tmp_path, tiny_t
         assert run_eval(*argv, *EVAL_FLAGS) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_script_runs_the_package_command(checkpoints, tmp_path):
+    """``python eval.py`` is a thin entry point: the flags the benchmarks use reach ``modlm.eval_cli``."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "script.json"
+    done = subprocess.run([sys.executable, str(REPO / "eval.py"), str(checkpoints["mod"]), "--json", str(out),
+                           "--quiet", "--decode-tokens", "4", "--device", "cpu", "--max-batches", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["params"] > 0

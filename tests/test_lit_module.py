@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from modlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from modlm.lit_module import CheckpointMismatchError, MoDLightningModule, split_batch
+from modlm.checkpoint import CheckpointMismatchError
+from modlm.batch import split_batch
+from modlm.lit_module import MoDLightningModule
 from modlm.optim import WarmupCosine, param_groups
 
 V, T = 64, 16

@@ -5,7 +5,7 @@ import torch
 
 from modlm import precision
 from modlm.cli import ModLMCLI
-from train_helpers import VAL_FRACTION, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import VAL_FRACTION
 
 BF16_CPU = {"avx512_bf16"}  # e.g. Intel Sapphire Rapids / AMD Zen 4
 AVX2_CPU: set = set()       # e.g. AMD EPYC Zen 2/3: bf16 only emulated

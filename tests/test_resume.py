@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from train_helpers import run_train, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import run_train, scalars, tiny_args
 
 N, K = 12, 8  # total steps; the killed run dies after step K (a checkpoint every 4 steps)
 COMMON = ("--trainer.max_steps", str(N), "--checkpoint.every_n_train_steps", "4",

@@ -1,4 +1,4 @@
-"""The command line (SPEC section 2): default config, outputs under default_root_dir, linked
+"""The command line: default config, outputs under default_root_dir, linked
 arguments, TensorBoard tags, and user errors as one line with a non-zero exit.
 
 Runs ``modlm.cli.main`` in-process (what ``train.py`` calls) on the tiny preset.
@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from modlm.cli import DEFAULT_CONFIG, main
-from train_helpers import REPO, scalars, tiny_args, tiny_tokenizer  # noqa: F401 (fixture)
+from train_helpers import REPO, scalars, tiny_args
 
 
 def digest(path) -> str:
@@ -31,9 +31,12 @@ def test_no_config_means_the_default_config(capsys):
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert DEFAULT_CONFIG == REPO / "configs" / "default.yaml"
     for group in ("trainer", "model", "data", "checkpoint"):
-        for key, value in default[group].items():
+        for key, value in default.get(group, {}).items():
             assert printed[group][key] == value, (group, key)
     assert printed["model"]["capacity"] == 0.125 and printed["model"]["route_every"] == 2
+    # the default run's other settings come from the code's defaults, their only source
+    assert (printed["model"]["lr"], printed["model"]["warmup_steps"]) == (0.002, 50)
+    assert printed["data"]["val_windows"] == 64 and printed["checkpoint"]["every_n_train_steps"] == 100
 
 
 def test_run_puts_every_output_under_default_root_dir(tmp_path, tiny_tokenizer, monkeypatch):

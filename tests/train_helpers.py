@@ -1,44 +1,26 @@
-"""Shared pieces of the training tests: a tokenizer trained once, running train.py, reading logs.
+"""Shared pieces of the training tests: the tiny run's arguments, running train.py, reading logs.
 
-Not a test module (no ``test_`` prefix); test files import the fixture and helpers from here.
+Not a test module (no ``test_`` prefix); test files import the helpers from here (the tokenizer
+they train on is the ``tiny_tokenizer`` fixture of ``conftest.py``).
 ``KillAtStep`` is used by subprocesses (``--trainer.callbacks+=train_helpers.KillAtStep``, with
 this folder on ``PYTHONPATH``) to die like a pre-empted job.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-# The tiny preset's data settings; the tokenizer is trained on them once per session.
+# The tiny preset's data settings; conftest.py's tokenizer is trained on them once per session.
 TINY_DATA = dict(seq_len=32, batch_size=4, vocab_size=512, val_windows=8, tokenizer_train_chars=200_000)
 VAL_FRACTION = "0.2"  # the small corpus needs a larger share to give a non-empty validation split
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory) -> tuple[str, str]:
-    """``(corpus folder, tokenizer.json)`` for tiny runs: 80 stdlib modules copied under tmp (opening
-    the whole stdlib costs seconds per process) and a tokenizer trained on them once."""
-    from modlm.data import ModLMDataModule
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py"))[:80]:
-        shutil.copy(path, corpus / path.name)
-    cache = tmp_path_factory.mktemp("tokenizer")
-    dm = ModLMDataModule(source=str(corpus), num_workers=0, cache_dir=str(cache),
-                         val_fraction=float(VAL_FRACTION), **TINY_DATA)
-    return str(corpus), str(dm.tokenizer_file)
 
 
 def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ What it adds to plain LightningCLI:
 * callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
   ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any later run),
   ``--lr_monitor.*``, the routing / FLOPs telemetry (``--routing_stats.*``, ``--flops.*``,
-  ``--routing_heatmap.*``), plus ``modlm.callbacks.default_callbacks()`` (non-finite loss guard,
+  ``--routing_heatmap.*``), the dashboard layout (``--dashboard.*``), plus ``default_callbacks()`` (non-finite loss guard,
   ``ThroughputMonitor`` with analytic FLOPs).
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
 """
@@ -20,17 +20,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import NonFiniteLossError, default_callbacks
+from .batch import batch_size, batch_tokens
+from .callbacks import NonFiniteLossError, NonFiniteLossGuard
 from .callbacks.dashboard import Dashboard
 from .callbacks.flops_meter import FlopsMeter
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
 from .callbacks.tensorboard import StreamTensorBoardLogger
-from .lit_module import CheckpointMismatchError, MoDLightningModule
+from .checkpoint import check_resume_shape
+from .lit_module import MoDLightningModule
 from .precision import choose_precision
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -38,10 +41,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
-SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings", "route_every",
-                "causal_method", "predictor_hidden")
-"""``ModelConfig`` fields that change the model's tensors (``vocab_size`` follows the data and is
-checked against the checkpoint's tensors when they are loaded)."""
+
+def default_callbacks() -> list[pl.Callback]:
+    """What every run gets besides ``ModelCheckpoint``, ``LearningRateMonitor`` and the telemetry
+    (configurable groups below) and Lightning's default progress bar."""
+    return [
+        NonFiniteLossGuard(),
+        # rates over the last 5 batches: short enough to show up in a smoke run
+        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=5),
+    ]
 
 
 def _datamodule_class():
@@ -78,11 +86,11 @@ class ModLMCLI(LightningCLI):
             "checkpoint.filename": "{step:07d}",
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": -1,
-            "checkpoint.every_n_train_steps": 200,
+            "checkpoint.every_n_train_steps": 100,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        # Routing and FLOPs telemetry (issue #5): always on, tuned with --routing_stats.*, --flops.*,
+        # Routing and FLOPs telemetry: always on, tuned with --routing_stats.*, --flops.*,
         # --routing_heatmap.*.
         parser.add_lightning_class_args(RoutingStats, "routing_stats")
         parser.add_lightning_class_args(FlopsMeter, "flops")
@@ -107,17 +115,7 @@ class ModLMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-            import torch
-
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            wanted = self.config.fit.model
-            diffs = [
-                f"{name}={saved[name]!r} in the checkpoint, {wanted.get(name)!r} in this run"
-                for name in SHAPE_FIELDS
-                if name in saved and wanted.get(name) is not None and saved[name] != wanted.get(name)
-            ]
-            if diffs:
-                raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
+            check_resume_shape(ckpt_path, self.config.fit.model)
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
@@ -144,7 +142,7 @@ class ModLMCLI(LightningCLI):
 
 USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
 """Exceptions that mean "fix your input", printed as one line. ``DataError``, ``ModelConfig``'s
-errors and ``CheckpointMismatchError`` are ``ValueError`` subclasses."""
+errors and ``modlm.checkpoint``'s are ``ValueError`` subclasses."""
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -6,13 +6,22 @@ config is the first thing a researcher reads to know what a checkpoint is.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Literal, Mapping, Optional
 
 
 @dataclass
 class ModelConfig:
     """Shape and routing of a Mixture-of-Depths decoder-only transformer."""
+
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings",
+        "route_every", "causal_method", "predictor_hidden",
+    )
+    """The fields that decide which parameters exist and their shapes (``n_heads`` only splits
+    them, but weights trained with other heads compute another function): saved weights load only
+    into a model that agrees on all of them. The others (capacity, aux weights, ...) may change
+    between a checkpoint and the run that resumes or evaluates it."""
 
     vocab_size: int = 8192
     """Number of token ids (follows the tokenizer)."""
@@ -108,10 +117,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @property
-    def is_dense(self) -> bool:
-        return self.route_every == 0
-
     def is_routed(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) is wrapped by a router."""
         return self.route_every > 0 and (layer + 1) % self.route_every == 0
@@ -126,3 +131,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping) -> "ModelConfig":
+        """Rebuild from saved hyperparameters (a checkpoint's ``hyper_parameters``, an export's
+        ``config.json``), ignoring keys that are not fields (optimizer settings, ...)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hparams.items() if k in names})
+
+    @classmethod
+    def tensor_differences(cls, saved: Mapping, wanted: Mapping) -> list[str]:
+        """The tensor-deciding fields set in both mappings to different values, as
+        ``"name=saved in the checkpoint, wanted in this run"`` (a field this run leaves unset or
+        ``None`` is not compared)."""
+        return [
+            f"{name}={saved[name]!r} in the checkpoint, {wanted[name]!r} in this run"
+            for name in cls.TENSOR_FIELDS
+            if name in saved and wanted.get(name) is not None and saved[name] != wanted[name]
+        ]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from .callbacks.routing_stats import decision_counts, quality_from_counts, token_depth
 from .flops import forward_flops
+from .metrics import capacity_used, decision_counts, overlap_counts, quality_from_counts, token_depth
 from .model import MoDTransformer
 
 
@@ -64,11 +64,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[targets].sum())
         for info in out.routing:
-            capacity.setdefault(info.layer, []).append(info.selected.float().mean().item())
+            capacity.setdefault(info.layer, []).append(capacity_used(info).item())
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
         for info, after in zip(out.routing, out.routing[1:]):
             both, mine = shared.setdefault(info.layer, [0, 0])
-            shared[info.layer] = [both + int((info.selected & after.selected).sum()), mine + int(info.selected.sum())]
+            add_both, add_mine = overlap_counts(info, after)
+            shared[info.layer] = [both + add_both, mine + add_mine]
         depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers)).expand(targets.shape)
         depth_counts += torch.bincount(depth.flatten().cpu(), minlength=model.config.n_layers + 1)
         if progress is not None:

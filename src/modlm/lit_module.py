@@ -1,4 +1,4 @@
-"""The LightningModule: a ``MoDTransformer`` plus its loss, metrics, optimizer and sharding.
+"""The LightningModule: a ``MoDTransformer`` plus its loss, metrics and optimizer.
 
 Model arguments are flat: every ``ModelConfig`` field is an init argument of this module (taken as
 ``**model_config`` and passed to ``ModelConfig``; jsonargparse follows that call, so LightningCLI
@@ -16,61 +16,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from .batch import split_batch
+from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
 from .config import ModelConfig
 from .flops import forward_flops, training_flops
 from .model import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose tensors do not fit the model this run builds (another shape or vocab)."""
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets from a batch.
-
-    Accepts a (B, T+1) window tensor (inputs are the first T tokens, targets the last T), an
-    ``(inputs, targets)`` pair, or a dict with ``input_ids``/``targets`` (or ``labels``).
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch[:, :-1], batch[:, 1:]
-    if isinstance(batch, dict):
-        targets = batch.get("targets", batch.get("labels"))
-        if targets is None:
-            return split_batch(batch["input_ids"])
-        return batch["input_ids"], targets
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"unsupported batch type {type(batch).__name__}: expected a (B, T+1) tensor or (inputs, targets)")
-
-
-def fsdp_mesh(mesh):
-    """The FSDP2 mesh to use from ``ModelParallelStrategy``'s (data_parallel, tensor_parallel) mesh.
-
-    modlm has no tensor parallelism; both dimensions shard or replicate parameters. The strategy's
-    "auto" sizes give (nodes, devices per node): shard within a node, replicate across nodes (HSDP,
-    a 2-D mesh to ``fully_shard``). A dimension of size 1 is dropped, so a 1-node run, or
-    ``data_parallel_size=world, tensor_parallel_size=1``, shards over every rank (plain FSDP).
-    Every rank reads different data either way (the data module shards by global rank).
-    """
-    if mesh.ndim == 1:
-        return mesh
-    outer, inner = mesh.mesh_dim_names
-    if mesh[inner].size() == 1:
-        return mesh[outer]
-    if mesh[outer].size() == 1:
-        return mesh[inner]
-    return mesh
+from .parallel import parallelize
 
 
 class MoDLightningModule(pl.LightningModule):
     def __init__(
         self,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
-        warmup_steps: int = 100,
+        warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         lr_decay_steps: Optional[int] = None,
         compile: bool = False,
@@ -89,7 +51,7 @@ class MoDLightningModule(pl.LightningModule):
             lr_decay_steps: Step at which the cosine reaches its floor. Default: the trainer's
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
-            compile: ``torch.compile`` each transformer block (after sharding, if any).
+            compile: ``torch.compile`` each transformer block (see ``modlm.parallel``).
             validate_causal: For routed models, also validate with causal routing
                 (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
@@ -113,29 +75,15 @@ class MoDLightningModule(pl.LightningModule):
         self._configured = False
         self._rng_to_restore: Optional[dict] = None  # generator states of a resumed checkpoint, until its first step
 
-    # --- model building / sharding ---------------------------------------------------------------
+    # --- compile / sharding ---------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Shard (FSDP2) and compile the model. Called by every strategy; idempotent.
-
-        With ``ModelParallelStrategy`` each transformer block becomes its own FSDP2 unit and the
-        root module holds the rest (embedding, final norm, LM head). The tied embedding / LM head
-        weight therefore lives in one unit only, as FSDP requires of a shared parameter. Routing
-        is decided by the config, not the block's class, so sharded blocks route as before; the
-        model was built in ``__init__`` with its own init, so nothing is left on the meta device.
-        """
+        """Compile and shard the model (``modlm.parallel.parallelize``). Called by every strategy,
+        again for validate/test after fit: idempotent. The model was built in ``__init__`` with its
+        own init, so nothing is left on the meta device."""
         if self._configured:
             return
         self._configured = True
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = fsdp_mesh(self.device_mesh)
-            for block in self.model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-        if self.hparams.compile:
-            for block in self.model.blocks:
-                block.compile()
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
@@ -228,41 +176,19 @@ class MoDLightningModule(pl.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # torch's generators decide random routing (the control runs) and nothing else here; Lightning
-        # does not save them, so without this a resumed random-routing run would pick other tokens.
-        checkpoint["torch_rng_states"] = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
         # the generator (its worker seed), a draw the uninterrupted run made before its first step.
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is not None:
-            # Every rank is seeded alike (seed_everything) and draws alike, so rank 0's saved state
-            # is every rank's; a checkpoint from another GPU count restores the CPU generator only.
-            torch.set_rng_state(rng["cpu"])
-            if torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            restore_rng_states(rng)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep torch's generator states for the first step; refuse, with a message naming the
         tensors, a checkpoint of another model shape."""
-        self._rng_to_restore = checkpoint.get("torch_rng_states")
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
         saved = checkpoint.get("state_dict") or {}
-        if not saved:
-            return  # sharded checkpoints are loaded (and checked) by the strategy itself
-        own = self.state_dict()
-        problems = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in saved.items()
-            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        missing = sorted(set(own) - set(saved))
-        unexpected = sorted(set(saved) - set(own))
-        if problems or missing or unexpected:
-            details = problems[:3] + [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
-            raise CheckpointMismatchError(
-                "checkpoint does not fit this model (another shape or vocabulary?): " + "; ".join(details)
-            )
+        if saved:  # sharded checkpoints are loaded (and checked) by the strategy itself
+            check_state_dict_fits(self.state_dict(), saved)

@@ -1,4 +1,4 @@
-"""What each optimizer step costs in FLOPs, and what MoD saves (tags: SPEC section 2).
+"""What each optimizer step costs in FLOPs, and what MoD saves, as TensorBoard scalars.
 
   flops/step            training FLOPs of the optimizer step: every micro-batch of the gradient
                         accumulation, on every rank; analytic (``modlm.flops``, as the module's

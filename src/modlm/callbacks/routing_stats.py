@@ -1,8 +1,8 @@
-"""What the routers do, as TensorBoard scalars and histograms (tags: SPEC section 2).
+"""What the routers do, as TensorBoard scalars and histograms.
 
 Reads the ``RoutingInfo`` list of the module's latest forward (``pl_module.last_routing``;
 validation also keeps ``pl_module.last_routing_causal`` from its causal pass) and the batch. Everything is
-computed from tensors the forward pass already made, at ``every_n_steps`` (scalars) and
+computed (by ``modlm.metrics``) from tensors the forward pass already made, at ``every_n_steps`` (scalars) and
 ``histogram_every_n_steps`` (histograms), so it costs next to nothing between those steps.
 
 Scalars per routed block ``i``:
@@ -19,62 +19,13 @@ and ``router/depth_mean`` (mean number of blocks a token passes through), ``trai
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..routing import RoutingInfo, causal_logits
+from ..metrics import capacity_used, decision_counts, decision_quality, quality_from_counts, selection_scalars, token_depth
 from .tensorboard import tensorboard_writer
-
-
-def causal_decision(info: RoutingInfo) -> torch.Tensor:
-    """The per-token decision causal routing makes: the predictor's if there is one, else the router's."""
-    return causal_logits(info.router_logits, info.predictor_logits) > 0
-
-
-def decision_counts(info: RoutingInfo) -> torch.Tensor:
-    """[agreements, tokens, true positives, predicted positives, top-k positives] of the causal decision."""
-    decision, target = causal_decision(info), info.topk
-    counts = [(decision == target).sum(), torch.tensor(target.numel(), device=target.device),
-              (decision & target).sum(), decision.sum(), target.sum()]
-    return torch.stack(counts).double()  # on the device: no sync until the ratios are needed
-
-
-def quality_from_counts(counts: torch.Tensor) -> dict[str, float]:
-    agree, total, true_pos, predicted, actual = counts.tolist()
-    return {
-        "causal_acc": agree / max(1.0, total),
-        "causal_precision": true_pos / max(1.0, predicted),
-        "causal_recall": true_pos / max(1.0, actual),
-    }
-
-
-def decision_quality(info: RoutingInfo) -> dict[str, float]:
-    """Accuracy, precision and recall of the causal decision against top-k membership."""
-    return quality_from_counts(decision_counts(info))
-
-
-def token_depth(infos: Sequence[RoutingInfo], n_layers: int) -> torch.Tensor:
-    """(B, T) number of blocks each token went through: every dense block plus the routed ones that picked it."""
-    n_dense = n_layers - len(infos)
-    picked = torch.stack([info.selected for info in infos]).sum(dim=0) if infos else 0
-    return n_dense + picked
-
-
-def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, float]:
-    """Per-layer capacity, overlap and trivial-token scalars for one batch (keys without prefix)."""
-    stats = {}
-    for n, info in enumerate(infos):
-        sel = info.selected
-        layer = f"layer_{info.layer}"
-        stats[f"capacity_used/{layer}"] = sel.float().mean().item()
-        stats[f"selected_first/{layer}"] = sel[:, 0].float().mean().item()
-        if eot_id is not None:
-            stats[f"selected_eot/{layer}"] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
-        if n + 1 < len(infos):
-            stats[f"overlap/{layer}"] = (sel & infos[n + 1].selected).sum().item() / max(1, sel.sum().item())
-    return stats
 
 
 class RoutingStats(Callback):
@@ -130,7 +81,7 @@ class RoutingStats(Callback):
         infos = getattr(pl_module, "last_routing_causal", None)
         if not infos or trainer.sanity_checking:
             return
-        pl_module.log_dict({f"router/capacity_used_causal/layer_{info.layer}": info.selected.float().mean()
+        pl_module.log_dict({f"router/capacity_used_causal/layer_{info.layer}": capacity_used(info)
                             for info in infos}, on_step=False, on_epoch=True, sync_dist=True)
         if not pl_module.model.config.random_routing:
             for info in infos:

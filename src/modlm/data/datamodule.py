@@ -70,7 +70,7 @@ class ModLMDataModule(L.LightningDataModule):
         vocab_size: int = 8192,
         tokenizer_path: Optional[str] = None,
         val_fraction: float = 0.05,
-        val_windows: int = 128,
+        val_windows: int = 64,
         num_workers: int = 1,
         seed: int = 1234,
         text_field: str = "text",

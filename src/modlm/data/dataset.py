@@ -7,11 +7,21 @@ them into windows of seq_len + 1 tokens and yields whole batches, each with the 
 stream position after it. Each shard cycles through epochs forever; the document order is
 reshuffled every epoch with the seed.
 
+Packing (``pack_windows``). Documents arrive already joined with the end-of-text token.
+Windows are cut back to back (no overlap, no padding, nothing dropped), so every token of the
+stream lands in exactly one window; a document may span several windows and a window several
+documents. After each window the packer reports the stream position of the first token it has
+not emitted yet, `{"epoch", "pos", "offset"}`: document `pos` of epoch `epoch`, token `offset`
+inside it. The packing carry-over (tokens read but not yet emitted) is exactly the tail of the
+stream from that position, so the position alone is enough to resume.
+
 Resume. The state of a rank's stream is every logical worker's position plus which worker
 delivers the next batch (torch's DataLoader takes batches from its workers round-robin).
 A new DataLoader always starts at physical worker 0, so physical worker p plays logical
 worker (p + next_worker) % num_workers: the round-robin then continues where it stopped.
 """
+import copy
+from collections import deque
 from itertools import islice
 from typing import Iterator, Optional
 
@@ -20,10 +30,40 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
-from .packing import pack_windows
 from .tokenizer import EOT_TOKEN, tokenizer_from_str
 
 DOCS_PER_ENCODE = 64  # documents tokenized per encode_batch call
+
+
+def pack_windows(docs: Iterator[tuple[int, int, np.ndarray, int]], window: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """docs: (epoch, pos, token ids, base) where `ids` are the document's tokens from
+    offset `base` on (base > 0 only for the document a resumed stream starts in).
+
+    Yields (window of `window` int64 tokens, position after it)."""
+    pending: deque = deque()  # [epoch, pos, ids, next index into ids, base]
+    buffered = 0
+    for epoch, pos, ids, base in docs:
+        if len(ids) == 0:
+            continue
+        pending.append([epoch, pos, ids, 0, base])
+        buffered += len(ids)
+        while buffered >= window:
+            parts, need = [], window
+            while need:
+                doc = pending[0]
+                take = min(need, len(doc[2]) - doc[3])
+                parts.append(doc[2][doc[3]:doc[3] + take])
+                doc[3] += take
+                need -= take
+                if doc[3] == len(doc[2]):
+                    pending.popleft()
+            buffered -= window
+            if pending:
+                head = pending[0]
+                position = {"epoch": head[0], "pos": head[1], "offset": head[4] + head[3]}
+            else:  # ended on a document boundary: resume at the next document of the shard
+                position = {"epoch": epoch, "pos": pos + 1, "offset": 0}
+            yield np.concatenate(parts), position
 
 
 class PackedTrainStream(IterableDataset):
@@ -45,7 +85,7 @@ class PackedTrainStream(IterableDataset):
                 f"shared by {world_size} rank(s) x {self.logical_workers} worker(s); "
                 "add documents or lower --data.num_workers"
             )
-        self.start_state: Optional[dict] = None  # set by ResumableLoader before iterating
+        self._start: Optional[dict] = None  # where iteration begins; see starting_at
         self._tok = None
 
     def __getstate__(self):  # the Rust tokenizer is rebuilt from JSON in each worker
@@ -62,6 +102,13 @@ class PackedTrainStream(IterableDataset):
             "workers": [{"epoch": 0, "pos": 0, "offset": 0} for _ in range(self.logical_workers)],
             "next_worker": 0,
         }
+
+    def starting_at(self, state: dict) -> "PackedTrainStream":
+        """A copy of this stream whose iteration begins at ``state`` (an ``initial_state()``-shaped
+        dict), to hand to a DataLoader; this stream is left as it was."""
+        stream = copy.copy(self)  # through __getstate__: without the tokenizer, which is shared back
+        stream._tok, stream._start = self._tok, copy.deepcopy(state)
+        return stream
 
     def slot(self, worker: int) -> int:
         return self.rank * self.logical_workers + worker
@@ -102,7 +149,7 @@ class PackedTrainStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         physical = 0 if info is None else info.id
-        state = self.start_state or self.initial_state()
+        state = self._start or self.initial_state()
         worker = (physical + state["next_worker"]) % self.logical_workers
         return self.batches(worker, state["workers"][worker])
 

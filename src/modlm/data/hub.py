@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 from .errors import DataError
-from .split import is_val
+from .sources import is_val
 
 _TRUE = {"1", "true", "yes", "on"}
 PROBE_TIMEOUT_S = 3.0

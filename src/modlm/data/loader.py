@@ -41,9 +41,8 @@ class ResumableLoader:
 
     def __iter__(self):
         self._ahead.clear()  # batches fetched ahead by a previous iterator are redone
-        self.dataset.start_state = copy.deepcopy(self._state)
         loader = DataLoader(
-            self.dataset,
+            self.dataset.starting_at(self._state),
             batch_size=None,  # workers already yield whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -13,6 +13,11 @@ Training positions. In epoch `e` the files are visited in an order shuffled with
 p with p % num_slots == slot, so the shards are disjoint and together cover the epoch.
 A shard's place in the stream is the position of its next document, which is all a
 resume needs (plus a token offset inside that document, kept by the packer).
+
+Split. A document's train/validation split depends only on a stable key (its path relative to
+the corpus root, plus its record number inside multi-record files, or its text for hub streams),
+never on the seed, the rank, the worker or the run: changing the seed must not leak validation
+documents into training.
 """
 import bisect
 import glob
@@ -26,7 +31,22 @@ from typing import Iterator
 
 from .errors import DataError
 from .readers import SUPPORTED_SUFFIXES, count_records, is_multi_record, read_records
-from .split import is_val, record_key
+
+def unit_hash(key: str) -> float:
+    """Map a key to a float in [0, 1), uniformly and identically on every machine."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def is_val(key: str, val_fraction: float) -> bool:
+    """True if the document with this key belongs to the validation split."""
+    return unit_hash(key) < val_fraction
+
+
+def record_key(relpath: str, record: int, multi_record: bool) -> str:
+    """The split key of record `record` of a file: the path alone for one-document files."""
+    return f"{relpath}#{record}" if multi_record else relpath
+
 
 # Folders never part of the stdlib corpus: test suites (mostly generated or adversarial
 # text, and not "library code"), third-party packages, caches.

@@ -1,0 +1,138 @@
+"""Saved models: reading them, exporting them, and deciding whether one fits a model.
+
+The one place to change the checkpoint format. Which ``ModelConfig`` fields decide the tensors is
+``ModelConfig.TENSOR_FIELDS``; how a config comes back from saved hyperparameters is
+``ModelConfig.from_hparams``. Everything else that reads or checks a saved model is here: the
+command line's refusal to resume a fit into another shape, the module's tensor check on load, the
+generator states a checkpoint carries, and evaluation's loading and export.
+
+Two forms: a Lightning checkpoint written by ``train.py`` (model weights under ``state_dict`` with
+the ``model.`` prefix, the module's hyperparameters, the data module's settings), and an export
+folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``). Both are read
+without unpickling code: checkpoints with ``torch.load(weights_only=True)``, exports with
+safetensors and JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import MoDTransformer
+
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a readable modlm model; the message names it."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tensors do not fit the model this run builds (another shape or vocab)."""
+
+
+# --- does it fit -----------------------------------------------------------------------------------
+def check_resume_shape(ckpt_path: str, wanted: dict) -> None:
+    """Refuse, naming the fields, to resume a fit from a checkpoint of another model shape.
+
+    ``wanted`` holds the run's ``--model.*`` values (unset ones are not compared). Run before
+    Lightning rebuilds the module from the checkpoint's hyperparameters, which would silently
+    override them.
+    """
+    saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    diffs = ModelConfig.tensor_differences(saved, wanted)
+    if diffs:
+        raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
+
+
+def check_state_dict_fits(own: dict, saved: dict) -> None:
+    """Raise ``CheckpointMismatchError`` naming the first tensors that differ in shape, are missing
+    or are unexpected, before torch's longer ``load_state_dict`` error."""
+    problems = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in saved.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    if problems or missing or unexpected:
+        details = problems[:3] + [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+        raise CheckpointMismatchError(
+            "checkpoint does not fit this model (another shape or vocabulary?): " + "; ".join(details)
+        )
+
+
+# --- generator states ------------------------------------------------------------------------------
+RNG_KEY = "torch_rng_states"
+"""Where a checkpoint keeps torch's generator states (Lightning saves none of them)."""
+
+
+def rng_states() -> dict:
+    """torch's CPU and CUDA generator states, to save. They decide random routing (the control
+    runs) and nothing else in modlm; without them a resumed random-routing run picks other tokens."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states: dict) -> None:
+    """Put back ``rng_states()``. Every rank is seeded alike (seed_everything) and draws alike, so
+    rank 0's saved state is every rank's; a checkpoint from another GPU count restores the CPU
+    generator only."""
+    torch.set_rng_state(states["cpu"])
+    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --- reading and exporting ---------------------------------------------------------------------------
+
+def load_model(path: str, device: str = "cpu") -> tuple[MoDTransformer, dict]:
+    """The model (in eval mode, on ``device``) and the data settings it was trained with."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if p.is_dir():
+        return _load_export(p, device)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - corrupt, truncated, or content that is not plain data
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, truncated, or it holds objects "
+            "other than tensors and plain values (modlm never unpickles code)"
+        ) from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
+        raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
+    try:
+        config = ModelConfig.from_hparams(hparams)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
+    model = MoDTransformer(config)
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
+    data = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
+    return model.to(device).eval(), data
+
+
+def _load_export(folder: Path, device: str) -> tuple[MoDTransformer, dict]:
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
+    try:
+        model = MoDTransformer.from_pretrained(folder, map_location=device)
+    except Exception as err:  # noqa: BLE001 - any failure here means a broken export
+        raise CheckpointError(f"cannot load export folder {folder}: {err}") from None
+    data = json.loads((folder / "data.json").read_text()) if (folder / "data.json").is_file() else {}
+    if (folder / "tokenizer.json").is_file():
+        data["tokenizer_path"] = str(folder / "tokenizer.json")
+    return model.eval(), data
+
+
+def export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
+    """Write an export folder: the model's safetensors and config, its tokenizer and data settings
+    (without the tokenizer path, which the folder's own ``tokenizer.json`` replaces)."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
+    (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,72 @@
+"""How a model is spread over devices and compiled: the one place to change sharding.
+
+* ``parallelize(model, mesh, compile=...)``: what ``MoDLightningModule.configure_model`` applies
+  under every Lightning strategy. With a device mesh (``ModelParallelStrategy``, FSDP2) each
+  transformer block becomes its own ``fully_shard`` unit and the root holds the rest (embedding,
+  final norm, LM head), so the tied embedding / LM head weight lives in one unit only, as FSDP
+  requires of a shared parameter. Without a mesh (one device, DDP, FSDP1) nothing is sharded here.
+* ``block_policy``: the wrap and activation-checkpointing policy for Lightning's ``FSDPStrategy``
+  (FSDP1), which shards by itself from a policy (see configs/fsdp1.yaml).
+
+Routing is decided by the config, not by a block's class, so wrapped or sharded blocks route as
+before. FSDP1 *replaces* a wrapped module by a ``FullyShardedDataParallel`` (or
+``CheckpointWrapper``) object that gathers its shards in ``forward``; a ``RoutedBlock`` runs its
+inner ``Block`` through ``forward`` (``residual=False``), so every ``Block``, dense or inside a
+routed block, can be its own unit, while routers and predictors (a few thousand parameters each)
+stay in the root unit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .layers import Block
+
+
+def fsdp_mesh(mesh):
+    """The FSDP2 mesh to use from ``ModelParallelStrategy``'s (data_parallel, tensor_parallel) mesh.
+
+    modlm has no tensor parallelism; both dimensions shard or replicate parameters. The strategy's
+    "auto" sizes give (nodes, devices per node): shard within a node, replicate across nodes (HSDP,
+    a 2-D mesh to ``fully_shard``). A dimension of size 1 is dropped, so a 1-node run, or
+    ``data_parallel_size=world, tensor_parallel_size=1``, shards over every rank (plain FSDP).
+    Every rank reads different data either way (the data module shards by global rank).
+    """
+    if mesh.ndim == 1:
+        return mesh
+    outer, inner = mesh.mesh_dim_names
+    if mesh[inner].size() == 1:
+        return mesh[outer]
+    if mesh[outer].size() == 1:
+        return mesh[inner]
+    return mesh
+
+
+def parallelize(model: nn.Module, mesh=None, compile: bool = False) -> nn.Module:
+    """Compile each transformer block (if asked), then shard blocks and root over ``mesh`` (FSDP2).
+
+    The order is torchtitan's and nanoGPT's: compile, then shard. With ``Module.compile`` the two
+    orders give the same program (compilation is in place and traces lazily, at the first call,
+    after the FSDP2 hooks exist; FSDP2 marks its hooks as not traceable, so its all-gathers and
+    reshards run eagerly around each compiled block either way). Compiling first is also the order
+    that stays right if this ever uses ``torch.compile(block)``, which returns a wrapper: FSDP must
+    then wrap the compiled module, so that its hooks stay outside the compiled code. Returns
+    ``model``, modified in place.
+    """
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = fsdp_mesh(mesh)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def block_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+    """FSDP1 ``auto_wrap_policy``: look inside everything, wrap each transformer ``Block``."""
+    return True if recurse else isinstance(module, Block)

@@ -1,0 +1,38 @@
+"""Routing metrics on hand-made routing decisions, where every figure can be counted by eye."""
+import pytest
+import torch
+
+from modlm.metrics import (capacity_used, decision_counts, overlap_counts, quality_from_counts, selection_scalars,
+                           token_depth)
+from modlm.routing import RoutingInfo
+
+
+def info(layer, selected, topk, predictor=None):
+    selected = torch.tensor(selected, dtype=torch.bool)
+    router = torch.where(selected, 1.0, -1.0)
+    return RoutingInfo(layer=layer, selected=selected, router_logits=router,
+                       predictor_logits=None if predictor is None else torch.tensor(predictor),
+                       topk=torch.tensor(topk, dtype=torch.bool), aux_losses={})
+
+
+def test_capacity_and_decision_counts():
+    # predictor says yes at positions 0, 1; top-k picked 1, 2: 2 of 4 agree, 1 true positive
+    a = info(1, [[1, 0, 0, 0]], [[0, 1, 1, 0]], predictor=[[2.0, 3.0, -1.0, -4.0]])
+    assert capacity_used(a).item() == 0.25
+    assert decision_counts(a).tolist() == [2, 4, 1, 2, 2]
+    assert quality_from_counts(decision_counts(a)) == {"causal_acc": 0.5, "causal_precision": 0.5, "causal_recall": 0.5}
+    # without a predictor the router's own logits decide: they follow `selected` here
+    b = info(3, [[1, 0, 0, 0]], [[1, 0, 0, 0]])
+    assert quality_from_counts(decision_counts(b))["causal_acc"] == 1.0
+
+
+def test_depth_and_selection_scalars():
+    a = info(1, [[1, 1, 0, 0]], [[1, 1, 0, 0]])
+    b = info(3, [[0, 1, 1, 0]], [[0, 1, 1, 0]])
+    assert token_depth([a, b], n_layers=4).tolist() == [[3, 4, 3, 2]]  # 2 dense blocks + picks
+    ids = torch.tensor([[7, 0, 7, 7]])
+    stats = selection_scalars([a, b], ids, eot_id=0)
+    assert stats["capacity_used/layer_1"] == 0.5 and stats["selected_first/layer_1"] == 1.0
+    assert overlap_counts(a, b) == (1, 2)
+    assert stats["overlap/layer_1"] == 0.5 and "overlap/layer_3" not in stats
+    assert stats["selected_eot/layer_1"] == pytest.approx(0.5) and stats["selected_eot/layer_3"] == pytest.approx(0.5)
