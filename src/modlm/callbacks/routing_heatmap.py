@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from .tensorboard import tensorboard_writer
 
 
-def sequence_text(trainer, ids: list[int], limit: int = 48) -> str:
+def sequence_text(trainer, ids: list[int], limit: int = 40) -> str:
     tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
     if tokenizer is None:
         return ""
@@ -36,15 +36,15 @@ def heatmap_figure(rows: list[tuple[str, torch.Tensor]], title: str = "", group:
 
     grid = torch.stack([r.float() for _, r in rows]).numpy()
     n_rows, n_pos = grid.shape
-    fig, ax = plt.subplots(figsize=(6.4, 0.42 * n_rows + 1.3), dpi=100)
+    fig, ax = plt.subplots(figsize=(4.6, 0.3 * n_rows + 1.25), dpi=100)  # ~460 px: a card's width
     ax.imshow(grid, aspect="auto", cmap="Greens", vmin=-0.15, vmax=1.0, interpolation="nearest")
-    ax.set_yticks(range(n_rows), [name for name, _ in rows], fontsize=11)
-    step = max(1, n_pos // 8)
-    ax.set_xticks(range(0, n_pos, step), [str(p) for p in range(0, n_pos, step)], fontsize=11)
-    ax.set_xlabel("position in the sequence", fontsize=11)
+    ax.set_yticks(range(n_rows), [name for name, _ in rows], fontsize=10)
+    step = max(1, n_pos // 4)
+    ax.set_xticks(range(0, n_pos, step), [str(p) for p in range(0, n_pos, step)], fontsize=10)
+    ax.set_xlabel("position in the sequence", fontsize=10)
     for boundary in range(group, n_rows, group) if group > 1 else ():
         ax.axhline(boundary - 0.5, color="white", linewidth=3)
-    ax.set_title(title or "tokens processed per routed block (dark = processed)", fontsize=10, loc="left")
+    ax.set_title(title or "tokens processed per routed block (dark = processed)", fontsize=9, loc="left")
     fig.tight_layout()
     return fig
 
