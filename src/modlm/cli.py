@@ -2,8 +2,9 @@
 
 What it adds to plain LightningCLI:
 
-* ``configs/default.yaml`` is read first, so ``python train.py fit`` alone trains the default MoD
-  model on the default corpus; ``--config FILE`` (repeatable) overrides it.
+* the package's ``configs/default.yaml`` (``configs/`` in a checkout links to it) is read first,
+  so ``python train.py fit`` (or ``modlm-train fit``) alone trains the default MoD model on the
+  default corpus; ``--config FILE`` (repeatable) overrides it.
 * data and model arguments are linked: the model's ``vocab_size`` is the tokenizer's, its
   ``max_seq_len`` the data's ``seq_len``; nobody keeps two numbers in step.
 * callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
@@ -36,8 +37,10 @@ from .checkpoint import check_resume_shape
 from .lit_module import MoDLightningModule
 from .precision import choose_precision
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-"""The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+"""The config ``python train.py fit`` (or ``modlm-train fit``) reads first, from any directory."""
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
