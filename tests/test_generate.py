@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
+from modlm.layers import Positions
 from modlm.routing import RoutedBlock
 
 V = 97
@@ -108,7 +109,7 @@ def test_length_and_mode_errors():
     block = next(b for b in model.blocks if isinstance(b, RoutedBlock))
     x = torch.zeros(1, 4, 32)
     with pytest.raises(ValueError, match="causal"):
-        block(x, x[..., :4], x[..., :4], "topk", cache.blocks[1])
+        block(x, Positions(x[..., :4], x[..., :4]), "topk", cache.blocks[1])
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
