@@ -51,21 +51,23 @@ class KVCache:
         and the slot's position stays -1, so the entry is invisible and the row's next real token
         overwrites it.
         """
-        rows = self.all_rows if rows is None else rows
-        slot = self.length.index_select(0, rows)
-        self.k[rows, :, slot] = k[:, :, 0]
-        self.v[rows, :, slot] = v[:, :, 0]
+        span = self.max_len if span is None else span
+        # All rows: the slot is the length itself, read by the mask and the writes before it moves.
+        slot = self.length if rows is None else self.length.index_select(0, rows)
+        at = self.all_rows if rows is None else rows
+        mask = (self.slot_ids[:span] <= slot.unsqueeze(1))[:, None, None, :]  # (n, 1, 1, span)
         if n_real is not None:
             position = position.masked_fill(n_real == 0, -1)
-        self.positions[rows, slot] = position
-        added = torch.ones_like(slot) if n_real is None else n_real
-        self.length.index_add_(0, rows, added)
-        span = self.max_len if span is None else span
+        self.k[at, :, slot] = k[:, :, 0]
+        self.v[at, :, slot] = v[:, :, 0]
+        self.positions[at, slot] = position
         keys, values = self.k[:, :, :span], self.v[:, :, :span]
-        if rows is not self.all_rows:
+        if rows is None:
+            self.length += 1 if n_real is None else n_real
+        else:
             keys, values = keys.index_select(0, rows), values.index_select(0, rows)
-        mask = self.slot_ids[:span] <= slot.unsqueeze(1)  # (n, span): earlier entries and itself
-        return keys, values, mask[:, None, None, :]
+            self.length.index_add_(0, rows, torch.ones_like(rows) if n_real is None else n_real)
+        return keys, values, mask
 
     def _store_many(self, k, v, index, n_real):
         """Any number of tokens per row: writes exactly the real ones (reads their count on the host)."""

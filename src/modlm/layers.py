@@ -38,7 +38,7 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape (B, H, T, hd) by per-token angles; ``cos``/``sin`` are (B or 1, T, hd/2).
+    """Rotate ``x`` of shape (..., B, H, T, hd) by per-token angles; ``cos``/``sin`` are (B or 1, T, hd/2).
 
     Uses the "rotate half" layout: dimension j pairs with j + hd/2.
     """
@@ -115,8 +115,9 @@ class CausalSelfAttention(nn.Module):
         before them in their row.
         """
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, where.cos, where.sin), apply_rope(k, where.cos, where.sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], where.cos, where.sin)  # queries and keys in one rotation: half the ops
+        v = qkv[2]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

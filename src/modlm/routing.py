@@ -217,11 +217,11 @@ class RoutedBlock(nn.Module):
         keep = self.decide(r, p)[:, 0]
         if where.n_real is not None:
             keep = keep & (where.n_real > 0)
-        weight = self.router_weight(r)  # (B, 1)
         if _host_can_branch(x):
             n = int(keep.sum())
             if n == 0:
                 return x
+            weight = self.router_weight(r)  # (B, 1)
             if n < x.size(0):
                 rows = keep.nonzero().squeeze(1)
                 delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), cache=cache, residual=False)
@@ -230,7 +230,7 @@ class RoutedBlock(nn.Module):
             step = replace(where, n_real=None)  # every row processes its token
         else:
             step = replace(where, n_real=keep.long())
-            weight = weight * keep.unsqueeze(1)
+            weight = self.router_weight(r) * keep.unsqueeze(1)
         delta, _ = self.block(x, step, cache=cache, residual=False)
         return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
 
