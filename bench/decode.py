@@ -117,6 +117,22 @@ def decode_flops_ratio(cfg: ModelConfig, fraction: Optional[float], context: int
     return dense / mod
 
 
+def ops_per_step(make: Callable, model, prompts: torch.Tensor) -> float:
+    """Top-level aten ops one decoding step dispatches (the difference between generating 40 and 8
+    tokens, over 32): per-token overhead in a unit that machine load does not change."""
+    from torch.profiler import profile
+
+    counts = []
+    for n in (8, 40):
+        run = make(model, prompts, n, False)
+        with torch.inference_mode():
+            run()
+            with profile() as prof:
+                run()
+        counts.append(sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")))
+    return (counts[1] - counts[0]) / 32
+
+
 # --- prompts -----------------------------------------------------------------------------------------
 def prompt_batch(vocab_size: int, batch: int, length: int, tokenizer: Optional[str]) -> torch.Tensor:
     """``batch`` prompts of ``length`` tokens: real text (standard-library source, tokenized with the
@@ -149,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-litgpt", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--ops", action="store_true", help="also count aten ops per decoding step (batch 1, eager)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,11 +196,12 @@ def main(argv=None) -> int:
             for compiled in ([False, True] if args.compile else [False]):
                 key = (name, batch, "compiled" if compiled else "eager")
                 make = litgpt_runner if name.startswith("litgpt") else modlm_runner
-                run = make(model, prompts, args.new_tokens, compiled)
+                ops = ops_per_step(make, model, prompts) if args.ops and batch == 1 and not compiled else None
+                run = make(model, prompts, args.new_tokens, compiled)  # after the counting: litgpt's runner sets the model's length
                 start = time.perf_counter()
                 with torch.inference_mode():
                     run()  # warm-up (and compilation)
-                meta[key] = {"warmup_s": time.perf_counter() - start, "params": params(model)}
+                meta[key] = {"warmup_s": time.perf_counter() - start, "params": params(model), "ops_per_step": ops}
                 if not name.startswith("litgpt"):
                     meta[key]["routed"] = routed_fraction(model, prompts, args.new_tokens)
                 runs[key] = run
@@ -213,14 +231,15 @@ def main(argv=None) -> int:
             "vs_litgpt_eager": statistics.median(lit) / statistics.median(ts) if lit else None,
             "routed": routed, "flops_ratio": decode_flops_ratio(shape, routed, context) if routed is not None else None,
             "params": meta[key]["params"], "warmup_s": meta[key]["warmup_s"], "times_s": ts,
+            "ops_per_step": meta[key].get("ops_per_step"),
         })
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    print("\n| model | batch | mode | tokens/s | ms/step | vs modlm dense | vs litgpt eager | routed | FLOPs ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch | mode | tokens/s | ms/step | vs modlm dense | vs litgpt eager | routed | FLOPs ratio | ops/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
               f"{fmt(r['vs_modlm_dense'], '.2f')} | {fmt(r['vs_litgpt_eager'], '.2f')} | {fmt(r['routed'], '.3f')} | "
-              f"{fmt(r['flops_ratio'], '.2f')} |")
+              f"{fmt(r['flops_ratio'], '.2f')} | {fmt(r['ops_per_step'], '.0f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, indent=1))
     return 0
