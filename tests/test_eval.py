@@ -39,13 +39,14 @@ def test_json_has_every_key_with_finite_values(checkpoints, tmp_path):
     for key in ("topk.loss", "topk.ppl", "topk.bpb", "causal.loss", "causal.ppl", "causal.bpb",
                 "causal.capacity_used", "causal.capacity_used.layer_1", "causal.causal_acc.layer_1",
                 "causal.causal_precision.layer_1", "causal.causal_recall.layer_1",
-                "decode_tokens_per_s", "flops_per_token", "params"):
+                "decode_tokens_per_s", "decode_tokens_per_s_batched", "flops_per_token", "params"):
         assert key in result and math.isfinite(result[key]), key
     assert result["topk.ppl"] == pytest.approx(math.exp(result["topk.loss"]), rel=1e-4)
     assert result["causal.ppl"] == pytest.approx(math.exp(result["causal.loss"]), rel=1e-4)
     assert result["topk.capacity_used"] == 0.5  # top-k processes exactly k = T/2 tokens
     assert 0 <= result["causal.capacity_used"] <= 1 and 0 <= result["causal.causal_acc.layer_1"] <= 1
-    assert result["decode_tokens_per_s"] > 0
+    assert result["decode_tokens_per_s"] > 0 and result["decode_tokens_per_s_batched"] > 0
+    assert 1 < result["decode_batch"] <= 16  # several validation rows generated at once
 
 
 def test_dense_model_gives_identical_numbers_in_both_modes(checkpoints, tmp_path):

@@ -14,7 +14,8 @@ CKPT is a Lightning checkpoint written by ``train.py`` (read with ``torch.load(w
 no pickled code runs) or a folder written by ``--export``. The data is the validation split of
 the corpus the model was trained on (``--data.source`` to use another). JSON keys are flat and
 dotted: ``topk.loss``, ``topk.ppl``, ``topk.bpb``, ``causal.loss``, ``causal.ppl``,
-``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s``, ...
+``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s`` (batch 1),
+``decode_tokens_per_s_batched`` (``decode_batch`` prompts at once), ...
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 from .checkpoint import export as write_export
 from .checkpoint import load_model
-from .evaluate import decode_speed, evaluate_routing, flops_per_token, token_byte_lengths
+from .evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
 from .model import MoDTransformer
 from .report import plot as draw_plot
 from .report import table
@@ -182,8 +183,12 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, MoDTransformer, 
     prompt_len = min(run.prompt_tokens, model.config.max_seq_len // 2)  # leave room to generate
     prompt = batches[0][:1, :prompt_len].to(run.device)
     new_tokens = min(run.decode_tokens, model.config.max_seq_len - prompt_len)
+    # serving view: many prompts at once (up to 16 validation rows), tokens/s over all rows
+    rows = torch.cat(batches)[:16, :prompt_len].to(run.device)
     with autocast:
         result["decode_tokens_per_s"] = decode_speed(model, prompt, new_tokens)
+        result["decode_batch"] = rows.shape[0]
+        result["decode_tokens_per_s_batched"] = decode_throughput(model, rows, new_tokens)["tokens_per_s"]
     return result, model, dm
 
 
