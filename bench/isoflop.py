@@ -213,7 +213,8 @@ def run_one(grid: Grid, run: Run, eval_device: str, commit: bool) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     for stale in (directory / "checkpoints").glob("step=*.ckpt"):
-        stale.unlink()  # last.ckpt is all a later look needs; the grid is many runs
+        if stale.resolve() != last.resolve():  # last.ckpt may be a link to the newest step
+            stale.unlink()  # the final model is all a later look needs; the grid is many runs
     print(f"[{run.id}] top-k {result['topk_loss']:.4f}  causal {result['causal_loss']:.4f}  "
           f"{result['train_wall_s'] / 60:.1f} min", flush=True)
     if commit:
