@@ -224,9 +224,14 @@ class FileCorpus:
 
 
 def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
-    """Build the corpus for a `--data.source` string (hub sources fail fast when offline)."""
+    """Build the corpus for a `--data.source` string: a prepared folder of token shards (shards.py),
+    a hub dataset (failing fast when offline) or local files."""
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"data source {source!r}: expected a path, glob, 'stdlib' or 'hub:NAME[:CONFIG]'")
+    from .shards import PreparedCorpus, is_prepared
+
+    if is_prepared(source):
+        return PreparedCorpus(source)
     if source.startswith("hub:"):
         from .hub import HubCorpus
 
