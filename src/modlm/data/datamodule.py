@@ -105,7 +105,10 @@ class ModLMDataModule(L.LightningDataModule):
     @cached_property
     def corpus(self):
         """The opened source (files indexed and split; hub reachability checked)."""
-        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed)
+        # A corpus too small to hold whole documents out holds out their ends, enough for about one
+        # window (byte-level BPE averages well over 2 characters a token; 4 leaves room).
+        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed,
+                           min_val_chars=4 * (self.seq_len + 1))
 
     @property
     def prepared(self) -> bool:
