@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import DataError, DataWarning
+from .progress import note
 from .readers import count_records, is_multi_record, is_supported, read_records
+
+LARGE_CORPUS_FILES = 5_000  # from this many files, or bytes, indexing is announced (it can take a while)
+LARGE_CORPUS_BYTES = 1_000_000_000
+
 
 def unit_hash(key: str) -> float:
     """Map a key to a float in [0, 1), uniformly and identically on every machine."""
@@ -150,7 +155,13 @@ class FileCorpus:
         self.root, files = discover(source)
         if sum(f.stat().st_size for f in files) == 0:
             raise DataError(f"data source {source!r} is empty: its {len(files)} file(s) hold no text")
+        size = sum(f.stat().st_size for f in files)
+        large = len(files) >= LARGE_CORPUS_FILES or size >= LARGE_CORPUS_BYTES
+        if large:  # counting records reads every jsonl/json file: say why the start is slow
+            note(f"indexing {len(files):,} files ({size / 1e9:.2f} GB) of {source} ...")
         self.entries = [self._entry(f) for f in files]
+        if large:
+            note(f"indexed {self.describe()}")
         self.num_train_docs = sum(e.n_train for e in self.entries)
         self.num_val_docs = sum(len(e.val_records) for e in self.entries)
         self.tail_share = 0.0  # > 0: validation is the tail of every document instead (small corpora)
