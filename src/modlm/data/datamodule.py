@@ -43,7 +43,9 @@ class ModLMDataModule(L.LightningDataModule):
         source: Where the text comes from: ``stdlib`` (this Python's standard-library
             source, test folders excluded), a ``.txt``/``.md``/``.py``/``.jsonl``/
             ``.json``/``.parquet`` file, a folder or a glob of them, or
-            ``hub:NAME[:CONFIG]`` for a Hugging Face dataset streamed over the network.
+            ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging Face dataset streamed over the network
+            (pinned to a commit), or a folder written by ``python -m modlm.prepare`` (token
+            shards: nothing is tokenized while training).
         seq_len: Tokens of model input per row; batches have ``seq_len + 1`` columns.
         batch_size: Rows per batch (per rank).
         vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
@@ -219,15 +221,21 @@ class ModLMDataModule(L.LightningDataModule):
             consumed = stream.consumed_after(self._train_loader.position())
             return {"train": {"consumed": consumed, "seq_len": self.seq_len, "tokens": consumed * (self.seq_len + 1)}}
         mine = self._train_loader.position()
+        pinned = {"hub_revision": self.corpus.revision} if getattr(self.corpus, "revision", None) else {}
         ranks = [mine]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-        return {"train": {"ranks": ranks}}
+        return {"train": {"ranks": ranks}, **pinned}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume the train stream at the saved positions (from the next train_dataloader
         iteration on)."""
+        saved_revision = state_dict.get("hub_revision")
+        if saved_revision and saved_revision != getattr(self.corpus, "revision", saved_revision):
+            base = self.source.partition("@")[0]
+            raise DataError(f"the checkpoint read {base} at commit {saved_revision}, this run opens commit "
+                            f"{self.corpus.revision}: resume with --data.source {base}@{saved_revision}")
         self._resume = copy.deepcopy(state_dict.get("train")) or None
         if self._train_loader is not None:
             self._apply_resume()
