@@ -6,6 +6,10 @@ The one place to change the checkpoint format. Which ``ModelConfig`` fields deci
 command line's refusal to resume a fit into another shape, the module's tensor check on load, the
 generator states a checkpoint carries, and evaluation's loading and export.
 
+Writing and finding: ``save_atomically`` writes every checkpoint under a hidden name and renames it
+into place (a save cut off never replaces a good file); ``resolve_last`` is what ``--ckpt_path
+last`` means (the newest checkpoint of a run, a damaged one named).
+
 Two forms: a Lightning checkpoint written by ``train.py`` (model weights under ``state_dict`` with
 the ``model.`` prefix, the module's hyperparameters, the data module's settings), and an export
 folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``). Both are read
