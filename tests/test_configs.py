@@ -16,6 +16,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.callbacks import NonFiniteLossGuard
+from modlm.callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from modlm.callbacks.preemption import Preemption
 from modlm.cli import ModLMCLI
 from modlm.data import ModLMDataModule
 from modlm.lit_module import MoDLightningModule
@@ -82,7 +84,8 @@ def test_config_instantiates(path, tmp_path, tiny_tokenizer):
     assert trainer.max_steps == want["trainer"]["max_steps"]
     assert Path(trainer.default_root_dir) == tmp_path
     kinds = {type(cb) for cb in trainer.callbacks}
-    assert {ModelCheckpoint, LearningRateMonitor, ThroughputMonitor, NonFiniteLossGuard} <= kinds
+    # ModelCheckpoint with atomic writes, and the pre-emption save, in every run
+    assert {AtomicModelCheckpoint, Preemption, LearningRateMonitor, ThroughputMonitor, NonFiniteLossGuard} <= kinds
     (ckpt,) = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last
     if isinstance(strategy, dict) and strategy["class_path"].endswith("ModelParallelStrategy"):

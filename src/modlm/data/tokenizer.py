@@ -23,6 +23,7 @@ from .progress import note, show_bars
 
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 
 
@@ -146,9 +147,11 @@ def resolve_tokenizer(
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
 
     def train() -> Tokenizer:
-        note(f"training a {vocab_size}-token BPE on up to {max_chars:,} characters of {corpus.describe()} "
-             f"(cached in {folder})")
-        return train_tokenizer(corpus.train_texts(), vocab_size, max_chars, show_progress=show_bars())
+        slow = max_chars >= ANNOUNCE_CHARS
+        if slow:
+            note(f"training a {vocab_size}-token BPE on up to {max_chars:,} characters of {corpus.describe()} "
+                 f"(cached in {folder})")
+        return train_tokenizer(corpus.train_texts(), vocab_size, max_chars, show_progress=slow and show_bars())
 
     tok = cached_tokenizer(folder, train)
     return tok, folder / TOKENIZER_FILE
