@@ -42,6 +42,9 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess (from the repository root)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A fixed port left in the environment by an in-process test may be taken by another program;
+    # without one, Lightning's launcher picks a free port.
+    env.pop("MASTER_PORT", None)
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
