@@ -1,11 +1,13 @@
-"""Windows per second of the training dataloader alone (no model), default corpus.
+"""Tokens per second of the training dataloader alone (no model): raw text vs prepared shards.
 
-    python bench/loader_throughput.py                    # stdlib, seq_len 256, batch 16
-    python bench/loader_throughput.py --num_workers 2 --repeats 5
+    python bench/loader_throughput.py                                  # stdlib, raw text, 1 worker
+    python bench/loader_throughput.py --source data/stdlib-tokens      # a prepared folder (python -m modlm.prepare)
+    python bench/loader_throughput.py --seq_len 1024 --batch_size 32 --num_workers 4   # configs/gpu.yaml's loader
 
-Each repeat builds a fresh train dataloader (worker start-up included, as at the start
-of a fit), skips `--warmup` batches, then times `--batches` batches. Prints every repeat
-and the median. The tokenizer is trained (or loaded from data/cache) before timing.
+Each repeat builds a fresh train dataloader (worker start-up included, as at the start of a fit),
+skips `--warmup` batches, then times `--batches` batches. Prints every repeat, the median, and the
+median per worker (the rate one worker sustains; workers scale it until the cores run out). The
+tokenizer is trained (or loaded from data/cache) before timing.
 """
 import argparse
 import os
@@ -14,12 +16,15 @@ import time
 
 from modlm.data import ModLMDataModule
 
+GPU_PRESET_TOKENS_PER_S = 505_000  # configs/gpu.yaml trained on one H200 (bench/README.md)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="stdlib")
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--warmup", type=int, default=5)
@@ -28,8 +33,9 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a hub source must not download while timed
 
     dm = ModLMDataModule(source=args.source, seq_len=args.seq_len, batch_size=args.batch_size,
-                         num_workers=args.num_workers)
-    print(f"corpus: {dm.corpus.describe()}; vocab {dm.tokenizer_vocab_size}; "
+                         vocab_size=args.vocab_size, num_workers=args.num_workers)
+    kind = "prepared shards" if dm.prepared else "raw text"
+    print(f"corpus: {dm.corpus.describe()} [{kind}]; vocab {dm.tokenizer_vocab_size}; "
           f"seq_len {args.seq_len}, batch {args.batch_size}, workers {args.num_workers}")
     rates = []
     for r in range(args.repeats):
@@ -39,13 +45,14 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.batches):
             next(it)
-        rate = args.batches * args.batch_size / (time.perf_counter() - start)
+        rate = args.batches * args.batch_size * args.seq_len / (time.perf_counter() - start)
         rates.append(rate)
-        print(f"repeat {r}: {rate:,.0f} windows/s ({rate * args.seq_len:,.0f} tokens/s)")
+        print(f"repeat {r}: {rate:,.0f} tokens/s")
         del it
     med = statistics.median(rates)
-    print(f"median: {med:,.0f} windows/s = {med / args.batch_size:,.1f} batches/s "
-          f"({med * args.seq_len:,.0f} tokens/s)")
+    per_worker = med / max(1, args.num_workers)
+    print(f"median: {med:,.0f} tokens/s ({per_worker:,.0f} per worker; "
+          f"{med / GPU_PRESET_TOKENS_PER_S:.1f}x the {GPU_PRESET_TOKENS_PER_S:,} tokens/s configs/gpu.yaml trains at on one H200)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.callbacks import NonFiniteLossGuard
+from modlm.callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from modlm.callbacks.preemption import Preemption
 from modlm.cli import ModLMCLI
 from modlm.data import ModLMDataModule
 from modlm.lit_module import MoDLightningModule
@@ -81,8 +83,10 @@ def test_config_instantiates(path, tmp_path, tiny_tokenizer):
     trainer = cli.trainer
     assert trainer.max_steps == want["trainer"]["max_steps"]
     assert Path(trainer.default_root_dir) == tmp_path
-    for kind in (ModelCheckpoint, LearningRateMonitor, ThroughputMonitor, NonFiniteLossGuard):
+    for kind in (ModelCheckpoint, LearningRateMonitor, ThroughputMonitor, NonFiniteLossGuard, Preemption):
         assert sum(isinstance(cb, kind) for cb in trainer.callbacks) == 1, kind
+    # the checkpoint callback writes atomically and keeps last.ckpt a link
+    assert any(isinstance(cb, AtomicModelCheckpoint) for cb in trainer.callbacks)
     (ckpt,) = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last == "link"
     if isinstance(strategy, dict) and strategy["class_path"].endswith("ModelParallelStrategy"):

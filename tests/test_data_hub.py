@@ -73,3 +73,71 @@ def test_missing_text_column_is_named_on_every_path(tmp_path):
     for read in (lambda: next(corpus.train_texts()), lambda: next(corpus.slot_docs(0, 2, epoch=0))):
         with pytest.raises(DataError, match="no 'body' column"):
             read()
+
+
+class FakeHub:
+    """The hub's answers, from local files: commits per revision, splits, streams."""
+
+    def __init__(self, tmp_path, splits=("train",)):
+        self.commits = {None: "c0ffee" * 6 + "abcd", "v1": "1" * 40}
+        self.splits = list(splits)
+        self.files = {}
+        for split in splits:
+            path = tmp_path / f"{split}.jsonl"
+            path.write_text("\n".join(json.dumps({"text": f"{split} story {i}"}) for i in range(30)))
+            self.files[split] = str(path)
+        self.loaded = []
+
+    def install(self, monkeypatch):
+        import huggingface_hub
+
+        import modlm.data.hub as hub
+
+        hub_self, real_load = self, datasets.load_dataset
+
+        def dataset_info(api, name, revision=None, **kw):
+            if revision not in hub_self.commits:
+                raise ValueError(f"Revision Not Found for url: .../{name}/revision/{revision}")
+            return type("Info", (), {"sha": hub_self.commits[revision]})()
+
+        def load_dataset(name, config=None, split="train", streaming=True, revision=None, **kw):
+            hub_self.loaded.append((split, revision))
+            return real_load("json", data_files=hub_self.files[split], split="train", streaming=True)
+
+        monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
+        monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+        monkeypatch.setattr(datasets, "get_dataset_split_names", lambda *a, **kw: hub_self.splits)
+        monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_hub_revision_is_pinned_in_the_cache_key_and_the_checkpoint(tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path)
+    fake.install(monkeypatch)
+    latest, v1 = HubCorpus("hub:org/set"), HubCorpus("hub:org/set@v1")
+    assert latest.revision == fake.commits[None] and v1.revision == "1" * 40
+    assert ("train", "1" * 40) in fake.loaded  # streamed at the resolved commit, not the branch name
+    assert latest.source_id != v1.source_id and v1.source_id.endswith("@" + "1" * 40)
+    assert parse_hub_source("hub:org/set:cfg@v1") == ("org/set", "cfg")
+    with pytest.raises(DataError, match=r"hub:org/set@nope.*cannot resolve revision 'nope'"):
+        HubCorpus("hub:org/set@nope")
+
+    def dm(source):
+        return ModLMDataModule(source=source, seq_len=8, batch_size=2, vocab_size=300, val_windows=2,
+                               num_workers=0, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+
+    first = dm("hub:org/set@v1")
+    next(iter(first.train_dataloader()))
+    state = first.state_dict()
+    assert state["hub_revision"] == "1" * 40
+    dm("hub:org/set@v1").load_state_dict(state)  # same commit: fine
+    with pytest.raises(DataError, match=r"commit 1{40}.*resume with --data.source hub:org/set@1{40}"):
+        dm("hub:org/set").load_state_dict(state)  # the branch moved on since
+
+
+def test_a_dataset_with_its_own_validation_split_uses_it(tmp_path, monkeypatch):
+    FakeHub(tmp_path, splits=("train", "validation")).install(monkeypatch)
+    corpus = HubCorpus("hub:org/set")
+    assert corpus.own_validation
+    assert list(corpus.val_texts()) == [f"validation story {i}" for i in range(30)]
+    assert sorted(corpus.train_texts()) == sorted(f"train story {i}" for i in range(30))  # all of train
+    assert sorted(t for s in range(2) for _, t in corpus.slot_docs(s, 2, 0)) == sorted(corpus.train_texts())

@@ -125,12 +125,17 @@ def test_bad_sources_raise_data_error(tmp_path, source, message):
         open_corpus(source.format(tmp=tmp_path))
 
 
-def test_empty_splits_raise_data_error(tmp_path):
+def test_splits_too_small_for_whole_documents_hold_out_document_tails(tmp_path):
     folder = copy_stdlib(tmp_path / "c", ["copy.py"])
-    with pytest.raises(DataError, match="validation split is empty"):
-        FileCorpus(str(folder), val_fraction=0.05)  # one document, none drawn for val
-    with pytest.raises(DataError, match="training split is empty"):
-        FileCorpus(str(folder), val_fraction=0.999999)
+    text = (folder / "copy.py").read_text()
+    for val_fraction in (0.05, 0.999999):  # one document: none drawn for val / all drawn for val
+        with pytest.warns(DataWarning, match="holding out the last"):
+            corpus = FileCorpus(str(folder), val_fraction=val_fraction)
+        assert corpus.num_train_docs == corpus.num_val_docs == 1
+        (head,), (tail,) = list(corpus.train_texts()), list(corpus.val_texts())
+        assert head + tail == text and head and tail  # no overlap, nothing lost
+        assert [t for _, t in all_docs(corpus)] == [head]
+    assert not FileCorpus(str(folder), val_fraction=0.0).tail_share  # no validation asked: all of it trains
 
 
 def test_parquet_without_text_column(tmp_path):

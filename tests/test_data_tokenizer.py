@@ -97,3 +97,26 @@ def test_concurrent_processes_train_once(tmp_path):
     assert len(calls) == 1 and len(results) == 4
     assert len({r.to_str() for r in results}) == 1
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["tokenizer.json"]  # no temp or lock left
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+    """The cache lock is the OS's: a process SIGKILLed while training releases it at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from filelock import FileLock\n"
+        f"FileLock({str(tmp_path / 'k.lock')!r}).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    start = time.monotonic()
+    tok = tokmod.cached_tokenizer(tmp_path / "k", lambda: tokmod.train_tokenizer(["text " * 50], 300, 10_000), wait_s=30)
+    assert tok.get_vocab_size() >= 257 and time.monotonic() - start < 10
+    assert (tmp_path / "k" / "tokenizer.json").is_file()

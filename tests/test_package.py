@@ -57,7 +57,8 @@ def test_every_imported_package_is_a_declared_dependency():
 
 
 def test_console_scripts_and_presets_are_declared():
-    assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli:main", "modlm-eval": "modlm.eval_cli:main"}
+    assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli:main", "modlm-eval": "modlm.eval_cli:main",
+                                               "modlm-prepare": "modlm.prepare:main"}
     assert "pytest" in {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["test"]}
     assert (REPO / "configs").resolve() == (REPO / "src" / "modlm" / "configs").resolve()
     presets = {p.name for p in (REPO / "src" / "modlm" / "configs").glob("*.yaml")}
@@ -107,4 +108,5 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     assert printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
     assert printed["trainer"]["default_root_dir"] == default["trainer"]["default_root_dir"]
     assert "--data.source" in run(bin_dir / "modlm-eval", "--help")
+    assert "--num_proc" in run(bin_dir / "modlm-prepare", "--help")
     assert not list(work.iterdir())  # --help and --print_config write nothing

@@ -2,8 +2,8 @@
 
 Not a test module (no ``test_`` prefix); test files import the helpers from here (the tokenizer
 they train on is the ``tiny_tokenizer`` fixture of ``conftest.py``).
-``KillAtStep`` is used by subprocesses (``--trainer.callbacks+=train_helpers.KillAtStep``, with
-this folder on ``PYTHONPATH``) to die like a pre-empted job.
+``KillAtStep`` and ``SignalAtStep`` are used by subprocesses (``--trainer.callbacks+=train_helpers.KillAtStep``, with
+this folder on ``PYTHONPATH``) to die like a killed job, or to be pre-empted like a scheduled one.
 """
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess (from the repository root)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A fixed port left in the environment by an in-process test may be taken by another program;
+    # without one, Lightning's launcher picks a free port.
+    env.pop("MASTER_PORT", None)
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -65,6 +68,18 @@ class KillAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signal`` (a name: SIGUSR1, SIGTERM) to rank 0's own process while step ``step + 1``
+    runs, as a scheduler would; the other ranks get nothing and must learn it from rank 0."""
+
+    def __init__(self, step: int, signal: str = "SIGUSR1"):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            os.kill(os.getpid(), getattr(signal, self.signal))
 
 
 class PoisonAtStep(pl.Callback):

@@ -6,6 +6,10 @@ The one place to change the checkpoint format. Which ``ModelConfig`` fields deci
 command line's refusal to resume a fit into another shape, the module's tensor check on load, the
 generator states a checkpoint carries, and evaluation's loading and export.
 
+Writing and finding: ``save_atomically`` writes every checkpoint under a hidden name and renames it
+into place (a save cut off never replaces a good file); ``resolve_last`` is what ``--ckpt_path
+last`` means (the newest checkpoint of a run, a damaged one named).
+
 Two forms: a Lightning checkpoint written by ``train.py`` (model weights under ``state_dict`` with
 the ``model.`` prefix, the module's hyperparameters, the data module's settings), and an export
 folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``). Both are read
@@ -15,6 +19,7 @@ safetensors and JSON.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -39,7 +44,7 @@ def check_resume_shape(ckpt_path: str, wanted: dict) -> None:
     Lightning rebuilds the module from the checkpoint's hyperparameters, which would silently
     override them.
     """
-    saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    saved = read_checkpoint(ckpt_path).get("hyper_parameters", {})
     diffs = ModelConfig.tensor_differences(saved, wanted)
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
@@ -136,3 +141,118 @@ def export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) 
     tokenizer.save(str(folder / "tokenizer.json"))
     data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --- writing without ever leaving half a checkpoint behind --------------------------------------
+def _partial_name(path: Path) -> Path:
+    # Hidden, in the same folder: a rename within one file system is atomic, and `last` never
+    # considers hidden names. The same on every rank, so all shards of a sharded save meet there.
+    return path.with_name(f".{path.name}.partial")
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def save_atomically(trainer, filepath, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` into a hidden name beside ``filepath``, then a rename onto it.
+
+    Lightning writes a file through a temporary file in the system's temp folder and *copies* it
+    into place when that is another file system, and a sharded checkpoint folder in place, shard by
+    shard: a process killed meanwhile leaves a truncated ``last.ckpt`` where a good one was. Here
+    the previous checkpoint stays whole until the new one is complete. Call it on every rank (the
+    save itself is collective)."""
+    path = Path(filepath)
+    partial = _partial_name(path)
+    strategy = trainer.strategy
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(partial)  # left by a save that was cut off
+    strategy.barrier("modlm.save_atomically.start")
+    trainer.save_checkpoint(partial, weights_only)
+    if trainer.is_global_zero:
+        if partial.is_dir() and (path.is_dir() and not path.is_symlink()):
+            # os.replace cannot put a folder onto a non-empty folder: move the old one aside first.
+            old = path.with_name(f".{path.name}.old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(partial, path)
+            _remove(old)
+        else:
+            if path.is_dir() and not path.is_symlink():
+                _remove(path)
+            os.replace(partial, path)
+    strategy.barrier("modlm.save_atomically.end")
+
+
+# --- which checkpoint `--ckpt_path last` means ---------------------------------------------------
+def checkpoint_damage(path) -> str | None:
+    """None if ``path`` reads as a checkpoint, else what is wrong with it (a few words).
+
+    A file is opened with ``torch.load(weights_only=True, mmap=True)``: cheap (tensors are not
+    read) and it never unpickles code. A sharded folder must hold the ``.metadata`` index, which
+    torch's distributed checkpoint writes last."""
+    p = Path(path)
+    if p.is_dir():
+        return None if (p / ".metadata").is_file() else "a sharded checkpoint folder without its .metadata index"
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects that are not plain data
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if any(m in reason.lower() for m in ("weights only", "weights_only", "unsupported global")):
+            return "it holds pickled objects other than tensors and plain values (modlm never unpickles code)"
+        return f"not a readable PyTorch checkpoint (truncated or corrupt: {reason[:120]})"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt and "loops" not in ckpt:
+        return "not a Lightning checkpoint"
+    return None
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint file's contents, read with ``weights_only=True``; a ``CheckpointError`` naming
+    the file and what is wrong otherwise."""
+    damage = checkpoint_damage(path)
+    if damage:
+        raise CheckpointError(f"cannot resume from {path}: {damage}")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def checkpoint_candidates(checkpoint_dir, root_dir=None) -> list[Path]:
+    """Every checkpoint a run may have written, newest first: ``*.ckpt`` in ``checkpoint_dir``
+    (``ModelCheckpoint``'s and the pre-emption save), and Lightning's own ``hpc_ckpt_N.ckpt`` in
+    ``root_dir``. Hidden names (a save in progress) are skipped."""
+    found = []
+    for folder, pattern in ((checkpoint_dir, "*.ckpt"), (root_dir, "hpc_ckpt_*.ckpt")):
+        if folder is not None and Path(folder).is_dir():
+            found += [p for p in Path(folder).glob(pattern) if not p.name.startswith(".") and p.exists()]
+
+    def modified(p: Path) -> int:
+        return p.stat().st_mtime_ns  # through a symlink: its target's time
+
+    # a link (save_last="link") and its target tie; prefer the real file, then the name
+    return sorted(set(found), key=lambda p: (modified(p), not p.is_symlink(), p.name), reverse=True)
+
+
+def resolve_last(checkpoint_dir, root_dir=None) -> Path | None:
+    """The newest checkpoint in a run's folders (None if there is none yet).
+
+    Whichever path wrote it: the periodic ``ModelCheckpoint``, ``last.ckpt``, the pre-emption save,
+    or Lightning's SLURM handler. If the newest one is damaged (a process killed while another
+    program wrote it, a disk that filled up), refuse and name both it and the newest intact one:
+    silently going back further would retrain steps the user believes are saved."""
+    candidates = checkpoint_candidates(checkpoint_dir, root_dir)
+    if not candidates:
+        return None
+    newest = candidates[0]
+    damage = checkpoint_damage(newest)
+    if damage is None:
+        return newest
+    intact = next((p for p in candidates[1:] if checkpoint_damage(p) is None), None)
+    hint = (f"resume from the newest intact one with --ckpt_path {intact}" if intact
+            else "no intact checkpoint is left; start afresh without --ckpt_path")
+    raise CheckpointError(f"the newest checkpoint {newest} is damaged ({damage}); {hint}, "
+                          "or move the damaged one away")

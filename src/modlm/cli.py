@@ -7,12 +7,15 @@ What it adds to plain LightningCLI:
   default corpus; ``--config FILE`` (repeatable) overrides it.
 * data and model arguments are linked: the model's ``vocab_size`` is the tokenizer's, its
   ``max_seq_len`` the data's ``seq_len``; nobody keeps two numbers in step.
-* callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: one every N steps and ``last.ckpt``, a link
-  to the newest, in ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any
-  later run), ``--throughput.*`` (``ThroughputMonitor`` in tokens, ``enabled: false`` to drop it),
-  ``--lr_monitor.*``, the routing / FLOPs telemetry (``--routing_stats.*``, ``--flops.*``,
-  ``--routing_heatmap.*``), the dashboard layout (``--dashboard.*``), plus ``default_callbacks()``
-  (the non-finite loss guard).
+* callbacks: ``--checkpoint.*`` (``ModelCheckpoint``, each save written atomically: one every N
+  steps and ``last.ckpt``, a link to the newest, in ``<default_root_dir>/checkpoints`` so
+  ``--ckpt_path last`` finds it from any later run), ``--preemption.*`` (SIGUSR1/SIGTERM: every rank
+  saves at the next step boundary), ``--throughput.*`` (``ThroughputMonitor`` in tokens,
+  ``enabled: false`` to drop it), ``--lr_monitor.*``, the routing / FLOPs telemetry
+  (``--routing_stats.*``, ``--flops.*``, ``--routing_heatmap.*``), the dashboard layout
+  (``--dashboard.*``), plus ``default_callbacks()`` (the non-finite loss guard).
+* ``--ckpt_path last`` means the newest checkpoint of the run, whichever callback wrote it; a
+  damaged one is named, with the newest intact one to use instead.
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
 """
 from __future__ import annotations
@@ -28,14 +31,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import NonFiniteLossError, NonFiniteLossGuard
+from .callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from .callbacks.preemption import Preemption
 from .callbacks.dashboard import Dashboard
 from .callbacks.flops_meter import FlopsMeter
-from .callbacks.last_link import LinkedLastCheckpoint
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
 from .callbacks.tensorboard import StreamTensorBoardLogger
 from .callbacks.throughput import TokenThroughput
-from .checkpoint import check_resume_shape
+from .checkpoint import check_resume_shape, read_checkpoint, resolve_last
 from .lit_module import MoDLightningModule
 from .precision import choose_precision
 
@@ -82,13 +86,15 @@ class ModLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(LinkedLastCheckpoint, "checkpoint")
+        # ModelCheckpoint's arguments and behaviour, each save written atomically.
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.filename": "{step:07d}",
             "checkpoint.save_last": "link",  # last.ckpt: a link to the newest step checkpoint, not a copy
             "checkpoint.save_top_k": -1,
             "checkpoint.every_n_train_steps": 100,
         })
+        parser.add_lightning_class_args(Preemption, "preemption")  # SIGUSR1/SIGTERM: save at a step boundary
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         # Routing and FLOPs telemetry: always on, tuned with --routing_stats.*, --flops.*,
@@ -116,9 +122,27 @@ class ModLMCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-            check_resume_shape(ckpt_path, self.config.fit.model)
+        if ckpt_path == "last":
+            ckpt_path = self._resolve_last(self.config[subcommand])
+            self.config[subcommand].ckpt_path = ckpt_path
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)  # a corrupt or unsafe file is a one-line user error
+            if subcommand == "fit":
+                check_resume_shape(ckpt_path, self.config.fit.model)
         super()._parse_ckpt_path()
+
+    @staticmethod
+    def _resolve_last(config) -> Optional[str]:
+        """``last`` -> the newest checkpoint of the run, whichever callback wrote it (``last.ckpt``, a
+        periodic one, the pre-emption save, Lightning's ``hpc_ckpt_N.ckpt``); None before the first."""
+        root = config.trainer.get("default_root_dir") or os.getcwd()
+        folder = config.checkpoint.get("dirpath") or os.path.join(root, "checkpoints")
+        newest = resolve_last(folder, root)
+        if newest is None:
+            rank_zero_info(f"modlm: --ckpt_path last: no checkpoint in {folder} yet, starting afresh")
+            return None
+        rank_zero_info(f"modlm: --ckpt_path last: resuming from {newest}")
+        return str(newest)
 
     def instantiate_trainer(self, **kwargs):
         # Where the user names no logger, Lightning would make a TensorBoardLogger under

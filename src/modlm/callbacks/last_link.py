@@ -24,10 +24,14 @@ class LinkedLastCheckpoint(ModelCheckpoint):
         if self.save_last and not self.last_model_path and state_dict.get("dirpath") == self.dirpath:
             self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
+    def _drop_link(self, trainer, filepath: str) -> None:
+        """Remove ``filepath`` if it is a link, before a full checkpoint is written there."""
         # rank 0's view on every rank: on a shared disk another rank may already see it removed
         if trainer.strategy.broadcast(os.path.islink(filepath)):
             if trainer.is_global_zero:
                 os.remove(filepath)
             trainer.strategy.barrier("modlm_unlink_last")  # no rank writes before the link is gone
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        self._drop_link(trainer, filepath)
         super()._save_checkpoint(trainer, filepath)

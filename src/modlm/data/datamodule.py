@@ -31,8 +31,9 @@ import torch.distributed as dist
 from .dataset import FixedBatches, PackedTrainStream, build_val_windows
 from .errors import DataError, DataWarning
 from .loader import ResumableLoader
+from .shards import ShardStream
 from .sources import open_corpus
-from .tokenizer import EOT_TOKEN, resolve_tokenizer
+from .tokenizer import EOT_TOKEN, load_tokenizer, resolve_tokenizer
 
 
 class ModLMDataModule(L.LightningDataModule):
@@ -42,7 +43,9 @@ class ModLMDataModule(L.LightningDataModule):
         source: Where the text comes from: ``stdlib`` (this Python's standard-library
             source, test folders excluded), a ``.txt``/``.md``/``.py``/``.jsonl``/
             ``.json``/``.parquet`` file, a folder or a glob of them, or
-            ``hub:NAME[:CONFIG]`` for a Hugging Face dataset streamed over the network.
+            ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging Face dataset streamed over the network
+            (pinned to a commit), or a folder written by ``python -m modlm.prepare`` (token
+            shards: nothing is tokenized while training).
         seq_len: Tokens of model input per row; batches have ``seq_len + 1`` columns.
         batch_size: Rows per batch (per rank).
         vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
@@ -104,10 +107,22 @@ class ModLMDataModule(L.LightningDataModule):
     @cached_property
     def corpus(self):
         """The opened source (files indexed and split; hub reachability checked)."""
-        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed)
+        # A corpus too small to hold whole documents out holds out their ends, enough for about one
+        # window (byte-level BPE averages well over 2 characters a token; 4 leaves room).
+        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed,
+                           min_val_chars=4 * (self.seq_len + 1))
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the source is a prepared folder of token shards (``python -m modlm.prepare``)."""
+        return getattr(self.corpus, "prepared", False)
 
     @cached_property
     def _tokenizer_and_file(self):
+        if self.prepared:  # the shards' own tokenizer; another one named explicitly is refused
+            if self.tokenizer_path:
+                self.corpus.check_tokenizer(load_tokenizer(self.tokenizer_path).to_str(), repr(self.tokenizer_path))
+            return load_tokenizer(self.corpus.tokenizer_path), self.corpus.tokenizer_path
         return resolve_tokenizer(
             self.tokenizer_path, lambda: self.corpus, self.vocab_size, self.tokenizer_train_chars,
             self.cache_dir, self.text_field, self.val_fraction,
@@ -135,6 +150,8 @@ class ModLMDataModule(L.LightningDataModule):
 
     @cached_property
     def _val_windows_all(self) -> torch.Tensor:
+        if self.prepared:
+            return self.corpus.val_windows(self.seq_len, self.val_windows)
         return build_val_windows(self.corpus, self.tokenizer, self.seq_len, self.val_windows)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -156,10 +173,14 @@ class ModLMDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers tokenize in parallel already; also silences the tokenizers fork warning.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        dataset = PackedTrainStream(
-            self.corpus, self.tokenizer.to_str(), self.seq_len, self.batch_size,
-            rank=rank, world_size=world, num_workers=self.num_workers,
-        )
+        if self.prepared:
+            dataset = ShardStream(self.corpus, self.seq_len, self.batch_size, self.seed,
+                                  rank=rank, world_size=world, num_workers=self.num_workers)
+        else:
+            dataset = PackedTrainStream(
+                self.corpus, self.tokenizer.to_str(), self.seq_len, self.batch_size,
+                rank=rank, world_size=world, num_workers=self.num_workers,
+            )
         loader = ResumableLoader(dataset, self.num_workers, pin_memory=torch.cuda.is_available())
         # In a fit, Lightning fetches ahead; count only batches it actually trains on.
         loader.track_consumption = self.trainer is not None
@@ -194,22 +215,37 @@ class ModLMDataModule(L.LightningDataModule):
         positions are gathered: the checkpoint file is written by rank 0 alone."""
         if self._train_loader is None:
             return {"train": copy.deepcopy(self._resume)} if self._resume else {}
+        if isinstance(self._train_loader.dataset, ShardStream):
+            # Every rank knows the one number (ranks run in lockstep): nothing to gather.
+            stream = self._train_loader.dataset
+            consumed = stream.consumed_after(self._train_loader.position())
+            return {"train": {"consumed": consumed, "seq_len": self.seq_len, "tokens": consumed * (self.seq_len + 1)}}
         mine = self._train_loader.position()
+        pinned = {"hub_revision": self.corpus.revision} if getattr(self.corpus, "revision", None) else {}
         ranks = [mine]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-        return {"train": {"ranks": ranks}}
+        return {"train": {"ranks": ranks}, **pinned}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume the train stream at the saved positions (from the next train_dataloader
         iteration on)."""
+        saved_revision = state_dict.get("hub_revision")
+        if saved_revision and saved_revision != getattr(self.corpus, "revision", saved_revision):
+            base = self.source.partition("@")[0]
+            raise DataError(f"the checkpoint read {base} at commit {saved_revision}, this run opens commit "
+                            f"{self.corpus.revision}: resume with --data.source {base}@{saved_revision}")
         self._resume = copy.deepcopy(state_dict.get("train")) or None
         if self._train_loader is not None:
             self._apply_resume()
 
     def _apply_resume(self) -> None:
         if not self._resume or self._train_loader is None:
+            return
+        if isinstance(self._train_loader.dataset, ShardStream) or "consumed" in self._resume:
+            self._apply_shard_resume()
+            self._resume = None
             return
         loader, ranks = self._train_loader, self._resume["ranks"]
         rank, world = loader.dataset.rank, loader.dataset.world_size
@@ -230,3 +266,16 @@ class ModLMDataModule(L.LightningDataModule):
         else:
             loader.seek(ranks[rank])
         self._resume = None
+
+    def _apply_shard_resume(self) -> None:
+        loader, saved = self._train_loader, self._resume
+        if not isinstance(loader.dataset, ShardStream) or "consumed" not in saved:
+            raise DataError("the checkpoint's data position is for another kind of source (prepared token shards "
+                            "vs text files); resume with the --data.source it was trained on")
+        consumed = saved["consumed"]
+        if saved["seq_len"] != self.seq_len:  # other windows: continue at the same token count
+            consumed = saved["tokens"] // (self.seq_len + 1)
+            warnings.warn(f"checkpoint windows have seq_len {saved['seq_len']}, this run {self.seq_len}: continuing "
+                          f"after the same number of tokens ({saved['tokens']:,})", DataWarning)
+        loader.dataset.consumed = consumed
+        loader.seek(loader.dataset.initial_state())

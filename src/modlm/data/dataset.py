@@ -85,6 +85,13 @@ class PackedTrainStream(IterableDataset):
                 f"shared by {world_size} rank(s) x {self.logical_workers} worker(s); "
                 "add documents or lower --data.num_workers"
             )
+        need = batch_size * (seq_len + 1)
+        bound = getattr(corpus, "max_train_tokens", None)
+        if bound is not None and bound < need:
+            raise DataError(
+                f"data source {corpus.source!r} is too small for one training batch: at most {bound} tokens, a batch "
+                f"holds {batch_size} x {seq_len + 1} = {need}; add text or lower --data.batch_size / --data.seq_len"
+            )
         self._start: Optional[dict] = None  # where iteration begins; see starting_at
         self._tok = None
 

@@ -1,4 +1,13 @@
-"""`hub:NAME[:CONFIG]` sources: a Hugging Face dataset streamed with `datasets`.
+"""`hub:NAME[:CONFIG][@REVISION]` sources: a Hugging Face dataset streamed with `datasets`.
+
+Pinned. The dataset is read at one commit: REVISION (a branch, tag or commit) resolved to its
+commit hash when the run opens it, or the main branch's current commit. The hash is part of the
+tokenizer cache key and of every checkpoint (the data module's state), so an update upstream can
+neither reuse a tokenizer trained on other data nor silently change what a resumed run reads:
+resuming from a checkpoint of another commit is refused, naming the ``@REVISION`` to use.
+
+Validation. A dataset with its own ``validation`` split is validated on it (and trains on all of
+``train``); otherwise documents are split by a hash of their text, as below.
 
 Offline, this fails fast with a DataError (no hanging retries): the environment flags
 HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured, and otherwise a TCP connection to the
@@ -45,9 +54,17 @@ def hub_unreachable_reason(timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     return outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:.0f}s"
 
 
+def split_revision(source: str) -> tuple[str, Optional[str]]:
+    """'hub:NAME[:CONFIG]@REVISION' -> ('hub:NAME[:CONFIG]', REVISION or None)."""
+    base, at, revision = source.partition("@")
+    if at and not revision:
+        raise DataError(f"data source {source!r}: expected hub:NAME[:CONFIG]@REVISION (a branch, tag or commit)")
+    return base, (revision or None)
+
+
 def parse_hub_source(source: str) -> tuple[str, Optional[str]]:
-    """'hub:NAME[:CONFIG]' -> (NAME, CONFIG or None)."""
-    name, _, config = source[len("hub:"):].partition(":")
+    """'hub:NAME[:CONFIG][@REVISION]' -> (NAME, CONFIG or None)."""
+    name, _, config = split_revision(source)[0][len("hub:"):].partition(":")
     if not name:
         raise DataError(f"data source {source!r}: expected hub:NAME[:CONFIG], e.g. hub:roneneldan/TinyStories")
     return name, (config or None)
@@ -57,10 +74,13 @@ class HubCorpus:
     """A streamed Hugging Face dataset (its 'train' split), split per document by text hash."""
 
     num_train_docs: Optional[int] = None  # unknown for a stream
+    own_validation = False  # the dataset's own validation split is used (set when opened)
+    revision: Optional[str] = None  # the commit read (set when opened)
 
     def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
         self.source = source
         self.name, self.config = parse_hub_source(source)
+        self.requested_revision = split_revision(source)[1]
         self.text_field = text_field
         self.val_fraction = val_fraction
         self.seed = seed
@@ -71,26 +91,49 @@ class HubCorpus:
                 "Use local files instead: --data.source PATH (a .txt/.md/.py/.jsonl/.json/.parquet "
                 "file, a folder or a glob of them) or --data.source stdlib"
             )
-        self._stream = self._load()
+        self.revision = self._resolve_revision()
+        self.own_validation = "validation" in self._split_names()
+        self._stream = self._load("train")
+        self._val_stream = self._load("validation") if self.own_validation else None
 
-    def _load(self):
+    def _resolve_revision(self) -> str:
+        """The commit hash of the requested revision (or of the main branch)."""
+        from huggingface_hub import HfApi
+
+        try:
+            return HfApi().dataset_info(self.name, revision=self.requested_revision).sha
+        except Exception as e:  # noqa: BLE001 - not found, gated, no such revision: all the user's to fix
+            what = f"revision {self.requested_revision!r} of " if self.requested_revision else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"data source {self.source!r}: cannot resolve {what}the dataset ({first})") from None
+
+    def _split_names(self) -> list[str]:
+        import datasets
+
+        try:
+            return list(datasets.get_dataset_split_names(self.name, self.config, revision=self.revision))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"data source {self.source!r}: could not list the dataset's splits ({e})") from None
+
+    def _load(self, split: str):
         import datasets
 
         try:
             # No trust_remote_code: only datasets stored as data files can be streamed.
-            return datasets.load_dataset(self.name, self.config, split="train", streaming=True)
+            return datasets.load_dataset(self.name, self.config, split=split, streaming=True, revision=self.revision)
         except Exception as e:  # datasets raises many types (not found, gated, bad config)
             raise DataError(f"data source {self.source!r}: could not open the dataset ({e})") from None
 
     @property
     def source_id(self) -> str:
-        return f"hub:{self.name}:{self.config or ''}"
+        return f"hub:{self.name}:{self.config or ''}@{self.revision}"
 
     def fingerprint(self) -> str:
         return ""  # a remote stream has no cheap content fingerprint
 
     def describe(self) -> str:
-        return f"{self.source} (streamed)"
+        val = "its validation split" if self.own_validation else "hashed validation"
+        return f"{self.source} (streamed at commit {self.revision[:12]}, {val})"
 
     def _rows(self, stream) -> Iterator[Optional[str]]:
         """The text of every row, None for a non-string one (so row positions stay exact)."""
@@ -106,10 +149,16 @@ class HubCorpus:
     def _texts(self, stream) -> Iterator[str]:
         return (text for text in self._rows(stream) if text is not None)
 
+    def _in_val(self, text: str) -> bool:
+        """Whether a row of the train split is held out (never, when the dataset has a validation split)."""
+        return not self.own_validation and is_val(text, self.val_fraction)
+
     def train_texts(self) -> Iterator[str]:
-        return (t for t in self._texts(self._stream) if not is_val(t, self.val_fraction))
+        return (t for t in self._texts(self._stream) if not self._in_val(t))
 
     def val_texts(self) -> Iterator[str]:
+        if self.own_validation:
+            return self._texts(self._val_stream)
         return (t for t in self._texts(self._stream) if is_val(t, self.val_fraction))
 
     def slot_docs(self, slot: int, num_slots: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
@@ -122,5 +171,5 @@ class HubCorpus:
         # Resuming reads past the first `start` rows instead of IterableDataset.skip(),
         # which would change the shuffled order (costs bandwidth, not tokenization).
         for pos, text in enumerate(self._rows(stream)):
-            if pos >= start and text is not None and not is_val(text, self.val_fraction):
+            if pos >= start and text is not None and not self._in_val(text):
                 yield pos, text

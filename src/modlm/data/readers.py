@@ -17,6 +17,33 @@ JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
 
+_SNIFF_BYTES = 8192  # how much of a file without an extension is read to decide it is text
+
+
+def is_plain_text(path: Path) -> bool:
+    """A file without an extension (LICENSE, COPYING, README) counts as text when its head decodes
+    as UTF-8 and holds no NUL byte; hidden files (.gitignore ...) never do."""
+    if path.suffix or path.name.startswith("."):
+        return False
+    import codecs
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in head
+
+
+def is_supported(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED_SUFFIXES or is_plain_text(path)
+
+
+def _is_text(path: Path) -> bool:
+    return path.suffix.lower() in TEXT_SUFFIXES or path.suffix == ""
+
+
 _REPLACEMENT = "\ufffd"
 _REPLACEMENT_UTF8 = _REPLACEMENT.encode("utf-8")
 
@@ -42,7 +69,7 @@ def _warn_replaced(path: Path, count: int, where: str = "") -> None:
 
 
 def read_text(path: Path) -> Iterator[tuple[int, str]]:
-    """A .txt/.md/.py file is one document."""
+    """A .txt/.md/.py file (or a text file without an extension) is one document."""
     text, bad = decode_counting(path.read_bytes())
     if bad:
         _warn_replaced(path, bad)
@@ -168,7 +195,7 @@ def read_parquet(path: Path, text_field: str, batch_size: int = 256) -> Iterator
 def count_records(path: Path, text_field: str) -> int:
     """How many records (candidate documents) a file holds, without tokenizing anything."""
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if _is_text(path):
         return 1
     if suffix in PARQUET_SUFFIXES:
         return parquet_rows(path, text_field)
@@ -192,7 +219,7 @@ def _json_array_len(path: Path) -> int:
 def read_records(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
     """Dispatch on the file suffix."""
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if _is_text(path):
         return read_text(path)
     if suffix == ".jsonl":
         return read_jsonl(path, text_field)
@@ -204,7 +231,7 @@ def read_records(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
 
 
 def is_multi_record(path: Path) -> bool:
-    return path.suffix.lower() not in TEXT_SUFFIXES
+    return not _is_text(path)
 
 
 __all__ = [
@@ -212,5 +239,6 @@ __all__ = [
     "count_records",
     "decode_counting",
     "is_multi_record",
+    "is_supported",
     "read_records",
 ]

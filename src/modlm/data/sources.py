@@ -25,12 +25,18 @@ import hashlib
 import os
 import random
 import sysconfig
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
-from .readers import SUPPORTED_SUFFIXES, count_records, is_multi_record, read_records
+from .errors import DataError, DataWarning
+from .progress import note
+from .readers import count_records, is_multi_record, is_supported, read_records
+
+LARGE_CORPUS_FILES = 5_000  # from this many files, or bytes, indexing is announced (it can take a while)
+LARGE_CORPUS_BYTES = 1_000_000_000
+
 
 def unit_hash(key: str) -> float:
     """Map a key to a float in [0, 1), uniformly and identically on every machine."""
@@ -41,6 +47,18 @@ def unit_hash(key: str) -> float:
 def is_val(key: str, val_fraction: float) -> bool:
     """True if the document with this key belongs to the validation split."""
     return unit_hash(key) < val_fraction
+
+
+def split_tail(text: str, share: float) -> tuple[str, str]:
+    """(head, tail) of a document, the tail about ``share`` of its characters, starting at a line
+    when one starts near the cut (within another ``share``): deterministic, and no character in both."""
+    if not text:
+        return "", ""
+    cut = len(text) - max(1, round(len(text) * share))
+    line = text.rfind("\n", 0, cut) + 1
+    if line > 0 and cut - line <= len(text) * share:
+        cut = line
+    return text[:cut], text[cut:]
 
 
 def record_key(relpath: str, record: int, multi_record: bool) -> str:
@@ -71,7 +89,7 @@ def _walk(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith("."))
-        found += [Path(dirpath, f) for f in sorted(filenames) if Path(f).suffix.lower() in SUPPORTED_SUFFIXES]
+        found += [Path(dirpath, f) for f in sorted(filenames) if is_supported(Path(dirpath, f))]
     return found
 
 
@@ -79,12 +97,13 @@ def discover(source: str) -> tuple[Path, list[Path]]:
     """Resolve a local source to (root for relative paths, sorted list of files)."""
     if source == "stdlib":
         return stdlib_files()
-    expected = "a .txt/.md/.py/.jsonl/.json/.parquet file, a folder of them, a glob, 'stdlib' or 'hub:NAME'"
+    expected = ("a .txt/.md/.py/.jsonl/.json/.parquet file (or UTF-8 text without an extension), a folder of them, "
+                "a glob, 'stdlib' or 'hub:NAME'")
     if glob.has_magic(source):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
         files = []
         for m in matches:
-            files += _walk(m) if m.is_dir() else ([m] if m.suffix.lower() in SUPPORTED_SUFFIXES else [])
+            files += _walk(m) if m.is_dir() else ([m] if is_supported(m) else [])
         if not files:
             raise DataError(f"glob {source!r} matched no supported files (expected {expected})")
         root = Path(os.path.commonpath([str(f.parent.resolve()) for f in files]))
@@ -96,7 +115,7 @@ def discover(source: str) -> tuple[Path, list[Path]]:
             raise DataError(f"folder {source!r} holds no .txt/.md/.py/.jsonl/.json/.parquet files")
         return path.resolve(), [f.resolve() for f in files]
     if path.is_file():
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if not is_supported(path):
             raise DataError(f"{source!r}: unsupported file type {path.suffix!r} (expected {expected})")
         return path.resolve().parent, [path.resolve()]
     raise DataError(f"data source {source!r} does not exist (expected {expected})")
@@ -127,7 +146,8 @@ class FileEntry:
 class FileCorpus:
     """Documents from local files, split per document into train and val."""
 
-    def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
+    def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234,
+                 min_val_chars: int = 0):
         self.source = source
         self.text_field = text_field
         self.val_fraction = val_fraction
@@ -135,19 +155,37 @@ class FileCorpus:
         self.root, files = discover(source)
         if sum(f.stat().st_size for f in files) == 0:
             raise DataError(f"data source {source!r} is empty: its {len(files)} file(s) hold no text")
+        size = sum(f.stat().st_size for f in files)
+        large = len(files) >= LARGE_CORPUS_FILES or size >= LARGE_CORPUS_BYTES
+        if large:  # counting records reads every jsonl/json file: say why the start is slow
+            note(f"indexing {len(files):,} files ({size / 1e9:.2f} GB) of {source} ...")
         self.entries = [self._entry(f) for f in files]
+        if large:
+            note(f"indexed {self.describe()}")
         self.num_train_docs = sum(e.n_train for e in self.entries)
         self.num_val_docs = sum(len(e.val_records) for e in self.entries)
+        self.tail_share = 0.0  # > 0: validation is the tail of every document instead (small corpora)
+        if val_fraction > 0 and (self.num_val_docs == 0 or self.num_train_docs == 0):
+            self._hold_out_tails(min_val_chars)
         if self.num_train_docs == 0:
-            raise DataError(
-                f"data source {source!r}: the training split is empty ({self.num_val_docs} document(s), "
-                f"all in validation with val_fraction={val_fraction}); add documents or lower val_fraction"
-            )
-        if val_fraction > 0 and self.num_val_docs == 0:
-            raise DataError(
-                f"data source {source!r}: the validation split is empty ({self.num_train_docs} document(s), "
-                f"none drawn with val_fraction={val_fraction}); add documents or raise val_fraction"
-            )
+            raise DataError(f"data source {source!r}: no documents to train on")
+
+    def _hold_out_tails(self, min_val_chars: int) -> None:
+        """Too few documents to hold whole ones out (a single file, a folder of a few licences): every
+        document lends the end of its text to validation instead, the same share of each, at least
+        ``min_val_chars`` characters in all (so the validation split fills a window), at most half."""
+        for e in self.entries:
+            e.val_records = []
+        self.num_train_docs = sum(e.n_train for e in self.entries)
+        self.num_val_docs = self.num_train_docs
+        size = sum(e.path.stat().st_size for e in self.entries)
+        self.tail_share = min(0.5, max(self.val_fraction, min_val_chars / max(size, 1)))
+        warnings.warn(
+            f"data source {self.source!r}: {self.num_train_docs} document(s), none drawn for validation with "
+            f"val_fraction={self.val_fraction}; holding out the last {self.tail_share:.1%} of each document's text "
+            "for validation instead (training reads the rest)",
+            DataWarning,
+        )
 
     def _entry(self, path: Path) -> FileEntry:
         rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.name
@@ -169,7 +207,15 @@ class FileCorpus:
         h = hashlib.sha256()
         for e in self.entries:
             h.update(f"{e.relpath}\0{e.path.stat().st_size}\0{e.n_records}\n".encode("utf-8", "surrogatepass"))
+        if self.tail_share:  # the tokenizer learns from the documents' heads only
+            h.update(f"tails:{self.tail_share!r}".encode())
         return h.hexdigest()
+
+    @property
+    def max_train_tokens(self) -> int:
+        """An upper bound of the training tokens (a token is at least one byte; one end-of-text per
+        document): too few means not even one batch can be filled."""
+        return sum(e.path.stat().st_size for e in self.entries) + self.num_train_docs
 
     def describe(self) -> str:
         return (f"{self.source} ({len(self.entries)} files, {self.num_train_docs} train / "
@@ -179,11 +225,13 @@ class FileCorpus:
 
     def _split_docs(self, entries: list[FileEntry], want_val: bool) -> Iterator[str]:
         for e in entries:
-            if (len(e.val_records) if want_val else e.n_train) == 0:
+            if (e.n_train if want_val and self.tail_share else len(e.val_records) if want_val else e.n_train) == 0:
                 continue
             val = set(e.val_records)
             for record, text in read_records(e.path, self.text_field):
-                if (record in val) == want_val:
+                if self.tail_share:
+                    yield split_tail(text, self.tail_share)[1 if want_val else 0]
+                elif (record in val) == want_val:
                     yield text
 
     def train_texts(self) -> Iterator[str]:
@@ -219,16 +267,22 @@ class FileCorpus:
                         continue
                     pos = first + e.train_rank(record)
                     if pos >= lo and pos % num_slots == slot:
-                        yield pos, text
+                        yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)
             first = end
 
 
-def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
-    """Build the corpus for a `--data.source` string (hub sources fail fast when offline)."""
+def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234,
+                min_val_chars: int = 0):
+    """Build the corpus for a `--data.source` string: a prepared folder of token shards (shards.py),
+    a hub dataset (failing fast when offline) or local files."""
     if not isinstance(source, str) or not source.strip():
         raise DataError(f"data source {source!r}: expected a path, glob, 'stdlib' or 'hub:NAME[:CONFIG]'")
+    from .shards import PreparedCorpus, is_prepared
+
+    if is_prepared(source):
+        return PreparedCorpus(source)
     if source.startswith("hub:"):
         from .hub import HubCorpus
 
         return HubCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed)
-    return FileCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed)
+    return FileCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed, min_val_chars=min_val_chars)

@@ -6,13 +6,12 @@ space. One special token, <|endoftext|>, separates documents in the packed strea
 
 The cache lives in `<cache_dir>/<key>/tokenizer.json`, key = hash of the corpus identity
 and the settings that change the result. Several ranks may start at once: one trains
-(holding a lock file), the others wait for the file, and the file is written to a
+(holding an OS file lock, released even if it dies), the others wait for it, and the file is written to a
 temporary name then renamed, so nobody ever reads half a tokenizer.
 """
 import hashlib
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -20,10 +19,11 @@ from typing import Iterable, Iterator, Optional
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
+from .progress import note, show_bars
 
 EOT_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
-_LOCK_STALE_S = 30 * 60  # a lock older than this belongs to a crashed run
+ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 
 
@@ -53,7 +53,7 @@ def capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         left -= len(text)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int, show_progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE on at most `max_chars` characters of `texts`."""
     if vocab_size < 257:
         raise DataError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 257 (256 bytes + end-of-text)")
@@ -64,7 +64,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int) -> To
         vocab_size=vocab_size,
         special_tokens=[EOT_TOKEN],  # id 0
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, always
-        show_progress=False,
+        show_progress=show_progress,  # on a large corpus training takes minutes: say so
     )
     tok.train_from_iterator(capped(texts, max_chars), trainer=trainer)
     return _prepare(tok)
@@ -104,36 +104,26 @@ def _atomic_save(tok: Tokenizer, target: Path) -> None:
 
 def cached_tokenizer(folder: Path, train, wait_s: float = 3600.0) -> Tokenizer:
     """Load `folder/tokenizer.json`, or make it with `train()` (a function returning a
-    Tokenizer) while holding `folder/tokenizer.lock` so only one process trains."""
+    Tokenizer) while holding the lock `<folder>.lock`, so only one process trains.
+
+    The lock is an OS file lock (`filelock`): it is released when its holder exits, even by
+    SIGKILL, so a crashed run never leaves the others waiting for a stale lock."""
+    from filelock import FileLock, Timeout
+
     folder.mkdir(parents=True, exist_ok=True)
-    target, lock = folder / TOKENIZER_FILE, folder / "tokenizer.lock"
-    deadline = time.monotonic() + wait_s
-    while True:
-        if target.is_file():
-            return load_tokenizer(target)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                if time.time() - lock.stat().st_mtime > _LOCK_STALE_S:
-                    lock.unlink(missing_ok=True)  # left by a crashed process
-                    continue
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if time.monotonic() > deadline:
-                raise DataError(f"timed out waiting for another process to write {target} (lock {lock})") from None
-            time.sleep(0.2)
-            continue
-        try:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            if target.is_file():  # written while we were acquiring the lock
+    target = folder / TOKENIZER_FILE
+    if target.is_file():
+        return load_tokenizer(target)
+    lock = folder.with_name(folder.name + ".lock")
+    try:
+        with FileLock(str(lock), timeout=wait_s):
+            if target.is_file():  # written by the process that held the lock before us
                 return load_tokenizer(target)
             tok = train()
             _atomic_save(tok, target)
             return tok
-        finally:
-            lock.unlink(missing_ok=True)
+    except Timeout:
+        raise DataError(f"timed out after {wait_s:.0f}s waiting for another process to write {target} (lock {lock})") from None
 
 
 def resolve_tokenizer(
@@ -155,5 +145,14 @@ def resolve_tokenizer(
         text_field=text_field, val_fraction=val_fraction,
     )
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
-    tok = cached_tokenizer(folder, lambda: train_tokenizer(corpus.train_texts(), vocab_size, max_chars))
+
+    def train() -> Tokenizer:
+        slow = max_chars >= ANNOUNCE_CHARS
+        if slow:
+            note(f"training a {vocab_size}-token BPE on up to {max_chars:,} characters of {corpus.describe()} "
+                 f"(cached in {folder})")
+        return train_tokenizer(corpus.train_texts(), vocab_size, max_chars, show_progress=slow and show_bars())
+
+    tok = cached_tokenizer(folder, train)
     return tok, folder / TOKENIZER_FILE
+

@@ -1,0 +1,160 @@
+"""Write a prepared folder (format: shards.py): tokenize a corpus once, in parallel, into token shards.
+
+Documents are tokenized in chunks by a pool of processes (``multiprocessing``, results kept in
+order), each document followed by <|endoftext|>, and appended to fixed-size shard files. Everything
+is written into ``<out>.partial`` and renamed to ``<out>`` at the end, ``meta.json`` last: a folder
+named ``<out>`` is always complete, and an existing one is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .shards import FORMAT, META_FILE, TOKENIZER_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype, tokenizer_digest
+from .sources import open_corpus
+from .tokenizer import EOT_TOKEN, resolve_tokenizer, tokenizer_from_str
+
+DOCS_PER_TASK = 256  # documents a pool process tokenizes per task (large enough to amortise the hand-off)
+
+_worker_tok = None  # the tokenizer of a pool process
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tok
+    _worker_tok = tokenizer_from_str(tokenizer_json)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    eot = _worker_tok.token_to_id(EOT_TOKEN)
+    return [np.asarray(e.ids + [eot], dtype=np.int64) for e in _worker_tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    texts = iter(texts)
+    while chunk := list(islice(texts, size)):
+        yield chunk
+
+
+class _ShardWriter:
+    """Appends token arrays to ``<split>-NNNNN.bin`` files of ``shard_tokens`` tokens each."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+        self.files: list[str] = []
+        self.counts: list[int] = []
+        self.documents = 0
+        self._f = None
+
+    def _open_next(self) -> None:
+        if self._f:
+            self._f.close()
+        name = f"{self.split}-{len(self.files):05d}.bin"
+        self.files.append(name)
+        self.counts.append(0)
+        self._f = open(self.folder / name, "wb")
+
+    def add(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        ids = ids.astype(self.dtype)
+        while len(ids):
+            if self._f is None or self.counts[-1] == self.shard_tokens:
+                self._open_next()
+            take = min(len(ids), self.shard_tokens - self.counts[-1])
+            self._f.write(ids[:take].tobytes())
+            self.counts[-1] += take
+            ids = ids[take:]
+
+    def close(self) -> dict:
+        if self._f:
+            self._f.close()
+        return {"files": self.files, "tokens": self.counts}
+
+
+def prepare_corpus(
+    source: str,
+    out,
+    *,
+    vocab_size: int,
+    tokenizer_path: Optional[str],
+    text_field: str,
+    val_fraction: float,
+    seed: int,
+    tokenizer_train_chars: int,
+    cache_dir: Optional[str],
+    num_proc: int,
+    shard_tokens: int,
+    progress: bool = True,
+) -> PreparedCorpus:
+    """Tokenize ``source`` into the prepared folder ``out``; returns it, opened and checked."""
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"output {str(out)!r} already exists; nothing overwritten (choose a new folder)")
+    if shard_tokens < 1 or num_proc < 1:
+        raise DataError(f"shard_tokens={shard_tokens}, num_proc={num_proc}: expected >= 1")
+    if is_prepared(source):
+        raise DataError(f"data source {source!r} is already a prepared folder")
+    corpus = open_corpus(source, text_field, val_fraction, seed)
+    tok, _ = resolve_tokenizer(tokenizer_path, lambda: corpus, vocab_size, tokenizer_train_chars, cache_dir,
+                               text_field, val_fraction)
+    tokenizer_json = tok.to_str()
+    dtype = token_dtype(tok.get_vocab_size())
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # a previous prepare into the same folder was cut off
+    partial.mkdir(parents=True)
+    (partial / TOKENIZER_FILE).write_text(tokenizer_json)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer thread per pool process
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    splits = {}
+    pool = context.Pool(num_proc, _init_worker, (tokenizer_json,)) if num_proc > 1 else None
+    try:
+        if pool is None:
+            _init_worker(tokenizer_json)
+        for split, texts, total in (("train", corpus.train_texts(), getattr(corpus, "num_train_docs", None)),
+                                    ("val", corpus.val_texts(), getattr(corpus, "num_val_docs", None))):
+            writer = _ShardWriter(partial, split, shard_tokens, dtype)
+            chunks = _chunks(texts, DOCS_PER_TASK)
+            encoded = pool.imap(_encode, chunks) if pool else map(_encode, chunks)
+            bar = _progress(f"prepare {split}", total, progress)
+            for docs in encoded:
+                for ids in docs:
+                    writer.add(ids)
+                bar.update(len(docs))
+            bar.close()
+            splits[split] = writer.close()
+            splits[split]["documents"] = writer.documents
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if not sum(splits["train"]["tokens"]):
+        shutil.rmtree(partial)
+        raise DataError(f"data source {source!r}: no training tokens")
+    meta = {
+        "format": FORMAT, "version": VERSION, "dtype": dtype.str,
+        "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT_TOKEN),
+        "tokenizer_sha256": tokenizer_digest(tokenizer_json),
+        "source": source, "source_id": getattr(corpus, "source_id", source),
+        "text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+        "documents": {s: splits[s].pop("documents") for s in splits},
+        "train": splits["train"], "val": splits["val"],
+    }
+    (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(partial, out)
+    return PreparedCorpus(out)
+
+
+def _progress(desc: str, total: Optional[int], enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc", disable=not enabled, file=sys.stderr, mininterval=1.0)

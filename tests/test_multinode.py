@@ -1,0 +1,105 @@
+"""Several nodes, on this machine: two torchrun "nodes" of two processes each (gloo), and a run on
+prepared shards resumed on another number of processes.
+
+Each 2 x 2 test trains N steps uninterrupted, then trains again and has every process SIGKILL
+itself after step K (a node lost, no cleanup), then resumes with ``--ckpt_path last`` on the same
+layout: the resumed steps must log exactly the uninterrupted run's losses. FSDP2 runs on
+``ModelParallelStrategy``'s default mesh, (nodes x processes per node) = 2 x 2: shards within a
+node, replicas across nodes (HSDP).
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modlm.data.shard_writer import prepare_corpus
+from train_helpers import REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars, tiny_args
+
+pytestmark = pytest.mark.slow
+
+N, K = 6, 4
+COMMON = ("--trainer.accelerator", "cpu", "--model.lr_decay_steps", str(N), "--trainer.max_steps", str(N),
+          "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", str(N))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(*args: str, timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    """``train.py fit ARGS`` under two torchrun agents (node ranks 0 and 1, 2 processes each)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+         "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         str(REPO / "train.py"), "fit", "--trainer.num_nodes", "2", "--trainer.devices", "2", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    done = []
+    for proc in nodes:
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def kill_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
+    full = torchrun_two_nodes(*tiny_args(tmp_path / "full", data, *COMMON, *strategy))
+    assert all(n.returncode == 0 for n in full), full[0].stderr[-4000:] + full[1].stderr[-2000:]
+    killed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy,
+                                           "--trainer.callbacks+=train_helpers.KillAtStep", "--trainer.callbacks.step", str(K)))
+    assert all(n.returncode != 0 for n in killed)  # every worker died by SIGKILL, so both agents fail
+    assert "Signal 9" in killed[0].stderr + killed[1].stderr or "SIGKILL" in killed[0].stderr + killed[1].stderr
+    resumed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy, "--ckpt_path", "last"))
+    assert all(n.returncode == 0 for n in resumed), resumed[0].stderr[-4000:]
+    return (scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
+            scalars(tmp_path / "cut" / "lightning_logs" / "version_1"))
+
+
+def assert_same_losses(want: dict, got: dict) -> None:
+    assert set(got["train/loss"]) == set(range(K, N))
+    for step in range(K, N):
+        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], abs=1e-6, rel=0), step
+    assert got["val/loss"][N - 1] == pytest.approx(want["val/loss"][N - 1], abs=1e-6, rel=0)
+
+
+def test_two_nodes_ddp_killed_and_resumed(tmp_path, tiny_tokenizer):
+    want, got = kill_and_resume(tmp_path, tiny_tokenizer, "--trainer.strategy", "ddp")
+    assert_same_losses(want, got)
+
+
+def test_two_nodes_fsdp2_hsdp_mesh_killed_and_resumed(tmp_path, tiny_tokenizer):
+    strategy = ("--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
+    want, got = kill_and_resume(tmp_path, tiny_tokenizer, *strategy)
+    assert_same_losses(want, got)
+    assert (tmp_path / "cut" / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded, complete
+
+
+def test_prepared_shards_resume_on_another_number_of_processes(tmp_path, tiny_tokenizer):
+    corpus, tokenizer = tiny_tokenizer
+    shards = tmp_path / "tokens"
+    prepare_corpus(corpus, shards, vocab_size=TINY_DATA["vocab_size"], tokenizer_path=tokenizer, text_field="text",
+                   val_fraction=float(VAL_FRACTION), seed=1234, tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"],
+                   cache_dir=None, num_proc=2, shard_tokens=10_000, progress=False)
+    args = tiny_args(tmp_path / "run", (str(shards), tokenizer), "--trainer.accelerator", "cpu",
+                     "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", "2")
+    two = run_train("fit", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(K))
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = run_train("fit", *args, "--trainer.devices", "1", "--data.num_workers", "2", "--trainer.max_steps", str(N),
+                    "--ckpt_path", "last")
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "restarting the data stream" not in one.stderr
+    batch = TINY_DATA["batch_size"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == N
+    # 4 steps x 2 ranks, then 2 steps x 1 rank: every window consumed exactly once so far
+    assert ckpt["datamodule_hyper_parameters"]["source"] == str(shards)
+    state = ckpt["ModLMDataModule"]  # the data module's state, saved under its class name
+    assert state["train"]["consumed"] == (K * 2 + (N - K)) * batch
+    logged = scalars(tmp_path / "run" / "lightning_logs" / "version_1")
+    assert set(logged["train/loss"]) == set(range(K, N))
