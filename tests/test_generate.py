@@ -1,8 +1,17 @@
-"""KV-cached decoding with causal routing equals one causal forward pass."""
+"""KV-cached decoding with causal routing equals one causal forward pass.
+
+Decoding steps run two ways: on the CPU a routed block reads its per-row decisions on the host and
+skips the rows that say no; under ``torch.compile`` (and on accelerators) every row runs the block
+and skipping rows are masked. Both must give the same logits and the same caches.
+"""
 import pytest
 import torch
 
+import modlm.routing
 from modlm import ModelConfig, MoDTransformer
+from modlm.evaluate import decode_throughput
+from modlm.generate import generate
+from modlm.layers import Positions
 from modlm.routing import RoutedBlock
 
 V = 97
@@ -21,9 +30,17 @@ def tokens(batch, length, seed=1):
 METHODS = ["router", "predictor"]
 
 
+@pytest.fixture(params=["host_branch", "masked"])
+def step_mode(request, monkeypatch):
+    """Run the test with routed blocks skipping rows on the host, then with masked static steps."""
+    if request.param == "masked":
+        monkeypatch.setattr(modlm.routing, "_host_can_branch", lambda x: False)
+    return request.param
+
+
 @pytest.mark.parametrize("causal_method", METHODS)
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_cached_decoding_equals_causal_forward(causal_method, prefill):
+def test_cached_decoding_equals_causal_forward(causal_method, prefill, step_mode):
     model = build(causal_method=causal_method)
     idx = tokens(3, 40)
     full = model(idx, routing="causal")
@@ -36,7 +53,7 @@ def test_cached_decoding_equals_causal_forward(causal_method, prefill):
 
 
 @pytest.mark.parametrize("causal_method", METHODS)
-def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method):
+def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method, step_mode):
     model = build(causal_method=causal_method)
     idx = tokens(2, 30)
     full = model(idx, routing="causal")
@@ -55,6 +72,57 @@ def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method):
             assert torch.equal(kv.positions[row, :n], expected), f"block {layer} row {row}"
             assert (kv.positions[row, n:] == -1).all()
     assert any(int(kv.length.min()) < 30 for kv in cache.blocks), "routed blocks must store fewer tokens"
+
+
+def test_skipping_rows_do_no_block_work():
+    """A decoding step runs a routed block's attention and MLP on exactly the rows that chose it:
+    none at all when every row skips, and a routed block's decision needs no sorting of tokens."""
+    model = build(causal_method="router")
+    idx = tokens(4, 24)
+    full = model(idx, routing="causal")
+    routed = [b for b in model.blocks if isinstance(b, RoutedBlock)]
+    rows_seen = {b.layer: [] for b in routed}
+    for b in routed:
+        b.block.register_forward_pre_hook(lambda m, args, layer=b.layer: rows_seen[layer].append(args[0].size(0)))
+    cache = model.new_cache(4)
+    model.forward_cached(idx[:, :8], cache)
+    for b in routed:
+        rows_seen[b.layer].clear()
+    with torch.autograd.profiler.profile() as prof:
+        for t in range(8, 24):
+            model.decode_step(idx[:, t], cache)
+    assert not any("sort" in e.name for e in prof.function_events), "a one-token step must not sort"
+    for info in full.routing:
+        per_step = info.selected[:, 8:].sum(dim=0).tolist()  # rows that chose the block, per step
+        assert 0 in per_step and any(0 < n < 4 for n in per_step), "the test needs steps with no and some rows"
+        assert rows_seen[info.layer] == [n for n in per_step if n > 0]
+
+
+def test_decode_state_is_preallocated():
+    """Decoding writes into buffers allocated once: no step reallocates or grows a cache."""
+    model = build()
+    idx = tokens(2, 20)
+    cache = model.new_cache(2)
+    buffers = [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.blocks]
+    model.forward_cached(idx[:, :5], cache)
+    for t in range(5, 20):
+        model.decode_step(idx[:, t], cache)
+    assert [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.blocks] == buffers
+    assert cache.blocks[0].k.shape == (2, 4, 64, 8)
+
+
+@pytest.mark.parametrize("causal_method", METHODS)
+def test_decode_step_traces_whole_and_matches_eager(causal_method):
+    """The decode step is one graph for ``torch.compile`` (fullgraph would raise on any break, such
+    as a host read of a routing decision); traced with the eager backend, so this stays fast."""
+    torch._dynamo.reset()
+    model = build(causal_method=causal_method)
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 9, 6)]
+    traced = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    compiled = generate(model, prompts, 12, temperature=0, decode_step=lambda t, s: traced(t, s))
+    eager = generate(model, prompts, 12, temperature=0)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
 
 
 def test_prompts_of_different_lengths_batch_like_single_prompts():
@@ -108,7 +176,7 @@ def test_length_and_mode_errors():
     block = next(b for b in model.blocks if isinstance(b, RoutedBlock))
     x = torch.zeros(1, 4, 32)
     with pytest.raises(ValueError, match="causal"):
-        block(x, x[..., :4], x[..., :4], "topk", cache.blocks[1])
+        block(x, Positions(x[..., :4], x[..., :4]), "topk", cache.blocks[1])
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
@@ -121,3 +189,11 @@ def test_save_and_load_pretrained_round_trip(tmp_path, tie_embeddings):
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
     idx = tokens(2, 20)
     assert torch.equal(loaded(idx, routing="causal").logits, model(idx, routing="causal").logits)
+
+
+def test_decode_throughput_counts_every_generated_token():
+    model = build()
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 11, 7, 5)]
+    figures = decode_throughput(model, prompts, new_tokens=6, reps=1)
+    assert figures["batch"] == 4 and figures["new_tokens"] == 6
+    assert figures["tokens_per_s"] == pytest.approx(4 * 6 / figures["seconds"])

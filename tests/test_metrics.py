@@ -12,7 +12,7 @@ def info(layer, selected, topk, predictor=None):
     router = torch.where(selected, 1.0, -1.0)
     return RoutingInfo(layer=layer, selected=selected, router_logits=router,
                        predictor_logits=None if predictor is None else torch.tensor(predictor),
-                       topk=torch.tensor(topk, dtype=torch.bool), aux_losses={})
+                       topk=torch.tensor(topk, dtype=torch.bool), aux_losses={}, aux_loss=torch.zeros(()))
 
 
 def test_capacity_and_decision_counts():

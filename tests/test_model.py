@@ -1,14 +1,14 @@
 """Invariants of the MoD transformer: routing, causality, gradients, precision.
 
-Every test uses a tiny model and a fixed seed; each asserts an exact property of the method
-(SPEC section 1), and most of them catch one of the bugs found in public MoD code.
+Every test uses a tiny model and a fixed seed; each asserts an exact property of the method,
+and most of them catch one of the bugs found in public MoD code.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.layers import apply_rope, rope_tables
+from modlm.layers import Positions, apply_rope, rope_tables
 from modlm.routing import RoutedBlock, topk_indices
 
 V, T = 97, 32
@@ -38,8 +38,8 @@ def routed_block(**overrides) -> RoutedBlock:
     return next(b for b in model.blocks if isinstance(b, RoutedBlock))
 
 
-def full_rope(cfg, batch, length):
-    return rope_tables(cfg, torch.arange(length).unsqueeze(0))
+def full_rope(cfg, batch, length) -> Positions:
+    return Positions.sequence(cfg, length)
 
 
 # --- structure ------------------------------------------------------------------------------------
@@ -88,20 +88,20 @@ def test_tied_embeddings():
 def test_full_capacity_equals_dense_scaled_by_router_weight(router_weight):
     block = routed_block(capacity=1.0, router_weight=router_weight)
     x = block_input()
-    cos, sin = full_rope(block.cfg, 3, T)
-    out, info, _ = block(x, cos, sin, "topk")
+    where = full_rope(block.cfg, 3, T)
+    out, info = block(x, where, "topk")
     assert info.selected.all()
     r = x @ block.router.weight.squeeze(0)
     w = torch.sigmoid(r) if router_weight == "sigmoid" else r
-    expected = x + w.unsqueeze(-1) * block.block.update(x, cos, sin)
+    expected = x + w.unsqueeze(-1) * block.block.update(x, where)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_selects_k_per_row_in_temporal_order_and_leaves_others_unchanged():
     block = routed_block()
     x = block_input(batch=4)
-    cos, sin = full_rope(block.cfg, 4, T)
-    out, info, _ = block(x, cos, sin, "topk")
+    where = full_rope(block.cfg, 4, T)
+    out, info = block(x, where, "topk")
     k = block.cfg.capacity_tokens(T)
     assert (info.selected.sum(dim=1) == k).all()
     idx = topk_indices(info.router_logits, k)
@@ -119,11 +119,11 @@ def test_topk_selects_k_per_row_in_temporal_order_and_leaves_others_unchanged():
 def test_attention_and_mlp_run_on_gathered_tokens_only(routing):
     block = routed_block(capacity=0.5)
     x = block_input(batch=2)
-    cos, sin = full_rope(block.cfg, 2, T)
+    where = full_rope(block.cfg, 2, T)
     seen = {}
     block.block.attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("attn", args[0].shape))
     block.block.mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("mlp", args[0].shape))
-    _, info, _ = block(x, cos, sin, routing)
+    _, info = block(x, where, routing)
     n = int(info.selected.sum(dim=1).max())
     assert 0 < n < T
     assert seen["attn"] == seen["mlp"] == (2, n, 32)
@@ -152,8 +152,8 @@ def reference_masked_block(block: RoutedBlock, x, selected):
 def test_gathered_block_equals_masked_full_length_reference(routing, causal_method):
     block = routed_block(capacity=0.5 if routing == "causal" else 0.25, causal_method=causal_method)
     x = block_input(batch=3)
-    cos, sin = full_rope(block.cfg, 3, T)
-    out, info, _ = block(x, cos, sin, routing)
+    where = full_rope(block.cfg, 3, T)
+    out, info = block(x, where, routing)
     counts = info.selected.sum(dim=1)
     assert (counts > 0).all() and (counts < T).all()
     expected = reference_masked_block(block, x, info.selected)
@@ -254,8 +254,8 @@ def test_causal_rows_may_select_nothing():
         block.router.weight.copy_(torch.ones_like(block.router.weight))
     x[0] = -x[0].abs()  # row 0: every router logit negative, nothing processed
     x[1] = x[1].abs()  # row 1: everything processed
-    cos, sin = full_rope(block.cfg, 2, T)
-    out, info, _ = block(x, cos, sin, "causal")
+    where = full_rope(block.cfg, 2, T)
+    out, info = block(x, where, "causal")
     assert info.selected.sum(dim=1).tolist() == [0, T]
     assert torch.equal(out[0], x[0])
     torch.testing.assert_close(out, reference_masked_block(block, x, info.selected), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from .flops import forward_flops
+from .generate import generate
 from .metrics import capacity_used, decision_counts, overlap_counts, quality_from_counts, token_depth
 from .model import MoDTransformer
 
@@ -101,17 +102,34 @@ def flops_per_token(model: MoDTransformer, seq_len: int, capacity_used: Optional
     return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens) / seq_len
 
 
-@torch.no_grad()
+def _timed(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, waiting for an accelerator to finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def decode_speed(model: MoDTransformer, prompt: torch.Tensor, new_tokens: int, reps: int = 3) -> float:
-    """Generated tokens per second of greedy ``generate`` (batch of one prompt), median of ``reps``."""
-    model.generate(prompt, max_new_tokens=min(new_tokens, 4), temperature=0)  # warm-up
-    times = []
-    for _ in range(reps):
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-        if prompt.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+    """Generated tokens per second of greedy ``generate`` (batch of one prompt), median of ``reps``:
+    the latency view of decoding."""
+    return decode_throughput(model, prompt, new_tokens, reps)["tokens_per_s"]
+
+
+def decode_throughput(model: MoDTransformer, prompts, new_tokens: int, reps: int = 3, decode_step=None) -> dict:
+    """Greedy generation of ``new_tokens`` for a batch of prompts at once (a (B, T) tensor, or a list
+    of prompts of different lengths): the serving view of decoding.
+
+    Returns ``tokens_per_s`` (all rows' generated tokens per second, prefill included in the time,
+    median of ``reps``), ``seconds``, ``batch`` and ``new_tokens``. ``decode_step`` is passed to
+    ``generate`` (a compiled step, say).
+    """
+    device = model.embed.weight.device
+    run = lambda n: generate(model, prompts, n, temperature=0, decode_step=decode_step)  # noqa: E731
+    run(min(new_tokens, 4))  # warm-up: allocator, kernels, compilation
+    seconds = statistics.median(_timed(lambda: run(new_tokens), device) for _ in range(reps))
+    batch = len(prompts)
+    return {"tokens_per_s": batch * new_tokens / seconds, "seconds": seconds, "batch": batch, "new_tokens": new_tokens}

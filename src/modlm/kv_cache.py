@@ -1,60 +1,100 @@
-"""Key/value cache for incremental decoding, one per block, with a length per row.
+"""Key/value caches for incremental decoding: one per block, preallocated, with a length per row.
 
 Rows fill at different rates: prompts have different lengths, and a routed block only stores the
 tokens its causal decision processed (that is where MoD's decode speed comes from: a skipped token
 costs that block nothing and leaves no entry). So each row keeps its own length, and every entry
 remembers the original position of its token (keys are stored already rotated by RoPE at that
-position).
+position; an empty slot has position -1).
 
-New entries arrive as a (B, H, n, hd) batch whose first ``n_valid[b]`` entries of row b are real and
-the rest padding (the callers pack real tokens first, in temporal order). Only real entries are
-written; padding is never stored.
+Buffers are allocated once, for ``max_len`` slots, and never grow or move: a decoding step writes
+one slot per row and attends through a mask, with no host synchronisation, so a whole step can be
+captured by ``torch.compile`` (or a CUDA graph). Many new tokens at once (a prompt) take the exact
+path, which writes only the real entries and may read lengths on the host.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 
 class KVCache:
-    def __init__(self, batch_size: int, capacity: int):
-        self.capacity = capacity
-        self.length = torch.zeros(batch_size, dtype=torch.long)
-        self.k = self.v = self.positions = None  # allocated on first use, in the keys' dtype/device
+    def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, device=None, dtype=None):
+        self.max_len = max_len
+        """Slots per row: the longest sequence the cache can hold."""
+        # Zeros, not empty: queries of padding and of skipped rows read slots no real token wrote;
+        # their outputs are dropped, but must stay finite.
+        self.k = torch.zeros(batch_size, n_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.slot_ids = torch.arange(max_len, device=device)
+        self.all_rows = torch.arange(batch_size, device=device)
 
-    def _allocate(self, k: torch.Tensor) -> None:
-        B, H, _, hd = k.shape
-        # Zeros, not empty: padding queries may look at unwritten slots; they must stay finite.
-        self.k = k.new_zeros(B, H, self.capacity, hd)
-        self.v = k.new_zeros(B, H, self.capacity, hd)
-        self.positions = torch.full((B, self.capacity), -1, dtype=torch.long, device=k.device)
-        self.length = self.length.to(k.device)
+    def store(self, k, v, index, n_real=None, rows=None, span=None):
+        """Store new keys/values (B, H, n, hd); return what the new queries attend to.
 
-    def append(self, k, v, n_valid, positions):
-        """Store the real entries; return all keys, values and the attention mask for the new queries.
-
-        ``positions`` (B, n) are the tokens' original positions. Query j of row b sees the cached
-        entries of that row and the new ones up to itself: slots ``< length[b] + j + 1``.
+        ``index`` (B, n) are the tokens' original positions; the first ``n_real[b]`` tokens of row
+        b are real (all when None), the rest padding, never stored. ``rows`` names the cache rows
+        of a subset of rows (one token each). Returns keys, values and the boolean attention mask:
+        query j of row b sees that row's earlier entries and the new ones up to itself.
         """
-        if self.k is None:
-            self._allocate(k)
+        if k.size(2) == 1:
+            return self._store_one(k, v, index[:, 0], n_real, rows, span)
+        assert rows is None, "a subset of rows only ever decodes one token"
+        return self._store_many(k, v, index, n_real)
+
+    def _store_one(self, k, v, position, n_real, rows, span):
+        """One token per row, static shapes: every row writes the slot after its entries.
+
+        A row whose token is not real (``n_real`` 0) writes there too, but its length does not move
+        and the slot's position stays -1, so the entry is invisible and the row's next real token
+        overwrites it.
+        """
+        span = self.max_len if span is None else span
+        # All rows: the slot is the length itself, read by the mask and the writes before it moves.
+        slot = self.length if rows is None else self.length.index_select(0, rows)
+        at = self.all_rows if rows is None else rows
+        mask = (self.slot_ids[:span] <= slot.unsqueeze(1))[:, None, None, :]  # (n, 1, 1, span)
+        if n_real is not None:
+            position = position.masked_fill(n_real == 0, -1)
+        self.k[at, :, slot] = k[:, :, 0]
+        self.v[at, :, slot] = v[:, :, 0]
+        self.positions[at, slot] = position
+        keys, values = self.k[:, :, :span], self.v[:, :, :span]
+        if rows is None:
+            self.length += 1 if n_real is None else n_real
+        else:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+            self.length.index_add_(0, rows, torch.ones_like(rows) if n_real is None else n_real)
+        return keys, values, mask
+
+    def _store_many(self, k, v, index, n_real):
+        """Any number of tokens per row: writes exactly the real ones (reads their count on the host)."""
         B, _, n, _ = k.shape
         j = torch.arange(n, device=k.device)
-        rows, cols = (j < n_valid.unsqueeze(1)).nonzero(as_tuple=True)
+        if n_real is None:
+            n_real = torch.full((B,), n, dtype=torch.long, device=k.device)
+        real = j < n_real.unsqueeze(1)  # (B, n)
+        rows, cols = real.nonzero(as_tuple=True)
         slots = self.length[rows] + cols  # in range: the model refuses rows longer than max_seq_len
         self.k[rows, :, slots] = k[rows, :, cols]
         self.v[rows, :, slots] = v[rows, :, cols]
-        self.positions[rows, slots] = positions[rows, cols]
+        self.positions[rows, slots] = index[rows, cols]
 
         query_slots = self.length.unsqueeze(1) + j  # (B, n)
-        end = min(self.capacity, int(query_slots.max()) + 1)
-        mask = torch.arange(end, device=k.device) <= query_slots.unsqueeze(-1)  # (B, n, end)
-        self.length = self.length + n_valid
+        end = min(self.max_len, int(query_slots.max()) + 1)
+        mask = self.slot_ids[:end] <= query_slots.unsqueeze(-1)  # (B, n, end)
+        self.length += n_real
         return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(1)
 
 
-class ModelCache:
-    """The caches of every block of a model, plus how many tokens each row has consumed."""
+class DecodeState:
+    """Everything a model carries from one decoding step to the next: the cache of every block,
+    how many tokens each row has consumed, and the rotary tables of every position (computed
+    once, indexed per step)."""
 
-    def __init__(self, n_layers: int, batch_size: int, capacity: int, device=None):
-        self.blocks = [KVCache(batch_size, capacity) for _ in range(n_layers)]
-        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+    def __init__(self, caches: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor]):
+        self.blocks = caches
+        self.seen = torch.zeros_like(caches[0].length)
+        self.cos, self.sin = rope

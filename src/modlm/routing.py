@@ -14,12 +14,15 @@ Two ways to pick:
   ``sigmoid(p) > 0.5``. Rows pick different counts; they are gathered into a padded batch with the
   picked tokens first (in temporal order) and the padding after them, so the causal mask alone
   keeps every real token from seeing padding, and padding's updates are dropped.
+
+Decoding one token per row needs neither: each row's decision is a yes or a no. A row that says no
+does nothing in the block and stores nothing in its cache, so its cost is the router alone.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
@@ -28,14 +31,15 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import Block, CacheWrite
+from .layers import Block, Positions, gather_tokens
 
 Routing = Literal["topk", "causal"]
 
 
 @dataclass
 class RoutingInfo:
-    """What one routed block did in a forward pass (tensors are detached views for telemetry)."""
+    """What one routed block did in a forward pass (tensors are detached views for telemetry,
+    except ``aux_loss``)."""
 
     layer: int
     """Index of the block in the model."""
@@ -47,9 +51,12 @@ class RoutingInfo:
     """(B, T) float32 logits of the causal predictor, or None without one."""
     topk: Optional[torch.Tensor]
     """(B, T) bool: top-k membership of the router logits (the causal decision's target); None
-    during incremental decoding, where the rest of the sequence is not known."""
+    with a KV cache, where the rest of the sequence is not known."""
     aux_losses: dict[str, torch.Tensor]
     """Unweighted auxiliary losses of this block by name (``router_bce``, ``predictor_bce``)."""
+    aux_loss: torch.Tensor
+    """Scalar: this block's weighted auxiliary loss, attached to the graph (the model averages
+    them into ``ModelOutput.aux_loss``); 0 when there is nothing to learn."""
 
 
 _AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
@@ -71,29 +78,34 @@ def causal_logits(router_logits: torch.Tensor, predictor_logits: Optional[torch.
     return predictor_logits if predictor_logits is not None else router_logits
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b, j]]`` for (B, T, C) ``x`` and (B, k) ``idx`` -> (B, k, C)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
-
-
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, the positions of the ``k`` largest scores, sorted into temporal order."""
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def causal_indices(decision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack per-row selections of different sizes into one (B, k_max) index tensor.
+def pack_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack per-row selections of different sizes into one (B, k_max) tensor of positions.
 
-    Returns ``(idx, valid)``: each row lists its selected positions in temporal order, then
-    unselected positions as padding (``valid`` False). Padding always comes after every real
-    token, so with a causal mask no real token attends to it.
+    Returns ``(picks, n_real)``: each row lists its selected positions in temporal order, then
+    unselected positions as padding, and ``n_real`` (B,) counts the selected ones. Padding always
+    comes after every real token, so with a causal mask no real token attends to it.
     """
-    counts = decision.sum(dim=1)
-    k_max = int(counts.max())
+    n_real = selected.sum(dim=1)
+    k_max = int(n_real.max())
     # A stable sort on "not selected" puts selected positions first, each group in temporal order.
-    order = torch.argsort((~decision).to(torch.int8), dim=1, stable=True)[:, :k_max]
-    valid = torch.arange(k_max, device=decision.device) < counts.unsqueeze(1)
-    return order, valid
+    picks = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :k_max]
+    return picks, n_real
+
+
+def _host_can_branch(x: torch.Tensor) -> bool:
+    """Whether a decoding step may look at its routing decisions on the host to skip work.
+
+    On the CPU the decisions are already in host memory, so reading them costs nothing and a row
+    that skips does no work at all. On an accelerator it would stall the stream once per routed
+    block per token, and under ``torch.compile`` it would split the graph: there every row runs
+    the block and the update of skipping rows is multiplied by 0 (static shapes, no sync).
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class RoutedBlock(nn.Module):
@@ -126,62 +138,50 @@ class RoutedBlock(nn.Module):
     def router_weight(self, r: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(r) if self.cfg.router_weight == "sigmoid" else r
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        routing: Routing = "topk",
-        cache: Optional[KVCache] = None,
-        positions: Optional[torch.Tensor] = None,
-        token_valid: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, RoutingInfo, torch.Tensor]:
-        """Returns the new residual stream, what was routed, and this block's weighted aux loss.
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Router logits ``r`` (always fp32) and the predictor's logits (None without one), (B, T)."""
+        with _full_precision(x.device.type):
+            r = F.linear(x.float(), self.router.weight.float()).squeeze(-1)
+        p = self.predictor(x.detach()).squeeze(-1).float() if self.predictor is not None else None
+        return r, p
 
-        ``cos``/``sin`` are the rope tables of every position of ``x``: (1 or B, T, head_dim/2).
-        Incremental decoding passes this block's ``cache``, the tokens' ``positions`` (B, T) and
-        ``token_valid`` (B, T), real tokens first in each row; it requires causal routing, and then
-        top-k membership and the aux losses, which need the whole sequence, are not computed.
+    def decide(self, r: torch.Tensor, p: Optional[torch.Tensor]) -> torch.Tensor:
+        """The causal per-token decision (B, T) bool: each token from its own scores only."""
+        if self.cfg.random_routing:
+            return torch.rand_like(r) < self.cfg.capacity
+        return causal_logits(r, p) > 0
+
+    def forward(
+        self, x: torch.Tensor, where: Positions, routing: Routing = "topk", cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, Optional[RoutingInfo]]:
+        """Returns the new residual stream and what was routed.
+
+        With a ``cache`` (incremental decoding) routing must be causal; top-k membership and the
+        aux losses, which need the whole sequence, are not computed, and a one-token step reports
+        nothing (``None``): it is the hot loop of generation.
         """
-        B, T, _ = x.shape
         if routing not in ("topk", "causal"):
             raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
         if cache is not None and routing != "causal":
             raise ValueError("a KV cache needs routing='causal': top-k depends on tokens not seen yet")
-        with _full_precision(x.device.type):
-            r = F.linear(x.float(), self.router.weight.float()).squeeze(-1)
-        p = self.predictor(x.detach()).squeeze(-1).float() if self.predictor is not None else None
+        r, p = self.scores(x)
+        if cache is not None and x.size(1) == 1:
+            return self._decode_step(x, r, p, where, cache), None
 
+        B, T, _ = x.shape
         topk = None
         if cache is None:
             scores = torch.rand_like(r) if self.cfg.random_routing else r
-            topk_idx = topk_indices(scores, self.cfg.capacity_tokens(T))
-            topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
-
+            topk_picks = topk_indices(scores, self.cfg.capacity_tokens(T))
+            topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_picks, True)
         if routing == "topk":
-            idx, valid, selected = topk_idx, None, topk
+            picks, n_real, selected = topk_picks, None, topk
         else:
-            if self.cfg.random_routing:
-                selected = torch.rand_like(r) < self.cfg.capacity
-            else:
-                selected = causal_logits(r, p) > 0
-            if token_valid is not None:
-                selected = selected & token_valid
-            idx, valid = causal_indices(selected)
-
-        if idx.size(1) > 0:
-            write = None
-            if cache is not None:
-                write = CacheWrite(cache, n_valid=selected.sum(dim=1), positions=positions.gather(1, idx))
-            cos_sel = gather_tokens(cos.expand(B, -1, -1), idx)
-            sin_sel = gather_tokens(sin.expand(B, -1, -1), idx)
-            delta = self.block(gather_tokens(x, idx), cos_sel, sin_sel, write, residual=False)
-            weight = self.router_weight(r).gather(1, idx)
-            if valid is not None:
-                weight = weight * valid
-            # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
-            contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
-            x = x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution)
+            selected = self.decide(r, p)
+            if where.n_real is not None:  # padding is never processed
+                selected = selected & (torch.arange(T, device=x.device) < where.n_real.unsqueeze(1))
+            picks, n_real = pack_selected(selected)
+        x = self._update_picked(x, r, picks, n_real, where, cache)
 
         aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
@@ -191,8 +191,48 @@ class RoutedBlock(nn.Module):
             predictor_logits=None if p is None else p.detach(),
             topk=None if topk is None else topk.detach(),
             aux_losses={name: loss.detach() for name, loss in aux_losses.items()},
+            aux_loss=aux,
         )
-        return x, info, aux
+        return x, info
+
+    def _update_picked(self, x, r, picks, n_real, where: Positions, cache) -> torch.Tensor:
+        """Gather the picked tokens, run the block's update on them alone, scale it by the router
+        weight and scatter-add it back; tokens not picked leave bit-for-bit unchanged."""
+        if picks.size(1) == 0:
+            return x
+        delta, _ = self.block(gather_tokens(x, picks), where.gather(picks, n_real), cache=cache, residual=False)
+        weight = self.router_weight(r).gather(1, picks)
+        if n_real is not None:  # padding's update is dropped
+            weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
+        # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
+        contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
+        return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution)
+
+    def _decode_step(self, x, r, p, where: Positions, cache: KVCache) -> torch.Tensor:
+        """One new token per row: a yes/no per row, no sorting, no gather along the sequence.
+
+        Rows that skip store nothing in this block's cache and leave the block unchanged. Where the
+        host may branch, they also cost nothing beyond the router (see ``_host_can_branch``).
+        """
+        keep = self.decide(r, p)[:, 0]
+        if where.n_real is not None:
+            keep = keep & (where.n_real > 0)
+        if _host_can_branch(x):
+            n = int(keep.sum())
+            if n == 0:
+                return x
+            weight = self.router_weight(r)  # (B, 1)
+            if n < x.size(0):
+                rows = keep.nonzero().squeeze(1)
+                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), cache=cache, residual=False)
+                contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
+                return x.index_add(0, rows, contribution.to(x.dtype))
+            step = replace(where, n_real=None)  # every row processes its token
+        else:
+            step = replace(where, n_real=keep.long())
+            weight = self.router_weight(r) * keep.unsqueeze(1)
+        delta, _ = self.block(x, step, cache=cache, residual=False)
+        return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
 
     def _aux_losses(self, r, p, topk) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """BCE of the causal decision's logits against top-k membership, per row and token."""

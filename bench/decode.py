@@ -1,0 +1,230 @@
+"""Decode speed: modlm dense and MoD against litgpt's GPT at the same shape, in one interleaved run.
+
+    pip install -r bench/requirements.txt                      # litgpt: this benchmark only
+    python bench/decode.py                                     # batch 1 and 16, eager
+    python bench/decode.py --checkpoint runs/default/checkpoints/last.ckpt --compile --reps 7
+
+Every configuration (model x batch x eager/compiled) generates ``--new-tokens`` greedy tokens
+after a ``--prompt-tokens`` prompt, once per repetition, all configurations in turn (A, B, C, A,
+B, C, ...), so machine noise hits them alike; the table gives each one's median tokens/s (all
+rows' generated tokens, prefill included) and ratios measured within the run.
+
+Models: litgpt's ``GPT`` (``generate`` at batch 1, ``batched_generate_fn`` at batch > 1, each
+with its own KV cache) configured like modlm's (RMSNorm, SwiGLU MLP of the same width, RoPE, no
+biases, 8 heads); modlm's dense model; modlm MoD untrained (its causal predictor starts at the
+base rate, so routed blocks process almost nothing: the overhead floor) and, with
+``--checkpoint``, a trained MoD model. For MoD rows, ``routed`` is the fraction of decoding
+steps a routed block processed, and ``flops ratio`` what per-token FLOPs predict against dense.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from modlm import ModelConfig, MoDTransformer
+from modlm.generate import compile_decode_step, generate
+
+
+# --- models ------------------------------------------------------------------------------------------
+def load_checkpoint(path: str) -> MoDTransformer:
+    """A modlm model from a Lightning checkpoint (plain tensors and values only)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    config = ModelConfig(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in fields})
+    model = MoDTransformer(config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    return model.eval()
+
+
+def litgpt_twin(cfg: ModelConfig):
+    """litgpt's GPT at modlm's shape. litgpt has no tied embeddings: its LM head is a separate
+    matrix (more parameters, the same FLOPs per token)."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    config = Config(
+        block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_query_groups=cfg.n_heads, n_embd=cfg.d_model,
+        rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+        norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP", intermediate_size=cfg.mlp_hidden,
+        rope_base=int(cfg.rope_theta),
+    )
+    return GPT(config).eval()
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- runners: each returns a function that generates for a fixed batch of prompts ---------------------
+def modlm_runner(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, compiled: bool) -> Callable[[], None]:
+    step = compile_decode_step(model) if compiled else None
+    return lambda: generate(model, prompts, new_tokens, temperature=0, decode_step=step)
+
+
+def litgpt_runner(model, prompts: torch.Tensor, new_tokens: int, compiled: bool) -> Callable[[], None]:
+    import litgpt.generate.base as lg
+
+    B, P = prompts.shape
+    model.max_seq_length = P + new_tokens  # what litgpt's generate script does: a cache just long enough
+    net = torch.compile(model) if compiled else model
+
+    def run():
+        model.set_kv_cache(batch_size=B)  # a fresh cache per generation, as modlm's generate makes one
+        if B == 1:
+            return lg.generate(net, prompts[0], P + new_tokens, temperature=0, include_prompt=False)
+        return list(lg.batched_generate_fn(net, prompts, P + new_tokens, sample_args={"temperature": 0},
+                                           include_prompt=False, include_eos=False))
+    return run
+
+
+@torch.inference_mode()
+def routed_fraction(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int) -> Optional[float]:
+    """Fraction of greedy decoding steps the routed blocks processed (mean over blocks and rows)."""
+    layers = model.config.routed_layers
+    if not layers:
+        return None
+    state = model.new_cache(prompts.size(0))
+    hidden = model.extend(prompts, state)
+    before = torch.stack([state.blocks[i].length for i in layers]).float()
+    token = model.lm_head(model.norm(hidden[:, -1])).argmax(-1)
+    for _ in range(new_tokens):
+        token = model.decode_step(token, state).argmax(-1)
+    after = torch.stack([state.blocks[i].length for i in layers]).float()
+    return float((after - before).mean() / new_tokens)
+
+
+def decode_flops_ratio(cfg: ModelConfig, fraction: Optional[float], context: int) -> float:
+    """Dense per-token decoding FLOPs over this model's (matmuls, attention over ``context``
+    cached tokens; routers and predictors counted, routed blocks at ``fraction``)."""
+    d, V, hid = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden
+    block = 2 * (4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * hid) + 4 * d * context
+    dense = cfg.n_layers * block + 2 * d * V
+    if fraction is None:
+        return 1.0
+    n_routed = len(cfg.routed_layers)
+    router = 2 * d + (2 * (d * cfg.predictor_hidden + cfg.predictor_hidden) if cfg.causal_method == "predictor" else 0)
+    mod = (cfg.n_layers - n_routed) * block + n_routed * (router + fraction * block) + 2 * d * V
+    return dense / mod
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+def prompt_batch(vocab_size: int, batch: int, length: int, tokenizer: Optional[str]) -> torch.Tensor:
+    """``batch`` prompts of ``length`` tokens: real text (standard-library source, tokenized with the
+    model's tokenizer) when one is given, else random ids (fixed seed)."""
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        import inspect
+        import json as json_module
+        import statistics as statistics_module
+
+        tok = Tokenizer.from_file(tokenizer)
+        text = "".join(inspect.getsource(m) for m in (json_module, statistics_module, argparse))
+        ids = torch.tensor(tok.encode(text).ids)
+        starts = torch.linspace(0, len(ids) - length - 1, batch).long()
+        return torch.stack([ids[s : s + length] for s in starts]).clamp_(max=vocab_size - 1)
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+# --- the run -----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="a trained MoD checkpoint (adds the 'modlm MoD trained' rows)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json for text prompts (default: data/cache/*/tokenizer.json)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="add compiled rows (torch.compile of the decode step)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--no-litgpt", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = args.tokenizer or next(iter(sorted(glob.glob("data/cache/*/tokenizer.json"))), None)
+
+    torch.manual_seed(0)
+    models = {}
+    if args.checkpoint:
+        models["modlm MoD trained"] = load_checkpoint(args.checkpoint)
+        shape = models["modlm MoD trained"].config
+    else:
+        shape = ModelConfig(max_seq_len=256)
+    models["modlm MoD untrained"] = MoDTransformer(shape).eval()
+    models["modlm dense"] = MoDTransformer(dataclasses.replace(shape, route_every=0)).eval()
+    if not args.no_litgpt:
+        try:
+            models["litgpt dense"] = litgpt_twin(shape)
+        except ImportError:
+            print("litgpt is not installed (pip install -r bench/requirements.txt): its rows are skipped", file=sys.stderr)
+    print(f"shape: d_model {shape.d_model}, {shape.n_layers} blocks, {shape.n_heads} heads, vocab {shape.vocab_size}, "
+          f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, threads {torch.get_num_threads()}, "
+          f"prompts: {'text' if tokenizer else 'random ids'}", flush=True)
+
+    runs, meta = {}, {}
+    for batch in args.batches:
+        prompts = prompt_batch(shape.vocab_size, batch, args.prompt_tokens, tokenizer)
+        for name, model in models.items():
+            for compiled in ([False, True] if args.compile else [False]):
+                key = (name, batch, "compiled" if compiled else "eager")
+                make = litgpt_runner if name.startswith("litgpt") else modlm_runner
+                run = make(model, prompts, args.new_tokens, compiled)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    run()  # warm-up (and compilation)
+                meta[key] = {"warmup_s": time.perf_counter() - start, "params": params(model)}
+                if not name.startswith("litgpt"):
+                    meta[key]["routed"] = routed_fraction(model, prompts, args.new_tokens)
+                runs[key] = run
+                print(f"ready: {key} (warm-up {meta[key]['warmup_s']:.1f} s)", flush=True)
+
+    times = {key: [] for key in runs}
+    for rep in range(args.reps):
+        for key, run in runs.items():  # interleaved: every configuration once per repetition
+            start = time.perf_counter()
+            with torch.inference_mode():
+                run()
+            times[key].append(time.perf_counter() - start)
+        print(f"repetition {rep + 1}/{args.reps} done", flush=True)
+
+    context = args.prompt_tokens + args.new_tokens // 2
+    rows = []
+    for key, ts in times.items():
+        name, batch, mode = key
+        tps = batch * args.new_tokens / statistics.median(ts)
+        dense = times.get(("modlm dense", batch, mode))
+        lit = times.get(("litgpt dense", batch, "eager"))
+        routed = meta[key].get("routed")
+        rows.append({
+            "model": name, "batch": batch, "mode": mode, "tokens_per_s": tps,
+            "ms_per_step": 1e3 * statistics.median(ts) / args.new_tokens,
+            "vs_modlm_dense": statistics.median(dense) / statistics.median(ts) if dense else None,
+            "vs_litgpt_eager": statistics.median(lit) / statistics.median(ts) if lit else None,
+            "routed": routed, "flops_ratio": decode_flops_ratio(shape, routed, context) if routed is not None else None,
+            "params": meta[key]["params"], "warmup_s": meta[key]["warmup_s"], "times_s": ts,
+        })
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print("\n| model | batch | mode | tokens/s | ms/step | vs modlm dense | vs litgpt eager | routed | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+              f"{fmt(r['vs_modlm_dense'], '.2f')} | {fmt(r['vs_litgpt_eager'], '.2f')} | {fmt(r['routed'], '.3f')} | "
+              f"{fmt(r['flops_ratio'], '.2f')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
