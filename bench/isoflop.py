@@ -203,7 +203,7 @@ def run_one(grid: Grid, run: Run, eval_device: str, commit: bool) -> dict:
 
     eval_json = directory / "eval.json"
     status = subprocess.run([sys.executable, str(REPO / "eval.py"), str(last), "--json", str(eval_json), "--quiet",
-                             "--decode-tokens", "16", "--device", eval_device], cwd=REPO,
+                             "--decode_tokens", "16", "--device", eval_device], cwd=REPO,
                             stdout=subprocess.DEVNULL).returncode
     if status != 0:
         raise SystemExit(f"eval.py failed with status {status} on {last}")

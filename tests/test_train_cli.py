@@ -29,7 +29,8 @@ def test_no_config_means_the_default_config(capsys):
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    assert DEFAULT_CONFIG == REPO / "configs" / "default.yaml"
+    # the checkout's configs/ and the packaged presets are one folder
+    assert DEFAULT_CONFIG.resolve() == (REPO / "configs" / "default.yaml").resolve()
     for group in ("trainer", "model", "data", "checkpoint"):
         for key, value in default.get(group, {}).items():
             assert printed[group][key] == value, (group, key)
@@ -47,6 +48,8 @@ def test_run_puts_every_output_under_default_root_dir(tmp_path, tiny_tokenizer, 
     assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "10")]) == 0
     assert list(cwd.iterdir()) == []
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=0000010.ckpt"]
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and str(last.readlink()) == "step=0000010.ckpt"  # a relative link, not a copy
     version = root / "lightning_logs" / "version_0"
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
 
@@ -109,3 +112,22 @@ def test_non_finite_loss_exits_1_naming_the_step_and_keeps_checkpoints(tmp_path,
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert set(after) == set(saved) | {"step=0000006.ckpt"}  # ... and nothing after the NaN
     assert all(after[name] == saved[name] for name in saved if name != "last.ckpt")
+
+
+def test_last_link_is_replaced_not_written_through(tmp_path, tiny_tokenizer):
+    """last.ckpt stays one name across resumes. A resumed run that ends before its next scheduled
+    checkpoint writes a full last.ckpt: the link to the older step is replaced by a file of the new
+    step, and that older step is left as it was; the next scheduled checkpoint is linked again."""
+    root = tmp_path / "run"
+    args = tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "4")
+    folder = root / "checkpoints"
+    step4, step8, last = folder / "step=0000004.ckpt", folder / "step=0000008.ckpt", folder / "last.ckpt"
+    assert main(["fit", *args, "--trainer.max_steps", "4"]) == 0
+    assert last.is_symlink() and last.resolve() == step4.resolve()
+    before = digest(step4)
+    assert main(["fit", *args, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
+    assert digest(step4) == before and torch.load(step4, weights_only=True)["global_step"] == 4
+    assert not last.is_symlink() and torch.load(last, weights_only=True)["global_step"] == 6
+    assert main(["fit", *args, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=0000004.ckpt", "step=0000008.ckpt"]
+    assert last.is_symlink() and last.resolve() == step8.resolve() and digest(step4) == before

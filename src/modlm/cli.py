@@ -2,15 +2,17 @@
 
 What it adds to plain LightningCLI:
 
-* ``configs/default.yaml`` is read first, so ``python train.py fit`` alone trains the default MoD
-  model on the default corpus; ``--config FILE`` (repeatable) overrides it.
+* the package's ``configs/default.yaml`` (``configs/`` in a checkout links to it) is read first,
+  so ``python train.py fit`` (or ``modlm-train fit``) alone trains the default MoD model on the
+  default corpus; ``--config FILE`` (repeatable) overrides it.
 * data and model arguments are linked: the model's ``vocab_size`` is the tokenizer's, its
   ``max_seq_len`` the data's ``seq_len``; nobody keeps two numbers in step.
-* callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: ``last.ckpt`` + one every N steps, in
-  ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any later run),
+* callbacks: ``--checkpoint.*`` (``ModelCheckpoint``: one every N steps and ``last.ckpt``, a link
+  to the newest, in ``<default_root_dir>/checkpoints`` so ``--ckpt_path last`` finds it from any
+  later run), ``--throughput.*`` (``ThroughputMonitor`` in tokens, ``enabled: false`` to drop it),
   ``--lr_monitor.*``, the routing / FLOPs telemetry (``--routing_stats.*``, ``--flops.*``,
-  ``--routing_heatmap.*``), the dashboard layout (``--dashboard.*``), plus ``default_callbacks()`` (non-finite loss guard,
-  ``ThroughputMonitor`` with analytic FLOPs).
+  ``--routing_heatmap.*``), the dashboard layout (``--dashboard.*``), plus ``default_callbacks()``
+  (the non-finite loss guard).
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
 """
 from __future__ import annotations
@@ -21,35 +23,34 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .batch import batch_size, batch_tokens
 from .callbacks import NonFiniteLossError, NonFiniteLossGuard
 from .callbacks.dashboard import Dashboard
 from .callbacks.flops_meter import FlopsMeter
+from .callbacks.last_link import LinkedLastCheckpoint
 from .callbacks.routing_heatmap import RoutingHeatmap
 from .callbacks.routing_stats import RoutingStats
 from .callbacks.tensorboard import StreamTensorBoardLogger
+from .callbacks.throughput import TokenThroughput
 from .checkpoint import check_resume_shape
 from .lit_module import MoDLightningModule
 from .precision import choose_precision
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-"""The config ``python train.py fit`` uses with no ``--config`` (the repository's ``configs/``)."""
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+"""The config ``python train.py fit`` (or ``modlm-train fit``) reads first, from any directory."""
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def default_callbacks() -> list[pl.Callback]:
-    """What every run gets besides ``ModelCheckpoint``, ``LearningRateMonitor`` and the telemetry
-    (configurable groups below) and Lightning's default progress bar."""
-    return [
-        NonFiniteLossGuard(),
-        # rates over the last 5 batches: short enough to show up in a smoke run
-        ThroughputMonitor(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=5),
-    ]
+    """What every run gets besides ``ModelCheckpoint``, ``LearningRateMonitor``, the telemetry and
+    throughput (configurable groups below) and Lightning's default progress bar."""
+    return [NonFiniteLossGuard()]
 
 
 def _datamodule_class():
@@ -81,10 +82,10 @@ class ModLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LinkedLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.filename": "{step:07d}",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": "link",  # last.ckpt: a link to the newest step checkpoint, not a copy
             "checkpoint.save_top_k": -1,
             "checkpoint.every_n_train_steps": 100,
         })
@@ -96,6 +97,7 @@ class ModLMCLI(LightningCLI):
         parser.add_lightning_class_args(FlopsMeter, "flops")
         parser.add_lightning_class_args(RoutingHeatmap, "routing_heatmap")
         parser.add_lightning_class_args(Dashboard, "dashboard")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
         # The model reads the vocabulary size from the tokenizer the data module trains or loads
         # (at instantiation, since the tokenizer may not exist before), and its longest sequence
         # from the training windows.
@@ -124,7 +126,10 @@ class ModLMCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         if trainer.get("logger") in (None, True):
             kwargs.setdefault("logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd()))
-        return super().instantiate_trainer(**kwargs)
+        built = super().instantiate_trainer(**kwargs)
+        # --throughput.enabled false: leave the monitor out entirely (it syncs the device every batch)
+        built.callbacks[:] = [cb for cb in built.callbacks if not (isinstance(cb, TokenThroughput) and not cb.enabled)]
+        return built
 
     def before_instantiate_classes(self) -> None:
         # Keep checkpoints at one fixed place under the run's root directory (Lightning's default is

@@ -101,8 +101,8 @@ class Dashboard(Callback):
         return tags
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        writer = tensorboard_writer(trainer)
-        if not self.enabled or writer is None:
+        writer = tensorboard_writer(trainer) if self.enabled else None
+        if writer is None:
             return
         self.groups = layout(pl_module.model.config, self.mfu_tags(trainer, pl_module))
         writer.add_custom_scalars(as_tensorboard_layout(self.groups))

@@ -1,9 +1,18 @@
-"""TensorBoard plumbing: the run's logger, and its writer for histograms, images and layouts."""
+"""TensorBoard plumbing: the run's logger, and its writer for histograms, images and layouts.
+
+Scalars go through Lightning's logging and reach any logger (CSV, W&B, ...). Histograms, the
+routing heat map and the dashboard layout need TensorBoard's writer; under another logger they
+are skipped, and the run says so once.
+"""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+_told = weakref.WeakSet()  # trainers already warned that TensorBoard-only outputs are skipped
 
 
 class StreamTensorBoardLogger(TensorBoardLogger):
@@ -11,19 +20,27 @@ class StreamTensorBoardLogger(TensorBoardLogger):
     ``epoch`` (training reads an endless stream, so it stays 0) and ``hp_metric`` (a placeholder
     for a metric modlm does not define). Everything else is Lightning's logger unchanged."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("default_hp_metric", False)
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, default_hp_metric: bool = False, **kwargs: Any):
+        # a keyword of its own, so a logger named on the command line gets this default too
+        super().__init__(*args, default_hp_metric=default_hp_metric, **kwargs)
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 def tensorboard_writer(trainer) -> Optional["SummaryWriter"]:  # noqa: F821
-    """The ``SummaryWriter`` of the first TensorBoard logger, on global rank 0 only, else None."""
+    """The ``SummaryWriter`` of the first TensorBoard logger, on global rank 0 only, else None.
+
+    The first time a run with loggers but none of them TensorBoard asks, it warns (once per run)
+    that histograms, images and the layout are skipped."""
     if trainer.global_rank != 0:
         return None
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
+    if trainer.loggers and trainer not in _told:
+        _told.add(trainer)
+        names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
+        rank_zero_warn(f"modlm: no TensorBoard logger ({names}): router histograms, the routing heat map "
+                       "and the dashboard layout are skipped; every scalar is logged as usual")
     return None
