@@ -7,9 +7,9 @@ tokens it processes. transformers' generation loop carries that state as ``ModLM
 one of its own ``Cache`` classes (those keep one entry per token in every layer, which is exactly
 what a skipped token must not cost), the way models with their own recurrent state plug in.
 
-Greedy decoding gives ``MoDTransformer.generate(..., temperature=0)``'s tokens: the prompt goes
-through ``extend`` in one pass, each new token through ``decode_step`` with the same bound on the
-cache slots it reads. Left-padded batches (transformers' convention) are moved to modlm's
+Greedy decoding gives ``MoDTransformer.generate(..., temperature=0)``'s tokens: the prompts go
+through ``extend`` in one pass, then each new token as ``decode_step`` runs it (one token per row,
+the same host-side bound on the cache slots it reads). Left-padded batches (transformers' convention) are moved to modlm's
 real-tokens-first layout for the prompt pass, so each row is generated as if alone.
 """
 from __future__ import annotations
@@ -39,10 +39,6 @@ class ModLMCache:
     def __init__(self, state: DecodeState, filled: int = 0):
         self.state = state
         self.filled = filled
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """The longest row's token count (a bound, as transformers' caches report it)."""
-        return self.filled
 
 
 def real_first(mask: torch.Tensor) -> torch.Tensor:
