@@ -135,7 +135,8 @@ def test_greedy_generate_equals_modlm_generate(exported, tokenizer):
     # top-k sampling with k=1 is greedy: the sampling path decodes the same way
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     sampled = hf.generate(**batch, max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7)
-    assert strip_left_padding(sampled, batch.attention_mask, tok.eos_token_id) == reference(model, tokenizer, PROMPTS, 8)
+    expected = reference(model, tokenizer, PROMPTS, 8)
+    assert strip_left_padding(sampled, batch.attention_mask, tok.eos_token_id) == expected
 
 
 def test_generation_uses_causal_routing_and_caches_only_processed_tokens(exported, tokenizer, monkeypatch):

@@ -9,8 +9,9 @@ what a skipped token must not cost), the way models with their own recurrent sta
 
 Greedy decoding gives ``MoDTransformer.generate(..., temperature=0)``'s tokens: the prompts go
 through ``extend`` in one pass, then each new token as ``decode_step`` runs it (one token per row,
-the same host-side bound on the cache slots it reads). Left-padded batches (transformers' convention) are moved to modlm's
-real-tokens-first layout for the prompt pass, so each row is generated as if alone.
+the same host-side bound on the cache slots it reads). Left-padded batches (transformers'
+convention) are moved to modlm's real-tokens-first layout for the prompt pass, so each row is
+generated as if alone.
 """
 from __future__ import annotations
 
