@@ -9,6 +9,7 @@ import torch
 
 from modlm.cli import main as train_main
 from modlm.eval_cli import main as eval_main
+from modlm.hf_export import remote_code_files
 from train_helpers import REPO, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--data.max_batches", "2", "--decode_tokens", "8", "--prompt_tokens", "8"]
@@ -64,7 +65,10 @@ def test_export_round_trip_compare_and_generate(checkpoints, tmp_path, capsys):
     assert run_eval(checkpoints["mod"], "--json", first, "--export", exported, "--generate", "def ", *EVAL_FLAGS) == 0
     printed = capsys.readouterr().out
     assert "def " in printed and f"exported: {exported}" in printed
-    assert {p.name for p in exported.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "data.json"}
+    assert {p.name for p in exported.iterdir()} == {
+        "config.json", "model.safetensors", "tokenizer.json", "data.json", "README.md",  # modlm's own
+        "tokenizer_config.json", "generation_config.json", *remote_code_files(),  # transformers'
+    }
     assert run_eval(exported, "--json", second, "--compare", checkpoints["dense"], *EVAL_FLAGS) == 0
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert b["topk.loss"] == a["topk.loss"] and b["causal.loss"] == a["causal.loss"]

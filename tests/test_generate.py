@@ -183,7 +183,8 @@ def test_length_and_mode_errors():
 def test_save_and_load_pretrained_round_trip(tmp_path, tie_embeddings):
     model = build(tie_embeddings=tie_embeddings, causal_method="predictor")
     model.save_pretrained(tmp_path / "export")
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    # weights, the config's fields, and huggingface_hub's model card
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = MoDTransformer.from_pretrained(tmp_path / "export").eval()
     assert loaded.config == model.config
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modlm.hf_export import ENTRY_FILES
 from train_helpers import REPO
 
 tomllib = pytest.importorskip("tomllib")
@@ -31,10 +32,11 @@ def requirement_name(spec: str) -> str:
     return spec.strip().lower().replace("_", "-")
 
 
-def third_party_imports(root: Path) -> set[str]:
-    """Top-level modules imported anywhere under ``root`` that are neither stdlib nor modlm."""
+def third_party_imports(root: Path, keep=lambda path: True) -> set[str]:
+    """Top-level modules imported anywhere under ``root`` (in the files ``keep`` accepts) that are
+    neither stdlib nor modlm."""
     found = set()
-    for path in root.rglob("*.py"):
+    for path in filter(keep, root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 found.update(alias.name.split(".")[0] for alias in node.names)
@@ -46,7 +48,8 @@ def third_party_imports(root: Path) -> set[str]:
 def test_every_imported_package_is_a_declared_dependency():
     declared = {requirement_name(spec) for spec in PYPROJECT["project"]["dependencies"]}
     distributions = packages_distributions()
-    modules = third_party_imports(REPO / "src" / "modlm")
+    # The export's remote code (run by transformers, not by modlm) is checked on its own below.
+    modules = third_party_imports(REPO / "src" / "modlm", keep=lambda path: path.name not in ENTRY_FILES)
     assert {"torch", "lightning", "tqdm", "pyarrow", "numpy"} <= modules  # the scan sees lazy imports too
     missing = {}
     for module in modules:
@@ -54,6 +57,17 @@ def test_every_imported_package_is_a_declared_dependency():
         if not names & declared:
             missing[module] = sorted(names)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_remote_code_needs_only_the_hf_extra():
+    """The files transformers runs from an export folder import transformers, which only the ``hf``
+    extra (and the tests) install; nothing else in modlm imports it."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    remote = third_party_imports(REPO / "src" / "modlm", keep=lambda path: path.name in ENTRY_FILES)
+    rest = third_party_imports(REPO / "src" / "modlm", keep=lambda path: path.name not in ENTRY_FILES)
+    assert remote - rest == {"transformers"}
+    for extra in ("hf", "test"):
+        assert "transformers" in {requirement_name(s) for s in extras[extra]}, extra
 
 
 def test_console_scripts_and_presets_are_declared():

@@ -12,9 +12,9 @@ last`` means (the newest checkpoint of a run, a damaged one named).
 
 Two forms: a Lightning checkpoint written by ``train.py`` (model weights under ``state_dict`` with
 the ``model.`` prefix, the module's hyperparameters, the data module's settings), and an export
-folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``). Both are read
-without unpickling code: checkpoints with ``torch.load(weights_only=True)``, exports with
-safetensors and JSON.
+folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``, a model card,
+and the files that let transformers load it: see ``hf_export``). Both are read without unpickling
+code: checkpoints with ``torch.load(weights_only=True)``, exports with safetensors and JSON.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .hf_export import transformers_config, write_transformers_files
 from .model import MoDTransformer
 
 
@@ -134,11 +135,19 @@ def _load_export(folder: Path, device: str) -> tuple[MoDTransformer, dict]:
 
 
 def export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
-    """Write an export folder: the model's safetensors and config, its tokenizer and data settings
-    (without the tokenizer path, which the folder's own ``tokenizer.json`` replaces)."""
+    """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
+    tokenizer, its data settings (without the tokenizer path, which the folder's own
+    ``tokenizer.json`` replaces), and what lets transformers load it (``hf_export``)."""
+    from .data.tokenizer import EOT_TOKEN
+
     folder = Path(folder)
-    model.save_pretrained(folder)
+    eos_id = tokenizer.token_to_id(EOT_TOKEN)
+    if eos_id is None:
+        raise CheckpointError(f"the tokenizer has no {EOT_TOKEN} token: nothing would end a generation")
+    config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
+    model.save_pretrained(folder, config=config)
     tokenizer.save(str(folder / "tokenizer.json"))
+    write_transformers_files(folder, model.config, EOT_TOKEN, eos_id)
     data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
 

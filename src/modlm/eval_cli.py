@@ -4,7 +4,7 @@
     python eval.py CKPT --json results.json                              # every number as JSON
     python eval.py CKPT --compare runs/dense/checkpoints/last.ckpt       # side by side + PNG plot
     python eval.py CKPT --generate "def fibonacci(n):"                   # print a continuation
-    python eval.py CKPT --export exported/                               # safetensors + config.json
+    python eval.py CKPT --export exported/                               # a folder transformers loads too
 
 (``modlm-eval`` once the package is installed.) The parser is jsonargparse's, as for
 ``train.py``: ``--config FILE`` reads any of the options from YAML, groups are dotted
@@ -86,7 +86,8 @@ class EvalRun:
         compare: a second checkpoint (e.g. the dense twin) to show side by side
         plot: PNG of the comparison (default: compare.png beside --json, or ./compare.png)
         generate: print a continuation of this prompt (see --sampling.*)
-        export: write model.safetensors, config.json, tokenizer.json and data.json to this folder
+        export: write the model, its tokenizer and data settings to this folder, with the code that
+            lets transformers load it (AutoModelForCausalLM, trust_remote_code=True)
         data: the validation windows
         sampling: how --generate samples
         prompt_tokens: prompt length of the decode-speed test

@@ -6,14 +6,13 @@ baseline MoD is compared against, built by the same code.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .config import ModelConfig
@@ -35,10 +34,34 @@ class ModelOutput:
     """Mean next-token cross-entropy when ``targets`` were given (``aux_loss`` not included)."""
 
 
-class MoDTransformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+A Mixture-of-Depths transformer language model ([Raposo et al. 2024]({{ paper_url }})) saved by modlm.
+
+- modlm: `MoDTransformer.from_pretrained(FOLDER_OR_REPO)`
+- transformers, for a folder written by `eval.py --export`:
+  `AutoModelForCausalLM.from_pretrained(FOLDER_OR_REPO, trust_remote_code=True)` and
+  `AutoTokenizer.from_pretrained(FOLDER_OR_REPO)`
+"""
+
+
+class MoDTransformer(
+    nn.Module, PyTorchModelHubMixin, library_name="modlm", tags=["mixture-of-depths"],
+    paper_url="https://arxiv.org/abs/2404.02258", model_card_template=MODEL_CARD,
+):
+    """The model. ``save_pretrained(folder)`` / ``from_pretrained(folder or Hub id)`` /
+    ``push_to_hub(repo)`` (huggingface_hub's mixin) keep it as ``model.safetensors`` and a
+    ``config.json`` of the ``ModelConfig`` fields: no pickled code is written or read."""
+
+    def __init__(self, config: Union[ModelConfig, Mapping]):
         super().__init__()
+        # The mixin hands a loaded config.json over as a plain dict (it may hold other tools' keys).
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_hparams(config)
         self.config = config
+        self._hub_mixin_config = config  # what save_pretrained writes: the fields, nothing else
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
             RoutedBlock(config, i) if config.is_routed(i) else Block(config) for i in range(config.n_layers)
@@ -91,22 +114,15 @@ class MoDTransformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, loss=loss)
 
-    # --- export ---------------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        """Write ``model.safetensors`` (weights) and ``config.json``: loadable with no pickled code."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        safetensors.torch.save_model(self, str(directory / "model.safetensors"))  # handles tied weights
-
+    # --- saving (the rest comes from PyTorchModelHubMixin) ---------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu") -> "MoDTransformer":
-        """Load a folder written by ``save_pretrained`` (or ``eval.py --export``)."""
-        directory = Path(directory)
-        config = ModelConfig(**json.loads((directory / "config.json").read_text()))
-        model = cls(config)
-        safetensors.torch.load_model(model, str(directory / "model.safetensors"), device=map_location)
-        return model
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
+        # A local folder is read here because the mixin's own loader announces it on stdout (eval.py's
+        # report); strict by default: a weight missing from the file is an error, not a random tensor.
+        if os.path.isdir(model_id):
+            model = cls(kwargs["config"])
+            return cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
+        return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
 
     # --- incremental decoding -----------------------------------------------------------------------
     def new_cache(self, batch_size: int, device=None, dtype=None) -> DecodeState:

@@ -1,0 +1,100 @@
+"""What makes an export folder a transformers model as well: remote code and transformers' files.
+
+transformers loads a model it does not know from the folder's own Python files
+(``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py``, plus every modlm
+source file they reach through relative imports (the model's own code, copied, not rewritten), so
+the folder needs transformers and torch but not modlm. Which files those are is read from the
+imports themselves, so a new model module is copied without anyone listing it here.
+
+No transformers import here: exporting needs only modlm; the files are plain JSON.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+PACKAGE = Path(__file__).resolve().parent
+ENTRY_FILES = ("configuration_modlm.py", "modeling_modlm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_modlm.ModLMConfig",
+    "AutoModelForCausalLM": "modeling_modlm.ModLMForCausalLM",
+}
+
+
+def relative_imports(path: Path) -> set[str]:
+    """Modules of the same package that ``path`` imports (``from .x import y``), by file name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module is None:  # from . import a, b
+                found.update(f"{alias.name}.py" for alias in node.names)
+            else:
+                found.add(f"{node.module.split('.')[0]}.py")
+        elif isinstance(node, ast.ImportFrom) and node.level > 1:
+            raise ValueError(f"{path.name} imports from a parent package: remote code cannot follow it")
+    return found
+
+
+def remote_code_files(package: Path = PACKAGE) -> list[str]:
+    """The entry files and every package file they reach through relative imports, sorted."""
+    todo, seen = list(ENTRY_FILES), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        if not (package / name).is_file():
+            raise ValueError(f"remote code needs {name}, which is not a file of {package}")
+        seen.add(name)
+        todo.extend(relative_imports(package / name) - seen)
+    return sorted(seen)
+
+
+def transformers_config(config: ModelConfig, eos_id: int, dtype: torch.dtype) -> dict:
+    """The keys transformers reads from ``config.json`` beside the ``ModelConfig`` fields."""
+    return {
+        "model_type": "modlm",
+        "architectures": ["ModLMForCausalLM"],
+        "auto_map": AUTO_MAP,
+        "tie_word_embeddings": config.tie_embeddings,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def tokenizer_config(config: ModelConfig, eos_token: str) -> dict:
+    """``tokenizer_config.json``: the fast tokenizer over ``tokenizer.json``. ``split_special_tokens``
+    makes ``<|endoftext|>`` typed in text ordinary text, as in training (modlm's tokenizer sets
+    ``encode_special_tokens``); the separator itself is ``eos_token``. Prompts of a batch are
+    padded on the left, where transformers' generation wants them."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos_token,
+        "pad_token": eos_token,
+        "bos_token": None,
+        "unk_token": None,
+        "split_special_tokens": True,
+        "padding_side": "left",
+        "model_max_length": config.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, eos_id: int) -> None:
+    """Write the remote code, ``tokenizer_config.json`` and ``generation_config.json`` into ``folder``
+    (``config.json``, ``model.safetensors`` and ``tokenizer.json`` are the model's and tokenizer's own)."""
+    for name in remote_code_files():
+        shutil.copyfile(PACKAGE / name, folder / name)
+    dump(folder / "tokenizer_config.json", tokenizer_config(config, eos_token))
+    dump(folder / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
+
+
+def dump(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
