@@ -53,7 +53,7 @@ def test_default_config_restates_no_code_default():
 def test_there_are_presets():
     names = {p.name for p in CONFIGS}
     assert {"default.yaml", "dense.yaml", "tiny.yaml", "gpu.yaml", "ddp.yaml", "fsdp.yaml", "fsdp1.yaml",
-            "paper60m.yaml", "paper220m.yaml"} <= names
+            "paper60m.yaml", "paper220m.yaml", "moe.yaml", "mode_staged.yaml", "mode_integrated.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -16,7 +16,7 @@ class ModelConfig:
 
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
         "vocab_size", "d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings",
-        "route_every", "causal_method", "predictor_hidden",
+        "route_every", "causal_method", "predictor_hidden", "n_experts", "noop_experts", "moe_every",
     )
     """The fields that decide which parameters exist and their shapes (``n_heads`` only splits
     them, but weights trained with other heads compute another function): saved weights load only
@@ -75,6 +75,26 @@ class ModelConfig:
     """Control experiment: pick the k tokens uniformly at random instead of by router score
     (the paper found this much worse). The router weight still scales the update."""
 
+    # --- Mixture of experts (and, with routed blocks or no-op experts, Mixture-of-Depths-and-Experts)
+    n_experts: int = 0
+    """Experts of each mixture-of-experts MLP (each the shape of the dense MLP); 0: every MLP is
+    the dense one. With ``route_every > 0`` the routed blocks' MLPs are mixtures too: staged MoDE."""
+    expert_top_k: int = 1
+    """Experts (real or no-op) each token picks in a mixture-of-experts MLP: token-choice top-k."""
+    capacity_factor: float = 1.25
+    """Training slots of each expert per sequence: ``ceil(capacity_factor * n * expert_top_k /
+    (n_experts + noop_experts))`` of the ``n`` tokens the MLP sees; picks beyond it are dropped
+    (their MLP update is 0). Inference routing keeps every pick."""
+    noop_experts: int = 0
+    """No-op experts beside the real ones: a token that picks one gets no MLP update from it and
+    costs nothing but the router. With ``route_every=0`` this is integrated MoDE."""
+    moe_every: int = 1
+    """Block ``i`` (0-based) has a mixture-of-experts MLP when ``n_experts > 0`` and
+    ``(i + 1) % moe_every == 0``: 1 gives every block one, 2 every other block."""
+    moe_aux_weight: float = 0.01
+    """Weight of the load-balancing loss (``n_slots * sum_e f_e * P_e`` over real and no-op
+    experts: 1 when balanced), averaged over the mixture-of-experts MLPs."""
+
     def __post_init__(self) -> None:
         self._validate()
         if self.mlp_hidden is None:
@@ -111,6 +131,15 @@ class ModelConfig:
         need(self.predictor_aux_weight >= 0, "predictor_aux_weight", ">= 0")
         need(self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
              "predictor_hidden", "a positive integer or None")
+        need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
+        need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
+        need(self.noop_experts == 0 or self.n_experts > 0, "noop_experts", "0 when n_experts is 0")
+        need(isinstance(self.expert_top_k, int) and 1 <= self.expert_top_k <= max(1, self.n_experts + self.noop_experts),
+             "expert_top_k", f"an integer in [1, n_experts + noop_experts = {self.n_experts + self.noop_experts}]")
+        need(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, "capacity_factor", "> 0")
+        need(isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.n_layers, "moe_every",
+             f"an integer in [1, n_layers={self.n_layers}]")
+        need(self.moe_aux_weight >= 0, "moe_aux_weight", ">= 0")
 
     # --- derived quantities ---------------------------------------------------------------------
     @property
@@ -124,6 +153,27 @@ class ModelConfig:
     @property
     def routed_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_routed(i)]
+
+    def has_experts(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has a mixture-of-experts MLP."""
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def expert_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.has_experts(i)]
+
+    @property
+    def routes_tokens(self) -> bool:
+        """Whether any router decides per token (routed blocks or expert routers): then training
+        routing (top-k, expert capacity) and causal routing are different computations."""
+        return bool(self.routed_layers or self.expert_layers)
+
+    def expert_capacity(self, n_tokens: int) -> int:
+        """Training slots of each real expert for one sequence of ``n_tokens`` MLP inputs: its
+        balanced share of the ``n_tokens * expert_top_k`` picks times ``capacity_factor``, at least
+        1 and at most ``n_tokens`` (a token picks an expert at most once)."""
+        share = n_tokens * self.expert_top_k / (self.n_experts + self.noop_experts)
+        return max(1, min(n_tokens, math.ceil(self.capacity_factor * share - 1e-6)))
 
     def capacity_tokens(self, seq_len: int) -> int:
         """``k``: tokens per sequence a routed block processes in top-k mode."""

@@ -15,7 +15,8 @@ from torchmetrics.text import Perplexity
 
 from .flops import forward_flops
 from .generate import generate
-from .metrics import capacity_used, decision_counts, overlap_counts, quality_from_counts, token_depth
+from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
+                      slots_per_row, token_depth)
 from .model import MoDTransformer
 
 
@@ -43,6 +44,9 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision;
     ``overlap.layer_i``: the share of block ``i``'s picks that the next routed block picks too; and
     ``depth.d``: the share of tokens that pass through exactly ``d`` blocks (how routing spends depth).
+    Per mixture-of-experts MLP ``i`` (batch means): ``noop_fraction.layer_i`` (picks of no-op
+    experts, with any), ``dropped.layer_i`` (picks over capacity) and ``expert_slots.layer_i``
+    (expert MLP passes per sequence, for the FLOPs actually spent).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -54,6 +58,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     counts: dict[int, torch.Tensor] = {}
     shared: dict[int, list[int]] = {}  # per routed block: [picked by it and by the next one, picked by it]
     depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long)
+    experts: dict[str, list[float]] = {}
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
@@ -71,6 +76,16 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
             both, mine = shared.setdefault(info.layer, [0, 0])
             add_both, add_mine = overlap_counts(info, after)
             shared[info.layer] = [both + add_both, mine + add_mine]
+        for info in out.experts:
+            layer = f"layer_{info.layer}"
+            if info.n_slots > info.n_experts:
+                experts.setdefault(f"noop_fraction.{layer}", []).append(noop_fraction(info).item())
+            experts.setdefault(f"dropped.{layer}", []).append(dropped_fraction(info).item())
+            experts.setdefault(f"expert_slots.{layer}", []).append(slots_per_row(info))
+        ran = {info.layer for info in out.experts}
+        for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert
+            if layer not in ran:
+                experts.setdefault(f"expert_slots.layer_{layer}", []).append(0.0)
         depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers)).expand(targets.shape)
         depth_counts += torch.bincount(depth.flatten().cpu(), minlength=model.config.n_layers + 1)
         if progress is not None:
@@ -88,6 +103,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
                 result[f"{name}.layer_{layer}"] = value
     for layer, (both, mine) in shared.items():
         result[f"overlap.layer_{layer}"] = both / max(1, mine)
+    result.update({name: statistics.mean(values) for name, values in experts.items()})
     for depth, count in enumerate(depth_counts.tolist()):
         result[f"depth.{depth}"] = count / n_tokens
     if capacity:
@@ -95,11 +111,13 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     return result
 
 
-def flops_per_token(model: MoDTransformer, seq_len: int, capacity_used: Optional[list[float]] = None) -> float:
-    """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity."""
+def flops_per_token(model: MoDTransformer, seq_len: int, capacity_used: Optional[list[float]] = None,
+                    expert_slots: Optional[list[float]] = None) -> float:
+    """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity
+    of each routed block and expert slots of each mixture-of-experts MLP (default: training's)."""
     cfg = model.config
     tokens = None if capacity_used is None else [c * seq_len for c in capacity_used]
-    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens) / seq_len
+    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, slots_per_expert_layer=expert_slots) / seq_len
 
 
 def _timed(fn, device: torch.device) -> float:

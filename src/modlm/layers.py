@@ -1,12 +1,14 @@
 """The ordinary transformer parts: rotary embeddings, attention, MLP and the pre-norm block.
 
-Nothing here knows about routing. A block's residual update ``f(x)`` is ``update(x, where)``:
-the dense block computes ``x + f(x)``; a routed block asks for ``f`` alone
-(``forward(..., residual=False)``) on the gathered tokens only (see ``routing.py``).
+Nothing here knows about Mixture-of-Depths routing. A block's residual update ``f(x)`` is
+``update(x, where)``: the dense block computes ``x + f(x)``; a routed block asks for ``f`` alone
+(``forward(..., residual=False)``) on the gathered tokens only (see ``routing.py``). A block's MLP
+is the dense one or, where ``ModelConfig.has_experts``, a mixture of experts (``moe.py``).
 
 Every block, dense or routed, is called the same way: ``block(x, where, routing, cache)`` and
 returns ``(x, info)``, where ``where`` (``Positions``) says where the tokens of ``x`` sit in their
-sequences and ``info`` is what a routed block did (``None`` for a dense one).
+sequences and ``info`` is what the block's routers did: a routed block's ``RoutingInfo``, a plain
+block's ``ExpertInfo`` when its MLP is a mixture, else ``None``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .moe import ExpertInfo, MixtureOfExperts
 
 
 # --- rotary position embedding ------------------------------------------------------------------
@@ -76,6 +79,12 @@ class Positions:
         """Tokens 0..length-1 of every row: the plain forward pass."""
         cos, sin = rope_tables(cfg, torch.arange(length, device=device).unsqueeze(0))
         return cls(cos, sin)
+
+    def valid(self, length: int) -> Optional[torch.Tensor]:
+        """(B, length) bool: the real tokens of the block's input; None when all are real."""
+        if self.n_real is None:
+            return None
+        return torch.arange(length, device=self.n_real.device) < self.n_real.unsqueeze(1)
 
     def gather(self, picks: torch.Tensor, n_real: Optional[torch.Tensor]) -> "Positions":
         """The positions of the tokens at ``picks`` (B, k) of each row, ``n_real`` of them real."""
@@ -143,38 +152,53 @@ class MLP(nn.Module):
 
 # --- the block ----------------------------------------------------------------------------------
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``.
 
-    def __init__(self, cfg: ModelConfig):
+    ``layer`` is the block's index in the model: it decides whether the MLP is a mixture of
+    experts (``ModelConfig.has_experts``) and names it in telemetry."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MixtureOfExperts(cfg, layer) if cfg.has_experts(layer) else MLP(cfg)
 
     def update(self, x: torch.Tensor, where: Positions, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """The residual update ``f(x)``: the block computes ``x + f(x)``.
+        """The residual update ``f(x)``: the block computes ``x + f(x)`` (training routing for a
+        mixture-of-experts MLP; ``residual_update`` chooses and reports it)."""
+        return self.residual_update(x, where, "topk", cache)[0]
+
+    def residual_update(
+        self, x: torch.Tensor, where: Positions, routing: str = "topk", cache: Optional[KVCache] = None,
+    ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+        """``f(x)`` and what the MLP's router did (None for the dense MLP).
 
         Returned as a difference built from its two parts (never as ``block(x) - x``), so a routed
         block can scale it by the router weight without cancellation error.
         """
         a = self.attn(self.attn_norm(x), where, cache)
-        m = self.mlp(self.mlp_norm(x + a))
-        return a + m
+        h = self.mlp_norm(x + a)
+        if isinstance(self.mlp, MixtureOfExperts):
+            m, info = self.mlp(h, routing, where.valid(x.size(1)), decoding=cache is not None)
+        else:
+            m, info = self.mlp(h), None
+        return a + m, info
 
     def forward(
         self, x: torch.Tensor, where: Positions, routing: str = "topk", cache: Optional[KVCache] = None,
         residual: bool = True,
-    ) -> tuple[torch.Tensor, None]:
-        """``(x + f(x), None)``, or ``f(x)`` alone with ``residual=False`` (what a routed block asks
-        for). ``routing`` is ignored: a dense block processes every token.
+    ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+        """``(x + f(x), info)``, or ``f(x)`` alone with ``residual=False`` (what a routed block asks
+        for). The block processes every token; ``routing`` only reaches a mixture-of-experts MLP
+        (capacity in training, every pick at inference), whose ``ExpertInfo`` is ``info``.
 
         Routed blocks call this forward rather than ``update`` directly, so wrappers that work
         through ``forward`` (FSDP1 units gathering their shards, activation checkpointing) see
         every call.
         """
-        update = self.update(x, where, cache)
-        return (x + update if residual else update), None
+        update, info = self.residual_update(x, where, routing, cache)
+        return (x + update if residual else update), info
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
@@ -183,5 +207,5 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     for name, p in module.named_parameters():
         if p.dim() < 2:
             continue  # norms keep their ones, biases their zeros
-        std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else cfg.init_std
+        std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else cfg.init_std  # expert down matrices are named so too
         nn.init.normal_(p, mean=0.0, std=std)

@@ -52,8 +52,8 @@ class MoDLightningModule(pl.LightningModule):
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.parallel``).
-            validate_causal: For routed models, also validate with causal routing
-                (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
+            validate_causal: For routed models (routed blocks or experts), also validate with
+                causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
         """
         super().__init__()
@@ -70,6 +70,8 @@ class MoDLightningModule(pl.LightningModule):
         """Routing of the latest top-k forward (``RoutingInfo`` per routed block): telemetry callbacks read it."""
         self.last_routing_causal: list = []
         """Routing of the latest causal-routing validation forward (empty for dense models)."""
+        self.last_experts: list = []
+        """``ExpertInfo`` per mixture-of-experts MLP of the latest top-k forward (empty without experts)."""
         self.flops_per_batch: Optional[int] = None
         """FLOPs of the latest batch on this device (read by Lightning's ``ThroughputMonitor``)."""
         self._configured = False
@@ -96,7 +98,7 @@ class MoDLightningModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         idx, targets = split_batch(batch)
         out = self(idx, routing="topk", targets=targets)
-        self.last_routing = out.routing
+        self.last_routing, self.last_experts = out.routing, out.experts
         self.flops_per_batch = training_flops(self.config, idx.size(1)) * idx.size(0)
         # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
         # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
@@ -107,10 +109,10 @@ class MoDLightningModule(pl.LightningModule):
     def _eval_step(self, batch: Any) -> None:
         idx, targets = split_batch(batch)
         out = self(idx, routing="topk", targets=targets)
-        self.last_routing = out.routing
+        self.last_routing, self.last_experts = out.routing, out.experts
         self.val_loss.update(out.loss, weight=targets.numel())
         passes = 1
-        if self.config.routed_layers and self.hparams.validate_causal:
+        if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing="causal", targets=targets)
             self.last_routing_causal = causal.routing
             self.val_loss_causal.update(causal.loss, weight=targets.numel())

@@ -1,4 +1,4 @@
-"""What the routers did, as numbers: plain functions of ``RoutingInfo`` tensors.
+"""What the routers did, as numbers: plain functions of ``RoutingInfo`` and ``ExpertInfo`` tensors.
 
 Shared by training telemetry (``callbacks/routing_stats.py``) and evaluation (``evaluate.py``), so
 a figure means the same thing in TensorBoard and in ``eval.py``'s table. No framework code: each
@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .moe import ExpertInfo
 from .routing import RoutingInfo, causal_logits
 
 
@@ -76,4 +77,53 @@ def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot
         if n + 1 < len(infos):
             both, mine = overlap_counts(info, infos[n + 1])
             stats[f"overlap/{layer}"] = both / max(1, mine)
+    return stats
+
+
+# --- mixture-of-experts routers ---------------------------------------------------------------------
+def _real_picks(info: ExpertInfo) -> torch.Tensor:
+    """(B, n, k) bool: the picks of real tokens (padding's picks are not routing decisions)."""
+    picks = torch.ones_like(info.computed)
+    return picks if info.valid is None else picks & info.valid.unsqueeze(-1)
+
+
+def expert_load(info: ExpertInfo) -> torch.Tensor:
+    """(n_slots,) share of the picks that went to each expert, real ones first, then the no-op
+    ones (before capacity: what the router asked for); sums to 1."""
+    mask = _real_picks(info)
+    counts = torch.bincount(info.expert[mask].flatten(), minlength=info.n_slots).double()
+    return counts / counts.sum().clamp(min=1)
+
+
+def noop_fraction(info: ExpertInfo) -> torch.Tensor:
+    """Share of the picks that chose a no-op expert: MLP work skipped (integrated MoDE)."""
+    return expert_load(info)[info.n_experts:].sum()
+
+
+def dropped_fraction(info: ExpertInfo) -> torch.Tensor:
+    """Share of the picks of real experts that their expert did not compute (over its capacity)."""
+    wanted = _real_picks(info) & (info.expert < info.n_experts)
+    return (wanted & ~info.computed).sum().double() / wanted.sum().clamp(min=1)
+
+
+def slots_per_row(info: ExpertInfo) -> float:
+    """Expert MLP passes computed per sequence, on average over the batch's rows (what
+    ``modlm.flops`` calls expert slots, measured)."""
+    return info.computed.sum().item() / info.computed.size(0)
+
+
+def expert_scalars(infos: Sequence[ExpertInfo]) -> dict[str, float]:
+    """Per mixture-of-experts MLP ``i``: ``load/layer_i/expert_e`` for each real expert,
+    ``noop_fraction/layer_i``, ``dropped/layer_i`` and ``load_balance/layer_i`` (unweighted)."""
+    stats = {}
+    for info in infos:
+        layer = f"layer_{info.layer}"
+        load = expert_load(info).tolist()
+        for e in range(info.n_experts):
+            stats[f"load/{layer}/expert_{e}"] = load[e]
+        if info.n_slots > info.n_experts:
+            stats[f"noop_fraction/{layer}"] = sum(load[info.n_experts:])
+        stats[f"dropped/{layer}"] = dropped_fraction(info).item()
+        if info.load_balance is not None:
+            stats[f"load_balance/{layer}"] = info.load_balance.item()
     return stats

@@ -2,7 +2,9 @@
 
 token ids -> embedding -> blocks (dense ``Block`` or ``RoutedBlock``) -> final RMSNorm -> LM head.
 With ``route_every=0`` every block is dense and this is a plain pre-norm RoPE transformer: the
-baseline MoD is compared against, built by the same code.
+baseline MoD is compared against, built by the same code. With ``n_experts > 0`` the MLPs of the
+blocks ``ModelConfig.has_experts`` names are mixtures of experts (``moe.py``): an MoE model, or
+with routed blocks or no-op experts, Mixture-of-Depths-and-Experts (staged or integrated).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .config import ModelConfig
 from .generate import generate
 from .kv_cache import DecodeState, KVCache
 from .layers import Block, Positions, init_weights, rope_tables
+from .moe import ExpertInfo
 from .routing import RoutedBlock, Routing, RoutingInfo
 
 
@@ -27,9 +30,12 @@ class ModelOutput:
     logits: torch.Tensor
     """(B, T, vocab_size) next-token logits."""
     aux_loss: torch.Tensor
-    """Scalar: the routing auxiliary losses, already weighted, averaged over routed blocks (0 for dense)."""
+    """Scalar: the routing auxiliary losses, already weighted: the mean over routed blocks plus the
+    mean load-balancing loss over mixture-of-experts MLPs (0 for dense)."""
     routing: list[RoutingInfo] = field(default_factory=list)
     """One entry per routed block, in depth order."""
+    experts: list[ExpertInfo] = field(default_factory=list)
+    """One entry per mixture-of-experts MLP that ran, in depth order (a routed block's too)."""
     loss: Optional[torch.Tensor] = None
     """Mean next-token cross-entropy when ``targets`` were given (``aux_loss`` not included)."""
 
@@ -64,7 +70,7 @@ class MoDTransformer(
         self._hub_mixin_config = config  # what save_pretrained writes: the fields, nothing else
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
-            RoutedBlock(config, i) if config.is_routed(i) else Block(config) for i in range(config.n_layers)
+            RoutedBlock(config, i) if config.is_routed(i) else Block(config, i) for i in range(config.n_layers)
         )
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -98,21 +104,24 @@ class MoDTransformer(
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
-        infos = []
+        infos, experts = [], []
         for block in self.blocks:
             x, info = block(x, where, routing)
-            if info is not None:
+            if isinstance(info, RoutingInfo):
                 infos.append(info)
+                info = info.experts
+            if info is not None:
+                experts.append(info)
         logits = self.lm_head(self.norm(x))
-        if infos:
-            aux_loss = torch.stack([info.aux_loss for info in infos]).mean()
-        else:
-            aux_loss = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        for parts in (infos, experts):
+            if parts:
+                aux_loss = aux_loss + torch.stack([part.aux_loss for part in parts]).mean()
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, loss=loss)
+        return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss)
 
     # --- saving (the rest comes from PyTorchModelHubMixin) ---------------------------------------------
     @classmethod

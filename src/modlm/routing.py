@@ -17,10 +17,12 @@ Two ways to pick:
 
 Decoding one token per row needs neither: each row's decision is a yes or a no. A row that says no
 does nothing in the block and stores nothing in its cache, so its cost is the router alone.
+
+When the block's MLP is a mixture of experts (staged MoDE), it sees the picked tokens only and
+routes them with the same mode (``moe.py``); ``RoutingInfo.experts`` says what it did.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
@@ -30,8 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .device import full_precision as _full_precision
+from .device import host_can_branch as _host_can_branch  # a module name of its own: tests replace it here
 from .kv_cache import KVCache
 from .layers import Block, Positions, gather_tokens
+from .moe import ExpertInfo
 
 Routing = Literal["topk", "causal"]
 
@@ -57,19 +62,8 @@ class RoutingInfo:
     aux_loss: torch.Tensor
     """Scalar: this block's weighted auxiliary loss, attached to the graph (the model averages
     them into ``ModelOutput.aux_loss``); 0 when there is nothing to learn."""
-
-
-_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
-"""Device types with an autocast mode; looked up once here, because ``torch.amp.is_autocast_available``
-inside ``forward`` is opaque to ``torch.compile`` and broke the graph at every routed block."""
-
-
-def _full_precision(device_type: str):
-    """Context that turns autocast off (a no-op where it is off), so router scores are ranked in
-    fp32; devices without autocast (the meta device ``measure_flops`` uses) get a null context."""
-    if device_type in _AUTOCAST_DEVICE_TYPES:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    experts: Optional[ExpertInfo] = None
+    """What the block's mixture-of-experts MLP did on the picked tokens (staged MoDE), if it has one."""
 
 
 def causal_logits(router_logits: torch.Tensor, predictor_logits: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,17 +91,6 @@ def pack_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return picks, n_real
 
 
-def _host_can_branch(x: torch.Tensor) -> bool:
-    """Whether a decoding step may look at its routing decisions on the host to skip work.
-
-    On the CPU the decisions are already in host memory, so reading them costs nothing and a row
-    that skips does no work at all. On an accelerator it would stall the stream once per routed
-    block per token, and under ``torch.compile`` it would split the graph: there every row runs
-    the block and the update of skipping rows is multiplied by 0 (static shapes, no sync).
-    """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 class RoutedBlock(nn.Module):
     """A ``Block`` behind a router: ``x_i + w(r_i) * f(X~)_i`` for picked tokens, ``x_i`` otherwise."""
 
@@ -115,7 +98,7 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.block = Block(cfg)
+        self.block = Block(cfg, layer)
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         # The predictor reads the router's input through a stop-gradient: it learns to imitate
         # top-k membership causally without changing what the language model learns.
@@ -181,7 +164,7 @@ class RoutedBlock(nn.Module):
             if where.n_real is not None:  # padding is never processed
                 selected = selected & (torch.arange(T, device=x.device) < where.n_real.unsqueeze(1))
             picks, n_real = pack_selected(selected)
-        x = self._update_picked(x, r, picks, n_real, where, cache)
+        x, experts = self._update_picked(x, r, picks, n_real, where, cache, routing)
 
         aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
@@ -192,21 +175,23 @@ class RoutedBlock(nn.Module):
             topk=None if topk is None else topk.detach(),
             aux_losses={name: loss.detach() for name, loss in aux_losses.items()},
             aux_loss=aux,
+            experts=experts,
         )
         return x, info
 
-    def _update_picked(self, x, r, picks, n_real, where: Positions, cache) -> torch.Tensor:
+    def _update_picked(self, x, r, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """Gather the picked tokens, run the block's update on them alone, scale it by the router
-        weight and scatter-add it back; tokens not picked leave bit-for-bit unchanged."""
+        weight and scatter-add it back; tokens not picked leave bit-for-bit unchanged. Also returns
+        what the block's mixture-of-experts MLP did, if it has one."""
         if picks.size(1) == 0:
-            return x
-        delta, _ = self.block(gather_tokens(x, picks), where.gather(picks, n_real), cache=cache, residual=False)
+            return x, None
+        delta, experts = self.block(gather_tokens(x, picks), where.gather(picks, n_real), routing, cache, residual=False)
         weight = self.router_weight(r).gather(1, picks)
         if n_real is not None:  # padding's update is dropped
             weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
         # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
         contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
-        return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution)
+        return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution), experts
 
     def _decode_step(self, x, r, p, where: Positions, cache: KVCache) -> torch.Tensor:
         """One new token per row: a yes/no per row, no sorting, no gather along the sequence.
@@ -224,14 +209,14 @@ class RoutedBlock(nn.Module):
             weight = self.router_weight(r)  # (B, 1)
             if n < x.size(0):
                 rows = keep.nonzero().squeeze(1)
-                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), cache=cache, residual=False)
+                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), "causal", cache, residual=False)
                 contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
                 return x.index_add(0, rows, contribution.to(x.dtype))
             step = replace(where, n_real=None)  # every row processes its token
         else:
             step = replace(where, n_real=keep.long())
             weight = self.router_weight(r) * keep.unsqueeze(1)
-        delta, _ = self.block(x, step, cache=cache, residual=False)
+        delta, _ = self.block(x, step, "causal", cache, residual=False)
         return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
 
     def _aux_losses(self, r, p, topk) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

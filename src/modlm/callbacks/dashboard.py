@@ -12,6 +12,9 @@ Mixture-of-Depths user compares side by side:
             blocks and the mean depth a token passes through
   compute   FLOPs per optimizer step and the MoD/dense FLOPs ratio; tokens per second; MFU where a
             peak FLOP/s is known
+  moe       (models with experts) per mixture-of-experts MLP, the share of picks each expert gets;
+            the no-op share (integrated MoDE), the picks dropped over capacity and the
+            load-balancing loss, every MLP on each chart
 
 The layout names only tags the run logs: routing charts are left out of dense runs, MFU where no
 peak is known. Open it with ``tensorboard --logdir runs`` and the "Custom Scalars" tab.
@@ -31,12 +34,16 @@ Chart = tuple[str, list[str]]  # title, tags drawn on it
 
 
 def loss_charts(cfg: ModelConfig) -> list[Chart]:
-    val = ["val/loss", "val/loss_causal"] if cfg.routed_layers else ["val/loss"]
-    charts = [("loss: train, validation (top-k), validation (causal)" if cfg.routed_layers
+    val = ["val/loss", "val/loss_causal"] if cfg.routes_tokens else ["val/loss"]
+    charts = [("loss: train, validation (top-k), validation (causal)" if cfg.routes_tokens
                else "loss: train, validation", ["train/loss", *val])]
-    if cfg.routed_layers:
-        aux = "predictor_bce" if cfg.causal_method == "predictor" else "router_bce"
-        charts.append(("auxiliary loss (weighted total; unweighted routing BCE)", ["train/aux_loss", f"train/aux_{aux}"]))
+    if cfg.routes_tokens:
+        aux = []
+        if cfg.routed_layers:
+            aux.append("train/aux_predictor_bce" if cfg.causal_method == "predictor" else "train/aux_router_bce")
+        if cfg.expert_layers:
+            aux.append("train/aux_load_balance")
+        charts.append(("auxiliary loss (weighted total; unweighted routing BCE, load balance)", ["train/aux_loss", *aux]))
     return charts
 
 
@@ -65,9 +72,25 @@ def compute_charts(mfu_tags: list[str]) -> list[Chart]:
     return charts
 
 
+def expert_charts(cfg: ModelConfig) -> list[Chart]:
+    layers = cfg.expert_layers
+    if not layers:
+        return []
+    n_slots = cfg.n_experts + cfg.noop_experts
+    charts = [(f"expert load, block {i}: share of picks (balanced: {1 / n_slots:.3g} each)",
+               [f"moe/load/layer_{i}/expert_{e}" for e in range(cfg.n_experts)]) for i in layers]
+    per = lambda name: [f"moe/{name}/layer_{i}" for i in layers]  # noqa: E731
+    if cfg.noop_experts:
+        charts.append((f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_slots:.3g})", per("noop_fraction")))
+    charts += [(f"picks dropped over capacity (capacity factor {cfg.capacity_factor:g})", per("dropped")),
+               ("load-balancing loss, unweighted (1 = balanced)", per("load_balance"))]
+    return charts
+
+
 def layout(cfg: ModelConfig, mfu_tags: list[str]) -> dict[str, list[Chart]]:
     """Category -> charts, in the order the page shows them (empty categories dropped)."""
-    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "3 compute": compute_charts(mfu_tags)}
+    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "3 compute": compute_charts(mfu_tags),
+              "4 moe": expert_charts(cfg)}
     return {name: charts for name, charts in groups.items() if charts}
 
 

@@ -16,6 +16,13 @@ Scalars per routed block ``i``:
 and ``router/depth_mean`` (mean number of blocks a token passes through), ``train/aux_<name>``
 (each auxiliary loss, unweighted). Histograms: ``router/weight/layer_i`` (router logits),
 ``router/selected_pos/layer_i`` (positions picked), ``router/depth`` (blocks per token).
+
+Scalars per mixture-of-experts MLP ``i`` (from ``pl_module.last_experts``; training routing):
+  moe/load/layer_i/expert_e            share of the picks that went to real expert e
+  moe/noop_fraction/layer_i            share that went to no-op experts (MLP skipped)
+  moe/dropped/layer_i                  share of real-expert picks dropped over capacity
+  moe/load_balance/layer_i             the load-balancing loss, unweighted (1 = balanced)
+and ``train/aux_load_balance``, its mean over the MLPs.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..metrics import capacity_used, decision_counts, decision_quality, quality_from_counts, selection_scalars, token_depth
+from ..metrics import (capacity_used, decision_counts, decision_quality, expert_scalars, quality_from_counts,
+                       selection_scalars, token_depth)
 from .tensorboard import tensorboard_writer
 
 
@@ -43,9 +51,14 @@ class RoutingStats(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         infos = getattr(pl_module, "last_routing", None)
+        experts = getattr(pl_module, "last_experts", None)
+        step = trainer.global_step
+        if experts and step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
+            scalars = {f"moe/{k}": v for k, v in expert_scalars(experts).items()}
+            scalars["train/aux_load_balance"] = torch.stack([e.load_balance for e in experts]).mean().item()
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False)
         if not infos:
             return
-        step = trainer.global_step
         if step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
             input_ids = batch[:, :-1]
             scalars = {f"router/{k}": v for k, v in selection_scalars(infos, input_ids, self._eot_id(trainer)).items()}

@@ -1,0 +1,295 @@
+"""Invariants of the mixture-of-experts MLP and of both MoDE variants: which tokens each expert
+computes, what a no-op pick does, the one-expert reduction to the dense MLP, causality, cached
+decoding, row independence, the load-balancing gradient and the FLOPs model."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import modlm.device
+import modlm.routing
+from modlm import ModelConfig, MoDTransformer
+from modlm.flops import expert_slots, forward_flops, training_flops
+from modlm.generate import generate
+from modlm.layers import Block, Positions
+from modlm.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
+from modlm.moe import MixtureOfExperts
+
+V, T, D = 97, 24, 32
+VARIANTS = {
+    "moe": dict(route_every=0, n_experts=4),
+    "staged": dict(route_every=2, capacity=0.5, n_experts=4),
+    "integrated": dict(route_every=0, n_experts=3, noop_experts=3),
+    "top2": dict(route_every=0, n_experts=3, noop_experts=1, expert_top_k=2, mlp="gelu"),
+}
+
+
+def config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=V, d_model=D, n_layers=4, n_heads=4, max_seq_len=64)
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(seed=0, **overrides) -> MoDTransformer:
+    torch.manual_seed(seed)
+    return MoDTransformer(config(**overrides)).eval()
+
+
+def mixture(seed=0, **overrides) -> MixtureOfExperts:
+    torch.manual_seed(seed)
+    moe = MixtureOfExperts(config(**overrides), layer=0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # a spread router: picks differ from token to token
+    return moe
+
+
+def tokens(batch=3, length=T, seed=1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hidden(batch=3, length=T, seed=2) -> torch.Tensor:
+    return torch.randn(batch, length, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=["host_branch", "masked"])
+def step_mode(request, monkeypatch):
+    """Decode with routers that read their picks on the host, then with static masked steps."""
+    if request.param == "masked":
+        monkeypatch.setattr(modlm.routing, "_host_can_branch", lambda x: False)
+        monkeypatch.setattr(modlm.device, "host_can_branch", lambda x: False)
+    return request.param
+
+
+# --- which tokens each expert computes ---------------------------------------------------------------
+def test_training_dispatch_gives_each_expert_its_first_picks_in_temporal_order():
+    """Training: expert e's slots of row b hold exactly the tokens of b that picked e, earliest
+    first, up to its capacity; the rest of the slots are zero and later picks are dropped."""
+    moe = mixture(n_experts=3, noop_experts=1, capacity_factor=0.75)
+    x = hidden()
+    seen = []
+    original = moe.up.forward
+    moe.up.forward = lambda buf: (seen.append(buf.detach().clone()), original(buf))[1]
+    y, info = moe(x, "topk")
+    (buf,) = seen
+    B, C = x.size(0), info.capacity
+    assert C == moe.cfg.expert_capacity(T) == 5 and buf.shape == (3, B * C, D)
+    for e in range(3):
+        for b in range(B):
+            mine = (info.expert[b, :, 0] == e).nonzero().flatten()
+            kept = mine[:C]
+            slots = buf[e, b * C:(b + 1) * C]
+            assert torch.equal(slots[: len(kept)], x[b, kept])
+            assert (slots[len(kept):] == 0).all()
+            assert torch.equal(info.computed[b, :, 0].nonzero().flatten()[info.expert[b, info.computed[b, :, 0], 0] == e], kept)
+    assert dropped_fraction(info) > 0, "the test needs picks over capacity"
+    dropped_or_noop = ~info.computed[..., 0]
+    assert (y[dropped_or_noop] == 0).all() and (y[~dropped_or_noop] != 0).all()
+
+
+def test_inference_gives_each_expert_exactly_its_tokens_and_drops_nothing():
+    moe = mixture(n_experts=3, noop_experts=2)
+    x = hidden()
+    calls = []
+    original = moe.up.one
+    moe.up.one = lambda e, v: (calls.append((e, v.detach().clone())), original(e, v))[1]
+    y, info = moe(x, "causal")
+    flat, picks = x.reshape(-1, D), info.expert.reshape(-1)
+    assert sorted(e for e, _ in calls) == [e for e in range(3) if (picks == e).any()]  # one call per busy expert
+    for e, rows in calls:
+        assert torch.equal(rows, flat[picks == e]), f"expert {e} must see its tokens only, in order"
+    assert info.capacity is None and torch.equal(info.computed, info.expert < 3) and dropped_fraction(info) == 0
+    assert sum(len(rows) for _, rows in calls) == int((picks < 3).sum())  # no-op picks cost no expert work
+
+
+# --- no-op experts, one expert, the dense MLP ---------------------------------------------------------
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_noop_pick_leaves_the_mlp_untouched(routing):
+    moe = mixture(n_experts=2, noop_experts=2, capacity_factor=4.0)
+    x = hidden()
+    y, info = moe(x, routing)
+    noop = info.expert[..., 0] >= 2
+    assert noop.any() and (~noop).any()
+    assert (y[noop] == 0).all() and (y[~noop] != 0).all()
+    # in a block, the token keeps exactly its stream plus attention
+    torch.manual_seed(0)
+    block = Block(config(n_experts=2, noop_experts=2, capacity_factor=4.0), layer=0)
+    block.mlp.load_state_dict(moe.state_dict())
+    where = Positions.sequence(block.mlp.cfg, T)
+    out, binfo = block(x, where, routing)
+    a = block.attn(block.attn_norm(x), where)
+    skipped = binfo.expert[..., 0] >= 2
+    assert skipped.any() and torch.equal(out[skipped], (x + a)[skipped])
+
+
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_one_expert_without_noop_equals_the_dense_model(routing, mlp):
+    dense = build(route_every=2, mlp=mlp)
+    moe = build(route_every=2, mlp=mlp, n_experts=1, capacity_factor=1.0)
+    state = {k: (v.unsqueeze(0) if ".mlp." in k else v) for k, v in dense.state_dict().items()}
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert all(k.endswith("mlp.router.weight") for k in missing) and not unexpected
+    idx = tokens()
+    torch.testing.assert_close(moe(idx, routing).logits, dense(idx, routing).logits, rtol=0, atol=1e-5)
+    assert all((info.computed == 1).all() for info in moe(idx, routing).experts)
+
+
+# --- causality, caching, rows ------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_routing_is_causal(variant):
+    model = build(**VARIANTS[variant])
+    idx = tokens()
+    changed = idx.clone()
+    changed[:, 15:] = (changed[:, 15:] + 1) % V
+    a, b = model(idx, "causal").logits, model(changed, "causal").logits
+    # (each expert multiplies the tokens that picked it: a matmul over another number of rows may
+    # round differently in the last bit, hence the tolerance)
+    torch.testing.assert_close(a[:, :15], b[:, :15], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("variant", ["moe", "integrated", "top2"])
+def test_training_capacity_is_causal_without_routed_blocks(variant):
+    """Picks fill each expert's slots in temporal order, so what is dropped depends on earlier
+    tokens only: without routed blocks the training forward is causal too."""
+    model = build(**VARIANTS[variant], capacity_factor=0.6)
+    idx = tokens()
+    out = model(idx, "topk")
+    assert any(dropped_fraction(info) > 0 for info in out.experts), "the test needs drops"
+    changed = idx.clone()
+    changed[:, 15:] = (changed[:, 15:] + 1) % V
+    torch.testing.assert_close(model(changed, "topk").logits[:, :15], out.logits[:, :15], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("prefill", [1, 9])
+def test_cached_decoding_equals_causal_forward(variant, prefill, step_mode):
+    model = build(**VARIANTS[variant])
+    idx = tokens(3, 30)
+    full = model(idx, routing="causal")
+    assert len(full.experts) >= 2
+    cache = model.new_cache(3)
+    steps = [model.forward_cached(idx[:, :prefill], cache)]
+    steps += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(prefill, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["staged", "integrated"])
+def test_ragged_prompts_generate_like_single_prompts_and_trace_whole(variant):
+    model = build(**VARIANTS[variant])
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 11, 7)]
+    together = model.generate(prompts, max_new_tokens=6, temperature=0)
+    for prompt, out in zip(prompts, together):
+        assert torch.equal(out, model.generate(prompt.unsqueeze(0), max_new_tokens=6, temperature=0)[0])
+    torch._dynamo.reset()
+    traced = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    compiled = generate(model, prompts, 6, temperature=0, decode_step=lambda t, s: traced(t, s))
+    for a, b in zip(compiled, together):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("routing", ["topk", "causal"])
+def test_rows_are_independent(variant, routing):
+    """Capacity is per row: a row's picks and outputs do not depend on the rest of the batch."""
+    model = build(**VARIANTS[variant], capacity_factor=0.75)
+    idx = tokens(4)
+    together = model(idx, routing).logits
+    for b in range(4):
+        torch.testing.assert_close(model(idx[b : b + 1], routing).logits[0], together[b], rtol=0, atol=1e-5)
+
+
+# --- the load-balancing loss -------------------------------------------------------------------------
+def test_load_balancing_loss_is_one_when_balanced_and_trains_the_router():
+    moe = mixture(n_experts=3, noop_experts=1)
+    torch.nn.init.zeros_(moe.router.weight)  # uniform probabilities: P_e = 1/4, shares sum to 1
+    _, info = moe(hidden(), "topk")
+    assert info.load_balance.item() == pytest.approx(1.0, abs=1e-6)
+    moe = mixture(n_experts=3, noop_experts=1)
+    _, info = moe(hidden(), "topk")
+    info.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0  # through the mean router probabilities
+    assert moe.up.weight.grad is None and moe.down.weight.grad is None  # the loss is the router's alone
+    model = build(**VARIANTS["integrated"])
+    out = model(tokens(), "topk")
+    out.aux_loss.backward()
+    torch.testing.assert_close(out.aux_loss, 0.01 * torch.stack([i.load_balance for i in out.experts]).mean())
+    assert all(block.mlp.router.weight.grad.abs().sum() > 0 for block in model.blocks)
+
+
+def test_staged_aux_loss_adds_routing_and_load_balance():
+    model = build(**VARIANTS["staged"]).train()
+    out = model(tokens(), "topk")
+    assert [i.layer for i in out.experts] == [0, 1, 2, 3] and [r.layer for r in out.routing] == [1, 3]
+    assert out.routing[0].experts is out.experts[1]  # the routed block's experts saw its k picks
+    assert out.experts[1].expert.shape[1] == model.config.capacity_tokens(T)
+    routing = torch.stack([r.aux_loss for r in out.routing]).mean()
+    balance = torch.stack([e.aux_loss for e in out.experts]).mean()
+    torch.testing.assert_close(out.aux_loss, routing + balance)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------
+def counted(cfg: ModelConfig, seq_len: int, backward: bool) -> int:
+    with torch.device("meta"):
+        model = MoDTransformer(cfg)
+        idx = torch.zeros(2, seq_len, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(idx, routing="topk")
+        if backward:
+            (out.logits.sum() + out.aux_loss).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "every_other"])
+@pytest.mark.parametrize("seq_len", [64, 200])
+def test_flops_match_flop_counter_exactly(variant, seq_len):
+    """The training path's static capacity shapes make the count exact on the meta device."""
+    fields = VARIANTS.get(variant, dict(route_every=2, n_experts=2, moe_every=2, capacity_factor=2.0))
+    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=6, n_heads=4, max_seq_len=256, **fields)
+    assert 2 * forward_flops(cfg, seq_len) == counted(cfg, seq_len, backward=False)
+    assert 2 * training_flops(cfg, seq_len) == counted(cfg, seq_len, backward=True)
+
+
+def test_expert_slots_follow_capacity_top_k_and_noop_share():
+    cfg = config(n_experts=4, noop_experts=4, expert_top_k=2, capacity_factor=1.25)
+    assert cfg.expert_capacity(512) == 160  # 1.25 * 512 * 2 / 8
+    assert expert_slots(cfg, 512) == 4 * 160
+    assert expert_slots(cfg, 512, "causal") == 512 * 2 * 4 / 8  # balanced: half the picks are no-ops
+    dense = config(route_every=0)
+    mlp = 2 * 512 * D * dense.mlp_hidden * 3  # the dense SwiGLU MLP on 512 tokens
+    router, slots = 2 * 512 * D * 4, 4 * 160  # 4 experts x ceil(1.25 * 512 / 4) slots
+    extra = forward_flops(config(route_every=0, n_experts=4), 512) - forward_flops(dense, 512)
+    assert extra == 4 * (router + mlp * slots // 512 - mlp)
+
+
+# --- telemetry figures -------------------------------------------------------------------------------
+def test_expert_figures_by_hand():
+    moe = mixture(n_experts=2, noop_experts=1, capacity_factor=0.5)
+    x = hidden(batch=2, length=12)
+    _, info = moe(x, "topk")
+    picks = info.expert[..., 0]
+    load = expert_load(info)
+    assert load.tolist() == [(picks == e).sum().item() / picks.numel() for e in range(3)]
+    assert noop_fraction(info).item() == pytest.approx(float((picks == 2).float().mean()))
+    wanted = picks < 2
+    assert dropped_fraction(info).item() == pytest.approx(float((wanted & ~info.computed[..., 0]).sum() / wanted.sum()))
+    assert slots_per_row(info) == info.computed.sum().item() / 2
+    scalars = expert_scalars([info])
+    assert set(scalars) == {"load/layer_0/expert_0", "load/layer_0/expert_1", "noop_fraction/layer_0",
+                            "dropped/layer_0", "load_balance/layer_0"}
+    # padding is neither picked nor counted
+    valid = torch.arange(12).unsqueeze(0) < torch.tensor([[12], [5]])
+    _, padded = moe(x, "causal", valid=valid)
+    assert not padded.computed[1, 5:].any()
+    assert expert_load(padded).sum().item() == pytest.approx(1.0)
+
+
+def test_config_errors_are_one_line():
+    for fields, field in [(dict(noop_experts=2), "noop_experts"), (dict(n_experts=2, expert_top_k=3), "expert_top_k"),
+                          (dict(n_experts=2, capacity_factor=0), "capacity_factor"), (dict(n_experts=-1), "n_experts"),
+                          (dict(n_experts=2, moe_every=9), "moe_every")]:
+        with pytest.raises(ValueError, match=f"ModelConfig.{field}=") as err:
+            config(**fields)
+        assert "\n" not in str(err.value)
+    assert config(n_experts=4, moe_every=2).expert_layers == [1, 3]
+    assert config(n_experts=0).expert_layers == [] and not config(route_every=0).routes_tokens
+    assert config(route_every=0, n_experts=2).routes_tokens
