@@ -1,25 +1,16 @@
 """The analytic FLOPs model agrees with torch's FlopCounterMode (the count Lightning uses)."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import dense_twin, flops_ratio_vs_dense, forward_flops, training_flops
+from train_helpers import counted_flops
 
 BATCH = 2
 
 
 def counted(cfg: ModelConfig, seq_len: int, backward: bool) -> int:
-    # On the meta device torch counts scaled_dot_product_attention; on CPU tensors it counts nothing.
-    with torch.device("meta"):
-        model = MoDTransformer(cfg)
-        idx = torch.zeros(BATCH, seq_len, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = model(idx, routing="topk")
-        if backward:
-            (out.logits.sum() + out.aux_loss).backward()
-    return counter.get_total_flops()
+    return counted_flops(cfg, seq_len, backward, batch=BATCH)
 
 
 GRID = [

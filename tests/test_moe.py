@@ -3,7 +3,6 @@ computes, what a no-op pick does, the one-expert reduction to the dense MLP, cau
 decoding, row independence, the load-balancing gradient and the FLOPs model."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import modlm.device
 import modlm.routing
@@ -13,6 +12,7 @@ from modlm.generate import generate
 from modlm.layers import Block, Positions
 from modlm.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
 from modlm.moe import MixtureOfExperts
+from train_helpers import counted_flops
 
 V, T, D = 97, 24, 32
 VARIANTS = {
@@ -228,15 +228,7 @@ def test_staged_aux_loss_adds_routing_and_load_balance():
 
 # --- FLOPs -------------------------------------------------------------------------------------------
 def counted(cfg: ModelConfig, seq_len: int, backward: bool) -> int:
-    with torch.device("meta"):
-        model = MoDTransformer(cfg)
-        idx = torch.zeros(2, seq_len, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = model(idx, routing="topk")
-        if backward:
-            (out.logits.sum() + out.aux_loss).backward()
-    return counter.get_total_flops()
+    return counted_flops(cfg, seq_len, backward, batch=2)
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "every_other"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modlm.data.shard_writer import prepare_corpus
-from train_helpers import REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars, tiny_args
+from train_helpers import assert_same_losses_after_resume, REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -61,22 +61,15 @@ def kill_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
             scalars(tmp_path / "cut" / "lightning_logs" / "version_1"))
 
 
-def assert_same_losses(want: dict, got: dict) -> None:
-    assert set(got["train/loss"]) == set(range(K, N))
-    for step in range(K, N):
-        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], abs=1e-6, rel=0), step
-    assert got["val/loss"][N - 1] == pytest.approx(want["val/loss"][N - 1], abs=1e-6, rel=0)
-
-
 def test_two_nodes_ddp_killed_and_resumed(tmp_path, tiny_tokenizer):
     want, got = kill_and_resume(tmp_path, tiny_tokenizer, "--trainer.strategy", "ddp")
-    assert_same_losses(want, got)
+    assert_same_losses_after_resume(want, got, K, N)
 
 
 def test_two_nodes_fsdp2_hsdp_mesh_killed_and_resumed(tmp_path, tiny_tokenizer):
     strategy = ("--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
     want, got = kill_and_resume(tmp_path, tiny_tokenizer, *strategy)
-    assert_same_losses(want, got)
+    assert_same_losses_after_resume(want, got, K, N)
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded, complete
 
 

@@ -91,3 +91,33 @@ class PoisonAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             pl_module.model.norm.weight.data.fill_(float("nan"))
+
+
+def counted_flops(cfg, seq_len: int, backward: bool, batch: int = 2) -> int:
+    """FLOPs torch counts for a forward (and backward) of a top-k pass, on a meta-device model: there
+    torch counts ``scaled_dot_product_attention``; on real CPU tensors it counts nothing for it."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modlm import MoDTransformer
+
+    with torch.device("meta"):
+        model = MoDTransformer(cfg)
+        idx = torch.zeros(batch, seq_len, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(idx, routing="topk")
+        if backward:
+            (out.logits.sum() + out.aux_loss).backward()
+    return counter.get_total_flops()
+
+
+def assert_same_losses_after_resume(want: dict, got: dict, killed_at: int, steps: int) -> None:
+    """The resumed run logged steps ``killed_at..steps-1`` and the final validation as the
+    uninterrupted one did."""
+    import pytest
+
+    assert set(got["train/loss"]) == set(range(killed_at, steps))
+    for step in range(killed_at, steps):
+        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], abs=1e-6, rel=0), step
+    assert got["val/loss"][steps - 1] == pytest.approx(want["val/loss"][steps - 1], abs=1e-6, rel=0)
