@@ -65,15 +65,31 @@ def epoch0(ds, worker):
     return [d[1] for d in docs], np.concatenate([d[2] for d in docs])
 
 
+def expected_owners(corpus, num_slots, epoch):
+    """Slot of each training position: each file's documents cut into min(n, slots) blocks of
+    n // m or n // m + 1, block j to slot (first position + j) % slots."""
+    owners, first = [], 0
+    for e in corpus.epoch_order(epoch):
+        n = e.n_train
+        m = min(n, num_slots)
+        for j in range(m):
+            owners += [(first + j) % num_slots] * ((j + 1) * n // m - j * n // m)
+        first += n
+    return owners
+
+
 def test_two_ranks_two_workers_see_every_token_once(corpus_dir, cache_dir):
     dm = make_dm(corpus_dir, cache_dir)
     corpus, tok_json = dm.corpus, dm.tokenizer.to_str()
+    owners = expected_owners(corpus, 4, 0)
+    assert len(owners) == corpus.num_train_docs
     all_positions, all_tokens = [], []
     for rank in range(2):
         ds = PackedTrainStream(corpus, tok_json, SEQ, BATCH, rank=rank, world_size=2, num_workers=2)
         for worker in range(2):
             positions, tokens = epoch0(ds, worker)
-            assert all(p % 4 == rank * 2 + worker for p in positions)
+            assert positions == sorted(positions)  # a shard reads its blocks in order
+            assert all(owners[p] == rank * 2 + worker for p in positions)
             all_positions += positions
             all_tokens.append(tokens)
             # The packed windows of this shard are exactly its token stream, in order.

@@ -2,13 +2,27 @@
 
 Every reader yields `(record, text)` pairs, where `record` is the document's number inside
 the file (0 for one-document files; the 0-based line for jsonl; the row for json arrays
-and parquet). Records that cannot be read are skipped and reported in one DataWarning per
-file, so a few bad lines never stop a run.
+and parquet; the piece for a text file larger than `TEXT_PIECE_BYTES`). Records that cannot be
+read are skipped and reported in one DataWarning per file, so a few bad lines never stop a run.
+
+Ranges. Every reader takes a record range [lo, hi) and reads only what that range needs, so the
+loader's slots, each owning a range of a file, never parse each other's records: jsonl seeks to
+the nearest line mark noted while the file was indexed (one every `LINE_MARK_EVERY` lines) and
+skips the few lines before `lo` without decoding them; parquet reads only the row groups that
+overlap the range (`ParquetFile.read_row_group`); a large text file reads only its pieces' bytes.
+A JSON array can only be parsed whole, so each slot owning part of one parses all of it (use
+jsonl or parquet for large corpora).
+
+Pieces. A text file larger than `TEXT_PIECE_BYTES` is several documents, so that one big file can
+be shared by many slots: piece k holds the lines that start in bytes [k * P, (k + 1) * P) (P the
+piece size), so a line is never cut, and a piece is empty when a single line covers its bytes.
+The pieces depend only on the file, never on the number of slots.
 """
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .errors import DataError, DataWarning
 
@@ -16,6 +30,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+
+TEXT_PIECE_BYTES = 4 << 20  # a text file larger than this is read as pieces of about this size
+LINE_MARK_EVERY = 1024  # jsonl lines between two byte offsets noted while indexing
 
 _SNIFF_BYTES = 8192  # how much of a file without an extension is read to decide it is text
 
@@ -68,12 +85,46 @@ def _warn_replaced(path: Path, count: int, where: str = "") -> None:
     )
 
 
-def read_text(path: Path) -> Iterator[tuple[int, str]]:
-    """A .txt/.md/.py file (or a text file without an extension) is one document."""
-    text, bad = decode_counting(path.read_bytes())
-    if bad:
-        _warn_replaced(path, bad)
-    yield 0, text
+def text_pieces(path: Path) -> int:
+    """How many documents a text file is: 1, or its pieces when it is larger than TEXT_PIECE_BYTES."""
+    size = path.stat().st_size
+    return 1 if size <= TEXT_PIECE_BYTES else -(-size // TEXT_PIECE_BYTES)
+
+
+def _line_start_at_or_after(f, offset: int) -> int:
+    """The first byte offset >= `offset` where a line starts (or the end of the file)."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    f.readline()  # through the newline that ends the line holding byte offset - 1
+    return f.tell()
+
+
+def read_text(path: Path, lo: int = 0, hi: Optional[int] = None) -> Iterator[tuple[int, str]]:
+    """A .txt/.md/.py file (or a text file without an extension) is one document, or one per piece
+    when large; only the pieces in [lo, hi) are read."""
+    n = text_pieces(path)
+    hi = n if hi is None else min(hi, n)
+    if n == 1:
+        if lo <= 0 < hi:
+            text, bad = decode_counting(path.read_bytes())
+            if bad:
+                _warn_replaced(path, bad)
+            yield 0, text
+        return
+    replaced = 0
+    with open(path, "rb") as f:
+        start = _line_start_at_or_after(f, lo * TEXT_PIECE_BYTES)
+        for piece in range(lo, hi):
+            end = _line_start_at_or_after(f, (piece + 1) * TEXT_PIECE_BYTES)
+            if end > start:
+                f.seek(start)
+                text, bad = decode_counting(f.read(end - start))
+                replaced += bad
+                yield piece, text
+            start = max(start, end)
+    if replaced:
+        _warn_replaced(path, replaced)
 
 
 def _describe_lines(lines: list[int], limit: int = 5) -> str:
@@ -81,28 +132,62 @@ def _describe_lines(lines: list[int], limit: int = 5) -> str:
     return shown + (f" (+{len(lines) - limit} more)" if len(lines) > limit else "")
 
 
-def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+def line_marks(path: Path) -> tuple[int, list[int]]:
+    """(number of lines, byte offset of every LINE_MARK_EVERY-th line): what lets a reader seek
+    near any line without reading the lines before it."""
+    marks, offset, n = [], 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if (n - 1) % LINE_MARK_EVERY == 0:
+                marks.append(offset)
+            offset += len(raw)
+    return n, marks
+
+
+def _raw_lines(path: Path, lo: int, hi: Optional[int], marks: Optional[list[int]]) -> Iterator[tuple[int, bytes]]:
+    """(line number, undecoded bytes) of lines [lo, hi); the lines between the nearest mark and
+    `lo` are skipped without being decoded."""
+    with open(path, "rb") as f:
+        record = 0
+        if marks and lo > 0:
+            k = min(lo // LINE_MARK_EVERY, len(marks) - 1)
+            f.seek(marks[k])
+            record = k * LINE_MARK_EVERY
+        while record < lo:
+            if not f.readline():
+                return
+            record += 1
+        while hi is None or record < hi:
+            raw = f.readline()
+            if not raw:
+                return
+            yield record, raw
+            record += 1
+
+
+def read_jsonl(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
+               marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
     """One JSON object per line, the document in `text_field`. Blank lines are ignored;
-    lines that are not JSON objects or lack a string `text_field` are skipped and counted."""
+    lines that are not JSON objects or lack a string `text_field` are skipped and counted.
+    Only lines [lo, hi) are decoded; `marks` (from `line_marks`) saves reading the lines before."""
     not_json: list[int] = []
     no_field: list[int] = []
     replaced = 0
-    with open(path, "rb") as f:
-        for record, raw in enumerate(f):
-            line, bad = decode_counting(raw)
-            replaced += bad
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                not_json.append(record + 1)
-                continue
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                no_field.append(record + 1)
-                continue
-            yield record, text
+    for record, raw in _raw_lines(path, lo, hi, marks):
+        line, bad = decode_counting(raw)
+        replaced += bad
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            not_json.append(record + 1)
+            continue
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            no_field.append(record + 1)
+            continue
+        yield record, text
     if replaced:
         _warn_replaced(path, replaced)
     if not_json or no_field:
@@ -124,10 +209,12 @@ def _is_json_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def read_json(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
-    """A .json file is either a JSON array of objects or, like .jsonl, one object a line."""
+def read_json(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
+              marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
+    """A .json file is either a JSON array of objects (parsed whole, items [lo, hi) kept) or,
+    like .jsonl, one object a line."""
     if not _is_json_array(path):
-        yield from read_jsonl(path, text_field)
+        yield from read_jsonl(path, text_field, lo, hi, marks)
         return
     text, bad = decode_counting(path.read_bytes())
     if bad:
@@ -138,6 +225,8 @@ def read_json(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     skipped = []
     for record, obj in enumerate(rows):
+        if record < lo or (hi is not None and record >= hi):
+            continue
         value = obj.get(text_field) if isinstance(obj, dict) else None
         if isinstance(value, str):
             yield record, value
@@ -168,22 +257,38 @@ def parquet_rows(path: Path, text_field: str) -> int:
     return meta.num_rows
 
 
-def read_parquet(path: Path, text_field: str, batch_size: int = 256) -> Iterator[tuple[int, str]]:
-    """Rows of the `text_field` column, streamed through `datasets`' parquet builder.
-    Null or non-string cells are skipped and counted."""
-    import datasets
+def parquet_groups(path: Path) -> list[int]:
+    """Row numbers where the file's row groups start, then its row count: [0, ..., rows]."""
+    import pyarrow.parquet as pq
 
-    ds = datasets.load_dataset(
-        "parquet", data_files=[str(path)], split="train", streaming=True, columns=[text_field]
-    )
-    record, skipped = 0, 0
-    for batch in ds.iter(batch_size=batch_size):
-        for text in batch[text_field]:
-            if isinstance(text, str):
-                yield record, text
-            else:
-                skipped += 1
-            record += 1
+    meta = pq.read_metadata(path)
+    bounds = [0]
+    for g in range(meta.num_row_groups):
+        bounds.append(bounds[-1] + meta.row_group(g).num_rows)
+    return bounds
+
+
+def read_parquet(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None) -> Iterator[tuple[int, str]]:
+    """Rows [lo, hi) of the `text_field` column, reading only the row groups that hold them.
+    Null or non-string cells are skipped and counted."""
+    import pyarrow.parquet as pq
+
+    skipped = 0
+    with pq.ParquetFile(path) as pf:
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(g).num_rows
+            end, first = start + rows, start
+            start = end
+            if end <= lo or (hi is not None and first >= hi):
+                continue
+            column = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+            for record in range(max(first, lo), end if hi is None else min(end, hi)):
+                text = column[record - first]
+                if isinstance(text, str):
+                    yield record, text
+                else:
+                    skipped += 1
     if skipped:
         warnings.warn(
             f"{path}: skipped {skipped} row(s) whose '{text_field}' is not a string",
@@ -192,17 +297,31 @@ def read_parquet(path: Path, text_field: str, batch_size: int = 256) -> Iterator
         )
 
 
-def count_records(path: Path, text_field: str) -> int:
-    """How many records (candidate documents) a file holds, without tokenizing anything."""
+@dataclass
+class RecordIndex:
+    """What indexing a file found: its record count, and what lets a reader go straight to a record."""
+
+    n_records: int
+    marks: Optional[list[int]] = None  # jsonl: byte offsets of every LINE_MARK_EVERY-th line
+    groups: Optional[list[int]] = None  # parquet: first row of each row group, then the row count
+
+
+def index_records(path: Path, text_field: str) -> RecordIndex:
+    """Count a file's records (candidate documents) without tokenizing anything, noting where
+    its lines or row groups start."""
     suffix = path.suffix.lower()
     if _is_text(path):
-        return 1
+        return RecordIndex(text_pieces(path))
     if suffix in PARQUET_SUFFIXES:
-        return parquet_rows(path, text_field)
+        return RecordIndex(parquet_rows(path, text_field), groups=parquet_groups(path))
     if suffix == ".json" and _is_json_array(path):
-        return _json_array_len(path)
-    with open(path, "rb") as f:  # jsonl: one record per line
-        return sum(1 for _ in f)
+        return RecordIndex(_json_array_len(path))
+    return RecordIndex(*line_marks(path))  # jsonl: one record per line
+
+
+def count_records(path: Path, text_field: str) -> int:
+    """How many records (candidate documents) a file holds."""
+    return index_records(path, text_field).n_records
 
 
 def _json_array_len(path: Path) -> int:
@@ -216,28 +335,31 @@ def _json_array_len(path: Path) -> int:
     return len(rows)
 
 
-def read_records(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
-    """Dispatch on the file suffix."""
+def read_records(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
+                 marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
+    """Records [lo, hi) of a file (all by default), dispatched on the file suffix; `marks`
+    are a jsonl file's line marks from `index_records`."""
     suffix = path.suffix.lower()
     if _is_text(path):
-        return read_text(path)
+        return read_text(path, lo, hi)
     if suffix == ".jsonl":
-        return read_jsonl(path, text_field)
+        return read_jsonl(path, text_field, lo, hi, marks)
     if suffix == ".json":
-        return read_json(path, text_field)
+        return read_json(path, text_field, lo, hi, marks)
     if suffix in PARQUET_SUFFIXES:
-        return read_parquet(path, text_field)
+        return read_parquet(path, text_field, lo, hi)
     raise DataError(f"{path}: unsupported file type (expected {', '.join(sorted(SUPPORTED_SUFFIXES))})")
 
 
 def is_multi_record(path: Path) -> bool:
-    return not _is_text(path)
+    return not _is_text(path) or text_pieces(path) > 1
 
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "count_records",
     "decode_counting",
+    "index_records",
     "is_multi_record",
     "is_supported",
     "read_records",

@@ -9,10 +9,17 @@ training documents for one epoch. Two kinds exist:
 
 Training positions. In epoch `e` the files are visited in an order shuffled with
 (seed, e); the training documents, in that order, get positions 0, 1, 2, ... . Shard
-`slot` of `num_slots` (one per rank x dataloader worker) takes the positions
-p with p % num_slots == slot, so the shards are disjoint and together cover the epoch.
-A shard's place in the stream is the position of its next document, which is all a
-resume needs (plus a token offset inside that document, kept by the packer).
+`slot` of `num_slots` (one per rank x dataloader worker) owns, in each file, one contiguous
+block of its training documents, so it reads only its block's bytes, lines or row groups
+(readers.py) and never parses another shard's records. A file with n training documents
+starting at position F is cut into m = min(n, num_slots) blocks of n // m or n // m + 1
+documents (a parquet file with at least num_slots row groups is cut at row groups instead), and
+block j goes to slot (F + j) % num_slots. A file of up to num_slots documents (one-document files
+in particular) thus deals them out as p % num_slots, and with at least num_slots documents in
+the corpus every slot gets one. The shards are disjoint, together cover the epoch, and each
+yields its positions in increasing order: a shard's place in the stream is the position of
+its next document, which is all a resume needs (plus a token offset inside that document,
+kept by the packer).
 
 Split. A document's train/validation split depends only on a stable key (its path relative to
 the corpus root, plus its record number inside multi-record files, or its text for hub streams),
@@ -28,11 +35,11 @@ import sysconfig
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .errors import DataError, DataWarning
 from .progress import note
-from .readers import count_records, is_multi_record, is_supported, read_records
+from .readers import index_records, is_multi_record, is_supported, read_records
 
 LARGE_CORPUS_FILES = 5_000  # from this many files, or bytes, indexing is announced (it can take a while)
 LARGE_CORPUS_BYTES = 1_000_000_000
@@ -130,6 +137,8 @@ class FileEntry:
     n_records: int
     multi: bool  # several documents per file (jsonl/json/parquet)
     val_records: list[int] = field(default_factory=list)  # sorted record numbers in val
+    marks: Optional[list[int]] = None  # jsonl: byte offsets of every LINE_MARK_EVERY-th line
+    groups: Optional[list[int]] = None  # parquet: first row of each row group, then the row count
 
     @property
     def n_train(self) -> int:
@@ -141,6 +150,24 @@ class FileEntry:
     def train_rank(self, record: int) -> int:
         """Index of a train record among the file's train records."""
         return record - bisect.bisect_left(self.val_records, record)
+
+    def train_record(self, rank: int) -> int:
+        """The record of the train record of index `rank` (n_records for rank == n_train)."""
+        record = rank
+        for v in self.val_records:  # sorted: each val record at or before the answer moves it on
+            if v > record:
+                break
+            record += 1
+        return record
+
+    def block(self, j: int, m: int) -> tuple[int, int]:
+        """Train ranks [lo, hi) of block j of m: row groups when there are at least m of them,
+        else train records, shared as evenly as they go."""
+        if self.groups is not None and len(self.groups) - 1 >= m:
+            g = len(self.groups) - 1
+            lo, hi = self.groups[j * g // m], self.groups[(j + 1) * g // m]
+            return self.train_rank(lo), self.train_rank(hi)
+        return j * self.n_train // m, (j + 1) * self.n_train // m
 
 
 class FileCorpus:
@@ -190,8 +217,9 @@ class FileCorpus:
     def _entry(self, path: Path) -> FileEntry:
         rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.name
         multi = is_multi_record(path)
-        n = count_records(path, self.text_field)
-        entry = FileEntry(path, rel, n, multi)
+        index = index_records(path, self.text_field)
+        n = index.n_records
+        entry = FileEntry(path, rel, n, multi, marks=index.marks, groups=index.groups)
         entry.val_records = [r for r in range(n) if is_val(entry.key(r), self.val_fraction)]
         return entry
 
@@ -228,7 +256,7 @@ class FileCorpus:
             if (e.n_train if want_val and self.tail_share else len(e.val_records) if want_val else e.n_train) == 0:
                 continue
             val = set(e.val_records)
-            for record, text in read_records(e.path, self.text_field):
+            for record, text in read_records(e.path, self.text_field, marks=e.marks):
                 if self.tail_share:
                     yield split_tail(text, self.tail_share)[1 if want_val else 0]
                 elif (record in val) == want_val:
@@ -257,18 +285,19 @@ class FileCorpus:
         from position `start` on."""
         first = 0  # position of the current file's first training document
         for e in self.epoch_order(epoch):
-            end = first + e.n_train
-            lo = max(first, start)
-            lo += (slot - lo) % num_slots  # first position >= lo in this shard
-            if lo < end:
-                val = set(e.val_records)
-                for record, text in read_records(e.path, self.text_field):
-                    if record in val:
-                        continue
-                    pos = first + e.train_rank(record)
-                    if pos >= lo and pos % num_slots == slot:
-                        yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)
-            first = end
+            m = min(e.n_train, num_slots)
+            j = (slot - first) % num_slots  # this slot's block of the file, if j < m
+            if j < m:
+                lo, hi = e.block(j, m)
+                lo = max(lo, start - first)
+                if lo < hi:
+                    val = set(e.val_records)
+                    for record, text in read_records(e.path, self.text_field, e.train_record(lo),
+                                                     e.train_record(hi), e.marks):
+                        if record not in val:
+                            pos = first + e.train_rank(record)
+                            yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)
+            first += e.n_train
 
 
 def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234,
