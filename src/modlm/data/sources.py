@@ -292,8 +292,9 @@ class FileCorpus:
                 lo = max(lo, start - first)
                 if lo < hi:
                     val = set(e.val_records)
+                    # from the block's first train record through its last, no val record after it
                     for record, text in read_records(e.path, self.text_field, e.train_record(lo),
-                                                     e.train_record(hi), e.marks):
+                                                     e.train_record(hi - 1) + 1, e.marks):
                         if record not in val:
                             pos = first + e.train_rank(record)
                             yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)
