@@ -10,9 +10,10 @@ MoD model of each budget).
 
 Conventions: "loss" is the final validation loss in nats per token with causal routing, as the
 model runs at inference (for dense models both routing modes are the same computation). A curve's
-minimum comes from a parabola fitted to loss against log10(parameters), as the paper does; where the
-parabola opens downwards or its vertex falls outside the sizes trained, the optimum is not bracketed
-and the best measured point is reported instead (marked). Points with several seeds enter the fit as
+minimum comes from a parabola fitted to loss against log10(parameters), as the paper does. Where the
+best measured size is the smallest or the largest trained, the parabola opens downwards or its
+vertex falls outside the sizes trained, the optimum is not bracketed and the best measured point is
+reported instead (marked). Points with several seeds enter the fit as
 their mean; the spread is mean +- standard deviation and min..max over seeds.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ def fit_minimum(curve: list[dict]) -> dict:
     best = min(curve, key=lambda p: p["causal_loss"])
     out = {"best_size": best["size"], "best_params": best["params"], "best_loss": best["causal_loss"],
            "fit_params": None, "fit_loss": None, "bracketed": False}
-    if len(curve) >= 3:
+    interior = curve.index(best) not in (0, len(curve) - 1)  # a measured point on each side of it
+    if len(curve) >= 3 and interior:
         x = np.log10([p["params"] for p in curve])
         a, b, c = np.polyfit(x, [p["causal_loss"] for p in curve], 2)
         if a > 0 and x.min() <= -b / (2 * a) <= x.max():
