@@ -53,57 +53,61 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     perplexity = Perplexity().to(device)
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
-    nll_sum, n_tokens, n_bytes = 0.0, 0, 0
-    capacity: dict[int, list[float]] = {}
-    counts: dict[int, torch.Tensor] = {}
-    shared: dict[int, list[int]] = {}  # per routed block: [picked by it and by the next one, picked by it]
-    depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long)
-    experts: dict[str, list[float]] = {}
+    # Sums stay on the device until the end: one host sync per evaluation, not one per batch.
+    zero = lambda dtype=torch.float64: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+    nll_sum, n_bytes, n_batches, n_tokens = zero(), zero(torch.long), 0, 0
+    capacity: dict[int, torch.Tensor] = {}  # per routed block: sum over batches of the fraction processed
+    counts: dict[int, torch.Tensor] = {}  # per routed block: causal-decision confusion counts
+    shared: dict[int, torch.Tensor] = {}  # per routed block: [picked by it and by the next one, picked by it]
+    depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long, device=device)
+    experts: dict[str, torch.Tensor] = {}  # per mixture-of-experts figure: sum over batches
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
         out = model(idx, routing=routing)
         logits = out.logits.float()
-        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         n_tokens += targets.numel()
+        n_batches += 1
         perplexity.update(logits, targets)
         if byte_lengths is not None:
-            n_bytes += int(byte_lengths[targets].sum())
+            n_bytes += byte_lengths[targets].sum()
         for info in out.routing:
-            capacity.setdefault(info.layer, []).append(capacity_used(info).item())
+            capacity[info.layer] = capacity.get(info.layer, 0) + capacity_used(info)
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
         for info, after in zip(out.routing, out.routing[1:]):
-            both, mine = shared.setdefault(info.layer, [0, 0])
-            add_both, add_mine = overlap_counts(info, after)
-            shared[info.layer] = [both + add_both, mine + add_mine]
-        for info in out.experts:
-            layer = f"layer_{info.layer}"
-            if info.n_slots > info.n_experts:
-                experts.setdefault(f"noop_fraction.{layer}", []).append(noop_fraction(info).item())
-            experts.setdefault(f"dropped.{layer}", []).append(dropped_fraction(info).item())
-            experts.setdefault(f"expert_slots.{layer}", []).append(slots_per_row(info))
+            shared[info.layer] = shared.get(info.layer, 0) + overlap_counts(info, after)
         ran = {info.layer for info in out.experts}
+        for info in out.experts:
+            figures = {"dropped": dropped_fraction(info), "expert_slots": slots_per_row(info)}
+            if info.n_slots > info.n_experts:
+                figures["noop_fraction"] = noop_fraction(info)
+            for name, value in figures.items():
+                key = f"{name}.layer_{info.layer}"
+                experts[key] = experts.get(key, 0) + value
         for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert
             if layer not in ran:
-                experts.setdefault(f"expert_slots.layer_{layer}", []).append(0.0)
-        depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers)).expand(targets.shape)
-        depth_counts += torch.bincount(depth.flatten().cpu(), minlength=model.config.n_layers + 1)
+                experts.setdefault(f"expert_slots.layer_{layer}", zero())
+        depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers), device=device).expand(targets.shape)
+        depth_counts += torch.bincount(depth.flatten(), minlength=model.config.n_layers + 1)
         if progress is not None:
             progress.update(1)
     if n_tokens == 0:
         raise ValueError("no evaluation batches")
-    loss = nll_sum / n_tokens
-    result = {"loss": loss, "ppl": perplexity.compute().item(), "tokens": n_tokens}
+    nll, n_bytes = nll_sum.item(), n_bytes.item()
+    result = {"loss": nll / n_tokens, "ppl": perplexity.compute().item(), "tokens": n_tokens}
     if n_bytes:
-        result["bpb"] = nll_sum / math.log(2) / n_bytes
-    for layer, values in capacity.items():
-        result[f"capacity_used.layer_{layer}"] = sum(values) / len(values)
+        result["bpb"] = nll / math.log(2) / n_bytes
+    for layer, total in capacity.items():
+        result[f"capacity_used.layer_{layer}"] = total.item() / n_batches
         if not model.config.random_routing:
             for name, value in quality_from_counts(counts[layer]).items():
                 result[f"{name}.layer_{layer}"] = value
-    for layer, (both, mine) in shared.items():
+    for layer, pair in shared.items():
+        both, mine = pair.tolist()
         result[f"overlap.layer_{layer}"] = both / max(1, mine)
-    result.update({name: statistics.mean(values) for name, values in experts.items()})
+    # batch means, as the training logs report them (a block that ran no expert counts as 0 slots)
+    result.update({name: total.item() / n_batches for name, total in sorted(experts.items())})
     for depth, count in enumerate(depth_counts.tolist()):
         result[f"depth.{depth}"] = count / n_tokens
     if capacity:
@@ -111,12 +115,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     return result
 
 
-def flops_per_token(model: MoDTransformer, seq_len: int, capacity_used: Optional[list[float]] = None,
+def flops_per_token(model: MoDTransformer, seq_len: int, used_per_block: Optional[list[float]] = None,
                     expert_slots: Optional[list[float]] = None) -> float:
     """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity
-    of each routed block and expert slots of each mixture-of-experts MLP (default: training's)."""
+    used (fraction processed) of each routed block and expert slots of each mixture-of-experts MLP (default: training's)."""
     cfg = model.config
-    tokens = None if capacity_used is None else [c * seq_len for c in capacity_used]
+    tokens = None if used_per_block is None else [c * seq_len for c in used_per_block]
     return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, slots_per_expert_layer=expert_slots) / seq_len
 
 

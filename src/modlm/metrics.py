@@ -57,10 +57,10 @@ def token_depth(infos: Sequence[RoutingInfo], n_layers: int) -> torch.Tensor:
     return n_dense + picked
 
 
-def overlap_counts(info: RoutingInfo, after: RoutingInfo) -> tuple[int, int]:
-    """(tokens picked by this block and by the next routed block ``after``, tokens picked by this
-    block): counts, to add up over batches before the ratio."""
-    return int((info.selected & after.selected).sum()), int(info.selected.sum())
+def overlap_counts(info: RoutingInfo, after: RoutingInfo) -> torch.Tensor:
+    """[tokens picked by this block and by the next routed block ``after``, tokens picked by this
+    block]: counts on the device, to add up over batches before the ratio."""
+    return torch.stack([(info.selected & after.selected).sum(), info.selected.sum()])
 
 
 def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, float]:
@@ -75,7 +75,7 @@ def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot
         if eot_id is not None:
             stats[f"selected_eot/{layer}"] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
         if n + 1 < len(infos):
-            both, mine = overlap_counts(info, infos[n + 1])
+            both, mine = overlap_counts(info, infos[n + 1]).tolist()
             stats[f"overlap/{layer}"] = both / max(1, mine)
     return stats
 
@@ -106,10 +106,10 @@ def dropped_fraction(info: ExpertInfo) -> torch.Tensor:
     return (wanted & ~info.computed).sum().double() / wanted.sum().clamp(min=1)
 
 
-def slots_per_row(info: ExpertInfo) -> float:
+def slots_per_row(info: ExpertInfo) -> torch.Tensor:
     """Expert MLP passes computed per sequence, on average over the batch's rows (what
     ``modlm.flops`` calls expert slots, measured)."""
-    return info.computed.sum().item() / info.computed.size(0)
+    return info.computed.sum() / info.computed.size(0)
 
 
 def expert_scalars(infos: Sequence[ExpertInfo]) -> dict[str, float]:
