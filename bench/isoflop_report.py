@@ -10,11 +10,17 @@ MoD model of each budget).
 
 Conventions: "loss" is the final validation loss in nats per token with causal routing, as the
 model runs at inference (for dense models both routing modes are the same computation). A curve's
-minimum comes from a parabola fitted to loss against log10(parameters), as the paper does. Where the
-best measured size is the smallest or the largest trained, the parabola opens downwards or its
-vertex falls outside the sizes trained, the optimum is not bracketed and the best measured point is
-reported instead (marked). Points with several seeds enter the fit as
+minimum comes from a parabola in log10(parameters), as the paper fits, through the best measured
+size and its neighbour on each side: a parabola through the whole ladder is pulled far off by sizes
+that are a nat or more worse (a 4-block model given too few steps), and its vertex can then sit well
+below every measured loss. Where the best measured size is the smallest or the largest trained, the
+optimum is not bracketed and the best measured point is reported instead (marked). Points with several seeds enter the fit as
 their mean; the spread is mean +- standard deviation and min..max over seeds.
+
+Training time (claim 2, the time plot) is steps x the step time of the run's model shape. A step's
+time depends on the shape and variant, not on the budget or the seed, so every run of one shape on
+one machine measures the same thing; the report takes the smallest of their medians (the least
+disturbed by other work on a shared machine) as that shape's step time.
 """
 from __future__ import annotations
 
@@ -51,17 +57,18 @@ def points(results: list[dict]) -> dict[tuple[float, str], list[dict]]:
 
 
 def fit_minimum(curve: list[dict]) -> dict:
-    """Vertex of a parabola in log10(params) through the curve (needs 3+ sizes), else the best point."""
+    """Vertex of the parabola in log10(params) through the best point and its two neighbours, where
+    the best point has a neighbour on each side; else the best point, marked not bracketed."""
     best = min(curve, key=lambda p: p["causal_loss"])
+    i = curve.index(best)
     out = {"best_size": best["size"], "best_params": best["params"], "best_loss": best["causal_loss"],
-           "fit_params": None, "fit_loss": None, "bracketed": False}
-    interior = curve.index(best) not in (0, len(curve) - 1)  # a measured point on each side of it
-    if len(curve) >= 3 and interior:
-        x = np.log10([p["params"] for p in curve])
-        a, b, c = np.polyfit(x, [p["causal_loss"] for p in curve], 2)
-        if a > 0 and x.min() <= -b / (2 * a) <= x.max():
-            vertex = -b / (2 * a)
-            out.update(fit_params=float(10 ** vertex), fit_loss=float(c - b * b / (4 * a)), bracketed=True)
+           "fit_params": None, "fit_loss": None, "bracketed": False, "fit_coeffs": None}
+    if 0 < i < len(curve) - 1:  # a measured point on each side of the best: the parabola opens upwards
+        local = curve[i - 1:i + 2]
+        a, b, c = np.polyfit(np.log10([p["params"] for p in local]), [p["causal_loss"] for p in local], 2)
+        vertex = -b / (2 * a)
+        out.update(fit_params=float(10 ** vertex), fit_loss=float(c - b * b / (4 * a)), bracketed=True,
+                   fit_coeffs=[float(a), float(b), float(c)], fit_range=[local[0]["params"], local[-1]["params"]])
     return out
 
 
@@ -69,7 +76,7 @@ def mean_over_layers(d: dict) -> float | None:
     return statistics.mean(d.values()) if d else None
 
 
-def optimum_rows(curves: dict) -> list[dict]:
+def optimum_rows(curves: dict, times: dict[tuple, float]) -> list[dict]:
     rows = []
     for (budget, variant), curve in sorted(curves.items()):
         fit = fit_minimum(curve)
@@ -84,7 +91,7 @@ def optimum_rows(curves: dict) -> list[dict]:
             "causal_recall": mean_over_layers(best["causal_recall"]),
             "capacity_used": best["causal_capacity_used"],
             "overlap_topk": best["overlap_topk"], "depth_topk": best["depth_topk"],
-            "tokens_per_param": best["tokens"] / best["params"], "median_step_s": best["median_step_s"],
+            "tokens_per_param": best["tokens"] / best["params"], "step_s": times[shape_key(best["run"])],
         })
     return rows
 
@@ -111,14 +118,28 @@ def flops_to_match(curves: dict, budget: float) -> list[dict]:
     return out
 
 
-def time_curve(run: dict) -> tuple[list[float], list[float]]:
-    """(minutes, causal validation loss) along a run: steps x the run's median step time."""
-    return ([s * run["median_step_s"] / 60 for s, _, _ in run["val_curve"]], [c for _, _, c in run["val_curve"]])
+def shape_key(run: dict) -> tuple:
+    machine = run.get("machine", {})
+    return run["variant"], run["size"], machine.get("cpu"), machine.get("gpu"), machine.get("threads"), run["precision"]
 
 
-def time_to_reach(run: dict, target: float) -> float | None:
+def step_times(results: list[dict]) -> dict[tuple, float]:
+    """Seconds per training step of each model shape (and variant, machine, precision): the smallest
+    of its runs' median step times."""
+    measured: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        measured[shape_key(r)] += [] if math.isnan(r["median_step_s"]) else [r["median_step_s"]]
+    return {key: min(values, default=math.nan) for key, values in measured.items()}
+
+
+def time_curve(run: dict, step_s: float) -> tuple[list[float], list[float]]:
+    """(minutes, causal validation loss) along a run: steps x ``step_s``."""
+    return ([s * step_s / 60 for s, _, _ in run["val_curve"]], [c for _, _, c in run["val_curve"]])
+
+
+def time_to_reach(run: dict, step_s: float, target: float) -> float | None:
     """Minutes until the run's validation loss first reaches ``target`` (linear between validations)."""
-    minutes, losses = time_curve(run)
+    minutes, losses = time_curve(run, step_s)
     for i, loss in enumerate(losses):
         if loss <= target:
             if i == 0:
@@ -128,20 +149,23 @@ def time_to_reach(run: dict, target: float) -> float | None:
     return None
 
 
-def time_to_match(curves: dict, budget: float) -> list[dict]:
-    """Claim 2: how soon the best learned MoD model reaches the best dense model's final loss."""
+def time_to_match(curves: dict, budget: float, times: dict[tuple, float]) -> list[dict]:
+    """Claim 2: how soon the best learned MoD model reaches the best dense model's final loss
+    (``times``: step seconds per model shape, from ``step_times``)."""
     dense = curves.get((budget, "dense"))
     if not dense:
         return []
     best_dense = min(dense, key=lambda p: p["causal_loss"])["run"]
-    dense_minutes = time_curve(best_dense)[0][-1]
+    dense_step_s = times[shape_key(best_dense)]
+    dense_minutes = time_curve(best_dense, dense_step_s)[0][-1]
     out = []
     for variant in LEARNED + ("mod_random",):
         if not curves.get((budget, variant)):
             continue
         best = min(curves[(budget, variant)], key=lambda p: p["causal_loss"])["run"]
-        minutes = time_to_reach(best, best_dense["causal_loss"])
+        minutes = time_to_reach(best, times[shape_key(best)], best_dense["causal_loss"])
         out.append({"budget": budget, "variant": variant, "size": best["size"], "dense_size": best_dense["size"],
+                    "dense_step_s": dense_step_s, "step_s": times[shape_key(best)],
                     "dense_minutes": dense_minutes, "minutes": minutes,
                     "time_fraction": minutes / dense_minutes if minutes is not None else None})
     return out
@@ -200,10 +224,11 @@ def markdown(rows: list[dict], match_flops: list[dict], match_time: list[dict], 
         lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['dense_size']}, {m['dense_loss']:.4f} | {mod} | "
                      f"{fmt(m['flops_fraction'], '.2f')} |")
     lines += ["", "### Claim 2: training time until the best MoD model reaches the best dense model's final loss", "",
-              "| budget | variant | best MoD size | dense run (min) | MoD reaches it at (min) | time vs dense |",
-              "|---|---|---|---|---|---|"]
+              "| budget | variant | best MoD size | step s (MoD / dense) | dense run (min) | MoD reaches it at (min) "
+              "| time vs dense |", "|---|---|---|---|---|---|---|"]
     for m in match_time:
-        lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['size']} | {m['dense_minutes']:.1f} | "
+        lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['size']} | {m['step_s']:.3f} / {m['dense_step_s']:.3f} | "
+                     f"{m['dense_minutes']:.1f} | "
                      f"{fmt(m['minutes'], '.1f', 'never')} | {fmt(m['time_fraction'], '.2f')} |")
     verdicts = spread_verdicts(rows)
     if verdicts:
@@ -220,7 +245,7 @@ def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted({b for b, _ in curves})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.2), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for (b, variant), curve in sorted(curves.items()):
             if b != budget:
@@ -230,26 +255,26 @@ def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:
             y = [p["causal_loss"] for p in curve]
             err = [[p["causal_loss"] - p["loss_min"] for p in curve], [p["loss_max"] - p["causal_loss"] for p in curve]]
             ax.errorbar(x, y, yerr=err, fmt="o", color=color, label=variant, capsize=3, ms=4)
-            if len(curve) >= 3:
-                a, bb, c = np.polyfit(np.log10(x), y, 2)
-                xs = np.linspace(np.log10(min(x)), np.log10(max(x)), 50)
-                ax.plot(10 ** xs, a * xs ** 2 + bb * xs + c, "-", color=color, alpha=0.6)
             fit = next(r for r in rows if r["budget"] == budget and r["variant"] == variant)
             if fit["bracketed"]:
+                a, bb, c = fit["fit_coeffs"]
+                xs = np.linspace(*np.log10(fit["fit_range"]), 50)
+                ax.plot(10 ** xs, a * xs ** 2 + bb * xs + c, "-", color=color, alpha=0.6)
                 ax.plot([fit["fit_params"]], [fit["fit_loss"]], "*", color=color, ms=12)
+            ax.plot(x, y, ":", color=color, alpha=0.4)
         ax.set_xscale("log")
         ax.set_title(f"{budget:.1e} training FLOPs")
         ax.set_xlabel("parameters")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss, causal routing (nats/token)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title + " (star: fitted minimum; bars: seed min..max)")
+    fig.suptitle(title + " (star: minimum of the parabola through the best size and its neighbours; bars: seed min..max)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def plot_time(curves: dict, out: Path) -> None:
+def plot_time(curves: dict, times: dict[tuple, float], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,7 +287,7 @@ def plot_time(curves: dict, out: Path) -> None:
             if not curve:
                 continue
             best = min(curve, key=lambda p: p["causal_loss"])["run"]
-            minutes, losses = time_curve(best)
+            minutes, losses = time_curve(best, times[shape_key(best)])
             ax.plot(minutes, losses, "o-", ms=3, color=COLORS.get(variant), label=f"best {variant}: {best['size']}")
         ax.set_title(f"{budget:.1e} training FLOPs")
         ax.set_xlabel("training time: steps x median step time (min)")
@@ -278,18 +303,19 @@ def report(results: list[dict], out_dir: Path, title: str = "isoFLOP curves") ->
     if not results:
         print(f"no finished runs under {out_dir / 'runs'}")
         return
+    times = step_times(results)
     curves = points(results)
-    rows = optimum_rows(curves)
+    rows = optimum_rows(curves, times)
     budgets = sorted({b for b, _ in curves})
     match_flops = [m for b in budgets for m in flops_to_match(curves, b)]
-    match_time = [m for b in budgets for m in time_to_match(curves, b)]
+    match_time = [m for b in budgets for m in time_to_match(curves, b, times)]
     text = markdown(rows, match_flops, match_time, results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
     (out_dir / "report.json").write_text(json.dumps(
         {"optima": rows, "flops_to_match": match_flops, "time_to_match": match_time}, indent=1) + "\n")
     plot_curves(curves, rows, out_dir / "isoflop_curves.png", title)
-    plot_time(curves, out_dir / "loss_vs_time.png")
+    plot_time(curves, times, out_dir / "loss_vs_time.png")
     print(text)
     print(f"-> {out_dir}/report.md, report.json, isoflop_curves.png, loss_vs_time.png")
 
