@@ -34,6 +34,13 @@ from pathlib import Path
 import numpy as np
 
 LEARNED = ("mod", "mod_raw")  # MoD variants whose routing is learned (the claims are about these)
+DENSE = ("dense", "dense_1block")  # baselines: the claims compare against the best of them
+
+
+def best_dense(curves: dict, budget: float) -> dict | None:
+    """The best point of any dense curve at ``budget`` (the shallow control included)."""
+    points = [p for variant in DENSE for p in curves.get((budget, variant), [])]
+    return min(points, key=lambda p: p["causal_loss"]) if points else None
 
 
 def points(results: list[dict]) -> dict[tuple[float, str], list[dict]]:
@@ -99,22 +106,21 @@ def optimum_rows(curves: dict, times: dict[tuple, float]) -> list[dict]:
 def flops_to_match(curves: dict, budget: float) -> list[dict]:
     """Claim 1: the cheapest learned-MoD model (forward FLOPs per token) whose loss is at most the best
     dense model's at this budget, as a fraction of that dense model's forward FLOPs per token."""
-    dense = curves.get((budget, "dense"))
-    if not dense:
+    dense = best_dense(curves, budget)
+    if dense is None:
         return []
-    best_dense = min(dense, key=lambda p: p["causal_loss"])
     out = []
     for variant in LEARNED + ("mod_random",):
-        matching = [p for p in curves.get((budget, variant), []) if p["causal_loss"] <= best_dense["causal_loss"]]
+        matching = [p for p in curves.get((budget, variant), []) if p["causal_loss"] <= dense["causal_loss"]]
         if not curves.get((budget, variant)):
             continue
         cheapest = min(matching, key=lambda p: p["forward_flops_per_token_causal"]) if matching else None
-        out.append({"budget": budget, "variant": variant, "dense_size": best_dense["size"],
-                    "dense_loss": best_dense["causal_loss"],
+        out.append({"budget": budget, "variant": variant, "dense_variant": dense["variant"],
+                    "dense_size": dense["size"], "dense_loss": dense["causal_loss"],
                     "size": cheapest["size"] if cheapest else None,
                     "loss": cheapest["causal_loss"] if cheapest else None,
                     "flops_fraction": (cheapest["forward_flops_per_token_causal"]
-                                       / best_dense["forward_flops_per_token_causal"]) if cheapest else None})
+                                       / dense["forward_flops_per_token_causal"]) if cheapest else None})
     return out
 
 
@@ -152,19 +158,20 @@ def time_to_reach(run: dict, step_s: float, target: float) -> float | None:
 def time_to_match(curves: dict, budget: float, times: dict[tuple, float]) -> list[dict]:
     """Claim 2: how soon the best learned MoD model reaches the best dense model's final loss
     (``times``: step seconds per model shape, from ``step_times``)."""
-    dense = curves.get((budget, "dense"))
-    if not dense:
+    dense = best_dense(curves, budget)
+    if dense is None:
         return []
-    best_dense = min(dense, key=lambda p: p["causal_loss"])["run"]
-    dense_step_s = times[shape_key(best_dense)]
-    dense_minutes = time_curve(best_dense, dense_step_s)[0][-1]
+    dense = dense["run"]
+    dense_step_s = times[shape_key(dense)]
+    dense_minutes = time_curve(dense, dense_step_s)[0][-1]
     out = []
     for variant in LEARNED + ("mod_random",):
         if not curves.get((budget, variant)):
             continue
         best = min(curves[(budget, variant)], key=lambda p: p["causal_loss"])["run"]
-        minutes = time_to_reach(best, times[shape_key(best)], best_dense["causal_loss"])
-        out.append({"budget": budget, "variant": variant, "size": best["size"], "dense_size": best_dense["size"],
+        minutes = time_to_reach(best, times[shape_key(best)], dense["causal_loss"])
+        out.append({"budget": budget, "variant": variant, "size": best["size"], "dense_variant": dense["variant"],
+                    "dense_size": dense["size"],
                     "dense_step_s": dense_step_s, "step_s": times[shape_key(best)],
                     "dense_minutes": dense_minutes, "minutes": minutes,
                     "time_fraction": minutes / dense_minutes if minutes is not None else None})
@@ -172,7 +179,11 @@ def time_to_match(curves: dict, budget: float, times: dict[tuple, float]) -> lis
 
 
 def spread_verdicts(rows: list[dict]) -> list[str]:
-    """Pairs of variant optima at a budget with several seeds: does their difference exceed the spread?"""
+    """Pairs of variant optima at a budget with several seeds: does their difference exceed the spread?
+
+    Conservative: "exceeds" only where the difference of the means is larger than the wider of the
+    two min..max ranges over seeds. The difference in standard errors (sqrt(sa^2/na + sb^2/nb)) is
+    given too, for a reader who prefers that yardstick."""
     lines = []
     by_budget = defaultdict(dict)
     for r in rows:
@@ -185,9 +196,11 @@ def spread_verdicts(rows: list[dict]) -> list[str]:
                 ra, rb = opt[a], opt[b]
                 diff = ra["best_loss"] - rb["best_loss"]
                 spread = max(ra["loss_max"] - ra["loss_min"], rb["loss_max"] - rb["loss_min"])
+                se = math.sqrt(ra["loss_std"] ** 2 / ra["seeds"] + rb["loss_std"] ** 2 / rb["seeds"])
                 verdict = "exceeds" if abs(diff) > spread else "within"
-                lines.append(f"- {budget:.1e}: {a} - {b} = {diff:+.4f} nats; {verdict} the seed spread "
-                             f"(largest min..max range {spread:.4f})")
+                lines.append(f"- {budget:.1e}: {a} ({ra['best_size']}) - {b} ({rb['best_size']}) = {diff:+.4f} nats; "
+                             f"{verdict} the seed spread (wider min..max range {spread:.4f}); "
+                             f"{abs(diff) / se if se else math.inf:.1f} standard errors")
     return lines
 
 
@@ -217,17 +230,18 @@ def markdown(rows: list[dict], match_flops: list[dict], match_time: list[dict], 
                      f"{r['best_topk_loss']:.4f} | {r['forward_flops_per_token'] / 1e6:.2f}M | "
                      f"{r['tokens_per_param']:.1f} | {acc} | {fmt(r['capacity_used'], '.3f')} | {overlap} | {depth} |")
     lines += ["", "### Claim 1: forward FLOPs per token of the cheapest MoD model that matches the best dense loss", "",
-              "| budget | variant | best dense (size, loss) | matching MoD (size, loss) | FLOPs/token vs dense |",
+              "| budget | variant | best dense, any depth (size, loss) | matching MoD (size, loss) | FLOPs/token vs dense |",
               "|---|---|---|---|---|"]
     for m in match_flops:
         mod = f"{m['size']}, {m['loss']:.4f}" if m["size"] else "none matches"
         lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['dense_size']}, {m['dense_loss']:.4f} | {mod} | "
                      f"{fmt(m['flops_fraction'], '.2f')} |")
     lines += ["", "### Claim 2: training time until the best MoD model reaches the best dense model's final loss", "",
-              "| budget | variant | best MoD size | step s (MoD / dense) | dense run (min) | MoD reaches it at (min) "
-              "| time vs dense |", "|---|---|---|---|---|---|---|"]
+              "| budget | variant | best MoD size | best dense size | step s (MoD / dense) | dense run (min) "
+              "| MoD reaches it at (min) | time vs dense |", "|---|---|---|---|---|---|---|---|"]
     for m in match_time:
-        lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['size']} | {m['step_s']:.3f} / {m['dense_step_s']:.3f} | "
+        lines.append(f"| {m['budget']:.1e} | {m['variant']} | {m['size']} | {m['dense_size']} | "
+                     f"{m['step_s']:.3f} / {m['dense_step_s']:.3f} | "
                      f"{m['dense_minutes']:.1f} | "
                      f"{fmt(m['minutes'], '.1f', 'never')} | {fmt(m['time_fraction'], '.2f')} |")
     verdicts = spread_verdicts(rows)
@@ -236,7 +250,8 @@ def markdown(rows: list[dict], match_flops: list[dict], match_time: list[dict], 
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"dense": "tab:gray", "mod": "tab:green", "mod_raw": "tab:blue", "mod_random": "tab:red"}
+COLORS = {"dense": "tab:gray", "dense_1block": "black", "mod": "tab:green", "mod_raw": "tab:blue",
+          "mod_random": "tab:red"}
 
 
 def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:
@@ -282,7 +297,7 @@ def plot_time(curves: dict, times: dict[tuple, float], out: Path) -> None:
     budgets = sorted({b for b, _ in curves})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.2), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
-        for variant in ("dense",) + LEARNED:
+        for variant in DENSE + LEARNED:
             curve = curves.get((budget, variant))
             if not curve:
                 continue
