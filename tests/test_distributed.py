@@ -4,7 +4,6 @@ Each distributed test trains 8 steps in one go and, separately, 4 steps then 4 m
 ``--ckpt_path last``; the resumed steps must log the same losses as the uninterrupted run (the
 LR schedule is pinned to 8 steps with ``--model.lr_decay_steps`` so both plan the same run).
 """
-import os
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.parallel import block_policy
-from train_helpers import assert_same_losses_after_resume as assert_same_losses_after_resume_, run_train, scalars, tiny_args
+from train_helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
+                           tiny_args)
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,7 @@ def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
     model computes the same loss as the plain one, and gradients reach the routers."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, capacity=0.25)
@@ -115,9 +113,7 @@ def test_parallelize_compiles_then_shards_every_block_and_the_root():
 
     from modlm.parallel import fsdp_mesh, parallelize
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29518")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
         assert fsdp_mesh(mesh).ndim == 1

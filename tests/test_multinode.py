@@ -8,7 +8,6 @@ layout: the resumed steps must log exactly the uninterrupted run's losses. FSDP2
 node, replicas across nodes (HSDP).
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,19 +15,14 @@ import pytest
 import torch
 
 from modlm.data.shard_writer import prepare_corpus
-from train_helpers import assert_same_losses_after_resume, REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars, tiny_args
+from train_helpers import (assert_same_losses_after_resume, free_port, REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars,
+                           tiny_args)
 
 pytestmark = pytest.mark.slow
 
 N, K = 6, 4
 COMMON = ("--trainer.accelerator", "cpu", "--model.lr_decay_steps", str(N), "--trainer.max_steps", str(N),
           "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", str(N))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_two_nodes(*args: str, timeout: float = 400) -> list[subprocess.CompletedProcess]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ TESTS = Path(__file__).resolve().parent
 # The tiny preset's data settings; conftest.py's tokenizer is trained on them once per session.
 TINY_DATA = dict(seq_len=32, batch_size=4, vocab_size=512, val_windows=8, tokenizer_train_chars=200_000)
 VAL_FRACTION = "0.2"  # the small corpus needs a larger share to give a non-empty validation split
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, so that two test suites on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
