@@ -250,6 +250,7 @@ def markdown(rows: list[dict], match_flops: list[dict], match_time: list[dict], 
     return "\n".join(lines) + "\n"
 
 
+ZOOM_NATS = 0.35 # the isoFLOP figure shows this much above each budget's best loss
 COLORS = {"dense": "tab:gray", "dense_1block": "black", "mod": "tab:green", "mod_raw": "tab:blue",
           "mod_random": "tab:red"}
 
@@ -260,8 +261,12 @@ def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted({b for b, _ in curves})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4.6), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
+        losses = [p["causal_loss"] for (b, _), curve in curves.items() if b == budget for p in curve]
+        # the minima are what the figure is for: sizes far worse than the best sit on the top edge
+        top = min(max(losses), min(losses) + ZOOM_NATS)
+        labels_at: dict[float, int] = defaultdict(int)  # off-chart labels already at this x: stack them
         for (b, variant), curve in sorted(curves.items()):
             if b != budget:
                 continue
@@ -276,15 +281,28 @@ def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:
                 xs = np.linspace(*np.log10(fit["fit_range"]), 50)
                 ax.plot(10 ** xs, a * xs ** 2 + bb * xs + c, "-", color=color, alpha=0.6)
                 ax.plot([fit["fit_params"]], [fit["fit_loss"]], "*", color=color, ms=12)
-            ax.plot(x, y, ":", color=color, alpha=0.4)
+            ax.plot(x, [min(v, top) for v in y], ":", color=color, alpha=0.4)
+            off = [(px, py) for px, py in zip(x, y) if py > top]
+            for px, py in off:
+                ax.plot([px], [top], "^", color=color, ms=7)
+                ax.annotate(f"{py:.2f}", (px, top), textcoords="offset points", xytext=(-30, -12 - 9 * labels_at[round(math.log10(px), 2)]),
+                            fontsize=7, color=color)
+                labels_at[round(math.log10(px), 2)] += 1
+        span = top - min(losses)
+        ax.set_ylim(min(losses) - 0.05 * span, top + 0.05 * span)
         ax.set_xscale("log")
         ax.set_title(f"{budget:.1e} training FLOPs")
         ax.set_xlabel("parameters")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss, causal routing (nats/token)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title + " (star: minimum of the parabola through the best size and its neighbours; bars: seed min..max)")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
+    fig.suptitle(title + " (star: minimum of the parabola through the best size and its neighbours; "
+                 "bars: seed min..max; triangles: off the chart, value beside)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -304,8 +322,12 @@ def plot_time(curves: dict, times: dict[tuple, float], out: Path) -> None:
             best = min(curve, key=lambda p: p["causal_loss"])["run"]
             minutes, losses = time_curve(best, times[shape_key(best)])
             ax.plot(minutes, losses, "o-", ms=3, color=COLORS.get(variant), label=f"best {variant}: {best['size']}")
+        target = best_dense(curves, budget)
+        if target is not None:  # claim 2's finish line: the best dense model's final loss
+            ax.axhline(target["causal_loss"], ls="--", lw=0.8, color="black", label="best dense, final")
+            ax.set_ylim(top=target["causal_loss"] + 1.0)
         ax.set_title(f"{budget:.1e} training FLOPs")
-        ax.set_xlabel("training time: steps x median step time (min)")
+        ax.set_xlabel("training time: steps x step time of the shape (min)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("validation loss, causal routing")
