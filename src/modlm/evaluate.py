@@ -53,14 +53,14 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     perplexity = Perplexity().to(device)
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
-    # Sums stay on the device until the end: one host sync per evaluation, not one per batch.
+    # Sums stay on the device until the end: no host sync per batch.
     zero = lambda dtype=torch.float64: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
     nll_sum, n_bytes, n_batches, n_tokens = zero(), zero(torch.long), 0, 0
     capacity: dict[int, torch.Tensor] = {}  # per routed block: sum over batches of the fraction processed
     counts: dict[int, torch.Tensor] = {}  # per routed block: causal-decision confusion counts
     shared: dict[int, torch.Tensor] = {}  # per routed block: [picked by it and by the next one, picked by it]
     depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long, device=device)
-    experts: dict[str, torch.Tensor] = {}  # per mixture-of-experts figure: sum over batches
+    experts: dict[str, list] = {}  # per mixture-of-experts figure: [sum over batches, batches counted]
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
@@ -83,11 +83,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
             if info.n_slots > info.n_experts:
                 figures["noop_fraction"] = noop_fraction(info)
             for name, value in figures.items():
-                key = f"{name}.layer_{info.layer}"
-                experts[key] = experts.get(key, 0) + value
-        for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert
-            if layer not in ran:
-                experts.setdefault(f"expert_slots.layer_{layer}", zero())
+                total = experts.setdefault(f"{name}.layer_{info.layer}", [zero(), 0])
+                total[0] += value
+                total[1] += 1
+        for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert:
+            if layer not in ran:                 # it counts as 0 slots; its other figures skip the batch
+                experts.setdefault(f"expert_slots.layer_{layer}", [zero(), 0])[1] += 1
         depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers), device=device).expand(targets.shape)
         depth_counts += torch.bincount(depth.flatten(), minlength=model.config.n_layers + 1)
         if progress is not None:
@@ -106,8 +107,8 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     for layer, pair in shared.items():
         both, mine = pair.tolist()
         result[f"overlap.layer_{layer}"] = both / max(1, mine)
-    # batch means, as the training logs report them (a block that ran no expert counts as 0 slots)
-    result.update({name: total.item() / n_batches for name, total in sorted(experts.items())})
+    # batch means, as the training logs report them
+    result.update({name: total.item() / n for name, (total, n) in sorted(experts.items())})
     for depth, count in enumerate(depth_counts.tolist()):
         result[f"depth.{depth}"] = count / n_tokens
     if capacity:
