@@ -69,7 +69,8 @@ def fit_minimum(curve: list[dict]) -> dict:
     best = min(curve, key=lambda p: p["causal_loss"])
     i = curve.index(best)
     out = {"best_size": best["size"], "best_params": best["params"], "best_loss": best["causal_loss"],
-           "fit_params": None, "fit_loss": None, "bracketed": False, "fit_coeffs": None}
+           "fit_params": None, "fit_loss": None, "bracketed": False, "fit_coeffs": None,
+           "fit_range": None}
     if 0 < i < len(curve) - 1:  # a measured point on each side of the best: the parabola opens upwards
         local = curve[i - 1:i + 2]
         a, b, c = np.polyfit(np.log10([p["params"] for p in local]), [p["causal_loss"] for p in local], 2)
