@@ -6,7 +6,7 @@ really use, the causal decision's accuracy against top-k, FLOPs per token and de
 """
 import sys
 
-from modlm.eval_cli import main
+from modlm.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

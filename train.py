@@ -6,7 +6,7 @@ every option; see README.md.
 """
 import sys
 
-from modlm.cli import main
+from modlm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

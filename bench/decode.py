@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.generate import compile_decode_step, generate
+from modlm.model.generate import compile_decode_step, generate
 
 
 # --- models ------------------------------------------------------------------------------------------

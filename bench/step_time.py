@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.evaluate import decode_speed
+from modlm.analysis.evaluate import decode_speed
 from modlm.flops import dense_twin, training_flops
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}

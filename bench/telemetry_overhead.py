@@ -22,11 +22,11 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from modlm.callbacks.flops_meter import FlopsMeter
-from modlm.callbacks.routing_heatmap import RoutingHeatmap
-from modlm.callbacks.routing_stats import RoutingStats
+from modlm.training.callbacks.flops_meter import FlopsMeter
+from modlm.training.callbacks.routing_heatmap import RoutingHeatmap
+from modlm.training.callbacks.routing_stats import RoutingStats
 from modlm.data import ModLMDataModule
-from modlm.lit_module import MoDLightningModule
+from modlm.training.module import MoDLightningModule
 
 DEFAULT_CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "default.yaml").read_text())
 

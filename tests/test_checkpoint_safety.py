@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from modlm.checkpoint import CheckpointError, checkpoint_damage, checkpoint_candidates, resolve_last
-from modlm.cli import main
+from modlm.training.checkpoint import CheckpointError, checkpoint_damage, checkpoint_candidates, resolve_last
+from modlm.cli.train import main
 from train_helpers import REPO, tiny_args
 
 
@@ -40,7 +40,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
     # A stand-in trainer whose save writes half a checkpoint, then the process dies by SIGKILL.
     script = textwrap.dedent(f"""
         import os, signal, types
-        from modlm.checkpoint import save_atomically
+        from modlm.training.checkpoint import save_atomically
 
         def save_checkpoint(path, weights_only=False):
             with open(path, "wb") as f:
@@ -64,7 +64,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
 def test_a_completed_save_replaces_the_file_and_leaves_nothing_hidden(tmp_path):
     import types
 
-    from modlm.checkpoint import save_atomically
+    from modlm.training.checkpoint import save_atomically
 
     target = tmp_path / "last.ckpt"
     good_ckpt(target, 4)

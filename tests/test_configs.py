@@ -15,13 +15,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.callbacks import NonFiniteLossGuard
-from modlm.callbacks.atomic_checkpoint import AtomicModelCheckpoint
-from modlm.callbacks.preemption import Preemption
-from modlm.cli import ModLMCLI
+from modlm.training.callbacks import NonFiniteLossGuard
+from modlm.training.callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from modlm.training.callbacks.preemption import Preemption
+from modlm.cli.train import ModLMCLI
 from modlm.data import ModLMDataModule
-from modlm.lit_module import MoDLightningModule
-from modlm.parallel import block_policy
+from modlm.training.module import MoDLightningModule
+from modlm.training.parallel import block_policy
 from train_helpers import REPO, VAL_FRACTION
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -13,7 +13,7 @@ import torch
 from modlm.data import DataError, ModLMDataModule
 from modlm.data.shard_writer import prepare_corpus
 from modlm.data.shards import ShardStream, permute
-from modlm.prepare import main as prepare_main
+from modlm.cli.prepare import main as prepare_main
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "struct.py", "token.py", "stat.py", "abc.py",

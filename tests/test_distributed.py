@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.parallel import block_policy
+from modlm.training.parallel import block_policy
 from train_helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
                            tiny_args)
 
@@ -70,7 +70,7 @@ def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):
 
 
 def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
-    """FSDPStrategy's policy (modlm.parallel): with raw FSDP1 on a 1-process gloo group, the wrapped
+    """FSDPStrategy's policy (modlm.training.parallel): with raw FSDP1 on a 1-process gloo group, the wrapped
     model computes the same loss as the plain one, and gradients reach the routers."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -111,7 +111,7 @@ def test_parallelize_compiles_then_shards_every_block_and_the_root():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    from modlm.parallel import fsdp_mesh, parallelize
+    from modlm.training.parallel import fsdp_mesh, parallelize
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from modlm.cli import main as train_main
-from modlm.eval_cli import main as eval_main
-from modlm.hf_export import remote_code_files
+from modlm.cli.train import main as train_main
+from modlm.cli.eval import main as eval_main
+from modlm.training.export import remote_code_files
 from train_helpers import REPO, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--data.max_batches", "2", "--decode_tokens", "8", "--prompt_tokens", "8"]
@@ -100,7 +100,7 @@ def test_bad_inputs_end_with_one_line_and_status_2(checkpoints, tmp_path, tiny_t
 
 
 def test_eval_script_runs_the_package_command(checkpoints, tmp_path):
-    """``python eval.py`` is a thin entry point: the flags the benchmarks use reach ``modlm.eval_cli``."""
+    """``python eval.py`` is a thin entry point: the flags the benchmarks use reach ``modlm.cli.eval``."""
     import subprocess
     import sys
 
@@ -114,7 +114,7 @@ def test_eval_script_runs_the_package_command(checkpoints, tmp_path):
 
 def test_command_line_reads_dotted_flags_and_the_same_settings_from_config(tmp_path):
     """One parser family with train.py: dotted groups, ``--config`` YAML equal to the flags."""
-    from modlm.eval_cli import DataOptions, SamplingOptions, parse
+    from modlm.cli.eval import DataOptions, SamplingOptions, parse
 
     flags = ["--json", "out.json", "--data.source", "corpus/", "--data.max_batches", "3", "--decode_tokens", "8",
              "--sampling.temperature", "0", "--sampling.top_k", "null", "--precision", "bf16", "--quiet"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.evaluate import evaluate_routing
+from modlm.analysis.evaluate import evaluate_routing
 
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.checkpoint import export, load_model
+from modlm.training.checkpoint import export, load_model
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
-from modlm.hf_export import ENTRY_FILES, relative_imports, remote_code_files
+from modlm.training.export import ENTRY_FILES, relative_imports, remote_code_files
 
 # transformers copies remote code under HF_MODULES_CACHE (read once, when it is imported): keep
 # the tests' copies out of the user's cache.
@@ -243,17 +243,17 @@ def test_modlm_reads_its_export_folder_back(exported, tokenizer):
     assert names == {"config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
                      "generation_config.json", "data.json", *remote_code_files()}
     for name in remote_code_files():  # copies, not rewrites, of modlm's own files
-        assert (folder / name).read_bytes() == (SRC / "modlm" / name).read_bytes()
+        assert (folder / name).read_bytes() == (SRC / "modlm" / "model" / name).read_bytes()
 
 
-def test_remote_code_is_every_file_the_entry_files_reach():
+def test_remote_code_is_the_model_package_and_stands_alone():
     files = remote_code_files()
-    assert set(ENTRY_FILES) | {"config.py", "model.py", "kv_cache.py", "layers.py", "routing.py"} <= set(files)
+    assert set(ENTRY_FILES) | {"config.py", "transformer.py", "kv_cache.py", "layers.py", "routing.py"} <= set(files)
+    assert set(files) == {p.name for p in (SRC / "modlm" / "model").glob("*.py")} - {"__init__.py"}
     for name in files:
-        assert relative_imports(SRC / "modlm" / name) <= set(files), name  # closed under imports
-        text = (SRC / "modlm" / name).read_text()
+        assert relative_imports(SRC / "modlm" / "model" / name) <= set(files), name  # closed under imports
+        text = (SRC / "modlm" / "model" / name).read_text()
         assert "import lightning" not in text and "from lightning" not in text and "from modlm" not in text
-    assert "checkpoint.py" not in files and "lit_module.py" not in files
 
 
 def test_relative_imports_reads_every_form(tmp_path):

@@ -7,12 +7,12 @@ and skipping rows are masked. Both must give the same logits and the same caches
 import pytest
 import torch
 
-import modlm.routing
+import modlm.model.routing
 from modlm import ModelConfig, MoDTransformer
-from modlm.evaluate import decode_throughput
-from modlm.generate import generate
-from modlm.layers import Positions
-from modlm.routing import RoutedBlock
+from modlm.analysis.evaluate import decode_throughput
+from modlm.model.generate import generate
+from modlm.model.layers import Positions
+from modlm.model.routing import RoutedBlock
 
 V = 97
 
@@ -34,7 +34,7 @@ METHODS = ["router", "predictor"]
 def step_mode(request, monkeypatch):
     """Run the test with routed blocks skipping rows on the host, then with masked static steps."""
     if request.param == "masked":
-        monkeypatch.setattr(modlm.routing, "_host_can_branch", lambda x: False)
+        monkeypatch.setattr(modlm.model.routing, "_host_can_branch", lambda x: False)
     return request.param
 
 

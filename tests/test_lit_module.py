@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from modlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from modlm.checkpoint import CheckpointMismatchError
-from modlm.batch import split_batch
-from modlm.lit_module import MoDLightningModule
-from modlm.optim import WarmupCosine, param_groups
+from modlm.training.callbacks import NonFiniteLossError, NonFiniteLossGuard
+from modlm.training.checkpoint import CheckpointMismatchError
+from modlm.training.batch import split_batch
+from modlm.training.module import MoDLightningModule
+from modlm.training.optim import WarmupCosine, param_groups
 
 V, T = 64, 16
 TINY = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=T, capacity=0.25, route_every=2)

@@ -9,11 +9,11 @@ import json
 import re
 import warnings
 
-from modlm.cli import main
+from modlm.cli.train import main
 from train_helpers import scalars, tiny_args
 
 CSV = "lightning.pytorch.loggers.CSVLogger"
-TENSORBOARD = "modlm.callbacks.tensorboard.StreamTensorBoardLogger"
+TENSORBOARD = "modlm.training.loggers.StreamTensorBoardLogger"
 SKIPPED = "no TensorBoard logger"
 
 

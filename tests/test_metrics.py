@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from modlm.metrics import (capacity_used, decision_counts, overlap_counts, quality_from_counts, selection_scalars,
+from modlm.analysis.metrics import (capacity_used, decision_counts, overlap_counts, quality_from_counts, selection_scalars,
                            token_depth)
-from modlm.routing import RoutingInfo
+from modlm.model.routing import RoutingInfo
 
 
 def info(layer, selected, topk, predictor=None):

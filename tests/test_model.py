@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.layers import Positions, apply_rope, rope_tables
-from modlm.routing import RoutedBlock, topk_indices
+from modlm.model.layers import Positions, apply_rope, rope_tables
+from modlm.model.routing import RoutedBlock, topk_indices
 
 V, T = 97, 32
 

@@ -4,14 +4,14 @@ decoding, row independence, the load-balancing gradient and the FLOPs model."""
 import pytest
 import torch
 
-import modlm.device
-import modlm.routing
+import modlm.model.numerics
+import modlm.model.routing
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import expert_slots, forward_flops, training_flops
-from modlm.generate import generate
-from modlm.layers import Block, Positions
-from modlm.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
-from modlm.moe import MixtureOfExperts
+from modlm.model.generate import generate
+from modlm.model.layers import Block, Positions
+from modlm.analysis.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
+from modlm.model.moe import MixtureOfExperts
 from train_helpers import counted_flops
 
 V, T, D = 97, 24, 32
@@ -53,8 +53,8 @@ def hidden(batch=3, length=T, seed=2) -> torch.Tensor:
 def step_mode(request, monkeypatch):
     """Decode with routers that read their picks on the host, then with static masked steps."""
     if request.param == "masked":
-        monkeypatch.setattr(modlm.routing, "_host_can_branch", lambda x: False)
-        monkeypatch.setattr(modlm.device, "host_can_branch", lambda x: False)
+        monkeypatch.setattr(modlm.model.routing, "_host_can_branch", lambda x: False)
+        monkeypatch.setattr(modlm.model.numerics, "host_can_branch", lambda x: False)
     return request.param
 
 

@@ -11,8 +11,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
-from modlm.cli import main as train_main
-from modlm.eval_cli import main as eval_main
+from modlm.cli.train import main as train_main
+from modlm.cli.eval import main as eval_main
 from modlm.flops import forward_flops
 from train_helpers import REPO, TINY_DATA, tiny_args
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modlm.hf_export import ENTRY_FILES
+from modlm.training.export import ENTRY_FILES
 from train_helpers import REPO
 
 tomllib = pytest.importorskip("tomllib")
@@ -71,8 +71,8 @@ def test_remote_code_needs_only_the_hf_extra():
 
 
 def test_console_scripts_and_presets_are_declared():
-    assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli:main", "modlm-eval": "modlm.eval_cli:main",
-                                               "modlm-prepare": "modlm.prepare:main"}
+    assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli.train:main", "modlm-eval": "modlm.cli.eval:main",
+                                               "modlm-prepare": "modlm.cli.prepare:main"}
     assert "pytest" in {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["test"]}
     assert (REPO / "configs").resolve() == (REPO / "src" / "modlm" / "configs").resolve()
     presets = {p.name for p in (REPO / "src" / "modlm" / "configs").glob("*.yaml")}

@@ -3,8 +3,8 @@ a precision named on the command line or in a config always wins."""
 import pytest
 import torch
 
-from modlm import precision
-from modlm.cli import ModLMCLI
+from modlm.training import precision
+from modlm.cli.train import ModLMCLI
 from train_helpers import VAL_FRACTION
 
 BF16_CPU = {"avx512_bf16"}  # e.g. Intel Sapphire Rapids / AMD Zen 4

@@ -5,7 +5,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
-from modlm.cli import main as train_main
+from modlm.cli.train import main as train_main
 from modlm.flops import flops_ratio_vs_dense, training_flops
 from train_helpers import TINY_DATA, tiny_args
 
@@ -96,7 +96,7 @@ def test_no_constant_cards(events):
 
 
 def test_dense_layout_has_no_routing_charts():
-    from modlm.callbacks.dashboard import layout
+    from modlm.training.callbacks.dashboard import layout
 
     dense = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, route_every=0)
     groups = layout(dense, mfu_tags=[])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from modlm.cli import DEFAULT_CONFIG, main
+from modlm.cli.train import DEFAULT_CONFIG, main
 from train_helpers import REPO, scalars, tiny_args
 
 

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from .flops import forward_flops
-from .generate import generate
+from ..model.generate import generate
 from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
                       slots_per_row, token_depth)
-from .model import MoDTransformer
+from ..model.transformer import MoDTransformer
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ from torchmetrics import MeanMetric
 
 from .batch import split_batch
 from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
-from .config import ModelConfig
-from .flops import forward_flops, training_flops
-from .model import ModelOutput, MoDTransformer
+from ..model.config import ModelConfig
+from ..analysis.flops import forward_flops, training_flops
+from ..model.transformer import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
 from .parallel import parallelize
 

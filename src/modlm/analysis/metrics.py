@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .moe import ExpertInfo
-from .routing import RoutingInfo, causal_logits
+from ..model.moe import ExpertInfo
+from ..model.routing import RoutingInfo, causal_logits
 
 
 def capacity_used(info: RoutingInfo) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import device
+from . import numerics as device
 from .config import ModelConfig
 
 

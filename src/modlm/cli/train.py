@@ -30,20 +30,20 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import NonFiniteLossError, NonFiniteLossGuard
-from .callbacks.atomic_checkpoint import AtomicModelCheckpoint
-from .callbacks.preemption import Preemption
-from .callbacks.dashboard import Dashboard
-from .callbacks.flops_meter import FlopsMeter
-from .callbacks.routing_heatmap import RoutingHeatmap
-from .callbacks.routing_stats import RoutingStats
-from .callbacks.tensorboard import StreamTensorBoardLogger
-from .callbacks.throughput import TokenThroughput
-from .checkpoint import check_resume_shape, read_checkpoint, resolve_last
-from .lit_module import MoDLightningModule
-from .precision import choose_precision
+from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
+from ..training.callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from ..training.callbacks.preemption import Preemption
+from ..training.callbacks.dashboard import Dashboard
+from ..training.callbacks.flops_meter import FlopsMeter
+from ..training.callbacks.routing_heatmap import RoutingHeatmap
+from ..training.callbacks.routing_stats import RoutingStats
+from ..training.loggers import StreamTensorBoardLogger
+from ..training.callbacks.throughput import TokenThroughput
+from ..training.checkpoint import check_resume_shape, read_checkpoint, resolve_last
+from ..training.module import MoDLightningModule
+from ..training.precision import choose_precision
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 """The config ``python train.py fit`` (or ``modlm-train fit``) reads first, from any directory."""
@@ -58,7 +58,7 @@ def default_callbacks() -> list[pl.Callback]:
 
 
 def _datamodule_class():
-    from .data import ModLMDataModule
+    from ..data import ModLMDataModule
 
     return ModLMDataModule
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 from torch import nn
 
-from .layers import Block
+from ..model.layers import Block
 
 
 def fsdp_mesh(mesh):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .hf_export import transformers_config, write_transformers_files
-from .model import MoDTransformer
+from ..model.config import ModelConfig
+from .export import transformers_config, write_transformers_files
+from ..model.transformer import MoDTransformer
 
 
 class CheckpointError(ValueError):
@@ -138,7 +138,7 @@ def export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) 
     """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
     tokenizer, its data settings (without the tokenizer path, which the folder's own
     ``tokenizer.json`` replaces), and what lets transformers load it (``hf_export``)."""
-    from .data.tokenizer import EOT_TOKEN
+    from ..data.tokenizer import EOT_TOKEN
 
     folder = Path(folder)
     eos_id = tokenizer.token_to_id(EOT_TOKEN)

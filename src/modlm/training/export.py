@@ -1,10 +1,12 @@
 """What makes an export folder a transformers model as well: remote code and transformers' files.
 
 transformers loads a model it does not know from the folder's own Python files
-(``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py``, plus every modlm
-source file they reach through relative imports (the model's own code, copied, not rewritten), so
-the folder needs transformers and torch but not modlm. Which files those are is read from the
-imports themselves, so a new model module is copied without anyone listing it here.
+(``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py`` import the rest of
+the model package beside them. The remote code is the ``modlm/model`` folder copied whole (its
+``__init__.py`` aside, which transformers' dynamic modules do not need): its files import each other
+relatively and nothing else of modlm, so the folder needs transformers and torch but not modlm. A new
+model module is copied without anyone listing it here; ``relative_imports`` is what the tests use to
+hold the model package to that rule.
 
 No transformers import here: exporting needs only modlm; the files are plain JSON.
 """
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
-PACKAGE = Path(__file__).resolve().parent
+MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
+"""The folder whose files are an export's remote code."""
 ENTRY_FILES = ("configuration_modlm.py", "modeling_modlm.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_modlm.ModLMConfig",
@@ -28,7 +31,8 @@ AUTO_MAP = {
 
 
 def relative_imports(path: Path) -> set[str]:
-    """Modules of the same package that ``path`` imports (``from .x import y``), by file name."""
+    """Modules of the same package that ``path`` imports (``from .x import y``), by file name; an
+    import from a parent package (``from ..x``), which a flat export folder cannot follow, is an error."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
     for node in ast.walk(tree):
@@ -42,18 +46,9 @@ def relative_imports(path: Path) -> set[str]:
     return found
 
 
-def remote_code_files(package: Path = PACKAGE) -> list[str]:
-    """The entry files and every package file they reach through relative imports, sorted."""
-    todo, seen = list(ENTRY_FILES), set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        if not (package / name).is_file():
-            raise ValueError(f"remote code needs {name}, which is not a file of {package}")
-        seen.add(name)
-        todo.extend(relative_imports(package / name) - seen)
-    return sorted(seen)
+def remote_code_files(package: Path = MODEL_PACKAGE) -> list[str]:
+    """Every module of the model package (``__init__.py`` aside), sorted."""
+    return sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
 
 
 def transformers_config(config: ModelConfig, eos_id: int, dtype: torch.dtype) -> dict:
@@ -91,7 +86,7 @@ def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, 
     """Write the remote code, ``tokenizer_config.json`` and ``generation_config.json`` into ``folder``
     (``config.json``, ``model.safetensors`` and ``tokenizer.json`` are the model's and tokenizer's own)."""
     for name in remote_code_files():
-        shutil.copyfile(PACKAGE / name, folder / name)
+        shutil.copyfile(MODEL_PACKAGE / name, folder / name)
     dump(folder / "tokenizer_config.json", tokenizer_config(config, eos_token))
     dump(folder / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
 

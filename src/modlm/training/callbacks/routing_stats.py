@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..metrics import (capacity_used, decision_counts, decision_quality, expert_scalars, quality_from_counts,
+from ...analysis.metrics import (capacity_used, decision_counts, decision_quality, expert_scalars, quality_from_counts,
                        selection_scalars, token_depth)
-from .tensorboard import tensorboard_writer
+from ..loggers import tensorboard_writer
 
 
 class RoutingStats(Callback):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .device import full_precision as _full_precision
-from .device import host_can_branch as _host_can_branch  # a module name of its own: tests replace it here
+from .numerics import full_precision as _full_precision
+from .numerics import host_can_branch as _host_can_branch  # a module name of its own: tests replace it here
 from .kv_cache import KVCache
 from .layers import Block, Positions, gather_tokens
 from .moe import ExpertInfo

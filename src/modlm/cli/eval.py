@@ -28,12 +28,12 @@ from typing import Literal, Optional
 
 import torch
 
-from .checkpoint import export as write_export
-from .checkpoint import load_model
-from .evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
-from .model import MoDTransformer
-from .report import plot as draw_plot
-from .report import table
+from ..training.checkpoint import export as write_export
+from ..training.checkpoint import load_model
+from ..analysis.evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
+from ..model.transformer import MoDTransformer
+from ..analysis.report import plot as draw_plot
+from ..analysis.report import table
 
 
 class EvalError(ValueError):
@@ -140,7 +140,7 @@ def parse(argv=None) -> EvalRun:
 
 def build_data(data: dict, options: DataOptions, model: MoDTransformer):
     """The data module of the model's own corpus and tokenizer, unless the options name others."""
-    from .data import ModLMDataModule
+    from ..data import ModLMDataModule
 
     settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
     for key in ("source", "tokenizer_path"):

@@ -27,8 +27,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
-from ..config import ModelConfig
-from .tensorboard import tensorboard_writer
+from ...model.config import ModelConfig
+from ..loggers import tensorboard_writer
 
 Chart = tuple[str, list[str]]  # title, tags drawn on it
 

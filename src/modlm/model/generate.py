@@ -13,7 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from .kv_cache import DecodeState
-    from .model import MoDTransformer
+    from .transformer import MoDTransformer
 
 DecodeStep = Callable[[torch.Tensor, "DecodeState"], torch.Tensor]
 """``(token (B,), state) -> logits (B, V)``: ``model.decode_step`` or a compiled version of it."""

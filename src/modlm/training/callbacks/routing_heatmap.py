@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .tensorboard import tensorboard_writer
+from ..loggers import tensorboard_writer
 
 
 def sequence_text(trainer, ids: list[int], limit: int = 40) -> str:

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import ModelConfig
 from .configuration_modlm import ModLMConfig
 from .kv_cache import DecodeState
-from .model import MoDTransformer
+from .transformer import MoDTransformer
 
 if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:  # older releases pass "past_key_values"
     raise ImportError("this model's code needs transformers >= 5.24: pip install -U transformers")

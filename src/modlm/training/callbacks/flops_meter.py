@@ -23,9 +23,9 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..config import ModelConfig
-from ..flops import flops_ratio_vs_dense, training_flops
-from ..model import MoDTransformer
+from ...model.config import ModelConfig
+from ...analysis.flops import flops_ratio_vs_dense, training_flops
+from ...model.transformer import MoDTransformer
 
 
 def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:

@@ -1,0 +1,136 @@
+"""Analytic FLOPs of the model: what a step costs, and what MoD saves.
+
+Convention (that of ``torch.utils.flop_counter.FlopCounterMode`` and Lightning's
+``measure_flops``): only matrix multiplications count, 2 FLOPs per multiply-add, attention counted
+over the full T x T score matrix (not halved for the causal mask). Embedding lookups, norms,
+softmax, gathers and scatters count 0. Training is 3x forward (each matmul has two matmuls in its
+backward: the input gradient and the weight gradient), less the one input gradient the
+stop-gradient predictor does not need.
+
+A routed block runs attention and MLP on ``k`` tokens instead of ``T``; its router (and the causal
+predictor, if any) runs on all ``T``.
+
+A mixture-of-experts MLP on ``n`` tokens costs its router (``d -> n_experts + noop_experts``) on
+all ``n`` plus one expert MLP per computed pick ("expert slots"). Training computes every slot of
+the static capacity, ``n_experts * expert_capacity(n)``, used or not (that is what the batched
+matmuls multiply); inference computes exactly the picks of real experts, ``n * expert_top_k *
+n_experts / (n_experts + noop_experts)`` when the router is balanced (no-op picks cost nothing).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+from ..model.config import ModelConfig
+
+__all__ = ["block_flops", "dense_twin", "expert_slots", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
+           "router_flops", "training_flops"]
+
+
+def mlp_flops(cfg: ModelConfig, n_tokens: float) -> float:
+    """Forward FLOPs of the dense MLP (or of one expert) on ``n_tokens`` tokens."""
+    mlp_mats = 3 if cfg.mlp == "swiglu" else 2
+    return 2 * n_tokens * cfg.d_model * cfg.mlp_hidden * mlp_mats
+
+
+def expert_slots(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "causal"] = "topk") -> float:
+    """Expert MLP passes a mixture-of-experts MLP computes for one sequence of ``n_tokens`` inputs:
+    the static training capacity of every real expert (``"topk"``), or the expected real-expert
+    picks of a balanced router at inference (``"causal"``: every pick kept, no-op picks free)."""
+    if routing == "topk":
+        return cfg.n_experts * cfg.expert_capacity(n_tokens)
+    return n_tokens * cfg.expert_top_k * cfg.n_experts / (cfg.n_experts + cfg.noop_experts)
+
+
+def block_flops(
+    cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
+    experts: bool = False, slots: Optional[float] = None,
+) -> float:
+    """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence.
+
+    ``experts``: its MLP is a mixture (router on every token, one expert MLP per slot; ``slots``
+    defaults to the training capacity, ``expert_slots(cfg, n_tokens)``)."""
+    d, n = cfg.d_model, n_tokens
+    projections = 2 * n * d * (3 * d) + 2 * n * d * d  # qkv and output
+    scores_and_values = 2 * (2 * n * n * d)  # q @ k^T and p @ v, all heads together
+    if attention == "causal":
+        scores_and_values //= 2
+    if not experts:
+        return projections + scores_and_values + mlp_flops(cfg, n)
+    if slots is None:
+        slots = expert_slots(cfg, n)
+    router = 2 * n * d * (cfg.n_experts + cfg.noop_experts)
+    return projections + scores_and_values + router + mlp_flops(cfg, slots)
+
+
+def router_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Router (d -> 1) and, with ``causal_method="predictor"``, the predictor MLP, on all tokens."""
+    flops = 2 * seq_len * cfg.d_model
+    if cfg.causal_method == "predictor":
+        h = cfg.predictor_hidden
+        flops += 2 * seq_len * (cfg.d_model * h + h)
+    return flops
+
+
+def forward_flops(
+    cfg: ModelConfig,
+    seq_len: int,
+    *,
+    tokens_per_routed_block: Optional[Sequence[float]] = None,
+    slots_per_expert_layer: Optional[Sequence[float]] = None,
+    attention: Literal["full", "causal"] = "full",
+) -> int:
+    """Forward FLOPs of one sequence of ``seq_len`` tokens.
+
+    ``tokens_per_routed_block`` overrides ``k`` per routed block (e.g. the mean count actually
+    processed in causal mode); by default each processes ``cfg.capacity_tokens(seq_len)``.
+    ``slots_per_expert_layer`` overrides the expert slots of each mixture-of-experts MLP (in
+    ``cfg.expert_layers`` order; e.g. the picks measured at inference); by default each computes
+    its training capacity. ``attention="causal"`` halves the score/value matmuls, for MFU figures
+    that credit only the work a causal kernel needs; the default matches FlopCounterMode.
+    """
+    routed = cfg.routed_layers
+    if tokens_per_routed_block is None:
+        tokens_per_routed_block = [cfg.capacity_tokens(seq_len)] * len(routed)
+    if len(tokens_per_routed_block) != len(routed):
+        raise ValueError(f"tokens_per_routed_block has {len(tokens_per_routed_block)} entries, model has {len(routed)} routed blocks")
+    routed_tokens = dict(zip(routed, tokens_per_routed_block))
+    with_experts = cfg.expert_layers
+    if slots_per_expert_layer is None:
+        slots_per_expert_layer = [None] * len(with_experts)
+    if len(slots_per_expert_layer) != len(with_experts):
+        raise ValueError(f"slots_per_expert_layer has {len(slots_per_expert_layer)} entries, model has "
+                         f"{len(with_experts)} mixture-of-experts MLPs")
+    slots = dict(zip(with_experts, slots_per_expert_layer))
+
+    total = 0.0
+    for layer in range(cfg.n_layers):
+        mlp = dict(experts=layer in slots, slots=slots.get(layer))
+        if layer in routed_tokens:
+            total += block_flops(cfg, routed_tokens[layer], attention, **mlp) + router_flops(cfg, seq_len)
+        else:
+            total += block_flops(cfg, seq_len, attention, **mlp)
+    total += 2 * seq_len * cfg.d_model * cfg.vocab_size  # LM head
+    return int(round(total))
+
+
+def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:
+    """FLOPs of forward + backward for one sequence: 3x forward, less one matmul per predictor.
+
+    The predictor reads a detached input, so its first layer's backward computes the weight
+    gradient only; every other matmul computes both gradients.
+    """
+    flops = 3 * forward_flops(cfg, seq_len, **kwargs)
+    if cfg.causal_method == "predictor":
+        flops -= len(cfg.routed_layers) * 2 * seq_len * cfg.d_model * cfg.predictor_hidden
+    return flops
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """The same shape with no routing and dense MLPs: the baseline MoD's (and MoE's) costs are
+    measured against."""
+    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "n_experts": 0, "noop_experts": 0, "expert_top_k": 1})
+
+
+def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of ``cfg`` divided by those of its dense twin (< 1 means MoD saves)."""
+    return forward_flops(cfg, seq_len) / forward_flops(dense_twin(cfg), seq_len)
