@@ -1,7 +1,8 @@
 """The exception and warning types of the data layer."""
+from ..model.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad or missing input data: a missing path, a glob that matches nothing, an empty
     corpus or split, an unreachable hub, a checkpoint whose data position does not fit.
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Literal, Mapping, Optional
 
+from .errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -108,7 +110,7 @@ class ModelConfig:
     def _validate(self) -> None:
         def need(ok: bool, field: str, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: must be {allowed}")
+                raise UserError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: must be {allowed}")
 
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, field)
