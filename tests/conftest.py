@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import TINY_DATA, VAL_FRACTION
+from tests.helpers import TINY_DATA, VAL_FRACTION
 
 # Tests never touch the network: the Hugging Face hub must look offline (and fail fast).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from modlm import ModelConfig
 from modlm.cli.train import main as train_main
 from modlm.flops import flops_ratio_vs_dense, training_flops
-from train_helpers import TINY_DATA, tiny_args
+from tests.helpers import TINY_DATA, tiny_args
 
 STEPS = 6
 

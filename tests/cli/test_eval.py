@@ -10,7 +10,7 @@ import torch
 from modlm.cli.train import main as train_main
 from modlm.cli.eval import main as eval_main
 from modlm.training.export import remote_code_files
-from train_helpers import REPO, tiny_args
+from tests.helpers import REPO, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--data.max_batches", "2", "--decode_tokens", "8", "--prompt_tokens", "8"]
 

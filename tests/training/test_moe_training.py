@@ -14,7 +14,7 @@ from modlm import ModelConfig
 from modlm.cli.train import main as train_main
 from modlm.cli.eval import main as eval_main
 from modlm.flops import forward_flops
-from train_helpers import REPO, TINY_DATA, tiny_args
+from tests.helpers import REPO, TINY_DATA, tiny_args
 
 PRESETS = ["moe", "mode_staged", "mode_integrated"]
 

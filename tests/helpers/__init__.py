@@ -1,23 +1,18 @@
-"""Shared pieces of the training tests: the tiny run's arguments, running train.py, reading logs.
+"""Shared pieces of the tests: the tiny run's arguments, running train.py, reading logs, counting FLOPs.
 
-Not a test module (no ``test_`` prefix); test files import the helpers from here (the tokenizer
-they train on is the ``tiny_tokenizer`` fixture of ``conftest.py``).
-``KillAtStep`` and ``SignalAtStep`` are used by subprocesses (``--trainer.callbacks+=train_helpers.KillAtStep``, with
-this folder on ``PYTHONPATH``) to die like a killed job, or to be pre-empted like a scheduled one.
+Test modules import them as ``tests.helpers`` (pytest puts the repository root on ``sys.path``,
+since ``tests`` is a package); the tokenizer tiny runs train on is the ``tiny_tokenizer`` fixture of
+``conftest.py``. Callbacks that subprocesses load by name are in ``tests.helpers.callbacks``.
 """
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
-
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The tiny preset's data settings; conftest.py's tokenizer is trained on them once per session.
 TINY_DATA = dict(seq_len=32, batch_size=4, vocab_size=512, val_windows=8, tokenizer_train_chars=200_000)
@@ -48,7 +43,7 @@ def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess (from the repository root)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A fixed port left in the environment by an in-process test may be taken by another program;
     # without one, Lightning's launcher picks a free port.
@@ -64,41 +59,6 @@ def scalars(version_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(version_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
-class KillAtStep(pl.Callback):
-    """SIGKILL this process when ``step`` optimizer steps are done (their checkpoint is on disk,
-    since ModelCheckpoint saves at the end of the batch before) - no cleanup, like a pre-emption."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-class SignalAtStep(pl.Callback):
-    """Send ``signal`` (a name: SIGUSR1, SIGTERM) to rank 0's own process while step ``step + 1``
-    runs, as a scheduler would; the other ranks get nothing and must learn it from rank 0."""
-
-    def __init__(self, step: int, signal: str = "SIGUSR1"):
-        self.step, self.signal = step, signal
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and trainer.global_rank == 0:
-            os.kill(os.getpid(), getattr(signal, self.signal))
-
-
-class PoisonAtStep(pl.Callback):
-    """Make the loss NaN from the step after ``step`` on, as a diverging run would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            pl_module.model.norm.weight.data.fill_(float("nan"))
 
 
 def counted_flops(cfg, seq_len: int, backward: bool, batch: int = 2) -> int:

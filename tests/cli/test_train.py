@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from modlm.cli.train import DEFAULT_CONFIG, main
-from train_helpers import REPO, scalars, tiny_args
+from tests.helpers import REPO, scalars, tiny_args
 
 
 def digest(path) -> str:
@@ -104,7 +104,7 @@ def test_non_finite_loss_exits_1_naming_the_step_and_keeps_checkpoints(tmp_path,
     assert main(["fit", *args, "--trainer.max_steps", "4"]) == 0
     saved = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}
     code = main(["fit", *args, "--trainer.max_steps", "8", "--ckpt_path", "last",
-                 "--trainer.callbacks+=train_helpers.PoisonAtStep", "--trainer.callbacks.step", "6"])
+                 "--trainer.callbacks+=tests.helpers.callbacks.PoisonAtStep", "--trainer.callbacks.step", "6"])
     assert code == 1
     assert "step 7" in error_line(capsys)  # steps 5 and 6 trained; step 7 is the first NaN one
     after = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}

@@ -12,7 +12,7 @@ from modlm.model.generate import generate
 from modlm.model.layers import Block, Positions
 from modlm.analysis.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
 from modlm.model.moe import MixtureOfExperts
-from train_helpers import counted_flops
+from tests.helpers import counted_flops
 
 V, T, D = 97, 24, 32
 VARIANTS = {

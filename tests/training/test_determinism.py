@@ -6,7 +6,7 @@ fixed order for a fixed thread count, so nothing may differ between the two runs
 """
 import pytest
 
-from train_helpers import run_train, scalars, tiny_args
+from tests.helpers import run_train, scalars, tiny_args
 
 ARGS = ("--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--data.num_workers", "1")
 

@@ -7,7 +7,7 @@ import pytest
 
 from modlm.data import DataError, DataWarning, ModLMDataModule
 from modlm.data.sources import FileCorpus, split_tail
-from train_helpers import REPO
+from tests.helpers import REPO
 
 LICENCE = ("Permission is hereby granted, free of charge, to any person obtaining a copy\n"
            "of this software and associated documentation files, to deal in the Software\n"

@@ -8,7 +8,7 @@ The signal reaches rank 0 only, during step S + 1; the save must hold S + 1 step
 import pytest
 import torch
 
-from train_helpers import run_train, scalars, tiny_args
+from tests.helpers import run_train, scalars, tiny_args
 
 N, S = 8, 5  # steps in all; the signal lands while step S + 1 runs
 COMMON = ("--trainer.max_steps", str(N), "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "4",
@@ -19,7 +19,7 @@ def preempt_and_resume(tmp_path, data, signal_name: str, *extra: str) -> tuple[d
     full = run_train("fit", *tiny_args(tmp_path / "full", data, *COMMON, *extra))
     assert full.returncode == 0, full.stderr[-3000:]
     cut = run_train("fit", *tiny_args(tmp_path / "cut", data, *COMMON, *extra,
-                                      "--trainer.callbacks+=train_helpers.SignalAtStep",
+                                      "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep",
                                       "--trainer.callbacks.step", str(S), "--trainer.callbacks.signal", signal_name))
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert f"pre-empted ({signal_name}) after step {S + 1}" in cut.stderr + cut.stdout

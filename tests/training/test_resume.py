@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from train_helpers import run_train, scalars, tiny_args
+from tests.helpers import run_train, scalars, tiny_args
 
 N, K = 12, 8  # total steps; the killed run dies after step K (a checkpoint every 4 steps)
 COMMON = ("--trainer.max_steps", str(N), "--checkpoint.every_n_train_steps", "4",
@@ -24,7 +24,7 @@ def test_killed_and_resumed_run_logs_identical_losses(tmp_path, tiny_tokenizer, 
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *common,
-                                         "--trainer.callbacks+=train_helpers.KillAtStep",
+                                         "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
                                          "--trainer.callbacks.step", str(K)))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())

@@ -4,7 +4,7 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.flops import dense_twin, flops_ratio_vs_dense, forward_flops, training_flops
-from train_helpers import counted_flops
+from tests.helpers import counted_flops
 
 BATCH = 2
 

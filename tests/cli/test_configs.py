@@ -22,7 +22,7 @@ from modlm.cli.train import ModLMCLI
 from modlm.data import ModLMDataModule
 from modlm.training.module import MoDLightningModule
 from modlm.training.parallel import block_policy
-from train_helpers import REPO, VAL_FRACTION
+from tests.helpers import REPO, VAL_FRACTION
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Parameter counts the preset files promise (tied embeddings, at their own vocab_size).

@@ -15,7 +15,7 @@ import torch
 
 from modlm.training.checkpoint import CheckpointError, checkpoint_damage, checkpoint_candidates, resolve_last
 from modlm.cli.train import main
-from train_helpers import REPO, tiny_args
+from tests.helpers import REPO, tiny_args
 
 
 def error_line(capsys) -> str:

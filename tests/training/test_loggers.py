@@ -10,7 +10,7 @@ import re
 import warnings
 
 from modlm.cli.train import main
-from train_helpers import scalars, tiny_args
+from tests.helpers import scalars, tiny_args
 
 CSV = "lightning.pytorch.loggers.CSVLogger"
 TENSORBOARD = "modlm.training.loggers.StreamTensorBoardLogger"

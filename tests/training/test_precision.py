@@ -5,7 +5,7 @@ import torch
 
 from modlm.training import precision
 from modlm.cli.train import ModLMCLI
-from train_helpers import VAL_FRACTION
+from tests.helpers import VAL_FRACTION
 
 BF16_CPU = {"avx512_bf16"}  # e.g. Intel Sapphire Rapids / AMD Zen 4
 AVX2_CPU: set = set()       # e.g. AMD EPYC Zen 2/3: bf16 only emulated

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.training.parallel import block_policy
-from train_helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
+from tests.helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
                            tiny_args)
 
 pytestmark = pytest.mark.slow

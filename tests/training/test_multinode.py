@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modlm.data.shard_writer import prepare_corpus
-from train_helpers import (assert_same_losses_after_resume, free_port, REPO, TESTS, TINY_DATA, VAL_FRACTION, run_train, scalars,
+from tests.helpers import (assert_same_losses_after_resume, free_port, REPO, TINY_DATA, VAL_FRACTION, run_train, scalars,
                            tiny_args)
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ COMMON = ("--trainer.accelerator", "cpu", "--model.lr_decay_steps", str(N), "--t
 def torchrun_two_nodes(*args: str, timeout: float = 400) -> list[subprocess.CompletedProcess]:
     """``train.py fit ARGS`` under two torchrun agents (node ranks 0 and 1, 2 processes each)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
@@ -46,7 +46,7 @@ def kill_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
     full = torchrun_two_nodes(*tiny_args(tmp_path / "full", data, *COMMON, *strategy))
     assert all(n.returncode == 0 for n in full), full[0].stderr[-4000:] + full[1].stderr[-2000:]
     killed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy,
-                                           "--trainer.callbacks+=train_helpers.KillAtStep", "--trainer.callbacks.step", str(K)))
+                                           "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step", str(K)))
     assert all(n.returncode != 0 for n in killed)  # every worker died by SIGKILL, so both agents fail
     assert "Signal 9" in killed[0].stderr + killed[1].stderr or "SIGKILL" in killed[0].stderr + killed[1].stderr
     resumed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy, "--ckpt_path", "last"))

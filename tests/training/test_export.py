@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["def encode(self, o):", "import json", "x"]
 TEXTS = ["caf\u00e9 <|endoftext|> ok", "a<|endoftext|>b", "  two  spaces\n\ttab"]
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from modlm.training.export import ENTRY_FILES
-from train_helpers import REPO
+from tests.helpers import REPO
 
 tomllib = pytest.importorskip("tomllib")
 
