@@ -33,8 +33,9 @@ class ModelConfig:
     """Number of transformer blocks (dense and routed together)."""
     n_heads: int = 8
     """Attention heads per block; ``d_model`` must divide evenly and the head size must be even (RoPE)."""
-    max_seq_len: int = 512
-    """Longest sequence the model accepts (training windows and generation)."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (training windows and generation). The training command
+    sets it to the data's window length, ``--data.seq_len``, whose default is this one."""
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     """Feed-forward type: gated SiLU (three matrices) or a plain GELU MLP (two)."""
     mlp_hidden: Optional[int] = None
