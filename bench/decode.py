@@ -32,19 +32,10 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.generate import compile_decode_step, generate
+from modlm.training.checkpoint import load_model
 
 
 # --- models ------------------------------------------------------------------------------------------
-def load_checkpoint(path: str) -> MoDTransformer:
-    """A modlm model from a Lightning checkpoint (plain tensors and values only)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in fields})
-    model = MoDTransformer(config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    return model.eval()
-
-
 def litgpt_twin(cfg: ModelConfig):
     """litgpt's GPT at modlm's shape. litgpt has no tied embeddings: its LM head is a separate
     matrix (more parameters, the same FLOPs per token)."""
@@ -93,13 +84,12 @@ def routed_fraction(model: MoDTransformer, prompts: torch.Tensor, new_tokens: in
     layers = model.config.routed_layers
     if not layers:
         return None
-    state = model.new_cache(prompts.size(0))
-    hidden = model.extend(prompts, state)
-    before = torch.stack([state.blocks[i].length for i in layers]).float()
-    token = model.lm_head(model.norm(hidden[:, -1])).argmax(-1)
+    state = model.new_state(prompts.size(0))
+    token = model.prefill(prompts, state, last_only=True).argmax(-1)
+    before = torch.stack([state.caches[i].length for i in layers]).float()
     for _ in range(new_tokens):
         token = model.decode_step(token, state).argmax(-1)
-    after = torch.stack([state.blocks[i].length for i in layers]).float()
+    after = torch.stack([state.caches[i].length for i in layers]).float()
     return float((after - before).mean() / new_tokens)
 
 
@@ -174,7 +164,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     models = {}
     if args.checkpoint:
-        models["modlm MoD trained"] = load_checkpoint(args.checkpoint)
+        models["modlm MoD trained"] = load_model(args.checkpoint)[0]
         shape = models["modlm MoD trained"].config
     else:
         shape = ModelConfig(max_seq_len=256)

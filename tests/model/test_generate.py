@@ -7,11 +7,10 @@ and skipping rows are masked. Both must give the same logits and the same caches
 import pytest
 import torch
 
-import modlm.model.routing
 from modlm import ModelConfig, MoDTransformer
 from modlm.analysis.evaluate import decode_throughput
+from modlm.model.config import STATIC, DecodePolicy
 from modlm.model.generate import generate
-from modlm.model.layers import Positions
 from modlm.model.routing import RoutedBlock
 
 V = 97
@@ -30,39 +29,43 @@ def tokens(batch, length, seed=1):
 METHODS = ["router", "predictor"]
 
 
-@pytest.fixture(params=["host_branch", "masked"])
-def step_mode(request, monkeypatch):
-    """Run the test with routed blocks skipping rows on the host, then with masked static steps."""
-    if request.param == "masked":
-        monkeypatch.setattr(modlm.model.routing, "_host_can_branch", lambda x: False)
-    return request.param
+@pytest.fixture(params=["host_decides", "masked", "static"])
+def policy(request) -> DecodePolicy:
+    """Run the test with routed blocks skipping rows on the host, then with masked steps (as on an
+    accelerator), then with masked steps that read every cache slot (as compiled)."""
+    return {"host_decides": DecodePolicy(host_decides=True, bounded_reads=True),
+            "masked": DecodePolicy(host_decides=False, bounded_reads=True), "static": STATIC}[request.param]
+
+
+def decode(model, idx, prefill, policy=None):
+    """Logits (B, T, V) of ``idx`` fed as a prompt of ``prefill`` tokens, then one token per step,
+    and the decoding state after it."""
+    state = model.new_state(idx.size(0))
+    steps = [model.prefill(idx[:, :prefill], state)]
+    steps += [model.decode_step(idx[:, t], state, policy).unsqueeze(1) for t in range(prefill, idx.size(1))]
+    return torch.cat(steps, dim=1), state
 
 
 @pytest.mark.parametrize("causal_method", METHODS)
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_cached_decoding_equals_causal_forward(causal_method, prefill, step_mode):
+def test_cached_decoding_equals_causal_forward(causal_method, prefill, policy):
     model = build(causal_method=causal_method)
     idx = tokens(3, 40)
     full = model(idx, routing="causal")
     picked = torch.stack([r.selected for r in full.routing])
     assert picked.any() and not picked.all(), "the test needs routed blocks that skip some tokens"
-    cache = model.new_cache(3)
-    steps = [model.forward_cached(idx[:, :prefill], cache)]
-    steps += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(prefill, 40)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
+    logits, _ = decode(model, idx, prefill, policy)
+    torch.testing.assert_close(logits, full.logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal_method", METHODS)
-def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method, step_mode):
+def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method, policy):
     model = build(causal_method=causal_method)
     idx = tokens(2, 30)
     full = model(idx, routing="causal")
-    cache = model.new_cache(2)
-    model.forward_cached(idx[:, :5], cache)
-    for t in range(5, 30):
-        model.forward_cached(idx[:, t : t + 1], cache)
+    _, cache = decode(model, idx, 5, policy)
     routed = {info.layer: info.selected for info in full.routing}
-    for layer, (block, kv) in enumerate(zip(model.blocks, cache.blocks)):
+    for layer, (block, kv) in enumerate(zip(model.blocks, cache.caches)):
         for row in range(2):
             n = int(kv.length[row])
             if isinstance(block, RoutedBlock):
@@ -70,8 +73,8 @@ def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method, st
             else:
                 expected = torch.arange(30)
             assert torch.equal(kv.positions[row, :n], expected), f"block {layer} row {row}"
-            assert (kv.positions[row, n:] == -1).all()
-    assert any(int(kv.length.min()) < 30 for kv in cache.blocks), "routed blocks must store fewer tokens"
+            assert (kv.positions[row, n:kv.max_len] == -1).all()
+    assert any(int(kv.length.min()) < 30 for kv in cache.caches), "routed blocks must store fewer tokens"
 
 
 def test_skipping_rows_do_no_block_work():
@@ -84,8 +87,8 @@ def test_skipping_rows_do_no_block_work():
     rows_seen = {b.layer: [] for b in routed}
     for b in routed:
         b.block.register_forward_pre_hook(lambda m, args, layer=b.layer: rows_seen[layer].append(args[0].size(0)))
-    cache = model.new_cache(4)
-    model.forward_cached(idx[:, :8], cache)
+    cache = model.new_state(4)
+    model.prefill(idx[:, :8], cache)
     for b in routed:
         rows_seen[b.layer].clear()
     with torch.autograd.profiler.profile() as prof:
@@ -102,13 +105,13 @@ def test_decode_state_is_preallocated():
     """Decoding writes into buffers allocated once: no step reallocates or grows a cache."""
     model = build()
     idx = tokens(2, 20)
-    cache = model.new_cache(2)
-    buffers = [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.blocks]
-    model.forward_cached(idx[:, :5], cache)
+    cache = model.new_state(2)
+    buffers = [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.caches]
+    model.prefill(idx[:, :5], cache)
     for t in range(5, 20):
         model.decode_step(idx[:, t], cache)
-    assert [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.blocks] == buffers
-    assert cache.blocks[0].k.shape == (2, 4, 64, 8)
+    assert [(kv.k.data_ptr(), kv.v.data_ptr(), kv.positions.data_ptr(), kv.k.shape) for kv in cache.caches] == buffers
+    assert cache.caches[0].k.shape == (2, 4, 64 + 1, 8)  # max_seq_len slots and the spare one
 
 
 @pytest.mark.parametrize("causal_method", METHODS)
@@ -118,8 +121,9 @@ def test_decode_step_traces_whole_and_matches_eager(causal_method):
     torch._dynamo.reset()
     model = build(causal_method=causal_method)
     prompts = [tokens(1, n, seed=n)[0] for n in (3, 9, 6)]
-    traced = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
-    compiled = generate(model, prompts, 12, temperature=0, decode_step=lambda t, s: traced(t, s))
+    traced = torch.compile(model.decode_compute, backend="eager", fullgraph=True, dynamic=False)
+    compiled = generate(model, prompts, 12, temperature=0,
+                        decode_step=lambda t, s: model.decode_step(t, s, STATIC, compute=traced))
     eager = generate(model, prompts, 12, temperature=0)
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
@@ -172,11 +176,8 @@ def test_length_and_mode_errors():
         model.generate(tokens(1, 60), max_new_tokens=5)
     with pytest.raises(ValueError, match="at least one token"):
         model.generate([[]], max_new_tokens=1)
-    cache = model.new_cache(1)
-    block = next(b for b in model.blocks if isinstance(b, RoutedBlock))
-    x = torch.zeros(1, 4, 32)
-    with pytest.raises(ValueError, match="causal"):
-        block(x, Positions(x[..., :4], x[..., :4]), "topk", cache.blocks[1])
+    with pytest.raises(ValueError, match="routing='sideways' is invalid"):
+        model(tokens(1, 4), routing="sideways")
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.model.layers import Positions, apply_rope, rope_tables
+from modlm.model.positions import Positions, apply_rope, rope_tables
 from modlm.model.routing import RoutedBlock, topk_indices
 
 V, T = 97, 32
@@ -55,11 +55,11 @@ def test_route_every_picks_blocks():
 
 def test_capacity_rounding():
     cfg = tiny()
-    assert ModelConfig(capacity=0.125).capacity_tokens(512) == 64
-    assert tiny(capacity=0.29).capacity_tokens(100) == 29  # floor(28.999999999999996) would give 28
-    assert tiny(capacity=0.01).capacity_tokens(10) == 1  # at least one token
-    assert tiny(capacity=1.0).capacity_tokens(7) == 7
-    assert cfg.capacity_tokens(33) == 8
+    assert ModelConfig(capacity=0.125).topk_tokens(512) == 64
+    assert tiny(capacity=0.29).topk_tokens(100) == 29  # floor(28.999999999999996) would give 28
+    assert tiny(capacity=0.01).topk_tokens(10) == 1  # at least one token
+    assert tiny(capacity=1.0).topk_tokens(7) == 7
+    assert cfg.topk_tokens(33) == 8
 
 
 def test_output_shapes_and_model_config():
@@ -93,7 +93,7 @@ def test_full_capacity_equals_dense_scaled_by_router_weight(router_weight):
     assert info.selected.all()
     r = x @ block.router.weight.squeeze(0)
     w = torch.sigmoid(r) if router_weight == "sigmoid" else r
-    expected = x + w.unsqueeze(-1) * block.block.update(x, where)
+    expected = x + w.unsqueeze(-1) * block.block(x, where, residual=False)[0]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_topk_selects_k_per_row_in_temporal_order_and_leaves_others_unchanged():
     x = block_input(batch=4)
     where = full_rope(block.cfg, 4, T)
     out, info = block(x, where, "topk")
-    k = block.cfg.capacity_tokens(T)
+    k = block.cfg.topk_tokens(T)
     assert (info.selected.sum(dim=1) == k).all()
     idx = topk_indices(info.router_logits, k)
     assert (idx[:, 1:] > idx[:, :-1]).all(), "gathered tokens must stay in temporal order"
@@ -195,7 +195,7 @@ def test_aux_loss_targets_are_each_rows_own_topk():
         model = build(causal_method=method, route_every=1)
         idx = tokens(batch=4)
         out = model(idx)
-        k = model.config.capacity_tokens(T)
+        k = model.config.topk_tokens(T)
         terms = []
         for info in out.routing:
             assert (info.topk.sum(dim=1) == k).all(), "every row must get k positive targets"
@@ -272,7 +272,7 @@ def test_dense_model_ignores_routing_mode():
 def test_random_routing_control():
     model = build(random_routing=True)
     out = model(tokens())
-    k = model.config.capacity_tokens(T)
+    k = model.config.topk_tokens(T)
     for info in out.routing:
         assert (info.selected.sum(dim=1) == k).all()
     assert out.aux_loss.item() == 0.0

@@ -4,13 +4,13 @@ decoding, row independence, the load-balancing gradient and the FLOPs model."""
 import pytest
 import torch
 
-import modlm.model.numerics
-import modlm.model.routing
 from modlm import ModelConfig, MoDTransformer
-from modlm.flops import expert_slots, forward_flops, training_flops
+from modlm.model.config import STATIC, DecodePolicy
+from modlm.flops import expert_passes, forward_flops, training_flops
 from modlm.model.generate import generate
-from modlm.model.layers import Block, Positions
-from modlm.analysis.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, slots_per_row
+from modlm.model.layers import Block
+from modlm.model.positions import Positions
+from modlm.analysis.metrics import dropped_fraction, expert_load, expert_scalars, noop_fraction, passes_per_row
 from modlm.model.moe import MixtureOfExperts
 from tests.helpers import counted_flops
 
@@ -49,13 +49,10 @@ def hidden(batch=3, length=T, seed=2) -> torch.Tensor:
     return torch.randn(batch, length, D, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(params=["host_branch", "masked"])
-def step_mode(request, monkeypatch):
+@pytest.fixture(params=["host_decides", "static"])
+def policy(request) -> DecodePolicy:
     """Decode with routers that read their picks on the host, then with static masked steps."""
-    if request.param == "masked":
-        monkeypatch.setattr(modlm.model.routing, "_host_can_branch", lambda x: False)
-        monkeypatch.setattr(modlm.model.numerics, "host_can_branch", lambda x: False)
-    return request.param
+    return DecodePolicy(host_decides=True, bounded_reads=True) if request.param == "host_decides" else STATIC
 
 
 # --- which tokens each expert computes ---------------------------------------------------------------
@@ -69,8 +66,8 @@ def test_training_dispatch_gives_each_expert_its_first_picks_in_temporal_order()
     moe.up.forward = lambda buf: (seen.append(buf.detach().clone()), original(buf))[1]
     y, info = moe(x, "topk")
     (buf,) = seen
-    B, C = x.size(0), info.capacity
-    assert C == moe.cfg.expert_capacity(T) == 5 and buf.shape == (3, B * C, D)
+    B, C = x.size(0), info.slots_per_expert
+    assert C == moe.cfg.slots_per_expert(T) == 5 and buf.shape == (3, B * C, D)
     for e in range(3):
         for b in range(B):
             mine = (info.expert[b, :, 0] == e).nonzero().flatten()
@@ -95,7 +92,7 @@ def test_inference_gives_each_expert_exactly_its_tokens_and_drops_nothing():
     assert sorted(e for e, _ in calls) == [e for e in range(3) if (picks == e).any()]  # one call per busy expert
     for e, rows in calls:
         assert torch.equal(rows, flat[picks == e]), f"expert {e} must see its tokens only, in order"
-    assert info.capacity is None and torch.equal(info.computed, info.expert < 3) and dropped_fraction(info) == 0
+    assert info.slots_per_expert is None and torch.equal(info.computed, info.expert < 3) and dropped_fraction(info) == 0
     assert sum(len(rows) for _, rows in calls) == int((picks < 3).sum())  # no-op picks cost no expert work
 
 
@@ -161,14 +158,14 @@ def test_training_capacity_is_causal_without_routed_blocks(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_cached_decoding_equals_causal_forward(variant, prefill, step_mode):
+def test_cached_decoding_equals_causal_forward(variant, prefill, policy):
     model = build(**VARIANTS[variant])
     idx = tokens(3, 30)
     full = model(idx, routing="causal")
     assert len(full.experts) >= 2
-    cache = model.new_cache(3)
-    steps = [model.forward_cached(idx[:, :prefill], cache)]
-    steps += [model.forward_cached(idx[:, t : t + 1], cache) for t in range(prefill, 30)]
+    state = model.new_state(3)
+    steps = [model.prefill(idx[:, :prefill], state)]
+    steps += [model.decode_step(idx[:, t], state, policy).unsqueeze(1) for t in range(prefill, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
 
 
@@ -220,7 +217,7 @@ def test_staged_aux_loss_adds_routing_and_load_balance():
     out = model(tokens(), "topk")
     assert [i.layer for i in out.experts] == [0, 1, 2, 3] and [r.layer for r in out.routing] == [1, 3]
     assert out.routing[0].experts is out.experts[1]  # the routed block's experts saw its k picks
-    assert out.experts[1].expert.shape[1] == model.config.capacity_tokens(T)
+    assert out.experts[1].expert.shape[1] == model.config.topk_tokens(T)
     routing = torch.stack([r.aux_loss for r in out.routing]).mean()
     balance = torch.stack([e.aux_loss for e in out.experts]).mean()
     torch.testing.assert_close(out.aux_loss, routing + balance)
@@ -241,11 +238,11 @@ def test_flops_match_flop_counter_exactly(variant, seq_len):
     assert 2 * training_flops(cfg, seq_len) == counted(cfg, seq_len, backward=True)
 
 
-def test_expert_slots_follow_capacity_top_k_and_noop_share():
+def test_expert_passes_follow_capacity_top_k_and_noop_share():
     cfg = config(n_experts=4, noop_experts=4, expert_top_k=2, capacity_factor=1.25)
-    assert cfg.expert_capacity(512) == 160  # 1.25 * 512 * 2 / 8
-    assert expert_slots(cfg, 512) == 4 * 160
-    assert expert_slots(cfg, 512, "causal") == 512 * 2 * 4 / 8  # balanced: half the picks are no-ops
+    assert cfg.slots_per_expert(512) == 160  # 1.25 * 512 * 2 / 8
+    assert expert_passes(cfg, 512) == 4 * 160
+    assert expert_passes(cfg, 512, "causal") == 512 * 2 * 4 / 8  # balanced: half the picks are no-ops
     dense = config(route_every=0)
     mlp = 2 * 512 * D * dense.mlp_hidden * 3  # the dense SwiGLU MLP on 512 tokens
     router, slots = 2 * 512 * D * 4, 4 * 160  # 4 experts x ceil(1.25 * 512 / 4) slots
@@ -264,7 +261,7 @@ def test_expert_figures_by_hand():
     assert noop_fraction(info).item() == pytest.approx(float((picks == 2).float().mean()))
     wanted = picks < 2
     assert dropped_fraction(info).item() == pytest.approx(float((wanted & ~info.computed[..., 0]).sum() / wanted.sum()))
-    assert slots_per_row(info) == info.computed.sum().item() / 2
+    assert passes_per_row(info) == info.computed.sum().item() / 2
     scalars = expert_scalars([info])
     assert set(scalars) == {"load/layer_0/expert_0", "load/layer_0/expert_1", "noop_fraction/layer_0",
                             "dropped/layer_0", "load_balance/layer_0"}

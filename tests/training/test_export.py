@@ -146,8 +146,9 @@ def test_generation_uses_causal_routing_and_caches_only_processed_tokens(exporte
     core = hf.core
     monkeypatch.setattr(core, "forward", lambda *a, **k: pytest.fail("generate ran a whole-sequence pass"))
     calls = []
-    extend = core.extend
-    monkeypatch.setattr(core, "extend", lambda idx, *a, **k: calls.append(idx.shape) or extend(idx, *a, **k))
+    prefill, decode_step = core.prefill, core.decode_step
+    monkeypatch.setattr(core, "prefill", lambda idx, *a, **k: calls.append(tuple(idx.shape)) or prefill(idx, *a, **k))
+    monkeypatch.setattr(core, "decode_step", lambda tok, *a, **k: calls.append((tok.size(0), 1)) or decode_step(tok, *a, **k))
     ids = [tokenizer.encode(p).ids for p in PROMPTS]
     width = max(map(len, ids))
     batch = torch.tensor([[0] * (width - len(r)) + r for r in ids])
@@ -165,7 +166,7 @@ def test_generation_uses_causal_routing_and_caches_only_processed_tokens(exporte
         assert int(state.seen[b]) == fed.size(1)
         with torch.no_grad():
             routing = {info.layer: info.selected[0] for info in model(fed, routing="causal").routing}
-        for layer, cache in enumerate(state.blocks):
+        for layer, cache in enumerate(state.caches):
             stored = int(cache.length[b])
             if layer in routing:
                 assert stored == int(routing[layer].sum()) < fed.size(1)
@@ -185,7 +186,7 @@ def test_forward_matches_modlm_in_both_routing_modes(exported, tokenizer):
         assert torch.equal(hf(idx, use_cache=False, routing="topk").logits, topk)
         cached = hf(idx)  # a prompt pass into a fresh cache
         torch.testing.assert_close(cached.logits, causal, rtol=1e-5, atol=1e-5)
-        assert cached.cache.filled == idx.size(1)
+        assert cached.cache.state.filled == idx.size(1)
         # a left-padded row gives its unpadded logits at its real positions, with and without a cache
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), idx], dim=1)
         mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(idx)], dim=1)

@@ -80,7 +80,7 @@ def test_eval_reports_expert_figures_and_the_flops_they_cost(runs, name, tmp_pat
     slots = [result[f"causal.expert_slots.layer_{i}"] for i in cfg.expert_layers]
     seq = TINY_DATA["seq_len"]
     expected = forward_flops(cfg, seq, tokens_per_routed_block=None if used is None else [u * seq for u in used],
-                             slots_per_expert_layer=slots) / seq
+                             passes_per_expert_layer=slots) / seq
     assert result["flops_per_token"] == pytest.approx(expected)
     if name != "mode_staged":  # every token reaches the MLP: each makes one pick (no-op ones not computed)
         assert result["causal.expert_slots.layer_0"] == pytest.approx(seq * (1 - result.get("causal.noop_fraction.layer_0", 0)))

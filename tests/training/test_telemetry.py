@@ -49,7 +49,7 @@ def test_values_follow_the_method(events):
     cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
                       max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
     seq, batch = TINY_DATA["seq_len"], TINY_DATA["batch_size"]
-    k_over_t = cfg.capacity_tokens(seq) / seq
+    k_over_t = cfg.topk_tokens(seq) / seq
     assert all(v == k_over_t for v in scalar(events, "router/capacity_used/layer_1"))
     assert all(v == 1 + k_over_t for v in scalar(events, "router/depth_mean"))  # one dense block + routed share
     assert all(0 <= v <= 1 for v in scalar(events, "router/causal_acc/layer_1"))

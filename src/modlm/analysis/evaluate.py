@@ -16,7 +16,7 @@ from torchmetrics.text import Perplexity
 from .flops import forward_flops
 from ..model.generate import generate
 from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
-                      slots_per_row, token_depth)
+                      passes_per_row, token_depth)
 from ..model.transformer import MoDTransformer
 
 
@@ -79,8 +79,8 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
             shared[info.layer] = shared.get(info.layer, 0) + overlap_counts(info, after)
         ran = {info.layer for info in out.experts}
         for info in out.experts:
-            figures = {"dropped": dropped_fraction(info), "expert_slots": slots_per_row(info)}
-            if info.n_slots > info.n_experts:
+            figures = {"dropped": dropped_fraction(info), "expert_slots": passes_per_row(info)}
+            if info.n_choices > info.n_experts:
                 figures["noop_fraction"] = noop_fraction(info)
             for name, value in figures.items():
                 total = experts.setdefault(f"{name}.layer_{info.layer}", [zero(), 0])
@@ -117,12 +117,13 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
 
 
 def flops_per_token(model: MoDTransformer, seq_len: int, used_per_block: Optional[list[float]] = None,
-                    expert_slots: Optional[list[float]] = None) -> float:
+                    expert_passes: Optional[list[float]] = None) -> float:
     """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity
-    used (fraction processed) of each routed block and expert slots of each mixture-of-experts MLP (default: training's)."""
+    used (fraction processed) of each routed block and expert passes per sequence of each
+    mixture-of-experts MLP (default: training's)."""
     cfg = model.config
     tokens = None if used_per_block is None else [c * seq_len for c in used_per_block]
-    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, slots_per_expert_layer=expert_slots) / seq_len
+    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, passes_per_expert_layer=expert_passes) / seq_len
 
 
 def _timed(fn, device: torch.device) -> float:

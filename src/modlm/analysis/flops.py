@@ -11,8 +11,8 @@ A routed block runs attention and MLP on ``k`` tokens instead of ``T``; its rout
 predictor, if any) runs on all ``T``.
 
 A mixture-of-experts MLP on ``n`` tokens costs its router (``d -> n_experts + noop_experts``) on
-all ``n`` plus one expert MLP per computed pick ("expert slots"). Training computes every slot of
-the static capacity, ``n_experts * expert_capacity(n)``, used or not (that is what the batched
+all ``n`` plus one expert MLP per computed pick ("expert passes"). Training computes every slot of
+the static capacity, ``n_experts * slots_per_expert(n)``, used or not (that is what the batched
 matmuls multiply); inference computes exactly the picks of real experts, ``n * expert_top_k *
 n_experts / (n_experts + noop_experts)`` when the router is balanced (no-op picks cost nothing).
 """
@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence
 
 from ..model.config import ModelConfig
 
-__all__ = ["block_flops", "dense_twin", "expert_slots", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
+__all__ = ["block_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
            "router_flops", "training_flops"]
 
 
@@ -32,23 +32,23 @@ def mlp_flops(cfg: ModelConfig, n_tokens: float) -> float:
     return 2 * n_tokens * cfg.d_model * cfg.mlp_hidden * mlp_mats
 
 
-def expert_slots(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "causal"] = "topk") -> float:
+def expert_passes(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "causal"] = "topk") -> float:
     """Expert MLP passes a mixture-of-experts MLP computes for one sequence of ``n_tokens`` inputs:
     the static training capacity of every real expert (``"topk"``), or the expected real-expert
     picks of a balanced router at inference (``"causal"``: every pick kept, no-op picks free)."""
     if routing == "topk":
-        return cfg.n_experts * cfg.expert_capacity(n_tokens)
+        return cfg.n_experts * cfg.slots_per_expert(n_tokens)
     return n_tokens * cfg.expert_top_k * cfg.n_experts / (cfg.n_experts + cfg.noop_experts)
 
 
 def block_flops(
     cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
-    experts: bool = False, slots: Optional[float] = None,
+    experts: bool = False, passes: Optional[float] = None,
 ) -> float:
     """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence.
 
-    ``experts``: its MLP is a mixture (router on every token, one expert MLP per slot; ``slots``
-    defaults to the training capacity, ``expert_slots(cfg, n_tokens)``)."""
+    ``experts``: its MLP is a mixture (router on every token, one expert MLP per pass; ``passes``
+    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``)."""
     d, n = cfg.d_model, n_tokens
     projections = 2 * n * d * (3 * d) + 2 * n * d * d  # qkv and output
     scores_and_values = 2 * (2 * n * n * d)  # q @ k^T and p @ v, all heads together
@@ -56,10 +56,10 @@ def block_flops(
         scores_and_values //= 2
     if not experts:
         return projections + scores_and_values + mlp_flops(cfg, n)
-    if slots is None:
-        slots = expert_slots(cfg, n)
+    if passes is None:
+        passes = expert_passes(cfg, n)
     router = 2 * n * d * (cfg.n_experts + cfg.noop_experts)
-    return projections + scores_and_values + router + mlp_flops(cfg, slots)
+    return projections + scores_and_values + router + mlp_flops(cfg, passes)
 
 
 def router_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -76,35 +76,35 @@ def forward_flops(
     seq_len: int,
     *,
     tokens_per_routed_block: Optional[Sequence[float]] = None,
-    slots_per_expert_layer: Optional[Sequence[float]] = None,
+    passes_per_expert_layer: Optional[Sequence[float]] = None,
     attention: Literal["full", "causal"] = "full",
 ) -> int:
     """Forward FLOPs of one sequence of ``seq_len`` tokens.
 
     ``tokens_per_routed_block`` overrides ``k`` per routed block (e.g. the mean count actually
-    processed in causal mode); by default each processes ``cfg.capacity_tokens(seq_len)``.
-    ``slots_per_expert_layer`` overrides the expert slots of each mixture-of-experts MLP (in
+    processed in causal mode); by default each processes ``cfg.topk_tokens(seq_len)``.
+    ``passes_per_expert_layer`` overrides the expert passes of each mixture-of-experts MLP (in
     ``cfg.expert_layers`` order; e.g. the picks measured at inference); by default each computes
     its training capacity. ``attention="causal"`` halves the score/value matmuls, for MFU figures
     that credit only the work a causal kernel needs; the default matches FlopCounterMode.
     """
     routed = cfg.routed_layers
     if tokens_per_routed_block is None:
-        tokens_per_routed_block = [cfg.capacity_tokens(seq_len)] * len(routed)
+        tokens_per_routed_block = [cfg.topk_tokens(seq_len)] * len(routed)
     if len(tokens_per_routed_block) != len(routed):
         raise ValueError(f"tokens_per_routed_block has {len(tokens_per_routed_block)} entries, model has {len(routed)} routed blocks")
     routed_tokens = dict(zip(routed, tokens_per_routed_block))
     with_experts = cfg.expert_layers
-    if slots_per_expert_layer is None:
-        slots_per_expert_layer = [None] * len(with_experts)
-    if len(slots_per_expert_layer) != len(with_experts):
-        raise ValueError(f"slots_per_expert_layer has {len(slots_per_expert_layer)} entries, model has "
+    if passes_per_expert_layer is None:
+        passes_per_expert_layer = [None] * len(with_experts)
+    if len(passes_per_expert_layer) != len(with_experts):
+        raise ValueError(f"passes_per_expert_layer has {len(passes_per_expert_layer)} entries, model has "
                          f"{len(with_experts)} mixture-of-experts MLPs")
-    slots = dict(zip(with_experts, slots_per_expert_layer))
+    passes = dict(zip(with_experts, passes_per_expert_layer))
 
     total = 0.0
     for layer in range(cfg.n_layers):
-        mlp = dict(experts=layer in slots, slots=slots.get(layer))
+        mlp = dict(experts=layer in passes, passes=passes.get(layer))
         if layer in routed_tokens:
             total += block_flops(cfg, routed_tokens[layer], attention, **mlp) + router_flops(cfg, seq_len)
         else:

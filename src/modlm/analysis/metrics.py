@@ -88,10 +88,10 @@ def _real_picks(info: ExpertInfo) -> torch.Tensor:
 
 
 def expert_load(info: ExpertInfo) -> torch.Tensor:
-    """(n_slots,) share of the picks that went to each expert, real ones first, then the no-op
+    """(n_choices,) share of the picks that went to each expert, real ones first, then the no-op
     ones (before capacity: what the router asked for); sums to 1."""
     mask = _real_picks(info)
-    counts = torch.bincount(info.expert[mask].flatten(), minlength=info.n_slots).double()
+    counts = torch.bincount(info.expert[mask].flatten(), minlength=info.n_choices).double()
     return counts / counts.sum().clamp(min=1)
 
 
@@ -106,9 +106,9 @@ def dropped_fraction(info: ExpertInfo) -> torch.Tensor:
     return (wanted & ~info.computed).sum().double() / wanted.sum().clamp(min=1)
 
 
-def slots_per_row(info: ExpertInfo) -> torch.Tensor:
+def passes_per_row(info: ExpertInfo) -> torch.Tensor:
     """Expert MLP passes computed per sequence, on average over the batch's rows (what
-    ``modlm.flops`` calls expert slots, measured)."""
+    ``modlm.flops.expert_passes`` counts, measured)."""
     return info.computed.sum() / info.computed.size(0)
 
 
@@ -121,7 +121,7 @@ def expert_scalars(infos: Sequence[ExpertInfo]) -> dict[str, float]:
         load = expert_load(info).tolist()
         for e in range(info.n_experts):
             stats[f"load/{layer}/expert_{e}"] = load[e]
-        if info.n_slots > info.n_experts:
+        if info.n_choices > info.n_experts:
             stats[f"noop_fraction/{layer}"] = sum(load[info.n_experts:])
         stats[f"dropped/{layer}"] = dropped_fraction(info).item()
         if info.load_balance is not None:

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass, validated on construction.
+"""Model configuration: the ``ModelConfig`` dataclass (validated on construction), the routing mode
+(``Routing``) and how a decoding step may use the host (``DecodePolicy``).
 
 Every field has a docstring because LightningCLI shows them as ``--model.*`` help, and because a
 config is the first thing a researcher reads to know what a checkpoint is.
@@ -7,9 +8,68 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar, Literal, Mapping, Optional
+from enum import Enum
+from typing import ClassVar, Literal, Mapping, Optional, Union
+
+import torch
 
 from .errors import UserError
+
+
+class Routing(str, Enum):
+    """Which computation a routed model runs (a ``str`` enum: ``"topk"`` and ``"causal"`` are accepted
+    wherever a ``Routing`` is, and compare equal to its members).
+
+    * ``TOPK``: training routing. A routed block processes the ``k`` tokens of each sequence with the
+      largest router scores (expert choice over the sequence: non-causal); a mixture of experts gives
+      each expert a fixed number of slots per sequence.
+    * ``CAUSAL``: inference routing. Every decision is made from the token itself (the router's or the
+      predictor's threshold; each expert pick kept), so position t never depends on later tokens. The
+      only mode a KV cache decodes with.
+    """
+
+    TOPK = "topk"
+    CAUSAL = "causal"
+
+    @classmethod
+    def of(cls, value: Union["Routing", str]) -> "Routing":
+        """``value`` as a ``Routing``; a ``UserError`` naming the allowed values otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise UserError(f"routing={value!r} is invalid: must be 'topk' or 'causal'") from None
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How a one-token decoding step may use the host: decided once per step by the model and
+    passed down to every block (``Positions.policy``).
+
+    On the CPU the routing decisions of a step are already in host memory, so reading them costs
+    nothing: a routed block's rows that say no, and experts nobody picked, do no work at all, and
+    attention reads only the cache slots filled so far. On an accelerator reading decisions would
+    stall the stream once per router per token; there every row runs the block and the updates that
+    should not exist are multiplied by 0. Under ``torch.compile`` shapes must not change either:
+    attention reads every slot (``STATIC``)."""
+
+    host_decides: bool
+    """Read each row's decision on the host and skip the work of rows (and experts) with none."""
+    bounded_reads: bool
+    """Attention reads only the slots filled so far (a bound the host knows, ``DecodeState.filled``);
+    False: every slot, so the step's shapes never change."""
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "DecodePolicy":
+        """Eager decoding on ``device``: host decisions on the CPU, static work elsewhere; ``STATIC``
+        while ``torch.compile`` traces."""
+        if torch.compiler.is_compiling():
+            return STATIC
+        return cls(host_decides=torch.device(device).type == "cpu", bounded_reads=True)
+
+
+STATIC = DecodePolicy(host_decides=False, bounded_reads=False)
+"""The policy of a compiled decoding step (``modlm.model.generate.compile_decode_step``): no host
+reads, the same shapes at every step."""
 
 
 @dataclass
@@ -95,7 +155,7 @@ class ModelConfig:
     """Block ``i`` (0-based) has a mixture-of-experts MLP when ``n_experts > 0`` and
     ``(i + 1) % moe_every == 0``: 1 gives every block one, 2 every other block."""
     moe_aux_weight: float = 0.01
-    """Weight of the load-balancing loss (``n_slots * sum_e f_e * P_e`` over real and no-op
+    """Weight of the load-balancing loss (``n_choices * sum_e f_e * P_e`` over real and no-op
     experts: 1 when balanced), averaged over the mixture-of-experts MLPs."""
 
     def __post_init__(self) -> None:
@@ -171,15 +231,15 @@ class ModelConfig:
         routing (top-k, expert capacity) and causal routing are different computations."""
         return bool(self.routed_layers or self.expert_layers)
 
-    def expert_capacity(self, n_tokens: int) -> int:
+    def slots_per_expert(self, n_tokens: int) -> int:
         """Training slots of each real expert for one sequence of ``n_tokens`` MLP inputs: its
         balanced share of the ``n_tokens * expert_top_k`` picks times ``capacity_factor``, at least
         1 and at most ``n_tokens`` (a token picks an expert at most once)."""
         share = n_tokens * self.expert_top_k / (self.n_experts + self.noop_experts)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * share - 1e-6)))
 
-    def capacity_tokens(self, seq_len: int) -> int:
-        """``k``: tokens per sequence a routed block processes in top-k mode."""
+    def topk_tokens(self, seq_len: int) -> int:
+        """``k``: tokens per sequence a routed block processes in top-k routing (``capacity`` of ``seq_len``)."""
         return max(1, min(seq_len, int(math.floor(self.capacity * seq_len + 1e-6))))
 
     def to_dict(self) -> dict:

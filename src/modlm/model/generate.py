@@ -4,24 +4,53 @@ One prefill pass stores every prompt (of any lengths, right-padded to one batch)
 then each new token is one ``decode_step`` of the whole batch: static shapes, one cache slot per
 row and block, and no host synchronisation other than what sampling needs (none for greedy or
 plain sampling; one per token with ``eot_id``, to stop once every row has finished).
+
+This module drives any model with the decoding interface ``Decoder`` names (``MoDTransformer``'s
+``new_state``, ``prefill``, ``decode_step``) and imports none: the model imports it, for its
+``generate`` method.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+import functools
+import math
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
-if TYPE_CHECKING:
-    from .kv_cache import DecodeState
-    from .transformer import MoDTransformer
+from .config import STATIC
+from .errors import UserError
 
-DecodeStep = Callable[[torch.Tensor, "DecodeState"], torch.Tensor]
-"""``(token (B,), state) -> logits (B, V)``: ``model.decode_step`` or a compiled version of it."""
+DecodeStep = Callable[[torch.Tensor, object], torch.Tensor]
+"""``(token (B,), state) -> logits (B, V)``: ``model.decode_step`` or ``compile_decode_step(model)``."""
+
+
+class Decoder(Protocol):
+    """What ``generate`` needs of a model."""
+
+    config: object  # with ``max_seq_len``
+    embed: torch.nn.Embedding  # its weight tells the device
+
+    def new_state(self, batch_size: int, device=None): ...
+    def prefill(self, idx: torch.Tensor, state, n_real: Optional[torch.Tensor] = None, last_only: bool = False): ...
+    def decode_step(self, token: torch.Tensor, state, policy=None, compute=None) -> torch.Tensor: ...
+    def check_length(self, length: int, what: str) -> None: ...
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse (``UserError``) sampling settings that mean nothing: a negative or non-finite
+    temperature, ``top_k`` below 1, ``top_p`` outside (0, 1]."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature={temperature!r} is invalid: must be a number >= 0 (0: greedy)")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise UserError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None for no top-k filter")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise UserError(f"top_p={top_p!r} is invalid: must be in (0, 1], or None for no nucleus filter")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One token per row from (B, V) logits: greedy at temperature 0, else filtered sampling."""
+    """One token per row from (B, V) logits: greedy at temperature 0, else filtered sampling
+    (settings as ``check_sampling`` accepts them)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -38,20 +67,38 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def compile_decode_step(model: "MoDTransformer", mode: Optional[str] = None) -> DecodeStep:
-    """``model.decode_step`` compiled whole, for ``generate(..., decode_step=...)``.
+def compile_decode_step(model: Decoder, mode: Optional[str] = None) -> DecodeStep:
+    """``model.decode_step`` with its computation compiled whole, for ``generate(..., decode_step=...)``.
 
-    It reads every cache slot (no host-side ``span``), so its shapes never change and it compiles
-    once per batch size. ``mode="reduce-overhead"`` adds CUDA graphs on a GPU.
+    It runs under the ``STATIC`` policy (every cache slot read, no host reads), so its shapes never
+    change and it compiles once per batch size. ``mode="reduce-overhead"`` adds CUDA graphs on a GPU.
     """
-    compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
-    return lambda token, state: compiled(token, state)
+    compiled = torch.compile(model.decode_compute, fullgraph=True, dynamic=False, mode=mode)
+    return functools.partial(model.decode_step, policy=STATIC, compute=compiled)
+
+
+def _prompts(idx, device) -> tuple[list[torch.Tensor], str]:
+    """The prompts of ``generate``'s input and the form to return: ``"batch"`` for a (B, T) tensor,
+    ``"one"`` for a 1-D tensor or a list of ids (one prompt), ``"list"`` for a list of prompts."""
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() == 2:
+            return list(idx.to(device=device, dtype=torch.long)), "batch"
+        if idx.dim() == 1:
+            return [idx.to(device=device, dtype=torch.long)], "one"
+        raise UserError(f"generate takes a (B, T) or (T,) tensor of token ids, got shape {tuple(idx.shape)}")
+    items = list(idx)
+    if items and all(isinstance(i, int) for i in items):
+        return [torch.tensor(items, dtype=torch.long, device=device)], "one"
+    prompts = [torch.as_tensor(p, dtype=torch.long, device=device) for p in items]
+    if any(p.dim() != 1 for p in prompts):
+        raise UserError("generate takes a list of prompts, each a 1-D sequence of token ids")
+    return prompts, "list"
 
 
 @torch.inference_mode()
 def generate(
-    model: "MoDTransformer",
-    idx: Union[torch.Tensor, Sequence[Sequence[int]]],
+    model: Decoder,
+    idx: Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
@@ -62,32 +109,28 @@ def generate(
 ):
     """Sample continuations with the KV cache and causal routing.
 
-    ``idx`` is a (B, T) tensor of prompts, or a list of prompts of different lengths (generated
-    together, each as if alone). ``temperature=0`` is greedy; ``top_k``/``top_p`` filter before
-    sampling. A row stops after it emits ``eot_id``. Returns a (B, T + max_new_tokens) tensor for
-    tensor input (rows that stopped early are padded with ``eot_id``), a list of 1-D tensors for
-    list input. ``decode_step`` replaces ``model.decode_step`` (e.g. ``compile_decode_step``).
+    ``idx`` is a (B, T) tensor of prompts, one prompt (a 1-D tensor or a list of ids), or a list of
+    prompts of different lengths (generated together, each as if alone). ``temperature=0`` is
+    greedy; ``top_k``/``top_p`` filter before sampling. A row stops after it emits ``eot_id``.
+    Returns a (B, T + max_new_tokens) tensor for a (B, T) tensor (rows that stopped early are padded
+    with ``eot_id``), a 1-D tensor for one prompt, a list of 1-D tensors for a list of prompts.
+    ``decode_step`` replaces ``model.decode_step`` (e.g. ``compile_decode_step(model)``).
     """
-    as_list = not isinstance(idx, torch.Tensor)
+    check_sampling(temperature, top_k, top_p)
     device = model.embed.weight.device
-    prompts = [torch.as_tensor(p, dtype=torch.long, device=device).flatten() for p in idx]
+    prompts, form = _prompts(idx, device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if len(prompts) == 0 or int(lengths.min()) == 0:
-        raise ValueError("generate needs at least one prompt, each of at least one token")
+        raise UserError("generate needs at least one prompt, each of at least one token")
     longest = int(lengths.max())
-    if longest + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_seq_len={model.config.max_seq_len}"
-        )
+    model.check_length(longest + max_new_tokens, f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens})")
     B = len(prompts)
     batch = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
     ragged = int(lengths.min()) < longest
 
-    state = model.new_cache(B, device)
-    hidden = model.extend(batch, state, n_real=lengths if ragged else None)
-    last_hidden = hidden[torch.arange(B, device=device), lengths - 1]  # only the last real token's logits
-    logits = model.lm_head(model.norm(last_hidden))
+    state = model.new_state(B, device)
+    logits = model.prefill(batch, state, n_real=lengths if ragged else None, last_only=True)
+    step = decode_step or model.decode_step
 
     generated = batch.new_zeros(B, max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -101,19 +144,16 @@ def generate(
         n_done = i + 1
         if n_done == max_new_tokens or (eot_id is not None and bool(finished.all())):
             break
-        if decode_step is None:  # the host knows how far the longest row can have got: read no further
-            logits = model.decode_step(token, state, span=longest + n_done)
-        else:
-            logits = decode_step(token, state)
+        logits = step(token, state)
 
-    if as_list:
-        outputs = []
-        for row, prompt in enumerate(prompts):
-            gen = generated[row, :n_done]
-            if eot_id is not None and (gen == eot_id).any():
-                gen = gen[: int((gen == eot_id).nonzero()[0]) + 1]
-            outputs.append(torch.cat([prompt, gen]))
-        return outputs
-    if n_done < max_new_tokens:  # every row stopped early
-        generated[:, n_done:] = eot_id
-    return torch.cat([batch, generated], dim=1)
+    if form == "batch":
+        if n_done < max_new_tokens:  # every row stopped early
+            generated[:, n_done:] = eot_id
+        return torch.cat([batch, generated], dim=1)
+    outputs = []
+    for row, prompt in enumerate(prompts):
+        gen = generated[row, :n_done]
+        if eot_id is not None and (gen == eot_id).any():
+            gen = gen[: int((gen == eot_id).nonzero()[0]) + 1]
+        outputs.append(torch.cat([prompt, gen]))
+    return outputs[0] if form == "one" else outputs

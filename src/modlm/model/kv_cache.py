@@ -6,10 +6,13 @@ costs that block nothing and leaves no entry). So each row keeps its own length,
 remembers the original position of its token (keys are stored already rotated by RoPE at that
 position; an empty slot has position -1).
 
-Buffers are allocated once, for ``max_len`` slots, and never grow or move: a decoding step writes
-one slot per row and attends through a mask, with no host synchronisation, so a whole step can be
-captured by ``torch.compile`` (or a CUDA graph). Many new tokens at once (a prompt) take the exact
-path, which writes only the real entries and may read lengths on the host.
+Buffers are allocated once, for ``max_len`` slots and one spare slot after them, and never grow or
+move: a decoding step writes one slot per row and attends through a mask, with no host
+synchronisation, so a whole step can be captured by ``torch.compile`` (or a CUDA graph). A row whose
+token in that step is not real (a routed block that skipped it, under the static policy) writes into
+the spare slot, which no real query ever sees, so a full row is never written past its end. Many new
+tokens at once (a prompt) take the exact path, which writes only the real entries and may read
+lengths on the host.
 """
 from __future__ import annotations
 
@@ -21,14 +24,14 @@ import torch
 class KVCache:
     def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, device=None, dtype=None):
         self.max_len = max_len
-        """Slots per row: the longest sequence the cache can hold."""
+        """Slots per row: the longest sequence the cache can hold (the spare slot not counted)."""
         # Zeros, not empty: queries of padding and of skipped rows read slots no real token wrote;
         # their outputs are dropped, but must stay finite.
-        self.k = torch.zeros(batch_size, n_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.k = torch.zeros(batch_size, n_heads, max_len + 1, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.positions = torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.slot_ids = torch.arange(max_len, device=device)
+        self.slot_ids = torch.arange(max_len + 1, device=device)
         self.all_rows = torch.arange(batch_size, device=device)
 
     def store(self, k, v, index, n_real=None, rows=None, span=None):
@@ -36,8 +39,9 @@ class KVCache:
 
         ``index`` (B, n) are the tokens' original positions; the first ``n_real[b]`` tokens of row
         b are real (all when None), the rest padding, never stored. ``rows`` names the cache rows
-        of a subset of rows (one token each). Returns keys, values and the boolean attention mask:
-        query j of row b sees that row's earlier entries and the new ones up to itself.
+        of a subset of rows (one token each). ``span`` bounds the slots read (None: every slot).
+        Returns keys, values and the boolean attention mask: query j of row b sees that row's
+        earlier entries and the new ones up to itself.
         """
         if k.size(2) == 1:
             return self._store_one(k, v, index[:, 0], n_real, rows, span)
@@ -45,19 +49,16 @@ class KVCache:
         return self._store_many(k, v, index, n_real)
 
     def _store_one(self, k, v, position, n_real, rows, span):
-        """One token per row, static shapes: every row writes the slot after its entries.
-
-        A row whose token is not real (``n_real`` 0) writes there too, but its length does not move
-        and the slot's position stays -1, so the entry is invisible and the row's next real token
-        overwrites it.
-        """
-        span = self.max_len if span is None else span
+        """One token per row, static shapes: every row writes the slot after its entries, or the
+        spare slot when its token is not real (``n_real`` 0: its length does not move)."""
+        span = self.max_len + 1 if span is None else span
         # All rows: the slot is the length itself, read by the mask and the writes before it moves.
         slot = self.length if rows is None else self.length.index_select(0, rows)
         at = self.all_rows if rows is None else rows
-        mask = (self.slot_ids[:span] <= slot.unsqueeze(1))[:, None, None, :]  # (n, 1, 1, span)
         if n_real is not None:
+            slot = torch.where(n_real > 0, slot, self.max_len)
             position = position.masked_fill(n_real == 0, -1)
+        mask = (self.slot_ids[:span] <= slot.unsqueeze(1))[:, None, None, :]  # (n, 1, 1, span)
         self.k[at, :, slot] = k[:, :, 0]
         self.v[at, :, slot] = v[:, :, 0]
         self.positions[at, slot] = position
@@ -91,10 +92,16 @@ class KVCache:
 
 class DecodeState:
     """Everything a model carries from one decoding step to the next: the cache of every block,
-    how many tokens each row has consumed, and the rotary tables of every position (computed
-    once, indexed per step)."""
+    how many tokens each row has consumed, a bound on that count known to the host, and the rotary
+    tables of every position (computed once, indexed per step). Made by ``MoDTransformer.new_state``."""
 
     def __init__(self, caches: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor]):
-        self.blocks = caches
+        self.caches = caches
+        """One ``KVCache`` per block, in depth order."""
         self.seen = torch.zeros_like(caches[0].length)
+        """(B,) tokens each row has consumed (on the device)."""
+        self.filled = 0
+        """Tokens the longest row has consumed, known to the host without a sync: no block's cache
+        holds more entries in any row, so a decoding step reads no further, and the model checks
+        the context length against it."""
         self.cos, self.sin = rope

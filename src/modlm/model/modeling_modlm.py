@@ -8,8 +8,7 @@ one of its own ``Cache`` classes (those keep one entry per token in every layer,
 what a skipped token must not cost), the way models with their own recurrent state plug in.
 
 Greedy decoding gives ``MoDTransformer.generate(..., temperature=0)``'s tokens: the prompts go
-through ``extend`` in one pass, then each new token as ``decode_step`` runs it (one token per row,
-the same host-side bound on the cache slots it reads). Left-padded batches (transformers'
+through ``prefill`` in one pass, then each new token through ``decode_step``, as there. Left-padded batches (transformers'
 convention) are moved to modlm's real-tokens-first layout for the prompt pass, so each row is
 generated as if alone.
 """
@@ -34,12 +33,10 @@ if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:  # older releases
 
 class ModLMCache:
     """What generation carries between steps: modlm's ``DecodeState`` (a KV cache per block, a
-    token count per row) and a bound, known to the host, on the cache slots any row has filled,
-    so a decoding step reads no further (``Positions.span``)."""
+    token count per row, the host-side bound on both)."""
 
-    def __init__(self, state: DecodeState, filled: int = 0):
+    def __init__(self, state: DecodeState):
         self.state = state
-        self.filled = filled
 
 
 def real_first(mask: torch.Tensor) -> torch.Tensor:
@@ -117,22 +114,15 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
             n_real = attention_mask.sum(dim=1).to(torch.long)
             input_ids = input_ids.gather(1, order)
 
-        T = input_ids.size(1)
-        if cached and (0 if starting else cache.filled) + T > core.config.max_seq_len:
-            raise ValueError(f"sequence would exceed max_seq_len={core.config.max_seq_len}")
         if cached:
-            if starting:  # the prompts, in one pass
-                cache = ModLMCache(core.new_cache(input_ids.size(0), input_ids.device))
-                hidden = core.extend(input_ids, cache.state, n_real)
-                cache.filled = T if n_real is None else int(n_real.max())
-            elif T == 1:  # a decoding step: one slot per row, reading only the slots filled so far
-                cache.filled += 1
-                hidden = core.extend(input_ids, cache.state, span=cache.filled)
+            if starting:
+                cache = ModLMCache(core.new_state(input_ids.size(0), input_ids.device))
+            if input_ids.size(1) == 1 and not starting:  # a decoding step: one slot per row
+                logits = core.decode_step(input_ids[:, 0], cache.state).unsqueeze(1)
+            elif logits_to_keep == 1:  # what generation asks of a prompt: each row's last real token
+                logits = core.prefill(input_ids, cache.state, n_real, last_only=True).unsqueeze(1)
             else:
-                hidden = core.extend(input_ids, cache.state)
-                cache.filled += T
-            hidden = unpermute(hidden, order)[:, -logits_to_keep:]  # (-0: every position)
-            logits = core.lm_head(core.norm(hidden))
+                logits = unpermute(core.prefill(input_ids, cache.state, n_real), order)[:, -logits_to_keep:]  # (-0: all)
         else:
             if order is not None and routing != "causal":
                 raise ValueError("padded rows need routing='causal' (top-k would rank the padding too)")

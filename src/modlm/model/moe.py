@@ -14,7 +14,7 @@ expert-choice mixture would need the same causal fix as MoD's top-k over the seq
 Two ways to run the picks:
 
 * ``routing="topk"`` (training): each real expert has a fixed number of slots per sequence,
-  ``ModelConfig.expert_capacity``. Picks fill the slots in temporal order (token t's picks before
+  ``ModelConfig.slots_per_expert``. Picks fill the slots in temporal order (token t's picks before
   token t+1's), so whether a pick is dropped depends only on earlier tokens of its row: the
   training loss stays causal. Tokens are dispatched into an (experts, rows x slots, d) buffer and
   every expert runs one batched matmul on its own slots: static shapes, so the FLOPs are the same
@@ -27,8 +27,8 @@ Two ways to run the picks:
 
 Router probabilities weigh each pick's output (a softmax over real and no-op experts, not
 renormalised over the picks), which puts the router on the gradient path; the load-balancing loss
-(Switch Transformer's ``n_slots * sum_e f_e * P_e``, over real and no-op experts) keeps picks
-spread, and in integrated MoDE it holds the no-op share near ``noop_experts / n_slots``.
+(Switch Transformer's ``n_choices * sum_e f_e * P_e``, over real and no-op experts) keeps picks
+spread, and in integrated MoDE it holds the no-op share near ``noop_experts / n_choices``.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import numerics as device
-from .config import ModelConfig
+from .config import DecodePolicy, ModelConfig, Routing
+from .numerics import full_precision
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ExpertInfo:
     """Index of the block the MLP belongs to."""
     n_experts: int
     """Real experts; expert ids ``>= n_experts`` are no-op experts."""
-    n_slots: int
+    n_choices: int
     """Real and no-op experts together: what the router chooses among."""
     expert: torch.Tensor
     """(B, n, expert_top_k) long: the experts each of the MLP's ``n`` input tokens picked."""
@@ -61,7 +61,7 @@ class ExpertInfo:
     within capacity)."""
     valid: Optional[torch.Tensor]
     """(B, n) bool: the real tokens (padding of ragged or causally routed rows is not); None: all."""
-    capacity: Optional[int]
+    slots_per_expert: Optional[int]
     """Slots of each real expert per row in training routing; None: no capacity (inference)."""
     load_balance: Optional[torch.Tensor]
     """The unweighted load-balancing loss; None with a KV cache."""
@@ -92,15 +92,15 @@ class ExpertLinear(nn.Module):
 
 class MixtureOfExperts(nn.Module):
     """Token-choice top-k mixture of expert MLPs (SwiGLU or GELU, as ``cfg.mlp``), with optional
-    no-op experts. Called as ``moe(x, routing, valid, decoding)``, it returns ``(update, info)``."""
+    no-op experts. Called as ``moe(x, routing, valid, cached, policy)``, it returns ``(update, info)``."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
         self.n_experts = cfg.n_experts
-        self.n_slots = cfg.n_experts + cfg.noop_experts
-        self.router = nn.Linear(cfg.d_model, self.n_slots, bias=False)
+        self.n_choices = cfg.n_experts + cfg.noop_experts
+        self.router = nn.Linear(cfg.d_model, self.n_choices, bias=False)
         self.gated = cfg.mlp == "swiglu"
         self.up = ExpertLinear(cfg.n_experts, cfg.d_model, cfg.mlp_hidden)
         self.gate = ExpertLinear(cfg.n_experts, cfg.d_model, cfg.mlp_hidden) if self.gated else None
@@ -115,47 +115,46 @@ class MixtureOfExperts(nn.Module):
         return apply(self.down, F.gelu(apply(self.up, x)))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Router probabilities over real and no-op experts, (B, n, n_slots), in fp32."""
-        with device.full_precision(x.device.type):
+        """Router probabilities over real and no-op experts, (B, n, n_choices), in fp32."""
+        with full_precision(x.device.type):
             return F.linear(x.float(), self.router.weight.float()).softmax(dim=-1)
 
     def forward(
-        self, x: torch.Tensor, routing: str = "topk", valid: Optional[torch.Tensor] = None, decoding: bool = False,
+        self, x: torch.Tensor, routing: Routing = Routing.TOPK, valid: Optional[torch.Tensor] = None,
+        cached: bool = False, policy: Optional[DecodePolicy] = None,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """The MLP update of (B, n, d) tokens and what was routed.
 
-        ``valid`` (B, n) marks real tokens (padding gets no update and is not counted);
-        ``decoding`` says the call extends a KV cache: no load-balancing loss, and a one-token step
-        reports nothing (``None``), as routed blocks do.
+        ``valid`` (B, n) marks real tokens (padding gets no update and is not counted); ``cached``
+        says the call extends a KV cache (no load-balancing loss); ``policy`` is set on a one-token
+        decoding step, which reports nothing (``None``), as routed blocks do.
         """
-        if routing not in ("topk", "causal"):
-            raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
         probs = self.scores(x)
         gate, expert = probs.topk(self.cfg.expert_top_k, dim=-1)  # (B, n, k) each
         real = expert < self.n_experts
         if valid is not None:
             real = real & valid.unsqueeze(-1)
-        capacity = None
-        if routing == "topk":
-            capacity = self.cfg.expert_capacity(x.size(1))
-            y, computed = self._at_capacity(x, expert, gate, real, capacity)
-        elif x.size(1) == 1 and not device.host_can_branch(x):
+        slots = None
+        if routing == Routing.TOPK:
+            slots = self.cfg.slots_per_expert(x.size(1))
+            y, computed = self._at_capacity(x, expert, gate, real, slots)
+        elif policy is not None and not policy.host_decides:
             y, computed = self._per_token(x, expert, gate, real), real
         else:
             y, computed = self._grouped(x, expert, gate, real), real
-        if decoding and x.size(1) == 1:
+        if policy is not None:
             return y, None
-        load_balance = None if decoding else self._load_balance(probs, expert, valid)
+        load_balance = None if cached else self._load_balance(probs, expert, valid)
         info = ExpertInfo(
-            layer=self.layer, n_experts=self.n_experts, n_slots=self.n_slots, expert=expert.detach(), computed=computed.detach(),
-            valid=None if valid is None else valid.detach(), capacity=capacity,
+            layer=self.layer, n_experts=self.n_experts, n_choices=self.n_choices, expert=expert.detach(), computed=computed.detach(),
+            valid=None if valid is None else valid.detach(), slots_per_expert=slots,
             load_balance=None if load_balance is None else load_balance.detach(),
             aux_loss=probs.new_zeros(()) if load_balance is None else self.cfg.moe_aux_weight * load_balance,
         )
         return y, info
 
-    def _at_capacity(self, x, expert, gate, real, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: dispatch picks into ``capacity`` slots per expert and row, in temporal order;
+    def _at_capacity(self, x, expert, gate, real, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: dispatch picks into ``slots`` slots per expert and row, in temporal order;
         one batched matmul per expert matrix; combine. Returns the update and the computed picks."""
         B, n, k = expert.shape
         d = x.size(-1)
@@ -163,18 +162,18 @@ class MixtureOfExperts(nn.Module):
         picks = expert.reshape(B, n * k)  # token t's picks before token t+1's: earlier tokens first
         counted = real.reshape(B, n * k)
         # Slot of each pick in its expert's queue: how many counted picks of that expert came before.
-        one_hot = torch.zeros(B, n * k, self.n_slots, dtype=torch.int32, device=x.device)
+        one_hot = torch.zeros(B, n * k, self.n_choices, dtype=torch.int32, device=x.device)
         one_hot.scatter_(2, picks.unsqueeze(-1), counted.to(torch.int32).unsqueeze(-1))
         position = (one_hot.cumsum(dim=1) - 1).gather(2, picks.unsqueeze(-1)).squeeze(-1)
-        computed = counted & (position < capacity)
+        computed = counted & (position < slots)
         # Buffer row of each pick: expert-major, then batch row, then slot; the rest go to one
         # spare row past the end, which no expert reads and whose output is zero.
-        spare = E * B * capacity
+        spare = E * B * slots
         rows = torch.arange(B, device=x.device).unsqueeze(1)
-        where = torch.where(computed, (picks.clamp(max=E - 1) * B + rows) * capacity + position, spare).flatten()
+        where = torch.where(computed, (picks.clamp(max=E - 1) * B + rows) * slots + position, spare).flatten()
         tokens = x.unsqueeze(2).expand(B, n, k, d).reshape(B * n * k, d)
         buffer = x.new_zeros(spare + 1, d).index_add(0, where, tokens)
-        out = self._mlp(buffer[:spare].view(E, B * capacity, d), "forward")
+        out = self._mlp(buffer[:spare].view(E, B * slots, d), "forward")
         out = torch.cat([out.reshape(spare, d), out.new_zeros(1, d)])
         weight = (gate * computed.view(B, n, k)).to(out.dtype)
         y = (out.index_select(0, where).view(B, n, k, d) * weight.unsqueeze(-1)).sum(dim=2)
@@ -212,10 +211,10 @@ class MixtureOfExperts(nn.Module):
         return (out * weight).view(B, n, k, -1).sum(dim=2)
 
     def _load_balance(self, probs, expert, valid) -> torch.Tensor:
-        """``n_slots * sum_e f_e * P_e``: ``f_e`` the share of picks going to expert e (real or
+        """``n_choices * sum_e f_e * P_e``: ``f_e`` the share of picks going to expert e (real or
         no-op, before capacity), ``P_e`` its mean router probability, over the real tokens. 1 when
         balanced; its gradient reaches the router through ``P_e``."""
-        picked = torch.zeros_like(probs).scatter_(2, expert, 1.0)  # (B, n, n_slots): 1 per pick
+        picked = torch.zeros_like(probs).scatter_(2, expert, 1.0)  # (B, n, n_choices): 1 per pick
         if valid is None:
             f = picked.mean(dim=(0, 1)) / expert.size(-1)
             p = probs.mean(dim=(0, 1))
@@ -224,4 +223,4 @@ class MixtureOfExperts(nn.Module):
             n_real = w.sum().clamp(min=1)
             f = (picked * w).sum(dim=(0, 1)) / (n_real * expert.size(-1))
             p = (probs * w).sum(dim=(0, 1)) / n_real
-        return self.n_slots * (f * p).sum()
+        return self.n_choices * (f * p).sum()

@@ -15,8 +15,14 @@ Two ways to pick:
   picked tokens first (in temporal order) and the padding after them, so the causal mask alone
   keeps every real token from seeing padding, and padding's updates are dropped.
 
-Decoding one token per row needs neither: each row's decision is a yes or a no. A row that says no
-does nothing in the block and stores nothing in its cache, so its cost is the router alone.
+Decoding one token per row (``Positions.policy`` set) needs neither: each row's decision is a yes or
+a no. A row that says no does nothing in the block and stores nothing in its cache, so its cost is
+the router alone where the host may decide (``DecodePolicy.host_decides``), and its update is
+multiplied by 0 elsewhere.
+
+So a routed block runs one of three passes: a whole sequence under top-k (training), a whole
+sequence or a prompt under causal routing (evaluation, prefill: the picks are packed), or one
+decoding step. Which one is explicit in its arguments: ``routing``, and ``where.policy`` for a step.
 
 When the block's MLP is a mixture of experts (staged MoDE), it sees the picked tokens only and
 routes them with the same mode (``moe.py``); ``RoutingInfo.experts`` says what it did.
@@ -25,20 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .numerics import full_precision as _full_precision
-from .numerics import host_can_branch as _host_can_branch  # a module name of its own: tests replace it here
+from .config import ModelConfig, Routing
 from .kv_cache import KVCache
-from .layers import Block, Positions, gather_tokens
+from .layers import Block
 from .moe import ExpertInfo
-
-Routing = Literal["topk", "causal"]
+from .numerics import full_precision
+from .positions import Positions, gather_tokens
 
 
 @dataclass
@@ -122,10 +126,16 @@ class RoutedBlock(nn.Module):
         return torch.sigmoid(r) if self.cfg.router_weight == "sigmoid" else r
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Router logits ``r`` (always fp32) and the predictor's logits (None without one), (B, T)."""
-        with _full_precision(x.device.type):
-            r = F.linear(x.float(), self.router.weight.float()).squeeze(-1)
-        p = self.predictor(x.detach()).squeeze(-1).float() if self.predictor is not None else None
+        """Router logits ``r`` and the predictor's logits (None without one), (B, T), both computed
+        in fp32 (``numerics``): they are compared with each other and with a threshold."""
+        with full_precision(x.device.type):
+            h = x.float()
+            r = F.linear(h, self.router.weight.float()).squeeze(-1)
+            p = None
+            if self.predictor is not None:
+                first, _, last = self.predictor
+                hidden = F.silu(F.linear(h.detach(), first.weight.float(), first.bias.float()))
+                p = F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1)
         return r, p
 
     def decide(self, r: torch.Tensor, p: Optional[torch.Tensor]) -> torch.Tensor:
@@ -135,29 +145,25 @@ class RoutedBlock(nn.Module):
         return causal_logits(r, p) > 0
 
     def forward(
-        self, x: torch.Tensor, where: Positions, routing: Routing = "topk", cache: Optional[KVCache] = None
+        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None
     ) -> tuple[torch.Tensor, Optional[RoutingInfo]]:
         """Returns the new residual stream and what was routed.
 
-        With a ``cache`` (incremental decoding) routing must be causal; top-k membership and the
-        aux losses, which need the whole sequence, are not computed, and a one-token step reports
+        With a ``cache`` (a prompt or a decoding step; routing is then causal) top-k membership and
+        the aux losses, which need the whole sequence, are not computed, and a decoding step reports
         nothing (``None``): it is the hot loop of generation.
         """
-        if routing not in ("topk", "causal"):
-            raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
-        if cache is not None and routing != "causal":
-            raise ValueError("a KV cache needs routing='causal': top-k depends on tokens not seen yet")
         r, p = self.scores(x)
-        if cache is not None and x.size(1) == 1:
+        if where.policy is not None:
             return self._decode_step(x, r, p, where, cache), None
 
         B, T, _ = x.shape
         topk = None
-        if cache is None:
+        if cache is None:  # the whole sequence is here: top-k membership (the causal decision's target) exists
             scores = torch.rand_like(r) if self.cfg.random_routing else r
-            topk_picks = topk_indices(scores, self.cfg.capacity_tokens(T))
+            topk_picks = topk_indices(scores, self.cfg.topk_tokens(T))
             topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_picks, True)
-        if routing == "topk":
+        if routing == Routing.TOPK:
             picks, n_real, selected = topk_picks, None, topk
         else:
             selected = self.decide(r, p)
@@ -197,26 +203,26 @@ class RoutedBlock(nn.Module):
         """One new token per row: a yes/no per row, no sorting, no gather along the sequence.
 
         Rows that skip store nothing in this block's cache and leave the block unchanged. Where the
-        host may branch, they also cost nothing beyond the router (see ``_host_can_branch``).
+        host may decide (``DecodePolicy.host_decides``), they also cost nothing beyond the router.
         """
         keep = self.decide(r, p)[:, 0]
         if where.n_real is not None:
             keep = keep & (where.n_real > 0)
-        if _host_can_branch(x):
+        if where.policy.host_decides:
             n = int(keep.sum())
             if n == 0:
                 return x
             weight = self.router_weight(r)  # (B, 1)
             if n < x.size(0):
                 rows = keep.nonzero().squeeze(1)
-                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), "causal", cache, residual=False)
+                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), Routing.CAUSAL, cache, residual=False)
                 contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
                 return x.index_add(0, rows, contribution.to(x.dtype))
             step = replace(where, n_real=None)  # every row processes its token
         else:
             step = replace(where, n_real=keep.long())
             weight = self.router_weight(r) * keep.unsqueeze(1)
-        delta, _ = self.block(x, step, "causal", cache, residual=False)
+        delta, _ = self.block(x, step, Routing.CAUSAL, cache, residual=False)
         return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
 
     def _aux_losses(self, r, p, topk) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

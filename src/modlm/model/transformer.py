@@ -5,24 +5,36 @@ With ``route_every=0`` every block is dense and this is a plain pre-norm RoPE tr
 baseline MoD is compared against, built by the same code. With ``n_experts > 0`` the MLPs of the
 blocks ``ModelConfig.has_experts`` names are mixtures of experts (``moe.py``): an MoE model, or
 with routed blocks or no-op experts, Mixture-of-Depths-and-Experts (staged or integrated).
+
+Three ways to run it, and this class is the only owner of the output head (``logits``) and of the
+context-length check (``check_length``) for all of them:
+
+* ``forward(idx, routing)``: whole sequences, top-k (training) or causal routing (evaluation);
+* ``prefill(idx, state)``: prompts into a ``DecodeState`` (causal routing, KV caches);
+* ``decode_step(token, state)``: one new token per row, the hot loop of generation.
+
+``generate`` (``generate.py``) samples with the last two; the transformers export
+(``modeling_modlm.py``) calls the same three.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .config import ModelConfig
-from .generate import generate
+from .config import DecodePolicy, ModelConfig, Routing
+from .errors import UserError
+from .generate import generate as _generate
 from .kv_cache import DecodeState, KVCache
-from .layers import Block, Positions, init_weights, rope_tables
+from .layers import Block, init_weights
 from .moe import ExpertInfo
-from .routing import RoutedBlock, Routing, RoutingInfo
+from .positions import Positions, rope_tables
+from .routing import RoutedBlock, RoutingInfo
 
 
 @dataclass
@@ -89,7 +101,7 @@ class MoDTransformer(
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, routing: Routing = "topk", targets: Optional[torch.Tensor] = None
+        self, idx: torch.Tensor, routing: Union[Routing, str] = Routing.TOPK, targets: Optional[torch.Tensor] = None
     ) -> ModelOutput:
         """Run (B, T) token ids through the model.
 
@@ -97,11 +109,9 @@ class MoDTransformer(
         ``routing="causal"`` makes every routing decision from the token itself (router threshold or
         predictor), so position t never depends on later tokens. Dense models ignore ``routing``.
         """
-        if routing not in ("topk", "causal"):
-            raise ValueError(f"routing={routing!r} is invalid: must be 'topk' or 'causal'")
+        routing = Routing.of(routing)
         B, T = idx.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        self.check_length(T, f"sequence length {T}")
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
         infos, experts = [], []
@@ -112,7 +122,7 @@ class MoDTransformer(
                 info = info.experts
             if info is not None:
                 experts.append(info)
-        logits = self.lm_head(self.norm(x))
+        logits = self.logits(x)
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         for parts in (infos, experts):
             if parts:
@@ -122,6 +132,16 @@ class MoDTransformer(
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head: final RMSNorm, then the LM head, on (..., d) residual streams."""
+        return self.lm_head(self.norm(hidden))
+
+    def check_length(self, length: int, what: str) -> None:
+        """Refuse (``UserError``) a sequence of ``length`` tokens longer than ``max_seq_len``;
+        ``what`` names it in the message."""
+        if length > self.config.max_seq_len:
+            raise UserError(f"{what} exceeds max_seq_len={self.config.max_seq_len}")
 
     # --- saving (the rest comes from PyTorchModelHubMixin) ---------------------------------------------
     @classmethod
@@ -133,8 +153,8 @@ class MoDTransformer(
             return cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
         return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
 
-    # --- incremental decoding -----------------------------------------------------------------------
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> DecodeState:
+    # --- incremental decoding ------------------------------------------------------------------------
+    def new_state(self, batch_size: int, device=None, dtype=None) -> DecodeState:
         """An empty decoding state for ``batch_size`` rows, room for ``max_seq_len`` tokens per row.
 
         ``dtype`` is the cached keys' dtype: by default what the attention will produce, the
@@ -151,55 +171,60 @@ class MoDTransformer(
         return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)))
 
     @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: DecodeState, token_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Feed new tokens (B, T) through the model with causal routing, extending ``cache``.
+    def prefill(self, idx: torch.Tensor, state: DecodeState, n_real: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Feed new tokens (B, T) through the model with causal routing, extending ``state``.
 
-        Each row continues where it left off (its own position count). ``token_valid`` (B, T) marks
-        the real tokens, which must come first in each row (prompts of different lengths are right-
-        padded); padding is neither cached nor counted. Returns (B, T) logits, garbage at padding.
+        Each row continues where it left off (its own token count). ``n_real`` (B,) counts the real
+        tokens of each row, which come first (prompts of different lengths are right-padded; None:
+        all are real); padding is neither cached nor counted. Returns (B, T, V) logits (garbage at
+        padding), or with ``last_only`` the (B, V) logits of each row's last real token. May read
+        lengths on the host (a prompt is not the hot loop).
         """
-        B, T = idx.shape
-        n_real = None if token_valid is None else token_valid.sum(dim=1)
-        n_new = T if n_real is None else n_real
-        if int((cache.seen + n_new).max()) > self.config.max_seq_len:
-            raise ValueError(f"sequence would exceed max_seq_len={self.config.max_seq_len}")
-        return self.lm_head(self.norm(self.extend(idx, cache, n_real)))
+        T = idx.size(1)
+        n_new = torch.full_like(state.seen, T) if n_real is None else n_real.to(state.seen.dtype)
+        filled = int((state.seen + n_new).max()) if T else state.filled
+        self.check_length(filled, f"sequence of {filled} tokens")
+        # Padding past the end of the context may index past the rotary table: clamp (it is not cached).
+        index = (state.seen.unsqueeze(1) + torch.arange(T, device=idx.device)).clamp(max=self.config.max_seq_len - 1)
+        where = Positions(state.cos[index], state.sin[index], index, None if n_real is None else n_new)
+        x = self.embed(idx)
+        for block, cache in zip(self.blocks, state.caches):
+            x, _ = block(x, where, Routing.CAUSAL, cache)
+        state.seen += n_new
+        state.filled = filled
+        if last_only:
+            x = x[torch.arange(x.size(0), device=x.device), n_new - 1]
+        return self.logits(x)
 
-    def decode_step(self, token: torch.Tensor, state: DecodeState, span: Optional[int] = None) -> torch.Tensor:
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, state: DecodeState, policy: Optional[DecodePolicy] = None,
+                    compute: Optional[Callable] = None) -> torch.Tensor:
         """The hot loop of generation: one new token per row (B,) -> next-token logits (B, V).
 
-        Static shapes, no host synchronisation (on the CPU, routed blocks read their decisions to
-        skip work), so ``torch.compile`` can capture it whole. ``span`` optionally bounds, from the
-        host, the cache slots attention reads (``Positions.span``). The caller keeps every row
-        within ``max_seq_len``.
+        No host synchronisation. ``policy`` (default: ``DecodePolicy.for_device``) says what the
+        step may read on the host. The host-side bookkeeping (the length check, ``state.filled``)
+        happens here, around ``decode_compute``, which reads no host value: ``compute`` replaces it
+        by a compiled version (``generate.compile_decode_step``), whose shapes never change.
         """
-        return self.lm_head(self.norm(self.extend(token.unsqueeze(1), state, span=span)))[:, 0]
+        policy = DecodePolicy.for_device(token.device) if policy is None else policy
+        self.check_length(state.filled + 1, f"sequence of {state.filled + 1} tokens")
+        span = state.filled + 1 if policy.bounded_reads else None
+        logits = (compute or self.decode_compute)(token, state, policy, span)
+        state.filled += 1
+        return logits
 
-    def extend(self, idx: torch.Tensor, state: DecodeState, n_real: Optional[torch.Tensor] = None,
-               span: Optional[int] = None) -> torch.Tensor:
-        """Run new tokens (B, T), the first ``n_real`` of each row real, through every block with its
-        cache; returns the final residual stream (B, T, d) and advances ``state``."""
-        T = idx.size(1)
+    def decode_compute(self, token: torch.Tensor, state: DecodeState, policy: DecodePolicy,
+                       span: Optional[int]) -> torch.Tensor:
+        """What a decoding step computes: every block on one token per row with its cache (reading
+        ``span`` slots, or all), then the head. Call ``decode_step``, which keeps the state's
+        host-side bound."""
         index = state.seen.unsqueeze(1)
-        if T > 1:
-            index = index + torch.arange(T, device=idx.device)
-        where = Positions(state.cos[index], state.sin[index], index, n_real, span=span)
-        x = self.embed(idx)
-        for block, cache in zip(self.blocks, state.blocks):
-            x, _ = block(x, where, "causal", cache)
-        state.seen += T if n_real is None else n_real
-        return x
+        where = Positions(state.cos[index], state.sin[index], index, span=span, policy=policy)
+        x = self.embed(token.unsqueeze(1))
+        for block, cache in zip(self.blocks, state.caches):
+            x, _ = block(x, where, Routing.CAUSAL, cache)
+        state.seen += 1
+        return self.logits(x[:, 0])
 
-    def generate(
-        self,
-        idx: Union[torch.Tensor, Sequence[Sequence[int]]],
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        eot_id: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-    ):
-        """Sample continuations with the KV cache and causal routing: ``modlm.generate.generate``."""
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eot_id=eot_id, generator=generator)
+    generate = _generate

@@ -76,12 +76,12 @@ def expert_charts(cfg: ModelConfig) -> list[Chart]:
     layers = cfg.expert_layers
     if not layers:
         return []
-    n_slots = cfg.n_experts + cfg.noop_experts
-    charts = [(f"expert load, block {i}: share of picks (balanced: {1 / n_slots:.3g} each)",
+    n_choices = cfg.n_experts + cfg.noop_experts
+    charts = [(f"expert load, block {i}: share of picks (balanced: {1 / n_choices:.3g} each)",
                [f"moe/load/layer_{i}/expert_{e}" for e in range(cfg.n_experts)]) for i in layers]
     per = lambda name: [f"moe/{name}/layer_{i}" for i in layers]  # noqa: E731
     if cfg.noop_experts:
-        charts.append((f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_slots:.3g})", per("noop_fraction")))
+        charts.append((f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_choices:.3g})", per("noop_fraction")))
     charts += [(f"picks dropped over capacity (capacity factor {cfg.capacity_factor:g})", per("dropped")),
                ("load-balancing loss, unweighted (1 = balanced)", per("load_balance"))]
     return charts
