@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from modlm.analysis.metrics import (capacity_used, decision_counts, overlap_counts, quality_from_counts, selection_scalars,
+from modlm.analysis.metrics import (capacity_used, decision_counts, overlap_counts, quality_from_counts, selection_figures,
                            token_depth)
 from modlm.model.routing import RoutingInfo
 
@@ -26,13 +26,13 @@ def test_capacity_and_decision_counts():
     assert quality_from_counts(decision_counts(b))["causal_acc"] == 1.0
 
 
-def test_depth_and_selection_scalars():
+def test_depth_and_selection_figures():
     a = info(1, [[1, 1, 0, 0]], [[1, 1, 0, 0]])
     b = info(3, [[0, 1, 1, 0]], [[0, 1, 1, 0]])
     assert token_depth([a, b], n_layers=4).tolist() == [[3, 4, 3, 2]]  # 2 dense blocks + picks
     ids = torch.tensor([[7, 0, 7, 7]])
-    stats = selection_scalars([a, b], ids, eot_id=0)
-    assert stats["capacity_used/layer_1"] == 0.5 and stats["selected_first/layer_1"] == 1.0
+    stats = selection_figures([a, b], ids, eot_id=0)
+    assert stats["capacity_used"] == {1: 0.5, 3: 0.5} and stats["selected_first"] == {1: 1.0, 3: 0.0}
     assert overlap_counts(a, b).tolist() == [1, 2]
-    assert stats["overlap/layer_1"] == 0.5 and "overlap/layer_3" not in stats
-    assert stats["selected_eot/layer_1"] == pytest.approx(0.5) and stats["selected_eot/layer_3"] == pytest.approx(0.5)
+    assert stats["overlap"] == {1: 0.5}
+    assert stats["selected_eot"] == {1: pytest.approx(0.5), 3: pytest.approx(0.5)}

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.training.callbacks import NonFiniteLossGuard
-from modlm.training.callbacks.atomic_checkpoint import AtomicModelCheckpoint
+from modlm.training.callbacks.checkpointing import RunCheckpoint
 from modlm.training.callbacks.preemption import Preemption
 from modlm.cli.train import ModLMCLI
 from modlm.data import ModLMDataModule
@@ -86,7 +86,7 @@ def test_config_instantiates(path, tmp_path, tiny_tokenizer):
     for kind in (ModelCheckpoint, LearningRateMonitor, ThroughputMonitor, NonFiniteLossGuard, Preemption):
         assert sum(isinstance(cb, kind) for cb in trainer.callbacks) == 1, kind
     # the checkpoint callback writes atomically and keeps last.ckpt a link
-    assert any(isinstance(cb, AtomicModelCheckpoint) for cb in trainer.callbacks)
+    assert any(isinstance(cb, RunCheckpoint) for cb in trainer.callbacks)
     (ckpt,) = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last == "link"
     if isinstance(strategy, dict) and strategy["class_path"].endswith("ModelParallelStrategy"):

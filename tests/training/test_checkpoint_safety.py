@@ -48,9 +48,8 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        trainer = types.SimpleNamespace(is_global_zero=True, save_checkpoint=save_checkpoint,
-                                        strategy=types.SimpleNamespace(barrier=lambda name=None: None))
-        save_atomically(trainer, {str(target)!r})
+        trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda name=None: None))
+        save_atomically(trainer, {str(target)!r}, save_checkpoint)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -69,9 +68,8 @@ def test_a_completed_save_replaces_the_file_and_leaves_nothing_hidden(tmp_path):
     target = tmp_path / "last.ckpt"
     good_ckpt(target, 4)
     (tmp_path / ".last.ckpt.partial").write_bytes(b"left by a killed save")
-    trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda name=None: None),
-                                    save_checkpoint=lambda path, weights_only=False: good_ckpt(path, 8))
-    save_atomically(trainer, target)
+    trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda name=None: None))
+    save_atomically(trainer, target, lambda path: good_ckpt(path, 8))
     assert torch.load(target, weights_only=True)["global_step"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 

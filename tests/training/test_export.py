@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.training.checkpoint import export, load_model
+from modlm.training.checkpoint import load_model
+from modlm.training.export import write_export as export
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
 from modlm.training.export import ENTRY_FILES, relative_imports, remote_code_files
 

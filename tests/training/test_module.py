@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from modlm.flops import training_flops
 from modlm.training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from modlm.training.checkpoint import CheckpointMismatchError
 from modlm.training.batch import split_batch
@@ -40,10 +41,14 @@ def trainer(tmp_path, max_steps=4, **kwargs) -> pl.Trainer:
 def test_training_loss_is_cross_entropy_plus_aux():
     m = module()
     batch = windows(4)
-    loss = m.training_step(batch, 0)
+    step = m.training_step(batch, 0)
     out = m.model(batch[:, :-1], routing="topk", targets=batch[:, 1:])
     assert out.aux_loss.item() > 0  # a routed model with a predictor has a real aux loss
-    torch.testing.assert_close(loss, out.loss + out.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(step["loss"], out.loss + out.aux_loss, rtol=0, atol=0)
+    report = step["report"]  # what the callbacks read: this step's routing, experts and FLOPs
+    assert [r.layer for r in report.routing] == [r.layer for r in out.routing] and report.experts == []
+    assert all(torch.equal(a.selected, b.selected) for a, b in zip(report.routing, out.routing))
+    assert report.flops == m.flops_per_batch == training_flops(m.config, T) * 4
 
 
 @pytest.mark.parametrize("form", ["tensor", "pair", "dict"])

@@ -23,7 +23,7 @@ from typing import Literal, Optional, Sequence
 from ..model.config import ModelConfig
 
 __all__ = ["block_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
-           "router_flops", "training_flops"]
+           "ran_forward_flops", "router_flops", "training_flops"]
 
 
 def mlp_flops(cfg: ModelConfig, n_tokens: float) -> float:
@@ -111,6 +111,17 @@ def forward_flops(
             total += block_flops(cfg, seq_len, attention, **mlp)
     total += 2 * seq_len * cfg.d_model * cfg.vocab_size  # LM head
     return int(round(total))
+
+
+def ran_forward_flops(cfg: ModelConfig, seq_len: int, routing: Sequence, experts: Sequence) -> float:
+    """Forward FLOPs per sequence of a pass as it ran, from its ``ModelOutput.routing`` and
+    ``.experts``: each routed block at the tokens its padded batch held (the most any row picked:
+    causal routing packs the picks of every row to that length), each mixture of experts at the
+    expert passes it computed (per row). Reads the counts on the host."""
+    tokens = [int(info.selected.sum(dim=1).max()) for info in routing]
+    passes = {info.layer: float(info.computed.sum()) / info.computed.size(0) for info in experts}
+    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens or None,
+                         passes_per_expert_layer=[passes.get(layer, 0.0) for layer in cfg.expert_layers] or None)
 
 
 def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:

@@ -63,21 +63,26 @@ def overlap_counts(info: RoutingInfo, after: RoutingInfo) -> torch.Tensor:
     return torch.stack([(info.selected & after.selected).sum(), info.selected.sum()])
 
 
-def selection_scalars(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, float]:
-    """Per-block capacity, overlap with the next routed block, and trivial-token picks for one
-    batch, keyed ``"<name>/layer_<i>"``."""
-    stats = {}
+def selection_figures(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot_id: Optional[int]) -> dict[str, dict[int, float]]:
+    """For one batch, ``{figure: {layer: value}}`` over the routed blocks: ``capacity_used``,
+    ``selected_first`` (share of rows whose first position is picked), ``selected_eot`` (share of
+    picks that are the end-of-text token; with ``eot_id``) and ``overlap`` (share of the block's
+    picks the next routed block picks too; every block but the last)."""
+    figures: dict[str, dict[int, float]] = {"capacity_used": {}, "selected_first": {}}
+    if eot_id is not None:
+        figures["selected_eot"] = {}
+    if len(infos) > 1:
+        figures["overlap"] = {}
     for n, info in enumerate(infos):
         sel = info.selected
-        layer = f"layer_{info.layer}"
-        stats[f"capacity_used/{layer}"] = capacity_used(info).item()
-        stats[f"selected_first/{layer}"] = sel[:, 0].float().mean().item()
+        figures["capacity_used"][info.layer] = capacity_used(info).item()
+        figures["selected_first"][info.layer] = sel[:, 0].float().mean().item()
         if eot_id is not None:
-            stats[f"selected_eot/{layer}"] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
+            figures["selected_eot"][info.layer] = (sel & (input_ids == eot_id)).sum().item() / max(1, sel.sum().item())
         if n + 1 < len(infos):
             both, mine = overlap_counts(info, infos[n + 1]).tolist()
-            stats[f"overlap/{layer}"] = both / max(1, mine)
-    return stats
+            figures["overlap"][info.layer] = both / max(1, mine)
+    return figures
 
 
 # --- mixture-of-experts routers ---------------------------------------------------------------------
@@ -112,18 +117,17 @@ def passes_per_row(info: ExpertInfo) -> torch.Tensor:
     return info.computed.sum() / info.computed.size(0)
 
 
-def expert_scalars(infos: Sequence[ExpertInfo]) -> dict[str, float]:
-    """Per mixture-of-experts MLP ``i``: ``load/layer_i/expert_e`` for each real expert,
-    ``noop_fraction/layer_i``, ``dropped/layer_i`` and ``load_balance/layer_i`` (unweighted)."""
-    stats = {}
+def expert_figures(infos: Sequence[ExpertInfo]) -> dict[str, dict[int, object]]:
+    """``{figure: {layer: value}}`` over the mixture-of-experts MLPs: ``load`` (the share of picks of
+    each real expert, a list), ``noop_fraction`` (with no-op experts), ``dropped`` and
+    ``load_balance`` (unweighted; where computed)."""
+    figures: dict[str, dict[int, object]] = {"load": {}, "noop_fraction": {}, "dropped": {}, "load_balance": {}}
     for info in infos:
-        layer = f"layer_{info.layer}"
         load = expert_load(info).tolist()
-        for e in range(info.n_experts):
-            stats[f"load/{layer}/expert_{e}"] = load[e]
+        figures["load"][info.layer] = load[: info.n_experts]
         if info.n_choices > info.n_experts:
-            stats[f"noop_fraction/{layer}"] = sum(load[info.n_experts:])
-        stats[f"dropped/{layer}"] = dropped_fraction(info).item()
+            figures["noop_fraction"][info.layer] = sum(load[info.n_experts:])
+        figures["dropped"][info.layer] = dropped_fraction(info).item()
         if info.load_balance is not None:
-            stats[f"load_balance/{layer}"] = info.load_balance.item()
-    return stats
+            figures["load_balance"][info.layer] = info.load_balance.item()
+    return {name: values for name, values in figures.items() if values}

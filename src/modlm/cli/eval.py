@@ -28,15 +28,16 @@ from typing import Literal, Optional
 
 import torch
 
-from ..training.checkpoint import export as write_export
+from ..model.errors import UserError
 from ..training.checkpoint import load_model
+from ..training.export import write_export
 from ..analysis.evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
 from ..model.transformer import MoDTransformer
 from ..analysis.report import plot as draw_plot
 from ..analysis.report import table
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
@@ -201,10 +202,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return execute(run)
-    except ValueError as err:  # EvalError, CheckpointError, DataError, ModelConfig's errors: the user's to fix
+    except UserError as err:  # EvalError, CheckpointError, DataError, ModelConfig's errors: the user's to fix
         if os.environ.get("MODLM_DEBUG"):
             raise
-        print(f"eval.py: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"modlm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -30,18 +30,20 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..model.errors import UserError
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from ..training.callbacks.atomic_checkpoint import AtomicModelCheckpoint
-from ..training.callbacks.preemption import Preemption
+from ..training.callbacks.checkpointing import RunCheckpoint
 from ..training.callbacks.dashboard import Dashboard
 from ..training.callbacks.flops_meter import FlopsMeter
+from ..training.callbacks.preemption import Preemption
 from ..training.callbacks.routing_heatmap import RoutingHeatmap
 from ..training.callbacks.routing_stats import RoutingStats
-from ..training.loggers import StreamTensorBoardLogger
 from ..training.callbacks.throughput import TokenThroughput
-from ..training.checkpoint import check_resume_shape, read_checkpoint, resolve_last
+from ..training.checkpoint import CheckpointError, check_resume_shape, read_checkpoint, resolve_last
+from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.precision import choose_precision
+from ..training.trainer import ModLMTrainer
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
@@ -76,6 +78,7 @@ class ModLMCLI(LightningCLI):
         super().__init__(
             MoDLightningModule,
             datamodule_class or _datamodule_class(),
+            trainer_class=ModLMTrainer,  # Lightning's Trainer, its checkpoints written atomically
             args=args,
             run=run,
             auto_configure_optimizers=False,  # the module owns AdamW + schedule (--model.lr ...)
@@ -86,8 +89,8 @@ class ModLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # ModelCheckpoint's arguments and behaviour, each save written atomically.
-        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
+        # ModelCheckpoint's arguments and behaviour (each save atomic: the trainer writes it).
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.filename": "{step:07d}",
             "checkpoint.save_last": "link",  # last.ckpt: a link to the newest step checkpoint, not a copy
@@ -112,24 +115,26 @@ class ModLMCLI(LightningCLI):
             parser.link_arguments("data.tokenizer_vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.max_seq_len")
 
-    def _parse_ckpt_path(self) -> None:
-        """Refuse to resume a fit whose model shape differs from the checkpoint's.
-
-        LightningCLI rebuilds the model from a checkpoint file's saved hyperparameters, which
-        silently overrides ``--model.*``. For ``validate``/``test`` that is what one wants (the
-        checkpoint defines the model). For ``fit`` a shape that disagrees means the user asked for
-        another model than the one they resume, so it is an error that names the fields.
-        """
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then settle ``--ckpt_path`` before LightningCLI reads the checkpoint's
+        hyperparameters into the model's config: ``last`` becomes the newest checkpoint of the run
+        (or nothing), a missing or damaged file is a one-line error, and a fit whose model shape
+        differs from the checkpoint's is refused naming the fields (LightningCLI would silently take
+        the checkpoint's values over the ``--model.*`` the user gave: for ``validate``/``test`` that
+        is what one wants, the checkpoint defines the model; for ``fit`` the user asked for another
+        model than the one they resume)."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":
             ckpt_path = self._resolve_last(self.config[subcommand])
             self.config[subcommand].ckpt_path = ckpt_path
+        if ckpt_path and not Path(ckpt_path).exists():
+            raise CheckpointError(f"checkpoint not found: {ckpt_path}")
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)  # a corrupt or unsafe file is a one-line user error
             if subcommand == "fit":
                 check_resume_shape(ckpt_path, self.config.fit.model)
-        super()._parse_ckpt_path()
 
     @staticmethod
     def _resolve_last(config) -> Optional[str]:
@@ -169,15 +174,12 @@ class ModLMCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError)
-"""Exceptions that mean "fix your input", printed as one line. ``DataError``, ``ModelConfig``'s
-errors and ``modlm.checkpoint``'s are ``ValueError`` subclasses."""
-
-
 def _is_user_error(err: BaseException) -> bool:
-    if isinstance(err, USER_ERRORS):
+    """Input the user has to fix (``UserError``: configs, data, checkpoints), a training run that
+    diverged (``NonFiniteLossError``), or torch's own message for a checkpoint of another shape
+    loaded by a sharding strategy; anything else is a bug and keeps its traceback."""
+    if isinstance(err, (UserError, NonFiniteLossError)):
         return True
-    # torch's own message for a checkpoint of another shape (e.g. loaded by a sharding strategy).
     return isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err)
 
 

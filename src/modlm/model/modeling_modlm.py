@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import ModelConfig
 from .configuration_modlm import ModLMConfig
+from .errors import UserError
 from .kv_cache import DecodeState
 from .transformer import MoDTransformer
 
@@ -105,7 +106,7 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         cached = use_cache or cache is not None
         if routing != "causal" and cached:
-            raise ValueError("a KV cache decodes with causal routing only (pass use_cache=False for routing='topk')")
+            raise UserError("a KV cache decodes with causal routing only (pass use_cache=False for routing='topk')")
         core = self.core
         starting = cache is None
         order = n_real = None
@@ -125,7 +126,7 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = unpermute(core.prefill(input_ids, cache.state, n_real), order)[:, -logits_to_keep:]  # (-0: all)
         else:
             if order is not None and routing != "causal":
-                raise ValueError("padded rows need routing='causal' (top-k would rank the padding too)")
+                raise UserError("padded rows need routing='causal' (top-k would rank the padding too)")
             # Padding after a row's real tokens never reaches them (causal attention, per-token
             # decisions), so one pass serves every row.
             logits = unpermute(core(input_ids, routing=routing).logits, order)[:, -logits_to_keep:]
@@ -133,7 +134,7 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             if logits_to_keep:
-                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+                raise UserError("labels need the logits of every position (logits_to_keep=0)")
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if cached else None)
         return out if return_dict is not False else out.to_tuple()

@@ -1,39 +1,45 @@
-"""Saved models: reading them, exporting them, and deciding whether one fits a model.
+"""Saved models: the one reader and writer of checkpoints, and whether one fits a model.
 
 The one place to change the checkpoint format. Which ``ModelConfig`` fields decide the tensors is
 ``ModelConfig.TENSOR_FIELDS``; how a config comes back from saved hyperparameters is
-``ModelConfig.from_hparams``. Everything else that reads or checks a saved model is here: the
-command line's refusal to resume a fit into another shape, the module's tensor check on load, the
-generator states a checkpoint carries, and evaluation's loading and export.
+``ModelConfig.from_hparams``. Everything else that reads, writes or checks a Lightning checkpoint is
+here:
 
-Writing and finding: ``save_atomically`` writes every checkpoint under a hidden name and renames it
-into place (a save cut off never replaces a good file); ``resolve_last`` is what ``--ckpt_path
-last`` means (the newest checkpoint of a run, a damaged one named).
+* reading: ``read_checkpoint`` (``torch.load(weights_only=True)``: no pickled code ever runs; read
+  once per file and kept, so a resume opens the file once here), ``checkpoint_damage`` (what is
+  wrong with a file, if anything), ``load_model`` (the model and data settings of a checkpoint or of
+  an export folder, ``modlm.training.export``);
+* finding: ``resolve_last``, what ``--ckpt_path last`` means (the newest checkpoint of a run, a
+  damaged one named);
+* fitting: ``check_resume_shape`` (a fit resumed into another model shape is refused, naming the
+  fields) and ``check_state_dict_fits`` (the module's tensor check on load);
+* the generator states a checkpoint carries (``rng_states``);
+* writing: ``save_atomically`` writes under a hidden name and renames into place, so a save cut
+  off never replaces a good file (``modlm.training.trainer.ModLMTrainer.save_checkpoint`` uses it
+  for every save of a run).
 
-Two forms: a Lightning checkpoint written by ``train.py`` (model weights under ``state_dict`` with
-the ``model.`` prefix, the module's hyperparameters, the data module's settings), and an export
-folder (``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json``, a model card,
-and the files that let transformers load it: see ``hf_export``). Both are read without unpickling
-code: checkpoints with ``torch.load(weights_only=True)``, exports with safetensors and JSON.
+A Lightning checkpoint written by ``train.py`` holds the model weights under ``state_dict`` with
+the ``model.`` prefix, the module's hyperparameters and the data module's settings.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from ..model.config import ModelConfig
-from .export import transformers_config, write_transformers_files
+from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
+from .export import load_export
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file or folder that is not a readable modlm model; the message names it."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose tensors do not fit the model this run builds (another shape or vocab)."""
 
 
@@ -45,7 +51,7 @@ def check_resume_shape(ckpt_path: str, wanted: dict) -> None:
     Lightning rebuilds the module from the checkpoint's hyperparameters, which would silently
     override them.
     """
-    saved = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+    saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
     diffs = ModelConfig.tensor_differences(saved, wanted)
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
@@ -91,25 +97,20 @@ def restore_rng_states(states: dict) -> None:
 # --- reading and exporting ---------------------------------------------------------------------------
 
 def load_model(path: str, device: str = "cpu") -> tuple[MoDTransformer, dict]:
-    """The model (in eval mode, on ``device``) and the data settings it was trained with."""
+    """The model (in eval mode, on ``device``) and the data settings it was trained with, from a
+    checkpoint file or an export folder."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if p.is_dir():
-        return _load_export(p, device)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - corrupt, truncated, or content that is not plain data
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a PyTorch checkpoint, truncated, or it holds objects "
-            "other than tensors and plain values (modlm never unpickles code)"
-        ) from None
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        return load_export(p, device)
+    ckpt = read_checkpoint(p, purpose="read checkpoint")
+    hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
         raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
     try:
         config = ModelConfig.from_hparams(hparams)
-    except (TypeError, ValueError) as err:
+    except (TypeError, UserError) as err:
         raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
     model = MoDTransformer(config)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -119,37 +120,6 @@ def load_model(path: str, device: str = "cpu") -> tuple[MoDTransformer, dict]:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     return model.to(device).eval(), data
-
-
-def _load_export(folder: Path, device: str) -> tuple[MoDTransformer, dict]:
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
-    try:
-        model = MoDTransformer.from_pretrained(folder, map_location=device)
-    except Exception as err:  # noqa: BLE001 - any failure here means a broken export
-        raise CheckpointError(f"cannot load export folder {folder}: {err}") from None
-    data = json.loads((folder / "data.json").read_text()) if (folder / "data.json").is_file() else {}
-    if (folder / "tokenizer.json").is_file():
-        data["tokenizer_path"] = str(folder / "tokenizer.json")
-    return model.eval(), data
-
-
-def export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
-    """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
-    tokenizer, its data settings (without the tokenizer path, which the folder's own
-    ``tokenizer.json`` replaces), and what lets transformers load it (``hf_export``)."""
-    from ..data.tokenizer import EOT_TOKEN
-
-    folder = Path(folder)
-    eos_id = tokenizer.token_to_id(EOT_TOKEN)
-    if eos_id is None:
-        raise CheckpointError(f"the tokenizer has no {EOT_TOKEN} token: nothing would end a generation")
-    config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
-    model.save_pretrained(folder, config=config)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    write_transformers_files(folder, model.config, EOT_TOKEN, eos_id)
-    data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
-    (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 # --- writing without ever leaving half a checkpoint behind --------------------------------------
@@ -168,13 +138,15 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def save_atomically(trainer, filepath, weights_only: bool = False) -> None:
-    """``trainer.save_checkpoint`` into a hidden name beside ``filepath``, then a rename onto it.
+def save_atomically(trainer, filepath, write: Callable[[Path], None]) -> None:
+    """``write(hidden_path)`` (the trainer's save), then a rename of its output onto ``filepath``.
 
     Lightning writes a file through a temporary file in the system's temp folder and *copies* it
     into place when that is another file system, and a sharded checkpoint folder in place, shard by
     shard: a process killed meanwhile leaves a truncated ``last.ckpt`` where a good one was. Here
-    the previous checkpoint stays whole until the new one is complete. Call it on every rank (the
+    the previous checkpoint stays whole until the new one is complete. A link at ``filepath``
+    (``last.ckpt`` links to the newest step) is replaced, never written through: a sharded save
+    through it would overwrite the shards of the step it links to. Call it on every rank (the
     save itself is collective)."""
     path = Path(filepath)
     partial = _partial_name(path)
@@ -183,9 +155,11 @@ def save_atomically(trainer, filepath, weights_only: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove(partial)  # left by a save that was cut off
     strategy.barrier("modlm.save_atomically.start")
-    trainer.save_checkpoint(partial, weights_only)
+    write(partial)
     if trainer.is_global_zero:
-        if partial.is_dir() and (path.is_dir() and not path.is_symlink()):
+        if path.is_symlink():
+            path.unlink()
+        if partial.is_dir() and path.is_dir():
             # os.replace cannot put a folder onto a non-empty folder: move the old one aside first.
             old = path.with_name(f".{path.name}.old")
             _remove(old)
@@ -193,41 +167,56 @@ def save_atomically(trainer, filepath, weights_only: bool = False) -> None:
             os.replace(partial, path)
             _remove(old)
         else:
-            if path.is_dir() and not path.is_symlink():
+            if path.is_dir():
                 _remove(path)
             os.replace(partial, path)
     strategy.barrier("modlm.save_atomically.end")
 
 
 # --- which checkpoint `--ckpt_path last` means ---------------------------------------------------
-def checkpoint_damage(path) -> str | None:
-    """None if ``path`` reads as a checkpoint, else what is wrong with it (a few words).
+_READ: dict[tuple, object] = {}  # (path, mtime, size) -> what reading it gave: the contents, or the damage
 
-    A file is opened with ``torch.load(weights_only=True, mmap=True)``: cheap (tensors are not
-    read) and it never unpickles code. A sharded folder must hold the ``.metadata`` index, which
-    torch's distributed checkpoint writes last."""
+
+def _read(path: Path):
+    """The contents of a checkpoint file, or a string saying what is wrong with it; each version of
+    a file (path, modification time, size) is opened once per process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _READ:
+        try:
+            # mmap: tensors are not read until used; weights_only: never unpickles code
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects that are not plain data
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if any(m in reason.lower() for m in ("weights only", "weights_only", "unsupported global")):
+                ckpt = "it holds pickled objects other than tensors and plain values (modlm never unpickles code)"
+            else:
+                ckpt = f"not a readable PyTorch checkpoint (truncated or corrupt: {reason[:120]})"
+        else:
+            if not isinstance(ckpt, dict) or "state_dict" not in ckpt and "loops" not in ckpt:
+                ckpt = "not a Lightning checkpoint"
+        _READ.clear()  # one file at a time is all a command needs: keep no more in memory
+        _READ[key] = ckpt
+    return _READ[key]
+
+
+def checkpoint_damage(path) -> Optional[str]:
+    """None if ``path`` reads as a checkpoint, else what is wrong with it (a few words). A sharded
+    folder must hold the ``.metadata`` index, which torch's distributed checkpoint writes last."""
     p = Path(path)
     if p.is_dir():
         return None if (p / ".metadata").is_file() else "a sharded checkpoint folder without its .metadata index"
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects that are not plain data
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if any(m in reason.lower() for m in ("weights only", "weights_only", "unsupported global")):
-            return "it holds pickled objects other than tensors and plain values (modlm never unpickles code)"
-        return f"not a readable PyTorch checkpoint (truncated or corrupt: {reason[:120]})"
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt and "loops" not in ckpt:
-        return "not a Lightning checkpoint"
-    return None
+    found = _read(p)
+    return found if isinstance(found, str) else None
 
 
-def read_checkpoint(path) -> dict:
-    """A checkpoint file's contents, read with ``weights_only=True``; a ``CheckpointError`` naming
-    the file and what is wrong otherwise."""
-    damage = checkpoint_damage(path)
-    if damage:
-        raise CheckpointError(f"cannot resume from {path}: {damage}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def read_checkpoint(path, purpose: str = "resume from") -> dict:
+    """A checkpoint file's contents; a ``CheckpointError`` naming the file and what is wrong
+    otherwise (``purpose`` says what the command was doing: "cannot resume from ...")."""
+    found = _read(Path(path))
+    if isinstance(found, str):
+        raise CheckpointError(f"cannot {purpose} {path}: {found}")
+    return found
 
 
 def checkpoint_candidates(checkpoint_dir, root_dir=None) -> list[Path]:

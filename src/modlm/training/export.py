@@ -1,4 +1,9 @@
-"""What makes an export folder a transformers model as well: remote code and transformers' files.
+"""Export folders: writing one (``write_export``), reading one back (``load_export``), and what makes
+it a transformers model as well: remote code and transformers' files.
+
+An export folder holds ``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json`` (the
+data settings it was trained with), a model card, and the files that let transformers load it.
+Reading it needs no unpickling: safetensors and JSON.
 
 transformers loads a model it does not know from the folder's own Python files
 (``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py`` import the rest of
@@ -8,7 +13,7 @@ relatively and nothing else of modlm, so the folder needs transformers and torch
 model module is copied without anyone listing it here; ``relative_imports`` is what the tests use to
 hold the model package to that rule.
 
-No transformers import here: exporting needs only modlm; the files are plain JSON.
+No transformers import here: exporting needs only modlm; transformers' files are plain JSON.
 """
 from __future__ import annotations
 
@@ -20,6 +25,12 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig
+from ..model.transformer import MoDTransformer
+from ..model.errors import UserError
+
+class ExportError(UserError):
+    """A folder that is not a readable export, or a model that cannot be exported; the message says why."""
+
 
 MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
 """The folder whose files are an export's remote code."""
@@ -93,3 +104,36 @@ def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, 
 
 def dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_export(folder: Path, device: str = "cpu") -> tuple[MoDTransformer, dict]:
+    """The model (in eval mode, on ``device``) and the data settings of an export folder (its
+    ``tokenizer_path`` the folder's own ``tokenizer.json``)."""
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ExportError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
+    try:
+        model = MoDTransformer.from_pretrained(folder, map_location=device)
+    except Exception as err:  # noqa: BLE001 - any failure here means a broken export
+        raise ExportError(f"cannot load export folder {folder}: {err}") from None
+    data = json.loads((folder / "data.json").read_text()) if (folder / "data.json").is_file() else {}
+    if (folder / "tokenizer.json").is_file():
+        data["tokenizer_path"] = str(folder / "tokenizer.json")
+    return model.eval(), data
+
+
+def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
+    """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
+    tokenizer, its data settings (without the tokenizer path, which the folder's own
+    ``tokenizer.json`` replaces), and what lets transformers load it."""
+    from ..data import EOT_TOKEN
+
+    folder = Path(folder)
+    eos_id = tokenizer.token_to_id(EOT_TOKEN)
+    if eos_id is None:
+        raise ExportError(f"the tokenizer has no {EOT_TOKEN} token: nothing would end a generation")
+    config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
+    model.save_pretrained(folder, config=config)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_transformers_files(folder, model.config, EOT_TOKEN, eos_id)
+    data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
+    (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -16,13 +16,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from ..analysis.flops import forward_flops, ran_forward_flops, training_flops
+from ..model.config import ModelConfig, Routing
+from ..model.errors import UserError
+from ..model.transformer import ModelOutput, MoDTransformer
+from . import tags
 from .batch import split_batch
 from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
-from ..model.config import ModelConfig
-from ..analysis.flops import forward_flops, training_flops
-from ..model.transformer import ModelOutput, MoDTransformer
 from .optim import WarmupCosine, build_adamw
 from .parallel import parallelize
+from .telemetry import StepReport
 
 
 class MoDLightningModule(pl.LightningModule):
@@ -51,7 +54,7 @@ class MoDLightningModule(pl.LightningModule):
             lr_decay_steps: Step at which the cosine reaches its floor. Default: the trainer's
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
-            compile: ``torch.compile`` each transformer block (see ``modlm.parallel``).
+            compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
@@ -66,20 +69,15 @@ class MoDLightningModule(pl.LightningModule):
         # Mean per-token cross-entropy over a validation/test run; torchmetrics syncs across ranks.
         self.val_loss = MeanMetric()
         self.val_loss_causal = MeanMetric()
-        self.last_routing: list = []
-        """Routing of the latest top-k forward (``RoutingInfo`` per routed block): telemetry callbacks read it."""
-        self.last_routing_causal: list = []
-        """Routing of the latest causal-routing validation forward (empty for dense models)."""
-        self.last_experts: list = []
-        """``ExpertInfo`` per mixture-of-experts MLP of the latest top-k forward (empty without experts)."""
-        self.flops_per_batch: Optional[int] = None
-        """FLOPs of the latest batch on this device (read by Lightning's ``ThroughputMonitor``)."""
+        self.flops_per_batch: Optional[float] = None
+        """FLOPs of the latest batch on this device: what Lightning's ``ThroughputMonitor`` reads
+        (the telemetry callbacks read each step's ``StepReport`` instead)."""
         self._configured = False
         self._rng_to_restore: Optional[dict] = None  # generator states of a resumed checkpoint, until its first step
 
     # --- compile / sharding ---------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Compile and shard the model (``modlm.parallel.parallelize``). Called by every strategy,
+        """Compile and shard the model (``modlm.training.parallel.parallelize``). Called by every strategy,
         again for validate/test after fit: idempotent. The model was built in ``__init__`` with its
         own init, so nothing is left on the meta device."""
         if self._configured:
@@ -92,54 +90,56 @@ class MoDLightningModule(pl.LightningModule):
             logger.log_hyperparams({f"model/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
 
     # --- steps -----------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, routing: str = "topk", targets: Optional[torch.Tensor] = None) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, routing: Routing = Routing.TOPK, targets: Optional[torch.Tensor] = None) -> ModelOutput:
         return self.model(idx, routing=routing, targets=targets)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict:
+        """The loss to optimise and, for the callbacks, the step's ``StepReport``."""
         idx, targets = split_batch(batch)
-        out = self(idx, routing="topk", targets=targets)
-        self.last_routing, self.last_experts = out.routing, out.experts
+        out = self(idx, routing=Routing.TOPK, targets=targets)
         self.flops_per_batch = training_flops(self.config, idx.size(1)) * idx.size(0)
         # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
         # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
-        self.log("train/loss", out.loss, on_step=True, prog_bar=True)
-        self.log("train/aux_loss", out.aux_loss, on_step=True)
-        return out.loss + out.aux_loss
+        self.log(tags.TRAIN_LOSS, out.loss, on_step=True, prog_bar=True)
+        self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
+        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch)
+        return {"loss": out.loss + out.aux_loss, "report": report}
 
-    def _eval_step(self, batch: Any) -> None:
+    def _eval_step(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
-        out = self(idx, routing="topk", targets=targets)
-        self.last_routing, self.last_experts = out.routing, out.experts
+        out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
-        passes = 1
+        report = StepReport(routing=out.routing, experts=out.experts, flops=forward_flops(self.config, idx.size(1)) * idx.size(0))
         if self.config.routes_tokens and self.hparams.validate_causal:
-            causal = self(idx, routing="causal", targets=targets)
-            self.last_routing_causal = causal.routing
+            causal = self(idx, routing=Routing.CAUSAL, targets=targets)
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
-            passes = 2
-        self.flops_per_batch = passes * forward_flops(self.config, idx.size(1)) * idx.size(0)
+            report.causal_routing = causal.routing
+            # charged at what it computed, not at top-k's cost (validation may read counts on the host)
+            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts) * idx.size(0)
+        self.flops_per_batch = report.flops
+        return {"report": report}
 
     def _eval_epoch_end(self, prefix: str) -> None:
         if self.val_loss.update_count == 0:
             return
         loss = self.val_loss.compute()
-        self.log(f"{prefix}/loss", loss, prog_bar=True)
-        self.log(f"{prefix}/ppl", loss.exp())
+        self.log(tags.eval_loss(prefix), loss, prog_bar=True)
+        self.log(tags.eval_ppl(prefix), loss.exp())
         self.val_loss.reset()
         if self.val_loss_causal.update_count > 0:
             loss = self.val_loss_causal.compute()
-            self.log(f"{prefix}/loss_causal", loss)
-            self.log(f"{prefix}/ppl_causal", loss.exp())
+            self.log(tags.eval_loss(prefix, causal=True), loss)
+            self.log(tags.eval_ppl(prefix, causal=True), loss.exp())
             self.val_loss_causal.reset()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch)
+    def test_step(self, batch: Any, batch_idx: int) -> dict:
+        return self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -151,7 +151,7 @@ class MoDLightningModule(pl.LightningModule):
             return self.hparams.lr_decay_steps
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if max_steps is None or max_steps <= 0:
-            raise ValueError(
+            raise UserError(
                 "the learning-rate schedule spans the planned run: set --trainer.max_steps "
                 "(or --model.lr_decay_steps)"
             )

@@ -7,8 +7,11 @@ steps, floor) and a resumed run follows the plan it started with, wherever it wa
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
+
+from ..model.errors import UserError
 
 
 class WarmupCosine:
@@ -20,11 +23,11 @@ class WarmupCosine:
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} is invalid: must be >= 0")
+            raise UserError(f"warmup_steps={warmup_steps} is invalid: must be >= 0")
         if total_steps <= 0:
-            raise ValueError(f"the LR schedule needs a positive number of steps, got {total_steps}")
+            raise UserError(f"the LR schedule needs a positive number of steps, got {total_steps}")
         if not 0.0 <= min_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={min_ratio} is invalid: must be in [0, 1]")
+            raise UserError(f"min_lr_ratio={min_ratio} is invalid: must be in [0, 1]")
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio

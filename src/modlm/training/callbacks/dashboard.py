@@ -28,22 +28,23 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
 from ...model.config import ModelConfig
+from .. import tags
 from ..loggers import tensorboard_writer
 
 Chart = tuple[str, list[str]]  # title, tags drawn on it
 
 
 def loss_charts(cfg: ModelConfig) -> list[Chart]:
-    val = ["val/loss", "val/loss_causal"] if cfg.routes_tokens else ["val/loss"]
+    val = [tags.eval_loss("val"), tags.eval_loss("val", causal=True)] if cfg.routes_tokens else [tags.eval_loss("val")]
     charts = [("loss: train, validation (top-k), validation (causal)" if cfg.routes_tokens
-               else "loss: train, validation", ["train/loss", *val])]
+               else "loss: train, validation", [tags.TRAIN_LOSS, *val])]
     if cfg.routes_tokens:
         aux = []
         if cfg.routed_layers:
-            aux.append("train/aux_predictor_bce" if cfg.causal_method == "predictor" else "train/aux_router_bce")
+            aux.append(tags.train_aux("predictor_bce" if cfg.causal_method == "predictor" else "router_bce"))
         if cfg.expert_layers:
-            aux.append("train/aux_load_balance")
-        charts.append(("auxiliary loss (weighted total; unweighted routing BCE, load balance)", ["train/aux_loss", *aux]))
+            aux.append(tags.train_aux("load_balance"))
+        charts.append(("auxiliary loss (weighted total; unweighted routing BCE, load balance)", [tags.TRAIN_AUX_LOSS, *aux]))
     return charts
 
 
@@ -51,7 +52,7 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
     layers = cfg.routed_layers
     if not layers:
         return []
-    per = lambda name, ls=layers: [f"router/{name}/layer_{i}" for i in ls]
+    per = lambda name, ls=layers: [tags.router(name, i) for i in ls]  # noqa: E731
     charts = [(f"capacity used per routed block (target {cfg.capacity:g}): top-k in training, causal in validation",
                per("capacity_used") + per("capacity_used_causal"))]
     if not cfg.random_routing:  # random picks have no causal decision to grade
@@ -59,14 +60,14 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
                    for name, what in (("acc", "accuracy"), ("precision", "precision"), ("recall", "recall"))]
     if len(layers) > 1:
         charts.append(("overlap: share of a block's picks the next routed block picks too", per("overlap", layers[:-1])))
-    charts.append(("mean number of blocks a token passes through", ["router/depth_mean"]))
+    charts.append(("mean number of blocks a token passes through", [tags.DEPTH_MEAN]))
     return charts
 
 
 def compute_charts(mfu_tags: list[str]) -> list[Chart]:
-    charts = [("training FLOPs per optimizer step (all ranks)", ["flops/step"]),
-              ("forward FLOPs / dense twin's", ["flops/ratio_vs_dense"]),
-              ("tokens per second (this device)", ["train/device/items_per_sec"])]
+    charts = [("training FLOPs per optimizer step (all ranks)", [tags.FLOPS_STEP]),
+              ("forward FLOPs / dense twin's", [tags.FLOPS_RATIO]),
+              ("tokens per second (this device)", [tags.TOKENS_PER_SEC])]
     if mfu_tags:
         charts.append(("model FLOPs utilisation", mfu_tags))
     return charts
@@ -78,8 +79,8 @@ def expert_charts(cfg: ModelConfig) -> list[Chart]:
         return []
     n_choices = cfg.n_experts + cfg.noop_experts
     charts = [(f"expert load, block {i}: share of picks (balanced: {1 / n_choices:.3g} each)",
-               [f"moe/load/layer_{i}/expert_{e}" for e in range(cfg.n_experts)]) for i in layers]
-    per = lambda name: [f"moe/{name}/layer_{i}" for i in layers]  # noqa: E731
+               [tags.moe("load", i, e) for e in range(cfg.n_experts)]) for i in layers]
+    per = lambda name: [tags.moe(name, i) for i in layers]  # noqa: E731
     if cfg.noop_experts:
         charts.append((f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_choices:.3g})", per("noop_fraction")))
     charts += [(f"picks dropped over capacity (capacity factor {cfg.capacity_factor:g})", per("dropped")),
@@ -99,7 +100,7 @@ def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
     each exact tag is anchored and escaped."""
     import re
 
-    return {name: {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]] for title, tags in charts}
+    return {name: {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in names]] for title, names in charts}
             for name, charts in groups.items()}
 
 
@@ -114,14 +115,14 @@ class Dashboard(Callback):
 
         from .flops_meter import FlopsMeter
 
-        tags = []
+        found = []
         if any(isinstance(cb, FlopsMeter) and cb.peak_flops for cb in trainer.callbacks):
-            tags.append("flops/mfu")
+            found.append(tags.FLOPS_MFU)
         monitor = any(isinstance(cb, ThroughputMonitor) for cb in trainer.callbacks)
         dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
         if monitor and get_available_flops(pl_module.device, dtype) is not None:
-            tags.append("train/device/mfu")
-        return tags
+            found.append(tags.DEVICE_MFU)
+        return found
 
     def on_fit_start(self, trainer, pl_module) -> None:
         writer = tensorboard_writer(trainer) if self.enabled else None

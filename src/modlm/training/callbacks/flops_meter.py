@@ -1,8 +1,8 @@
 """What each optimizer step costs in FLOPs, and what MoD saves, as TensorBoard scalars.
 
   flops/step            training FLOPs of the optimizer step: every micro-batch of the gradient
-                        accumulation, on every rank; analytic (``modlm.flops``, as the module's
-                        ``flops_per_batch``), with the k tokens each routed block processes in top-k
+                        accumulation, on every rank; analytic (``modlm.analysis.flops``, each step's
+                        ``StepReport.flops``), with the k tokens each routed block processes in top-k
   flops/total           cumulative, restored on resume
   flops/ratio_vs_dense  forward FLOPs of the model / those of its dense twin
   flops/mfu             model FLOP/s over ``peak_flops`` (only when ``peak_flops`` is given; use it
@@ -23,9 +23,11 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ...model.config import ModelConfig
 from ...analysis.flops import flops_ratio_vs_dense, training_flops
+from ...model.config import ModelConfig
 from ...model.transformer import MoDTransformer
+from .. import tags
+from ..telemetry import report_of
 
 
 def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
@@ -52,22 +54,24 @@ class FlopsMeter(Callback):
         self._t_last: Optional[float] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        report = report_of(outputs)
+        if report is None:
+            return
         cfg = pl_module.model.config
         batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
         if self._ratio_vs_dense is None:
             self._cross_check(pl_module, cfg, batch_size, seq_len)
-        # The module's analytic count of this batch (top-k training: exactly k tokens per routed
+        # The step's analytic count of this batch (top-k training: exactly k tokens per routed
         # block), read without touching the routing tensors, so no device sync per step.
-        self._pending += pl_module.flops_per_batch * trainer.world_size
+        self._pending += report.flops * trainer.world_size
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # the optimizer step is not done yet
         step_flops, self._pending = self._pending, 0.0
         self.total += step_flops
-        metrics = {"flops/step": step_flops, "flops/total": self.total,
-                   "flops/ratio_vs_dense": self._ratio_vs_dense}
+        metrics = {tags.FLOPS_STEP: step_flops, tags.FLOPS_TOTAL: self.total, tags.FLOPS_RATIO: self._ratio_vs_dense}
         now = time.perf_counter()
         if self.peak_flops and self._t_last is not None:
-            metrics["flops/mfu"] = step_flops / (now - self._t_last) / (self.peak_flops * trainer.world_size)
+            metrics[tags.FLOPS_MFU] = step_flops / (now - self._t_last) / (self.peak_flops * trainer.world_size)
         self._t_last = now
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
@@ -76,7 +80,7 @@ class FlopsMeter(Callback):
         measured = measured_training_flops(cfg, batch_size, seq_len)
         analytic = batch_size * training_flops(cfg, seq_len)
         for logger in pl_module.loggers:
-            logger.log_metrics({"flops/measured_per_batch": measured, "flops/analytic_per_batch": analytic}, step=0)
+            logger.log_metrics({tags.FLOPS_MEASURED: measured, tags.FLOPS_ANALYTIC: analytic}, step=0)
         if abs(analytic / measured - 1) > self.tolerance:
             rank_zero_warn(f"analytic FLOPs {analytic:.4g} differ from measured {measured:.4g} by more than {self.tolerance:.0%}")
 

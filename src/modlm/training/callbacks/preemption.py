@@ -6,8 +6,8 @@ save runs collectives (the data module gathers every rank's stream position): ra
 different points wait for each other forever. Its SIGTERM handler broadcasts from inside the
 handler too. Here the handler only records the signal. At the end of each optimizer step all ranks
 agree (one all-reduce, the same place in every rank's program) whether any rank was signalled; if
-so they save together, through the same atomic write as every checkpoint, stop, and (under SLURM,
-on SIGUSR1) rank 0 requeues the job. A signal reaching one rank only (a node's agent, a user's
+so they save together (``trainer.save_checkpoint``, atomic under ``ModLMTrainer``, as every
+checkpoint of a run), stop, and (under SLURM, on SIGUSR1) rank 0 requeues the job. A signal reaching one rank only (a node's agent, a user's
 ``kill``) is enough.
 
 The checkpoint is ``<checkpoint dir>/preempted.ckpt``; ``--ckpt_path last`` picks the newest
@@ -24,7 +24,6 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..checkpoint import save_atomically
 
 PREEMPTED_NAME = "preempted.ckpt"
 
@@ -77,7 +76,7 @@ class Preemption(pl.Callback):
             return
         usr1 = trainer.strategy.reduce_boolean_decision(self.received == signal.SIGUSR1, all=False)
         path = self.checkpoint_path(trainer)
-        save_atomically(trainer, path)
+        trainer.save_checkpoint(path)
         self.saved_path = path
         got = signal.Signals(self.received).name if self.received else "another rank's signal"
         rank_zero_info(f"modlm: pre-empted ({got}) after step {trainer.global_step}: saved {path}; "

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .. import tags
 from ..loggers import tensorboard_writer
+from ..telemetry import report_of
 
 
 def sequence_text(trainer, ids: list[int], limit: int = 40) -> str:
@@ -57,7 +59,8 @@ class RoutingHeatmap(Callback):
         self._validations = 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        topk = getattr(pl_module, "last_routing", None)
+        report = report_of(outputs)
+        topk = report.routing if report is not None else None
         if batch_idx != 0 or trainer.sanity_checking or not topk:
             return
         self._validations += 1
@@ -67,7 +70,7 @@ class RoutingHeatmap(Callback):
         if writer is None:
             return
         n = min(self.max_positions, batch.shape[1] - 1)
-        causal = {i.layer: i for i in getattr(pl_module, "last_routing_causal", None) or []}
+        causal = {i.layer: i for i in report.causal_routing}
         rows = []
         for info in topk:
             rows.append((f"L{info.layer} top-k", info.selected[0, :n].cpu()))
@@ -76,4 +79,4 @@ class RoutingHeatmap(Callback):
         text = sequence_text(trainer, batch[0, :n].tolist())
         title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
         group = 2 if len(rows) == 2 * len(topk) else 1
-        writer.add_figure("router/heatmap", heatmap_figure(rows, title, group), trainer.global_step, close=True)
+        writer.add_figure(tags.HEATMAP, heatmap_figure(rows, title, group), trainer.global_step, close=True)

@@ -1,9 +1,10 @@
 """What the routers do, as TensorBoard scalars and histograms.
 
-Reads the ``RoutingInfo`` list of the module's latest forward (``pl_module.last_routing``;
-validation also keeps ``pl_module.last_routing_causal`` from its causal pass) and the batch. Everything is
-computed (by ``modlm.metrics``) from tensors the forward pass already made, at ``every_n_steps`` (scalars) and
-``histogram_every_n_steps`` (histograms), so it costs next to nothing between those steps.
+Reads each step's ``StepReport`` (``modlm.training.telemetry``: the routing of its top-k pass and,
+in validation, of its causal pass) and the batch. Everything is computed (by
+``modlm.analysis.metrics``) from tensors the forward pass already made, at ``every_n_steps`` (scalars)
+and ``histogram_every_n_steps`` (histograms), so it costs next to nothing between those steps. Tag
+names are ``modlm.training.tags``'.
 
 Scalars per routed block ``i``:
   router/capacity_used/layer_i         fraction of tokens processed in training (top-k: k/T)
@@ -17,7 +18,7 @@ and ``router/depth_mean`` (mean number of blocks a token passes through), ``trai
 (each auxiliary loss, unweighted). Histograms: ``router/weight/layer_i`` (router logits),
 ``router/selected_pos/layer_i`` (positions picked), ``router/depth`` (blocks per token).
 
-Scalars per mixture-of-experts MLP ``i`` (from ``pl_module.last_experts``; training routing):
+Scalars per mixture-of-experts MLP ``i`` (from the report's ``experts``; training routing):
   moe/load/layer_i/expert_e            share of the picks that went to real expert e
   moe/noop_fraction/layer_i            share that went to no-op experts (MLP skipped)
   moe/dropped/layer_i                  share of real-expert picks dropped over capacity
@@ -31,16 +32,22 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ...analysis.metrics import (capacity_used, decision_counts, decision_quality, expert_scalars, quality_from_counts,
-                       selection_scalars, token_depth)
+from ...analysis.metrics import (capacity_used, decision_counts, decision_quality, expert_figures, quality_from_counts,
+                                 selection_figures, token_depth)
+from .. import tags
 from ..loggers import tensorboard_writer
+from ..telemetry import report_of
 
 
 class RoutingStats(Callback):
     def __init__(self, every_n_steps: Optional[int] = None, histogram_every_n_steps: int = 100):
-        """Scalars every ``every_n_steps`` optimizer steps (default: the trainer's
-        ``log_every_n_steps``, the only steps whose values reach the logger), histograms every
-        ``histogram_every_n_steps``."""
+        """Scalars and histograms of what the routers did.
+
+        Args:
+            every_n_steps: Scalars every this many optimizer steps (default: the trainer's
+                ``log_every_n_steps``, the only steps whose values reach the logger).
+            histogram_every_n_steps: Histograms every this many optimizer steps.
+        """
         self.every_n_steps = every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self._val_counts: dict[int, torch.Tensor] = {}
@@ -50,51 +57,62 @@ class RoutingStats(Callback):
         return getattr(trainer.datamodule, "eot_id", None) if trainer.datamodule is not None else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        infos = getattr(pl_module, "last_routing", None)
-        experts = getattr(pl_module, "last_experts", None)
+        report = report_of(outputs)
+        if report is None:
+            return
+        infos, experts = report.routing, report.experts
         step = trainer.global_step
-        if experts and step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
-            scalars = {f"moe/{k}": v for k, v in expert_scalars(experts).items()}
-            scalars["train/aux_load_balance"] = torch.stack([e.load_balance for e in experts]).mean().item()
+        due = step % (self.every_n_steps or trainer.log_every_n_steps) == 0
+        if experts and due:
+            scalars = {}
+            for figure, per_layer in expert_figures(experts).items():
+                for layer, value in per_layer.items():
+                    if figure == "load":
+                        scalars.update({tags.moe("load", layer, e): share for e, share in enumerate(value)})
+                    else:
+                        scalars[tags.moe(figure, layer)] = value
+            scalars[tags.train_aux("load_balance")] = torch.stack([e.load_balance for e in experts]).mean().item()
             pl_module.log_dict(scalars, on_step=True, on_epoch=False)
         if not infos:
             return
-        if step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
+        cfg = pl_module.model.config
+        if due:
             input_ids = batch[:, :-1]
-            scalars = {f"router/{k}": v for k, v in selection_scalars(infos, input_ids, self._eot_id(trainer)).items()}
-            if not pl_module.model.config.random_routing:
+            scalars = {tags.router(figure, layer): value
+                       for figure, per_layer in selection_figures(infos, input_ids, self._eot_id(trainer)).items()
+                       for layer, value in per_layer.items()}
+            if not cfg.random_routing:
                 for info in infos:
                     for name, value in decision_quality(info).items():
-                        scalars[f"router/{name}/layer_{info.layer}"] = value
-            depth = token_depth(infos, pl_module.model.config.n_layers)
-            scalars["router/depth_mean"] = depth.float().mean().item()
+                        scalars[tags.router(name, info.layer)] = value
+            scalars[tags.DEPTH_MEAN] = token_depth(infos, cfg.n_layers).float().mean().item()
             for name in infos[0].aux_losses:
-                scalars[f"train/aux_{name}"] = torch.stack([i.aux_losses[name] for i in infos]).mean().item()
+                scalars[tags.train_aux(name)] = torch.stack([i.aux_losses[name] for i in infos]).mean().item()
             pl_module.log_dict(scalars, on_step=True, on_epoch=False)
         if step % self.histogram_every_n_steps == 0:
-            self._histograms(trainer, infos, step)
+            self._histograms(trainer, infos, cfg.n_layers, step)
 
-    def _histograms(self, trainer, infos, step) -> None:
+    def _histograms(self, trainer, infos, n_layers: int, step: int) -> None:
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
         for info in infos:
-            writer.add_histogram(f"router/weight/layer_{info.layer}", info.router_logits.float().cpu(), step)
+            writer.add_histogram(tags.router("weight", info.layer), info.router_logits.float().cpu(), step)
             positions = info.selected.nonzero()[:, 1]
             if positions.numel():
-                writer.add_histogram(f"router/selected_pos/layer_{info.layer}", positions.cpu(), step)
-        depth = token_depth(infos, trainer.lightning_module.model.config.n_layers)
-        writer.add_histogram("router/depth", depth.flatten().cpu(), step)
+                writer.add_histogram(tags.router("selected_pos", info.layer), positions.cpu(), step)
+        writer.add_histogram(tags.DEPTH_HISTOGRAM, token_depth(infos, n_layers).flatten().cpu(), step)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._val_counts = {}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Causal-mode capacity (epoch mean) and decision counts, summed until the epoch ends."""
-        infos = getattr(pl_module, "last_routing_causal", None)
+        report = report_of(outputs)
+        infos = report.causal_routing if report is not None else None
         if not infos or trainer.sanity_checking:
             return
-        pl_module.log_dict({f"router/capacity_used_causal/layer_{info.layer}": capacity_used(info)
+        pl_module.log_dict({tags.router("capacity_used_causal", info.layer): capacity_used(info)
                             for info in infos}, on_step=False, on_epoch=True, sync_dist=True)
         if not pl_module.model.config.random_routing:
             for info in infos:
@@ -109,6 +127,6 @@ class RoutingStats(Callback):
         for layer, counts in self._val_counts.items():
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
             for name, value in quality_from_counts(counts).items():
-                scalars[f"router/val_{name}/layer_{layer}"] = value
+                scalars[tags.router(f"val_{name}", layer)] = value
         if scalars:
             pl_module.log_dict(scalars, on_step=False, on_epoch=True)

@@ -1,0 +1,54 @@
+"""Every TensorBoard tag a run writes, named here once: the module logs its losses under these
+names, the callbacks their figures, and the dashboard lays out the same names. (``eval.py``'s JSON
+keys are ``modlm.analysis.evaluate``'s.)
+
+  train/loss, train/aux_loss, train/aux_<name>    losses (``train/aux_<name>`` unweighted)
+  val/loss, val/ppl, val/loss_causal, ...         validation (``test/...`` for test runs)
+  router/<figure>/layer_<i>                       a routed block's figure
+  router/depth_mean, router/depth                 blocks a token passes through
+  router/heatmap                                  the image of processed tokens
+  moe/<figure>/layer_<i>[/expert_<e>]             a mixture-of-experts MLP's figure
+  flops/<figure>                                  FLOPs per step, in total, against dense, MFU
+  train/device/items_per_sec, train/device/mfu    Lightning's ThroughputMonitor (items are tokens)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+TRAIN_LOSS = "train/loss"
+TRAIN_AUX_LOSS = "train/aux_loss"
+DEPTH_MEAN = "router/depth_mean"
+DEPTH_HISTOGRAM = "router/depth"
+HEATMAP = "router/heatmap"
+FLOPS_STEP = "flops/step"
+FLOPS_TOTAL = "flops/total"
+FLOPS_RATIO = "flops/ratio_vs_dense"
+FLOPS_MFU = "flops/mfu"
+FLOPS_MEASURED = "flops/measured_per_batch"
+FLOPS_ANALYTIC = "flops/analytic_per_batch"
+TOKENS_PER_SEC = "train/device/items_per_sec"
+DEVICE_MFU = "train/device/mfu"
+
+
+def train_aux(name: str) -> str:
+    """An unweighted auxiliary loss: ``predictor_bce``, ``router_bce``, ``load_balance``."""
+    return f"train/aux_{name}"
+
+
+def eval_loss(stage: str, causal: bool = False) -> str:
+    """``val/loss`` (top-k routing) or ``val/loss_causal``; ``stage`` is ``val`` or ``test``."""
+    return f"{stage}/loss" + ("_causal" if causal else "")
+
+
+def eval_ppl(stage: str, causal: bool = False) -> str:
+    return f"{stage}/ppl" + ("_causal" if causal else "")
+
+
+def router(figure: str, layer: Optional[int] = None) -> str:
+    """``router/<figure>/layer_<i>`` of routed block ``layer``."""
+    return f"router/{figure}/layer_{layer}"
+
+
+def moe(figure: str, layer: int, expert: Optional[int] = None) -> str:
+    """``moe/<figure>/layer_<i>``, with ``/expert_<e>`` for a per-expert figure."""
+    return f"moe/{figure}/layer_{layer}" + ("" if expert is None else f"/expert_{expert}")
