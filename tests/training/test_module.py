@@ -177,3 +177,20 @@ def test_compile_flag_compiles_each_block():
     plain = module()
     plain.configure_model()
     assert all(block._compiled_call_impl is None for block in plain.model.blocks)
+
+
+def test_validation_charges_the_causal_pass_at_what_it_computed():
+    """A validation step runs a top-k pass and a causal pass; the causal one is charged at the
+    tokens its padded batches held (the most any row picked), not at top-k's k."""
+    from modlm.flops import forward_flops
+
+    m = module().eval()
+    batch = windows(4)
+    with torch.no_grad():
+        report = m.validation_step(batch, 0)["report"]
+        causal = m.model(batch[:, :-1], routing="causal")
+    k_max = [int(r.selected.sum(dim=1).max()) for r in causal.routing]
+    assert k_max != [m.config.topk_tokens(T)] * len(k_max), "the test needs a causal pass of another size"
+    want = 4 * (forward_flops(m.config, T) + forward_flops(m.config, T, tokens_per_routed_block=k_max))
+    assert report.flops == want == m.flops_per_batch
+    assert [torch.equal(a.selected, b.selected) for a, b in zip(report.causal_routing, causal.routing)] == [True] * len(k_max)
