@@ -10,7 +10,6 @@ median per worker (the rate one worker sustains; workers scale it until the core
 tokenizer is trained (or loaded from data/cache) before timing.
 """
 import argparse
-import inspect
 import os
 import statistics
 import time
@@ -18,9 +17,7 @@ import time
 from modlm.data import ModLMDataModule
 from modlm.data.corpus import PreparedCorpus
 
-# The data settings' defaults are the data module's.
-DEFAULTS = {name: p.default for name, p in inspect.signature(ModLMDataModule.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+DEFAULTS = ModLMDataModule.defaults()  # the data settings' defaults are the data module's
 
 GPU_PRESET_TOKENS_PER_S = 505_000  # configs/gpu.yaml trained on one H200 (bench/README.md)
 

@@ -1,14 +1,11 @@
 """What the data tests share: the data module's defaults, for the lower-level constructors that
 take the settings as required arguments (the data module's signature is their one owner)."""
-import inspect
-
 from modlm.data import ModLMDataModule
 from modlm.data.corpus import open_corpus
 from modlm.data.corpus.files import FileCorpus
 from modlm.data.corpus.hub import HubCorpus
 
-DATA_DEFAULTS = {name: p.default for name, p in inspect.signature(ModLMDataModule.__init__).parameters.items()
-                 if p.default is not inspect.Parameter.empty}
+DATA_DEFAULTS = ModLMDataModule.defaults()
 
 
 def corpus_settings(**given) -> dict:

@@ -29,9 +29,9 @@ def test_prepare_writes_the_tokens_of_every_document(corpus_folder, prepared):
         assert np.array_equal(got.astype(np.int64), want), split
     assert meta["documents"] == {"train": raw.corpus.num_train_docs, "val": raw.corpus.num_val_docs}
     # validation: the same windows as the on-the-fly path
-    shard_dm = prepared_dm(out, cache)
-    assert torch.equal(shard_dm._val_windows_all, raw._val_windows_all)
-    assert shard_dm.tokenizer_vocab_size == raw.tokenizer_vocab_size
+    folder_dm = prepared_dm(out, cache)
+    assert torch.equal(folder_dm._val_windows_all, raw._val_windows_all)
+    assert folder_dm.tokenizer_vocab_size == raw.tokenizer_vocab_size
 
 
 def test_prepare_never_overwrites(prepared, corpus_folder, capsys):

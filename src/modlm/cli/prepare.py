@@ -14,7 +14,6 @@ The folder's format is ``modlm.data.corpus.prepared``.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -24,8 +23,7 @@ from ..data import ModLMDataModule
 from ..data.prepare import PrepareSettings, prepare_corpus
 from ..model.errors import UserError
 
-_DATA_DEFAULTS = {name: p.default for name, p in inspect.signature(ModLMDataModule.__init__).parameters.items()
-                  if p.default is not inspect.Parameter.empty}
+_DATA_DEFAULTS = ModLMDataModule.defaults()
 
 
 @dataclass

@@ -24,6 +24,7 @@ model's (``ModelConfig``), so a default run's data and model agree.
 """
 import copy
 import dataclasses
+import inspect
 import os
 from functools import cached_property
 from pathlib import Path
@@ -107,6 +108,13 @@ class ModLMDataModule(L.LightningDataModule):
         self.tokenizer_train_chars, self.cache_dir = tokenizer_train_chars, cache_dir
         self._train_loader: Optional[ResumableLoader] = None
         self._resume: Optional[dict] = None  # a checkpoint's train stream state, not yet applied
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every setting's default, as this signature (their one owner) gives it: for the commands
+        and scripts that take the same settings (the prepare command)."""
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     # ---- lazily built pieces (usable right after __init__, no setup() needed) ----------
 

@@ -96,7 +96,7 @@ class FixedBatches:
     """A sized, re-iterable set of precomputed batches (the validation windows of a rank).
 
     Not a list, which Lightning would take for several dataloaders; not a DataLoader over
-    a map-style dataset, which Lightning would reshard with a DistributedSampler."""
+    a map-style dataset, which Lightning would split among ranks again with a DistributedSampler."""
 
     def __init__(self, windows: torch.Tensor, batch_size: int):
         self.batches = list(windows.split(batch_size)) if len(windows) else []
