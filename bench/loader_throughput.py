@@ -15,17 +15,20 @@ import statistics
 import time
 
 from modlm.data import ModLMDataModule
+from modlm.data.corpus import PreparedCorpus
+
+DEFAULTS = ModLMDataModule.defaults()  # the data settings' defaults are the data module's
 
 GPU_PRESET_TOKENS_PER_S = 505_000  # configs/gpu.yaml trained on one H200 (bench/README.md)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="stdlib")
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--vocab_size", type=int, default=8192)
-    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--source", default=DEFAULTS["source"])
+    p.add_argument("--seq_len", type=int, default=DEFAULTS["seq_len"])
+    p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--vocab_size", type=int, default=DEFAULTS["vocab_size"])
+    p.add_argument("--num_workers", type=int, default=DEFAULTS["num_workers"])
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
@@ -34,7 +37,7 @@ def main() -> None:
 
     dm = ModLMDataModule(source=args.source, seq_len=args.seq_len, batch_size=args.batch_size,
                          vocab_size=args.vocab_size, num_workers=args.num_workers)
-    kind = "prepared shards" if dm.prepared else "raw text"
+    kind = "prepared shards" if isinstance(dm.corpus, PreparedCorpus) else "raw text"
     print(f"corpus: {dm.corpus.describe()} [{kind}]; vocab {dm.tokenizer_vocab_size}; "
           f"seq_len {args.seq_len}, batch {args.batch_size}, workers {args.num_workers}")
     rates = []

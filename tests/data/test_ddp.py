@@ -1,5 +1,5 @@
 """Two real processes (gloo): the checkpointed data state holds every rank's position, and
-each rank resumes its own shard exactly."""
+each rank resumes its own part exactly."""
 import itertools
 import multiprocessing as mp
 import shutil

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from modlm.data.shard_writer import prepare_corpus
+from modlm.data.prepare import PrepareSettings, prepare_corpus
 from tests.helpers import (assert_same_losses_after_resume, free_port, REPO, TINY_DATA, VAL_FRACTION, run_train, scalars,
                            tiny_args)
 
@@ -70,9 +70,10 @@ def test_two_nodes_fsdp2_hsdp_mesh_killed_and_resumed(tmp_path, tiny_tokenizer):
 def test_prepared_shards_resume_on_another_number_of_processes(tmp_path, tiny_tokenizer):
     corpus, tokenizer = tiny_tokenizer
     shards = tmp_path / "tokens"
-    prepare_corpus(corpus, shards, vocab_size=TINY_DATA["vocab_size"], tokenizer_path=tokenizer, text_field="text",
-                   val_fraction=float(VAL_FRACTION), seed=1234, tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"],
-                   cache_dir=None, num_proc=2, shard_tokens=10_000, progress=False)
+    prepare_corpus(corpus, shards, PrepareSettings(
+        vocab_size=TINY_DATA["vocab_size"], tokenizer_path=tokenizer, text_field="text", val_fraction=float(VAL_FRACTION),
+        seed=1234, tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"], cache_dir=None, num_proc=2,
+        shard_tokens=10_000, progress=False))
     args = tiny_args(tmp_path / "run", (str(shards), tokenizer), "--trainer.accelerator", "cpu",
                      "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", "2")
     two = run_train("fit", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(K))

@@ -3,61 +3,100 @@
     python -m modlm.prepare ~/corpus/ data/corpus-tokens --num_proc 16
     python train.py fit --data.source data/corpus-tokens          # no tokenization while training
 
+(``modlm-prepare`` once the package is installed.) The parser is jsonargparse's, as for
+``train.py`` and ``eval.py``: ``--config FILE`` reads any of the options from YAML,
+``--print_config`` shows them, and ``--help`` shows the docstrings below.
+
 SOURCE is anything ``--data.source`` accepts (files, folder, glob, ``stdlib``, ``hub:NAME``); the
 tokenizer is the one a run on SOURCE with the same settings would train or load (cached), and is
-stored in OUT. Every default is the data module's. The shard format is ``modlm.data.shards``.
+stored in OUT. Every default a training run also has is the data module's (``ModLMDataModule``).
+The folder's format is ``modlm.data.corpus.prepared``.
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import os
 import sys
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from ..data import ModLMDataModule
+from ..data.prepare import PrepareSettings, prepare_corpus
+from ..model.errors import UserError
+
+_DATA_DEFAULTS = ModLMDataModule.defaults()
 
 
-def _defaults() -> dict:
-    from ..data import ModLMDataModule
+@dataclass
+class PrepareRun:
+    """Tokenize a corpus once into a folder of token shards (train with --data.source OUT).
 
-    return {k: p.default for k, p in inspect.signature(ModLMDataModule.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    Args:
+        source: corpus: a file, folder or glob of text/jsonl/json/parquet, 'stdlib' or 'hub:NAME'
+        out: the prepared folder to write (must not exist)
+        vocab_size: vocabulary size of the BPE tokenizer trained for the corpus
+        tokenizer_path: use this tokenizer.json instead of training one
+        text_field: field (jsonl/json) or column (parquet, hub) holding the text
+        val_fraction: share of documents held out for validation
+        seed: seed the corpus is opened with, as a training run would (the tokens written do not depend on
+            it: a run's --data.seed orders them)
+        tokenizer_train_chars: how many characters of training text the tokenizer is trained on (at most)
+        cache_dir: where trained tokenizers are cached (default: the repository's data/cache)
+        num_proc: tokenizing processes (default: all cores)
+        shard_tokens: tokens per shard file
+        no_progress: no progress bars
+    """
+
+    source: str
+    out: str
+    vocab_size: int = _DATA_DEFAULTS["vocab_size"]
+    tokenizer_path: Optional[str] = _DATA_DEFAULTS["tokenizer_path"]
+    text_field: str = _DATA_DEFAULTS["text_field"]
+    val_fraction: float = _DATA_DEFAULTS["val_fraction"]
+    seed: int = _DATA_DEFAULTS["seed"]
+    tokenizer_train_chars: int = _DATA_DEFAULTS["tokenizer_train_chars"]
+    cache_dir: Optional[str] = _DATA_DEFAULTS["cache_dir"]
+    num_proc: int = os.cpu_count() or 1
+    shard_tokens: int = 2**27
+    no_progress: bool = False
+
+    def settings(self) -> PrepareSettings:
+        """The data layer's settings of this run (every option but SOURCE and OUT)."""
+        given = {f.name: getattr(self, f.name) for f in fields(PrepareSettings) if f.name != "progress"}
+        return PrepareSettings(**given, progress=not self.no_progress)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = _defaults()
-    p = argparse.ArgumentParser(prog="python -m modlm.prepare", description=__doc__.splitlines()[0])
-    p.add_argument("source", help="corpus: a file, folder or glob of text/jsonl/json/parquet, 'stdlib' or 'hub:NAME'")
-    p.add_argument("out", help="the prepared folder to write (must not exist)")
-    p.add_argument("--vocab_size", type=int, default=d["vocab_size"])
-    p.add_argument("--tokenizer_path", default=d["tokenizer_path"], help="use this tokenizer.json instead of training one")
-    p.add_argument("--text_field", default=d["text_field"])
-    p.add_argument("--val_fraction", type=float, default=d["val_fraction"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--tokenizer_train_chars", type=int, default=d["tokenizer_train_chars"])
-    p.add_argument("--cache_dir", default=d["cache_dir"])
-    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
-    p.add_argument("--shard_tokens", type=int, default=2**27, help="tokens per shard file (default 2^27)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+def parser():
+    """jsonargparse's parser of ``PrepareRun`` (SOURCE and OUT positional), with ``--config`` and
+    ``--print_config``."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    p = ArgumentParser(prog="python -m modlm.prepare", description=PrepareRun.__doc__.split("\n\n")[0])
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
+    p.add_class_arguments(PrepareRun, as_positional=True, as_group=False, skip={"no_progress"})
+    # a plain switch, as in most tools (a bool field would need "--no_progress true")
+    p.add_argument("--no_progress", action=ActionYesNo(no_prefix=None), default=False, help="no progress bars")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..data.errors import DataError
-    from ..data.shard_writer import prepare_corpus
+def parse(argv=None) -> PrepareRun:
+    """The options of ``argv`` (``sys.argv[1:]`` when None); a bad flag exits with status 2."""
+    values = parser().parse_args(argv).as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    return PrepareRun(**values)
 
+
+def main(argv=None) -> int:
+    """Run the command; return the exit status (0 ok, 2 user error). ``MODLM_DEBUG=1`` re-raises."""
+    run = parse(argv)
     try:
-        corpus = prepare_corpus(
-            args.source, args.out, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer_path,
-            text_field=args.text_field, val_fraction=args.val_fraction, seed=args.seed,
-            tokenizer_train_chars=args.tokenizer_train_chars, cache_dir=args.cache_dir,
-            num_proc=args.num_proc, shard_tokens=args.shard_tokens, progress=not args.no_progress,
-        )
-    except DataError as err:
+        corpus = prepare_corpus(run.source, run.out, run.settings())
+    except UserError as err:  # DataError and any other input the user must fix: one line, no traceback
         if os.environ.get("MODLM_DEBUG"):
             raise
         print(f"modlm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"modlm: prepared {corpus.describe()}; train with --data.source {args.out}")
+    print(f"modlm: prepared {corpus.describe()}; train with --data.source {run.out}")
     return 0
 
 

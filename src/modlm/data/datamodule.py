@@ -12,14 +12,20 @@ train dataloader has no length: give Lightning an integer `val_check_interval` (
 `check_val_every_n_epoch=None`). Validation is a fixed set of `val_windows` windows taken
 from the validation split and divided across ranks; `test` uses the same windows.
 
-Resume. `state_dict()` (saved by Lightning in every checkpoint) holds the train stream
-position of every rank after the batches actually trained on; `load_state_dict()` makes
-the next train dataloader continue exactly there. See loader.py for why consumption is
-counted in `on_before_batch_transfer`.
+Resume. `state_dict()` (saved by Lightning in every checkpoint) holds the train stream's state
+after the batches actually trained on (for a text source every rank's position, for a prepared
+folder the windows consumed) and what the corpus pins (a hub dataset's commit);
+`load_state_dict()` makes the next train dataloader continue exactly there. See stream/loader.py
+for why consumption is counted in `on_before_batch_transfer`.
+
+Defaults. This signature owns the data settings' defaults (LightningCLI shows them as ``--data.*``;
+the prepare command reads them from here); the window length and vocabulary size default to the
+model's (``ModelConfig``), so a default run's data and model agree.
 """
 import copy
+import dataclasses
+import inspect
 import os
-import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -28,12 +34,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from .dataset import FixedBatches, PackedTrainStream, build_val_windows
-from .errors import DataError, DataWarning
-from .loader import ResumableLoader
-from .shards import ShardStream
-from .sources import open_corpus
-from .tokenizer import EOT_TOKEN, load_tokenizer, resolve_tokenizer
+from ..model.config import ModelConfig
+from .corpus import Corpus, open_corpus
+from .errors import DataError
+from .stream.loader import FixedBatches, ResumableLoader
+from .tokenizer import EOT_TOKEN, TokenizerSettings
+
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 class ModLMDataModule(L.LightningDataModule):
@@ -68,9 +75,9 @@ class ModLMDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: str = "stdlib",
-        seq_len: int = 256,
+        seq_len: int = _MODEL_DEFAULTS["max_seq_len"],
         batch_size: int = 16,
-        vocab_size: int = 8192,
+        vocab_size: int = _MODEL_DEFAULTS["vocab_size"],
         tokenizer_path: Optional[str] = None,
         val_fraction: float = 0.05,
         val_windows: int = 64,
@@ -100,33 +107,29 @@ class ModLMDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.text_field = num_workers, seed, text_field
         self.tokenizer_train_chars, self.cache_dir = tokenizer_train_chars, cache_dir
         self._train_loader: Optional[ResumableLoader] = None
-        self._resume: Optional[dict] = None  # train positions from a checkpoint, not yet applied
+        self._resume: Optional[dict] = None  # a checkpoint's train stream state, not yet applied
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every setting's default, as this signature (their one owner) gives it: for the commands
+        and scripts that take the same settings (the prepare command)."""
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     # ---- lazily built pieces (usable right after __init__, no setup() needed) ----------
 
     @cached_property
-    def corpus(self):
+    def corpus(self) -> Corpus:
         """The opened source (files indexed and split; hub reachability checked)."""
         # A corpus too small to hold whole documents out holds out their ends, enough for about one
         # window (byte-level BPE averages well over 2 characters a token; 4 leaves room).
-        return open_corpus(self.source, self.text_field, self.val_fraction, self.seed,
-                           min_val_chars=4 * (self.seq_len + 1))
-
-    @property
-    def prepared(self) -> bool:
-        """Whether the source is a prepared folder of token shards (``python -m modlm.prepare``)."""
-        return getattr(self.corpus, "prepared", False)
+        return open_corpus(self.source, text_field=self.text_field, val_fraction=self.val_fraction,
+                           seed=self.seed, min_val_chars=4 * (self.seq_len + 1))
 
     @cached_property
     def _tokenizer_and_file(self):
-        if self.prepared:  # the shards' own tokenizer; another one named explicitly is refused
-            if self.tokenizer_path:
-                self.corpus.check_tokenizer(load_tokenizer(self.tokenizer_path).to_str(), repr(self.tokenizer_path))
-            return load_tokenizer(self.corpus.tokenizer_path), self.corpus.tokenizer_path
-        return resolve_tokenizer(
-            self.tokenizer_path, lambda: self.corpus, self.vocab_size, self.tokenizer_train_chars,
-            self.cache_dir, self.text_field, self.val_fraction,
-        )
+        settings = TokenizerSettings(self.tokenizer_path, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
+        return self.corpus.tokenizer(settings)
 
     @property
     def tokenizer(self):
@@ -134,7 +137,7 @@ class ModLMDataModule(L.LightningDataModule):
         return self._tokenizer_and_file[0]
 
     @property
-    def tokenizer_file(self) -> Optional[Path]:
+    def tokenizer_file(self) -> Path:
         """Path of the tokenizer.json in use."""
         return self._tokenizer_and_file[1]
 
@@ -150,9 +153,7 @@ class ModLMDataModule(L.LightningDataModule):
 
     @cached_property
     def _val_windows_all(self) -> torch.Tensor:
-        if self.prepared:
-            return self.corpus.val_windows(self.seq_len, self.val_windows)
-        return build_val_windows(self.corpus, self.tokenizer, self.seq_len, self.val_windows)
+        return self.corpus.val_windows(self.tokenizer, self.seq_len, self.val_windows)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -173,15 +174,9 @@ class ModLMDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers tokenize in parallel already; also silences the tokenizers fork warning.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if self.prepared:
-            dataset = ShardStream(self.corpus, self.seq_len, self.batch_size, self.seed,
-                                  rank=rank, world_size=world, num_workers=self.num_workers)
-        else:
-            dataset = PackedTrainStream(
-                self.corpus, self.tokenizer.to_str(), self.seq_len, self.batch_size,
-                rank=rank, world_size=world, num_workers=self.num_workers,
-            )
-        loader = ResumableLoader(dataset, self.num_workers, pin_memory=torch.cuda.is_available())
+        stream = self.corpus.train_stream(self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size,
+                                          rank=rank, world_size=world, num_workers=self.num_workers)
+        loader = ResumableLoader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
         # In a fit, Lightning fetches ahead; count only batches it actually trains on.
         loader.track_consumption = self.trainer is not None
         self._train_loader = loader
@@ -209,73 +204,25 @@ class ModLMDataModule(L.LightningDataModule):
     # ---- checkpointed state ------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """{"train": {"ranks": [position of rank 0, rank 1, ...]}} (empty before training).
+        """``{"train": the train stream's saved state, **the corpus's pins}`` (empty before training).
 
-        Called on every rank when Lightning saves a checkpoint, so under DDP/FSDP the
-        positions are gathered: the checkpoint file is written by rank 0 alone."""
+        Called on every rank when Lightning saves a checkpoint (a text stream gathers the positions
+        of all ranks then): the checkpoint file is written by rank 0 alone."""
         if self._train_loader is None:
             return {"train": copy.deepcopy(self._resume)} if self._resume else {}
-        if isinstance(self._train_loader.dataset, ShardStream):
-            # Every rank knows the one number (ranks run in lockstep): nothing to gather.
-            stream = self._train_loader.dataset
-            consumed = stream.consumed_after(self._train_loader.position())
-            return {"train": {"consumed": consumed, "seq_len": self.seq_len, "tokens": consumed * (self.seq_len + 1)}}
-        mine = self._train_loader.position()
-        pinned = {"hub_revision": self.corpus.revision} if getattr(self.corpus, "revision", None) else {}
-        ranks = [mine]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, mine)
-        return {"train": {"ranks": ranks}, **pinned}
+        return {"train": self._train_loader.saved_state(), **self.corpus.pins()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Resume the train stream at the saved positions (from the next train_dataloader
+        """Resume the train stream at the saved state (from the next train_dataloader
         iteration on)."""
-        saved_revision = state_dict.get("hub_revision")
-        if saved_revision and saved_revision != getattr(self.corpus, "revision", saved_revision):
-            base = self.source.partition("@")[0]
-            raise DataError(f"the checkpoint read {base} at commit {saved_revision}, this run opens commit "
-                            f"{self.corpus.revision}: resume with --data.source {base}@{saved_revision}")
+        pins = {key: value for key, value in state_dict.items() if key != "train"}
+        if pins:
+            self.corpus.check_pins(pins)
         self._resume = copy.deepcopy(state_dict.get("train")) or None
         if self._train_loader is not None:
             self._apply_resume()
 
     def _apply_resume(self) -> None:
-        if not self._resume or self._train_loader is None:
-            return
-        if isinstance(self._train_loader.dataset, ShardStream) or "consumed" in self._resume:
-            self._apply_shard_resume()
+        if self._resume and self._train_loader is not None:
+            self._train_loader.restore(self._resume)
             self._resume = None
-            return
-        loader, ranks = self._train_loader, self._resume["ranks"]
-        rank, world = loader.dataset.rank, loader.dataset.world_size
-        saved_workers = ranks[0]["num_workers"]
-        if len(ranks) != world or saved_workers != loader.dataset.logical_workers:
-            # Shards depend on ranks x workers: positions of another layout mean nothing
-            # here. Restart at the beginning of the epoch the run had reached.
-            epoch = min(w["epoch"] for r in ranks for w in r["workers"])
-            warnings.warn(
-                f"checkpoint data position is for {len(ranks)} rank(s) x {saved_workers} worker(s), this run "
-                f"has {world} x {loader.dataset.logical_workers}: restarting the data stream at epoch {epoch}",
-                DataWarning,
-            )
-            start = loader.dataset.initial_state()
-            for w in start["workers"]:
-                w["epoch"] = epoch
-            loader.seek(start)
-        else:
-            loader.seek(ranks[rank])
-        self._resume = None
-
-    def _apply_shard_resume(self) -> None:
-        loader, saved = self._train_loader, self._resume
-        if not isinstance(loader.dataset, ShardStream) or "consumed" not in saved:
-            raise DataError("the checkpoint's data position is for another kind of source (prepared token shards "
-                            "vs text files); resume with the --data.source it was trained on")
-        consumed = saved["consumed"]
-        if saved["seq_len"] != self.seq_len:  # other windows: continue at the same token count
-            consumed = saved["tokens"] // (self.seq_len + 1)
-            warnings.warn(f"checkpoint windows have seq_len {saved['seq_len']}, this run {self.seq_len}: continuing "
-                          f"after the same number of tokens ({saved['tokens']:,})", DataWarning)
-        loader.dataset.consumed = consumed
-        loader.seek(loader.dataset.initial_state())

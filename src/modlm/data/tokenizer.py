@@ -13,16 +13,19 @@ import hashlib
 import json
 import os
 import uuid
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Protocol
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
 from .progress import note, show_bars
 
 EOT_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "tokenizer.json"  # its name in the cache and in a prepared folder
 ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 
@@ -88,6 +91,21 @@ def tokenizer_from_str(data: str) -> Tokenizer:
     return _prepare(Tokenizer.from_str(data))
 
 
+def in_chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of up to `size` items: documents are encoded a list at a time
+    (``encode_batch`` runs in parallel, and a process pool's task amortises its hand-off)."""
+    items = iter(items)
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def encode_documents(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each document's tokens followed by the end-of-text token, as int64 arrays: the unit the
+    packed stream, the validation windows and a prepared folder are all made of."""
+    eot = tok.token_to_id(EOT_TOKEN)
+    return [np.asarray(e.ids + [eot], dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
 def cache_key(source_id: str, fingerprint: str, **settings) -> str:
     blob = json.dumps({"format": _CACHE_FORMAT, "source": source_id, "files": fingerprint, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -126,25 +144,48 @@ def cached_tokenizer(folder: Path, train, wait_s: float = 3600.0) -> Tokenizer:
         raise DataError(f"timed out after {wait_s:.0f}s waiting for another process to write {target} (lock {lock})") from None
 
 
-def resolve_tokenizer(
-    tokenizer_path: Optional[str],
-    corpus_fn,
-    vocab_size: int,
-    max_chars: int,
-    cache_dir: Optional[str],
-    text_field: str,
-    val_fraction: float,
-) -> tuple[Tokenizer, Optional[Path]]:
-    """The tokenizer to use and where it is stored: the explicit `tokenizer_path`, or the
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """Which tokenizer a text corpus gets (the data module's settings of the same names)."""
+
+    tokenizer_path: Optional[str]
+    """An existing tokenizer.json to use; None trains one for the corpus (or loads it from the cache)."""
+    vocab_size: int
+    """Vocabulary size of a trained tokenizer."""
+    tokenizer_train_chars: int
+    """At most this many characters of training text are trained on."""
+    cache_dir: Optional[str]
+    """Where trained tokenizers are cached (None: ``default_cache_dir()``)."""
+
+
+class TrainableCorpus(Protocol):
+    """What training a tokenizer reads of a corpus (``corpus.base.TextCorpus`` has it)."""
+
+    text_field: str
+    val_fraction: float
+
+    @property
+    def source_id(self) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def train_texts(self) -> Iterator[str]: ...
+
+
+def resolve_tokenizer(settings: TokenizerSettings, corpus: TrainableCorpus) -> tuple[Tokenizer, Path]:
+    """The tokenizer to use and where it is stored: the explicit ``tokenizer_path``, or the
     cached one for this corpus and settings (trained on the first call)."""
-    if tokenizer_path:
-        return load_tokenizer(tokenizer_path), Path(tokenizer_path)
-    corpus = corpus_fn()
+    if settings.tokenizer_path:
+        return load_tokenizer(settings.tokenizer_path), Path(settings.tokenizer_path)
+    vocab_size, max_chars = settings.vocab_size, settings.tokenizer_train_chars
+    # The key's names and values are those of every earlier version: a cached tokenizer stays found.
     key = cache_key(
         corpus.source_id, corpus.fingerprint(), vocab_size=vocab_size, max_chars=max_chars,
-        text_field=text_field, val_fraction=val_fraction,
+        text_field=corpus.text_field, val_fraction=corpus.val_fraction,
     )
-    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / key
+    folder = (Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()) / key
 
     def train() -> Tokenizer:
         slow = max_chars >= ANNOUNCE_CHARS
@@ -155,4 +196,3 @@ def resolve_tokenizer(
 
     tok = cached_tokenizer(folder, train)
     return tok, folder / TOKENIZER_FILE
-

@@ -6,7 +6,8 @@ small for one training batch is refused."""
 import pytest
 
 from modlm.data import DataError, DataWarning, ModLMDataModule
-from modlm.data.sources import FileCorpus, split_tail
+from modlm.data.corpus.split import split_tail
+from tests.data.helpers import file_corpus
 from tests.helpers import REPO
 
 LICENCE = ("Permission is hereby granted, free of charge, to any person obtaining a copy\n"
@@ -45,7 +46,7 @@ def test_a_folder_of_licences_without_extensions(tmp_path):
     (folder / "logo").write_bytes(b"\x89PNG\r\n\x1a\n\0\0binary")  # not text: skipped
     (folder / ".hidden").write_text("not a document")
     with pytest.warns(DataWarning, match="3 document"):
-        corpus = FileCorpus(str(folder), val_fraction=0.05, min_val_chars=1000)
+        corpus = file_corpus(str(folder), val_fraction=0.05, min_val_chars=1000)
     assert sorted(e.relpath for e in corpus.entries) == ["COPYING", "LICENSE", "NOTICE"]
     assert corpus.tail_share == pytest.approx(1000 / sum(e.path.stat().st_size for e in corpus.entries))
     trains, vals = list(corpus.train_texts()), list(corpus.val_texts())
@@ -54,8 +55,8 @@ def test_a_folder_of_licences_without_extensions(tmp_path):
         head, tail = split_tail(text, corpus.tail_share)
         assert head in trains and tail in vals
     assert sum(map(len, vals)) >= 1000 and len(trains) == len(vals) == 3
-    single = FileCorpus(str(folder / "LICENSE"), val_fraction=0.0)  # a path to one such file works too
-    assert [t for _, t in single.slot_docs(0, 1, 0)] == [(folder / "LICENSE").read_text()]
+    single = file_corpus(str(folder / "LICENSE"), val_fraction=0.0)  # a path to one such file works too
+    assert [t for _, t in single.part_docs(0, 1, 0)] == [(folder / "LICENSE").read_text()]
 
 
 def test_only_a_corpus_too_small_for_one_batch_is_refused(tmp_path):

@@ -1,4 +1,5 @@
-"""Write a prepared folder (format: shards.py): tokenize a corpus once, in parallel, into token shards.
+"""Write a prepared folder (format: corpus/prepared.py): tokenize a text corpus once, in parallel,
+into token shards.
 
 Documents are tokenized in chunks by a pool of processes (``multiprocessing``, results kept in
 order), each document followed by <|endoftext|>, and appended to fixed-size shard files. Everything
@@ -12,18 +13,43 @@ import multiprocessing
 import os
 import shutil
 import sys
-from itertools import islice
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
+from .corpus import open_corpus
+from .corpus.prepared import FORMAT, META_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype, tokenizer_digest
 from .errors import DataError
-from .shards import FORMAT, META_FILE, TOKENIZER_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype, tokenizer_digest
-from .sources import open_corpus
-from .tokenizer import EOT_TOKEN, resolve_tokenizer, tokenizer_from_str
+from .tokenizer import EOT_TOKEN, TOKENIZER_FILE, TokenizerSettings, encode_documents, in_chunks, tokenizer_from_str
 
 DOCS_PER_TASK = 256  # documents a pool process tokenizes per task (large enough to amortise the hand-off)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How a corpus is prepared. The settings a training run also has (``--data.*``) mean the same
+    there, so a run on the source with them would train or load the same tokenizer."""
+
+    vocab_size: int
+    tokenizer_path: Optional[str]
+    text_field: str
+    val_fraction: float
+    seed: int
+    tokenizer_train_chars: int
+    cache_dir: Optional[str]
+    num_proc: int
+    """Tokenizing processes."""
+    shard_tokens: int
+    """Tokens per shard file."""
+    progress: bool
+    """Show progress bars."""
+
+    @property
+    def tokenizer(self) -> TokenizerSettings:
+        return TokenizerSettings(self.tokenizer_path, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
+
 
 _worker_tok = None  # the tokenizer of a pool process
 
@@ -34,18 +60,11 @@ def _init_worker(tokenizer_json: str) -> None:
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
-    eot = _worker_tok.token_to_id(EOT_TOKEN)
-    return [np.asarray(e.ids + [eot], dtype=np.int64) for e in _worker_tok.encode_batch(texts, add_special_tokens=False)]
+    return encode_documents(_worker_tok, texts)
 
 
-def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    texts = iter(texts)
-    while chunk := list(islice(texts, size)):
-        yield chunk
-
-
-class _ShardWriter:
-    """Appends token arrays to ``<split>-NNNNN.bin`` files of ``shard_tokens`` tokens each."""
+class ShardWriter:
+    """Appends token arrays to ``<split>-NNNNN.bin`` shard files of ``shard_tokens`` tokens each."""
 
     def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype):
         self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
@@ -79,32 +98,20 @@ class _ShardWriter:
         return {"files": self.files, "tokens": self.counts}
 
 
-def prepare_corpus(
-    source: str,
-    out,
-    *,
-    vocab_size: int,
-    tokenizer_path: Optional[str],
-    text_field: str,
-    val_fraction: float,
-    seed: int,
-    tokenizer_train_chars: int,
-    cache_dir: Optional[str],
-    num_proc: int,
-    shard_tokens: int,
-    progress: bool = True,
-) -> PreparedCorpus:
+def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpus:
     """Tokenize ``source`` into the prepared folder ``out``; returns it, opened and checked."""
     out = Path(out)
+    shard_tokens, num_proc = settings.shard_tokens, settings.num_proc
     if out.exists():
         raise DataError(f"output {str(out)!r} already exists; nothing overwritten (choose a new folder)")
     if shard_tokens < 1 or num_proc < 1:
         raise DataError(f"shard_tokens={shard_tokens}, num_proc={num_proc}: expected >= 1")
     if is_prepared(source):
         raise DataError(f"data source {source!r} is already a prepared folder")
-    corpus = open_corpus(source, text_field, val_fraction, seed)
-    tok, _ = resolve_tokenizer(tokenizer_path, lambda: corpus, vocab_size, tokenizer_train_chars, cache_dir,
-                               text_field, val_fraction)
+    # No minimum of held-out characters: the window length of the runs to come is not known here.
+    corpus = open_corpus(source, text_field=settings.text_field, val_fraction=settings.val_fraction,
+                         seed=settings.seed, min_val_chars=0)
+    tok, _ = corpus.tokenizer(settings.tokenizer)
     tokenizer_json = tok.to_str()
     dtype = token_dtype(tok.get_vocab_size())
     partial = out.with_name(out.name + ".partial")
@@ -120,12 +127,12 @@ def prepare_corpus(
     try:
         if pool is None:
             _init_worker(tokenizer_json)
-        for split, texts, total in (("train", corpus.train_texts(), getattr(corpus, "num_train_docs", None)),
-                                    ("val", corpus.val_texts(), getattr(corpus, "num_val_docs", None))):
-            writer = _ShardWriter(partial, split, shard_tokens, dtype)
-            chunks = _chunks(texts, DOCS_PER_TASK)
+        for split, texts, total in (("train", corpus.train_texts(), corpus.num_train_docs),
+                                    ("val", corpus.val_texts(), corpus.num_val_docs)):
+            writer = ShardWriter(partial, split, shard_tokens, dtype)
+            chunks = in_chunks(texts, DOCS_PER_TASK)
             encoded = pool.imap(_encode, chunks) if pool else map(_encode, chunks)
-            bar = _progress(f"prepare {split}", total, progress)
+            bar = _progress(f"prepare {split}", total, settings.progress)
             for docs in encoded:
                 for ids in docs:
                     writer.add(ids)
@@ -144,14 +151,14 @@ def prepare_corpus(
         "format": FORMAT, "version": VERSION, "dtype": dtype.str,
         "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT_TOKEN),
         "tokenizer_sha256": tokenizer_digest(tokenizer_json),
-        "source": source, "source_id": getattr(corpus, "source_id", source),
-        "text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+        "source": source, "source_id": corpus.source_id,
+        "text_field": settings.text_field, "val_fraction": settings.val_fraction, "shard_tokens": shard_tokens,
         "documents": {s: splits[s].pop("documents") for s in splits},
         "train": splits["train"], "val": splits["val"],
     }
     (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(partial, out)
-    return PreparedCorpus(out)
+    return PreparedCorpus(out, seed=settings.seed)
 
 
 def _progress(desc: str, total: Optional[int], enabled: bool):

@@ -1,4 +1,4 @@
-"""hub:NAME sources: fail fast offline; the streaming shard logic on a local stream."""
+"""hub:NAME sources: fail fast offline; the streamed parts on a local stream; the pinned commit."""
 import itertools
 import json
 import time
@@ -7,7 +7,8 @@ import datasets
 import pytest
 
 from modlm.data import DataError, ModLMDataModule
-from modlm.data.hub import HubCorpus, parse_hub_source
+from modlm.data.corpus.hub import HubCorpus, parse_hub_source
+from tests.data.helpers import hub_corpus
 
 
 def test_offline_hub_fails_fast_with_advice(monkeypatch):
@@ -25,7 +26,7 @@ def test_unreachable_endpoint_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     start = time.monotonic()
     with pytest.raises(DataError, match="unreachable"):
-        HubCorpus("hub:some/dataset")
+        hub_corpus("hub:some/dataset")
     assert time.monotonic() - start < 5
 
 
@@ -38,7 +39,7 @@ def test_parse_hub_source():
 
 def local_stream_corpus(tmp_path) -> HubCorpus:
     """A HubCorpus whose stream is a local streaming dataset of the same type `datasets`
-    returns for the hub (2 files = 2 shards)."""
+    returns for the hub (2 files, which split_dataset_by_node deals out to the parts)."""
     files = []
     for f in range(2):
         path = tmp_path / f"part{f}.jsonl"
@@ -51,26 +52,38 @@ def local_stream_corpus(tmp_path) -> HubCorpus:
     return corpus
 
 
-def test_hub_stream_shards_partition_and_resume(tmp_path):
+def test_hub_stream_parts_partition_and_resume(tmp_path):
     corpus = local_stream_corpus(tmp_path)
     val = set(corpus.val_texts())
     train = set(corpus.train_texts())
     assert val and train and not val & train and len(val | train) == 80
-    shards = [list(corpus.slot_docs(slot, 4, epoch=0)) for slot in range(4)]
-    texts = [t for shard in shards for _, t in shard]
+    parts = [list(corpus.part_docs(part, 4, epoch=0)) for part in range(4)]
+    texts = [t for docs in parts for _, t in docs]
     assert sorted(texts) == sorted(train)  # disjoint and complete
-    # Resuming a shard at a position gives the same remaining documents.
-    pos = shards[1][3][0]
-    assert list(corpus.slot_docs(1, 4, 0, start=pos)) == shards[1][3:]
+    # Resuming a part at a position gives the same remaining documents.
+    pos = parts[1][3][0]
+    assert list(corpus.part_docs(1, 4, 0, start=pos)) == parts[1][3:]
     # Another epoch, another order.
-    assert [t for _, t in corpus.slot_docs(0, 1, 1)] != [t for _, t in corpus.slot_docs(0, 1, 0)]
-    assert list(itertools.islice(corpus.slot_docs(0, 1, 1), 5)) == list(itertools.islice(corpus.slot_docs(0, 1, 1), 5))
+    assert [t for _, t in corpus.part_docs(0, 1, 1)] != [t for _, t in corpus.part_docs(0, 1, 0)]
+    assert list(itertools.islice(corpus.part_docs(0, 1, 1), 5)) == list(itertools.islice(corpus.part_docs(0, 1, 1), 5))
+
+
+def test_every_epoch_shuffles_the_stream_with_the_seed_it_always_had(tmp_path, monkeypatch):
+    """(seed * 1_000_003 + epoch) mod 2^32: a resumed run of an earlier version reads the same order."""
+    corpus = local_stream_corpus(tmp_path)
+    corpus.seed = 10**6 + 7  # large enough for the 32-bit reduction to matter
+    stream_type, seeds = type(corpus._stream), []
+    real = stream_type.shuffle
+    monkeypatch.setattr(stream_type, "shuffle", lambda self, seed=None, **kw: seeds.append(seed) or real(self, seed=seed, **kw))
+    for epoch in (0, 1, 5):
+        next(corpus.part_docs(0, 2, epoch))
+    assert seeds == [3577587349, 3577587350, 3577587354]
 
 
 def test_missing_text_column_is_named_on_every_path(tmp_path):
     corpus = local_stream_corpus(tmp_path)
     corpus.text_field = "body"
-    for read in (lambda: next(corpus.train_texts()), lambda: next(corpus.slot_docs(0, 2, epoch=0))):
+    for read in (lambda: next(corpus.train_texts()), lambda: next(corpus.part_docs(0, 2, epoch=0))):
         with pytest.raises(DataError, match="no 'body' column"):
             read()
 
@@ -91,7 +104,7 @@ class FakeHub:
     def install(self, monkeypatch):
         import huggingface_hub
 
-        import modlm.data.hub as hub
+        import modlm.data.corpus.hub as hub
 
         hub_self, real_load = self, datasets.load_dataset
 
@@ -113,13 +126,13 @@ class FakeHub:
 def test_hub_revision_is_pinned_in_the_cache_key_and_the_checkpoint(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path)
     fake.install(monkeypatch)
-    latest, v1 = HubCorpus("hub:org/set"), HubCorpus("hub:org/set@v1")
+    latest, v1 = hub_corpus("hub:org/set"), hub_corpus("hub:org/set@v1")
     assert latest.revision == fake.commits[None] and v1.revision == "1" * 40
     assert ("train", "1" * 40) in fake.loaded  # streamed at the resolved commit, not the branch name
     assert latest.source_id != v1.source_id and v1.source_id.endswith("@" + "1" * 40)
     assert parse_hub_source("hub:org/set:cfg@v1") == ("org/set", "cfg")
     with pytest.raises(DataError, match=r"hub:org/set@nope.*cannot resolve revision 'nope'"):
-        HubCorpus("hub:org/set@nope")
+        hub_corpus("hub:org/set@nope")
 
     def dm(source):
         return ModLMDataModule(source=source, seq_len=8, batch_size=2, vocab_size=300, val_windows=2,
@@ -136,8 +149,8 @@ def test_hub_revision_is_pinned_in_the_cache_key_and_the_checkpoint(tmp_path, mo
 
 def test_a_dataset_with_its_own_validation_split_uses_it(tmp_path, monkeypatch):
     FakeHub(tmp_path, splits=("train", "validation")).install(monkeypatch)
-    corpus = HubCorpus("hub:org/set")
+    corpus = hub_corpus("hub:org/set")
     assert corpus.own_validation
     assert list(corpus.val_texts()) == [f"validation story {i}" for i in range(30)]
     assert sorted(corpus.train_texts()) == sorted(f"train story {i}" for i in range(30))  # all of train
-    assert sorted(t for s in range(2) for _, t in corpus.slot_docs(s, 2, 0)) == sorted(corpus.train_texts())
+    assert sorted(t for p in range(2) for _, t in corpus.part_docs(p, 2, 0)) == sorted(corpus.train_texts())

@@ -6,17 +6,17 @@ and parquet; the piece for a text file larger than `TEXT_PIECE_BYTES`). Records 
 read are skipped and reported in one DataWarning per file, so a few bad lines never stop a run.
 
 Ranges. Every reader takes a record range [lo, hi) and reads only what that range needs, so the
-loader's slots, each owning a range of a file, never parse each other's records: jsonl seeks to
+loader's parts, each owning a range of a file, never parse each other's records: jsonl seeks to
 the nearest line mark noted while the file was indexed (one every `LINE_MARK_EVERY` lines) and
 skips the few lines before `lo` without decoding them; parquet reads only the row groups that
 overlap the range (`ParquetFile.read_row_group`); a large text file reads only its pieces' bytes.
-A JSON array can only be parsed whole, so each slot owning part of one parses all of it (use
+A JSON array can only be parsed whole, so each part owning a range of one parses all of it (use
 jsonl or parquet for large corpora).
 
 Pieces. A text file larger than `TEXT_PIECE_BYTES` is several documents, so that one big file can
-be shared by many slots: piece k holds the lines that start in bytes [k * P, (k + 1) * P) (P the
+be shared by many parts: piece k holds the lines that start in bytes [k * P, (k + 1) * P) (P the
 piece size), so a line is never cut, and a piece is empty when a single line covers its bytes.
-The pieces depend only on the file, never on the number of slots.
+The pieces depend only on the file, never on the number of parts.
 """
 import json
 import warnings
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import DataError, DataWarning
+from ..errors import DataError, DataWarning
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -191,13 +191,13 @@ def read_jsonl(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = Non
     if replaced:
         _warn_replaced(path, replaced)
     if not_json or no_field:
-        parts = []
+        reasons = []
         if not_json:
-            parts.append(f"not JSON at line(s) {_describe_lines(not_json)}")
+            reasons.append(f"not JSON at line(s) {_describe_lines(not_json)}")
         if no_field:
-            parts.append(f"no string '{text_field}' field at line(s) {_describe_lines(no_field)}")
+            reasons.append(f"no string '{text_field}' field at line(s) {_describe_lines(no_field)}")
         warnings.warn(
-            f"{path}: skipped {len(not_json) + len(no_field)} line(s): " + "; ".join(parts),
+            f"{path}: skipped {len(not_json) + len(no_field)} line(s): " + "; ".join(reasons),
             DataWarning,
             stacklevel=2,
         )
@@ -319,11 +319,6 @@ def index_records(path: Path, text_field: str) -> RecordIndex:
     return RecordIndex(*line_marks(path))  # jsonl: one record per line
 
 
-def count_records(path: Path, text_field: str) -> int:
-    """How many records (candidate documents) a file holds."""
-    return index_records(path, text_field).n_records
-
-
 def _json_array_len(path: Path) -> int:
     text, _ = decode_counting(path.read_bytes())
     try:
@@ -357,7 +352,6 @@ def is_multi_record(path: Path) -> bool:
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
-    "count_records",
     "decode_counting",
     "index_records",
     "is_multi_record",

@@ -14,9 +14,9 @@ HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured, and otherwise a TCP connectio
 hub is tried with a short timeout before `datasets` is asked for anything.
 
 The split is decided per document by a hash of its text (hub streams have no paths).
-Shard `slot` of `num_slots` is `datasets.distributed.split_dataset_by_node` of the stream,
-shuffled per epoch (seeded); positions count the documents of that shard's stream; a resumed shard re-reads
-(without tokenizing) the rows before its position.
+Part `part` of `num_parts` is `datasets.distributed.split_dataset_by_node` of the stream,
+shuffled per epoch (seeded, order.py); positions count the rows of that part's stream; a resumed
+part re-reads (without tokenizing) the rows before its position.
 """
 import os
 import socket
@@ -24,8 +24,10 @@ import threading
 from typing import Iterator, Optional
 from urllib.parse import urlparse
 
-from .errors import DataError
-from .sources import is_val
+from ..errors import DataError
+from ..order import epoch_seed
+from .base import TextCorpus
+from .split import is_val
 
 _TRUE = {"1", "true", "yes", "on"}
 PROBE_TIMEOUT_S = 3.0
@@ -70,14 +72,15 @@ def parse_hub_source(source: str) -> tuple[str, Optional[str]]:
     return name, (config or None)
 
 
-class HubCorpus:
+class HubCorpus(TextCorpus):
     """A streamed Hugging Face dataset (its 'train' split), split per document by text hash."""
 
     num_train_docs: Optional[int] = None  # unknown for a stream
+    num_val_docs: Optional[int] = None
     own_validation = False  # the dataset's own validation split is used (set when opened)
     revision: Optional[str] = None  # the commit read (set when opened)
 
-    def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234):
+    def __init__(self, source: str, *, text_field: str, val_fraction: float, seed: int):
         self.source = source
         self.name, self.config = parse_hub_source(source)
         self.requested_revision = split_revision(source)[1]
@@ -135,9 +138,21 @@ class HubCorpus:
         val = "its validation split" if self.own_validation else "hashed validation"
         return f"{self.source} (streamed at commit {self.revision[:12]}, {val})"
 
+    def pins(self) -> dict:
+        """The commit read: a resumed run must read the same one."""
+        return {"hub_revision": self.revision} if self.revision else {}
+
+    def check_pins(self, pins: dict) -> None:
+        saved = pins.get("hub_revision")
+        if saved and saved != self.revision:
+            base = self.source.partition("@")[0]
+            raise DataError(f"the checkpoint read {base} at commit {saved}, this run opens commit "
+                            f"{self.revision}: resume with --data.source {base}@{saved}")
+
     def _rows(self, stream) -> Iterator[Optional[str]]:
         """The text of every row, None for a non-string one (so row positions stay exact)."""
-        for batch in stream.iter(batch_size=256):  # .iter() does its own, unsharded, iteration
+        # .iter(), unlike iter(stream), reads every row itself, never splitting them among dataloader workers
+        for batch in stream.iter(batch_size=256):
             if self.text_field not in batch:
                 raise DataError(
                     f"data source {self.source!r}: no '{self.text_field}' column "
@@ -161,13 +176,13 @@ class HubCorpus:
             return self._texts(self._val_stream)
         return (t for t in self._texts(self._stream) if is_val(t, self.val_fraction))
 
-    def slot_docs(self, slot: int, num_slots: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
+    def part_docs(self, part: int, num_parts: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
         from datasets.distributed import split_dataset_by_node
 
-        # A seed per (seed, epoch): reshuffles shard order and the buffer every epoch.
-        epoch_seed = (self.seed * 1_000_003 + epoch) % 2**32
-        stream = self._stream.shuffle(seed=epoch_seed, buffer_size=SHUFFLE_BUFFER)
-        stream = split_dataset_by_node(stream, rank=slot, world_size=num_slots)
+        # A seed per (seed, epoch), in 32 bits: reshuffles the order of the dataset's files and the
+        # buffer every epoch.
+        stream = self._stream.shuffle(seed=epoch_seed(self.seed, epoch) % 2**32, buffer_size=SHUFFLE_BUFFER)
+        stream = split_dataset_by_node(stream, rank=part, world_size=num_parts)
         # Resuming reads past the first `start` rows instead of IterableDataset.skip(),
         # which would change the shuffled order (costs bandwidth, not tokenization).
         for pos, text in enumerate(self._rows(stream)):

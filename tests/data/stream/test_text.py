@@ -1,4 +1,4 @@
-"""Packing, sharding over ranks x workers, epochs, resume and validation windows."""
+"""The text stream: parts over ranks x workers, epochs, resume and validation windows."""
 import itertools
 import json
 import shutil
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modlm.data import DataError, ModLMDataModule
-from modlm.data.dataset import PackedTrainStream, pack_windows
+from modlm.data.stream.text import TextStream
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",
@@ -23,7 +23,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
     for name in FILES:
         shutil.copy(STDLIB / name, folder / name)
-    # Many small records in one file: shards must split inside files too.
+    # Many small records in one file: parts must split inside files too.
     (folder / "records.jsonl").write_text(
         "\n".join(json.dumps({"text": f"record {i}: " + "ab" * (i % 7)}) for i in range(60)))
     return folder
@@ -41,17 +41,6 @@ def make_dm(corpus_dir, cache_dir, **kw) -> ModLMDataModule:
     return ModLMDataModule(**{**args, **kw})
 
 
-def test_pack_windows_keeps_every_token_once():
-    docs = [np.arange(n, dtype=np.int64) + 100 * i for i, n in enumerate([5, 1, 12, 3, 7, 9])]
-    stream = ((0, i, d, 0) for i, d in enumerate(docs))
-    out = list(pack_windows(stream, window=4))
-    flat = np.concatenate(docs)
-    assert [len(w) for w, _ in out] == [4] * (len(flat) // 4)
-    assert np.array_equal(np.concatenate([w for w, _ in out]), flat[: 4 * len(out)])
-    # Positions point at the first token not emitted: doc 2 token 2 after 8 tokens (5 + 1 + 2).
-    assert out[1][1] == {"epoch": 0, "pos": 2, "offset": 2}
-
-
 def test_train_batches_have_fixed_shape(corpus_dir, cache_dir):
     dm = make_dm(corpus_dir, cache_dir, num_workers=0)
     batches = list(itertools.islice(dm.train_dataloader(), 30))  # several epochs of this corpus
@@ -60,20 +49,20 @@ def test_train_batches_have_fixed_shape(corpus_dir, cache_dir):
 
 
 def epoch0(ds, worker):
-    """(positions, token stream) of a worker's shard in epoch 0."""
-    docs = list(itertools.takewhile(lambda d: d[0] == 0, ds.docs(worker, ds.initial_state()["workers"][worker])))
+    """(positions, token stream) of a worker's part in epoch 0."""
+    docs = list(itertools.takewhile(lambda d: d[0] == 0, ds.docs(worker, ds.initial_position().workers[worker])))
     return [d[1] for d in docs], np.concatenate([d[2] for d in docs])
 
 
-def expected_owners(corpus, num_slots, epoch):
-    """Slot of each training position: each file's documents cut into min(n, slots) blocks of
-    n // m or n // m + 1, block j to slot (first position + j) % slots."""
+def expected_owners(corpus, num_parts, epoch):
+    """Part of each training position: each file's documents cut into min(n, parts) blocks of
+    n // m or n // m + 1, block j to part (first position + j) % parts."""
     owners, first = [], 0
     for e in corpus.epoch_order(epoch):
         n = e.n_train
-        m = min(n, num_slots)
+        m = min(n, num_parts)
         for j in range(m):
-            owners += [(first + j) % num_slots] * ((j + 1) * n // m - j * n // m)
+            owners += [(first + j) % num_parts] * ((j + 1) * n // m - j * n // m)
         first += n
     return owners
 
@@ -85,25 +74,25 @@ def test_two_ranks_two_workers_see_every_token_once(corpus_dir, cache_dir):
     assert len(owners) == corpus.num_train_docs
     all_positions, all_tokens = [], []
     for rank in range(2):
-        ds = PackedTrainStream(corpus, tok_json, SEQ, BATCH, rank=rank, world_size=2, num_workers=2)
+        ds = TextStream(corpus, tok_json, SEQ, BATCH, rank=rank, world_size=2, num_workers=2)
         for worker in range(2):
             positions, tokens = epoch0(ds, worker)
-            assert positions == sorted(positions)  # a shard reads its blocks in order
+            assert positions == sorted(positions)  # a part reads its blocks in order
             assert all(owners[p] == rank * 2 + worker for p in positions)
             all_positions += positions
             all_tokens.append(tokens)
-            # The packed windows of this shard are exactly its token stream, in order.
+            # The packed windows of this part are exactly its token stream, in order.
             rows = []
-            for batch, w, pos in ds.batches(worker, ds.initial_state()["workers"][worker]):
+            for batch, w, pos in ds.batches(worker, ds.initial_position().workers[worker]):
                 assert w == worker
                 rows.append(batch.reshape(-1))
                 if pos["epoch"] > 0:
                     break
             assert torch.equal(torch.cat(rows)[: len(tokens)], torch.from_numpy(tokens))
-    # No document twice, none lost: positions of the 4 shards partition the epoch.
+    # No document twice, none lost: positions of the 4 parts partition the epoch.
     assert sorted(all_positions) == list(range(corpus.num_train_docs))
-    # Same multiset of tokens as the whole training split read by a single shard.
-    single = PackedTrainStream(corpus, tok_json, SEQ, BATCH, rank=0, world_size=1, num_workers=0)
+    # Same multiset of tokens as the whole training split read by a single part.
+    single = TextStream(corpus, tok_json, SEQ, BATCH, rank=0, world_size=1, num_workers=0)
     _, whole = epoch0(single, 0)
     assert np.array_equal(np.sort(np.concatenate(all_tokens)), np.sort(whole))
 
@@ -149,18 +138,18 @@ def test_validation_windows_fixed_and_split_over_ranks(corpus_dir, cache_dir, mo
     assert all(torch.equal(a, b) for a, b in zip(first, dm.val_dataloader()))
     assert all(torch.equal(a, b) for a, b in zip(first, make_dm(corpus_dir, cache_dir).val_dataloader()))
     windows = torch.cat(first)
-    shards = []
+    shares = []
     for rank in range(2):
         monkeypatch.setattr(ModLMDataModule, "_rank_world", lambda self, r=rank: (r, 2))
-        shards.append(torch.cat(list(dm.val_dataloader())))
-    assert len(shards[0]) == len(shards[1]) == 5
-    assert torch.equal(torch.cat(shards).sort(0).values, windows.sort(0).values)
+        shares.append(torch.cat(list(dm.val_dataloader())))
+    assert len(shares[0]) == len(shares[1]) == 5
+    assert torch.equal(torch.cat(shares).sort(0).values, windows.sort(0).values)
     # Validation tokens never come from training documents.
-    train_texts = {t for _, t in dm.corpus.slot_docs(0, 1, 0)}
+    train_texts = {t for _, t in dm.corpus.part_docs(0, 1, 0)}
     assert not train_texts & set(dm.corpus.val_texts())
 
 
-def test_too_many_shards_and_bad_args(corpus_dir, cache_dir, tmp_path):
+def test_too_many_parts_and_bad_args(corpus_dir, cache_dir, tmp_path):
     folder = tmp_path / "two"
     folder.mkdir()
     for name in ("copy.py", "glob.py", "heapq.py"):

@@ -1,76 +1,42 @@
-"""Corpus discovery: turn a `--data.source` string into a corpus object.
+"""Local text files as a corpus: ``stdlib`` or a file, folder or glob of them (``FileCorpus``).
 
-A corpus knows its documents, their train/val split and how to stream one shard of the
-training documents for one epoch. Two kinds exist:
+Discovery. ``stdlib`` is the running Python's standard library (test folders and site-packages
+excluded); otherwise a file, a folder (walked, hidden and cache folders skipped) or a glob of
+.txt/.md/.py/.jsonl/.json/.parquet files, or UTF-8 text files without an extension (readers.py).
 
-- `FileCorpus`: `stdlib` (the running Python's standard library, test folders and
-  site-packages excluded) or a file, folder or glob of .txt/.md/.py/.jsonl/.json/.parquet.
-- `HubCorpus` (in hub.py): `hub:NAME[:CONFIG]`, streamed with `datasets`.
+Parts. In epoch `e` the files are visited in an order shuffled with (seed, e) (order.py); the
+training documents, in that order, get positions 0, 1, 2, ... . Part `part` of `num_parts` (one
+per rank x dataloader worker) owns, in each file, one contiguous block of its training documents,
+so it reads only its block's bytes, lines or row groups (readers.py) and never parses another
+part's records. A file with n training documents starting at position F is cut into
+m = min(n, num_parts) blocks of n // m or n // m + 1 documents (a parquet file with at least
+num_parts row groups is cut at row groups instead), and block j goes to part (F + j) % num_parts.
+A file of up to num_parts documents (one-document files in particular) thus deals them out as
+p % num_parts, and with at least num_parts documents in the corpus every part gets one. The parts
+are disjoint, together cover the epoch, and each yields its positions in increasing order.
 
-Training positions. In epoch `e` the files are visited in an order shuffled with
-(seed, e); the training documents, in that order, get positions 0, 1, 2, ... . Shard
-`slot` of `num_slots` (one per rank x dataloader worker) owns, in each file, one contiguous
-block of its training documents, so it reads only its block's bytes, lines or row groups
-(readers.py) and never parses another shard's records. A file with n training documents
-starting at position F is cut into m = min(n, num_slots) blocks of n // m or n // m + 1
-documents (a parquet file with at least num_slots row groups is cut at row groups instead), and
-block j goes to slot (F + j) % num_slots. A file of up to num_slots documents (one-document files
-in particular) thus deals them out as p % num_slots, and with at least num_slots documents in
-the corpus every slot gets one. The shards are disjoint, together cover the epoch, and each
-yields its positions in increasing order: a shard's place in the stream is the position of
-its next document, which is all a resume needs (plus a token offset inside that document,
-kept by the packer).
-
-Split. A document's train/validation split depends only on a stable key (its path relative to
-the corpus root, plus its record number inside multi-record files, or its text for hub streams),
-never on the seed, the rank, the worker or the run: changing the seed must not leak validation
-documents into training.
+Split. Whole documents are held out by a hash of their path and record number (split.py); a corpus
+too small for that holds out the tail of every document instead.
 """
 import bisect
 import glob
 import hashlib
 import os
-import random
 import sysconfig
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import DataError, DataWarning
-from .progress import note
+from ..errors import DataError, DataWarning
+from ..order import shuffled
+from ..progress import note
+from .base import TextCorpus
 from .readers import index_records, is_multi_record, is_supported, read_records
+from .split import is_val, record_key, split_tail
 
 LARGE_CORPUS_FILES = 5_000  # from this many files, or bytes, indexing is announced (it can take a while)
 LARGE_CORPUS_BYTES = 1_000_000_000
-
-
-def unit_hash(key: str) -> float:
-    """Map a key to a float in [0, 1), uniformly and identically on every machine."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def is_val(key: str, val_fraction: float) -> bool:
-    """True if the document with this key belongs to the validation split."""
-    return unit_hash(key) < val_fraction
-
-
-def split_tail(text: str, share: float) -> tuple[str, str]:
-    """(head, tail) of a document, the tail about ``share`` of its characters, starting at a line
-    when one starts near the cut (within another ``share``): deterministic, and no character in both."""
-    if not text:
-        return "", ""
-    cut = len(text) - max(1, round(len(text) * share))
-    line = text.rfind("\n", 0, cut) + 1
-    if line > 0 and cut - line <= len(text) * share:
-        cut = line
-    return text[:cut], text[cut:]
-
-
-def record_key(relpath: str, record: int, multi_record: bool) -> str:
-    """The split key of record `record` of a file: the path alone for one-document files."""
-    return f"{relpath}#{record}" if multi_record else relpath
 
 
 # Folders never part of the stdlib corpus: test suites (mostly generated or adversarial
@@ -170,11 +136,13 @@ class FileEntry:
         return j * self.n_train // m, (j + 1) * self.n_train // m
 
 
-class FileCorpus:
-    """Documents from local files, split per document into train and val."""
+class FileCorpus(TextCorpus):
+    """Documents from local files, split per document into train and val.
 
-    def __init__(self, source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234,
-                 min_val_chars: int = 0):
+    ``min_val_chars``: when documents' tails are held out (too few documents to hold whole ones
+    out), at least this many characters of them in all."""
+
+    def __init__(self, source: str, *, text_field: str, val_fraction: float, seed: int, min_val_chars: int):
         self.source = source
         self.text_field = text_field
         self.val_fraction = val_fraction
@@ -272,21 +240,19 @@ class FileCorpus:
         """Validation documents in path order: the same tokens every validation run."""
         return self._split_docs(self.entries, want_val=True)
 
-    # ---- the shuffled, sharded training stream ----------------------------------------
+    # ---- the shuffled training documents, shared out among parts ----------------------
 
     def epoch_order(self, epoch: int) -> list[FileEntry]:
         """Files holding training documents, in epoch `epoch`'s shuffled order."""
-        order = [e for e in self.entries if e.n_train > 0]
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
+        return shuffled((e for e in self.entries if e.n_train > 0), self.seed, epoch)
 
-    def slot_docs(self, slot: int, num_slots: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
-        """Yield (position, text) of shard `slot`'s training documents in epoch `epoch`,
+    def part_docs(self, part: int, num_parts: int, epoch: int, start: int = 0) -> Iterator[tuple[int, str]]:
+        """Yield (position, text) of part `part`'s training documents in epoch `epoch`,
         from position `start` on."""
         first = 0  # position of the current file's first training document
         for e in self.epoch_order(epoch):
-            m = min(e.n_train, num_slots)
-            j = (slot - first) % num_slots  # this slot's block of the file, if j < m
+            m = min(e.n_train, num_parts)
+            j = (part - first) % num_parts  # this part's block of the file, if j < m
             if j < m:
                 lo, hi = e.block(j, m)
                 lo = max(lo, start - first)
@@ -299,20 +265,3 @@ class FileCorpus:
                             pos = first + e.train_rank(record)
                             yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)
             first += e.n_train
-
-
-def open_corpus(source: str, text_field: str = "text", val_fraction: float = 0.05, seed: int = 1234,
-                min_val_chars: int = 0):
-    """Build the corpus for a `--data.source` string: a prepared folder of token shards (shards.py),
-    a hub dataset (failing fast when offline) or local files."""
-    if not isinstance(source, str) or not source.strip():
-        raise DataError(f"data source {source!r}: expected a path, glob, 'stdlib' or 'hub:NAME[:CONFIG]'")
-    from .shards import PreparedCorpus, is_prepared
-
-    if is_prepared(source):
-        return PreparedCorpus(source)
-    if source.startswith("hub:"):
-        from .hub import HubCorpus
-
-        return HubCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed)
-    return FileCorpus(source, text_field=text_field, val_fraction=val_fraction, seed=seed, min_val_chars=min_val_chars)
