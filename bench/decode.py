@@ -32,7 +32,7 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.generate import compile_decode_step, generate
-from modlm.training.checkpoint import load_model
+from modlm.training.checkpoint import load_saved
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     models = {}
     if args.checkpoint:
-        models["modlm MoD trained"] = load_model(args.checkpoint)[0]
+        models["modlm MoD trained"] = load_saved(args.checkpoint).model
         shape = models["modlm MoD trained"].config
     else:
         shape = ModelConfig(max_seq_len=256)

@@ -145,7 +145,7 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer):
     want = {**effective(()), **PRESETS[files]}
     strategy = want["trainer.strategy"]
     args = [*config_args(files), "--trainer.default_root_dir", str(tmp_path),
-            "--data.source", corpus, "--data.tokenizer_path", tokenizer, "--data.val_fraction", VAL_FRACTION]
+            "--data.source", corpus, "--data.tokenizer", tokenizer, "--data.val_fraction", VAL_FRACTION]
     if want["trainer.accelerator"] == "gpu":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     if isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):

@@ -28,6 +28,6 @@ def prepared(corpus_folder, tmp_path_factory) -> tuple[Path, Path]:
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("prep") / "tokens"
     prepare_corpus(str(corpus_folder), out, PrepareSettings(
-        tokenizer_path=None, text_field="text", cache_dir=str(cache), num_proc=2, shard_tokens=3000, progress=False,
+        tokenizer=None, text_field="text", cache_dir=str(cache), num_proc=2, shard_tokens=3000, progress=False,
         **PREPARED_SETTINGS))
     return out, cache

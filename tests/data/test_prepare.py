@@ -30,7 +30,7 @@ def test_prepare_writes_the_tokens_of_every_document(corpus_folder, prepared):
     assert meta["documents"] == {"train": raw.corpus.num_train_docs, "val": raw.corpus.num_val_docs}
     # validation: the same windows as the on-the-fly path
     folder_dm = prepared_dm(out, cache)
-    assert torch.equal(folder_dm._val_windows_all, raw._val_windows_all)
+    assert torch.equal(folder_dm.validation_windows, raw.validation_windows)
     assert folder_dm.tokenizer_vocab_size == raw.tokenizer_vocab_size
 
 
@@ -45,13 +45,13 @@ def test_prepare_never_overwrites(prepared, corpus_folder, capsys):
 def test_the_command_line_has_the_data_modules_defaults_and_the_same_flags():
     run = parse(["SRC", "OUT"])
     assert (run.source, run.out) == ("SRC", "OUT")
-    shared = ("vocab_size", "tokenizer_path", "text_field", "val_fraction", "seed", "tokenizer_train_chars", "cache_dir")
+    shared = ("vocab_size", "tokenizer", "text_field", "val_fraction", "seed", "tokenizer_train_chars", "cache_dir")
     assert {name: getattr(run, name) for name in shared} == {name: DATA_DEFAULTS[name] for name in shared}
     assert run.settings().progress and not parse(["SRC", "OUT", "--no_progress"]).settings().progress
-    flags = ["--vocab_size", "300", "--tokenizer_path", "t.json", "--text_field", "body", "--val_fraction", "0.1",
+    flags = ["--vocab_size", "300", "--tokenizer", "t.json", "--text_field", "body", "--val_fraction", "0.1",
              "--seed", "3", "--tokenizer_train_chars", "99", "--cache_dir", "c", "--num_proc", "3", "--shard_tokens", "7"]
     assert parse(["SRC", "OUT", *flags, "--no_progress"]).settings() == PrepareSettings(
-        vocab_size=300, tokenizer_path="t.json", text_field="body", val_fraction=0.1, seed=3, tokenizer_train_chars=99,
+        vocab_size=300, tokenizer="t.json", text_field="body", val_fraction=0.1, seed=3, tokenizer_train_chars=99,
         cache_dir="c", num_proc=3, shard_tokens=7, progress=False)
 
 

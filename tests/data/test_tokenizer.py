@@ -73,11 +73,11 @@ def test_explicit_tokenizer_path(corpus_dir, tmp_path):
     trained = make_dm(corpus_dir, tmp_path)
     copied = tmp_path / "mine.json"
     shutil.copy(trained.tokenizer_file, copied)
-    dm = make_dm(corpus_dir, tmp_path, tokenizer_path=str(copied), cache_dir=str(tmp_path / "unused"))
+    dm = make_dm(corpus_dir, tmp_path, tokenizer=str(copied), cache_dir=str(tmp_path / "unused"))
     assert dm.tokenizer_vocab_size == 400 and dm.tokenizer_file == copied
     assert not (tmp_path / "unused").exists()
     with pytest.raises(DataError, match="does not exist"):
-        _ = make_dm(corpus_dir, tmp_path, tokenizer_path=str(tmp_path / "missing.json")).tokenizer
+        _ = make_dm(corpus_dir, tmp_path, tokenizer=str(tmp_path / "missing.json")).tokenizer
 
 
 def test_concurrent_processes_train_once(tmp_path):

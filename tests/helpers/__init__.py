@@ -36,7 +36,7 @@ def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
         "--trainer.enable_model_summary", "false",
         "--data.source", corpus,
         "--data.val_fraction", VAL_FRACTION,
-        "--data.tokenizer_path", tokenizer,
+        "--data.tokenizer", tokenizer,
         *extra,
     ]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.training.checkpoint import load_model
+from modlm.training.checkpoint import load_saved
 from modlm.training.export import write_export as export
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
 from modlm.training.export import ENTRY_FILES, relative_imports, remote_code_files
@@ -230,8 +230,10 @@ def test_tokenizer_reads_as_in_training(exported, tokenizer):
 
 def test_modlm_reads_its_export_folder_back(exported, tokenizer):
     model, folder, hf = exported
-    loaded, data = load_model(str(folder))
+    saved = load_saved(str(folder))
+    loaded, data = saved.model, saved.data
     assert loaded.config == model.config and data["seq_len"] == 64
+    assert saved.tokenizer.to_str() == tokenizer.to_str() and data["tokenizer"] == str(folder)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
         assert torch.equal(hf.state_dict()[name], tensor), name

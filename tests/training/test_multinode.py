@@ -71,7 +71,7 @@ def test_prepared_shards_resume_on_another_number_of_processes(tmp_path, tiny_to
     corpus, tokenizer = tiny_tokenizer
     shards = tmp_path / "tokens"
     prepare_corpus(corpus, shards, PrepareSettings(
-        vocab_size=TINY_DATA["vocab_size"], tokenizer_path=tokenizer, text_field="text", val_fraction=float(VAL_FRACTION),
+        vocab_size=TINY_DATA["vocab_size"], tokenizer=tokenizer, text_field="text", val_fraction=float(VAL_FRACTION),
         seed=1234, tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"], cache_dir=None, num_proc=2,
         shard_tokens=10_000, progress=False))
     args = tiny_args(tmp_path / "run", (str(shards), tokenizer), "--trainer.accelerator", "cpu",

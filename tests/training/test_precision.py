@@ -41,7 +41,7 @@ def test_cpuinfo_flags_are_read(monkeypatch, tmp_path):
 def _cli(tmp_path, data, *extra):
     corpus, tokenizer = data
     return ModLMCLI(args=["--trainer.default_root_dir", str(tmp_path), "--data.source", corpus,
-                          "--data.tokenizer_path", tokenizer, "--data.val_fraction", VAL_FRACTION,
+                          "--data.tokenizer", tokenizer, "--data.val_fraction", VAL_FRACTION,
                           "--data.num_workers", "0", *extra], run=False)
 
 

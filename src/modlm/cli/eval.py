@@ -11,8 +11,10 @@
 (``--data.source``, ``--sampling.temperature``), and ``--help`` shows the docstrings below.
 
 CKPT is a Lightning checkpoint written by ``train.py`` (read with ``torch.load(weights_only=True)``:
-no pickled code runs) or a folder written by ``--export``. The data is the validation split of
-the corpus the model was trained on (``--data.source`` to use another). JSON keys are flat and
+no pickled code runs), an FSDP2 sharded checkpoint folder, a folder written by ``--export``, or a
+Hugging Face Hub id of one. The data is the validation windows the checkpoint carries, tokenized
+with its own tokenizer, so no corpus is needed (``--data.source`` evaluates on another corpus; an
+export folder is evaluated on its training corpus's validation split). JSON keys are flat and
 dotted: ``topk.loss``, ``topk.ppl``, ``topk.bpb``, ``causal.loss``, ``causal.ppl``,
 ``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s`` (batch 1),
 ``decode_tokens_per_s_batched`` (``decode_batch`` prompts at once), ...
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json as json_lib
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -29,8 +32,9 @@ from typing import Literal, Optional
 import torch
 
 from ..model.errors import UserError
-from ..training.checkpoint import load_model
+from ..training.checkpoint import SavedModel, load_saved
 from ..training.export import write_export
+from ..training.travel import unpack
 from ..analysis.evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
 from ..model.transformer import MoDTransformer
 from ..analysis.report import plot as draw_plot
@@ -43,18 +47,21 @@ class EvalError(UserError):
 
 @dataclass
 class DataOptions:
-    """Which validation windows to evaluate on (by default those of the model's own training run).
+    """Which validation windows to evaluate on: by default those stored in the checkpoint (the ones
+    its run validated on; an export folder or an older checkpoint has none: then its training
+    corpus's), tokenized with the model's own tokenizer.
 
     Args:
-        source: evaluate on this corpus instead of the training one (any form train.py's
-            --data.source takes)
-        tokenizer_path: use this tokenizer.json instead of the one the model was trained with
+        source: evaluate on this corpus instead (any form train.py's --data.source takes),
+            tokenized with the model's tokenizer
+        tokenizer: use this tokenizer instead of the model's own (a tokenizer.json, a folder
+            holding one, a Hub id)
         batch_size: rows per validation batch (0: the training run's)
         max_batches: evaluate on at most this many validation batches (0: all of them)
     """
 
     source: Optional[str] = None
-    tokenizer_path: Optional[str] = None
+    tokenizer: Optional[str] = None
     batch_size: int = 0
     max_batches: int = 0
 
@@ -82,7 +89,8 @@ class EvalRun:
     capacity used, the causal decision against top-k, FLOPs per token and decode speed.
 
     Args:
-        ckpt: checkpoint (.ckpt written by train.py) or a folder written by --export
+        ckpt: checkpoint (.ckpt written by train.py, or an FSDP2 sharded checkpoint folder), a folder
+            written by --export, or a Hugging Face Hub id (hub:OWNER/NAME) of one
         json: write every number to this JSON file (flat dotted keys)
         compare: a second checkpoint (e.g. the dense twin) to show side by side
         plot: PNG of the comparison (default: compare.png beside --json, or ./compare.png)
@@ -139,12 +147,22 @@ def parse(argv=None) -> EvalRun:
     return EvalRun(**{**values, "data": DataOptions(**values["data"]), "sampling": SamplingOptions(**values["sampling"])})
 
 
-def build_data(data: dict, options: DataOptions, model: MoDTransformer):
-    """The data module of the model's own corpus and tokenizer, unless the options name others."""
+def build_data(saved: SavedModel, options: DataOptions):
+    """The data module of a saved model's validation windows and tokenizer, unless the options
+    name others (see ``DataOptions``)."""
     from ..data import ModLMDataModule
 
+    model, data = saved.model, saved.data
     settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
-    for key in ("source", "tokenizer_path"):
+    if saved.tokenizer is not None:
+        settings["tokenizer"] = str(unpack(saved.tokenizer, None, data.get("cache_dir")))
+        if saved.validation_windows is not None and options.tokenizer is None:  # windows of its own tokenizer
+            settings["source"] = str(unpack(saved.tokenizer, saved.validation_windows, data.get("cache_dir")))
+            settings["val_windows"] = len(saved.validation_windows)
+    elif not Path(saved.path).is_dir():
+        warnings.warn(f"{saved.path} carries no tokenizer (an older modlm wrote it): evaluating with its data "
+                      "settings' tokenizer, which nothing can check against the one it was trained with", UserWarning)
+    for key in ("source", "tokenizer"):
         if getattr(options, key) is not None:
             settings[key] = getattr(options, key)
     if options.batch_size:
@@ -153,17 +171,18 @@ def build_data(data: dict, options: DataOptions, model: MoDTransformer):
     if dm.tokenizer_vocab_size != model.config.vocab_size:
         raise EvalError(
             f"tokenizer does not match the model: {dm.tokenizer_vocab_size} tokens vs the model's "
-            f"vocab_size={model.config.vocab_size} (pass the tokenizer it was trained with: --data.tokenizer_path)"
+            f"vocab_size={model.config.vocab_size} (evaluate with the tokenizer it was trained with)"
         )
     return dm
 
 
-def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, MoDTransformer, object]:
-    """Every number of one checkpoint (flat dotted keys), the model and its data module."""
+def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, object]:
+    """Every number of one checkpoint (flat dotted keys), the saved model and its data module."""
     from tqdm import tqdm
 
-    model, data = load_model(path, run.device)
-    dm = build_data(data, run.data, model)
+    saved = load_saved(path, run.device)
+    model = saved.model
+    dm = build_data(saved, run.data)
     dm.setup("validate")
     batches = list(dm.val_dataloader())[: run.data.max_batches or None]
     if not batches:
@@ -192,7 +211,7 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, MoDTransformer, 
         result["decode_tokens_per_s"] = decode_speed(model, prompt, new_tokens)
         result["decode_batch"] = rows.shape[0]
         result["decode_tokens_per_s_batched"] = decode_throughput(model, rows, new_tokens)["tokens_per_s"]
-    return result, model, dm
+    return result, saved, dm
 
 
 def main(argv=None) -> int:
@@ -210,7 +229,8 @@ def main(argv=None) -> int:
 
 
 def execute(run: EvalRun) -> int:
-    result, model, dm = evaluate_checkpoint(run.ckpt, run)
+    result, saved, dm = evaluate_checkpoint(run.ckpt, run)
+    model = saved.model
     results = [result]
     if run.compare:
         results.append(evaluate_checkpoint(run.compare, run)[0])
@@ -233,6 +253,6 @@ def execute(run: EvalRun) -> int:
                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eot_id=dm.eot_id)[0]
         print(dm.tokenizer.decode(out.tolist()))
     if run.export:
-        write_export(model, dm.tokenizer, dict(dm.hparams), Path(run.export))
+        write_export(model, dm.tokenizer, saved.data, Path(run.export))
         print(f"exported: {run.export}")
     return 0

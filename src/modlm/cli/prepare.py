@@ -34,7 +34,7 @@ class PrepareRun:
         source: corpus: a file, folder or glob of text/jsonl/json/parquet, 'stdlib' or 'hub:NAME'
         out: the prepared folder to write (must not exist)
         vocab_size: vocabulary size of the BPE tokenizer trained for the corpus
-        tokenizer_path: use this tokenizer.json instead of training one
+        tokenizer: use this tokenizer (a tokenizer.json, a folder holding one, or a Hub id) instead of training one
         text_field: field (jsonl/json) or column (parquet, hub) holding the text
         val_fraction: share of documents held out for validation
         seed: seed the corpus is opened with, as a training run would (the tokens written do not depend on
@@ -49,7 +49,7 @@ class PrepareRun:
     source: str
     out: str
     vocab_size: int = _DATA_DEFAULTS["vocab_size"]
-    tokenizer_path: Optional[str] = _DATA_DEFAULTS["tokenizer_path"]
+    tokenizer: Optional[str] = _DATA_DEFAULTS["tokenizer"]
     text_field: str = _DATA_DEFAULTS["text_field"]
     val_fraction: float = _DATA_DEFAULTS["val_fraction"]
     seed: int = _DATA_DEFAULTS["seed"]

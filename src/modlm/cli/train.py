@@ -28,7 +28,7 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..model.errors import UserError
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
@@ -39,11 +39,13 @@ from ..training.callbacks.preemption import Preemption
 from ..training.callbacks.routing_heatmap import RoutingHeatmap
 from ..training.callbacks.routing_stats import RoutingStats
 from ..training.callbacks.throughput import TokenThroughput
-from ..training.checkpoint import CheckpointError, check_resume_shape, read_checkpoint, resolve_last
+from ..training.checkpoint import (CheckpointError, check_resume_shape, is_checkpoint, read_checkpoint, read_sharded_meta,
+                                   resolve_last, saved_data)
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
+from ..training.travel import unpack
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
@@ -122,19 +124,70 @@ class ModLMCLI(LightningCLI):
         differs from the checkpoint's is refused naming the fields (LightningCLI would silently take
         the checkpoint's values over the ``--model.*`` the user gave: for ``validate``/``test`` that
         is what one wants, the checkpoint defines the model; for ``fit`` the user asked for another
-        model than the one they resume)."""
+        model than the one they resume). ``validate``/``test`` take the data's shape from the
+        checkpoint too (``_data_from_checkpoint``); a checkpoint named as ``--data.tokenizer`` means
+        its tokenizer."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
-            ckpt_path = self._resolve_last(self.config[subcommand])
-            self.config[subcommand].ckpt_path = ckpt_path
+            ckpt_path = config.ckpt_path = self._resolve_last(config)
         if ckpt_path and not Path(ckpt_path).exists():
             raise CheckpointError(f"checkpoint not found: {ckpt_path}")
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)  # a corrupt or unsafe file is a one-line user error
             if subcommand == "fit":
-                check_resume_shape(ckpt_path, self.config.fit.model)
+                check_resume_shape(ckpt_path, config.model)
+        elif ckpt_path and subcommand != "fit":  # a sharded folder: LightningCLI reads only files' hyperparameters
+            hparams = dict(read_sharded_meta(Path(ckpt_path)).get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            config = self.config[subcommand]
+        tokenizer = config.data.get("tokenizer")
+        if tokenizer and is_checkpoint(tokenizer):
+            config.data.tokenizer = str(self._unpack(tokenizer, config, windows=False))
+        if ckpt_path and subcommand in ("validate", "test"):
+            self._data_from_checkpoint(parser, subcommand, ckpt_path)
+
+    def _data_from_checkpoint(self, parser, subcommand: str, ckpt_path: str) -> None:
+        """``validate``/``test`` from a checkpoint: the data's shape (window length, vocabulary,
+        number of windows) and tokenizer are the checkpoint's unless given on the command line or in
+        a config file, and the data is the validation windows stored in it unless ``--data.source``
+        names a corpus (tokenized with the checkpoint's tokenizer then). A checkpoint from before
+        checkpoints carried their data falls back on its data settings, source included."""
+        config = self.config[subcommand]
+        defaults = parser.parse_args([subcommand])[subcommand].data  # what "not given" looks like
+        given = {key for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer")
+                 if config.data.get(key) != defaults.get(key)}
+        settings, tokenizer, windows = saved_data(ckpt_path)
+        if tokenizer is not None:
+            settings["tokenizer"] = str(self._unpack(ckpt_path, config, windows=False))
+            if windows is not None:
+                settings["source"] = str(self._unpack(ckpt_path, config, windows=True))
+                settings["val_windows"] = len(windows)
+        else:
+            rank_zero_warn(f"modlm: {ckpt_path} carries no tokenizer (an older modlm wrote it): validating on its "
+                           "data settings' corpus and tokenizer, as trained")
+        for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer"):
+            if key not in given and key in settings:
+                config.data[key] = settings[key]
+
+    @staticmethod
+    def _unpack(ckpt_path: str, config, windows: bool) -> Path:
+        """The checkpoint's tokenizer (and, with ``windows``, its validation windows) as a prepared
+        folder in the run's tokenizer cache: what ``--data.tokenizer`` / ``--data.source`` name."""
+        _, tokenizer, stored = saved_data(ckpt_path)
+        if tokenizer is None:
+            raise CheckpointError(f"{ckpt_path} carries no tokenizer (an older modlm wrote it): name a tokenizer.json instead")
+        return unpack(tokenizer, stored if windows else None, config.data.get("cache_dir"))
+
+    @classmethod
+    def subcommands(cls) -> dict[str, set[str]]:
+        """fit, validate and test (``predict`` is not offered: generation is ``modlm-generate``)."""
+        return {name: keys for name, keys in super().subcommands().items() if name != "predict"}
 
     @staticmethod
     def _resolve_last(config) -> Optional[str]:

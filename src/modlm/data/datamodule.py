@@ -38,7 +38,7 @@ from ..model.config import ModelConfig
 from .corpus import Corpus, open_corpus
 from .errors import DataError
 from .stream.loader import FixedBatches, ResumableLoader
-from .tokenizer import EOT_TOKEN, TokenizerSettings
+from .tokenizer import TokenizerSettings, end_of_text_id, fingerprint
 
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
@@ -57,7 +57,10 @@ class ModLMDataModule(L.LightningDataModule):
         batch_size: Rows per batch (per rank).
         vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
             actual size, ``tokenizer_vocab_size``, can be smaller on a tiny corpus).
-        tokenizer_path: An existing ``tokenizer.json`` to use instead of training one.
+        tokenizer: A pretrained or saved tokenizer to use instead of training one: a
+            ``tokenizer.json``, a folder holding one (a transformers tokenizer folder, a modlm
+            export), or a Hugging Face Hub id (``OWNER/NAME`` or ``hub:OWNER/NAME``). Its
+            vocabulary sets the model's; its own end-of-text token separates documents.
         val_fraction: Share of documents held out for validation, chosen per document by a
             hash of its path (or text), the same on every run.
         val_windows: Number of validation windows (all ranks together); every validation
@@ -78,7 +81,7 @@ class ModLMDataModule(L.LightningDataModule):
         seq_len: int = _MODEL_DEFAULTS["max_seq_len"],
         batch_size: int = 16,
         vocab_size: int = _MODEL_DEFAULTS["vocab_size"],
-        tokenizer_path: Optional[str] = None,
+        tokenizer: Optional[str] = None,
         val_fraction: float = 0.05,
         val_windows: int = 64,
         num_workers: int = 1,
@@ -102,7 +105,7 @@ class ModLMDataModule(L.LightningDataModule):
                 raise DataError(message)
         self.save_hyperparameters()
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
-        self.vocab_size, self.tokenizer_path = vocab_size, tokenizer_path
+        self.vocab_size, self.tokenizer_spec = vocab_size, tokenizer
         self.val_fraction, self.val_windows = val_fraction, val_windows
         self.num_workers, self.seed, self.text_field = num_workers, seed, text_field
         self.tokenizer_train_chars, self.cache_dir = tokenizer_train_chars, cache_dir
@@ -128,7 +131,7 @@ class ModLMDataModule(L.LightningDataModule):
 
     @cached_property
     def _tokenizer_and_file(self):
-        settings = TokenizerSettings(self.tokenizer_path, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
+        settings = TokenizerSettings(self.tokenizer_spec, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
         return self.corpus.tokenizer(settings)
 
     @property
@@ -148,11 +151,19 @@ class ModLMDataModule(L.LightningDataModule):
 
     @property
     def eot_id(self) -> int:
-        """Id of the <|endoftext|> token that separates documents."""
-        return self.tokenizer.token_to_id(EOT_TOKEN)
+        """Id of the tokenizer's end-of-text token, which separates documents."""
+        return end_of_text_id(self.tokenizer)
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return fingerprint(self.tokenizer)
 
     @cached_property
-    def _val_windows_all(self) -> torch.Tensor:
+    def validation_windows(self) -> torch.Tensor:
+        """Every validation window of every rank, (n, seq_len + 1): the same on every run (empty
+        when validation is off)."""
+        if self.val_fraction == 0 or self.val_windows == 0:
+            return torch.empty(0, self.seq_len + 1, dtype=torch.long)
         return self.corpus.val_windows(self.tokenizer, self.seq_len, self.val_windows)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -166,8 +177,8 @@ class ModLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         _ = self.tokenizer  # fail early (bad source, offline hub) and train/load once
-        if stage in (None, "fit", "validate", "test") and self.val_fraction > 0 and self.val_windows > 0:
-            _ = self._val_windows_all
+        if stage in (None, "fit", "validate", "test"):
+            _ = self.validation_windows
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank_world()
@@ -185,10 +196,8 @@ class ModLMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> FixedBatches:
         """This rank's share of the fixed validation windows, in batches."""
-        if self.val_fraction == 0 or self.val_windows == 0:
-            return FixedBatches(torch.empty(0, self.seq_len + 1, dtype=torch.long), self.batch_size)
         rank, world = self._rank_world()
-        windows = self._val_windows_all
+        windows = self.validation_windows
         per_rank = len(windows) // world  # equal counts, so ranks stay in lockstep
         return FixedBatches(windows[rank::world][:per_rank], self.batch_size)
 

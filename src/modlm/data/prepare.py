@@ -20,9 +20,10 @@ from typing import Optional
 import numpy as np
 
 from .corpus import open_corpus
-from .corpus.prepared import FORMAT, META_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype, tokenizer_digest
+from .corpus.prepared import FORMAT, META_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype
 from .errors import DataError
-from .tokenizer import EOT_TOKEN, TOKENIZER_FILE, TokenizerSettings, encode_documents, in_chunks, tokenizer_from_str
+from .tokenizer import (TOKENIZER_FILE, TokenizerSettings, encode_documents, end_of_text_id, fingerprint_json, in_chunks,
+                        tokenizer_from_str)
 
 DOCS_PER_TASK = 256  # documents a pool process tokenizes per task (large enough to amortise the hand-off)
 
@@ -33,7 +34,7 @@ class PrepareSettings:
     there, so a run on the source with them would train or load the same tokenizer."""
 
     vocab_size: int
-    tokenizer_path: Optional[str]
+    tokenizer: Optional[str]
     text_field: str
     val_fraction: float
     seed: int
@@ -47,8 +48,8 @@ class PrepareSettings:
     """Show progress bars."""
 
     @property
-    def tokenizer(self) -> TokenizerSettings:
-        return TokenizerSettings(self.tokenizer_path, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
+    def tokenizer_settings(self) -> TokenizerSettings:
+        return TokenizerSettings(self.tokenizer, self.vocab_size, self.tokenizer_train_chars, self.cache_dir)
 
 
 _worker_tok = None  # the tokenizer of a pool process
@@ -111,7 +112,7 @@ def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpu
     # No minimum of held-out characters: the window length of the runs to come is not known here.
     corpus = open_corpus(source, text_field=settings.text_field, val_fraction=settings.val_fraction,
                          seed=settings.seed, min_val_chars=0)
-    tok, _ = corpus.tokenizer(settings.tokenizer)
+    tok, _ = corpus.tokenizer(settings.tokenizer_settings)
     tokenizer_json = tok.to_str()
     dtype = token_dtype(tok.get_vocab_size())
     partial = out.with_name(out.name + ".partial")
@@ -149,8 +150,8 @@ def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpu
         raise DataError(f"data source {source!r}: no training tokens")
     meta = {
         "format": FORMAT, "version": VERSION, "dtype": dtype.str,
-        "vocab_size": tok.get_vocab_size(), "eot_id": tok.token_to_id(EOT_TOKEN),
-        "tokenizer_sha256": tokenizer_digest(tokenizer_json),
+        "vocab_size": tok.get_vocab_size(), "eot_id": end_of_text_id(tok),
+        "tokenizer_sha256": fingerprint_json(tokenizer_json),
         "source": source, "source_id": corpus.source_id,
         "text_field": settings.text_field, "val_fraction": settings.val_fraction, "shard_tokens": shard_tokens,
         "documents": {s: splits[s].pop("documents") for s in splits},

@@ -1,8 +1,14 @@
-"""Byte-level BPE tokenizer: train once per corpus and settings, cache, reuse.
+"""Tokenizers: modlm's byte-level BPE, trained once per corpus and settings, cached, reused; or a
+pretrained one, named by ``--data.tokenizer``.
 
 Byte-level (GPT-2 style) BPE: every string encodes losslessly, so
 decode(encode(text)) == text for any text, non-ASCII included. No normalizer, no prefix
 space. One special token, <|endoftext|>, separates documents in the packed stream.
+
+A pretrained tokenizer (a ``tokenizer.json``, a folder holding one such as a transformers tokenizer
+folder, or a Hugging Face Hub id) is used as it is: its vocabulary sets the model's, and its own
+end-of-text token separates documents (``end_of_text``). A tokenizer is identified by its
+``fingerprint``, the hash of its serialized form.
 
 The cache lives in `<cache_dir>/<key>/tokenizer.json`, key = hash of the corpus identity
 and the settings that change the result. Several ranks may start at once: one trains
@@ -25,7 +31,12 @@ from .errors import DataError
 from .progress import note, show_bars
 
 EOT_TOKEN = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"  # its name in the cache and in a prepared folder
+"""The end-of-text token of modlm's own BPE (id 0)."""
+END_OF_TEXT_TOKENS = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+"""End-of-text tokens of the tokenizers people train with (GPT-2/Qwen/SmolLM, Llama 3, Llama 2/Mistral,
+Gemma, chat models), in the order a tokenizer's own is looked for: the document separator of
+pretraining comes before a chat end-of-turn."""
+TOKENIZER_FILE = "tokenizer.json"  # its name in the cache, in a prepared folder and in an export
 ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 
@@ -73,18 +84,65 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int, show_
     return _prepare(tok)
 
 
+def end_of_text(tok: Tokenizer) -> str:
+    """The token that ends a document (and a generation): the first of ``END_OF_TEXT_TOKENS`` the
+    tokenizer has; a DataError when it has none."""
+    for token in END_OF_TEXT_TOKENS:
+        if tok.token_to_id(token) is not None:
+            return token
+    raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(END_OF_TEXT_TOKENS)}): "
+                    "documents could not be separated nor a generation end")
+
+
+def end_of_text_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(end_of_text(tok))
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """A tokenizer's identity: the SHA-256 of its serialized form (vocabulary, merges, settings)."""
+    return fingerprint_json(tok.to_str())
+
+
+def fingerprint_json(tokenizer_json: str) -> str:
+    return hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+
+
 def load_tokenizer(path) -> Tokenizer:
-    """Load a tokenizer.json and check it has the end-of-text token."""
+    """Load a tokenizer.json and check it has an end-of-text token."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"tokenizer_path {str(path)!r} does not exist (expected a tokenizer.json file)")
+        raise DataError(f"tokenizer {str(path)!r} does not exist (expected a tokenizer.json file)")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"tokenizer_path {str(path)!r} is not a valid tokenizer.json ({e})") from None
-    if tok.token_to_id(EOT_TOKEN) is None:
-        raise DataError(f"tokenizer_path {str(path)!r} has no {EOT_TOKEN} token")
+        raise DataError(f"tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
+    end_of_text(tok)
     return _prepare(tok)
+
+
+def _hub_tokenizer_folder(repo_id: str) -> Path:
+    """The tokenizer files of a Hub model repository, downloaded (or found in the local Hugging
+    Face cache when offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json"]))
+    except Exception as e:  # noqa: BLE001 - offline, not found, gated: the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"tokenizer {repo_id!r}: not a local file or folder, and the Hub cannot give it ({first})") from None
+
+
+def open_tokenizer(spec: str) -> tuple[Tokenizer, Path]:
+    """The tokenizer ``--data.tokenizer`` names, and the tokenizer.json it was read from: a
+    ``tokenizer.json``; a folder holding one (a transformers tokenizer folder, a modlm export or
+    prepared folder); or ``hub:OWNER/NAME`` (or plain ``OWNER/NAME``, when no such local path
+    exists), a Hugging Face Hub repository whose ``tokenizer.json`` is used."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    elif not path.exists() and (spec.startswith("hub:") or spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
+        path = _hub_tokenizer_folder(spec.removeprefix("hub:")) / TOKENIZER_FILE
+    return load_tokenizer(path), path
 
 
 def tokenizer_from_str(data: str) -> Tokenizer:
@@ -102,7 +160,7 @@ def in_chunks(items: Iterable, size: int) -> Iterator[list]:
 def encode_documents(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Each document's tokens followed by the end-of-text token, as int64 arrays: the unit the
     packed stream, the validation windows and a prepared folder are all made of."""
-    eot = tok.token_to_id(EOT_TOKEN)
+    eot = end_of_text_id(tok)
     return [np.asarray(e.ids + [eot], dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -148,8 +206,9 @@ def cached_tokenizer(folder: Path, train, wait_s: float = 3600.0) -> Tokenizer:
 class TokenizerSettings:
     """Which tokenizer a text corpus gets (the data module's settings of the same names)."""
 
-    tokenizer_path: Optional[str]
-    """An existing tokenizer.json to use; None trains one for the corpus (or loads it from the cache)."""
+    tokenizer: Optional[str]
+    """A pretrained or saved tokenizer to use (``open_tokenizer``); None trains one for the corpus
+    (or loads it from the cache)."""
     vocab_size: int
     """Vocabulary size of a trained tokenizer."""
     tokenizer_train_chars: int
@@ -175,10 +234,10 @@ class TrainableCorpus(Protocol):
 
 
 def resolve_tokenizer(settings: TokenizerSettings, corpus: TrainableCorpus) -> tuple[Tokenizer, Path]:
-    """The tokenizer to use and where it is stored: the explicit ``tokenizer_path``, or the
+    """The tokenizer to use and where it is stored: the one ``settings.tokenizer`` names, or the
     cached one for this corpus and settings (trained on the first call)."""
-    if settings.tokenizer_path:
-        return load_tokenizer(settings.tokenizer_path), Path(settings.tokenizer_path)
+    if settings.tokenizer:
+        return open_tokenizer(settings.tokenizer)
     vocab_size, max_chars = settings.vocab_size, settings.tokenizer_train_chars
     # The key's names and values are those of every earlier version: a cached tokenizer stays found.
     key = cache_key(

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .config import STATIC
+from .config import STATIC, Routing
 from .errors import UserError
 
 DecodeStep = Callable[[torch.Tensor, object], torch.Tensor]
@@ -106,6 +106,8 @@ def generate(
     eot_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     decode_step: Optional[DecodeStep] = None,
+    on_tokens: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
+    routing: Union[Routing, str] = Routing.CAUSAL,
 ):
     """Sample continuations with the KV cache and causal routing.
 
@@ -115,8 +117,16 @@ def generate(
     Returns a (B, T + max_new_tokens) tensor for a (B, T) tensor (rows that stopped early are padded
     with ``eot_id``), a 1-D tensor for one prompt, a list of 1-D tensors for a list of prompts.
     ``decode_step`` replaces ``model.decode_step`` (e.g. ``compile_decode_step(model)``).
+
+    ``on_tokens(tokens)`` is called with each step's (B,) new tokens as they are sampled (to stream
+    them); it may return a (B,) bool tensor of rows to finish now, as if they had emitted
+    ``eot_id`` (stop strings). ``routing="topk"`` generates without a cache: each new token comes
+    from a whole top-k forward of the sequence so far (the training computation applied to the
+    prefix, ``k`` growing with it; quadratic in the length): a way to see what top-k routing would
+    generate, not a fast path.
     """
     check_sampling(temperature, top_k, top_p)
+    routing = Routing.of(routing)
     device = model.embed.weight.device
     prompts, form = _prompts(idx, device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -128,9 +138,16 @@ def generate(
     batch = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
     ragged = int(lengths.min()) < longest
 
-    state = model.new_state(B, device)
-    logits = model.prefill(batch, state, n_real=lengths if ragged else None, last_only=True)
-    step = decode_step or model.decode_step
+    if routing == Routing.TOPK:
+        if ragged:
+            raise UserError("routing='topk' generates prompts of one length only (top-k would rank padding)")
+        state, sequence = None, batch
+        logits = model(sequence, routing=Routing.TOPK).logits[:, -1]
+        step = None
+    else:
+        state = model.new_state(B, device)
+        logits = model.prefill(batch, state, n_real=lengths if ragged else None, last_only=True)
+        step = decode_step or model.decode_step
 
     generated = batch.new_zeros(B, max_new_tokens)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -142,9 +159,17 @@ def generate(
             finished = finished | (token == eot_id)
         generated[:, i] = token
         n_done = i + 1
-        if n_done == max_new_tokens or (eot_id is not None and bool(finished.all())):
+        if on_tokens is not None:
+            stop = on_tokens(token)
+            if stop is not None:
+                finished = finished | stop.to(finished.device)
+        if n_done == max_new_tokens or ((eot_id is not None or on_tokens is not None) and bool(finished.all())):
             break
-        logits = step(token, state)
+        if step is None:  # top-k routing: the whole sequence again
+            sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
+            logits = model(sequence, routing=Routing.TOPK).logits[:, -1]
+        else:
+            logits = step(token, state)
 
     if form == "batch":
         if n_done < max_new_tokens:  # every row stopped early

@@ -6,32 +6,42 @@ The one place to change the checkpoint format. Which ``ModelConfig`` fields deci
 here:
 
 * reading: ``read_checkpoint`` (``torch.load(weights_only=True)``: no pickled code ever runs; read
-  once per file and kept, so a resume opens the file once here), ``checkpoint_damage`` (what is
-  wrong with a file, if anything), ``load_model`` (the model and data settings of a checkpoint or of
-  an export folder, ``modlm.training.export``);
+  once per file and kept, so a resume opens the file once here), ``read_sharded`` (an FSDP2 sharded
+  folder, consolidated with torch's distributed-checkpoint tools), ``checkpoint_damage`` (what is
+  wrong with a file, if anything), ``load_saved`` (a ``SavedModel``: the model, its data settings,
+  tokenizer and validation windows, from a checkpoint file, a sharded folder, an export folder or a
+  Hugging Face Hub id);
 * finding: ``resolve_last``, what ``--ckpt_path last`` means (the newest checkpoint of a run, a
   damaged one named);
 * fitting: ``check_resume_shape`` (a fit resumed into another model shape is refused, naming the
-  fields) and ``check_state_dict_fits`` (the module's tensor check on load);
+  fields), ``check_state_dict_fits`` (the module's tensor check on load) and
+  ``check_tokenizer_fits`` (a run whose tokenizer is not the checkpoint's is refused);
 * the generator states a checkpoint carries (``rng_states``);
 * writing: ``save_atomically`` writes under a hidden name and renames into place, so a save cut
   off never replaces a good file (``modlm.training.trainer.ModLMTrainer.save_checkpoint`` uses it
   for every save of a run).
 
 A Lightning checkpoint written by ``train.py`` holds the model weights under ``state_dict`` with
-the ``model.`` prefix, the module's hyperparameters and the data module's settings.
+the ``model.`` prefix, the module's hyperparameters, the data module's settings, and what travels
+with the model (its tokenizer and validation windows: ``modlm.training.travel``).
 """
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tokenizers import Tokenizer
 
+from ..data import ModLMDataModule
+from ..data.tokenizer import fingerprint, load_tokenizer
 from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
+from . import travel
 from .export import load_export
 
 
@@ -96,15 +106,105 @@ def restore_rng_states(states: dict) -> None:
 
 # --- reading and exporting ---------------------------------------------------------------------------
 
-def load_model(path: str, device: str = "cpu") -> tuple[MoDTransformer, dict]:
-    """The model (in eval mode, on ``device``) and the data settings it was trained with, from a
-    checkpoint file or an export folder."""
+def check_tokenizer_fits(checkpoint: dict, datamodule) -> None:
+    """Refuse, naming both fingerprints, a run whose data module tokenizes with another tokenizer
+    than the checkpoint's (a corpus that changed, so its tokenizer was retrained; other settings).
+    A checkpoint written before checkpoints carried their tokenizer is taken as it is, with a warning."""
+    if not isinstance(datamodule, ModLMDataModule):
+        return
+    saved = travel.tokenizer_of(checkpoint)
+    if saved is None:
+        warnings.warn("the checkpoint carries no tokenizer (an older modlm wrote it): continuing with this run's "
+                      f"tokenizer {datamodule.tokenizer_file}, which nothing can check against it", UserWarning)
+        return
+    want, have = fingerprint(saved), datamodule.tokenizer_fingerprint
+    if want != have:
+        raise CheckpointMismatchError(
+            f"the checkpoint's tokenizer (fingerprint {want[:12]}) is not this run's ({have[:12]}, {datamodule.tokenizer_file}): "
+            "the corpus or the tokenizer settings changed since it was trained; keep its tokenizer with "
+            "--data.tokenizer CHECKPOINT, or train from scratch")
+
+
+@dataclass
+class SavedModel:
+    """A trained model and what travels with it, read from any of the forms modlm saves."""
+
+    model: MoDTransformer
+    """In eval mode, on the device it was loaded to."""
+    data: dict
+    """The data settings it was trained with (``--data.*``; an export's ``data.json``)."""
+    tokenizer: Optional[Tokenizer]
+    """Its tokenizer; None for a checkpoint an older modlm wrote (then ``data`` names one)."""
+    validation_windows: Optional[torch.Tensor]
+    """The (n, seq_len + 1) windows it was validated on (checkpoints only)."""
+    path: str
+    """Where it was read from."""
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a checkpoint file or a sharded checkpoint folder (not, say, a tokenizer)."""
     p = Path(path)
+    return (p.is_file() and p.suffix == ".ckpt") or (p.is_dir() and (p / ".metadata").is_file())
+
+
+def read_sharded_meta(folder: Path) -> dict:
+    """What a sharded checkpoint folder keeps beside its shards (hyperparameters, loops, callbacks,
+    what travels with the model), without reading the shards."""
+    meta = folder / "meta.pt"
+    if not (folder / ".metadata").is_file() or not meta.is_file():
+        raise CheckpointError(f"{folder} is not a sharded checkpoint folder (expected .metadata and meta.pt)")
+    return torch.load(meta, map_location="cpu", weights_only=True)
+
+
+def read_sharded(folder: Path) -> dict:
+    """An FSDP2 sharded checkpoint folder (``ModelParallelStrategy``'s) as one checkpoint dict: its
+    shards consolidated by torch's distributed-checkpoint tools, its other state from ``meta.pt``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta = read_sharded_meta(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(folder, whole)
+        state = torch.load(whole, map_location="cpu", weights_only=True)
+    return {**meta, "state_dict": state["state_dict"]}
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """A Hub model repository's files (an export folder), downloaded or found in the local cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint not found: {repo_id} is no local path, and the Hub cannot give it ({first})") from None
+
+
+def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]:
+    """What travels with a checkpoint (file or sharded folder), without building its model: its
+    data settings, tokenizer (None from an older modlm) and validation windows."""
+    p = Path(path)
+    ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
+    data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
+    return data, travel.tokenizer_of(ckpt), travel.windows_of(ckpt)
+
+
+def load_saved(path: str, device: str = "cpu") -> SavedModel:
+    """A ``SavedModel`` from a checkpoint file, an FSDP2 sharded checkpoint folder, an export
+    folder, or a Hugging Face Hub id (``hub:OWNER/NAME`` or ``OWNER/NAME``: an export pushed there)."""
+    p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if p.is_dir():
-        return load_export(p, device)
-    ckpt = read_checkpoint(p, purpose="read checkpoint")
+        if path.startswith("hub:") or path.count("/") == 1 and not path.startswith((".", "/", "~")):
+            p = _hub_folder(path.removeprefix("hub:"))
+        else:
+            raise CheckpointError(f"checkpoint not found: {path}")
+    if p.is_dir() and not (p / ".metadata").is_file():
+        model, data = load_export(p, device)
+        tokenizer = load_tokenizer(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
+        return SavedModel(model, data, tokenizer, None, str(path))
+    ckpt = read_sharded(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
         raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
@@ -118,8 +218,8 @@ def load_model(path: str, device: str = "cpu") -> tuple[MoDTransformer, dict]:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
-    data = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
-    return model.to(device).eval(), data
+    data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
+    return SavedModel(model.to(device).eval(), data, travel.tokenizer_of(ckpt), travel.windows_of(ckpt), str(path))
 
 
 # --- writing without ever leaving half a checkpoint behind --------------------------------------

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from ..data.tokenizer import end_of_text
 from ..model.config import ModelConfig
 from ..model.transformer import MoDTransformer
 from ..model.errors import UserError
+from . import travel
 
 class ExportError(UserError):
     """A folder that is not a readable export, or a model that cannot be exported; the message says why."""
@@ -108,32 +110,29 @@ def dump(path: Path, data: dict) -> None:
 
 def load_export(folder: Path, device: str = "cpu") -> tuple[MoDTransformer, dict]:
     """The model (in eval mode, on ``device``) and the data settings of an export folder (its
-    ``tokenizer_path`` the folder's own ``tokenizer.json``)."""
+    ``tokenizer`` the folder itself, which holds the ``tokenizer.json``)."""
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ExportError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
     try:
         model = MoDTransformer.from_pretrained(folder, map_location=device)
     except Exception as err:  # noqa: BLE001 - any failure here means a broken export
         raise ExportError(f"cannot load export folder {folder}: {err}") from None
-    data = json.loads((folder / "data.json").read_text()) if (folder / "data.json").is_file() else {}
+    data = travel.data_settings(json.loads((folder / "data.json").read_text())) if (folder / "data.json").is_file() else {}
     if (folder / "tokenizer.json").is_file():
-        data["tokenizer_path"] = str(folder / "tokenizer.json")
+        data["tokenizer"] = str(folder)
     return model.eval(), data
 
 
 def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
     """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
-    tokenizer, its data settings (without the tokenizer path, which the folder's own
-    ``tokenizer.json`` replaces), and what lets transformers load it."""
-    from ..data import EOT_TOKEN
-
+    tokenizer, its data settings (without the tokenizer, which the folder's own ``tokenizer.json``
+    replaces), and what lets transformers load it."""
     folder = Path(folder)
-    eos_id = tokenizer.token_to_id(EOT_TOKEN)
-    if eos_id is None:
-        raise ExportError(f"the tokenizer has no {EOT_TOKEN} token: nothing would end a generation")
+    eos = end_of_text(tokenizer)
+    eos_id = tokenizer.token_to_id(eos)
     config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
     model.save_pretrained(folder, config=config)
     tokenizer.save(str(folder / "tokenizer.json"))
-    write_transformers_files(folder, model.config, EOT_TOKEN, eos_id)
-    data = {k: v for k, v in data_settings.items() if not k.startswith("_") and k != "tokenizer_path"}
+    write_transformers_files(folder, model.config, eos, eos_id)
+    data = {k: v for k, v in travel.data_settings(data_settings).items() if k != "tokenizer"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")

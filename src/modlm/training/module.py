@@ -22,7 +22,8 @@ from ..model.errors import UserError
 from ..model.transformer import ModelOutput, MoDTransformer
 from . import tags
 from .batch import split_batch
-from .checkpoint import RNG_KEY, check_state_dict_fits, restore_rng_states, rng_states
+from . import travel
+from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
 from .parallel import parallelize
 from .telemetry import StepReport
@@ -178,7 +179,11 @@ class MoDLightningModule(pl.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Beside Lightning's state: torch's generator states, and what travels with the model (the
+        run's tokenizer and validation windows, ``modlm.training.travel``)."""
         checkpoint[RNG_KEY] = rng_states()
+        if self._trainer is not None:
+            checkpoint.update(travel.record(self.trainer.datamodule))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
@@ -189,8 +194,11 @@ class MoDLightningModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep torch's generator states for the first step; refuse, with a message naming the
-        tensors, a checkpoint of another model shape."""
+        tensors, a checkpoint of another model shape, and, with a message naming both
+        fingerprints, a run whose tokenizer is not the checkpoint's (never a silent switch)."""
         self._rng_to_restore = checkpoint.get(RNG_KEY)
         saved = checkpoint.get("state_dict") or {}
         if saved:  # sharded checkpoints are loaded (and checked) by the strategy itself
             check_state_dict_fits(self.state_dict(), saved)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        check_tokenizer_fits(checkpoint, datamodule)

@@ -21,4 +21,4 @@ def test_bad_prepared_folders_are_one_line_errors(prepared, tmp_path, corpus_fol
     other = tmp_path / "other_tokenizer.json"
     other.write_text(prepared_dm(corpus_folder, cache, vocab_size=300).tokenizer.to_str())
     with pytest.raises(DataError, match="another tokenizer"):
-        prepared_dm(out, cache, tokenizer_path=str(other)).tokenizer
+        prepared_dm(out, cache, tokenizer=str(other)).tokenizer

@@ -13,7 +13,6 @@ training stream is the token stream (stream/tokens.py), which reads no text and 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,17 +22,12 @@ from tokenizers import Tokenizer
 
 from ..errors import DataError
 from ..stream.tokens import TokenStream
-from ..tokenizer import TOKENIZER_FILE, TokenizerSettings, load_tokenizer
+from ..tokenizer import TOKENIZER_FILE, TokenizerSettings, fingerprint, fingerprint_json, load_tokenizer, open_tokenizer
 from .base import Corpus
 
 FORMAT = "modlm-token-shards"
 VERSION = 1
 META_FILE = "meta.json"
-
-
-def tokenizer_digest(tokenizer_json: str) -> str:
-    """Identity of a tokenizer: the hash of its serialized form (vocabulary, merges, settings)."""
-    return hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -97,7 +91,7 @@ class PreparedCorpus(Corpus):
                     raise DataError(f"prepared folder {self.source!r}: shard {name} is {have}, expected {want} bytes; "
                                     "run prepare again")
         tok = self.folder / TOKENIZER_FILE
-        if not tok.is_file() or tokenizer_digest(tok.read_text()) != self.meta["tokenizer_sha256"]:
+        if not tok.is_file() or fingerprint_json(tok.read_text()) != self.meta["tokenizer_sha256"]:
             raise DataError(f"prepared folder {self.source!r}: {TOKENIZER_FILE} is missing or not the one its tokens "
                             "were made with; run prepare again")
         self.num_train_tokens = sum(self.meta["train"]["tokens"])
@@ -105,21 +99,22 @@ class PreparedCorpus(Corpus):
         self.num_val_docs = self.meta["documents"]["val"]
 
     @property
-    def tokenizer_path(self) -> Path:
+    def tokenizer_file(self) -> Path:
         return self.folder / TOKENIZER_FILE
 
-    def check_tokenizer(self, tokenizer_json: str, where: str) -> None:
+    def check_tokenizer(self, tok: Tokenizer, where: str) -> None:
         """Refuse a tokenizer other than the one the shards were made with."""
-        if tokenizer_digest(tokenizer_json) != self.meta["tokenizer_sha256"]:
-            raise DataError(f"prepared folder {self.source!r} was tokenized with another tokenizer than {where}; "
-                            "drop --data.tokenizer_path or prepare the corpus again with it")
+        if fingerprint(tok) != self.meta["tokenizer_sha256"]:
+            raise DataError(f"prepared folder {self.source!r} was tokenized with another tokenizer than {where} "
+                            f"(fingerprints {self.meta['tokenizer_sha256'][:12]} and {fingerprint(tok)[:12]}); "
+                            "drop --data.tokenizer or prepare the corpus again with it")
 
     def tokenizer(self, settings: TokenizerSettings) -> tuple[Tokenizer, Path]:
         """The folder's own tokenizer; another one named explicitly is refused. Of the settings only
-        ``tokenizer_path`` matters: the tokens exist already."""
-        if settings.tokenizer_path:
-            self.check_tokenizer(load_tokenizer(settings.tokenizer_path).to_str(), repr(settings.tokenizer_path))
-        return load_tokenizer(self.tokenizer_path), self.tokenizer_path
+        ``tokenizer`` matters: the tokens exist already."""
+        if settings.tokenizer:
+            self.check_tokenizer(open_tokenizer(settings.tokenizer)[0], repr(settings.tokenizer))
+        return load_tokenizer(self.tokenizer_file), self.tokenizer_file
 
     def tokens(self, split: str) -> TokenArray:
         files = [self.folder / name for name in self.meta[split]["files"]]
@@ -144,5 +139,4 @@ class PreparedCorpus(Corpus):
         return torch.from_numpy(val.read(0, n * (seq_len + 1)).reshape(n, seq_len + 1))
 
 
-__all__ = ["FORMAT", "META_FILE", "VERSION", "PreparedCorpus", "TokenArray", "is_prepared", "token_dtype",
-           "tokenizer_digest"]
+__all__ = ["FORMAT", "META_FILE", "VERSION", "PreparedCorpus", "TokenArray", "is_prepared", "token_dtype"]
