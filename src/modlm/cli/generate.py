@@ -77,7 +77,9 @@ def parser():
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
     p.add_argument("model", help="checkpoint (.ckpt), sharded checkpoint folder, export folder, or Hub id")
     p.add_argument("prompts", nargs="*", default=[], help="prompts (default: --prompt_file, else standard input)")
-    p.add_class_arguments(GenerateOptions, as_group=False, skip={"interactive"})
+    p.add_class_arguments(GenerateOptions, as_group=False, skip={"interactive", "stop"})
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a continuation where it produces TEXT (repeatable: --stop A --stop B)")
     p.add_argument("--interactive", action=ActionYesNo, default=False,
                    help="read a prompt, stream its continuation, and loop until end of input")
     return p
@@ -87,8 +89,8 @@ class Streamer:
     """Prints one continuation as its tokens arrive (whole characters only) and ends it at a stop
     string: the ``on_tokens`` callback of ``generate`` for a batch of one row."""
 
-    def __init__(self, tokenizer, stops: list[str], out=sys.stdout):
-        self.tokenizer, self.stops, self.out = tokenizer, stops, out
+    def __init__(self, tokenizer, stops: list[str], out=None):
+        self.tokenizer, self.stops, self.out = tokenizer, stops, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
 
