@@ -53,6 +53,19 @@ def test_fsdp2_two_processes_train_and_resume(tmp_path, tiny_tokenizer):
     assert_same_losses_after_resume(want, got)
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint
 
+    # The sharded folder is read like any checkpoint (consolidated by torch's distributed-checkpoint
+    # tools): it evaluates to the loss the run validated on, and generates.
+    import json
+
+    from modlm.cli.eval import main as eval_main
+    from modlm.cli.generate import main as generate_main
+
+    sharded = tmp_path / "full" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval.json"
+    assert eval_main([str(sharded), "--json", str(out), "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2"]) == 0
+    assert json.loads(out.read_text())["topk.loss"] == pytest.approx(want["val/loss"][N - 1], abs=1e-5)
+    assert generate_main([str(sharded), "def f(", "--max_new_tokens", "4"]) == 0
+
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
 def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):

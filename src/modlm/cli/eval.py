@@ -33,7 +33,7 @@ import torch
 
 from ..model.errors import UserError
 from ..training.checkpoint import SavedModel, load_saved
-from ..training.export import write_export
+from ..training.export import model_card, push_export, write_export
 from ..training.travel import unpack
 from ..analysis.evaluate import decode_speed, decode_throughput, evaluate_routing, flops_per_token, token_byte_lengths
 from ..model.transformer import MoDTransformer
@@ -96,7 +96,10 @@ class EvalRun:
         plot: PNG of the comparison (default: compare.png beside --json, or ./compare.png)
         generate: print a continuation of this prompt (see --sampling.*)
         export: write the model, its tokenizer and data settings to this folder, with the code that
-            lets transformers load it (AutoModelForCausalLM, trust_remote_code=True)
+            lets transformers load it (AutoModelForCausalLM, trust_remote_code=True) and a model card
+            with this evaluation's figures
+        push_to_hub: upload that folder (or, without --export, one made for it) to this Hugging Face
+            Hub repository (OWNER/NAME; created if missing; needs a token: huggingface-cli login)
         data: the validation windows
         sampling: how --generate samples
         prompt_tokens: prompt length of the decode-speed test
@@ -113,6 +116,7 @@ class EvalRun:
     plot: Optional[str] = None
     generate: Optional[str] = None
     export: Optional[str] = None
+    push_to_hub: Optional[str] = None
     data: DataOptions = field(default_factory=DataOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     prompt_tokens: int = 32
@@ -252,7 +256,14 @@ def execute(run: EvalRun) -> int:
         out = model.generate([ids], max_new_tokens=min(s.max_new_tokens, model.config.max_seq_len - len(ids)),
                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eot_id=dm.eot_id)[0]
         print(dm.tokenizer.decode(out.tolist()))
-    if run.export:
-        write_export(model, dm.tokenizer, saved.data, Path(run.export))
-        print(f"exported: {run.export}")
+    if run.export or run.push_to_hub:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(run.export or scratch)
+            write_export(model, dm.tokenizer, saved.data, folder, card=model_card(model.config, saved.trained, result))
+            if run.export:
+                print(f"exported: {run.export}")
+            if run.push_to_hub:
+                print(f"pushed: {push_export(folder, run.push_to_hub)}")
     return 0

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Optional, Protocol
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..model.config import TOKENIZER_FILE
 from .errors import DataError
 from .progress import note, show_bars
 
@@ -36,7 +37,6 @@ END_OF_TEXT_TOKENS = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>
 """End-of-text tokens of the tokenizers people train with (GPT-2/Qwen/SmolLM, Llama 3, Llama 2/Mistral,
 Gemma, chat models), in the order a tokenizer's own is looked for: the document separator of
 pretraining comes before a chat end-of-turn."""
-TOKENIZER_FILE = "tokenizer.json"  # its name in the cache, in a prepared folder and in an export
 ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 

@@ -67,6 +67,10 @@ class DecodePolicy:
         return cls(host_decides=torch.device(device).type == "cpu", bounded_reads=True)
 
 
+TOKENIZER_FILE = "tokenizer.json"
+"""The name a tokenizer is saved under beside a model (``save_pretrained``, export folders) and in the
+data layer's folders (the tokenizer cache, prepared folders)."""
+
 STATIC = DecodePolicy(host_decides=False, bounded_reads=False)
 """The policy of a compiled decoding step (``modlm.model.generate.compile_decode_step``): no host
 reads, the same shapes at every step."""

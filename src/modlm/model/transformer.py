@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .config import DecodePolicy, ModelConfig, Routing
+from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
 from .errors import UserError
 from .generate import generate as _generate
 from .kv_cache import DecodeState, KVCache
@@ -57,8 +57,8 @@ MODEL_CARD = """---
 ---
 
 A Mixture-of-Depths transformer language model ([Raposo et al. 2024]({{ paper_url }})) saved by modlm.
-
-- modlm: `MoDTransformer.from_pretrained(FOLDER_OR_REPO)`
+{{ details | default("", true) }}
+- modlm: `MoDTransformer.from_pretrained(FOLDER_OR_REPO)`; `modlm-generate FOLDER_OR_REPO "a prompt"`
 - transformers, for a folder written by `eval.py --export`:
   `AutoModelForCausalLM.from_pretrained(FOLDER_OR_REPO, trust_remote_code=True)` and
   `AutoTokenizer.from_pretrained(FOLDER_OR_REPO)`
@@ -70,8 +70,10 @@ class MoDTransformer(
     paper_url="https://arxiv.org/abs/2404.02258", model_card_template=MODEL_CARD,
 ):
     """The model. ``save_pretrained(folder)`` / ``from_pretrained(folder or Hub id)`` /
-    ``push_to_hub(repo)`` (huggingface_hub's mixin) keep it as ``model.safetensors`` and a
-    ``config.json`` of the ``ModelConfig`` fields: no pickled code is written or read."""
+    ``push_to_hub(repo)`` (huggingface_hub's mixin) keep it as ``model.safetensors``, a
+    ``config.json`` of the ``ModelConfig`` fields and, when the model knows it (``tokenizer_json``:
+    loaded from a folder that has one, or set by whoever trained it), its ``tokenizer.json``: no
+    pickled code is written or read."""
 
     def __init__(self, config: Union[ModelConfig, Mapping]):
         super().__init__()
@@ -88,6 +90,8 @@ class MoDTransformer(
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.tokenizer_json: Optional[str] = None
+        """The ``tokenizer.json`` text of the tokenizer this model reads, when known: saved and pushed with it."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -144,13 +148,24 @@ class MoDTransformer(
             raise UserError(f"{what} exceeds max_seq_len={self.config.max_seq_len}")
 
     # --- saving (the rest comes from PyTorchModelHubMixin) ---------------------------------------------
+    def _save_pretrained(self, save_directory) -> None:
+        super()._save_pretrained(save_directory)
+        if self.tokenizer_json is not None:
+            with open(os.path.join(save_directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+                f.write(self.tokenizer_json)
+
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
         # A local folder is read here because the mixin's own loader announces it on stdout (eval.py's
         # report); strict by default: a weight missing from the file is an error, not a random tensor.
         if os.path.isdir(model_id):
             model = cls(kwargs["config"])
-            return cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
+            model = cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
+            tokenizer = os.path.join(model_id, TOKENIZER_FILE)
+            if os.path.isfile(tokenizer):
+                with open(tokenizer, encoding="utf-8") as f:
+                    model.tokenizer_json = f.read()
+            return model
         return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
 
     # --- incremental decoding ------------------------------------------------------------------------

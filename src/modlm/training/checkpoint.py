@@ -139,6 +139,8 @@ class SavedModel:
     """The (n, seq_len + 1) windows it was validated on (checkpoints only)."""
     path: str
     """Where it was read from."""
+    trained: dict
+    """What training it had, where known: ``steps``, ``tokens``, ``flops`` (all ranks)."""
 
 
 def is_checkpoint(path) -> bool:
@@ -203,7 +205,7 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     if p.is_dir() and not (p / ".metadata").is_file():
         model, data = load_export(p, device)
         tokenizer = load_tokenizer(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
-        return SavedModel(model, data, tokenizer, None, str(path))
+        return SavedModel(model, data, tokenizer, None, str(path), {})
     ckpt = read_sharded(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
@@ -219,7 +221,25 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
-    return SavedModel(model.to(device).eval(), data, travel.tokenizer_of(ckpt), travel.windows_of(ckpt), str(path))
+    tokenizer = travel.tokenizer_of(ckpt)
+    if tokenizer is not None:
+        model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
+    return SavedModel(model.to(device).eval(), data, tokenizer, travel.windows_of(ckpt), str(path), trained(ckpt, config))
+
+
+def trained(ckpt: dict, config: ModelConfig) -> dict:
+    """Steps, tokens and FLOPs of the training a checkpoint has had (tokens from the FLOPs meter's
+    total: every rank's, at the windows' length)."""
+    from ..analysis.flops import training_flops
+
+    out = {"steps": ckpt.get("global_step")}
+    flops = next((state.get("total") for key, state in (ckpt.get("callbacks") or {}).items()
+                  if key.startswith("FlopsMeter") and isinstance(state, dict)), None)
+    seq_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len") or config.max_seq_len
+    if flops:
+        out["flops"] = flops
+        out["tokens"] = round(flops / training_flops(config, seq_len) * seq_len)
+    return out
 
 
 # --- writing without ever leaving half a checkpoint behind --------------------------------------

@@ -21,6 +21,7 @@ import ast
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -123,16 +124,54 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[MoDTransformer, dict
     return model.eval(), data
 
 
-def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path) -> None:
-    """Write an export folder: the model (``save_pretrained``: safetensors and ``config.json``), its
-    tokenizer, its data settings (without the tokenizer, which the folder's own ``tokenizer.json``
-    replaces), and what lets transformers load it."""
+def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path, card: str = "") -> None:
+    """Write an export folder: the model (``save_pretrained``: safetensors, ``config.json``, its
+    tokenizer and a model card, with ``card`` in it), its data settings (without the tokenizer,
+    which the folder's own ``tokenizer.json`` replaces), and what lets transformers load it."""
     folder = Path(folder)
     eos = end_of_text(tokenizer)
     eos_id = tokenizer.token_to_id(eos)
     config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
-    model.save_pretrained(folder, config=config)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card
+    model.tokenizer_json = tokenizer.to_str()
+    model.save_pretrained(folder, config=config, model_card_kwargs={"details": card})
     write_transformers_files(folder, model.config, eos, eos_id)
     data = {k: v for k, v in travel.data_settings(data_settings).items() if k != "tokenizer"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = None) -> str:
+    """The part of a model card that says what this model is: its routing, what it was trained on
+    (steps, tokens, FLOPs) and, when given, ``eval.py``'s figures."""
+    routed = config.routed_layers
+    lines = ["", "| | |", "|---|---|",
+             f"| shape | d_model {config.d_model}, {config.n_layers} blocks, {config.n_heads} heads, vocabulary {config.vocab_size}, context {config.max_seq_len} |",
+             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity {config.capacity:g} "
+              f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |") if routed
+             else "| routing | none: a dense model |"]
+    if config.n_experts:
+        lines.append(f"| experts | {config.n_experts} per MLP of blocks {', '.join(map(str, config.expert_layers))}"
+                     f" (top-{config.expert_top_k}, {config.noop_experts} no-op) |")
+    for key, label in (("steps", "training steps"), ("tokens", "training tokens"), ("flops", "training FLOPs")):
+        if trained.get(key):
+            lines.append(f"| {label} | {trained[key]:.4g} |" if key == "flops" else f"| {label} | {trained[key]:,} |")
+    for key, label in (("topk.loss", "validation loss (top-k routing)"), ("causal.loss", "validation loss (causal routing)"),
+                       ("causal.capacity_used", "share processed by routed blocks (causal)"),
+                       ("flops_per_token", "forward FLOPs per token (causal)"), ("decode_tokens_per_s", "decode tokens/s (batch 1)")):
+        if results and key in results:
+            lines.append(f"| {label} | {results[key]:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def push_export(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export folder to the Hugging Face Hub repository ``repo_id`` (made if it does not
+    exist); returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="modlm export"))
+    except Exception as err:  # noqa: BLE001 - offline, no token, no rights: the user's to fix
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"cannot push {folder} to the Hub repository {repo_id}: {first}") from None
