@@ -407,6 +407,34 @@ def test_compile_traces_the_training_forward_without_graph_breaks():
     assert report.graph_count == 1
 
 
+@pytest.mark.parametrize("overrides", [dict(causal_method="predictor"), dict(causal_method="router", router_weight="raw"),
+                                       dict(n_experts=2, noop_experts=1, capacity_factor=0.75)],
+                         ids=["predictor", "router-raw", "staged-mode"])
+def test_compiled_training_step_equals_eager(overrides):
+    """The compiled training forward run, not only traced: the whole model under ``torch.compile``
+    (one graph, through AOTAutograd with the ``aot_eager`` backend: captured, functionalised and
+    run with its compiled backward, without inductor's C++ compilation) gives the eager losses,
+    routing decisions and gradients. Inductor itself runs in ``test_module.py``'s compile test."""
+    torch._dynamo.reset()
+    eager, compiled = build(**overrides).train(), build(**overrides).train()
+    step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    idx = tokens()
+    outs = []
+    for run in (step, eager):
+        out = run(idx[:, :-1], routing="topk", targets=idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        outs.append(out)
+    got, want = outs
+    assert got.aux_loss.item() > 0
+    torch.testing.assert_close((got.loss, got.aux_loss), (want.loss, want.aux_loss))
+    torch.testing.assert_close(got.logits, want.logits)
+    assert all(torch.equal(a.selected, b.selected) for a, b in zip(got.routing, want.routing))
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 # --- errors -----------------------------------------------------------------------------------------
 def test_forward_rejects_bad_inputs():
     model = build()
