@@ -122,6 +122,38 @@ def test_skipping_rows_do_no_block_work():
         assert rows_seen[info.layer] == [n for n in per_step if n > 0]
 
 
+def test_prefill_of_right_padded_prompts_caches_only_their_real_tokens():
+    """``prefill(batch, state, n_real=...)``: each row's real tokens get the logits, cache entries
+    and token count of that prompt alone; the padding (here a real token id) is neither cached nor
+    counted, ``last_only`` gives each row's last real token, and decoding goes on at each row's
+    own position."""
+    model = build()
+    prompts = ragged_prompts()
+    lengths = torch.tensor([len(p) for p in prompts])
+    batch = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=5)
+    state, last_state = model.new_state(3), model.new_state(3)
+    logits = model.prefill(batch, state, n_real=lengths)
+    last = model.prefill(batch, last_state, n_real=lengths, last_only=True)
+    assert state.seen.tolist() == lengths.tolist() and state.filled == int(lengths.max())
+    alone = []
+    for b, prompt in enumerate(prompts):
+        mine = model.new_state(1)
+        want = model.prefill(prompt.unsqueeze(0), mine)
+        assert_same_logits(logits[b, : len(prompt)], want[0])
+        assert_same_logits(last[b], want[0, -1])
+        for layer, (kv, own) in enumerate(zip(state.caches, mine.caches)):
+            n = int(own.length[0])
+            assert int(kv.length[b]) == n, f"block {layer} row {b}: padding cached"
+            assert torch.equal(kv.positions[b, :n], own.positions[0, :n]) and (kv.positions[b, n:] == -1).all()
+            torch.testing.assert_close(kv.k[b, :, :n], own.k[0, :, :n], rtol=0, atol=1e-5)
+        alone.append(mine)
+    following = tokens(3, 1, seed=9)[:, 0]
+    step = model.decode_step(following, state)
+    for b, mine in enumerate(alone):
+        assert_same_logits(step[b], model.decode_step(following[b : b + 1], mine)[0])
+    assert state.seen.tolist() == (lengths + 1).tolist()
+
+
 def test_decode_state_is_preallocated():
     """Decoding writes into buffers allocated once: no step reallocates or grows a cache."""
     model = build()
