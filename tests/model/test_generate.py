@@ -336,19 +336,6 @@ def test_length_and_mode_errors():
         model(tokens(1, 4), routing="sideways")
 
 
-@pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_save_and_load_pretrained_round_trip(tmp_path, tie_embeddings):
-    model = build(tie_embeddings=tie_embeddings, causal_method="predictor")
-    model.save_pretrained(tmp_path / "export")
-    # weights, the config's fields, and huggingface_hub's model card
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    loaded = MoDTransformer.from_pretrained(tmp_path / "export").eval()
-    assert loaded.config == model.config
-    assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
-    idx = tokens(2, 20)
-    assert torch.equal(loaded(idx, routing="causal").logits, model(idx, routing="causal").logits)
-
-
 def test_decode_throughput_counts_every_generated_token():
     model = build()
     prompts = [tokens(1, n, seed=n)[0] for n in (3, 11, 7, 5)]

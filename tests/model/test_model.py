@@ -435,6 +435,43 @@ def test_compiled_training_step_equals_eager(overrides):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+# --- saving -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
+    """The model's layer of saving: ``save_pretrained``/``from_pretrained``/``push_to_hub`` are
+    huggingface_hub's mixin. A folder holds the weights (safetensors), a ``config.json`` of the
+    config's fields and nothing else, and a model card; loading rebuilds the same model (tied or
+    not, in eval mode) quietly, ignores other tools' keys in ``config.json``, and is strict (a
+    missing weight is an error). What an export folder adds is ``test_export.py``'s layer."""
+    import json
+
+    import safetensors.torch
+    from huggingface_hub import PyTorchModelHubMixin
+
+    model = build(tie_embeddings=tie_embeddings, causal_method="predictor", init_std=0.3)
+    assert isinstance(model, PyTorchModelHubMixin) and callable(model.push_to_hub)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config == model.config.to_dict()
+    assert "modlm" in (folder / "README.md").read_text()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "modlm", "dtype": "float32"}))
+    capsys.readouterr()
+    loaded = MoDTransformer.from_pretrained(folder)
+    assert capsys.readouterr().out == ""
+    assert loaded.config == model.config and not loaded.training
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
+    idx = tokens(2, 20)
+    for routing in ("topk", "causal"):
+        assert torch.equal(loaded(idx, routing=routing).logits, model(idx, routing=routing).logits)
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    del weights["norm.weight"]
+    safetensors.torch.save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        MoDTransformer.from_pretrained(folder)
+
+
 # --- errors -----------------------------------------------------------------------------------------
 def test_forward_rejects_bad_inputs():
     model = build()

@@ -136,6 +136,10 @@ def test_checkpoint_rebuilds_model_with_no_other_input(tmp_path):
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    """The module's layer: loading a checkpoint whose tensors do not fit the module
+    (``on_load_checkpoint``) raises ``CheckpointMismatchError`` naming the tensors and both shapes,
+    before torch's longer ``load_state_dict`` error. (The command line refuses another shape earlier,
+    by its hyperparameters: ``test_train.py``.)"""
     m = module()
     t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
     t.fit(m, DataLoader(windows(), batch_size=4))
@@ -143,11 +147,14 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     t.save_checkpoint(path)
     other = module(d_model=48, n_heads=2)
     t2 = trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    with pytest.raises(CheckpointMismatchError, match="d_model|shape"):
+    with pytest.raises(CheckpointMismatchError, match=r"embed\.weight: checkpoint \(64, 32\) vs model \(64, 48\)"):
         t2.fit(other, DataLoader(windows(), batch_size=4), ckpt_path=path)
 
 
 def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
+    """The guard's layer: ``NonFiniteLossGuard`` raises at the first non-finite loss, naming that
+    step, before its backward and before a checkpoint of it is written (every earlier one kept).
+    How a run of the command line reports it and keeps its own checkpoints is ``test_train.py``'s."""
     data = windows()
     m = module(lr=1e-3)
     bad_step = 3
