@@ -40,7 +40,7 @@ def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal up to fp32 rounding: a cached step multiplies matrices of other shapes than a whole
     pass, which reorders sums; that costs a few tens of ulps of the largest logit (about 2e-6 of
     it here), and any real decoding error (a key too many or too few) costs orders more."""
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.detach().abs().max()))
 
 
 def tokens(batch, length, seed=1):
