@@ -3,6 +3,8 @@
 Every test uses a tiny model and a fixed seed; each asserts an exact property of the method,
 and most of them catch one of the bugs found in public MoD code.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,28 +271,124 @@ def test_dense_model_ignores_routing_mode():
     assert topk.routing == [] and topk.aux_loss.item() == 0.0
 
 
-def test_random_routing_control():
-    model = build(random_routing=True)
-    out = model(tokens())
+def test_random_routing_control_picks_at_random():
+    """``random_routing``: top-k training picks k tokens per row at random, not by router score;
+    the picks follow the torch seed (the same seed repeats them, another changes them), and causal
+    routing keeps each token with probability ``capacity``. The router still weighs the update."""
+    model = build(random_routing=True, capacity=0.25)
+    idx = tokens(batch=4)
     k = model.config.topk_tokens(T)
-    for info in out.routing:
+    runs = {}
+    for name, seed in (("a", 1), ("again", 1), ("other", 2)):
+        torch.manual_seed(seed)
+        runs[name] = model(idx), model(idx, routing="causal")
+    (a, a_causal), (again, again_causal), (other, other_causal) = runs["a"], runs["again"], runs["other"]
+    assert torch.equal(a.logits, again.logits) and torch.equal(a_causal.logits, again_causal.logits)
+    for info, same, new, causal in zip(a.routing, again.routing, other.routing, a_causal.routing):
         assert (info.selected.sum(dim=1) == k).all()
-    assert out.aux_loss.item() == 0.0
+        by_score = torch.zeros_like(info.selected).scatter_(1, topk_indices(info.router_logits, k), True)
+        assert all(not torch.equal(info.selected[b], by_score[b]) for b in range(4)), "picked by router score"
+        assert torch.equal(info.selected, same.selected), "the same seed must repeat the picks"
+        assert not torch.equal(info.selected, new.selected), "another seed must change them"
+        assert torch.equal(info.topk, info.selected)
+        # causal: a coin per token (128 of them: the share is 0.25 +- 0.04)
+        assert abs(causal.selected.float().mean().item() - 0.25) < 0.15
+        assert not torch.equal(causal.selected, causal.router_logits > 0)
+    assert not all(torch.equal(x.selected, y.selected) for x, y in zip(a_causal.routing, other_causal.routing))
+    assert a.aux_loss.item() == 0.0
+
+
+def test_a_one_token_sequence():
+    """T=1: top-k processes its one token (k is at least 1) and computes what full capacity does;
+    causal routing gives the first position of a longer causal pass."""
+    model = build(capacity=0.25)
+    full = build(capacity=1.0)
+    idx = tokens(batch=3)
+    one = model(idx[:, :1], targets=idx[:, 1:2])
+    assert all(info.selected.shape == (3, 1) and info.selected.all() for info in one.routing)
+    torch.testing.assert_close(one.logits, full(idx[:, :1]).logits, rtol=0, atol=0)
+    assert torch.isfinite(one.loss) and torch.isfinite(one.aux_loss)
+    causal = model(idx[:, :1], routing="causal")
+    torch.testing.assert_close(causal.logits, model(idx, routing="causal").logits[:, :1], rtol=0, atol=1e-5)
+
+
+def test_full_capacity_causal_routing_processes_every_token():
+    """At ``capacity=1.0`` the predictor starts at the base rate of 1 (less 1e-3), so causal routing
+    processes every token and equals top-k routing, which at full capacity processes them all."""
+    model = build(capacity=1.0, causal_method="predictor")
+    idx = tokens()
+    causal, topk = model(idx, routing="causal"), model(idx, routing="topk")
+    assert all(info.selected.all() for info in causal.routing + topk.routing)
+    torch.testing.assert_close(causal.logits, topk.logits, rtol=0, atol=1e-5)
+    state = model.new_state(3)
+    steps = [model.prefill(idx[:, :4], state)] + [model.decode_step(idx[:, t], state).unsqueeze(1) for t in range(4, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), causal.logits, rtol=0, atol=1e-5)
+    assert all(int(kv.length.min()) == T for kv in state.caches)
 
 
 # --- precision --------------------------------------------------------------------------------------
+BF16_SEEDS = {"topk": 0, "causal": 35}
+"""Models whose routing decisions lie away from their thresholds on ``bf16_batch()``: a score that
+bf16 rounding moves across the k-th largest (top-k) or across 0 (causal) would flip a decision and
+change the logits by far more than rounding. At these seeds the smallest fp32 margin is about 5
+(causal) and 15 (top-k) times the largest change bf16 (autocast or bf16 weights) makes to a score."""
+
+
+def bf16_model(routing: str) -> MoDTransformer:
+    return build(seed=BF16_SEEDS[routing], capacity=0.25 if routing == "topk" else 0.5, init_std=0.1,
+                 causal_method="predictor")
+
+
+def bf16_batch() -> torch.Tensor:
+    return tokens(batch=2, length=17)
+
+
+def bf16_tolerance(reference: torch.Tensor) -> float:
+    """bf16 keeps 8 significant bits (relative rounding 2^-9 per operation); through 4 blocks the
+    logits of these models move by at most 0.6% of their largest value. 2% is three times that, and
+    a block update lost (every routed block skipped) moves them by 30%."""
+    return 0.02 * float(reference.abs().max())
+
+
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_bf16_autocast_matches_fp32(routing):
-    model = build(capacity=0.5).train()
-    idx = tokens()
+    """Under bf16 autocast the logits are the fp32 logits up to bf16 rounding, the routing decisions
+    are the same, and training's backward stays finite."""
+    model = bf16_model(routing).train()
+    idx = bf16_batch()
     ref = model(idx[:, :-1], routing=routing, targets=idx[:, 1:])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(idx[:, :-1], routing=routing, targets=idx[:, 1:])
         (out.loss + out.aux_loss).backward()
     assert out.logits.dtype == torch.bfloat16
-    assert abs(out.loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
+    picked = torch.stack([info.selected for info in ref.routing])
+    assert picked.any() and not picked.all()
+    for got, want in zip(out.routing, ref.routing):
+        assert torch.equal(got.selected, want.selected), f"block {want.layer} routed differently under bf16"
+        assert got.router_logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.float(), ref.logits, rtol=0, atol=bf16_tolerance(ref.logits))
+    assert abs(out.loss.item() - ref.loss.item()) < 0.01 * ref.loss.item()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
-    assert all(info.router_logits.dtype == torch.float32 for info in out.routing)
+
+
+@pytest.mark.parametrize("precision", ["autocast", "weights"])
+def test_bf16_decoding_agrees_with_its_own_causal_forward(precision):
+    """Decoding in bf16 (under autocast, or a model cast to bf16) caches bf16 keys and gives the
+    logits of the same model's causal forward in the same precision, up to bf16 rounding."""
+    model = bf16_model("causal")
+    if precision == "weights":
+        model = model.to(torch.bfloat16)
+    idx = bf16_batch()[:, :-1]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else contextlib.nullcontext()
+    with context, torch.no_grad():
+        full = model(idx, routing="causal").logits.float()
+        for prefill in (1, 6):
+            state = model.new_state(2)
+            steps = [model.prefill(idx[:, :prefill], state)]
+            steps += [model.decode_step(idx[:, t], state).unsqueeze(1) for t in range(prefill, idx.size(1))]
+            logits = torch.cat(steps, dim=1)
+            assert logits.dtype == torch.bfloat16 and state.caches[0].k.dtype == torch.bfloat16
+            torch.testing.assert_close(logits.float(), full, rtol=0, atol=bf16_tolerance(full))
 
 
 def test_compile_traces_the_training_forward_without_graph_breaks():
@@ -307,6 +405,71 @@ def test_compile_traces_the_training_forward_without_graph_breaks():
         report = torch._dynamo.explain(model)(idx[:, :-1], routing="topk", targets=idx[:, 1:])
     assert report.graph_break_count == 0, report.break_reasons
     assert report.graph_count == 1
+
+
+@pytest.mark.parametrize("overrides", [dict(causal_method="predictor"), dict(causal_method="router", router_weight="raw"),
+                                       dict(n_experts=2, noop_experts=1, capacity_factor=0.75)],
+                         ids=["predictor", "router-raw", "staged-mode"])
+def test_compiled_training_step_equals_eager(overrides):
+    """The compiled training forward run, not only traced: the whole model under ``torch.compile``
+    (one graph, through AOTAutograd with the ``aot_eager`` backend: captured, functionalised and
+    run with its compiled backward, without inductor's C++ compilation) gives the eager losses,
+    routing decisions and gradients. Inductor itself runs in ``test_module.py``'s compile test."""
+    torch._dynamo.reset()
+    eager, compiled = build(**overrides).train(), build(**overrides).train()
+    step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    idx = tokens()
+    outs = []
+    for run in (step, eager):
+        out = run(idx[:, :-1], routing="topk", targets=idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        outs.append(out)
+    got, want = outs
+    assert got.aux_loss.item() > 0
+    torch.testing.assert_close((got.loss, got.aux_loss), (want.loss, want.aux_loss))
+    torch.testing.assert_close(got.logits, want.logits)
+    assert all(torch.equal(a.selected, b.selected) for a, b in zip(got.routing, want.routing))
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+# --- saving -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
+    """The model's layer of saving: ``save_pretrained``/``from_pretrained``/``push_to_hub`` are
+    huggingface_hub's mixin. A folder holds the weights (safetensors), a ``config.json`` of the
+    config's fields and nothing else, and a model card; loading rebuilds the same model (tied or
+    not, in eval mode) quietly, ignores other tools' keys in ``config.json``, and is strict (a
+    missing weight is an error). What an export folder adds is ``test_export.py``'s layer."""
+    import json
+
+    import safetensors.torch
+    from huggingface_hub import PyTorchModelHubMixin
+
+    model = build(tie_embeddings=tie_embeddings, causal_method="predictor", init_std=0.3)
+    assert isinstance(model, PyTorchModelHubMixin) and callable(model.push_to_hub)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config == model.config.to_dict()
+    assert "modlm" in (folder / "README.md").read_text()
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "modlm", "dtype": "float32"}))
+    capsys.readouterr()
+    loaded = MoDTransformer.from_pretrained(folder)
+    assert capsys.readouterr().out == ""
+    assert loaded.config == model.config and not loaded.training
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
+    idx = tokens(2, 20)
+    for routing in ("topk", "causal"):
+        assert torch.equal(loaded(idx, routing=routing).logits, model(idx, routing=routing).logits)
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    del weights["norm.weight"]
+    safetensors.torch.save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="norm.weight"):
+        MoDTransformer.from_pretrained(folder)
 
 
 # --- errors -----------------------------------------------------------------------------------------

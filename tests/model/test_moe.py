@@ -3,6 +3,7 @@ computes, what a no-op pick does, the one-expert reduction to the dense MLP, cau
 decoding, row independence, the load-balancing gradient and the FLOPs model."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.config import STATIC, DecodePolicy
@@ -94,6 +95,81 @@ def test_inference_gives_each_expert_exactly_its_tokens_and_drops_nothing():
         assert torch.equal(rows, flat[picks == e]), f"expert {e} must see its tokens only, in order"
     assert info.slots_per_expert is None and torch.equal(info.computed, info.expert < 3) and dropped_fraction(info) == 0
     assert sum(len(rows) for _, rows in calls) == int((picks < 3).sum())  # no-op picks cost no expert work
+
+
+def reference_mixture(moe: MixtureOfExperts, x: torch.Tensor, routing: str) -> torch.Tensor:
+    """``y_t = sum_j p_j E_j(x_t)`` token by token, from the definition: ``p`` the softmax of the
+    router over real and no-op experts, the sum over the token's ``expert_top_k`` picks (their
+    probabilities as they are, not renormalised over the picks), a no-op pick adding nothing and,
+    in training routing, a pick counted only while its expert has a free slot in the row (tokens
+    claim slots in temporal order)."""
+    cfg = moe.cfg
+    E = cfg.n_experts
+    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)
+
+    def expert(e, v):
+        if moe.gated:
+            return moe.down.weight[e] @ (F.silu(moe.gate.weight[e] @ v) * (moe.up.weight[e] @ v))
+        return moe.down.weight[e] @ F.gelu(moe.up.weight[e] @ v)
+
+    rows = []
+    for b in range(x.size(0)):
+        used = [0] * E
+        tokens_out = []
+        for t in range(x.size(1)):
+            y = torch.zeros(x.size(-1))
+            for e in probs[b, t].topk(cfg.expert_top_k).indices.tolist():
+                if e >= E:
+                    continue  # a no-op expert
+                if routing == "topk":
+                    if used[e] == cfg.slots_per_expert(x.size(1)):
+                        continue  # dropped: the expert's slots are taken by earlier tokens
+                    used[e] += 1
+                y = y + probs[b, t, e] * expert(e, x[b, t])
+            tokens_out.append(y)
+        rows.append(torch.stack(tokens_out))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("path", ["topk", "causal", "static step"])
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_mixture_output_and_router_gradient_follow_the_definition(path, mlp):
+    """The module's output equals the per-token definition on every path (training capacity,
+    inference grouping, the static one-token step), and so does the router's gradient: the gate
+    is the router's probability, on the gradient path."""
+    moe = mixture(n_experts=3, noop_experts=2, expert_top_k=2, capacity_factor=0.6, mlp=mlp)
+    x = hidden(batch=2, length=12)
+    routing = "topk" if path == "topk" else "causal"
+    policy = STATIC if path == "static step" else None
+    y, info = moe(x, routing, policy=policy)
+    want = reference_mixture(moe, x, routing)
+    # the module sums the picks in another order than the definition: fp32 rounding of the sums
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    if routing == "topk":
+        assert dropped_fraction(info) > 0, "the test needs picks over capacity"
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    (got,) = torch.autograd.grad((y * probe).sum(), moe.router.weight)
+    (expected,) = torch.autograd.grad((want * probe).sum(), moe.router.weight)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["moe", "staged", "top2"])
+def test_expert_routers_learn_from_the_language_model_loss_alone(variant):
+    """With the load-balancing weight at 0 the gate is the routers' only way to the loss: every
+    mixture's router gets a gradient from the next-token loss."""
+    model = build(**VARIANTS[variant], moe_aux_weight=0.0).train()
+    mixtures = [m for m in model.modules() if isinstance(m, MixtureOfExperts)]
+    assert len(mixtures) == model.config.n_layers
+    for moe in mixtures:
+        torch.nn.init.normal_(moe.router.weight, std=0.3)
+    idx = tokens()
+    out = model(idx[:, :-1], "topk", targets=idx[:, 1:])
+    assert all(info.aux_loss.item() == 0 for info in out.experts)
+    out.loss.backward()
+    for moe in mixtures:
+        grad = moe.router.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"block {moe.layer}"
 
 
 # --- no-op experts, one expert, the dense MLP ---------------------------------------------------------

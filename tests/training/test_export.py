@@ -229,15 +229,19 @@ def test_tokenizer_reads_as_in_training(exported, tokenizer):
 
 
 def test_modlm_reads_its_export_folder_back(exported, tokenizer):
+    """The export's layer of saving (the weights' round trip through ``save_pretrained`` is the
+    model's, ``test_model.py``): ``load_saved`` reads an export folder, transformers' keys in its
+    ``config.json`` included, with the data settings and the folder's own tokenizer; transformers
+    loads the same tensors; the folder holds transformers' files and copies of the model package."""
     model, folder, hf = exported
     saved = load_saved(str(folder))
     loaded, data = saved.model, saved.data
-    assert loaded.config == model.config and data["seq_len"] == 64
-    assert saved.tokenizer.to_str() == tokenizer.to_str() and data["tokenizer"] == str(folder)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-        assert torch.equal(hf.state_dict()[name], tensor), name
+    assert loaded.config == model.config and not loaded.training
+    assert data == {"seq_len": 64, "tokenizer": str(folder)}
+    assert saved.tokenizer.to_str() == tokenizer.to_str()
     assert set(hf.state_dict()) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(hf.state_dict()[name], tensor), name
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_modlm.ModLMForCausalLM"
     assert config["tie_word_embeddings"] == model.config.tie_embeddings == hf.config.tie_word_embeddings
@@ -269,27 +273,3 @@ def test_relative_imports_reads_every_form(tmp_path):
     (tmp_path / "h.py").write_text("from ..up import x\n")
     with pytest.raises(ValueError, match="parent package"):
         relative_imports(tmp_path / "h.py")
-
-
-def test_modlm_save_and_load_go_through_the_hub_mixin(tokenizer, tmp_path, capsys):
-    """``save_pretrained``/``from_pretrained``/``push_to_hub`` are huggingface_hub's; loading is
-    strict (a missing weight is an error), quiet, and ignores other tools' keys in config.json."""
-    import safetensors.torch
-    from huggingface_hub import PyTorchModelHubMixin
-
-    model = tiny_model(tokenizer)
-    assert isinstance(model, PyTorchModelHubMixin) and callable(model.push_to_hub)
-    model.save_pretrained(tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config == model.config.to_dict()  # the fields, nothing else
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "model_type": "modlm", "dtype": "float32"}))
-    capsys.readouterr()
-    loaded = MoDTransformer.from_pretrained(tmp_path / "m")
-    assert capsys.readouterr().out == ""
-    assert loaded.config == model.config and not loaded.training
-    assert "modlm" in (tmp_path / "m" / "README.md").read_text()
-    weights = safetensors.torch.load_file(str(tmp_path / "m" / "model.safetensors"))
-    del weights["norm.weight"]
-    safetensors.torch.save_file(weights, str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(RuntimeError, match="norm.weight"):
-        MoDTransformer.from_pretrained(tmp_path / "m")

@@ -136,6 +136,10 @@ def test_checkpoint_rebuilds_model_with_no_other_input(tmp_path):
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    """The module's layer: loading a checkpoint whose tensors do not fit the module
+    (``on_load_checkpoint``) raises ``CheckpointMismatchError`` naming the tensors and both shapes,
+    before torch's longer ``load_state_dict`` error. (The command line refuses another shape earlier,
+    by its hyperparameters: ``test_train.py``.)"""
     m = module()
     t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
     t.fit(m, DataLoader(windows(), batch_size=4))
@@ -143,11 +147,14 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     t.save_checkpoint(path)
     other = module(d_model=48, n_heads=2)
     t2 = trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    with pytest.raises(CheckpointMismatchError, match="d_model|shape"):
+    with pytest.raises(CheckpointMismatchError, match=r"embed\.weight: checkpoint \(64, 32\) vs model \(64, 48\)"):
         t2.fit(other, DataLoader(windows(), batch_size=4), ckpt_path=path)
 
 
 def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
+    """The guard's layer: ``NonFiniteLossGuard`` raises at the first non-finite loss, naming that
+    step, before its backward and before a checkpoint of it is written (every earlier one kept).
+    How a run of the command line reports it and keeps its own checkpoints is ``test_train.py``'s."""
     data = windows()
     m = module(lr=1e-3)
     bad_step = 3
@@ -169,14 +176,33 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == bad_step - 1
 
 
-def test_compile_flag_compiles_each_block():
-    m = module(compile=True)
-    m.configure_model()
-    m.configure_model()  # idempotent: validate/test after fit call it again
-    assert all(block._compiled_call_impl is not None for block in m.model.blocks)
-    plain = module()
-    plain.configure_model()
-    assert all(block._compiled_call_impl is None for block in plain.model.blocks)
+def test_compile_flag_compiles_each_block_and_the_compiled_blocks_compute_the_eager_step():
+    """The module's layer of compilation: ``compile=True`` reaches every block through
+    ``configure_model`` (idempotent: validate/test after fit call it again) and the compiled blocks,
+    with torch's default backend (inductor), compute the eager model's loss and gradients. That
+    ``parallelize`` keeps the compile when it shards is ``test_distributed.py``'s layer. One routed
+    block, so inductor compiles once (forward and backward, about 15 s on a CPU)."""
+    from torch._dynamo.utils import counters
+
+    shape = dict(n_layers=1, route_every=1)
+    compiled, eager = module(**shape, compile=True), module(**shape)
+    compiled.configure_model()
+    compiled.configure_model()
+    eager.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.model.blocks)
+    assert all(block._compiled_call_impl is None for block in eager.model.blocks)
+    torch._dynamo.reset()
+    counters.clear()
+    batch = windows(4)
+    losses = []
+    for m in (compiled, eager):
+        out = m.model(batch[:, :-1], routing="topk", targets=batch[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        losses.append((out.loss, out.aux_loss))
+    assert counters["stats"]["unique_graphs"] >= 1, "the compiled block never ran"
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, p), q in zip(compiled.model.named_parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_validation_charges_the_causal_pass_at_what_it_computed():
