@@ -20,11 +20,13 @@ What it adds to plain LightningCLI:
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import jsonargparse
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -46,6 +48,11 @@ from ..training.module import MoDLightningModule
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
 from ..training.travel import unpack
+from .usage import UsageError, explain, option_names
+
+# ``--help`` shows every ``ModelConfig`` field's attribute docstring (the module forwards
+# ``**model_config`` to it); jsonargparse reads attribute docstrings only when asked.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
@@ -73,10 +80,12 @@ class ModLMCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, datamodule_class=None, default_config: Optional[Path] = DEFAULT_CONFIG, **kwargs):
         defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else []
         # With subcommands each one reads the default config; run=False has a single parser.
+        # exit_on_error off: a refused command line becomes one line (parse_arguments), not the usage.
         if run:
-            parser_kwargs = {cmd: {"default_config_files": defaults} for cmd in SUBCOMMANDS}
+            parser_kwargs = {cmd: {"default_config_files": defaults, "exit_on_error": False} for cmd in SUBCOMMANDS}
+            parser_kwargs["exit_on_error"] = False
         else:
-            parser_kwargs = {"default_config_files": defaults}
+            parser_kwargs = {"default_config_files": defaults, "exit_on_error": False}
         super().__init__(
             MoDLightningModule,
             datamodule_class or _datamodule_class(),
@@ -126,8 +135,12 @@ class ModLMCLI(LightningCLI):
         is what one wants, the checkpoint defines the model; for ``fit`` the user asked for another
         model than the one they resume). ``validate``/``test`` take the data's shape from the
         checkpoint too (``_data_from_checkpoint``); a checkpoint named as ``--data.tokenizer`` means
-        its tokenizer."""
-        super().parse_arguments(parser, args)
+        its tokenizer. A command line the parser refuses is a one-line ``UsageError`` naming the
+        closest valid flags."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise self._usage_error(parser, args, err) from None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -174,6 +187,17 @@ class ModLMCLI(LightningCLI):
         for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer"):
             if key not in given and key in settings:
                 config.data[key] = settings[key]
+
+    def _usage_error(self, parser: LightningArgumentParser, args, err: argparse.ArgumentError) -> UsageError:
+        """The parser's refusal as one line: unknown flags with the closest ones of the subcommand."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        subparsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((a for a in argv if a in subparsers), None)
+        target = subparsers.get(subcommand, parser)
+        prog = os.path.basename(sys.argv[0]) or "train.py"
+        command = f"{prog} {subcommand}" if subcommand else prog
+        return UsageError(explain(str(err), option_names(target), f"{command} --help lists every option",
+                                  choices={"subcommand": list(subparsers)} if subparsers else None))
 
     @staticmethod
     def _unpack(ckpt_path: str, config, windows: bool) -> Path:

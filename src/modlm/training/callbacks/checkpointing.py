@@ -15,7 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, every argument and behaviour the same, but for the link above."""
+    """The run's checkpoints: Lightning's ``ModelCheckpoint``, with ``last.ckpt`` kept as a link.
+
+    Every argument and behaviour is Lightning's, but for ``last.ckpt``: see the module docstring.
+    """
 
     @property
     def state_key(self) -> str:

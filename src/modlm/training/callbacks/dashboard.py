@@ -106,7 +106,11 @@ def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
 
 class Dashboard(Callback):
     def __init__(self, enabled: bool = True):
-        """Write the Custom Scalars layout at the start of each fit (``enabled=False``: don't)."""
+        """TensorBoard's Custom Scalars page laid out for a MoD run: loss, routing, compute, experts.
+
+        Args:
+            enabled: Write the layout at the start of each fit (false: leave the page empty).
+        """
         self.enabled = enabled
         self.groups: Optional[dict[str, list[Chart]]] = None
 

@@ -13,8 +13,14 @@ from ..batch import batch_size, batch_tokens
 
 class TokenThroughput(ThroughputMonitor):
     def __init__(self, enabled: bool = True, window_size: int = 5):
-        """``train/device/items_per_sec`` (items = tokens), ``flops_per_sec`` (FLOPs from
-        ``modlm.flops``) and MFU where Lightning knows the device, as rates over the last
-        ``window_size`` batches (short enough to show in a smoke run). ``enabled=False``: not run."""
+        """Tokens and FLOPs per second, and MFU where Lightning knows the device's peak.
+
+        Lightning's ``ThroughputMonitor`` with tokens as its items and ``modlm.flops``' FLOPs: rates
+        over the last ``window_size`` batches (short enough to show in a smoke run).
+
+        Args:
+            enabled: Run the monitor (false: it is left out, and nothing of it runs).
+            window_size: Batches the rates are averaged over.
+        """
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self.enabled = enabled
