@@ -103,7 +103,9 @@ class ModLMDataModule(L.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise DataError(message)
-        self.save_hyperparameters()
+        # logger=False: Lightning would log these unprefixed beside the model's ``model/...``; ``setup``
+        # logs them as ``data/...``. The checkpoint keeps them all the same.
+        self.save_hyperparameters(logger=False)
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
         self.vocab_size, self.tokenizer_spec = vocab_size, tokenizer
         self.val_fraction, self.val_windows = val_fraction, val_windows
@@ -177,6 +179,8 @@ class ModLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         _ = self.tokenizer  # fail early (bad source, offline hub) and train/load once
+        for logger in (self.trainer.loggers if self.trainer is not None else []):
+            logger.log_hyperparams({f"data/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
         if stage in (None, "fit", "validate", "test"):
             _ = self.validation_windows
 
