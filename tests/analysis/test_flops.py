@@ -52,7 +52,9 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     from modlm.flops import ran_forward_flops
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, **overrides)
+    # the plain decision: an untrained model's picks are then far from top-k's k
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, causal_decision="plain",
+                      **overrides)
     model = MoDTransformer(cfg).eval()
     idx = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False)

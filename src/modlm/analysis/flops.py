@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence
 
 from ..model.config import ModelConfig
 
-__all__ = ["block_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
+__all__ = ["block_flops", "decode_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
            "ran_forward_flops", "router_flops", "training_flops"]
 
 
@@ -136,10 +136,23 @@ def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:
     return flops
 
 
+def decode_flops(cfg: ModelConfig, context: int, share: Optional[float] = None) -> float:
+    """Matmul FLOPs of one decoding step of one row: every block on the new token with attention over
+    ``context`` cached tokens, routed blocks at ``share`` (the fraction of steps they process; their
+    routers and predictors run every step), and the LM head. ``share=None`` (or a dense config):
+    every block every step. The bound MoD's decode speed-up is measured against."""
+    d, hid = cfg.d_model, cfg.mlp_hidden
+    block = 2 * (4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * hid) + 4 * d * context
+    n_routed = len(cfg.routed_layers) if share is not None else 0
+    routed = n_routed * (router_flops(cfg, 1) + share * block) if n_routed else 0.0
+    return (cfg.n_layers - n_routed) * block + routed + 2 * d * cfg.vocab_size
+
+
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
     """The same shape with no routing and dense MLPs: the baseline MoD's (and MoE's) costs are
     measured against."""
-    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "n_experts": 0, "noop_experts": 0, "expert_top_k": 1})
+    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
+                          "decision_thresholds": None, "decision_spreads": None})
 
 
 def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int) -> float:

@@ -141,6 +141,35 @@ class ModelConfig:
     random_routing: bool = False
     """Control experiment: pick the k tokens uniformly at random instead of by router score
     (the paper found this much worse). The router weight still scales the update."""
+    causal_decision: Literal["plain", "calibrated", "controlled"] = "controlled"
+    """How causal routing turns a routed block's decision logit (the predictor's, or the router's
+    with ``causal_method="router"``) into a yes or a no per token: ``plain``, logit > 0 (sigmoid >
+    0.5, what the BCE trained); ``calibrated``, logit > the block's ``decision_thresholds`` entry
+    (set so that the share processed on held-out windows is the capacity); ``controlled``, that
+    threshold steered along each sequence by an integral controller, so the running share processed
+    stays at the capacity whatever the text (sampling, greedy decoding and repetition shift the
+    logits): after each token the row's threshold moves by ``budget_gain * (processed - capacity)``.
+    Strictly causal in every mode. Training (top-k routing) is the same in every mode."""
+    decision_logit: Literal["trained", "standardized_router"] = "trained"
+    """What the causal decision thresholds: ``trained``, the logit ``causal_method`` trains (the
+    predictor's, or the router's own); ``standardized_router``, the router logit standardized by the
+    mean and spread of the router logits of the row so far, ``(r_t - mean_{s<=t} r) / std_{s<=t} r``
+    (causal): top-k membership depends on where a token ranks in its sequence, and the router's
+    scale drifts from one sequence to the next, which a fixed threshold on the raw logit cannot see."""
+    decision_thresholds: Optional[list[float]] = None
+    """One decision threshold per routed block, in depth order (None: 0 for every block): set by
+    ``MoDTransformer.calibrate`` (every checkpoint a run saves is calibrated on its validation
+    windows) and used by the ``calibrated`` and ``controlled`` decisions."""
+    decision_spreads: Optional[list[float]] = None
+    """The standard deviation of each routed block's decision logits on the calibration windows
+    (None: 1 for every block): the unit of ``budget_gain``."""
+    budget_gain: float = 0.8
+    """Step of the ``controlled`` decision's threshold per token and unit of share error, in units of
+    the block's logit spread (``decision_spreads``): after a processed token the threshold rises by
+    ``0.8 * (1 - capacity)`` spreads, after a skipped one it falls by ``0.8 * capacity``. Measured on
+    the default run: large enough to hold every routed block within 10% of its capacity over 128
+    generated tokens, greedy or sampled; larger gains hold the share tighter but follow the logits
+    less (lower agreement with top-k)."""
 
     # --- Mixture of experts (and, with routed blocks or no-op experts, Mixture-of-Depths-and-Experts)
     n_experts: int = 0
@@ -198,6 +227,14 @@ class ModelConfig:
         need(self.predictor_aux_weight >= 0, "predictor_aux_weight", ">= 0")
         need(self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
              "predictor_hidden", "a positive integer or None")
+        need(self.causal_decision in ("plain", "calibrated", "controlled"), "causal_decision",
+             "'plain', 'calibrated' or 'controlled'")
+        need(self.decision_logit in ("trained", "standardized_router"), "decision_logit", "'trained' or 'standardized_router'")
+        for field in ("decision_thresholds", "decision_spreads"):
+            value = getattr(self, field)
+            need(value is None or len(value) == len(self.routed_layers), field,
+                 f"None or one number per routed block ({len(self.routed_layers)})")
+        need(isinstance(self.budget_gain, (int, float)) and self.budget_gain >= 0, "budget_gain", ">= 0")
         need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
         need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
         need(self.noop_experts == 0 or self.n_experts > 0, "noop_experts", "0 when n_experts is 0")
@@ -220,6 +257,18 @@ class ModelConfig:
     @property
     def routed_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_routed(i)]
+
+    def decision_threshold(self, layer: int) -> float:
+        """The calibrated decision threshold of routed block ``layer`` (0 until calibrated)."""
+        if self.decision_thresholds is None:
+            return 0.0
+        return float(self.decision_thresholds[self.routed_layers.index(layer)])
+
+    def decision_spread(self, layer: int) -> float:
+        """The spread of routed block ``layer``'s decision logits on its calibration windows (1 until calibrated)."""
+        if self.decision_spreads is None:
+            return 1.0
+        return float(self.decision_spreads[self.routed_layers.index(layer)])
 
     def has_experts(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has a mixture-of-experts MLP."""

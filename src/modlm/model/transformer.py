@@ -137,6 +137,31 @@ class MoDTransformer(
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss)
 
+    @torch.no_grad()
+    def calibrate(self, idx: torch.Tensor) -> list[float]:
+        """Set each routed block's decision threshold (``config.decision_thresholds``) so that, on the
+        held-out windows ``idx`` (N, T), causal routing processes exactly the capacity: the (1 -
+        capacity) quantile of the block's decision logits. One causal pass, through ``forward`` (so
+        it runs sharded too): in depth order, each block is calibrated on the inputs the calibrated
+        blocks before it produce. Returns the thresholds (nothing to calibrate: an empty list)."""
+        cfg = self.config
+        routed = [block for block in self.blocks if isinstance(block, RoutedBlock)]
+        if not routed or cfg.random_routing:
+            return []
+        was_training = self.training
+        self.eval()
+        cfg.decision_thresholds = [0.0] * len(routed)
+        cfg.decision_spreads = [1.0] * len(routed)
+        for block in routed:
+            block.calibrating = True
+        try:
+            self(idx, routing=Routing.CAUSAL)
+        finally:
+            for block in routed:
+                block.calibrating = False
+            self.train(was_training)
+        return list(cfg.decision_thresholds)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head: final RMSNorm, then the LM head, on (..., d) residual streams."""
         return self.lm_head(self.norm(hidden))

@@ -221,6 +221,7 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
+    travel.apply_thresholds(ckpt, model.config)
     tokenizer = travel.tokenizer_of(ckpt)
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it

@@ -180,10 +180,14 @@ class MoDLightningModule(pl.LightningModule):
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Beside Lightning's state: torch's generator states, and what travels with the model (the
-        run's tokenizer and validation windows, ``modlm.training.travel``)."""
+        run's tokenizer and validation windows, and the routed blocks' decision thresholds calibrated
+        on those windows for these very weights: ``modlm.training.travel``)."""
         checkpoint[RNG_KEY] = rng_states()
         if self._trainer is not None:
             checkpoint.update(travel.record(self.trainer.datamodule))
+            if travel.calibrate(self.model, self.trainer.datamodule) is not None:
+                checkpoint[travel.THRESHOLDS_KEY] = list(self.config.decision_thresholds)
+                checkpoint[travel.SPREADS_KEY] = list(self.config.decision_spreads)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
@@ -202,3 +206,4 @@ class MoDLightningModule(pl.LightningModule):
             check_state_dict_fits(self.state_dict(), saved)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_tokenizer_fits(checkpoint, datamodule)
+        travel.apply_thresholds(checkpoint, self.config)
