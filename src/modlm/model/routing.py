@@ -51,7 +51,9 @@ class RoutingInfo:
     except ``aux_loss``)."""
 
     layer: int
-    """Index of the block in the model."""
+    """Index of the block in the model (set by the model's loop, not by the block: a block's
+    training computation does not depend on where it sits, so compiled blocks of one kind share one
+    graph)."""
     selected: torch.Tensor
     """(B, T) bool: tokens the block processed."""
     router_logits: torch.Tensor
@@ -236,7 +238,7 @@ class RoutedBlock(nn.Module):
 
         aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
-            layer=self.layer,
+            layer=-1,  # the model names it
             selected=selected.detach(),
             router_logits=r.detach(),
             predictor_logits=None if p is None else p.detach(),

@@ -119,12 +119,14 @@ class MoDTransformer(
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
         infos, experts = [], []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             x, info = block(x, where, routing)
             if isinstance(info, RoutingInfo):
+                info.layer = layer
                 infos.append(info)
                 info = info.experts
             if info is not None:
+                info.layer = layer
                 experts.append(info)
         logits = self.logits(x)
         aux_loss = logits.new_zeros((), dtype=torch.float32)

@@ -101,7 +101,9 @@ class MoDLightningModule(pl.LightningModule):
         self.flops_per_batch = training_flops(self.config, idx.size(1)) * idx.size(0)
         # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
         # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
-        self.log(tags.TRAIN_LOSS, out.loss, on_step=True, prog_bar=True)
+        # Not prog_bar: Lightning turns progress-bar values into numbers after every batch, a host sync
+        # each; the progress bar reads train/loss itself when it refreshes (modlm.training.progress).
+        self.log(tags.TRAIN_LOSS, out.loss, on_step=True)
         self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
         report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch)
         return {"loss": out.loss + out.aux_loss, "report": report}

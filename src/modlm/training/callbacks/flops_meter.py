@@ -5,11 +5,13 @@
                         ``StepReport.flops``), with the k tokens each routed block processes in top-k
   flops/total           cumulative, restored on resume
   flops/ratio_vs_dense  forward FLOPs of the model / those of its dense twin
-  flops/mfu             model FLOP/s over ``peak_flops`` (only when ``peak_flops`` is given; use it
+  flops/mfu             model FLOP/s over ``peak_flops``, the mean over the steps since the last
+                        logged one (only when ``peak_flops`` is given; use it
                         where Lightning's device table has no entry, e.g. CPUs, "NVIDIA H200",
                         and ThroughputMonitor's own MFU is therefore missing)
 
-At the first step the analytic count of a batch is cross-checked against Lightning's
+They are logged on the steps that log (``log_every_n_steps``) and cost no host synchronisation in
+between. At the first step the analytic count of a batch is cross-checked against Lightning's
 ``measure_flops`` on a meta-device copy of the model (``flops/measured_per_batch`` beside
 ``flops/analytic_per_batch``), with a warning when they differ by more than 2%.
 """
@@ -51,7 +53,8 @@ class FlopsMeter(Callback):
         self.total = 0.0
         self._pending = 0.0  # micro-batches of the step being accumulated
         self._ratio_vs_dense: Optional[float] = None  # set by the first-step cross-check
-        self._t_last: Optional[float] = None
+        self._t_last: Optional[float] = None  # host clock at the last logged step
+        self._since_last = 0.0  # FLOPs of the steps since then
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         report = report_of(outputs)
@@ -68,11 +71,17 @@ class FlopsMeter(Callback):
             return  # the optimizer step is not done yet
         step_flops, self._pending = self._pending, 0.0
         self.total += step_flops
+        self._since_last += step_flops
+        if trainer.global_step % max(1, trainer.log_every_n_steps):
+            return  # only logging steps reach the logger: logging others would cost a host-to-device copy each
         metrics = {tags.FLOPS_STEP: step_flops, tags.FLOPS_TOTAL: self.total, tags.FLOPS_RATIO: self._ratio_vs_dense}
+        if self.peak_flops and torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # the steps since the last log are done: the clock means something
         now = time.perf_counter()
         if self.peak_flops and self._t_last is not None:
-            metrics[tags.FLOPS_MFU] = step_flops / (now - self._t_last) / (self.peak_flops * trainer.world_size)
-        self._t_last = now
+            # the mean over the steps since the last logged one: no sync between them
+            metrics[tags.FLOPS_MFU] = self._since_last / (now - self._t_last) / (self.peak_flops * trainer.world_size)
+        self._t_last, self._since_last = now, 0.0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _cross_check(self, pl_module, cfg, batch_size, seq_len) -> None:
@@ -85,10 +94,10 @@ class FlopsMeter(Callback):
             rank_zero_warn(f"analytic FLOPs {analytic:.4g} differ from measured {measured:.4g} by more than {self.tolerance:.0%}")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t_last = None  # do not count data start-up time as step time
+        self._t_last, self._since_last = None, 0.0  # do not count data start-up time as step time
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._t_last = None  # nor validation
+        self._t_last, self._since_last = None, 0.0  # nor validation
 
     def state_dict(self) -> dict:
         return {"total": self.total}
