@@ -9,7 +9,7 @@ model with no other input.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,7 @@ class MoDLightningModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         lr_decay_steps: Optional[int] = None,
         compile: bool = False,
+        compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
         validate_causal: bool = True,
         **model_config: Any,
     ):
@@ -56,6 +57,9 @@ class MoDLightningModule(pl.LightningModule):
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
+            compile_mode: ``torch.compile``'s mode for the blocks: ``reduce-overhead`` adds CUDA graphs
+                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2),
+                ``max-autotune`` tunes kernels too (slow to compile); default: torch's.
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
@@ -84,7 +88,7 @@ class MoDLightningModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
