@@ -1,33 +1,29 @@
-"""Export folders: writing one (``write_export``), reading one back (``load_export``), and what makes
-it a transformers model as well: remote code and transformers' files.
+"""Export folders: writing one (``write_export``), reading one back (``load_export``), and pushing one to
+the Hub (``push_export``).
 
-An export folder holds ``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json`` (the
-data settings it was trained with), a model card, and the files that let transformers load it.
-Reading it needs no unpickling: safetensors and JSON.
+An export folder is what ``MoDTransformer.to_hf`` writes (``modlm.model.hf_format``), plus
+``data.json`` (the data settings it was trained with) and a model card with its figures:
 
-transformers loads a model it does not know from the folder's own Python files
-(``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py`` import the rest of
-the model package beside them. The remote code is the ``modlm/model`` folder copied whole (its
-``__init__.py`` aside, which transformers' dynamic modules do not need): its files import each other
-relatively and nothing else of modlm, so the folder needs transformers and torch but not modlm. A new
-model module is copied without anyone listing it here; ``relative_imports`` is what the tests use to
-hold the model package to that rule.
+* a dense model (no routed blocks, no experts, SwiGLU) as a standard transformers folder:
+  ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` with query/key/value biases), which transformers loads
+  with no code of ours;
+* any other model as modlm's remote-code folder: ``model.safetensors``, ``config.json`` of the
+  ``ModelConfig`` fields, ``tokenizer.json`` and the ``modlm/model`` folder copied whole (its
+  ``__init__.py`` aside), loaded with ``trust_remote_code=True``. Its files import each other
+  relatively and nothing else of modlm, so the folder needs transformers and torch but not modlm;
+  ``relative_imports`` is what the tests use to hold the model package to that rule.
 
-No transformers import here: exporting needs only modlm; transformers' files are plain JSON.
+Reading either needs no unpickling: safetensors and JSON. No transformers import here.
 """
 from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..model.config import ModelConfig
-from ..model.hf_format import (AUTO_MAP, MODEL_PACKAGE, is_hf_folder, remote_code_files, tokenizer_config,  # noqa: F401
-                               transformers_config, write_transformers_files)
+from ..model.hf_format import is_hf_folder, remote_code_files  # noqa: F401 - remote_code_files: the tests' name for it
 from ..model.transformer import MoDTransformer
 from ..model.errors import UserError
 from . import travel
