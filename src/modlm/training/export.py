@@ -88,7 +88,8 @@ def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = Non
     routed = config.routed_layers
     lines = ["", "| | |", "|---|---|",
              f"| shape | d_model {config.d_model}, {config.n_layers} blocks, {config.n_heads} heads, vocabulary {config.vocab_size}, context {config.max_seq_len} |",
-             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity {config.capacity:g} "
+             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity "
+              f"{' / '.join(f'{c:g}' for c in dict.fromkeys(config.layer_capacities))} "
               f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |") if routed
              else "| routing | none: a dense model |"]
     if config.n_experts:
