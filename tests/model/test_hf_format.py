@@ -245,3 +245,19 @@ def test_conversion_picks_blocks_and_capacities(folders):
     caps = [spread.blocks[i].capacity for i in range(4)]
     assert caps == sorted(caps, reverse=True) and caps[0] == pytest.approx(0.375) and caps[-1] == pytest.approx(0.125)
     assert sum(caps) / 4 == pytest.approx(0.25)
+
+
+def test_reading_a_folder_needs_no_transformers(folders):
+    """The adapter reads config.json and safetensors itself: a process where transformers cannot be
+    imported still imports the checkpoint (the same logits as here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import torch\nfrom modlm import MoDTransformer\n"
+            f"m = MoDTransformer.from_hf({str(folders['qwen2'])!r})\n"
+            "print(float(m(torch.arange(20).unsqueeze(0)).logits.sum()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = float(MoDTransformer.from_hf(folders["qwen2"])(torch.arange(20).unsqueeze(0)).logits.sum())
+    assert float(done.stdout.strip()) == pytest.approx(want, rel=1e-6)
