@@ -137,13 +137,24 @@ def prepare(args) -> None:
 
 
 # --- tune --------------------------------------------------------------------------------------------
+ORDER = ["full-s1", "routers-s1", "full-s2", "scratch-mod", "routers-s2", "dense-continued-s1", "full-c0.25-s1",
+         "full-c0.5-s1"]
+"""The order the fits run in: the main setting and its from-scratch comparison first."""
+
+
 def last_checkpoint(run: Path) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+def finished(root: Path, steps: int) -> bool:
+    """Whether a fit of ``steps`` steps has saved its final checkpoint."""
+    return (root / "checkpoints" / f"step={steps:07d}.ckpt").exists()
+
+
 def fit(args, name: str, extra: list[str], seed: int) -> None:
     root = args.runs / name
-    if last_checkpoint(root).exists():
+    steps = int(extra[extra.index("--trainer.max_steps") + 1])
+    if finished(root, steps):
         print(f"{name}: done already ({last_checkpoint(root)})", flush=True)
         return
     cmd = [sys.executable, str(REPO / "train.py"), "fit", *extra, "--trainer.default_root_dir", str(root),
@@ -182,23 +193,23 @@ def scratch_steps(args) -> tuple[int, dict]:
 
 
 def tune(args) -> None:
-    for name, extra in plan(args.steps).items():
+    runs = plan(args.steps)
+    for name in ORDER:
         if args.only and name not in args.only:
             continue
-        fit(args, name, extra, SEEDS[name.rsplit("-", 1)[1]])
-        if name == "full-s1" and (not args.only or "scratch-mod" in args.only):
+        if name == "scratch-mod":
             steps, budget = scratch_steps(args)
             write(args.results / "budget.json", {**budget, "commit": commit()})
-    if not args.only or "scratch-mod" in args.only:
-        steps, budget = scratch_steps(args)
-        fit(args, "scratch-mod", ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4),
-                                  "--checkpoint.every_n_train_steps", str(steps // 4)], 1234)
+            fit(args, name, ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4),
+                             "--checkpoint.every_n_train_steps", str(steps // 4)], 1234)
+        else:
+            fit(args, name, runs[name], SEEDS[name.rsplit("-", 1)[1]])
 
 
 # --- evaluate ----------------------------------------------------------------------------------------
 def models(args) -> dict[str, Path]:
     found = {"dense": Path(args.dense)}
-    for name in [*plan(args.steps), "scratch-mod"]:
+    for name in ORDER:
         if last_checkpoint(args.runs / name).exists():
             found[name] = last_checkpoint(args.runs / name)
     return found
