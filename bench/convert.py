@@ -1,6 +1,7 @@
 """Conversion of a pretrained dense model to Mixture-of-Depths, measured against the dense original and
 against MoD trained from scratch with the same total FLOPs.
 
+    python bench/convert.py parity      # logits of transformers' Llama/Mistral/Qwen2 vs their import
     python bench/convert.py prepare     # the dense default run -> a standard LlamaForCausalLM folder, checked
     python bench/convert.py tune        # the fits (sequential; a run already finished is skipped)
     python bench/convert.py evaluate    # eval.py on every model, then interleaved decoding
@@ -101,6 +102,31 @@ def write(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+# --- parity ------------------------------------------------------------------------------------------
+def parity(args) -> None:
+    """Logits of every kind the tests read (transformers' own Llama, Mistral, Qwen2 at a small size with
+    random weights) against modlm's import of it: max absolute and relative difference, fp32."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    from tests.helpers.pretrained import KINDS, hf_model
+
+    out = {"commit": commit(), "cpu": cpu(), "torch": torch.__version__, "inputs": "3 x 100 random token ids", "kinds": {}}
+    for kind in KINDS:
+        hf = hf_model(kind)
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            model = MoDTransformer.from_hf(folder)
+        idx = torch.randint(0, hf.config.vocab_size, (3, 100), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want, got = hf(idx).logits, model(idx).logits
+        gap = float((want - got).abs().max())
+        out["kinds"][kind] = {"architecture": type(hf).__name__, "max_abs": gap, "max_rel": gap / float(want.abs().max()),
+                              "logit_scale": float(want.abs().max())}
+        print(kind, out["kinds"][kind], flush=True)
+    write(args.results / "parity.json", out)
 
 
 # --- prepare -----------------------------------------------------------------------------------------
@@ -351,7 +377,7 @@ def report(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["prepare", "tune", "evaluate", "report", "all"])
+    ap.add_argument("stage", choices=["parity", "prepare", "tune", "evaluate", "report", "all"])
     ap.add_argument("--dense", default="/work/runs/dense/checkpoints/last.ckpt", help="the dense default run's checkpoint")
     ap.add_argument("--scratch-like", type=Path, default=Path("/work/runs/default/checkpoints/last.ckpt"),
                     help="the default MoD run (its shape is the from-scratch run's)")

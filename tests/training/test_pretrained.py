@@ -188,3 +188,20 @@ def test_router_only_tuning_under_fsdp2(tmp_path, tiny_tokenizer, folder):
         if ".router." not in name and ".predictor." not in name:
             assert torch.equal(saved[name], tensor), name
     assert float(saved["blocks.1.router.weight"].abs().max()) > 0
+
+
+def test_a_hub_id_starts_a_fit_from_the_local_cache(tmp_path, tiny_tokenizer, folder, monkeypatch):
+    """``--model.init_from OWNER/NAME`` offline: weights, config and tokenizer from the Hugging Face
+    cache (laid out here as a download leaves it)."""
+    from huggingface_hub import constants
+
+    from tests.helpers.pretrained import cache_repo
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cache_repo(tmp_path / "hf", "someone/tiny-llama", {p.name: p.read_bytes() for p in folder.iterdir()})
+    root = tmp_path / "run"
+    fit = [a if a != str(folder) else "someone/tiny-llama" for a in args(root, tiny_tokenizer[0], folder)]
+    assert train_main(["fit", *fit, "--model.route_every", "0", "--trainer.max_steps", "2"]) == 0
+    saved = load_saved(str(root / "checkpoints" / "last.ckpt"))
+    assert saved.model.config.d_model == 64 and saved.model.config.vocab_size == 416
+    assert fingerprint(saved.tokenizer) == fingerprint(load_tokenizer(folder / "tokenizer.json"))
