@@ -96,9 +96,10 @@ class EvalRun:
         compare: a second checkpoint (e.g. the dense twin) to show side by side
         plot: PNG of the comparison (default: compare.png beside --json, or ./compare.png)
         generate: print a continuation of this prompt (see --sampling.*)
-        export: write the model, its tokenizer and data settings to this folder, with the code that
-            lets transformers load it (AutoModelForCausalLM, trust_remote_code=True) and a model card
-            with this evaluation's figures
+        export: write the model, its tokenizer and data settings to this folder as transformers
+            loads it, with a model card of this evaluation's figures: a dense model as a standard
+            LlamaForCausalLM (Qwen2ForCausalLM with query/key/value biases) folder, no remote code;
+            a MoD or expert model with its code (AutoModelForCausalLM, trust_remote_code=True)
         push_to_hub: upload that folder (or, without --export, one made for it) to this Hugging Face
             Hub repository (OWNER/NAME; created if missing; needs a token: huggingface-cli login)
         data: the validation windows
@@ -159,6 +160,7 @@ def build_data(saved: SavedModel, options: DataOptions):
     """The data module of a saved model's validation windows and tokenizer, unless the options
     name others (see ``DataOptions``)."""
     from ..data import ModLMDataModule
+    from ..data.tokenizer import fingerprint
 
     model, data = saved.model, saved.data
     settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
@@ -176,7 +178,12 @@ def build_data(saved: SavedModel, options: DataOptions):
     if options.batch_size:
         settings["batch_size"] = options.batch_size
     dm = ModLMDataModule(**settings)
-    if dm.tokenizer_vocab_size != model.config.vocab_size:
+    if saved.tokenizer is not None and dm.tokenizer_fingerprint != fingerprint(saved.tokenizer):
+        raise EvalError(
+            f"tokenizer does not match the model: {dm.tokenizer_file} (fingerprint {dm.tokenizer_fingerprint[:12]}) is "
+            f"not the tokenizer it was trained with ({fingerprint(saved.tokenizer)[:12]}, carried in {saved.path}): "
+            "leave out --data.tokenizer")
+    if dm.tokenizer_vocab_size > model.config.vocab_size:  # fewer is fine: a pretrained model's rows to spare
         raise EvalError(
             f"tokenizer does not match the model: {dm.tokenizer_vocab_size} tokens vs the model's "
             f"vocab_size={model.config.vocab_size} (evaluate with the tokenizer it was trained with)"

@@ -110,6 +110,9 @@ class RoutedBlock(nn.Module):
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         self.calibrating = False
         """Set by ``MoDTransformer.calibrate`` for its one pass: this block's threshold is computed then."""
+        self.capacity: float = cfg.capacity_of(layer)
+        """The share of a sequence this block processes in top-k routing: its configured capacity, or
+        where a capacity schedule is training (``modlm.training.capacity``), that step's."""
         # The predictor reads the router's input through a stop-gradient: it learns to imitate
         # top-k membership causally without changing what the language model learns.
         self.predictor = (
@@ -125,11 +128,20 @@ class RoutedBlock(nn.Module):
             # A zero hidden bias keeps the initial output token-dependent (a random one would add
             # the same offset to every token and make the first decisions all-or-nothing).
             nn.init.zeros_(self.predictor[0].bias)
-            c = min(self.cfg.capacity, 1 - 1e-3)
+            c = min(self.capacity, 1 - 1e-3)
             nn.init.constant_(self.predictor[-1].bias, math.log(c / (1 - c)))
 
     def router_weight(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(r) if self.cfg.router_weight == "sigmoid" else r
+        """What multiplies the update of a token with router logit ``r`` (``ModelConfig.router_weight``)."""
+        if self.cfg.router_weight == "sigmoid":
+            return torch.sigmoid(r)
+        if self.cfg.router_weight == "2sigmoid":  # 1 at r = 0: a zero router leaves the block's update as it is
+            return 2 * torch.sigmoid(r)
+        return r
+
+    def topk_tokens(self, seq_len: int) -> int:
+        """``k``: the tokens of a ``seq_len`` sequence this block processes in top-k routing."""
+        return self.cfg.topk_tokens(seq_len, self.capacity)
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Router logits ``r`` and the predictor's logits (None without one), (B, T), both computed
@@ -227,7 +239,7 @@ class RoutedBlock(nn.Module):
         topk = None
         if cache is None:  # the whole sequence is here: top-k membership (the causal decision's target) exists
             scores = torch.rand_like(r) if self.cfg.random_routing else r
-            topk_picks = topk_indices(scores, self.cfg.topk_tokens(T))
+            topk_picks = topk_indices(scores, self.topk_tokens(T))
             topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_picks, True)
         if routing == Routing.TOPK:
             picks, n_real, selected = topk_picks, None, topk

@@ -43,6 +43,7 @@ from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
 from . import travel
 from .export import load_export
+from .pretrained import pretrained_config
 
 
 class CheckpointError(UserError):
@@ -62,6 +63,11 @@ def check_resume_shape(ckpt_path: str, wanted: dict) -> None:
     override them.
     """
     saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+    if wanted.get("init_from"):  # the pretrained folder decides the architecture, as when the run began
+        wanted = wanted.as_dict() if hasattr(wanted, "as_dict") else dict(wanted)
+        config, _ = pretrained_config(wanted["init_from"], {**wanted, "vocab_size": None})
+        # the command line sets the vocabulary from the tokenizer at instantiation: not compared here
+        wanted = {**wanted, **config.to_dict(), "vocab_size": None}
     diffs = ModelConfig.tensor_differences(saved, wanted)
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
