@@ -32,6 +32,7 @@ import torch
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.generate import compile_decode_step, generate
+from modlm.analysis.flops import decode_flops
 from modlm.training.checkpoint import load_saved
 
 
@@ -94,17 +95,8 @@ def routed_fraction(model: MoDTransformer, prompts: torch.Tensor, new_tokens: in
 
 
 def decode_flops_ratio(cfg: ModelConfig, fraction: Optional[float], context: int) -> float:
-    """Dense per-token decoding FLOPs over this model's (matmuls, attention over ``context``
-    cached tokens; routers and predictors counted, routed blocks at ``fraction``)."""
-    d, V, hid = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden
-    block = 2 * (4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * hid) + 4 * d * context
-    dense = cfg.n_layers * block + 2 * d * V
-    if fraction is None:
-        return 1.0
-    n_routed = len(cfg.routed_layers)
-    router = 2 * d + (2 * (d * cfg.predictor_hidden + cfg.predictor_hidden) if cfg.causal_method == "predictor" else 0)
-    mod = (cfg.n_layers - n_routed) * block + n_routed * (router + fraction * block) + 2 * d * V
-    return dense / mod
+    """Dense per-token decoding FLOPs over this model's, routed blocks at ``fraction``."""
+    return decode_flops(cfg, context) / decode_flops(cfg, context, fraction) if fraction is not None else 1.0
 
 
 def ops_per_step(make: Callable, model, prompts: torch.Tensor) -> float:

@@ -8,7 +8,8 @@ For each shape: the median time of a full training step (forward, backward, Adam
 repetitions so both see the same machine noise; the analytic training-FLOPs ratio; and the
 quotient time_ratio / flops_ratio (1.0 means routing costs nothing beyond its FLOPs; target
 <= 1.05). The dense model's achieved FLOP/s is reported as a fraction of a plain square matmul's
-rate measured in the same run (target >= 60%). Decode: tokens/s of ``generate`` at batch 1.
+rate measured in the same run (target >= 60%). Decode: tokens/s of ``generate`` at the --decode-batch
+sizes, MoD and dense interleaved (median of --reps).
 Memory: bytes of activations saved for backward (the part of a step's peak that MoD changes);
 on a GPU, ``torch.cuda.max_memory_allocated`` as well.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.analysis.evaluate import decode_speed
+from modlm.analysis.evaluate import decode_throughput
 from modlm.flops import dense_twin, training_flops
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -131,10 +132,19 @@ def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -
             run.step()
             row[f"peak_bytes_{name}"] = torch.cuda.max_memory_allocated()
     if args.decode:
-        prompt = torch.randint(0, args.vocab, (1, args.prompt_len), device=device)
-        with autocast(device, dtype):
-            dec = {name: decode_speed(run.model.eval(), prompt, args.new_tokens) for name, run in runs.items()}
-        row.update(decode_tok_s_mod=dec["mod"], decode_tok_s_dense=dec["dense"], decode_speedup=dec["mod"] / dec["dense"])
+        for batch in args.decode_batch:  # MoD and dense interleaved, as every comparison of two models here
+            prompt = torch.randint(0, args.vocab, (batch, args.prompt_len), device=device)
+            times = {name: [] for name in runs}
+            with autocast(device, dtype):
+                for run in runs.values():
+                    decode_throughput(run.model.eval(), prompt, args.new_tokens, reps=1)  # warm-up
+                for _ in range(args.reps):
+                    for name, run in runs.items():
+                        times[name].append(decode_throughput(run.model, prompt, args.new_tokens, reps=1)["seconds"])
+            mod, dense = (batch * args.new_tokens / statistics.median(times[n]) for n in ("mod", "dense"))
+            suffix = "" if batch == 1 else f"_batch{batch}"
+            row.update({f"decode_tok_s_mod{suffix}": mod, f"decode_tok_s_dense{suffix}": dense,
+                        f"decode_speedup{suffix}": mod / dense})
     return row
 
 
@@ -149,7 +159,8 @@ def main() -> None:
     p.add_argument("--capacity", type=float, default=0.125)
     p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--decode", action="store_true", help="also time generate() (batch 1)")
+    p.add_argument("--decode", action="store_true", help="also time generate(), MoD and dense interleaved")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1], help="decode batch sizes (default: 1)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (warm-up includes compiling)")

@@ -25,6 +25,12 @@ GRID = [
     dict(route_every=2, capacity=0.5, mlp="gelu"),
     dict(route_every=1, capacity=0.25, causal_method="router"),
     dict(route_every=3, capacity=0.3, causal_method="predictor", tie_embeddings=False),
+    # pretrained shapes: grouped-query attention, heads of their own width, query/key/value biases
+    dict(route_every=0, n_kv_heads=2, head_size=32, qkv_bias=True),
+    dict(route_every=2, capacity=0.25, n_kv_heads=1),
+    # per-block capacities, explicit or spread with depth
+    dict(route_layers=[1, 2, 5], capacities=[0.5, 0.25, 0.125]),
+    dict(route_every=1, capacity=0.25, capacity_depth=0.5),
 ]
 
 
@@ -52,7 +58,9 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     from modlm.flops import ran_forward_flops
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, **overrides)
+    # the plain decision: an untrained model's picks are then far from top-k's k
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, causal_decision="plain",
+                      **overrides)
     model = MoDTransformer(cfg).eval()
     idx = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False)

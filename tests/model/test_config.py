@@ -25,6 +25,18 @@ from modlm import ModelConfig
         ("predictor_aux_weight", -1.0),
         ("predictor_hidden", 0),
         ("rope_theta", 0.0),
+        ("n_kv_heads", 3),  # does not divide n_heads=8
+        ("n_kv_heads", 0),
+        ("head_size", 7),  # odd: RoPE rotates pairs
+        ("qkv_bias", "yes"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}),
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                          "original_max_position_embeddings": 8192}),  # high below low
+        ("route_layers", [6]),  # no block 6 in 6 blocks
+        ("route_layers", [3, 1]),  # not ascending
+        ("capacities", [0.5, 0.5]),  # 3 routed blocks
+        ("capacities", [0.5, 0.0, 0.5]),
+        ("capacity_depth", 1.0),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(field, value):
@@ -59,3 +71,30 @@ def test_rebuilt_from_saved_hyperparameters_and_tensor_differences():
     assert ModelConfig.tensor_differences(saved, {"d_model": 32, "n_heads": None}) == [
         "d_model=64 in the checkpoint, 32 in this run"]
     assert "capacity" not in ModelConfig.TENSOR_FIELDS and "d_model" in ModelConfig.TENSOR_FIELDS
+
+
+def test_a_capacity_spread_that_would_exceed_one_is_refused():
+    with pytest.raises(ValueError, match="capacity_depth"):
+        ModelConfig(capacity=0.8, capacity_depth=0.5)  # the first routed block would get 1.2
+
+
+def test_the_default_model_builds_the_tensors_it_always_has():
+    """New fields keep today's model by default: same names, shapes and parameter count (the README's
+    6,967,683), so every saved checkpoint still loads."""
+    from modlm import MoDTransformer
+
+    model = MoDTransformer(ModelConfig())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert model.num_params() == 6_967_683 and len(shapes) == 60
+    assert shapes["blocks.0.attn.qkv.weight"] == (768, 256) and "blocks.0.attn.qkv.bias" not in shapes
+    assert shapes["blocks.1.block.attn.proj.weight"] == (256, 256) and shapes["blocks.1.router.weight"] == (1, 256)
+    cfg = ModelConfig()
+    assert (cfg.head_dim, cfg.kv_heads, cfg.layer_capacities, cfg.routed_layers) == (32, 8, [0.125] * 3, [1, 3, 5])
+
+
+def test_routed_blocks_and_capacities_by_list_or_spread():
+    cfg = ModelConfig(route_layers=[0, 4], capacities=[0.5, 0.25])
+    assert cfg.routed_layers == [0, 4] and cfg.capacity_of(4) == 0.25 and cfg.topk_tokens(64, 0.5) == 32
+    assert ModelConfig(route_layers=[]).routed_layers == []  # dense
+    spread = ModelConfig(route_every=1, capacity=0.2, capacity_depth=0.5).layer_capacities
+    assert spread[0] == pytest.approx(0.3) and spread[-1] == pytest.approx(0.1) and sum(spread) / 6 == pytest.approx(0.2)

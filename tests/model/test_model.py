@@ -250,7 +250,8 @@ def test_rows_are_independent(routing):
 
 
 def test_causal_rows_may_select_nothing():
-    block = routed_block(causal_method="router", capacity=0.5)
+    """With the plain decision (logit > 0) a row whose logits are all negative processes nothing."""
+    block = routed_block(causal_method="router", capacity=0.5, causal_decision="plain")
     x = block_input(batch=2)
     with torch.no_grad():
         block.router.weight.copy_(torch.ones_like(block.router.weight))

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
+from modlm.model.errors import UserError
 from modlm.training.parallel import block_policy
 from tests.helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
                            tiny_args)
@@ -142,5 +143,9 @@ def test_parallelize_compiles_then_shards_every_block_and_the_root():
         parallelize(sharded, mesh)
         x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
         assert sharded(x, targets=x).loss.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
+        # CUDA graphs keep memory at fixed addresses, which FSDP2's all-gathered weights are not
+        with pytest.raises(UserError, match="reduce-overhead"):
+            parallelize(MoDTransformer(cfg), mesh, compile=True, mode="reduce-overhead")
+        parallelize(MoDTransformer(cfg), mesh, compile=True, mode="max-autotune-no-cudagraphs")
     finally:
         dist.destroy_process_group()

@@ -126,6 +126,34 @@ def flops_per_token(model: MoDTransformer, seq_len: int, used_per_block: Optiona
     return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, passes_per_expert_layer=expert_passes) / seq_len
 
 
+@torch.no_grad()
+def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.8,
+                     top_k: Optional[int] = 50, seed: int = 1234) -> dict:
+    """The share of generated tokens each routed block processes while the model samples its own
+    continuations of ``prompts`` (B, T) with its causal decision (``config.causal_decision``):
+    ``capacity_used.layer_i`` (the tokens fed back to the model: every one but the last sampled),
+    and their mean ``capacity_used``. Counted from the blocks' KV caches, which hold exactly the
+    tokens they processed."""
+    routed = model.config.routed_layers
+    if not routed or new_tokens < 2:
+        return {}
+    state = model.new_state(prompts.size(0), prompts.device)
+    prefilled: dict[int, torch.Tensor] = {}
+
+    def note_prefill(tokens):  # called after the first sample: the caches then hold the prompt alone
+        if not prefilled:
+            prefilled.update({i: state.caches[i].length.clone() for i in routed})
+        return None
+
+    generator = torch.Generator(device=prompts.device).manual_seed(seed)
+    generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+             on_tokens=note_prefill, state=state)
+    fed = (new_tokens - 1) * prompts.size(0)
+    result = {f"capacity_used.layer_{i}": float((state.caches[i].length - prefilled[i]).sum()) / fed for i in routed}
+    result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in routed)
+    return result
+
+
 def _timed(fn, device: torch.device) -> float:
     """Seconds ``fn()`` takes, waiting for an accelerator to finish."""
     if device.type == "cuda":

@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence
 
 from ..model.config import ModelConfig
 
-__all__ = ["block_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
+__all__ = ["block_flops", "decode_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
            "ran_forward_flops", "router_flops", "training_flops"]
 
 
@@ -50,8 +50,9 @@ def block_flops(
     ``experts``: its MLP is a mixture (router on every token, one expert MLP per pass; ``passes``
     defaults to the training capacity, ``expert_passes(cfg, n_tokens)``)."""
     d, n = cfg.d_model, n_tokens
-    projections = 2 * n * d * (3 * d) + 2 * n * d * d  # qkv and output
-    scores_and_values = 2 * (2 * n * n * d)  # q @ k^T and p @ v, all heads together
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    projections = 2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d  # qkv and output (biases: 0)
+    scores_and_values = 2 * (2 * n * n * q_width)  # q @ k^T and p @ v, all query heads together
     if attention == "causal":
         scores_and_values //= 2
     if not experts:
@@ -82,7 +83,8 @@ def forward_flops(
     """Forward FLOPs of one sequence of ``seq_len`` tokens.
 
     ``tokens_per_routed_block`` overrides ``k`` per routed block (e.g. the mean count actually
-    processed in causal mode); by default each processes ``cfg.topk_tokens(seq_len)``.
+    processed in causal mode, or a capacity schedule's step); by default each processes
+    ``cfg.topk_tokens(seq_len, its capacity)``.
     ``passes_per_expert_layer`` overrides the expert passes of each mixture-of-experts MLP (in
     ``cfg.expert_layers`` order; e.g. the picks measured at inference); by default each computes
     its training capacity. ``attention="causal"`` halves the score/value matmuls, for MFU figures
@@ -90,7 +92,7 @@ def forward_flops(
     """
     routed = cfg.routed_layers
     if tokens_per_routed_block is None:
-        tokens_per_routed_block = [cfg.topk_tokens(seq_len)] * len(routed)
+        tokens_per_routed_block = [cfg.topk_tokens(seq_len, c) for c in cfg.layer_capacities]
     if len(tokens_per_routed_block) != len(routed):
         raise ValueError(f"tokens_per_routed_block has {len(tokens_per_routed_block)} entries, model has {len(routed)} routed blocks")
     routed_tokens = dict(zip(routed, tokens_per_routed_block))
@@ -136,12 +138,27 @@ def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:
     return flops
 
 
+def decode_flops(cfg: ModelConfig, context: int, share: Optional[float] = None) -> float:
+    """Matmul FLOPs of one decoding step of one row: every block on the new token with attention over
+    ``context`` cached tokens, routed blocks at ``share`` (the fraction of steps they process; their
+    routers and predictors run every step), and the LM head. ``share=None`` (or a dense config):
+    every block every step. The bound MoD's decode speed-up is measured against."""
+    d, hid = cfg.d_model, cfg.mlp_hidden
+    block = 2 * (4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * hid) + 4 * d * context
+    n_routed = len(cfg.routed_layers) if share is not None else 0
+    routed = n_routed * (router_flops(cfg, 1) + share * block) if n_routed else 0.0
+    return (cfg.n_layers - n_routed) * block + routed + 2 * d * cfg.vocab_size
+
+
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
     """The same shape with no routing and dense MLPs: the baseline MoD's (and MoE's) costs are
     measured against."""
-    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "n_experts": 0, "noop_experts": 0, "expert_top_k": 1})
+    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "route_layers": None, "capacities": None,
+                          "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
+                          "decision_thresholds": None, "decision_spreads": None})
 
 
-def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs of ``cfg`` divided by those of its dense twin (< 1 means MoD saves)."""
-    return forward_flops(cfg, seq_len) / forward_flops(dense_twin(cfg), seq_len)
+def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int, **kwargs) -> float:
+    """Forward FLOPs of ``cfg`` divided by those of its dense twin (< 1 means MoD saves); ``kwargs``
+    as ``forward_flops``'s (e.g. ``tokens_per_routed_block`` of a capacity schedule's step)."""
+    return forward_flops(cfg, seq_len, **kwargs) / forward_flops(dense_twin(cfg), seq_len)

@@ -22,7 +22,11 @@ def capacity_used(info: RoutingInfo) -> torch.Tensor:
 
 
 def causal_decision(info: RoutingInfo) -> torch.Tensor:
-    """The per-token decision causal routing makes: the predictor's if there is one, else the router's."""
+    """The per-token causal decision: in a causal pass, the one it made (whatever
+    ``ModelConfig.causal_decision`` is); in a top-k pass (training), the one the BCE trains, the
+    sign of the predictor's logit (or the router's without a predictor)."""
+    if info.causal:
+        return info.selected
     return causal_logits(info.router_logits, info.predictor_logits) > 0
 
 

@@ -11,6 +11,7 @@ ROWS = [
     ("loss (top-k)", "topk.loss", "{:.4f}"), ("ppl (top-k)", "topk.ppl", "{:.2f}"), ("bpb (top-k)", "topk.bpb", "{:.4f}"),
     ("loss (causal)", "causal.loss", "{:.4f}"), ("ppl (causal)", "causal.ppl", "{:.2f}"), ("bpb (causal)", "causal.bpb", "{:.4f}"),
     ("capacity used (causal)", "causal.capacity_used", "{:.3f}"),
+    ("capacity used (generated)", "generate.capacity_used", "{:.3f}"),
     ("FLOPs / token (causal)", "flops_per_token", "{:.4g}"), ("decode tokens/s (batch 1)", "decode_tokens_per_s", "{:.1f}"),
     ("decode tokens/s (batched)", "decode_tokens_per_s_batched", "{:.1f}"),
     ("parameters", "params", "{:,}"),

@@ -306,6 +306,8 @@ class ModLMCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if config.model.get("init_from") and not config.data.get("tokenizer"):
+            config.data.tokenizer = config.model.init_from  # a pretrained model reads its own tokenizer
 
 
 def _is_user_error(err: BaseException) -> bool:

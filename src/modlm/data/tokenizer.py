@@ -27,16 +27,12 @@ from typing import Iterable, Iterator, Optional, Protocol
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ..model.config import TOKENIZER_FILE
+from ..model.config import END_OF_TEXT_TOKENS, TOKENIZER_FILE
 from .errors import DataError
 from .progress import note, show_bars
 
-EOT_TOKEN = "<|endoftext|>"
+EOT_TOKEN = END_OF_TEXT_TOKENS[0]
 """The end-of-text token of modlm's own BPE (id 0)."""
-END_OF_TEXT_TOKENS = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
-"""End-of-text tokens of the tokenizers people train with (GPT-2/Qwen/SmolLM, Llama 3, Llama 2/Mistral,
-Gemma, chat models), in the order a tokenizer's own is looked for: the document separator of
-pretraining comes before a chat end-of-turn."""
 ANNOUNCE_CHARS = 1_000_000  # from this much text on, training takes long enough to say so (and show a bar)
 _CACHE_FORMAT = 1  # bump when the training recipe changes, to invalidate old caches
 

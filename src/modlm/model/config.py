@@ -67,6 +67,12 @@ class DecodePolicy:
         return cls(host_decides=torch.device(device).type == "cpu", bounded_reads=True)
 
 
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+"""End-of-text tokens of the tokenizers people train with (GPT-2/Qwen/SmolLM and modlm's own BPE,
+Llama 3, Llama 2/Mistral, Gemma, chat models), in the order a tokenizer's own is looked for: the
+document separator of pretraining comes before a chat end-of-turn. Here, beside the model, because
+an export folder needs it as much as the data layer does."""
+
 TOKENIZER_FILE = "tokenizer.json"
 """The name a tokenizer is saved under beside a model (``save_pretrained``, export folders) and in the
 data layer's folders (the tokenizer cache, prepared folders)."""
@@ -81,8 +87,9 @@ class ModelConfig:
     """Shape and routing of a Mixture-of-Depths decoder-only transformer."""
 
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
-        "vocab_size", "d_model", "n_layers", "n_heads", "mlp", "mlp_hidden", "tie_embeddings",
-        "route_every", "causal_method", "predictor_hidden", "n_experts", "noop_experts", "moe_every",
+        "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "qkv_bias", "mlp", "mlp_hidden",
+        "tie_embeddings", "route_every", "route_layers", "causal_method", "predictor_hidden", "n_experts",
+        "noop_experts", "moe_every",
     )
     """The fields that decide which parameters exist and their shapes (``n_heads`` only splits
     them, but weights trained with other heads compute another function): saved weights load only
@@ -96,7 +103,17 @@ class ModelConfig:
     n_layers: int = 6
     """Number of transformer blocks (dense and routed together)."""
     n_heads: int = 8
-    """Attention heads per block; ``d_model`` must divide evenly and the head size must be even (RoPE)."""
+    """Attention (query) heads per block; without ``head_size``, ``d_model`` must divide evenly; the
+    head size must be even (RoPE)."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads per block (grouped-query attention: each serves ``n_heads / n_kv_heads``
+    query heads, and the KV cache holds only these). None: ``n_heads`` (plain multi-head attention)."""
+    head_size: Optional[int] = None
+    """Width of one attention head. None: ``d_model // n_heads``. Set by checkpoints whose heads are
+    not ``d_model / n_heads`` wide."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2's attention); the output projection
+    and every other matrix have none."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (training windows and generation). The training command
     sets it to the data's window length, ``--data.seq_len``, whose default is this one."""
@@ -109,6 +126,12 @@ class ModelConfig:
     """Share the token embedding matrix with the LM head."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_scaling: Optional[dict] = None
+    """Rescaled rotary frequencies, as transformers' ``rope_scaling`` writes them; only Llama 3's
+    form is known: ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}`` (wavelengths longer than
+    ``original / low_freq_factor`` are divided by ``factor``, shorter than ``original /
+    high_freq_factor`` kept, those between interpolated). None: plain RoPE."""
     norm_eps: float = 1e-5
     """Epsilon of the RMSNorm layers."""
     init_std: float = 0.02
@@ -122,10 +145,23 @@ class ModelConfig:
     route_every: int = 2
     """Block ``i`` (0-based) is routed when ``(i + 1) % route_every == 0``: 2 routes every other
     block starting with the second (the paper's best setting), 1 routes every block, 0 gives the
-    plain dense baseline with no routers at all."""
-    router_weight: Literal["sigmoid", "raw"] = "sigmoid"
+    plain dense baseline with no routers at all. Ignored when ``route_layers`` is given."""
+    route_layers: Optional[list[int]] = None
+    """The blocks to route, by 0-based index, ascending (e.g. ``[3, 5, 7]``; ``[]``: dense). None:
+    ``route_every`` decides."""
+    capacities: Optional[list[float]] = None
+    """One capacity per routed block, in depth order, each in (0, 1]; None: ``capacity`` for every
+    routed block (spread by ``capacity_depth``)."""
+    capacity_depth: float = 0.0
+    """Deeper routed blocks process fewer tokens: routed block ``j`` of ``n`` gets ``capacity *
+    (1 + capacity_depth * (1 - 2 j / (n - 1)))``, a straight line through ``capacity`` at mid-depth
+    (so their mean stays ``capacity``); 0: all equal. Ignored when ``capacities`` is given."""
+    router_weight: Literal["sigmoid", "raw", "2sigmoid"] = "sigmoid"
     """What multiplies a routed block's update: ``sigmoid(r)`` (default, bounded and stable, as in
-    most follow-up work) or the raw router logit ``r`` (the paper's formulation)."""
+    most follow-up work), the raw router logit ``r`` (the paper's formulation), or ``2 * sigmoid(r)``,
+    which is 1 at ``r = 0``: with zero routers a routed block at capacity 1 computes exactly its
+    block, so a pretrained dense model converts without changing its function (the form
+    ``MoDTransformer.from_hf`` converts to)."""
     causal_method: Literal["router", "predictor"] = "predictor"
     """How ``routing="causal"`` decides per token: ``router`` trains the router logits with a BCE
     loss toward top-k membership and processes a token iff ``sigmoid(r) > 0.5``; ``predictor``
@@ -141,6 +177,35 @@ class ModelConfig:
     random_routing: bool = False
     """Control experiment: pick the k tokens uniformly at random instead of by router score
     (the paper found this much worse). The router weight still scales the update."""
+    causal_decision: Literal["plain", "calibrated", "controlled"] = "controlled"
+    """How causal routing turns a routed block's decision logit (the predictor's, or the router's
+    with ``causal_method="router"``) into a yes or a no per token: ``plain``, logit > 0 (sigmoid >
+    0.5, what the BCE trained); ``calibrated``, logit > the block's ``decision_thresholds`` entry
+    (set so that the share processed on held-out windows is the capacity); ``controlled``, that
+    threshold steered along each sequence by an integral controller, so the running share processed
+    stays at the capacity whatever the text (sampling, greedy decoding and repetition shift the
+    logits): after each token the row's threshold moves by ``budget_gain * (processed - capacity)``.
+    Strictly causal in every mode. Training (top-k routing) is the same in every mode."""
+    decision_logit: Literal["trained", "standardized_router"] = "trained"
+    """What the causal decision thresholds: ``trained``, the logit ``causal_method`` trains (the
+    predictor's, or the router's own); ``standardized_router``, the router logit standardized by the
+    mean and spread of the router logits of the row so far, ``(r_t - mean_{s<=t} r) / std_{s<=t} r``
+    (causal): top-k membership depends on where a token ranks in its sequence, and the router's
+    scale drifts from one sequence to the next, which a fixed threshold on the raw logit cannot see."""
+    decision_thresholds: Optional[list[float]] = None
+    """One decision threshold per routed block, in depth order (None: 0 for every block): set by
+    ``MoDTransformer.calibrate`` (every checkpoint a run saves is calibrated on its validation
+    windows) and used by the ``calibrated`` and ``controlled`` decisions."""
+    decision_spreads: Optional[list[float]] = None
+    """The standard deviation of each routed block's decision logits on the calibration windows
+    (None: 1 for every block): the unit of ``budget_gain``."""
+    budget_gain: float = 0.8
+    """Step of the ``controlled`` decision's threshold per token and unit of share error, in units of
+    the block's logit spread (``decision_spreads``): after a processed token the threshold rises by
+    ``0.8 * (1 - capacity)`` spreads, after a skipped one it falls by ``0.8 * capacity``. Measured on
+    the default run: large enough to hold every routed block within 10% of its capacity over 128
+    generated tokens, greedy or sampled; larger gains hold the share tighter but follow the logits
+    less (lower agreement with top-k)."""
 
     # --- Mixture of experts (and, with routed blocks or no-op experts, Mixture-of-Depths-and-Experts)
     n_experts: int = 0
@@ -180,8 +245,19 @@ class ModelConfig:
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, field)
             need(isinstance(value, int) and value > 0, field, "a positive integer")
-        need(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}")
-        need((self.d_model // self.n_heads) % 2 == 0, "n_heads", "such that d_model / n_heads is even (RoPE)")
+        if self.head_size is None:
+            need(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}")
+            need((self.d_model // self.n_heads) % 2 == 0, "n_heads", "such that d_model / n_heads is even (RoPE)")
+        else:
+            need(isinstance(self.head_size, int) and self.head_size > 0 and self.head_size % 2 == 0, "head_size",
+                 "a positive even integer (RoPE) or None")
+        need(self.n_kv_heads is None or (isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0
+                                         and self.n_heads % self.n_kv_heads == 0),
+             "n_kv_heads", f"None or a positive divisor of n_heads={self.n_heads}")
+        need(isinstance(self.qkv_bias, bool), "qkv_bias", "true or false")
+        need(self.rope_scaling is None or _valid_rope_scaling(self.rope_scaling), "rope_scaling",
+             "None or {'rope_type': 'llama3', 'factor': > 0, 'low_freq_factor': > 0, 'high_freq_factor': > "
+             "low_freq_factor, 'original_max_position_embeddings': a positive integer}")
         need(self.mlp in ("swiglu", "gelu"), "mlp", "'swiglu' or 'gelu'")
         need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
              "mlp_hidden", "a positive integer or None")
@@ -192,12 +268,34 @@ class ModelConfig:
         need(isinstance(self.route_every, int) and self.route_every >= 0, "route_every",
              "an integer >= 0 (0 = dense)")
         need(self.route_every <= self.n_layers, "route_every", f"<= n_layers={self.n_layers}")
-        need(self.router_weight in ("sigmoid", "raw"), "router_weight", "'sigmoid' or 'raw'")
+        need(self.route_layers is None or (
+            isinstance(self.route_layers, (list, tuple)) and all(isinstance(i, int) and 0 <= i < self.n_layers
+                                                                 for i in self.route_layers)
+            and list(self.route_layers) == sorted(set(self.route_layers))),
+             "route_layers", f"None or distinct block indices in [0, {self.n_layers}), ascending")
+        n_routed = len(self.routed_layers)
+        need(self.capacities is None or (
+            isinstance(self.capacities, (list, tuple)) and len(self.capacities) == n_routed
+            and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in self.capacities)),
+             "capacities", f"None or one value in (0, 1] per routed block ({n_routed})")
+        need(isinstance(self.capacity_depth, (int, float)) and 0 <= self.capacity_depth < 1, "capacity_depth", "in [0, 1)")
+        if self.capacities is None and isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1:
+            need(all(c <= 1 for c in self.layer_capacities), "capacity_depth",
+                 f"small enough that no routed block's capacity exceeds 1 (capacity={self.capacity})")
+        need(self.router_weight in ("sigmoid", "raw", "2sigmoid"), "router_weight", "'sigmoid', 'raw' or '2sigmoid'")
         need(self.causal_method in ("router", "predictor"), "causal_method", "'router' or 'predictor'")
         need(self.router_aux_weight >= 0, "router_aux_weight", ">= 0")
         need(self.predictor_aux_weight >= 0, "predictor_aux_weight", ">= 0")
         need(self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
              "predictor_hidden", "a positive integer or None")
+        need(self.causal_decision in ("plain", "calibrated", "controlled"), "causal_decision",
+             "'plain', 'calibrated' or 'controlled'")
+        need(self.decision_logit in ("trained", "standardized_router"), "decision_logit", "'trained' or 'standardized_router'")
+        for field in ("decision_thresholds", "decision_spreads"):
+            value = getattr(self, field)
+            need(value is None or len(value) == len(self.routed_layers), field,
+                 f"None or one number per routed block ({len(self.routed_layers)})")
+        need(isinstance(self.budget_gain, (int, float)) and self.budget_gain >= 0, "budget_gain", ">= 0")
         need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
         need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
         need(self.noop_experts == 0 or self.n_experts > 0, "noop_experts", "0 when n_experts is 0")
@@ -211,15 +309,49 @@ class ModelConfig:
     # --- derived quantities ---------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Width of one attention head: ``head_size``, or ``d_model // n_heads``."""
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per block: ``n_kv_heads``, or ``n_heads``."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     def is_routed(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) is wrapped by a router."""
+        if self.route_layers is not None:
+            return layer in self.route_layers
         return self.route_every > 0 and (layer + 1) % self.route_every == 0
 
     @property
     def routed_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_routed(i)]
+
+    def decision_threshold(self, layer: int) -> float:
+        """The calibrated decision threshold of routed block ``layer`` (0 until calibrated)."""
+        if self.decision_thresholds is None:
+            return 0.0
+        return float(self.decision_thresholds[self.routed_layers.index(layer)])
+
+    def decision_spread(self, layer: int) -> float:
+        """The spread of routed block ``layer``'s decision logits on its calibration windows (1 until calibrated)."""
+        if self.decision_spreads is None:
+            return 1.0
+        return float(self.decision_spreads[self.routed_layers.index(layer)])
+    @property
+    def layer_capacities(self) -> list[float]:
+        """The capacity of each routed block, in depth order (``capacities``, or ``capacity``
+        spread by ``capacity_depth``)."""
+        if self.capacities is not None:
+            return [float(c) for c in self.capacities]
+        n = len(self.routed_layers)
+        if n <= 1 or not self.capacity_depth:
+            return [float(self.capacity)] * n
+        return [self.capacity * (1 + self.capacity_depth * (1 - 2 * j / (n - 1))) for j in range(n)]
+
+    def capacity_of(self, layer: int) -> float:
+        """The capacity of routed block ``layer`` (its block index)."""
+        return self.layer_capacities[self.routed_layers.index(layer)]
 
     def has_experts(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has a mixture-of-experts MLP."""
@@ -242,9 +374,11 @@ class ModelConfig:
         share = n_tokens * self.expert_top_k / (self.n_experts + self.noop_experts)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * share - 1e-6)))
 
-    def topk_tokens(self, seq_len: int) -> int:
-        """``k``: tokens per sequence a routed block processes in top-k routing (``capacity`` of ``seq_len``)."""
-        return max(1, min(seq_len, int(math.floor(self.capacity * seq_len + 1e-6))))
+    def topk_tokens(self, seq_len: int, capacity: Optional[float] = None) -> int:
+        """``k``: tokens per sequence a routed block processes in top-k routing (``capacity`` of
+        ``seq_len``; another capacity when given, e.g. a routed block's own)."""
+        capacity = self.capacity if capacity is None else capacity
+        return max(1, min(seq_len, int(math.floor(capacity * seq_len + 1e-6))))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -266,3 +400,17 @@ class ModelConfig:
             for name in cls.TENSOR_FIELDS
             if name in saved and wanted.get(name) is not None and saved[name] != wanted[name]
         ]
+
+
+ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""The keys of ``ModelConfig.rope_scaling`` (Llama 3's rescaled frequencies)."""
+
+
+def _valid_rope_scaling(scaling) -> bool:
+    if not isinstance(scaling, Mapping) or set(scaling) != set(ROPE_SCALING_KEYS) or scaling["rope_type"] != "llama3":
+        return False
+    numbers = [scaling[k] for k in ROPE_SCALING_KEYS[1:]]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return False
+    factor, low, high, original = numbers
+    return factor > 0 and low > 0 and high > low and isinstance(original, int) and original > 0

@@ -108,6 +108,7 @@ def generate(
     decode_step: Optional[DecodeStep] = None,
     on_tokens: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
     routing: Union[Routing, str] = Routing.CAUSAL,
+    state=None,
 ):
     """Sample continuations with the KV cache and causal routing.
 
@@ -123,7 +124,8 @@ def generate(
     ``eot_id`` (stop strings). ``routing="topk"`` generates without a cache: each new token comes
     from a whole top-k forward of the sequence so far (the training computation applied to the
     prefix, ``k`` growing with it; quadratic in the length): a way to see what top-k routing would
-    generate, not a fast path.
+    generate, not a fast path. ``state`` is a fresh ``model.new_state(B)`` to decode into, for a
+    caller that reads it afterwards (what each block's cache holds); by default one is made.
     """
     check_sampling(temperature, top_k, top_p)
     routing = Routing.of(routing)
@@ -145,7 +147,7 @@ def generate(
         logits = model(sequence, routing=Routing.TOPK).logits[:, -1]
         step = None
     else:
-        state = model.new_state(B, device)
+        state = model.new_state(B, device) if state is None else state
         logits = model.prefill(batch, state, n_real=lengths if ragged else None, last_only=True)
         step = decode_step or model.decode_step
 

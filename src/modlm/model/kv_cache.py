@@ -33,6 +33,12 @@ class KVCache:
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(max_len + 1, device=device)
         self.all_rows = torch.arange(batch_size, device=device)
+        self.decision_threshold: Optional[torch.Tensor] = None
+        """A routed block's running decision threshold per row (B,), when its causal decision is
+        ``controlled``: what the controller carries from one token to the next (None: not started)."""
+        self.router_moments: Optional[torch.Tensor] = None
+        """A routed block's running (count, sum, sum of squares) of its router logits per row (B, 3),
+        when its decision logit is ``standardized_router`` (None: not started)."""
 
     def store(self, k, v, index, n_real=None, rows=None, span=None):
         """Store new keys/values (B, H, n, hd); return what the new queries attend to.

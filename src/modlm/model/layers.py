@@ -28,12 +28,18 @@ from .positions import Positions, apply_rope
 
 # --- attention ----------------------------------------------------------------------------------
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention with one fused query/key/value projection: ``n_heads`` query heads and
+    ``kv_heads`` key/value heads (grouped-query attention when fewer: query head ``h`` reads
+    key/value head ``h // (n_heads / kv_heads)``), ``head_dim`` wide; biases on the fused projection
+    with ``qkv_bias``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, where: Positions, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Causal attention over the tokens of ``x`` (B, T, d), in the order given.
@@ -43,14 +49,23 @@ class CausalSelfAttention(nn.Module):
         before them in their row.
         """
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(qkv[:2], where.cos, where.sin)  # queries and keys in one rotation: half the ops
-        v = qkv[2]
+        if self.kv_heads == self.n_heads:
+            qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = apply_rope(qkv[:2], where.cos, where.sin)  # queries and keys in one rotation: half the ops
+            v = qkv[2]
+            groups = {}
+        else:
+            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
+                                         self.kv_heads * self.head_dim], dim=-1)
+            q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
+            k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
+            v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            groups = {"enable_gqa": True}
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **groups)
         else:
             k, v, mask = cache.store(k, v, where.index, where.n_real, where.rows, where.span)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **groups)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

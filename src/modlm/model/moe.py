@@ -49,7 +49,7 @@ class ExpertInfo:
     except ``aux_loss``)."""
 
     layer: int
-    """Index of the block the MLP belongs to."""
+    """Index of the block the MLP belongs to (set by the model's loop, as ``RoutingInfo.layer``)."""
     n_experts: int
     """Real experts; expert ids ``>= n_experts`` are no-op experts."""
     n_choices: int
@@ -146,7 +146,7 @@ class MixtureOfExperts(nn.Module):
             return y, None
         load_balance = None if cached else self._load_balance(probs, expert, valid)
         info = ExpertInfo(
-            layer=self.layer, n_experts=self.n_experts, n_choices=self.n_choices, expert=expert.detach(), computed=computed.detach(),
+            layer=-1, n_experts=self.n_experts, n_choices=self.n_choices, expert=expert.detach(), computed=computed.detach(),
             valid=None if valid is None else valid.detach(), slots_per_expert=slots,
             load_balance=None if load_balance is None else load_balance.detach(),
             aux_loss=probs.new_zeros(()) if load_balance is None else self.cfg.moe_aux_weight * load_balance,

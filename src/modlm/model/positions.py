@@ -7,6 +7,7 @@ alongside the tokens of a block's input.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -23,10 +24,25 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
     positions, which is what routed blocks and the KV cache need. Decoding computes the table of
     every position once per generation and indexes it (``DecodeState``).
     """
-    half = cfg.head_dim // 2
-    inv_freq = cfg.rope_theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # broadcast multiply, not a matmul
+    angles = positions.to(torch.float32).unsqueeze(-1) * inverse_frequencies(cfg, positions.device)  # broadcast, not a matmul
     return angles.cos(), angles.sin()
+
+
+def inverse_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 rotation speed of each pair of dimensions: ``rope_theta ** (-j / half)``,
+    rescaled as Llama 3 does where ``cfg.rope_scaling`` says so (long wavelengths slowed by
+    ``factor``, short ones kept, a smooth blend between)."""
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_theta ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    # 0 where the wavelength is longer than original / low (slowed), 1 where shorter than original / high (kept)
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ class RoutingInfo:
     except ``aux_loss``)."""
 
     layer: int
-    """Index of the block in the model."""
+    """Index of the block in the model (set by the model's loop, not by the block: a block's
+    training computation does not depend on where it sits, so compiled blocks of one kind share one
+    graph)."""
     selected: torch.Tensor
     """(B, T) bool: tokens the block processed."""
     router_logits: torch.Tensor
@@ -68,6 +70,8 @@ class RoutingInfo:
     them into ``ModelOutput.aux_loss``); 0 when there is nothing to learn."""
     experts: Optional[ExpertInfo] = None
     """What the block's mixture-of-experts MLP did on the picked tokens (staged MoDE), if it has one."""
+    causal: bool = False
+    """Whether the pass routed causally: then ``selected`` is the causal decision itself."""
 
 
 def causal_logits(router_logits: torch.Tensor, predictor_logits: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,6 +108,11 @@ class RoutedBlock(nn.Module):
         self.layer = layer
         self.block = Block(cfg, layer)
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
+        self.calibrating = False
+        """Set by ``MoDTransformer.calibrate`` for its one pass: this block's threshold is computed then."""
+        self.capacity: float = cfg.capacity_of(layer)
+        """The share of a sequence this block processes in top-k routing: its configured capacity, or
+        where a capacity schedule is training (``modlm.training.capacity``), that step's."""
         # The predictor reads the router's input through a stop-gradient: it learns to imitate
         # top-k membership causally without changing what the language model learns.
         self.predictor = (
@@ -119,11 +128,20 @@ class RoutedBlock(nn.Module):
             # A zero hidden bias keeps the initial output token-dependent (a random one would add
             # the same offset to every token and make the first decisions all-or-nothing).
             nn.init.zeros_(self.predictor[0].bias)
-            c = min(self.cfg.capacity, 1 - 1e-3)
+            c = min(self.capacity, 1 - 1e-3)
             nn.init.constant_(self.predictor[-1].bias, math.log(c / (1 - c)))
 
     def router_weight(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(r) if self.cfg.router_weight == "sigmoid" else r
+        """What multiplies the update of a token with router logit ``r`` (``ModelConfig.router_weight``)."""
+        if self.cfg.router_weight == "sigmoid":
+            return torch.sigmoid(r)
+        if self.cfg.router_weight == "2sigmoid":  # 1 at r = 0: a zero router leaves the block's update as it is
+            return 2 * torch.sigmoid(r)
+        return r
+
+    def topk_tokens(self, seq_len: int) -> int:
+        """``k``: the tokens of a ``seq_len`` sequence this block processes in top-k routing."""
+        return self.cfg.topk_tokens(seq_len, self.capacity)
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Router logits ``r`` and the predictor's logits (None without one), (B, T), both computed
@@ -138,11 +156,71 @@ class RoutedBlock(nn.Module):
                 p = F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1)
         return r, p
 
-    def decide(self, r: torch.Tensor, p: Optional[torch.Tensor]) -> torch.Tensor:
-        """The causal per-token decision (B, T) bool: each token from its own scores only."""
+    def decide(self, r: torch.Tensor, p: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None,
+               cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The causal per-token decision (B, T) bool (``ModelConfig.causal_decision``): each token
+        from its own scores and, when controlled, the row's earlier decisions; never a later token.
+        ``valid`` (B, T) marks real tokens (padding is never processed and moves no controller);
+        a ``cache`` carries the controller's per-row threshold between calls."""
         if self.cfg.random_routing:
-            return torch.rand_like(r) < self.cfg.capacity
-        return causal_logits(r, p) > 0
+            decided = torch.rand_like(r) < self.cfg.capacity
+        else:
+            logit = causal_logits(r, p) if self.cfg.decision_logit == "trained" else self._standardized(r, valid, cache)
+            mode = "calibrated" if self.calibrating else self.cfg.causal_decision
+            if self.calibrating:  # this block's threshold from these very logits (MoDTransformer.calibrate)
+                self._set_threshold(logit, valid)
+            if mode == "plain":
+                decided = logit > 0
+            elif mode == "calibrated":
+                decided = logit > self.cfg.decision_threshold(self.layer)
+            else:
+                decided = self._controlled(logit, valid, cache)
+        return decided if valid is None else decided & valid
+
+    def _standardized(self, r: torch.Tensor, valid: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+        """``(r_t - mean) / std`` over the row's real tokens up to and including t (and, with a
+        ``cache``, the row's earlier tokens, whose moments it carries)."""
+        w = r.new_ones(r.shape) if valid is None else valid.to(r.dtype)
+        moments = torch.stack([w, w * r, w * r * r], dim=-1).cumsum(dim=1)  # (B, T, 3)
+        if cache is not None:
+            if cache.router_moments is not None:
+                moments = moments + cache.router_moments.unsqueeze(1)
+            cache.router_moments = moments[:, -1]
+        count = moments[..., 0].clamp(min=1)
+        mean = moments[..., 1] / count
+        var = (moments[..., 2] / count - mean * mean).clamp(min=1e-6)
+        return (r - mean) / var.sqrt()
+
+    def _set_threshold(self, logit: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        """The (1 - capacity) quantile of ``logit`` over the real tokens: exactly the capacity's share
+        of them is above it (ties aside)."""
+        values = (logit if valid is None else logit[valid]).flatten().float()
+        k = max(1, min(values.numel(), round(self.cfg.capacity * values.numel())))
+        index = self.cfg.routed_layers.index(self.layer)
+        self.cfg.decision_thresholds[index] = float(values.topk(k).values[-1]) - 1e-6
+        self.cfg.decision_spreads[index] = max(float(values.std()), 1e-6) if values.numel() > 1 else 1.0
+
+    def _controlled(self, logit: torch.Tensor, valid: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+        """Integral control of each row's share processed: token t is processed iff its logit is above
+        the row's threshold, which then moves by ``budget_gain * spread * (processed - capacity)``.
+        Token by token (a prompt or an evaluation window is a loop over its positions; a decoding
+        step is one)."""
+        cfg = self.cfg
+        gain = cfg.budget_gain * cfg.decision_spread(self.layer)
+        threshold = cache.decision_threshold if cache is not None else None
+        if threshold is None:
+            threshold = logit.new_full(logit.shape[:1], cfg.decision_threshold(self.layer), dtype=torch.float32)
+        decisions = []
+        for t in range(logit.size(1)):
+            decided = logit[:, t] > threshold
+            step = decided.float() - cfg.capacity
+            if valid is not None:
+                decided, step = decided & valid[:, t], step * valid[:, t]
+            decisions.append(decided)
+            threshold = threshold + gain * step
+        if cache is not None:
+            cache.decision_threshold = threshold
+        return torch.stack(decisions, dim=1)
 
     def forward(
         self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None
@@ -161,20 +239,18 @@ class RoutedBlock(nn.Module):
         topk = None
         if cache is None:  # the whole sequence is here: top-k membership (the causal decision's target) exists
             scores = torch.rand_like(r) if self.cfg.random_routing else r
-            topk_picks = topk_indices(scores, self.cfg.topk_tokens(T))
+            topk_picks = topk_indices(scores, self.topk_tokens(T))
             topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_picks, True)
         if routing == Routing.TOPK:
             picks, n_real, selected = topk_picks, None, topk
         else:
-            selected = self.decide(r, p)
-            if where.n_real is not None:  # padding is never processed
-                selected = selected & (torch.arange(T, device=x.device) < where.n_real.unsqueeze(1))
+            selected = self.decide(r, p, where.valid(T), cache)  # padding is never processed
             picks, n_real = pack_selected(selected)
         x, experts = self._update_picked(x, r, picks, n_real, where, cache, routing)
 
         aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
-            layer=self.layer,
+            layer=-1,  # the model names it
             selected=selected.detach(),
             router_logits=r.detach(),
             predictor_logits=None if p is None else p.detach(),
@@ -182,6 +258,7 @@ class RoutedBlock(nn.Module):
             aux_losses={name: loss.detach() for name, loss in aux_losses.items()},
             aux_loss=aux,
             experts=experts,
+            causal=routing == Routing.CAUSAL,
         )
         return x, info
 
@@ -205,9 +282,8 @@ class RoutedBlock(nn.Module):
         Rows that skip store nothing in this block's cache and leave the block unchanged. Where the
         host may decide (``DecodePolicy.host_decides``), they also cost nothing beyond the router.
         """
-        keep = self.decide(r, p)[:, 0]
-        if where.n_real is not None:
-            keep = keep & (where.n_real > 0)
+        valid = None if where.n_real is None else (where.n_real > 0).unsqueeze(1)
+        keep = self.decide(r, p, valid, cache)[:, 0]
         if where.policy.host_decides:
             n = int(keep.sum())
             if n == 0:

@@ -30,6 +30,7 @@ from torch import nn
 from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
 from .errors import UserError
 from .generate import generate as _generate
+from .hf_format import load_hf, write_folder
 from .kv_cache import DecodeState, KVCache
 from .layers import Block, init_weights
 from .moe import ExpertInfo
@@ -119,12 +120,14 @@ class MoDTransformer(
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
         infos, experts = [], []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             x, info = block(x, where, routing)
             if isinstance(info, RoutingInfo):
+                info.layer = layer
                 infos.append(info)
                 info = info.experts
             if info is not None:
+                info.layer = layer
                 experts.append(info)
         logits = self.logits(x)
         aux_loss = logits.new_zeros((), dtype=torch.float32)
@@ -136,6 +139,31 @@ class MoDTransformer(
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss)
+
+    @torch.no_grad()
+    def calibrate(self, idx: torch.Tensor) -> list[float]:
+        """Set each routed block's decision threshold (``config.decision_thresholds``) so that, on the
+        held-out windows ``idx`` (N, T), causal routing processes exactly the capacity: the (1 -
+        capacity) quantile of the block's decision logits. One causal pass, through ``forward`` (so
+        it runs sharded too): in depth order, each block is calibrated on the inputs the calibrated
+        blocks before it produce. Returns the thresholds (nothing to calibrate: an empty list)."""
+        cfg = self.config
+        routed = [block for block in self.blocks if isinstance(block, RoutedBlock)]
+        if not routed or cfg.random_routing:
+            return []
+        was_training = self.training
+        self.eval()
+        cfg.decision_thresholds = [0.0] * len(routed)
+        cfg.decision_spreads = [1.0] * len(routed)
+        for block in routed:
+            block.calibrating = True
+        try:
+            self(idx, routing=Routing.CAUSAL)
+        finally:
+            for block in routed:
+                block.calibrating = False
+            self.train(was_training)
+        return list(cfg.decision_thresholds)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head: final RMSNorm, then the LM head, on (..., d) residual streams."""
@@ -168,6 +196,33 @@ class MoDTransformer(
             return model
         return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
 
+    # --- transformers folders (``hf_format.py``: the state-dict adapter) ---------------------------------
+    @classmethod
+    def from_hf(cls, path_or_id: Union[str, os.PathLike], **overrides) -> "MoDTransformer":
+        """A pretrained Llama-family model (``LlamaForCausalLM``, ``MistralForCausalLM`` without a
+        sliding window in the context, ``Qwen2ForCausalLM``) from a transformers folder with
+        safetensors weights, or a Hub id (local cache first), in eval mode, with the folder's
+        ``tokenizer.json``.
+
+        ``overrides`` are ``ModelConfig`` fields other than the architecture's: ``route_every=2,
+        capacity=0.125`` (or ``route_layers``, ``capacities``, ``capacity_depth``) converts it to
+        Mixture-of-Depths. Routers start at zero and the router weight is ``2 * sigmoid(r)`` unless
+        ``router_weight`` says otherwise, so at capacity 1 the converted model computes the
+        pretrained function exactly. ``max_seq_len`` defaults to the checkpoint's context, at most
+        ``modlm.model.hf_format.MAX_CONTEXT`` (KV caches are allocated for it). Anything modlm does not compute
+        (another architecture, activation or RoPE type, a sliding window, experts, biases where
+        Llama has none) is refused, naming the field (``modlm.model.hf_format.UnsupportedCheckpoint``)."""
+        return load_hf(cls, path_or_id, **overrides)
+
+    def to_hf(self, folder: Union[str, os.PathLike], tokenizer=None, card: str = "") -> str:
+        """Write a folder transformers loads: a dense model (no routed blocks, no experts, SwiGLU) as a
+        standard ``LlamaForCausalLM`` folder (``Qwen2ForCausalLM`` with query/key/value biases),
+        loaded with no remote code; any other model as modlm's remote-code folder
+        (``trust_remote_code=True``). ``tokenizer``: a ``tokenizers.Tokenizer``, a ``tokenizer.json``
+        or a folder holding one; default the model's own. ``card``: markdown added to the model
+        card. Returns ``"standard"`` or ``"remote-code"``."""
+        return write_folder(self, folder, tokenizer, card)
+
     # --- incremental decoding ------------------------------------------------------------------------
     def new_state(self, batch_size: int, device=None, dtype=None) -> DecodeState:
         """An empty decoding state for ``batch_size`` rows, room for ``max_seq_len`` tokens per row.
@@ -182,7 +237,7 @@ class MoDTransformer(
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
-        caches = [KVCache(batch_size, cfg.max_seq_len, cfg.n_heads, cfg.head_dim, device, dtype) for _ in self.blocks]
+        caches = [KVCache(batch_size, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim, device, dtype) for _ in self.blocks]
         return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)))
 
     @torch.no_grad()

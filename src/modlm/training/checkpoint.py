@@ -45,6 +45,7 @@ from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
 from . import travel
 from .export import load_export
+from .pretrained import pretrained_config
 
 
 class CheckpointError(UserError):
@@ -64,6 +65,11 @@ def check_resume_shape(ckpt_path: str, wanted: dict) -> None:
     override them.
     """
     saved = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
+    if wanted.get("init_from"):  # the pretrained folder decides the architecture, as when the run began
+        wanted = wanted.as_dict() if hasattr(wanted, "as_dict") else dict(wanted)
+        config, _ = pretrained_config(wanted["init_from"], {**wanted, "vocab_size": None})
+        # the command line sets the vocabulary from the tokenizer at instantiation: not compared here
+        wanted = {**wanted, **config.to_dict(), "vocab_size": None}
     diffs = ModelConfig.tensor_differences(saved, wanted)
     if diffs:
         raise CheckpointMismatchError(f"checkpoint {ckpt_path} is another model shape: " + "; ".join(diffs))
@@ -223,6 +229,7 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
+    travel.apply_thresholds(ckpt, model.config)
     tokenizer = travel.tokenizer_of(ckpt)
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it

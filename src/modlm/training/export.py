@@ -1,32 +1,29 @@
-"""Export folders: writing one (``write_export``), reading one back (``load_export``), and what makes
-it a transformers model as well: remote code and transformers' files.
+"""Export folders: writing one (``write_export``), reading one back (``load_export``), and pushing one to
+the Hub (``push_export``).
 
-An export folder holds ``model.safetensors``, ``config.json``, ``tokenizer.json``, ``data.json`` (the
-data settings it was trained with), a model card, and the files that let transformers load it.
-Reading it needs no unpickling: safetensors and JSON.
+An export folder is what ``MoDTransformer.to_hf`` writes (``modlm.model.hf_format``), plus
+``data.json`` (the data settings it was trained with) and a model card with its figures:
 
-transformers loads a model it does not know from the folder's own Python files
-(``trust_remote_code=True``): ``configuration_modlm.py`` and ``modeling_modlm.py`` import the rest of
-the model package beside them. The remote code is the ``modlm/model`` folder copied whole (its
-``__init__.py`` aside, which transformers' dynamic modules do not need): its files import each other
-relatively and nothing else of modlm, so the folder needs transformers and torch but not modlm. A new
-model module is copied without anyone listing it here; ``relative_imports`` is what the tests use to
-hold the model package to that rule.
+* a dense model (no routed blocks, no experts, SwiGLU) as a standard transformers folder:
+  ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` with query/key/value biases), which transformers loads
+  with no code of ours;
+* any other model as modlm's remote-code folder: ``model.safetensors``, ``config.json`` of the
+  ``ModelConfig`` fields, ``tokenizer.json`` and the ``modlm/model`` folder copied whole (its
+  ``__init__.py`` aside), loaded with ``trust_remote_code=True``. Its files import each other
+  relatively and nothing else of modlm, so the folder needs transformers and torch but not modlm;
+  ``relative_imports`` is what the tests use to hold the model package to that rule.
 
-No transformers import here: exporting needs only modlm; transformers' files are plain JSON.
+Reading either needs no unpickling: safetensors and JSON. No transformers import here.
 """
 from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from ..data.tokenizer import end_of_text
 from ..model.config import ModelConfig
+from ..model.hf_format import is_hf_folder, remote_code_files  # noqa: F401 - remote_code_files: the tests' name for it
 from ..model.transformer import MoDTransformer
 from ..model.errors import UserError
 from . import travel
@@ -35,13 +32,7 @@ class ExportError(UserError):
     """A folder that is not a readable export, or a model that cannot be exported; the message says why."""
 
 
-MODEL_PACKAGE = Path(__file__).resolve().parents[1] / "model"
-"""The folder whose files are an export's remote code."""
 ENTRY_FILES = ("configuration_modlm.py", "modeling_modlm.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_modlm.ModLMConfig",
-    "AutoModelForCausalLM": "modeling_modlm.ModLMForCausalLM",
-}
 
 
 def relative_imports(path: Path) -> set[str]:
@@ -60,84 +51,35 @@ def relative_imports(path: Path) -> set[str]:
     return found
 
 
-def remote_code_files(package: Path = MODEL_PACKAGE) -> list[str]:
-    """Every module of the model package (``__init__.py`` aside), sorted."""
-    return sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
-
-
-def transformers_config(config: ModelConfig, eos_id: int, dtype: torch.dtype) -> dict:
-    """The keys transformers reads from ``config.json`` beside the ``ModelConfig`` fields."""
-    return {
-        "model_type": "modlm",
-        "architectures": ["ModLMForCausalLM"],
-        "auto_map": AUTO_MAP,
-        "tie_word_embeddings": config.tie_embeddings,
-        "eos_token_id": eos_id,
-        "pad_token_id": eos_id,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def tokenizer_config(config: ModelConfig, eos_token: str) -> dict:
-    """``tokenizer_config.json``: the fast tokenizer over ``tokenizer.json``. ``split_special_tokens``
-    makes ``<|endoftext|>`` typed in text ordinary text, as in training (modlm's tokenizer sets
-    ``encode_special_tokens``); the separator itself is ``eos_token``. Prompts of a batch are
-    padded on the left, where transformers' generation wants them."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos_token,
-        "pad_token": eos_token,
-        "bos_token": None,
-        "unk_token": None,
-        "split_special_tokens": True,
-        "padding_side": "left",
-        "model_max_length": config.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
-def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, eos_id: int) -> None:
-    """Write the remote code, ``tokenizer_config.json`` and ``generation_config.json`` into ``folder``
-    (``config.json``, ``model.safetensors`` and ``tokenizer.json`` are the model's and tokenizer's own)."""
-    for name in remote_code_files():
-        shutil.copyfile(MODEL_PACKAGE / name, folder / name)
-    dump(folder / "tokenizer_config.json", tokenizer_config(config, eos_token))
-    dump(folder / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
-
-
-def dump(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def load_export(folder: Path, device: str = "cpu") -> tuple[MoDTransformer, dict]:
     """The model (in eval mode, on ``device``) and the data settings of an export folder (its
     ``tokenizer`` the folder itself, which holds the ``tokenizer.json``)."""
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise ExportError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
-    try:
-        model = MoDTransformer.from_pretrained(folder, map_location=device)
-    except Exception as err:  # noqa: BLE001 - any failure here means a broken export
-        raise ExportError(f"cannot load export folder {folder}: {err}") from None
+    if is_hf_folder(folder):  # a standard transformers folder (a dense export, or a pretrained model)
+        model = MoDTransformer.from_hf(folder, route_every=0).to(device)
+    else:
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise ExportError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
+        try:
+            model = MoDTransformer.from_pretrained(folder, map_location=device)
+        except Exception as err:  # noqa: BLE001 - any failure here means a broken export
+            raise ExportError(f"cannot load export folder {folder}: {err}") from None
     data = travel.data_settings(json.loads((folder / "data.json").read_text())) if (folder / "data.json").is_file() else {}
     if (folder / "tokenizer.json").is_file():
         data["tokenizer"] = str(folder)
     return model.eval(), data
 
 
-def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path, card: str = "") -> None:
-    """Write an export folder: the model (``save_pretrained``: safetensors, ``config.json``, its
-    tokenizer and a model card, with ``card`` in it), its data settings (without the tokenizer,
-    which the folder's own ``tokenizer.json`` replaces), and what lets transformers load it."""
+def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path, card: str = "") -> str:
+    """Write an export folder (``model.to_hf``: a standard transformers folder for a dense Llama-form
+    model, the remote-code one for any other; a model card with ``card`` in it) and its data
+    settings (without the tokenizer, which the folder's own ``tokenizer.json`` replaces). Returns
+    which kind it wrote (``"standard"`` or ``"remote-code"``)."""
     folder = Path(folder)
-    eos = end_of_text(tokenizer)
-    eos_id = tokenizer.token_to_id(eos)
-    config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
-    (folder / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card
-    model.tokenizer_json = tokenizer.to_str()
-    model.save_pretrained(folder, config=config, model_card_kwargs={"details": card})
-    write_transformers_files(folder, model.config, eos, eos_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = model.to_hf(folder, tokenizer, card=card)
     data = {k: v for k, v in travel.data_settings(data_settings).items() if k != "tokenizer"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+    return kind
 
 
 def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = None) -> str:
@@ -146,7 +88,8 @@ def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = Non
     routed = config.routed_layers
     lines = ["", "| | |", "|---|---|",
              f"| shape | d_model {config.d_model}, {config.n_layers} blocks, {config.n_heads} heads, vocabulary {config.vocab_size}, context {config.max_seq_len} |",
-             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity {config.capacity:g} "
+             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity "
+              f"{' / '.join(f'{c:g}' for c in dict.fromkeys(config.layer_capacities))} "
               f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |") if routed
              else "| routing | none: a dense model |"]
     if config.n_experts:

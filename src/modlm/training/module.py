@@ -9,7 +9,7 @@ model with no other input.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -19,12 +19,16 @@ from torchmetrics import MeanMetric
 from ..analysis.flops import forward_flops, ran_forward_flops, training_flops
 from ..model.config import ModelConfig, Routing
 from ..model.errors import UserError
+from ..model.hf_format import ARCHITECTURE_FIELDS
+from ..model.routing import RoutedBlock
 from ..model.transformer import ModelOutput, MoDTransformer
 from . import tags
 from .batch import split_batch
+from .capacity import CAPACITY_KEY, CapacitySchedule
 from . import travel
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
+from .pretrained import pretrained_config
 from .parallel import parallelize
 from .telemetry import StepReport
 
@@ -40,7 +44,13 @@ class MoDLightningModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         lr_decay_steps: Optional[int] = None,
         compile: bool = False,
+        compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
         validate_causal: bool = True,
+        init_from: Optional[str] = None,
+        tune: Literal["full", "routers"] = "full",
+        capacity_start: Optional[float] = None,
+        capacity_steps: int = 0,
+        capacity_shape: Literal["linear", "cosine"] = "cosine",
         **model_config: Any,
     ):
         """Train a Mixture-of-Depths LM.
@@ -56,8 +66,32 @@ class MoDLightningModule(pl.LightningModule):
                 ``max_steps``, i.e. the schedule spans the planned run. A resumed run keeps the plan
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
+            compile_mode: ``torch.compile``'s mode for the blocks: ``reduce-overhead`` adds CUDA graphs
+                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2),
+                ``max-autotune`` tunes kernels too (slow to compile); default: torch's.
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
+            init_from: Start from a pretrained Llama-family model (``LlamaForCausalLM``,
+                ``MistralForCausalLM`` without a sliding window, ``Qwen2ForCausalLM``): a transformers
+                folder with safetensors weights, or a Hub id (the local cache first). Its config.json
+                decides the architecture (vocabulary, width, depth, heads, key/value heads, MLP width,
+                norm epsilon, RoPE, tied embeddings: a --model value of these other than the default
+                must agree with it); the routing fields (route_every, route_layers, capacity,
+                capacities, capacity_depth, router_weight, ...) and max_seq_len stay this run's, so
+                the pretrained model is converted to Mixture-of-Depths (route_every 0: fine-tune it
+                dense). Routers start at zero; with router_weight 2sigmoid (configs/convert_*.yaml) the
+                model at capacity 1 computes the pretrained function. The fit uses the folder's
+                tokenizer unless --data.tokenizer names another. A fit resumed from a checkpoint takes
+                its weights from the checkpoint, but reads the folder's config.json again.
+            tune: ``full`` trains every weight; ``routers`` trains only the routers and causal
+                predictors (everything else frozen: the optimizer, and so every checkpoint's optimizer
+                state, holds only those); it needs routed blocks.
+            capacity_start: Start every routed block at this capacity and lower it to its own
+                (``capacity``, ``capacities``) over ``capacity_steps`` optimizer steps, then keep it
+                there (None: no schedule). Must be at least every target. Saved in checkpoints: a
+                resumed run continues the plan it started with; ``flops/step`` counts each step's k.
+            capacity_steps: Optimizer steps the capacity schedule spans.
+            capacity_shape: ``linear`` or ``cosine`` (a half cosine: slow at both ends).
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
         """
         super().__init__()
@@ -65,8 +99,35 @@ class MoDLightningModule(pl.LightningModule):
         # with different values, and ``vocab_size`` does (the data's requested size vs the
         # tokenizer's actual one, which the model uses). ``setup`` logs ours under ``model/``.
         self.save_hyperparameters(logger=False)
-        self.config = ModelConfig(**model_config)
-        self.model = MoDTransformer(self.config)
+        if init_from:
+            self.config, folder = pretrained_config(init_from, model_config)
+            # what a checkpoint must say to rebuild this model without the folder (load_saved, eval.py)
+            self.hparams.update(self.config.to_dict())
+            self.model = MoDTransformer.from_hf(folder, **{k: v for k, v in self.config.to_dict().items()
+                                                           if k not in ARCHITECTURE_FIELDS})
+            self.config = self.model.config  # one config object: calibration writes into the model's
+            self.model.train()
+            if self.config.routed_layers and self.config.router_weight != "2sigmoid":
+                rank_zero_warn(f"modlm: --model.init_from with router_weight={self.config.router_weight!r}: the converted "
+                               "model does not start at the pretrained function (zero routers weigh every routed "
+                               "block's update by 0.5 with sigmoid, 0 with raw); router_weight 2sigmoid does")
+        else:
+            self.config = ModelConfig(**model_config)
+            self.model = MoDTransformer(self.config)
+        if tune not in ("full", "routers"):
+            raise UserError(f"tune={tune!r} is invalid: must be 'full' or 'routers'")
+        if tune == "routers":
+            if not self.config.routed_layers:
+                raise UserError("--model.tune routers trains only routers and predictors, and this model has none "
+                                "(route_every 0): route some blocks, or use --model.tune full")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(".router." in name or ".predictor." in name)
+        self.capacity_schedule: Optional[CapacitySchedule] = None
+        """Where the routed blocks' capacities go during training (``capacity_start``); None: fixed."""
+        if capacity_start is not None:
+            self.capacity_schedule = CapacitySchedule(capacity_start, capacity_steps, self.config.layer_capacities,
+                                                      capacity_shape)
+            self._set_capacities(0)
         # Mean per-token cross-entropy over a validation/test run; torchmetrics syncs across ranks.
         self.val_loss = MeanMetric()
         self.val_loss_causal = MeanMetric()
@@ -84,7 +145,7 @@ class MoDLightningModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
@@ -94,23 +155,39 @@ class MoDLightningModule(pl.LightningModule):
     def forward(self, idx: torch.Tensor, routing: Routing = Routing.TOPK, targets: Optional[torch.Tensor] = None) -> ModelOutput:
         return self.model(idx, routing=routing, targets=targets)
 
+    def routed_blocks(self) -> list[RoutedBlock]:
+        return [block for block in self.model.blocks if isinstance(block, RoutedBlock)]
+
+    def routed_tokens(self, seq_len: int) -> Optional[list[int]]:
+        """``k`` of each routed block now (the capacity schedule's step, or its configured capacity)."""
+        return [block.topk_tokens(seq_len) for block in self.routed_blocks()] or None
+
+    def _set_capacities(self, step: int) -> None:
+        for block, capacity in zip(self.routed_blocks(), self.capacity_schedule(step)):
+            block.capacity = capacity
+
     def training_step(self, batch: Any, batch_idx: int) -> dict:
         """The loss to optimise and, for the callbacks, the step's ``StepReport``."""
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
-        self.flops_per_batch = training_flops(self.config, idx.size(1)) * idx.size(0)
+        tokens = self.routed_tokens(idx.size(1))
+        self.flops_per_batch = training_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0)
         # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
         # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
-        self.log(tags.TRAIN_LOSS, out.loss, on_step=True, prog_bar=True)
+        # Not prog_bar: Lightning turns progress-bar values into numbers after every batch, a host sync
+        # each; the progress bar reads train/loss itself when it refreshes (modlm.training.progress).
+        self.log(tags.TRAIN_LOSS, out.loss, on_step=True)
         self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
-        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch)
+        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch, routed_tokens=tokens or [])
         return {"loss": out.loss + out.aux_loss, "report": report}
 
     def _eval_step(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
-        report = StepReport(routing=out.routing, experts=out.experts, flops=forward_flops(self.config, idx.size(1)) * idx.size(0))
+        tokens = self.routed_tokens(idx.size(1))
+        report = StepReport(routing=out.routing, experts=out.experts, routed_tokens=tokens or [],
+                            flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0))
         if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing=Routing.CAUSAL, targets=targets)
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
@@ -180,10 +257,16 @@ class MoDLightningModule(pl.LightningModule):
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Beside Lightning's state: torch's generator states, and what travels with the model (the
-        run's tokenizer and validation windows, ``modlm.training.travel``)."""
+        run's tokenizer and validation windows, and the routed blocks' decision thresholds calibrated
+        on those windows for these very weights: ``modlm.training.travel``)."""
         checkpoint[RNG_KEY] = rng_states()
+        if self.capacity_schedule is not None:
+            checkpoint[CAPACITY_KEY] = self.capacity_schedule.state_dict()
         if self._trainer is not None:
             checkpoint.update(travel.record(self.trainer.datamodule))
+            if travel.calibrate(self.model, self.trainer.datamodule) is not None:
+                checkpoint[travel.THRESHOLDS_KEY] = list(self.config.decision_thresholds)
+                checkpoint[travel.SPREADS_KEY] = list(self.config.decision_spreads)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
@@ -191,14 +274,20 @@ class MoDLightningModule(pl.LightningModule):
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is not None:
             restore_rng_states(rng)
+        if self.capacity_schedule is not None:  # this step's k for every routed block
+            self._set_capacities(self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep torch's generator states for the first step; refuse, with a message naming the
         tensors, a checkpoint of another model shape, and, with a message naming both
         fingerprints, a run whose tokenizer is not the checkpoint's (never a silent switch)."""
         self._rng_to_restore = checkpoint.get(RNG_KEY)
+        if checkpoint.get(CAPACITY_KEY) is not None:  # the plan the run started with, as the LR schedule's
+            self.capacity_schedule = CapacitySchedule.from_state(checkpoint[CAPACITY_KEY])
+            self._set_capacities(checkpoint.get("global_step", 0))
         saved = checkpoint.get("state_dict") or {}
         if saved:  # sharded checkpoints are loaded (and checked) by the strategy itself
             check_state_dict_fits(self.state_dict(), saved)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_tokenizer_fits(checkpoint, datamodule)
+        travel.apply_thresholds(checkpoint, self.config)

@@ -21,6 +21,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..model.errors import UserError
 from ..model.layers import Block
 
 
@@ -43,8 +44,13 @@ def fsdp_mesh(mesh):
     return mesh
 
 
-def parallelize(model: nn.Module, mesh=None, compile: bool = False) -> nn.Module:
-    """Compile each transformer block (if asked), then shard blocks and root over ``mesh`` (FSDP2).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""``torch.compile`` modes that capture CUDA graphs."""
+
+
+def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Optional[str] = None) -> nn.Module:
+    """Compile each transformer block (if asked, in ``torch.compile``'s ``mode``), then shard blocks
+    and root over ``mesh`` (FSDP2).
 
     The order is torchtitan's and nanoGPT's: compile, then shard. With ``Module.compile`` the two
     orders give the same program (compilation is in place and traces lazily, at the first call,
@@ -53,10 +59,19 @@ def parallelize(model: nn.Module, mesh=None, compile: bool = False) -> nn.Module
     that stays right if this ever uses ``torch.compile(block)``, which returns a wrapper: FSDP must
     then wrap the compiled module, so that its hooks stay outside the compiled code. Returns
     ``model``, modified in place.
+
+    Every block of one kind is one graph (a block's computation does not depend on where it sits),
+    so depth costs no recompilation. CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``)
+    replay each block's kernels with one launch and its memory at fixed addresses: what a
+    launch-bound small model needs on one GPU; under FSDP2 each step all-gathers the weights into
+    new memory, so those modes are refused with a mesh (``max-autotune-no-cudagraphs`` is fine).
     """
+    if mesh is not None and compile and mode in CUDA_GRAPH_MODES:
+        raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, which FSDP2's all-gathered weights do not "
+                        "fit: use max-autotune-no-cudagraphs (or default) with a sharded model")
     if compile:
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 

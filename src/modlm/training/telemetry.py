@@ -27,6 +27,9 @@ class StepReport:
     flops: float = 0.0
     """FLOPs of the step's batch on this device: forward and backward in training, the forward
     passes run in validation (the causal pass at the tokens it processed)."""
+    routed_tokens: list[int] = field(default_factory=list)
+    """``k`` of each routed block in the step's top-k pass, in depth order (a capacity schedule
+    changes it from step to step; empty for dense models)."""
 
 
 def report_of(outputs) -> Optional[StepReport]:

@@ -28,6 +28,12 @@ from ..data import ModLMDataModule
 from ..data.corpus.prepared import FORMAT, META_FILE, VERSION, token_dtype
 from ..data.tokenizer import TOKENIZER_FILE, default_cache_dir, end_of_text_id, fingerprint, fingerprint_json, tokenizer_from_str
 
+THRESHOLDS_KEY = "decision_thresholds"
+"""Checkpoint key of the routed blocks' calibrated decision thresholds (``MoDTransformer.calibrate``)."""
+SPREADS_KEY = "decision_spreads"
+"""Checkpoint key of the spreads of their decision logits on the calibration windows."""
+CALIBRATION_WINDOWS = 64
+"""At most this many validation windows calibrate the decision thresholds of a saved model."""
 TOKENIZER_KEY = "tokenizer"
 """Checkpoint key of ``{"json": tokenizer.json text, "sha256": its fingerprint}``."""
 WINDOWS_KEY = "validation_windows"
@@ -46,6 +52,26 @@ def record(datamodule) -> dict:
         dtype = torch.int16 if tok.get_vocab_size() <= 2**15 else torch.int32
         out[WINDOWS_KEY] = windows.to(dtype).clone()
     return out
+
+
+def calibrate(model, datamodule) -> Optional[list[float]]:
+    """Calibrate ``model``'s decision thresholds on the run's validation windows (at most
+    ``CALIBRATION_WINDOWS``), for a checkpoint to carry; None when there is nothing to calibrate."""
+    if not isinstance(datamodule, ModLMDataModule) or not model.config.routed_layers:
+        return None
+    windows = datamodule.validation_windows[:CALIBRATION_WINDOWS, :-1]
+    if not len(windows):
+        return None
+    device = next(model.parameters()).device
+    return model.calibrate(windows.to(device)) or None
+
+
+def apply_thresholds(checkpoint: dict, config) -> None:
+    """Give ``config`` the calibration a checkpoint carries (none from an older modlm)."""
+    for key in (THRESHOLDS_KEY, SPREADS_KEY):
+        values = checkpoint.get(key)
+        if values is not None and len(values) == len(config.routed_layers):
+            setattr(config, key, list(values))
 
 
 def tokenizer_of(checkpoint: dict) -> Optional[Tokenizer]:

@@ -57,7 +57,8 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
     if not layers:
         return []
     per = lambda name, ls=layers: [tags.router(name, i) for i in ls]  # noqa: E731
-    charts = [(f"capacity used per routed block (target {cfg.capacity:g}): top-k in training, causal in validation",
+    target = " / ".join(f"{c:g}" for c in dict.fromkeys(cfg.layer_capacities))  # per block when they differ
+    charts = [(f"capacity used per routed block (target {target}): top-k in training, causal in validation",
                per("capacity_used") + per("capacity_used_causal"))]
     if not cfg.random_routing:  # random picks have no causal decision to grade
         charts += [(f"causal decision vs top-k: {what}, per routed block", per(f"causal_{name}"))
