@@ -2,6 +2,7 @@
 FLOPs, progress in optimizer steps), none of Lightning's advertisements, accelerator lists or
 upstream deprecations, and modlm's own warnings as one line each."""
 import logging
+import re
 import warnings
 
 import pytest
@@ -27,7 +28,9 @@ def test_a_tiny_run_prints_only_lines_about_the_run(tmp_path, tiny_tokenizer):
     where = [line for line in lines if line.startswith("modlm: checkpoints in")]
     assert where == [f"modlm: checkpoints in {root / 'checkpoints'}; TensorBoard logs in "
                      f"{root / 'lightning_logs' / 'version_0'} (tensorboard --logdir {root / 'lightning_logs'})"]
-    assert any(line.startswith("Training step: 100%") and "10/10" in line for line in lines)
+    # the bar reads the loss where it refreshes (every log_every_n_steps, 1 here, and the last step)
+    assert any(line.startswith("Training step: 100%") and "10/10" in line and re.search(r"train/loss=\d+\.\d{3}", line)
+               for line in lines), lines
     # the summary's FLOPs: the analytic forward FLOPs of one training batch (4 windows of 32 tokens)
     hparams = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     flops = forward_flops(ModelConfig.from_hparams(hparams), 32) * 4

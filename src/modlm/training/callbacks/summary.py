@@ -40,7 +40,10 @@ def batch_forward_flops(trainer, pl_module) -> dict[str, int]:
     data = trainer.datamodule
     batch_size = getattr(data, "batch_size", None) or 1
     seq_len = getattr(data, "seq_len", None) or cfg.max_seq_len
-    return {"model": forward_flops(cfg, seq_len) * batch_size}
+    # the capacity schedule's k where the run has one (routed_tokens), else the configured capacity's
+    routed = getattr(pl_module, "routed_tokens", None)
+    tokens = routed(seq_len) if routed is not None else None
+    return {"model": forward_flops(cfg, seq_len, tokens_per_routed_block=tokens) * batch_size}
 
 
 class FlopsModelSummary(ModelSummary):
