@@ -49,10 +49,12 @@ class ModLMDataModule(L.LightningDataModule):
     Args:
         source: Where the text comes from: ``stdlib`` (this Python's standard-library
             source, test folders excluded), a ``.txt``/``.md``/``.py``/``.jsonl``/
-            ``.json``/``.parquet`` file, a folder or a glob of them, or
-            ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging Face dataset streamed over the network
-            (pinned to a commit), or a folder written by ``python -m modlm.prepare`` (token
-            shards: nothing is tokenized while training).
+            ``.json``/``.parquet`` file, plain or compressed (``.gz``, ``.zst``, ``.bz2``), a
+            folder or a glob of them, on disk or at an fsspec URL (``s3://``, ``gs://``, ``hf://``
+            ..., with that filesystem's package), or ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging
+            Face dataset streamed over the network (pinned to a commit; offline, read from the local
+            Hugging Face cache), or a folder written by ``python -m modlm.prepare`` (token shards:
+            nothing is tokenized while training).
         seq_len: Tokens of model input per row; batches have ``seq_len + 1`` columns.
         batch_size: Rows per batch (per rank).
         vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
