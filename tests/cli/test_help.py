@@ -28,11 +28,12 @@ def fit_help(capsys) -> str:
 
 def help_entries(text: str) -> dict[str, str]:
     """``{"--model.capacity": "Fraction of a sequence ..."}``: each option's help, its trailing
-    ``(type: ..., default: ...)`` cut off (argparse's layout: the flag two spaces in, its help
-    after two or more spaces or on the lines below, 24 spaces in)."""
+    ``(type: ..., default: ...)`` cut off (argparse's layout: the flag two spaces in, its aliases
+    after commas, its help after two or more spaces or on the lines below, 24 spaces in)."""
     entries, current = {}, None
     for line in text.splitlines():
-        start = re.match(r"^  (--[\w.]+)(?: \S+)?(?: {2,}(.*))?$", line)
+        # a list flag has its appending twin beside it: "--model.capacities CAPACITIES, --model.capacities+ ..."
+        start = re.match(r"^  (--[\w.]+)(?: \S+)?(?:, --[\w.]+\+?(?: \S+)?)*(?: {2,}(.*))?$", line)
         if start:
             current = start.group(1)
             entries[current] = start.group(2) or ""

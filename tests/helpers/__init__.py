@@ -108,13 +108,14 @@ def counted_flops(cfg, seq_len: int, backward: bool, batch: int = 2) -> int:
     return counter.get_total_flops()
 
 
-def assert_same_losses_after_resume(want: dict, got: dict, killed_at: int, steps: int) -> None:
+def assert_same_losses_after_resume(want: dict, got: dict, killed_at: int, steps: int, first_logged: int = 0) -> None:
     """The run's one version folder (the killed run's, which the resumed run goes on in) holds one
-    continuous curve, steps ``0..steps-1``; from ``killed_at`` on, the resumed run logged them, and the
-    final validation, as the uninterrupted one did."""
+    continuous curve, steps ``first_logged..steps-1`` (``killed_at..``: a checkpoint resumed in a
+    folder of its own, with no logs before it); from ``killed_at`` on, the resumed run logged them,
+    and the final validation, as the uninterrupted one did."""
     import pytest
 
-    assert set(got["train/loss"]) == set(range(steps))
+    assert set(got["train/loss"]) == set(range(first_logged, steps))
     for step in range(killed_at, steps):
         assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], abs=1e-6, rel=0), step
     assert got["val/loss"][steps - 1] == pytest.approx(want["val/loss"][steps - 1], abs=1e-6, rel=0)
