@@ -5,7 +5,6 @@ import bz2
 import gzip
 import importlib.util
 import json
-import shutil
 import sysconfig
 from pathlib import Path
 
