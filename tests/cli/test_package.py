@@ -81,6 +81,14 @@ def test_console_scripts_and_presets_are_declared():
     assert "configs/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["modlm"]
 
 
+def test_the_license_is_declared_and_ships_with_the_package():
+    from importlib.metadata import metadata
+
+    assert PYPROJECT["project"]["license"] == "MIT" and PYPROJECT["project"]["license-files"] == ["LICENSE"]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    assert metadata("modlm")["License-Expression"] == "MIT"  # what pip show and PyPI read
+
+
 @pytest.mark.slow
 def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     """``pip install .`` of a copy of the package into a fresh venv; commands run from elsewhere.
@@ -91,7 +99,7 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     """
     source = tmp_path / "source"  # a copy: pip builds in the source tree, which must stay clean
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -115,6 +123,7 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     where = run(python, "-c", "import modlm, modlm.cli; print(modlm.__file__); print(modlm.cli.DEFAULT_CONFIG)").split()
     assert where[0].startswith(site) and where[1].startswith(site)
     assert Path(where[1]).is_file()
+    assert run(python, "-c", "from importlib.metadata import metadata as m; print(m('modlm')['License-Expression'])").strip() == "MIT"
 
     bin_dir = venv / "bin"
     assert "--trainer.max_steps" in run(bin_dir / "modlm-train", "fit", "--help")

@@ -140,3 +140,44 @@ def test_last_link_is_replaced_not_written_through(tmp_path, tiny_tokenizer):
     assert main(["fit", *args, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step=0000004.ckpt", "step=0000008.ckpt"]
     assert last.is_symlink() and last.resolve() == step8.resolve() and digest(step4) == before
+
+
+def test_a_moved_or_copied_run_folder_resumes_with_its_last_link(tmp_path, tiny_tokenizer, recwarn):
+    """A run folder moved (``mv``) or copied (``cp -r``: every file gets the copy's time) and resumed
+    with ``--ckpt_path last`` goes on from its last step: ``last.ckpt`` (a relative link) moves on to
+    the new step, no ``last-v1.ckpt`` appears, the original of a copy is left alone, and Lightning's
+    warnings about the folder (its saved absolute path, its being non-empty) stay silent. A fresh run
+    started in a used folder is still told that it is not empty."""
+    import os
+    import shutil
+
+    def fit(root, steps, *extra):
+        assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0",
+                                       "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", str(steps),
+                                       "--model.lr_decay_steps", "8", *extra)]) == 0
+
+    def saved(root) -> dict:
+        folder = root / "checkpoints"
+        return {p.name: (str(p.readlink()) if p.is_symlink() else torch.load(p, weights_only=True)["global_step"])
+                for p in folder.iterdir()}
+
+    first, moved, copied = tmp_path / "first", tmp_path / "moved", tmp_path / "copied"
+    fit(first, 4)
+    shutil.move(first, moved)
+    fit(moved, 6, "--ckpt_path", "last")
+    assert saved(moved) == {"last.ckpt": "step=0000006.ckpt", "step=0000002.ckpt": 2, "step=0000004.ckpt": 4,
+                            "step=0000006.ckpt": 6}
+    shutil.copytree(moved, copied, symlinks=True, copy_function=shutil.copy)
+    for age, path in enumerate(sorted((copied / "checkpoints").glob("step=*.ckpt"))):  # copied newest step first
+        os.utime(path, ns=(10**18 - age * 10**9,) * 2)
+    before = {p.name: digest(p) for p in (moved / "checkpoints").iterdir()}
+    fit(copied, 8, "--ckpt_path", "last")
+    assert saved(copied) == {**saved(moved), "last.ckpt": "step=0000008.ckpt", "step=0000008.ckpt": 8}
+    assert {p.name: digest(p) for p in (moved / "checkpoints").iterdir()} == before
+    for root in (moved, copied):
+        assert [p.name for p in (root / "lightning_logs").iterdir()] == ["version_0"]
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "dirpath has changed" in m or "exists and is not empty" in m], said
+
+    fit(copied, 2)  # afresh, in a folder that holds another run's checkpoints
+    assert any("exists and is not empty" in str(w.message) for w in recwarn)

@@ -1,10 +1,12 @@
 """Resume inside a real Lightning fit: the batches after a mid-run checkpoint are the ones an
-uninterrupted run trains on (Lightning fetches one batch ahead; that one must not be lost)."""
+uninterrupted run trains on (Lightning fetches one batch ahead; that one must not be lost), from
+plain files and from compressed ones (.jsonl.gz, .txt.zst)."""
 import shutil
 import sysconfig
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -54,11 +56,28 @@ def fit(tmp_path, corpus, max_steps, ckpt_path=None, ckpt_dir=None):
     return model.seen
 
 
-def test_fit_resume_sees_the_same_batches(tmp_path):
-    corpus = tmp_path / "corpus"
+def write_corpus(corpus: Path, stored: str) -> None:
+    """The files as they are, or as people ship corpora: a gzipped jsonl (a document per line) and
+    zstd-compressed text files."""
     corpus.mkdir()
-    for name in FILES:
-        shutil.copy(STDLIB / name, corpus / name)
+    if stored == "plain":
+        for name in FILES:
+            shutil.copy(STDLIB / name, corpus / name)
+        return
+    import gzip
+    import json
+
+    zstandard = pytest.importorskip("zstandard")
+    lines = "".join(json.dumps({"text": (STDLIB / name).read_text()}) + "\n" for name in FILES[:6])
+    (corpus / "docs.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    for name in FILES[6:]:
+        (corpus / f"{name}.txt.zst").write_bytes(zstandard.ZstdCompressor().compress((STDLIB / name).read_bytes()))
+
+
+@pytest.mark.parametrize("stored", ["plain", "compressed"])
+def test_fit_resume_sees_the_same_batches(tmp_path, stored):
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, stored)
     straight = fit(tmp_path, corpus, max_steps=9, ckpt_dir=tmp_path / "ckpt")
     assert len(straight) == 9
     resumed = fit(tmp_path, corpus, max_steps=9, ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))

@@ -7,6 +7,7 @@ since ``tests`` is a package); the tokenizer tiny runs train on is the ``tiny_to
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,6 +53,33 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+RUN_LINES = [re.compile(p) for p in (
+    r"Seed set to \d+",
+    r"modlm: precision \S+ on \d+ \w+ device\(s\) \(.+\)",
+    r"modlm: checkpoints in \S+; TensorBoard logs in \S+/lightning_logs/version_\d+ \(tensorboard --logdir \S+\)",
+    r"modlm: resuming from step \d+ of \S+\.ckpt",
+    r"`Trainer\.fit` stopped: `max_steps=\d+` reached\.",
+    # Lightning's model summary
+    r"\| Name +\| Type +\| Params +\| Mode +\| FLOPs",
+    r"-+",
+    r"\d+ +\| \w+ +\| \w+ +\| [\d.]+ ?[KMGT]? +\| (train|eval) +\| [\d.]+ ?[KMGTP]?",
+    r"[\d.]+ ?[KMGT]? +(Trainable params|Non-trainable params|Total params|Total estimated model params size \(MB\)"
+    r"|Modules in train mode|Modules in eval mode|Total Flops)",
+    # the progress bars
+    r"(Training step|Validation|Validation DataLoader 0): .*",
+)]
+"""Every line a tiny run prints: each one about the run (its seed, precision, folders, resume, model,
+progress, end)."""
+
+
+def unexpected_lines(output: str) -> list[str]:
+    """The lines of a run's stdout + stderr that no pattern of ``RUN_LINES`` accounts for (progress
+    bars redraw with carriage returns and cursor moves, so those split lines too)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
+    lines = [line.strip() for line in re.split(r"[\r\n]", text)]
+    return [line for line in lines if line and not any(p.fullmatch(line) for p in RUN_LINES)]
+
+
 def scalars(version_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar of a TensorBoard run folder: ``{tag: {step: value}}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -80,12 +108,14 @@ def counted_flops(cfg, seq_len: int, backward: bool, batch: int = 2) -> int:
     return counter.get_total_flops()
 
 
-def assert_same_losses_after_resume(want: dict, got: dict, killed_at: int, steps: int) -> None:
-    """The resumed run logged steps ``killed_at..steps-1`` and the final validation as the
-    uninterrupted one did."""
+def assert_same_losses_after_resume(want: dict, got: dict, killed_at: int, steps: int, first_logged: int = 0) -> None:
+    """The run's one version folder (the killed run's, which the resumed run goes on in) holds one
+    continuous curve, steps ``first_logged..steps-1`` (``killed_at..``: a checkpoint resumed in a
+    folder of its own, with no logs before it); from ``killed_at`` on, the resumed run logged them,
+    and the final validation, as the uninterrupted one did."""
     import pytest
 
-    assert set(got["train/loss"]) == set(range(killed_at, steps))
+    assert set(got["train/loss"]) == set(range(first_logged, steps))
     for step in range(killed_at, steps):
         assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], abs=1e-6, rel=0), step
     assert got["val/loss"][steps - 1] == pytest.approx(want["val/loss"][steps - 1], abs=1e-6, rel=0)

@@ -52,5 +52,32 @@ def test_csv_logger_gets_every_scalar_and_one_warning_and_throughput_can_be_off(
     assert len(told) == 1 and "CSVLogger" in told[0] and "histograms" in told[0] and "heat map" in told[0]
     dropped = tensorboard_tags - csv_columns(alone)
     assert csv_columns(alone) <= tensorboard_tags and "train/device/items_per_sec" in dropped
-    assert all(re.fullmatch(r"(train|validate)/(time|batches|samples|lengths|device/\w+)", tag) for tag in dropped), dropped
+    assert all(re.fullmatch(r"(train|val)/(time|batches|samples|lengths|device/\w+)", tag) for tag in dropped), dropped
     assert not list(alone.rglob("events.out.tfevents.*"))
+
+
+def test_hyperparameters_are_model_and_data_and_fill_the_hparams_tab(tmp_path, tiny_tokenizer):
+    """``hparams.yaml`` and TensorBoard's HParams tab hold the run's hyperparameters as ``model/...``
+    and ``data/...`` (no internal keys), and the tab declares the validation losses as its metrics."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    fit(tmp_path, tiny_tokenizer)
+    version = tmp_path / "lightning_logs" / "version_0"
+    saved = yaml.safe_load((version / "hparams.yaml").read_text())
+    assert {key.split("/")[0] for key in saved} == {"model", "data"}
+    assert saved["model/capacity"] == 0.25 and saved["data/seq_len"] == 32 and saved["data/source"] == tiny_tokenizer[0]
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/loss", "val/ppl", "val/loss_causal", "val/ppl_causal",
+                                                             "train/loss"]
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["model/capacity"].number_value == 0.25
+    assert start.hparams["data/source"].string_value == tiny_tokenizer[0]
+    assert start.hparams["trainer/max_steps"].number_value == 10
+    unset = {key for key, value in saved.items() if value is None}  # TensorBoard's table has no "none"
+    assert set(start.hparams) == (set(saved) - unset) | {"trainer/max_steps", "trainer/precision"}

@@ -56,10 +56,13 @@ def host_reads(monkeypatch):
     StepWatch.running = None
 
 
-def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer, host_reads):
+@pytest.mark.parametrize("bar", ["false", "true"], ids=["no-progress-bar", "progress-bar"])
+def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer, host_reads, bar):
+    """With the progress bar too: it reads ``train/loss`` when it refreshes, on logging steps."""
     args = tiny_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps",
                      str(LOG_EVERY), "--trainer.val_check_interval", str(STEPS), "--checkpoint.every_n_train_steps",
-                     str(STEPS), "--trainer.callbacks+=tests.training.test_no_sync.StepWatch")
+                     str(STEPS), "--trainer.callbacks+=tests.training.test_no_sync.StepWatch",
+                     "--trainer.enable_progress_bar", bar)
     assert train_main(["fit", *args]) == 0
     plain = {step: calls for step, calls in host_reads.items() if step % LOG_EVERY}
     assert not plain, next(iter(plain.values()))[0][1]

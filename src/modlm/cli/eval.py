@@ -31,6 +31,7 @@ from typing import Literal, Optional
 
 import torch
 
+from .usage import parse_or_exit
 from ..model.errors import UserError
 from ..training.checkpoint import SavedModel, load_saved
 from ..training.export import model_card, push_export, write_export
@@ -150,7 +151,7 @@ def parser():
 
 def parse(argv=None) -> EvalRun:
     """The settings of ``argv`` (``sys.argv[1:]`` when None); a bad flag exits with status 2."""
-    values = parser().parse_args(argv).as_dict()
+    values = parse_or_exit(parser(), argv).as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
     return EvalRun(**{**values, "data": DataOptions(**values["data"]), "sampling": SamplingOptions(**values["sampling"])})

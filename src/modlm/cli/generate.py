@@ -28,6 +28,7 @@ from typing import Literal, Optional
 
 import torch
 
+from .usage import parse_or_exit
 from ..data.tokenizer import end_of_text_id
 from ..model.errors import UserError
 from ..training.checkpoint import load_saved
@@ -199,7 +200,7 @@ def interactive(saved, options: GenerateOptions) -> None:
 
 def main(argv=None) -> int:
     """Run the command; 0 ok, 2 user error (one line on stderr; ``MODLM_DEBUG=1`` re-raises)."""
-    args = parser().parse_args(argv)
+    args = parse_or_exit(parser(), argv)
     values = {k: v for k, v in args.as_dict().items() if k in GenerateOptions.__dataclass_fields__}
     options = GenerateOptions(**values)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

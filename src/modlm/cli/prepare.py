@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .usage import parse_or_exit
 from ..data import ModLMDataModule
 from ..data.prepare import PrepareSettings, prepare_corpus
 from ..model.errors import UserError
@@ -80,7 +81,7 @@ def parser():
 
 def parse(argv=None) -> PrepareRun:
     """The options of ``argv`` (``sys.argv[1:]`` when None); a bad flag exits with status 2."""
-    values = parser().parse_args(argv).as_dict()
+    values = parse_or_exit(parser(), argv).as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
     return PrepareRun(**values)

@@ -15,29 +15,39 @@ What it adds to plain LightningCLI:
   (``--routing_stats.*``, ``--flops.*``, ``--routing_heatmap.*``), the dashboard layout
   (``--dashboard.*``), plus ``default_callbacks()`` (the non-finite loss guard).
 * ``--ckpt_path last`` means the newest checkpoint of the run, whichever callback wrote it; a
-  damaged one is named, with the newest intact one to use instead.
-* user errors end with one line on stderr and a non-zero exit, no traceback (``main``).
+  damaged one is named, with the newest intact one to use instead. A fit resumed from a checkpoint
+  of its own folder logs into the same TensorBoard version folder (one curve per tag).
+* what a run prints: one line each for the precision (and why), where checkpoints and logs go, and
+  the checkpoint a run resumes from (its step); the model summary with analytic FLOPs; a progress bar
+  in optimizer steps; none of Lightning's notes that are not about the run (``modlm.cli.output``).
+* user errors end with one line on stderr and a non-zero exit, no traceback (``main``); so does a
+  mistyped flag, with the closest valid names.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import jsonargparse
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..model.errors import UserError
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from ..training.callbacks.checkpointing import RunCheckpoint
+from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
 from ..training.callbacks.dashboard import Dashboard
 from ..training.callbacks.flops_meter import FlopsMeter
 from ..training.callbacks.preemption import Preemption
+from ..training.callbacks.progress import StepProgressBar
 from ..training.callbacks.routing_heatmap import RoutingHeatmap
 from ..training.callbacks.routing_stats import RoutingStats
+from ..training.callbacks.summary import FlopsModelSummary
 from ..training.callbacks.throughput import TokenThroughput
 from ..training.checkpoint import (CheckpointError, check_resume_shape, is_checkpoint, read_checkpoint, read_sharded_meta,
                                    resolve_last, saved_data)
@@ -46,6 +56,12 @@ from ..training.module import MoDLightningModule
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
 from ..training.travel import unpack
+from .output import run_output
+from .usage import UsageError, explain, option_names
+
+# ``--help`` shows every ``ModelConfig`` field's attribute docstring (the module forwards
+# ``**model_config`` to it); jsonargparse reads attribute docstrings only when asked.
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 """The presets, shipped inside the package (the repository's top-level ``configs/`` links here)."""
@@ -57,8 +73,22 @@ SUBCOMMANDS = ("fit", "validate", "test")
 
 def default_callbacks() -> list[pl.Callback]:
     """What every run gets besides ``ModelCheckpoint``, ``LearningRateMonitor``, the telemetry and
-    throughput (configurable groups below) and Lightning's default progress bar."""
+    throughput (configurable groups below), the progress bar and the model summary (unless the
+    trainer's flags turn them off, or ``--trainer.callbacks`` names its own)."""
     return [NonFiniteLossGuard()]
+
+
+def display_callbacks(trainer_config: dict) -> list[pl.Callback]:
+    """modlm's progress bar (optimizer steps of ``max_steps``) and model summary (analytic FLOPs),
+    where the trainer shows them and the user's ``--trainer.callbacks`` bring none of their own."""
+    given = trainer_config.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    found = []
+    if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+        found.append(StepProgressBar())
+    if trainer_config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+        found.append(FlopsModelSummary())
+    return found
 
 
 def _datamodule_class():
@@ -72,11 +102,15 @@ class ModLMCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, datamodule_class=None, default_config: Optional[Path] = DEFAULT_CONFIG, **kwargs):
         defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else []
+        self._resumed: Optional[dict] = None  # what --ckpt_path holds (its step, its callbacks' state)
+        self._precision_why: Optional[str] = None  # set where modlm chose the precision
         # With subcommands each one reads the default config; run=False has a single parser.
+        # exit_on_error off: a refused command line becomes one line (parse_arguments), not the usage.
         if run:
-            parser_kwargs = {cmd: {"default_config_files": defaults} for cmd in SUBCOMMANDS}
+            parser_kwargs = {cmd: {"default_config_files": defaults, "exit_on_error": False} for cmd in SUBCOMMANDS}
+            parser_kwargs["exit_on_error"] = False
         else:
-            parser_kwargs = {"default_config_files": defaults}
+            parser_kwargs = {"default_config_files": defaults, "exit_on_error": False}
         super().__init__(
             MoDLightningModule,
             datamodule_class or _datamodule_class(),
@@ -126,8 +160,12 @@ class ModLMCLI(LightningCLI):
         is what one wants, the checkpoint defines the model; for ``fit`` the user asked for another
         model than the one they resume). ``validate``/``test`` take the data's shape from the
         checkpoint too (``_data_from_checkpoint``); a checkpoint named as ``--data.tokenizer`` means
-        its tokenizer."""
-        super().parse_arguments(parser, args)
+        its tokenizer. A command line the parser refuses is a one-line ``UsageError`` naming the
+        closest valid flags."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise self._usage_error(parser, args, err) from None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -138,14 +176,20 @@ class ModLMCLI(LightningCLI):
         if ckpt_path and not Path(ckpt_path).exists():
             raise CheckpointError(f"checkpoint not found: {ckpt_path}")
         if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)  # a corrupt or unsafe file is a one-line user error
+            saved = read_checkpoint(ckpt_path)  # a corrupt or unsafe file is a one-line user error
             if subcommand == "fit":
                 check_resume_shape(ckpt_path, config.model)
-        elif ckpt_path and subcommand != "fit":  # a sharded folder: LightningCLI reads only files' hyperparameters
-            hparams = dict(read_sharded_meta(Path(ckpt_path)).get("hyper_parameters") or {})
-            hparams.pop("_instantiator", None)
-            self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
-            config = self.config[subcommand]
+        elif ckpt_path:  # a sharded folder: LightningCLI reads only files' hyperparameters
+            saved = read_sharded_meta(Path(ckpt_path))
+            if subcommand != "fit":
+                hparams = dict(saved.get("hyper_parameters") or {})
+                hparams.pop("_instantiator", None)
+                self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
+                config = self.config[subcommand]
+        if ckpt_path:
+            self._resumed = saved
+            what = {"fit": "resuming from", "validate": "validating", "test": "testing"}[subcommand]
+            rank_zero_info(f"modlm: {what} step {saved.get('global_step')} of {ckpt_path}")
         tokenizer = config.data.get("tokenizer")
         if tokenizer and is_checkpoint(tokenizer):
             config.data.tokenizer = str(self._unpack(tokenizer, config, windows=False))
@@ -175,6 +219,17 @@ class ModLMCLI(LightningCLI):
             if key not in given and key in settings:
                 config.data[key] = settings[key]
 
+    def _usage_error(self, parser: LightningArgumentParser, args, err: argparse.ArgumentError) -> UsageError:
+        """The parser's refusal as one line: unknown flags with the closest ones of the subcommand."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        subparsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((a for a in argv if a in subparsers), None)
+        target = subparsers.get(subcommand, parser)
+        prog = os.path.basename(sys.argv[0]) or "train.py"
+        command = f"{prog} {subcommand}" if subcommand else prog
+        return UsageError(explain(str(err), option_names(target), f"{command} --help lists every option",
+                                  choices={"subcommand": list(subparsers)} if subparsers else None))
+
     @staticmethod
     def _unpack(ckpt_path: str, config, windows: bool) -> Path:
         """The checkpoint's tokenizer (and, with ``windows``, its validation windows) as a prepared
@@ -199,19 +254,46 @@ class ModLMCLI(LightningCLI):
         if newest is None:
             rank_zero_info(f"modlm: --ckpt_path last: no checkpoint in {folder} yet, starting afresh")
             return None
-        rank_zero_info(f"modlm: --ckpt_path last: resuming from {newest}")
-        return str(newest)
+        return str(newest)  # parse_arguments says which step it holds
 
     def instantiate_trainer(self, **kwargs):
         # Where the user names no logger, Lightning would make a TensorBoardLogger under
         # default_root_dir; make the same one minus the cards that never change (epoch, hp_metric).
+        # A fit resumed from its own checkpoint folder goes on in the version folder it logged to,
+        # where TensorBoard hides what was logged after the checkpoint's step (purge_step).
         trainer = self._get(self.config_init, "trainer", default={})
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if trainer.get("logger") in (None, True):
-            kwargs.setdefault("logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd()))
+            resumed = {}
+            if self.subcommand == "fit" and self._resumed and in_folder(config.get("ckpt_path"), config.checkpoint.dirpath):
+                version = saved_log_version(self._resumed)
+                if version is not None:
+                    resumed = {"version": version, "purge_step": self._resumed.get("global_step")}
+            kwargs.setdefault("logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(),
+                                                                **resumed))
+        self.trainer_defaults = {**self.trainer_defaults,
+                                 "callbacks": default_callbacks() + display_callbacks(trainer)}
         built = super().instantiate_trainer(**kwargs)
         # --throughput.enabled false: leave the monitor out entirely (it syncs the device every batch)
         built.callbacks[:] = [cb for cb in built.callbacks if not (isinstance(cb, TokenThroughput) and not cb.enabled)]
+        self._announce(built, config)
         return built
+
+    def _announce(self, trainer: pl.Trainer, config) -> None:
+        """The run's two lines: its precision (with why) and device, and where its outputs go."""
+        devices = f"{trainer.num_devices * trainer.num_nodes} {type(trainer.accelerator).__name__.removesuffix('Accelerator').lower()}"
+        why = self._precision_why or "set by --trainer.precision or a config"
+        rank_zero_info(f"modlm: precision {trainer.precision} on {devices} device(s) ({why})")
+        where = []
+        if self.subcommand == "fit" and trainer.checkpoint_callback is not None:
+            where.append(f"checkpoints in {config.checkpoint.dirpath}")
+        logger = trainer.logger
+        if isinstance(logger, StreamTensorBoardLogger) and trainer.is_global_zero:
+            where.append(f"TensorBoard logs in {logger.log_dir} (tensorboard --logdir {logger.root_dir})")
+        elif logger is not None:
+            where.append(f"logs by {type(logger).__name__} in {logger.log_dir or logger.save_dir}")
+        if where:
+            rank_zero_info("modlm: " + "; ".join(where))
 
     def before_instantiate_classes(self) -> None:
         # Keep checkpoints at one fixed place under the run's root directory (Lightning's default is
@@ -220,8 +302,7 @@ class ModLMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.get("precision") is None:  # not named anywhere: pick what this machine runs fast
             config.trainer.precision, why = choose_precision(config.trainer.get("accelerator") or "auto")
-            rank_zero_info(f"modlm: precision {config.trainer.precision} (chosen automatically: {why}; "
-                           "--trainer.precision overrides)")
+            self._precision_why = f"chosen automatically: {why}; --trainer.precision overrides"
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -244,7 +325,8 @@ def main(args=None) -> int:
     ``MODLM_DEBUG=1`` re-raises instead, to see the full traceback.
     """
     try:
-        ModLMCLI(args=args)
+        with run_output():
+            ModLMCLI(args=args)
     except Exception as err:  # noqa: BLE001 - classified below, re-raised if not a user error
         if os.environ.get("MODLM_DEBUG") or not _is_user_error(err):
             raise

@@ -49,10 +49,12 @@ class ModLMDataModule(L.LightningDataModule):
     Args:
         source: Where the text comes from: ``stdlib`` (this Python's standard-library
             source, test folders excluded), a ``.txt``/``.md``/``.py``/``.jsonl``/
-            ``.json``/``.parquet`` file, a folder or a glob of them, or
-            ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging Face dataset streamed over the network
-            (pinned to a commit), or a folder written by ``python -m modlm.prepare`` (token
-            shards: nothing is tokenized while training).
+            ``.json``/``.parquet`` file, plain or compressed (``.gz``, ``.zst``, ``.bz2``), a
+            folder or a glob of them, on disk or at an fsspec URL (``s3://``, ``gs://``, ``hf://``
+            ..., with that filesystem's package), or ``hub:NAME[:CONFIG][@REVISION]`` for a Hugging
+            Face dataset streamed over the network (pinned to a commit; offline, read from the local
+            Hugging Face cache), or a folder written by ``python -m modlm.prepare`` (token shards:
+            nothing is tokenized while training).
         seq_len: Tokens of model input per row; batches have ``seq_len + 1`` columns.
         batch_size: Rows per batch (per rank).
         vocab_size: Vocabulary size of the BPE tokenizer trained for this corpus (the
@@ -103,7 +105,9 @@ class ModLMDataModule(L.LightningDataModule):
         for ok, message in checks:
             if not ok:
                 raise DataError(message)
-        self.save_hyperparameters()
+        # logger=False: Lightning would log these unprefixed beside the model's ``model/...``; ``setup``
+        # logs them as ``data/...``. The checkpoint keeps them all the same.
+        self.save_hyperparameters(logger=False)
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
         self.vocab_size, self.tokenizer_spec = vocab_size, tokenizer
         self.val_fraction, self.val_windows = val_fraction, val_windows
@@ -177,6 +181,8 @@ class ModLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         _ = self.tokenizer  # fail early (bad source, offline hub) and train/load once
+        for logger in (self.trainer.loggers if self.trainer is not None else []):
+            logger.log_hyperparams({f"data/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
         if stage in (None, "fit", "validate", "test"):
             _ = self.validation_windows
 

@@ -27,7 +27,9 @@ with the model (its tokenizer and validation windows: ``modlm.training.travel``)
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,24 +348,59 @@ def read_checkpoint(path, purpose: str = "resume from") -> dict:
     return found
 
 
+_STEP_IN_NAME = re.compile(r"(?:^|[-_])step=(\d+)")
+
+
+def checkpoint_step(path) -> Optional[int]:
+    """The optimizer step a checkpoint was saved at: from its name where it carries one (the run's
+    ``step=0000200.ckpt``; for the ``last.ckpt`` link, its target's), else read from the file or a
+    sharded folder's ``meta.pt``; None when it cannot be read (a damaged file)."""
+    p = Path(path)
+    name = p.resolve().name if p.is_symlink() else p.name
+    found = _STEP_IN_NAME.search(Path(name).stem)
+    if found:
+        return int(found.group(1))
+    if p.is_dir():
+        try:
+            return read_sharded_meta(p).get("global_step")
+        except (CheckpointError, OSError, RuntimeError):
+            return None
+    saved = _read(p)
+    return saved.get("global_step") if isinstance(saved, dict) else None
+
+
 def checkpoint_candidates(checkpoint_dir, root_dir=None) -> list[Path]:
     """Every checkpoint a run may have written, newest first: ``*.ckpt`` in ``checkpoint_dir``
     (``ModelCheckpoint``'s and the pre-emption save), and Lightning's own ``hpc_ckpt_N.ckpt`` in
-    ``root_dir``. Hidden names (a save in progress) are skipped."""
+    ``root_dir``. Hidden names (a save in progress) are skipped.
+
+    Newest means the furthest trained: the highest step, then the latest modification time. Steps
+    first, because a copied run folder (``cp -r``) gives every file the time of the copy. A file
+    whose step cannot be read (damaged) counts as newest if it was modified after every readable
+    one (likely the save that was cut off), else as oldest."""
     found = []
     for folder, pattern in ((checkpoint_dir, "*.ckpt"), (root_dir, "hpc_ckpt_*.ckpt")):
         if folder is not None and Path(folder).is_dir():
             found += [p for p in Path(folder).glob(pattern) if not p.name.startswith(".") and p.exists()]
+    found = sorted(set(found))
 
     def modified(p: Path) -> int:
         return p.stat().st_mtime_ns  # through a symlink: its target's time
 
+    steps = {p: checkpoint_step(p) for p in found}
+    latest_readable = max((modified(p) for p in found if steps[p] is not None), default=-1)
+
+    def rank(p: Path) -> float:
+        if steps[p] is not None:
+            return steps[p]
+        return math.inf if modified(p) > latest_readable else -math.inf
+
     # a link (save_last="link") and its target tie; prefer the real file, then the name
-    return sorted(set(found), key=lambda p: (modified(p), not p.is_symlink(), p.name), reverse=True)
+    return sorted(found, key=lambda p: (rank(p), modified(p), not p.is_symlink(), p.name), reverse=True)
 
 
 def resolve_last(checkpoint_dir, root_dir=None) -> Path | None:
-    """The newest checkpoint in a run's folders (None if there is none yet).
+    """The newest (furthest-trained) checkpoint in a run's folders (None if there is none yet).
 
     Whichever path wrote it: the periodic ``ModelCheckpoint``, ``last.ckpt``, the pre-emption save,
     or Lightning's SLURM handler. If the newest one is damaged (a process killed while another

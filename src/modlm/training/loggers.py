@@ -1,8 +1,12 @@
 """TensorBoard plumbing: the run's logger, and its writer for histograms, images and layouts.
 
 Scalars go through Lightning's logging and reach any logger (CSV, W&B, ...). Histograms, the
-routing heat map and the dashboard layout need TensorBoard's writer; under another logger they
-are skipped, and the run says so once.
+routing heat map, the dashboard layout and the HParams summary need TensorBoard's writer; under
+another logger they are skipped, and the run says so once.
+
+A resumed run logs into its own version folder (the command line passes ``version`` and
+``purge_step``, which ``SummaryWriter`` takes: TensorBoard then hides what the killed run logged
+after the checkpoint it resumes from), so each tag stays one curve.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import weakref
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 _told = weakref.WeakSet()  # trainers already warned that TensorBoard-only outputs are skipped
 
@@ -18,7 +22,9 @@ _told = weakref.WeakSet()  # trainers already warned that TensorBoard-only outpu
 class StreamTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoard logger without the two cards that never change in a modlm run:
     ``epoch`` (training reads an endless stream, so it stays 0) and ``hp_metric`` (a placeholder
-    for a metric modlm does not define). Everything else is Lightning's logger unchanged."""
+    for a metric modlm does not define), and without internal hyperparameters (``_instantiator``,
+    LightningCLI's, and any other ``_`` key). ``log_hparams_summary`` fills TensorBoard's HParams
+    tab. Everything else is Lightning's logger unchanged."""
 
     def __init__(self, *args: Any, default_hp_metric: bool = False, **kwargs: Any):
         # a keyword of its own, so a logger named on the command line gets this default too
@@ -26,6 +32,26 @@ class StreamTensorBoardLogger(TensorBoardLogger):
 
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def log_hyperparams(self, params: Any, metrics: Optional[dict] = None, step: Optional[int] = None) -> None:
+        if isinstance(params, dict):
+            params = {k: v for k, v in params.items() if not str(k).startswith("_")}
+        super().log_hyperparams(params, metrics, step)
+
+    @rank_zero_only
+    def log_hparams_summary(self, params: dict, metric_tags: list[str]) -> None:
+        """TensorBoard's HParams tab: ``params`` (``model/...``, ``data/...``) and the scalar tags that
+        are its metrics, declared (TensorBoard shows each tag's latest value, so the table fills
+        as the run validates). Only the summary is written: the metrics are the run's own scalars."""
+        from torch.utils.tensorboard.summary import hparams
+
+        def plain(value):
+            return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+        experiment, start, end = hparams({k: plain(v) for k, v in params.items()}, {tag: 0.0 for tag in metric_tags})
+        writer = self.experiment._get_file_writer()
+        for summary in (experiment, start, end):
+            writer.add_summary(summary)
 
 
 def tensorboard_writer(trainer) -> Optional["SummaryWriter"]:  # noqa: F821

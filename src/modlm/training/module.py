@@ -175,7 +175,7 @@ class MoDLightningModule(pl.LightningModule):
         # train/loss is the language-model cross-entropy alone, comparable with val/loss and with
         # a dense baseline; the optimised objective adds the (already weighted) routing aux loss.
         # Not prog_bar: Lightning turns progress-bar values into numbers after every batch, a host sync
-        # each; the progress bar reads train/loss itself when it refreshes (modlm.training.progress).
+        # each; the progress bar reads train/loss itself when it refreshes (modlm.training.callbacks.progress).
         self.log(tags.TRAIN_LOSS, out.loss, on_step=True)
         self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
         report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch, routed_tokens=tokens or [])

@@ -154,3 +154,42 @@ def test_a_dataset_with_its_own_validation_split_uses_it(tmp_path, monkeypatch):
     assert list(corpus.val_texts()) == [f"validation story {i}" for i in range(30)]
     assert sorted(corpus.train_texts()) == sorted(f"train story {i}" for i in range(30))  # all of train
     assert sorted(t for p in range(2) for _, t in corpus.part_docs(p, 2, 0)) == sorted(corpus.train_texts())
+
+
+def cache_dataset(cache, repo_id: str, commit: str, files: dict[str, str], branch: str = "main") -> None:
+    """Lay ``files`` out as the local Hugging Face cache holds a downloaded dataset repository."""
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    for name, text in files.items():
+        (repo / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_text(text)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
+
+
+def test_offline_a_dataset_in_the_local_cache_is_read_from_it(tmp_path, monkeypatch):
+    """Offline, ``hub:NAME`` reads the cached snapshot of the main branch (or of ``@REVISION``), pins
+    its commit like a streamed one, and a dataset or revision that is not cached is refused."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    rows = lambda tag: "".join(json.dumps({"text": f"{tag} story {i}"}) + "\n" for i in range(40))  # noqa: E731
+    cache_dataset(tmp_path / "hf", "someone/stories", "a" * 40, {"data/train.jsonl": rows("old")}, branch="v1")
+    cache_dataset(tmp_path / "hf", "someone/stories", "b" * 40,
+                  {"data/train.jsonl": rows("new"), "data/validation.jsonl": rows("held")})
+
+    corpus = hub_corpus("hub:someone/stories", val_fraction=0.2)
+    assert corpus.revision == "b" * 40 and corpus.pins() == {"hub_revision": "b" * 40}
+    assert corpus.own_validation and corpus.describe().startswith("hub:someone/stories (from the local cache at commit bbbb")
+    assert {text for _, text in corpus.part_docs(0, 1, epoch=0)} == {f"new story {i}" for i in range(40)}
+    assert sorted(corpus.val_texts()) == sorted(f"held story {i}" for i in range(40))
+
+    old = hub_corpus("hub:someone/stories@v1", val_fraction=0.2)
+    assert old.revision == "a" * 40 and not old.own_validation
+    assert set(old.train_texts()) | set(old.val_texts()) == {f"old story {i}" for i in range(40)}
+    with pytest.raises(DataError, match=r"read hub:someone/stories at commit a{40}.*--data.source hub:someone/stories@a{40}"):
+        corpus.check_pins(old.pins())
+
+    for missing in ("hub:someone/stories@v2", "hub:nobody/else"):
+        with pytest.raises(DataError, match=r"unreachable \(HF_HUB_OFFLINE is set\) and the dataset is not in the local"):
+            hub_corpus(missing)

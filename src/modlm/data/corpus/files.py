@@ -1,8 +1,10 @@
-"""Local text files as a corpus: ``stdlib`` or a file, folder or glob of them (``FileCorpus``).
+"""Text files as a corpus: ``stdlib`` or a file, folder or glob of them (``FileCorpus``).
 
 Discovery. ``stdlib`` is the running Python's standard library (test folders and site-packages
 excluded); otherwise a file, a folder (walked, hidden and cache folders skipped) or a glob of
-.txt/.md/.py/.jsonl/.json/.parquet files, or UTF-8 text files without an extension (readers.py).
+.txt/.md/.py/.jsonl/.json/.parquet files, or UTF-8 text files without an extension (readers.py),
+each plain or compressed (.gz, .zst, .bz2), on the local disk or at an fsspec URL (``s3://``,
+``gs://``, ``hf://``, ``file://`` ...: storage.py).
 
 Parts. In epoch `e` the files are visited in an order shuffled with (seed, e) (order.py); the
 training documents, in that order, get positions 0, 1, 2, ... . Part `part` of `num_parts` (one
@@ -25,15 +27,16 @@ import os
 import sysconfig
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
 from ..errors import DataError, DataWarning
 from ..order import shuffled
 from ..progress import note
 from .base import TextCorpus
-from .readers import index_records, is_multi_record, is_supported, read_records
+from .readers import SUPPORTED_SUFFIXES, index_records, is_multi_record, is_supported, read_records
 from .split import is_val, record_key, split_tail
+from .storage import COMPRESSIONS, CorpusPath, RemoteFile, compression, filesystem, is_url, local_path
 
 LARGE_CORPUS_FILES = 5_000  # from this many files, or bytes, indexing is announced (it can take a while)
 LARGE_CORPUS_BYTES = 1_000_000_000
@@ -66,12 +69,54 @@ def _walk(folder: Path) -> list[Path]:
     return found
 
 
-def discover(source: str) -> tuple[Path, list[Path]]:
-    """Resolve a local source to (root for relative paths, sorted list of files)."""
+EXPECTED = (f"a {'/'.join(sorted(SUPPORTED_SUFFIXES))} file (or UTF-8 text without an extension), plain or "
+            f"{'/'.join(COMPRESSIONS)}-compressed, a folder of them, a glob, a URL of one of those, 'stdlib' or 'hub:NAME'")
+
+
+def _discover_url(source: str) -> tuple[RemoteFile, list[RemoteFile]]:
+    """(root, sorted files) of a source at an fsspec URL: a file, a folder or a glob."""
+    fs, path = filesystem(source)
+    try:
+        if glob.has_magic(path):
+            matches = [RemoteFile(fs, m) for m in sorted(fs.glob(path))]
+        else:
+            found = RemoteFile(fs, path)
+            if not fs.exists(path):
+                raise DataError(f"data source {source!r} does not exist (expected {EXPECTED})")
+            matches = [found]
+        files = []
+        for m in matches:
+            if m.is_dir():
+                for name in sorted(fs.find(m.path)):
+                    rel = PurePosixPath(name).relative_to(m.path).parts
+                    if not any(part in _SKIPPED_DIRS or part.startswith(".") for part in rel[:-1]):
+                        f = RemoteFile(fs, name)
+                        files += [f] if is_supported(f) else []
+            elif is_supported(m):
+                files.append(m)
+            elif not glob.has_magic(path):
+                raise DataError(f"{source!r}: unsupported file type {m.suffix!r} (expected {EXPECTED})")
+    except OSError as e:  # permissions, credentials, network: the storage's own message
+        raise DataError(f"data source {source!r}: {e}") from None
+    if not files:
+        raise DataError(f"data source {source!r} holds no supported files (expected {EXPECTED})")
+    files = sorted(set(files))
+    if len(matches) == 1 and matches[0].is_dir():
+        return matches[0], files
+    root = os.path.commonpath([f.parent.path for f in files])
+    return RemoteFile(fs, root), files
+
+
+def discover(source: str) -> tuple[CorpusPath, list[CorpusPath]]:
+    """Resolve a source to (root for relative paths, sorted list of files)."""
     if source == "stdlib":
         return stdlib_files()
-    expected = ("a .txt/.md/.py/.jsonl/.json/.parquet file (or UTF-8 text without an extension), a folder of them, "
-                "a glob, 'stdlib' or 'hub:NAME'")
+    if is_url(source):
+        local = local_path(source)
+        if local is None:
+            return _discover_url(source)
+        source = str(local)
+    expected = EXPECTED
     if glob.has_magic(source):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(source), recursive=True))
         files = []
@@ -98,10 +143,11 @@ def discover(source: str) -> tuple[Path, list[Path]]:
 class FileEntry:
     """One file of the corpus and how its records split into train and val."""
 
-    path: Path
+    path: CorpusPath
     relpath: str
     n_records: int
     multi: bool  # several documents per file (jsonl/json/parquet)
+    size: int = 0  # bytes of its data (decompressed)
     val_records: list[int] = field(default_factory=list)  # sorted record numbers in val
     marks: Optional[list[int]] = None  # jsonl: byte offsets of every LINE_MARK_EVERY-th line
     groups: Optional[list[int]] = None  # parquet: first row of each row group, then the row count
@@ -137,7 +183,7 @@ class FileEntry:
 
 
 class FileCorpus(TextCorpus):
-    """Documents from local files, split per document into train and val.
+    """Documents from files, split per document into train and val.
 
     ``min_val_chars``: when documents' tails are held out (too few documents to hold whole ones
     out), at least this many characters of them in all."""
@@ -148,13 +194,15 @@ class FileCorpus(TextCorpus):
         self.val_fraction = val_fraction
         self.seed = seed
         self.root, files = discover(source)
-        if sum(f.stat().st_size for f in files) == 0:
+        size = sum(f.stat().st_size for f in files)  # as stored (compressed, for compressed files)
+        if size == 0:
             raise DataError(f"data source {source!r} is empty: its {len(files)} file(s) hold no text")
-        size = sum(f.stat().st_size for f in files)
         large = len(files) >= LARGE_CORPUS_FILES or size >= LARGE_CORPUS_BYTES
         if large:  # counting records reads every jsonl/json file: say why the start is slow
             note(f"indexing {len(files):,} files ({size / 1e9:.2f} GB) of {source} ...")
         self.entries = [self._entry(f) for f in files]
+        if sum(e.size for e in self.entries) == 0:  # compressed files of nothing
+            raise DataError(f"data source {source!r} is empty: its {len(files)} file(s) hold no text")
         if large:
             note(f"indexed {self.describe()}")
         self.num_train_docs = sum(e.n_train for e in self.entries)
@@ -173,7 +221,7 @@ class FileCorpus(TextCorpus):
             e.val_records = []
         self.num_train_docs = sum(e.n_train for e in self.entries)
         self.num_val_docs = self.num_train_docs
-        size = sum(e.path.stat().st_size for e in self.entries)
+        size = sum(e.size for e in self.entries)
         self.tail_share = min(0.5, max(self.val_fraction, min_val_chars / max(size, 1)))
         warnings.warn(
             f"data source {self.source!r}: {self.num_train_docs} document(s), none drawn for validation with "
@@ -182,12 +230,19 @@ class FileCorpus(TextCorpus):
             DataWarning,
         )
 
-    def _entry(self, path: Path) -> FileEntry:
+    def _entry(self, path: CorpusPath) -> FileEntry:
         rel = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.name
-        multi = is_multi_record(path)
-        index = index_records(path, self.text_field)
+        try:
+            index = index_records(path, self.text_field)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - each decompressor has its own errors for bad data
+            if compression(path) is None:
+                raise
+            raise DataError(f"{path}: not readable as {compression(path)} ({e})") from None
         n = index.n_records
-        entry = FileEntry(path, rel, n, multi, marks=index.marks, groups=index.groups)
+        entry = FileEntry(path, rel, n, is_multi_record(path, index), index.size, marks=index.marks,
+                          groups=index.groups)
         entry.val_records = [r for r in range(n) if is_val(entry.key(r), self.val_fraction)]
         return entry
 
@@ -202,7 +257,7 @@ class FileCorpus(TextCorpus):
         """Changes when files are added, removed or resized (then the cached tokenizer is stale)."""
         h = hashlib.sha256()
         for e in self.entries:
-            h.update(f"{e.relpath}\0{e.path.stat().st_size}\0{e.n_records}\n".encode("utf-8", "surrogatepass"))
+            h.update(f"{e.relpath}\0{e.size}\0{e.n_records}\n".encode("utf-8", "surrogatepass"))
         if self.tail_share:  # the tokenizer learns from the documents' heads only
             h.update(f"tails:{self.tail_share!r}".encode())
         return h.hexdigest()
@@ -211,7 +266,7 @@ class FileCorpus(TextCorpus):
     def max_train_tokens(self) -> int:
         """An upper bound of the training tokens (a token is at least one byte; one end-of-text per
         document): too few means not even one batch can be filled."""
-        return sum(e.path.stat().st_size for e in self.entries) + self.num_train_docs
+        return sum(e.size for e in self.entries) + self.num_train_docs
 
     def describe(self) -> str:
         return (f"{self.source} ({len(self.entries)} files, {self.num_train_docs} train / "
@@ -224,7 +279,7 @@ class FileCorpus(TextCorpus):
             if (e.n_train if want_val and self.tail_share else len(e.val_records) if want_val else e.n_train) == 0:
                 continue
             val = set(e.val_records)
-            for record, text in read_records(e.path, self.text_field, marks=e.marks):
+            for record, text in read_records(e.path, self.text_field, marks=e.marks, size=e.size):
                 if self.tail_share:
                     yield split_tail(text, self.tail_share)[1 if want_val else 0]
                 elif (record in val) == want_val:
@@ -260,7 +315,7 @@ class FileCorpus(TextCorpus):
                     val = set(e.val_records)
                     # from the block's first train record through its last, no val record after it
                     for record, text in read_records(e.path, self.text_field, e.train_record(lo),
-                                                     e.train_record(hi - 1) + 1, e.marks):
+                                                     e.train_record(hi - 1) + 1, e.marks, e.size):
                         if record not in val:
                             pos = first + e.train_rank(record)
                             yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)

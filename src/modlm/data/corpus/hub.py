@@ -9,9 +9,11 @@ resuming from a checkpoint of another commit is refused, naming the ``@REVISION`
 Validation. A dataset with its own ``validation`` split is validated on it (and trains on all of
 ``train``); otherwise documents are split by a hash of their text, as below.
 
-Offline, this fails fast with a DataError (no hanging retries): the environment flags
-HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured, and otherwise a TCP connection to the
-hub is tried with a short timeout before `datasets` is asked for anything.
+Offline (the environment flags HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are honoured, and otherwise a
+TCP connection to the hub is tried with a short timeout before `datasets` is asked for anything),
+a dataset in the local Hugging Face cache (``hf download --repo-type dataset NAME``) is read from
+there, at the cached commit of REVISION (or of the main branch): the same commit, so the same pins.
+Any other dataset fails fast with a DataError (no hanging retries).
 
 The split is decided per document by a hash of its text (hub streams have no paths).
 Part `part` of `num_parts` is `datasets.distributed.split_dataset_by_node` of the stream,
@@ -79,6 +81,7 @@ class HubCorpus(TextCorpus):
     num_val_docs: Optional[int] = None
     own_validation = False  # the dataset's own validation split is used (set when opened)
     revision: Optional[str] = None  # the commit read (set when opened)
+    location: Optional[str] = None  # what `datasets` opens: the Hub name, or its cached snapshot folder
 
     def __init__(self, source: str, *, text_field: str, val_fraction: float, seed: int):
         self.source = source
@@ -89,12 +92,18 @@ class HubCorpus(TextCorpus):
         self.seed = seed
         reason = hub_unreachable_reason()
         if reason:
-            raise DataError(
-                f"data source {source!r}: the Hugging Face Hub is unreachable ({reason}). "
-                "Use local files instead: --data.source PATH (a .txt/.md/.py/.jsonl/.json/.parquet "
-                "file, a folder or a glob of them) or --data.source stdlib"
-            )
-        self.revision = self._resolve_revision()
+            self.location = self._cached_snapshot()
+            if self.location is None:
+                raise DataError(
+                    f"data source {source!r}: the Hugging Face Hub is unreachable ({reason}) and the dataset is "
+                    "not in the local Hugging Face cache. Use local files instead: --data.source PATH (a "
+                    ".txt/.md/.py/.jsonl/.json/.parquet file, plain or compressed, a folder, a glob or a URL of "
+                    "them) or --data.source stdlib"
+                )
+            self.revision = os.path.basename(self.location)  # a snapshot folder is named by its commit
+        else:
+            self.location = self.name
+            self.revision = self._resolve_revision()
         self.own_validation = "validation" in self._split_names()
         self._stream = self._load("train")
         self._val_stream = self._load("validation") if self.own_validation else None
@@ -110,11 +119,21 @@ class HubCorpus(TextCorpus):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"data source {self.source!r}: cannot resolve {what}the dataset ({first})") from None
 
+    def _cached_snapshot(self) -> Optional[str]:
+        """The local cache's snapshot folder of the requested revision, if it holds one."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(self.name, repo_type="dataset", revision=self.requested_revision,
+                                     local_files_only=True)
+        except Exception:  # noqa: BLE001 - not cached (or not at that revision): the caller says so
+            return None
+
     def _split_names(self) -> list[str]:
         import datasets
 
         try:
-            return list(datasets.get_dataset_split_names(self.name, self.config, revision=self.revision))
+            return list(datasets.get_dataset_split_names(self.location, self.config, **self._at()))
         except Exception as e:  # noqa: BLE001
             raise DataError(f"data source {self.source!r}: could not list the dataset's splits ({e})") from None
 
@@ -123,9 +142,13 @@ class HubCorpus(TextCorpus):
 
         try:
             # No trust_remote_code: only datasets stored as data files can be streamed.
-            return datasets.load_dataset(self.name, self.config, split=split, streaming=True, revision=self.revision)
+            return datasets.load_dataset(self.location, self.config, split=split, streaming=True, **self._at())
         except Exception as e:  # datasets raises many types (not found, gated, bad config)
             raise DataError(f"data source {self.source!r}: could not open the dataset ({e})") from None
+
+    def _at(self) -> dict:
+        """The revision for `datasets`: a cached snapshot folder is already one commit."""
+        return {} if self.location != self.name else {"revision": self.revision}
 
     @property
     def source_id(self) -> str:
@@ -136,7 +159,8 @@ class HubCorpus(TextCorpus):
 
     def describe(self) -> str:
         val = "its validation split" if self.own_validation else "hashed validation"
-        return f"{self.source} (streamed at commit {self.revision[:12]}, {val})"
+        where = "from the local cache" if self.location != self.name else "streamed"
+        return f"{self.source} ({where} at commit {self.revision[:12]}, {val})"
 
     def pins(self) -> dict:
         """The commit read: a resumed run must read the same one."""

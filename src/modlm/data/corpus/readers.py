@@ -17,6 +17,13 @@ Pieces. A text file larger than `TEXT_PIECE_BYTES` is several documents, so that
 be shared by many parts: piece k holds the lines that start in bytes [k * P, (k + 1) * P) (P the
 piece size), so a line is never cut, and a piece is empty when a single line covers its bytes.
 The pieces depend only on the file, never on the number of parts.
+
+Storage. Every reader takes a local ``Path`` or a file at an fsspec URL, plain or compressed
+(``.gz``, ``.zst``, ``.bz2``: the suffix before it says the format), and reads it through
+``storage.open_bytes``. In a decompressing stream nothing seeks: a reader reads up to the byte it
+would seek to, and a text file's pieces count its decompressed bytes; a compressed parquet file is
+decompressed into memory (parquet is read by seeking), so it is best left uncompressed (its pages
+are compressed already).
 """
 import json
 import warnings
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import DataError, DataWarning
+from .storage import CorpusPath, can_seek, data_size, format_suffix, open_bytes, read_all, seekable_copy, skip
 
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -37,28 +45,28 @@ LINE_MARK_EVERY = 1024  # jsonl lines between two byte offsets noted while index
 _SNIFF_BYTES = 8192  # how much of a file without an extension is read to decide it is text
 
 
-def is_plain_text(path: Path) -> bool:
-    """A file without an extension (LICENSE, COPYING, README) counts as text when its head decodes
-    as UTF-8 and holds no NUL byte; hidden files (.gitignore ...) never do."""
-    if path.suffix or path.name.startswith("."):
+def is_plain_text(path: CorpusPath) -> bool:
+    """A file without an extension (LICENSE, COPYING, README; or LICENSE.gz) counts as text when its
+    head decodes as UTF-8 and holds no NUL byte; hidden files (.gitignore ...) never do."""
+    if format_suffix(path) or path.name.startswith("."):
         return False
     import codecs
 
     try:
-        with open(path, "rb") as f:
+        with open_bytes(path) as f:
             head = f.read(_SNIFF_BYTES)
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
-    except (OSError, UnicodeDecodeError):
+    except (OSError, EOFError, UnicodeDecodeError, DataError):  # EOFError: a cut compressed stream
         return False
     return b"\0" not in head
 
 
-def is_supported(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_SUFFIXES or is_plain_text(path)
+def is_supported(path: CorpusPath) -> bool:
+    return format_suffix(path) in SUPPORTED_SUFFIXES or is_plain_text(path)
 
 
-def _is_text(path: Path) -> bool:
-    return path.suffix.lower() in TEXT_SUFFIXES or path.suffix == ""
+def _is_text(path: CorpusPath) -> bool:
+    return format_suffix(path) in TEXT_SUFFIXES or format_suffix(path) == ""
 
 
 _REPLACEMENT = "\ufffd"
@@ -85,44 +93,53 @@ def _warn_replaced(path: Path, count: int, where: str = "") -> None:
     )
 
 
-def text_pieces(path: Path) -> int:
-    """How many documents a text file is: 1, or its pieces when it is larger than TEXT_PIECE_BYTES."""
-    size = path.stat().st_size
+def text_pieces(size: int) -> int:
+    """How many documents a text file of `size` (decompressed) bytes is: 1, or its pieces when it
+    is larger than TEXT_PIECE_BYTES."""
     return 1 if size <= TEXT_PIECE_BYTES else -(-size // TEXT_PIECE_BYTES)
 
 
-def _line_start_at_or_after(f, offset: int) -> int:
-    """The first byte offset >= `offset` where a line starts (or the end of the file)."""
-    if offset == 0:
-        return 0
-    f.seek(offset - 1)
-    f.readline()  # through the newline that ends the line holding byte offset - 1
-    return f.tell()
+def _go_to(f, path: CorpusPath, offset: int) -> None:
+    """Move a freshly opened file to `offset`: a seek, or reading up to it in a decompressing stream."""
+    if can_seek(path):
+        f.seek(offset)
+    else:
+        skip(f, offset)
 
 
-def read_text(path: Path, lo: int = 0, hi: Optional[int] = None) -> Iterator[tuple[int, str]]:
+def read_text(path: CorpusPath, lo: int = 0, hi: Optional[int] = None,
+              size: Optional[int] = None) -> Iterator[tuple[int, str]]:
     """A .txt/.md/.py file (or a text file without an extension) is one document, or one per piece
-    when large; only the pieces in [lo, hi) are read."""
-    n = text_pieces(path)
+    when large; only the pieces in [lo, hi) are read. `size`: the file's decompressed bytes, where
+    the caller knows them (else read again)."""
+    n = text_pieces(data_size(path) if size is None else size)
     hi = n if hi is None else min(hi, n)
     if n == 1:
         if lo <= 0 < hi:
-            text, bad = decode_counting(path.read_bytes())
+            text, bad = decode_counting(read_all(path))
             if bad:
                 _warn_replaced(path, bad)
             yield 0, text
         return
     replaced = 0
-    with open(path, "rb") as f:
-        start = _line_start_at_or_after(f, lo * TEXT_PIECE_BYTES)
+    with open_bytes(path) as f:
+        # Forward only, so that a decompressing stream reads the file once: `pos` is where the next
+        # piece's first line starts, the first line that starts at or after the piece's first byte.
+        start = lo * TEXT_PIECE_BYTES
+        pos = 0
+        if start > 0:
+            _go_to(f, path, start - 1)
+            pos = start - 1 + len(f.readline())  # through the line holding the byte before the piece
         for piece in range(lo, hi):
-            end = _line_start_at_or_after(f, (piece + 1) * TEXT_PIECE_BYTES)
-            if end > start:
-                f.seek(start)
-                text, bad = decode_counting(f.read(end - start))
+            end = (piece + 1) * TEXT_PIECE_BYTES  # the piece's lines start before this byte
+            if pos >= end:
+                continue  # one line covers the whole piece: it belongs to an earlier one
+            raw = f.read(end - 1 - pos) + f.readline()  # through the line holding the piece's last byte
+            pos += len(raw)
+            if raw:
+                text, bad = decode_counting(raw)
                 replaced += bad
                 yield piece, text
-            start = max(start, end)
     if replaced:
         _warn_replaced(path, replaced)
 
@@ -132,26 +149,27 @@ def _describe_lines(lines: list[int], limit: int = 5) -> str:
     return shown + (f" (+{len(lines) - limit} more)" if len(lines) > limit else "")
 
 
-def line_marks(path: Path) -> tuple[int, list[int]]:
-    """(number of lines, byte offset of every LINE_MARK_EVERY-th line): what lets a reader seek
-    near any line without reading the lines before it."""
+def line_marks(path: CorpusPath) -> tuple[int, list[int], int]:
+    """(number of lines, byte offset of every LINE_MARK_EVERY-th line, bytes): what lets a reader
+    seek near any line without reading the lines before it."""
     marks, offset, n = [], 0, 0
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
             if (n - 1) % LINE_MARK_EVERY == 0:
                 marks.append(offset)
             offset += len(raw)
-    return n, marks
+    return n, marks, offset
 
 
-def _raw_lines(path: Path, lo: int, hi: Optional[int], marks: Optional[list[int]]) -> Iterator[tuple[int, bytes]]:
+def _raw_lines(path: CorpusPath, lo: int, hi: Optional[int],
+               marks: Optional[list[int]]) -> Iterator[tuple[int, bytes]]:
     """(line number, undecoded bytes) of lines [lo, hi); the lines between the nearest mark and
     `lo` are skipped without being decoded."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         record = 0
         if marks and lo > 0:
             k = min(lo // LINE_MARK_EVERY, len(marks) - 1)
-            f.seek(marks[k])
+            _go_to(f, path, marks[k])
             record = k * LINE_MARK_EVERY
         while record < lo:
             if not f.readline():
@@ -203,8 +221,8 @@ def read_jsonl(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = Non
         )
 
 
-def _is_json_array(path: Path) -> bool:
-    with open(path, "rb") as f:
+def _is_json_array(path: CorpusPath) -> bool:
+    with open_bytes(path) as f:
         head = f.read(4096).lstrip()
     return head.startswith(b"[")
 
@@ -216,7 +234,7 @@ def read_json(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None
     if not _is_json_array(path):
         yield from read_jsonl(path, text_field, lo, hi, marks)
         return
-    text, bad = decode_counting(path.read_bytes())
+    text, bad = decode_counting(read_all(path))
     if bad:
         _warn_replaced(path, bad)
     try:
@@ -246,7 +264,7 @@ def parquet_rows(path: Path, text_field: str) -> int:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(seekable_copy(path))
     except Exception as e:  # pyarrow raises several types for non-parquet bytes
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if text_field not in meta.schema.names:
@@ -261,7 +279,7 @@ def parquet_groups(path: Path) -> list[int]:
     """Row numbers where the file's row groups start, then its row count: [0, ..., rows]."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_metadata(path)
+    meta = pq.read_metadata(seekable_copy(path))
     bounds = [0]
     for g in range(meta.num_row_groups):
         bounds.append(bounds[-1] + meta.row_group(g).num_rows)
@@ -274,7 +292,7 @@ def read_parquet(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = N
     import pyarrow.parquet as pq
 
     skipped = 0
-    with pq.ParquetFile(path) as pf:
+    with pq.ParquetFile(seekable_copy(path)) as pf:
         start = 0
         for g in range(pf.metadata.num_row_groups):
             rows = pf.metadata.row_group(g).num_rows
@@ -302,41 +320,46 @@ class RecordIndex:
     """What indexing a file found: its record count, and what lets a reader go straight to a record."""
 
     n_records: int
+    size: int  # bytes of the file's data (decompressed)
     marks: Optional[list[int]] = None  # jsonl: byte offsets of every LINE_MARK_EVERY-th line
     groups: Optional[list[int]] = None  # parquet: first row of each row group, then the row count
 
 
-def index_records(path: Path, text_field: str) -> RecordIndex:
+def index_records(path: CorpusPath, text_field: str) -> RecordIndex:
     """Count a file's records (candidate documents) without tokenizing anything, noting where
-    its lines or row groups start."""
-    suffix = path.suffix.lower()
+    its lines or row groups start, and how many bytes its data is."""
+    suffix = format_suffix(path)
     if _is_text(path):
-        return RecordIndex(text_pieces(path))
+        size = data_size(path)
+        return RecordIndex(text_pieces(size), size)
     if suffix in PARQUET_SUFFIXES:
-        return RecordIndex(parquet_rows(path, text_field), groups=parquet_groups(path))
+        return RecordIndex(parquet_rows(path, text_field), data_size(path), groups=parquet_groups(path))
     if suffix == ".json" and _is_json_array(path):
-        return RecordIndex(_json_array_len(path))
-    return RecordIndex(*line_marks(path))  # jsonl: one record per line
+        return RecordIndex(*_json_array_len(path))
+    n, marks, size = line_marks(path)  # jsonl: one record per line
+    return RecordIndex(n, size, marks=marks)
 
 
-def _json_array_len(path: Path) -> int:
-    text, _ = decode_counting(path.read_bytes())
+def _json_array_len(path: CorpusPath) -> tuple[int, int]:
+    """(items, bytes) of a JSON array file."""
+    raw = read_all(path)
+    text, _ = decode_counting(raw)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of objects or one object per line")
-    return len(rows)
+    return len(rows), len(raw)
 
 
-def read_records(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
-                 marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
-    """Records [lo, hi) of a file (all by default), dispatched on the file suffix; `marks`
-    are a jsonl file's line marks from `index_records`."""
-    suffix = path.suffix.lower()
+def read_records(path: CorpusPath, text_field: str, lo: int = 0, hi: Optional[int] = None,
+                 marks: Optional[list[int]] = None, size: Optional[int] = None) -> Iterator[tuple[int, str]]:
+    """Records [lo, hi) of a file (all by default), dispatched on its format suffix; `marks` are a
+    jsonl file's line marks and `size` its decompressed bytes, from `index_records`."""
+    suffix = format_suffix(path)
     if _is_text(path):
-        return read_text(path, lo, hi)
+        return read_text(path, lo, hi, size)
     if suffix == ".jsonl":
         return read_jsonl(path, text_field, lo, hi, marks)
     if suffix == ".json":
@@ -346,8 +369,9 @@ def read_records(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = N
     raise DataError(f"{path}: unsupported file type (expected {', '.join(sorted(SUPPORTED_SUFFIXES))})")
 
 
-def is_multi_record(path: Path) -> bool:
-    return not _is_text(path) or text_pieces(path) > 1
+def is_multi_record(path: CorpusPath, index: RecordIndex) -> bool:
+    """Whether the file holds several documents (jsonl/json/parquet, or a text file in pieces)."""
+    return not _is_text(path) or index.n_records > 1
 
 
 __all__ = [

@@ -18,6 +18,10 @@ Mixture-of-Depths user compares side by side:
 
 The layout names only tags the run logs: routing charts are left out of dense runs, MFU where no
 peak is known. Open it with ``tensorboard --logdir runs`` and the "Custom Scalars" tab.
+
+The HParams tab gets the run's hyperparameters (``model/...``, ``data/...``, the trainer's
+``max_steps`` and precision) with the validation losses and perplexities as its metrics (their
+latest values), so runs of one ``--logdir`` compare in one table.
 """
 from __future__ import annotations
 
@@ -96,6 +100,15 @@ def layout(cfg: ModelConfig, mfu_tags: list[str]) -> dict[str, list[Chart]]:
     return {name: charts for name, charts in groups.items() if charts}
 
 
+def hparams_metrics(cfg: ModelConfig, validate_causal: bool = True) -> list[str]:
+    """The HParams tab's metrics: validation loss and perplexity (also under causal routing for a
+    routed model that validates with it), then the training loss."""
+    tags_ = [tags.eval_loss("val"), tags.eval_ppl("val")]
+    if cfg.routes_tokens and validate_causal:
+        tags_ += [tags.eval_loss("val", causal=True), tags.eval_ppl("val", causal=True)]
+    return tags_ + [tags.TRAIN_LOSS]
+
+
 def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
     """The dict ``SummaryWriter.add_custom_scalars`` takes. Its tags are regular expressions, so
     each exact tag is anchored and escaped."""
@@ -107,7 +120,12 @@ def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
 
 class Dashboard(Callback):
     def __init__(self, enabled: bool = True):
-        """Write the Custom Scalars layout at the start of each fit (``enabled=False``: don't)."""
+        """TensorBoard's Custom Scalars page laid out for a MoD run, and its HParams tab filled.
+
+        Args:
+            enabled: Write the layout and the HParams summary at the start of each fit (false: leave
+                both pages empty).
+        """
         self.enabled = enabled
         self.groups: Optional[dict[str, list[Chart]]] = None
 
@@ -129,5 +147,12 @@ class Dashboard(Callback):
         writer = tensorboard_writer(trainer) if self.enabled else None
         if writer is None:
             return
-        self.groups = layout(pl_module.model.config, self.mfu_tags(trainer, pl_module))
+        cfg = pl_module.model.config
+        self.groups = layout(cfg, self.mfu_tags(trainer, pl_module))
         writer.add_custom_scalars(as_tensorboard_layout(self.groups))
+        logger = next((lg for lg in trainer.loggers if hasattr(lg, "log_hparams_summary")), None)
+        if logger is not None:
+            metrics = hparams_metrics(cfg, pl_module.hparams.get("validate_causal", True))
+            params = {**dict(logger.hparams), "trainer/max_steps": trainer.max_steps,
+                      "trainer/precision": str(trainer.precision)}
+            logger.log_hparams_summary(params, metrics)

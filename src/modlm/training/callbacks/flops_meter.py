@@ -55,7 +55,14 @@ def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int,
 
 class FlopsMeter(Callback):
     def __init__(self, peak_flops: Optional[float] = None, tolerance: float = 0.02):
-        """``peak_flops``: the device's peak FLOP/s per rank, for MFU where Lightning knows none."""
+        """FLOPs of every optimizer step, their running total and the MoD/dense ratio (``flops/*``).
+
+        Args:
+            peak_flops: The device's peak FLOP/s per rank, for ``flops/mfu`` where Lightning's device
+                table has none (CPUs, new GPUs); unset: no ``flops/mfu``.
+            tolerance: How far the analytic FLOPs of the first batch may differ from torch's count of
+                it (a fraction) before the run warns.
+        """
         self.peak_flops = peak_flops
         self.tolerance = tolerance
         self.total = 0.0

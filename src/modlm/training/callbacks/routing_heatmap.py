@@ -53,7 +53,12 @@ def heatmap_figure(rows: list[tuple[str, torch.Tensor]], title: str = "", group:
 
 class RoutingHeatmap(Callback):
     def __init__(self, every_n_validations: int = 1, max_positions: int = 32):
-        """Draw every ``every_n_validations`` validations, the first ``max_positions`` positions."""
+        """A heat map of the tokens each routed block processes in one validation sequence.
+
+        Args:
+            every_n_validations: Draw it at every this many validation runs.
+            max_positions: Show the sequence's first this many positions.
+        """
         self.every_n_validations = every_n_validations
         self.max_positions = max_positions
         self._validations = 0

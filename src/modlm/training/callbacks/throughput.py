@@ -1,20 +1,92 @@
 """Tokens and FLOPs per second: Lightning's ``ThroughputMonitor``, counting tokens, switchable.
 
+Its cards, ``<stage>/<name>`` with ``<stage>`` ``train``, ``val`` or ``test`` (modlm's prefixes:
+Lightning names the validation stage ``validate/``, which is renamed here), are:
+
+  train/device/items_per_sec    tokens per second on this device (rates: over the last ``window_size`` batches)
+  train/device/samples_per_sec  windows (rows) per second, and ``batches_per_sec`` batches
+  train/device/flops_per_sec    analytic FLOPs per second (``modlm.flops``); ``train/device/mfu`` where
+                                Lightning knows the device's peak
+  train/time, train/batches,    running totals of the run: seconds of training (validation excluded),
+  train/samples, train/lengths  batches, windows and tokens; a resumed run continues them
+  val/...                       the same for each validation of a fit, once per validation at the step
+                                ``val/loss`` is logged at (totals restart each validation)
+  test/..., val/... of validate the same per batch of a ``test`` or ``validate`` command, at the batch count
+  items_per_sec, flops_per_sec  ... with several devices, also every device together (no ``device/``)
+
 The monitor synchronizes the device after every training batch to time it, which costs a little
 on GPUs; ``--throughput.enabled false`` leaves it out of the run (the CLI drops it from the
 trainer's callbacks, so nothing of it runs).
 """
 from __future__ import annotations
 
+import time
+from typing import Any, Optional
+
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 
 from ..batch import batch_size, batch_tokens
+
+STAGE_PREFIX = {RunningStage.TRAINING: "train", RunningStage.VALIDATING: "val", RunningStage.TESTING: "test",
+                RunningStage.PREDICTING: "predict"}
+"""The first part of each card's name, per stage: modlm's ``val/`` where Lightning writes ``validate/``."""
 
 
 class TokenThroughput(ThroughputMonitor):
     def __init__(self, enabled: bool = True, window_size: int = 5):
-        """``train/device/items_per_sec`` (items = tokens), ``flops_per_sec`` (FLOPs from
-        ``modlm.flops``) and MFU where Lightning knows the device, as rates over the last
-        ``window_size`` batches (short enough to show in a smoke run). ``enabled=False``: not run."""
+        """Tokens and FLOPs per second, and MFU where Lightning knows the device's peak.
+
+        Lightning's ``ThroughputMonitor`` with tokens as its items and ``modlm.flops``' FLOPs: rates
+        over the last ``window_size`` batches (short enough to show in a smoke run).
+
+        Args:
+            enabled: Run the monitor (false: it is left out, and nothing of it runs).
+            window_size: Batches the rates are averaged over.
+        """
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self.enabled = enabled
+        self._resumed: Optional[dict] = None  # training totals of a resumed run, until its training starts
+
+    def _log(self, trainer, stage: RunningStage, step: Optional[int]) -> None:
+        """Lightning's computation, logged under modlm's stage prefix (``val/`` for ``validate/``)."""
+        throughput = self._throughputs[stage]
+        prefix = STAGE_PREFIX.get(stage, stage.value)
+        metrics = {f"{prefix}{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+        trainer._logger_connector.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def _validating_in_fit(trainer) -> bool:
+        return trainer.state.stage == RunningStage.VALIDATING and trainer.state.fn == TrainerFn.FITTING
+
+    def _compute(self, trainer, iter_num: Optional[int] = None) -> None:
+        if self._validating_in_fit(trainer):
+            return  # once per validation, at its end (on the run's step axis, not at a batch count)
+        if trainer._logger_connector.should_update_logs:
+            self._log(trainer, trainer.state.stage, iter_num)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, *args: Any) -> None:
+        if self._validating_in_fit(trainer) and not trainer.sanity_checking and self._samples.get(RunningStage.VALIDATING):
+            self._log(trainer, RunningStage.VALIDATING, None)  # None: the step val/loss is logged at
+        super().on_validation_end(trainer, *args)
+
+    # --- a resumed run continues the running totals --------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        stage = RunningStage.TRAINING
+        if stage not in self._t0s:  # not training on this rank (the monitor runs on rank 0 only)
+            return dict(self._resumed or {})
+        return {"time": time.perf_counter() - self._t0s[stage], "batches": self._batches[stage],
+                "samples": self._samples[stage], "lengths": self._lengths[stage]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = dict(state_dict) if state_dict else None
+
+    def _start(self, trainer) -> None:
+        super()._start(trainer)
+        if trainer.state.stage == RunningStage.TRAINING and self._resumed:
+            stage, saved, self._resumed = RunningStage.TRAINING, self._resumed, None
+            self._batches[stage], self._samples[stage] = saved["batches"], saved["samples"]
+            self._lengths[stage] = saved["lengths"]
+            self._t0s[stage] -= saved["time"]  # elapsed training time goes on from the saved one
