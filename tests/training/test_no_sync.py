@@ -16,12 +16,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from modlm import ModelConfig
 from modlm.cli.train import main as train_main
-from tests.helpers import tiny_args
+from modlm.flops import training_flops
+from modlm.training.callbacks.throughput import TokenThroughput
+from tests.helpers import TINY_DATA, scalars, tiny_args
 
 LOG_EVERY, STEPS = 4, 12
 READS = [(torch.Tensor, name) for name in ("item", "tolist", "cpu", "nonzero", "__bool__", "__float__", "__int__")]
 READS += [(torch, "nonzero"), (torch.cuda, "synchronize")]
+# The throughput monitor's timing syncs the device on an accelerator; on the CPU it is watched by name.
+READS += [(TokenThroughput, "_synchronized_clock")]
 
 
 class StepWatch(pl.Callback):
@@ -63,7 +68,19 @@ def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer
                      str(LOG_EVERY), "--trainer.val_check_interval", str(STEPS), "--checkpoint.every_n_train_steps",
                      str(STEPS), "--trainer.callbacks+=tests.training.test_no_sync.StepWatch",
                      "--trainer.enable_progress_bar", bar)
-    assert train_main(["fit", *args]) == 0
+    assert train_main(["fit", *args, "--throughput.window_size", "2"]) == 0
     plain = {step: calls for step, calls in host_reads.items() if step % LOG_EVERY}
     assert not plain, next(iter(plain.values()))[0][1]
     assert host_reads[4], "the test must see the reads of a logging step (else it watches nothing)"
+    # timed on logging steps only, the throughput monitor still counts every batch: its totals, and
+    # its FLOPs against its tokens over the same window, are exact
+    got = scalars(tmp_path / "lightning_logs" / "version_0")
+    tokens_per_step = TINY_DATA["batch_size"] * TINY_DATA["seq_len"]
+    assert got["train/lengths"] == {step: tokens_per_step * (step + 1) for step in range(LOG_EVERY - 1, STEPS, LOG_EVERY)}
+    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
+                      max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
+    flops_per_token = training_flops(cfg, TINY_DATA["seq_len"]) / TINY_DATA["seq_len"]
+    rates = got["train/device/items_per_sec"]
+    assert len(rates) == STEPS // LOG_EVERY - 1  # a window of two timed steps
+    for step, items in rates.items():
+        assert got["train/device/flops_per_sec"][step] / items == pytest.approx(flops_per_token, rel=1e-6)  # TensorBoard keeps float32

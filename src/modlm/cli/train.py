@@ -274,7 +274,7 @@ class ModLMCLI(LightningCLI):
         self.trainer_defaults = {**self.trainer_defaults,
                                  "callbacks": default_callbacks() + display_callbacks(trainer)}
         built = super().instantiate_trainer(**kwargs)
-        # --throughput.enabled false: leave the monitor out entirely (it syncs the device every batch)
+        # --throughput.enabled false: leave the monitor out entirely (nothing of it runs)
         built.callbacks[:] = [cb for cb in built.callbacks if not (isinstance(cb, TokenThroughput) and not cb.enabled)]
         self._announce(built, config)
         return built

@@ -3,7 +3,7 @@
 Its cards, ``<stage>/<name>`` with ``<stage>`` ``train``, ``val`` or ``test`` (modlm's prefixes:
 Lightning names the validation stage ``validate/``, which is renamed here), are:
 
-  train/device/items_per_sec    tokens per second on this device (rates: over the last ``window_size`` batches)
+  train/device/items_per_sec    tokens per second on this device (rates: over the last ``window_size`` logged steps)
   train/device/samples_per_sec  windows (rows) per second, and ``batches_per_sec`` batches
   train/device/flops_per_sec    analytic FLOPs per second (``modlm.flops``); ``train/device/mfu`` where
                                 Lightning knows the device's peak
@@ -14,14 +14,19 @@ Lightning names the validation stage ``validate/``, which is renamed here), are:
   test/..., val/... of validate the same per batch of a ``test`` or ``validate`` command, at the batch count
   items_per_sec, flops_per_sec  ... with several devices, also every device together (no ``device/``)
 
-The monitor synchronizes the device after every training batch to time it, which costs a little
-on GPUs; ``--throughput.enabled false`` leaves it out of the run (the CLI drops it from the
-trainer's callbacks, so nothing of it runs).
+Lightning's monitor synchronizes the device after every training batch to time it, a stall of the
+launch queue each step; this one counts every batch on the host (shapes and the analytic FLOPs,
+no device read) and synchronizes and reads the clock only on the steps that log, so its training
+rates are over the last ``window_size`` logged steps (``log_every_n_steps`` apart). Validation and
+test batches are timed as Lightning does. ``--throughput.enabled false`` leaves it out of the run
+(the CLI drops it from the trainer's callbacks, so nothing of it runs).
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
+
+import torch
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
@@ -38,16 +43,41 @@ class TokenThroughput(ThroughputMonitor):
     def __init__(self, enabled: bool = True, window_size: int = 5):
         """Tokens and FLOPs per second, and MFU where Lightning knows the device's peak.
 
-        Lightning's ``ThroughputMonitor`` with tokens as its items and ``modlm.flops``' FLOPs: rates
-        over the last ``window_size`` batches (short enough to show in a smoke run).
+        Lightning's ``ThroughputMonitor`` with tokens as its items and ``modlm.flops``' FLOPs: training
+        rates over the last ``window_size`` logged steps (timed there only: no device sync between),
+        validation and test rates over the last ``window_size`` batches.
 
         Args:
             enabled: Run the monitor (false: it is left out, and nothing of it runs).
-            window_size: Batches the rates are averaged over.
+            window_size: Timed points the rates span: logged training steps, or evaluation batches.
         """
         super().__init__(batch_size_fn=batch_size, length_fn=batch_tokens, window_size=window_size)
         self.enabled = enabled
         self._resumed: Optional[dict] = None  # training totals of a resumed run, until its training starts
+        self._flops_since_update = 0.0  # analytic FLOPs of the training batches since the last timed one
+
+    def _update(self, trainer, pl_module, batch, iter_num: int) -> None:
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING:
+            return super()._update(trainer, pl_module, batch, iter_num)
+        self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        self._flops_since_update += getattr(pl_module, "flops_per_batch", 0.0) or 0.0
+        # Timed exactly where Lightning's monitor logs (``_compute``): a step that logs, its
+        # accumulation done. Timing any other batch would need a device sync to mean anything.
+        if not trainer._logger_connector.should_update_logs or trainer.fit_loop._should_accumulate():
+            return
+        self._throughputs[stage].update(
+            time=self._synchronized_clock(trainer) - self._t0s[stage], batches=self._batches[stage],
+            samples=self._samples[stage], lengths=self._lengths[stage], flops=self._flops_since_update or None)
+        self._flops_since_update = 0.0
+
+    def _synchronized_clock(self, trainer) -> float:
+        """The host clock once the device has finished the work queued so far."""
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
 
     def _log(self, trainer, stage: RunningStage, step: Optional[int]) -> None:
         """Lightning's computation, logged under modlm's stage prefix (``val/`` for ``validate/``)."""
