@@ -96,15 +96,31 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(1)
 
 
+class StackCache:
+    """The caches of a stack of blocks run as one unit (a recursion step: ``recursion.py``): one
+    ``KVCache`` per block, in order, and the state of the causal decision of the router in front of
+    it (what a routed block keeps on its own ``KVCache``)."""
+
+    def __init__(self, blocks: list[KVCache]):
+        self.blocks = blocks
+        self.decision_threshold: Optional[torch.Tensor] = None
+        """As ``KVCache.decision_threshold``: the router's running threshold per row."""
+        self.router_moments: Optional[torch.Tensor] = None
+        """As ``KVCache.router_moments``."""
+
+
 class DecodeState:
     """Everything a model carries from one decoding step to the next: the cache of every block,
     how many tokens each row has consumed, a bound on that count known to the host, and the rotary
     tables of every position (computed once, indexed per step). Made by ``MoDTransformer.new_state``."""
 
-    def __init__(self, caches: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, caches: list, rope: tuple[torch.Tensor, torch.Tensor], batch_size: Optional[int] = None):
         self.caches = caches
-        """One ``KVCache`` per block, in depth order."""
-        self.seen = torch.zeros_like(caches[0].length)
+        """One entry per entry of the model's ``blocks``, in depth order: a ``KVCache`` per block, a
+        list of ``StackCache`` (one per recursion step) per recursion."""
+        # batch_size None: the first entry is a KVCache and its rows say it
+        rows = caches[0].length.numel() if batch_size is None else batch_size
+        self.seen = torch.zeros(rows, dtype=torch.long, device=rope[0].device)
         """(B,) tokens each row has consumed (on the device)."""
         self.filled = 0
         """Tokens the longest row has consumed, known to the host without a sync: no block's cache

@@ -1,0 +1,148 @@
+"""Mixture-of-Recursions: one shared stack of blocks applied up to ``recursions`` times per token.
+
+A ``Recursion`` owns the shared stack (``SharedStack``: its blocks, run as one residual update) and,
+with expert-choice routing, one ``RecursionStep`` per application: a ``RoutedBlock`` whose block is
+that stack. Step r picks its tokens as a routed block does (top-k of its router in training, the
+causal decision at inference; gather, update at original positions, scale by the router weight,
+scatter-add) with one more rule, hierarchical filtering: it picks only among the tokens step r - 1
+processed. So a token's depth is the number of steps that picked it, and it exits at the first
+step that does not. Its k is ``ModelConfig.step_capacities[r]`` of the sequence, so every step but
+the first picks the share ``capacity[r] / capacity[r - 1]`` of the tokens it sees, and that share is
+what its causal decision aims at.
+
+With ``recursion_routing="dense"`` every token takes every step and there are no routers: the
+recursive baseline.
+
+KV caching is recursion-wise: each step has its own caches (a ``StackCache``, one ``KVCache`` per
+block of the stack) and stores, and attends over, exactly the tokens it processed, as a routed
+block does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, Routing
+from .kv_cache import KVCache, StackCache
+from .layers import Block
+from .positions import Positions
+from .routing import RoutedBlock, RoutingInfo
+
+
+@dataclass
+class RecursionInfo:
+    """What a recursion did in a forward pass: one ``RoutingInfo`` per routed step, in step order
+    (its ``layer`` is the step's index; a token's ``selected`` at step r implies its ``selected`` at
+    r - 1)."""
+
+    steps: list[RoutingInfo]
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """(B, T) recursion steps each token took."""
+        return torch.stack([step.selected for step in self.steps]).sum(dim=0)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Mean over the steps of their weighted auxiliary losses (attached to the graph)."""
+        return torch.stack([step.aux_loss for step in self.steps]).mean()
+
+
+class SharedStack(nn.Module):
+    """The blocks one recursion step applies, as a single residual update (the sum of its blocks'
+    updates, each block reading the stream the ones before it made)."""
+
+    def __init__(self, cfg: ModelConfig, first_layer: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg, first_layer + j) for j in range(cfg.stack_layers))
+
+    def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
+                cache: Optional[StackCache] = None, residual: bool = True) -> tuple[torch.Tensor, None]:
+        """``(x + f(x), None)``, or ``f(x)`` with ``residual=False``: the update built from its
+        blocks' own updates (never as a difference of streams), so the router weight scales it
+        without cancellation error."""
+        h, total = x, None
+        caches = cache.blocks if cache is not None else [None] * len(self.blocks)
+        for block, block_cache in zip(self.blocks, caches):
+            update, _ = block(h, where, routing, block_cache, residual=False)
+            h = h + update
+            total = update if total is None else total + update
+        return (h if residual else total), None
+
+
+class RecursionStep(RoutedBlock):
+    """Recursion step ``step`` behind its router: a ``RoutedBlock`` whose block is its recursion's
+    shared stack (held, not owned: the ``Recursion`` owns it once, so every parameter has one name
+    in a state dict and sharded units never overlap)."""
+
+    def __init__(self, cfg: ModelConfig, step: int, stack: SharedStack):
+        super().__init__(cfg, step, capacity=cfg.step_capacities[step])
+        self._stack = (stack,)  # a tuple: nn.Module does not register what is inside one
+
+    def make_block(self) -> None:
+        return None
+
+    def update(self, x, where, routing, cache):
+        return self._stack[0](x, where, routing, cache, residual=False)
+
+    @property
+    def unit(self) -> int:
+        return self.cfg.routed_steps.index(self.layer)
+
+    def decision_share(self) -> float:
+        """Of the tokens the step before processed, the share this one processes."""
+        capacities = self.cfg.step_capacities
+        return capacities[self.layer] / (capacities[self.layer - 1] if self.layer else 1.0)
+
+    def decode(self, x: torch.Tensor, where: Positions, cache: StackCache,
+               eligible: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step: the new stream and which rows' tokens this step processed (B,)."""
+        r, p = self.scores(x)
+        return self._decode_step(x, r, p, where, cache, eligible)
+
+
+class Recursion(nn.Module):
+    """The shared stack applied ``cfg.recursions`` times: routed per step (expert choice with
+    hierarchical filtering) or to every token (``recursion_routing="dense"``). Called as every
+    block is, ``recursion(x, where, routing, cache)``; returns ``(x, RecursionInfo)`` (None for the
+    dense recursion and on a decoding step). Its cache is a list of ``StackCache``, one per step
+    (``new_cache``)."""
+
+    def __init__(self, cfg: ModelConfig, first_layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.stack = SharedStack(cfg, first_layer)
+        self.steps = nn.ModuleList(RecursionStep(cfg, r, self.stack) for r in cfg.routed_steps)
+
+    def reset_parameters(self) -> None:
+        for step in self.steps:
+            step.reset_parameters()
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[StackCache]:
+        cfg = self.cfg
+        return [StackCache([KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype)
+                            for _ in self.stack.blocks]) for _ in range(cfg.recursions)]
+
+    def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
+                cache: Optional[list[StackCache]] = None) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
+        caches = cache if cache is not None else [None] * self.cfg.recursions
+        if not self.steps:  # dense recursion: every token, every step
+            for step_cache in caches:
+                x, _ = self.stack(x, where, routing, step_cache)
+            return x, None
+        if where.policy is not None:  # one token per row: each step decides among the rows the step before kept
+            eligible = None
+            for step, step_cache in zip(self.steps, caches):
+                x, keep = step.decode(x, where, step_cache, eligible)
+                eligible = keep.unsqueeze(1)
+            return x, None
+        infos, eligible = [], None
+        for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
+            x, info = step(x, where, routing, step_cache, eligible=eligible)
+            info.layer = r
+            infos.append(info)
+            eligible = info.selected
+        return x, RecursionInfo(infos)
