@@ -193,7 +193,8 @@ class MoDLightningModule(pl.LightningModule):
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
             report.causal_routing = causal.routing
             # charged at what it computed, not at top-k's cost (validation may read counts on the host)
-            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts) * idx.size(0)
+            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts,
+                                              causal.recursion) * idx.size(0)
         self.flops_per_batch = report.flops
         return {"report": report}
 
