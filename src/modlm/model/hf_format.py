@@ -343,8 +343,8 @@ AUTO_MAP = {
 
 def is_standard(cfg: ModelConfig) -> bool:
     """Whether ``cfg`` is a plain Llama (or Qwen2, with query/key/value biases) that transformers
-    runs with its own code: no routed blocks, no experts, SwiGLU MLPs."""
-    return not cfg.routed_layers and not cfg.expert_layers and cfg.mlp == "swiglu"
+    runs with its own code: no routed blocks, no experts, no recursion, SwiGLU MLPs."""
+    return not cfg.routed_layers and not cfg.expert_layers and not cfg.recursive and cfg.mlp == "swiglu"
 
 
 def token_ids(tokenizer_json: str) -> dict[str, int]:
