@@ -36,6 +36,8 @@ GRID = [
     dict(route_every=0, recursions=2),
     dict(route_every=0, recursions=2, recursion_routing="dense"),
     dict(route_every=0, recursions=4, causal_method="router", recursion_capacities=[0.5, 0.5, 0.25, 0.125]),
+    dict(route_every=0, recursions=2, recursion_kv="shared", recursion_capacities=[0.75, 0.5], n_kv_heads=2),
+    dict(route_every=0, recursions=3, recursion_sharing="cycle", recursion_routing="dense", recursion_kv="shared"),
 ]
 
 
@@ -54,7 +56,8 @@ def test_forward_and_training_flops_match_flop_counter(overrides, seq_len):
     dict(route_every=0, n_experts=3, noop_experts=3),
     dict(route_every=0, recursions=2, recursion_capacities=[0.75, 0.5]),
     dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
-], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router"])
+    dict(route_every=0, recursions=2, recursion_kv="shared"),
+], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv"])
 def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     """A causal pass (validation's second pass, evaluation) on real tensors: each routed block at
     the most tokens any row picked, each mixture at the picks it computed. SDPA's math backend

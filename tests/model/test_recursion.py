@@ -183,10 +183,11 @@ def test_the_causal_targets_are_each_steps_membership_among_its_eligible_tokens(
     ("router", "plain", "cycle", 6), ("predictor", "controlled", "middle_cycle", 5),
     ("router", "controlled", "middle_cycle", 5), ("predictor", "plain", "cycle", 6),
 ])
+@pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
 @torch.no_grad()
-def test_causal_routing_never_reads_a_later_token(causal_method, causal_decision, sharing, n_layers):
+def test_causal_routing_never_reads_a_later_token(causal_method, causal_decision, sharing, n_layers, kv):
     model = build(causal_method=causal_method, causal_decision=causal_decision, recursion_sharing=sharing,
-                  n_layers=n_layers, init_std=0.3)
+                  n_layers=n_layers, init_std=0.3, recursion_kv=kv)
     idx = tokens(2, 32)
     t = 20
     changed = idx.clone()
@@ -222,7 +223,10 @@ def decode(model, idx, prefill, policy):
     dict(causal_method="router", causal_decision="plain", recursion_sharing="cycle", n_layers=6),
     dict(recursion_capacities=[0.75, 0.5, 0.25], decision_logit="standardized_router"),
     dict(recursion_routing="dense"),
-], ids=["predictor", "router-cycle", "standardized", "dense"])
+    dict(recursion_kv="shared", recursion_capacities=[0.75, 0.5, 0.25]),
+    dict(recursion_kv="shared", causal_method="router", recursion_sharing="cycle", n_layers=6, n_kv_heads=2),
+    dict(recursion_kv="shared", recursion_routing="dense"),
+], ids=["predictor", "router-cycle", "standardized", "dense", "shared", "shared-router-cycle-gqa", "shared-dense"])
 @torch.no_grad()
 def test_cached_decoding_equals_the_causal_forward(overrides, policy):
     model = build(init_std=0.3, **overrides)
@@ -261,3 +265,46 @@ def test_calibration_sets_one_threshold_per_step_at_its_share():
     out = model(windows, routing="causal")
     shares = [float(s.selected.float().mean()) for s in out.recursion.steps]
     assert shares == pytest.approx([0.75, 0.5, 0.25], abs=0.02)
+
+
+# --- recursive KV sharing -------------------------------------------------------------------------
+def test_shared_kv_later_steps_compute_and_cache_no_keys():
+    model = build(recursion_kv="shared", init_std=0.3)
+    rec = recursion_of(model)
+    calls = []
+    for block in rec.stack.blocks:
+        block.attn.qkv.register_forward_hook(lambda m, args, out: calls.append(args[0].size(1)))
+    idx = tokens(2, 30)
+    out = model(idx)
+    assert calls == [30] * model.config.stack_layers, "only the first step projects keys and values"
+    state = model.new_state(2)
+    assert all(kv is not None for kv in state.caches[1][0].blocks)
+    assert all(kv is None for step in state.caches[1][1:] for kv in step.blocks)
+    per_step = MoDTransformer(ModelConfig(**{**model.config.to_dict(), "recursion_kv": "recursion_wise"})).eval()
+    per_step.load_state_dict(model.state_dict())
+    assert not torch.allclose(per_step(idx).logits, out.logits, atol=1e-3)
+
+
+def test_shared_kv_queries_attend_over_the_first_steps_keys():
+    """A dense recursion of one shared block, written out: every later step's queries meet the
+    first step's rotated keys and values, causally."""
+    import torch.nn.functional as F
+
+    from modlm.model.positions import apply_rope, rope_tables
+
+    model = build(recursion_kv="shared", recursion_routing="dense", recursion_sharing="cycle", n_layers=3, init_std=0.3)
+    cfg, block = model.config, recursion_of(model).stack.blocks[0]
+    idx = tokens(2, 20)
+    cos, sin = rope_tables(cfg, torch.arange(20).unsqueeze(0))
+    heads = lambda t: t.view(2, 20, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # noqa: E731
+    h = model.embed(idx)
+    shared = None
+    for _ in range(3):
+        q, k, v = block.attn.qkv(block.attn_norm(h)).split(cfg.d_model, dim=-1)
+        q, k, v = apply_rope(heads(q), cos, sin), apply_rope(heads(k), cos, sin), heads(v)
+        shared = (k, v) if shared is None else shared
+        y = F.scaled_dot_product_attention(q, *shared, is_causal=True)
+        a = block.attn.proj(y.transpose(1, 2).reshape(2, 20, -1))
+        h = h + a + block.mlp(block.mlp_norm(h + a))
+    torch.testing.assert_close(model(idx).logits, model.logits(h), rtol=0, atol=1e-5)
+

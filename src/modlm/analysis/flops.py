@@ -19,6 +19,8 @@ n_experts / (n_experts + noop_experts)`` when the router is balanced (no-op pick
 A recursive model (``recursions > 1``) costs its unique blocks on all ``T`` tokens plus, per
 recursion step, its shared stack on the tokens the step processed (``k`` of its capacity; every
 token in a dense recursion) and, with expert choice, the step's router and predictor on all ``T``.
+Under recursive KV sharing a later step projects queries only, and they attend over the keys of
+the tokens the first step processed.
 """
 from __future__ import annotations
 
@@ -47,16 +49,19 @@ def expert_passes(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "cau
 
 def block_flops(
     cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
-    experts: bool = False, passes: Optional[float] = None,
+    experts: bool = False, passes: Optional[float] = None, shared_keys: Optional[int] = None,
 ) -> float:
     """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence.
 
     ``experts``: its MLP is a mixture (router on every token, one expert MLP per pass; ``passes``
-    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``)."""
+    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``). ``shared_keys``: it
+    computes no keys or values and attends over that many of another pass's (recursive KV sharing)."""
     d, n = cfg.d_model, n_tokens
     q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    projections = 2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d  # qkv and output (biases: 0)
-    scores_and_values = 2 * (2 * n * n * q_width)  # q @ k^T and p @ v, all query heads together
+    keys = n if shared_keys is None else shared_keys
+    kv_projection = 2 * kv_width if shared_keys is None else 0
+    projections = 2 * n * d * (q_width + kv_projection) + 2 * n * q_width * d  # qkv and output (biases: 0)
+    scores_and_values = 2 * (2 * n * keys * q_width)  # q @ k^T and p @ v, all query heads together
     if attention == "causal":
         scores_and_values //= 2
     if not experts:
@@ -132,7 +137,8 @@ def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Se
         raise ValueError(f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps")
     total = 2 * cfg.unique_before * block_flops(cfg, seq_len, attention)
     for step, n in enumerate(tokens):
-        total += cfg.stack_layers * block_flops(cfg, n, attention)
+        shared = tokens[0] if step and cfg.recursion_kv == "shared" else None
+        total += cfg.stack_layers * block_flops(cfg, n, attention, shared_keys=shared)
         if step in cfg.routed_steps:
             total += router_flops(cfg, seq_len)
     total += 2 * seq_len * cfg.d_model * cfg.vocab_size  # LM head

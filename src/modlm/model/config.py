@@ -245,6 +245,13 @@ class ModelConfig:
     the k of step r is ``recursion_capacities[r]`` of the sequence), and causal routing decides per
     token as a routed block does (``causal_method``, ``causal_decision``); ``dense``, every token takes
     every recursion (the recursive baseline: no routers)."""
+    recursion_kv: Literal["recursion_wise", "shared"] = "recursion_wise"
+    """Keys and values of the shared stack: ``recursion_wise``, each recursion step computes its own
+    for the tokens it processes, attends over only those and caches only those (a step's KV cache
+    holds exactly its tokens); ``shared`` (recursive KV sharing), the first step's keys and values
+    are reused by every later step, whose queries attend over all the tokens the first step
+    processed (causally) and which compute and cache no keys or values of their own: less compute
+    and one step's caches instead of N_r, at the cost of later steps seeing first-step keys."""
     recursion_capacities: Optional[list[float]] = None
     """The share of a sequence each recursion step processes, one per step, non-increasing, each in
     (0, 1]. None: ``(N_r - r) / N_r`` for step r = 0 .. N_r - 1 (N_r = 3: 1, 2/3, 1/3). Ignored by
@@ -335,8 +342,10 @@ class ModelConfig:
         need(isinstance(self.recursions, int) and self.recursions >= 1, "recursions", "an integer >= 1 (1 = no recursion)")
         need(self.recursion_sharing in ("cycle", "middle_cycle"), "recursion_sharing", "'cycle' or 'middle_cycle'")
         need(self.recursion_routing in ("expert_choice", "dense"), "recursion_routing", "'expert_choice' or 'dense'")
+        need(self.recursion_kv in ("recursion_wise", "shared"), "recursion_kv", "'recursion_wise' or 'shared'")
         if self.recursions == 1:
             need(self.recursion_capacities is None, "recursion_capacities", "None when recursions is 1")
+            need(self.recursion_kv == "recursion_wise", "recursion_kv", "'recursion_wise' when recursions is 1")
             return
         n = self.recursions
         if self.recursion_sharing == "cycle":

@@ -13,20 +13,22 @@ what its causal decision aims at.
 With ``recursion_routing="dense"`` every token takes every step and there are no routers: the
 recursive baseline.
 
-KV caching is recursion-wise: each step has its own caches (a ``StackCache``, one ``KVCache`` per
-block of the stack) and stores, and attends over, exactly the tokens it processed, as a routed
-block does.
+Keys and values (``ModelConfig.recursion_kv``): recursion-wise, each step has its own caches (a
+``StackCache``, one ``KVCache`` per block of the stack) and stores, and attends over, exactly the
+tokens it processed, as a routed block does; shared (recursive KV sharing), the first step's keys
+and values are kept (a ``KVRecord`` per block over whole sequences, its ``KVCache`` when decoding)
+and every later step's queries attend over them (``SharedKV``), computing and caching none.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import ModelConfig, Routing
-from .kv_cache import KVCache, StackCache
+from .kv_cache import KVCache, KVRecord, SharedKV, StackCache
 from .layers import Block
 from .positions import Positions
 from .routing import RoutedBlock, RoutingInfo
@@ -66,8 +68,9 @@ class SharedStack(nn.Module):
         without cancellation error."""
         h, total = x, None
         caches = cache.blocks if cache is not None else [None] * len(self.blocks)
-        for block, block_cache in zip(self.blocks, caches):
-            update, _ = block(h, where, routing, block_cache, residual=False)
+        kvs = where.kv if where.kv is not None else [None] * len(self.blocks)
+        for block, block_cache, kv in zip(self.blocks, caches, kvs):
+            update, _ = block(h, replace(where, kv=kv), routing, block_cache, residual=False)
             h = h + update
             total = update if total is None else total + update
         return (h if residual else total), None
@@ -121,27 +124,52 @@ class Recursion(nn.Module):
         for step in self.steps:
             step.reset_parameters()
 
+    @property
+    def shares_kv(self) -> bool:
+        return self.cfg.recursion_kv == "shared"
+
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[StackCache]:
+        """One ``StackCache`` per step; under KV sharing only the first step's hold ``KVCache``s."""
         cfg = self.cfg
-        return [StackCache([KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype)
-                            for _ in self.stack.blocks]) for _ in range(cfg.recursions)]
+
+        def caches(step):
+            if step and self.shares_kv:
+                return [None] * len(self.stack.blocks)
+            return [KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype) for _ in self.stack.blocks]
+        return [StackCache(caches(r)) for r in range(cfg.recursions)]
+
+    def step_positions(self, where: Positions, caches: list, records: Optional[list[KVRecord]], step: int) -> Positions:
+        """``where`` for recursion step ``step``: under KV sharing, the first step keeps its keys and
+        values (in ``records`` without a cache: its caches keep them otherwise) and the later ones read them."""
+        if not self.shares_kv:
+            return where
+        if step == 0:
+            return where if records is None else replace(where, kv=records)
+        sources = records if records is not None else caches[0].blocks
+        return replace(where, kv=[SharedKV(source) for source in sources])
 
     def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
                 cache: Optional[list[StackCache]] = None) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
         caches = cache if cache is not None else [None] * self.cfg.recursions
+        records = None
+        if self.shares_kv and cache is None:  # whole sequences: keep the first step's keys, with their positions
+            records = [KVRecord() for _ in self.stack.blocks]
+            if where.index is None:
+                B, T = x.shape[:2]
+                where = replace(where, index=torch.arange(T, device=x.device).expand(B, T))
         if not self.steps:  # dense recursion: every token, every step
-            for step_cache in caches:
-                x, _ = self.stack(x, where, routing, step_cache)
+            for r, step_cache in enumerate(caches):
+                x, _ = self.stack(x, self.step_positions(where, caches, records, r), routing, step_cache)
             return x, None
         if where.policy is not None:  # one token per row: each step decides among the rows the step before kept
             eligible = None
-            for step, step_cache in zip(self.steps, caches):
-                x, keep = step.decode(x, where, step_cache, eligible)
+            for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
+                x, keep = step.decode(x, self.step_positions(where, caches, records, r), step_cache, eligible)
                 eligible = keep.unsqueeze(1)
             return x, None
         infos, eligible = [], None
         for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
-            x, info = step(x, where, routing, step_cache, eligible=eligible)
+            x, info = step(x, self.step_positions(where, caches, records, r), routing, step_cache, eligible=eligible)
             info.layer = r
             infos.append(info)
             eligible = info.selected
