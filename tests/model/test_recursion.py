@@ -78,9 +78,14 @@ def test_default_schedule_and_shares():
     assert cfg.step_capacities == [1.0, 2 / 3, 1 / 3] and cfg.routed_steps == [0, 1, 2] and cfg.n_deciders == 3
     assert config(recursion_routing="dense").step_capacities == [1.0] * 3
     assert config(recursion_routing="dense").routed_steps == [] and not config(recursion_routing="dense").routes_tokens
-    steps = recursion_of(build(recursion_capacities=[0.5, 0.5, 0.125])).steps
+    model = build(recursion_capacities=[0.5, 0.5, 0.125])
+    steps = recursion_of(model).steps
     assert [s.decision_share() for s in steps] == [0.5, 1.0, 0.25]
     assert [s.topk_tokens(32) for s in steps] == [16, 16, 4]
+    # a step at share 1 keeps, under causal routing too, every token the step before kept
+    out = model(tokens(3, 32), routing="causal")
+    assert torch.equal(out.recursion.steps[1].selected, out.recursion.steps[0].selected)
+    assert build()(tokens(3, 32), routing="causal").recursion.steps[0].selected.all()
 
 
 def unrolled(model: MoDTransformer) -> MoDTransformer:

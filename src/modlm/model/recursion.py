@@ -100,6 +100,13 @@ class RecursionStep(RoutedBlock):
         capacities = self.cfg.step_capacities
         return capacities[self.layer] / (capacities[self.layer - 1] if self.layer else 1.0)
 
+    def decide(self, r, p, valid=None, cache=None) -> torch.Tensor:
+        """A step that keeps every token it may (its share 1: the capacity of the step before) keeps
+        them causally too, whatever its logits say: top-k keeps them all."""
+        if self.decision_share() >= 1 and not self.cfg.random_routing:
+            return torch.ones_like(r, dtype=torch.bool) if valid is None else valid.expand_as(r).clone()
+        return super().decide(r, p, valid, cache)
+
     def decode(self, x: torch.Tensor, where: Positions, cache: StackCache,
                eligible: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step: the new stream and which rows' tokens this step processed (B,)."""
