@@ -260,6 +260,8 @@ def test_each_steps_caches_hold_exactly_the_tokens_it_processed(policy):
     assert int(caches[2].blocks[0].length.max()) < int(caches[0].blocks[0].length.min())
     for kv in (state.caches[0], state.caches[2]):
         assert kv.length.tolist() == [30, 30]
+    for step, step_cache in zip(full.recursion.steps, caches):  # what each step counts it processed
+        assert torch.equal(step_cache.processed, step.selected.sum(dim=1))
 
 
 def test_calibration_sets_one_threshold_per_step_at_its_share():
@@ -313,3 +315,19 @@ def test_shared_kv_queries_attend_over_the_first_steps_keys():
         h = h + a + block.mlp(block.mlp_norm(h + a))
     torch.testing.assert_close(model(idx).logits, model.logits(h), rtol=0, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
+def test_generation_reports_the_caches_against_a_plain_models(kv):
+    from modlm.analysis.evaluate import generation_share, kv_caches
+
+    model = build(recursion_kv=kv, init_std=0.3)
+    cfg = model.config
+    share = generation_share(model, tokens(2, 8), 12)
+    caches = kv_caches(model.new_state(2))
+    expected = 1.0 if kv == "recursion_wise" else (2 + cfg.stack_layers) / cfg.n_layers
+    assert share["kv_cache_allocated_share"] == len(caches) / cfg.n_layers == expected
+    # recursion-wise, later steps hold fewer tokens; shared, the first step (capacity 1) holds them all
+    held = share["kv_cache_share"]
+    assert 2 / cfg.n_layers < held < 1 if kv == "recursion_wise" else held == pytest.approx(expected)
+    assert set(share) >= {"capacity_used.step_0", "capacity_used.step_2"}

@@ -163,16 +163,17 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
     ``capacity_used.layer_i`` (the tokens fed back to the model: every one but the last sampled),
     and their mean ``capacity_used``; for a Mixture-of-Recursions, per recursion step
     (``capacity_used.step_r``). Counted from the blocks' KV caches, which hold exactly the tokens
-    they processed."""
+    they processed; and those caches against a plain model's of ``n_layers`` blocks
+    (``kv_cache_share``, entries held at the end; ``kv_cache_allocated_share``, caches allocated)."""
     cfg = model.config
-    if cfg.routed_steps:  # a recursion step's first block caches what the step processed
+    if cfg.routed_steps:  # a recursion step counts what it processed (a later step may cache nothing)
         where = next(i for i, block in enumerate(model.blocks) if isinstance(block, Recursion))
         routed = cfg.routed_steps
-        cache_of = lambda state, r: state.caches[where][r].blocks[0]  # noqa: E731
+        count = lambda state, r: state.caches[where][r].processed  # noqa: E731
         name = "step"
     else:
         routed = cfg.routed_layers
-        cache_of = lambda state, i: state.caches[i]  # noqa: E731
+        count = lambda state, i: state.caches[i].length  # noqa: E731
         name = "layer"
     if not routed or new_tokens < 2:
         return {}
@@ -181,16 +182,31 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
 
     def note_prefill(tokens):  # called after the first sample: the caches then hold the prompt alone
         if not prefilled:
-            prefilled.update({i: cache_of(state, i).length.clone() for i in routed})
+            prefilled.update({i: count(state, i).clone() for i in routed})
         return None
 
     generator = torch.Generator(device=prompts.device).manual_seed(seed)
     generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
              on_tokens=note_prefill, state=state)
     fed = (new_tokens - 1) * prompts.size(0)
-    result = {f"capacity_used.{name}_{i}": float((cache_of(state, i).length - prefilled[i]).sum()) / fed for i in routed}
+    result = {f"capacity_used.{name}_{i}": float((count(state, i) - prefilled[i]).sum()) / fed for i in routed}
     result["capacity_used"] = statistics.mean(result[f"capacity_used.{name}_{i}"] for i in routed)
+    caches = kv_caches(state)
+    result["kv_cache_share"] = float(sum(c.length.sum() for c in caches)) / (cfg.n_layers * float(state.seen.sum()))
+    result["kv_cache_allocated_share"] = len(caches) / cfg.n_layers
     return result
+
+
+def kv_caches(state) -> list:
+    """Every ``KVCache`` of a decoding state: one per block, one per block of each recursion step
+    that caches (under recursive KV sharing only the first step's)."""
+    found = []
+    for entry in state.caches:
+        if isinstance(entry, list):  # a recursion: one StackCache per step
+            found += [kv for step in entry for kv in step.blocks if kv is not None]
+        else:
+            found.append(entry)
+    return found
 
 
 def _timed(fn, device: torch.device) -> float:

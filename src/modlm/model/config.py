@@ -101,7 +101,8 @@ class ModelConfig:
     d_model: int = 256
     """Width of the residual stream."""
     n_layers: int = 6
-    """Number of transformer blocks (dense and routed together)."""
+    """Number of transformer blocks (dense and routed together); with ``recursions > 1``, the blocks a
+    token passes when it takes every recursion step."""
     n_heads: int = 8
     """Attention (query) heads per block; without ``head_size``, ``d_model`` must divide evenly; the
     head size must be even (RoPE)."""
@@ -463,7 +464,7 @@ class ModelConfig:
 
     @property
     def routes_tokens(self) -> bool:
-        """Whether any router decides per token (routed blocks or expert routers): then training
+        """Whether any router decides per token (routed blocks, expert routers, recursion steps): then training
         routing (top-k, expert capacity) and causal routing are different computations."""
         return bool(self.routed_layers or self.expert_layers or self.routed_steps)
 

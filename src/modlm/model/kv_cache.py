@@ -156,6 +156,12 @@ class StackCache:
         """As ``KVCache.decision_threshold``: the router's running threshold per row."""
         self.router_moments: Optional[torch.Tensor] = None
         """As ``KVCache.router_moments``."""
+        self.processed: Optional[torch.Tensor] = None
+        """(B,) tokens of each row the step has processed (its caches' length, where it caches)."""
+
+    def count(self, processed: torch.Tensor) -> None:
+        """Add ``processed`` (B,) tokens to each row's count."""
+        self.processed = processed.long() if self.processed is None else self.processed + processed
 
 
 class DecodeState:

@@ -172,6 +172,7 @@ class Recursion(nn.Module):
             eligible = None
             for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
                 x, keep = step.decode(x, self.step_positions(where, caches, records, r), step_cache, eligible)
+                step_cache.count(keep)
                 eligible = keep.unsqueeze(1)
             return x, None
         infos, eligible = [], None
@@ -179,5 +180,7 @@ class Recursion(nn.Module):
             x, info = step(x, self.step_positions(where, caches, records, r), routing, step_cache, eligible=eligible)
             info.layer = r
             infos.append(info)
+            if step_cache is not None:
+                step_cache.count(info.selected.sum(dim=1))
             eligible = info.selected
         return x, RecursionInfo(infos)

@@ -52,7 +52,7 @@ class RoutingInfo:
     layer: int
     """Index of the block in the model (set by the model's loop, not by the block: a block's
     training computation does not depend on where it sits, so compiled blocks of one kind share one
-    graph)."""
+    graph); for a recursion step (``RecursionInfo.steps``), the step's index."""
     selected: torch.Tensor
     """(B, T) bool: tokens the block processed."""
     router_logits: torch.Tensor
