@@ -98,6 +98,44 @@ def pack_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return picks, n_real
 
 
+def update_picked(update, x, weight, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+    """Gather the picked tokens, run ``update`` (a block's residual update, ``(x, where, routing,
+    cache) -> (f, info)``) on them alone, scale it by ``weight`` (B, T) and scatter-add it back;
+    tokens not picked leave bit-for-bit unchanged. Also returns what the update's mixture-of-experts
+    MLP did, if it has one."""
+    if picks.size(1) == 0:
+        return x, None
+    delta, experts = update(gather_tokens(x, picks), where.gather(picks, n_real), routing, cache)
+    weight = weight.gather(1, picks)
+    if n_real is not None:  # padding's update is dropped
+        weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
+    # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
+    contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
+    return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution), experts
+
+
+def update_rows(update, x, keep, weight, where: Positions, cache) -> torch.Tensor:
+    """A decoding step's update of the rows that ``keep`` (B,) says process their token, scaled by
+    ``weight`` (B, 1): the others store nothing in ``cache`` and leave unchanged. Where the host may
+    decide (``DecodePolicy.host_decides``) they also cost nothing; elsewhere every row computes and
+    the others' updates are multiplied by 0."""
+    if where.policy.host_decides:
+        n = int(keep.sum())
+        if n == 0:
+            return x
+        if n < x.size(0):
+            rows = keep.nonzero().squeeze(1)
+            delta, _ = update(x.index_select(0, rows), where.select_rows(rows), Routing.CAUSAL, cache)
+            contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
+            return x.index_add(0, rows, contribution.to(x.dtype))
+        step = replace(where, n_real=None)  # every row processes its token
+    else:
+        step = replace(where, n_real=keep.long())
+        weight = weight * keep.unsqueeze(1)
+    delta, _ = update(x, step, Routing.CAUSAL, cache)
+    return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
+
+
 class RoutedBlock(nn.Module):
     """A ``Block`` behind a router: ``x_i + w(r_i) * f(X~)_i`` for picked tokens, ``x_i`` otherwise."""
 
@@ -294,18 +332,7 @@ class RoutedBlock(nn.Module):
         return x, info
 
     def _update_picked(self, x, r, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
-        """Gather the picked tokens, run the block's update on them alone, scale it by the router
-        weight and scatter-add it back; tokens not picked leave bit-for-bit unchanged. Also returns
-        what the block's mixture-of-experts MLP did, if it has one."""
-        if picks.size(1) == 0:
-            return x, None
-        delta, experts = self.update(gather_tokens(x, picks), where.gather(picks, n_real), routing, cache)
-        weight = self.router_weight(r).gather(1, picks)
-        if n_real is not None:  # padding's update is dropped
-            weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
-        # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
-        contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
-        return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution), experts
+        return update_picked(self.update, x, self.router_weight(r), picks, n_real, where, cache, routing)
 
     def _decode_step(self, x, r, p, where: Positions, cache, eligible: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,22 +346,7 @@ class RoutedBlock(nn.Module):
         if eligible is not None:
             valid = eligible if valid is None else valid & eligible
         keep = self.decide(r, p, valid, cache)[:, 0]
-        if where.policy.host_decides:
-            n = int(keep.sum())
-            if n == 0:
-                return x, keep
-            weight = self.router_weight(r)  # (B, 1)
-            if n < x.size(0):
-                rows = keep.nonzero().squeeze(1)
-                delta, _ = self.update(x.index_select(0, rows), where.select_rows(rows), Routing.CAUSAL, cache)
-                contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
-                return x.index_add(0, rows, contribution.to(x.dtype)), keep
-            step = replace(where, n_real=None)  # every row processes its token
-        else:
-            step = replace(where, n_real=keep.long())
-            weight = self.router_weight(r) * keep.unsqueeze(1)
-        delta, _ = self.update(x, step, Routing.CAUSAL, cache)
-        return x + (delta * weight.unsqueeze(-1)).to(x.dtype), keep
+        return update_rows(self.update, x, keep, self.router_weight(r), where, cache), keep
 
     def _aux_losses(self, r, p, topk, eligible=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """BCE of the causal decision's logits against top-k membership, per row and token: over
