@@ -57,7 +57,9 @@ def test_forward_and_training_flops_match_flop_counter(overrides, seq_len):
     dict(route_every=0, recursions=2, recursion_capacities=[0.75, 0.5]),
     dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
     dict(route_every=0, recursions=2, recursion_kv="shared"),
-], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv"])
+    dict(route_every=0, recursions=2, recursion_sharing="cycle", recursion_routing="token_choice", init_std=0.3),
+], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv",
+        "mor-token-choice"])
 def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     """A causal pass (validation's second pass, evaluation) on real tensors: each routed block at
     the most tokens any row picked, each mixture at the picks it computed. SDPA's math backend

@@ -66,6 +66,9 @@ def test_sharing_schemes_build_their_unique_blocks():
     (dict(recursion_sharing="sometimes"), "recursion_sharing"),
     (dict(recursion_routing="token"), "recursion_routing"),
     (dict(recursions=1, recursion_capacities=[1.0]), "recursion_capacities"),
+    (dict(recursion_routing="token_choice", recursion_capacities=[1.0, 0.5, 0.25]), "recursion_capacities"),
+    (dict(recursion_balance_weight=-1.0), "recursion_balance_weight"),
+    (dict(recursions=1, recursion_kv="shared"), "recursion_kv"),
 ])
 def test_bad_recursion_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(UserError, match=message) as error:
@@ -231,7 +234,10 @@ def decode(model, idx, prefill, policy):
     dict(recursion_kv="shared", recursion_capacities=[0.75, 0.5, 0.25]),
     dict(recursion_kv="shared", causal_method="router", recursion_sharing="cycle", n_layers=6, n_kv_heads=2),
     dict(recursion_kv="shared", recursion_routing="dense"),
-], ids=["predictor", "router-cycle", "standardized", "dense", "shared", "shared-router-cycle-gqa", "shared-dense"])
+    dict(recursion_routing="token_choice"),
+    dict(recursion_routing="token_choice", recursion_kv="shared", recursion_sharing="cycle", n_layers=6),
+], ids=["predictor", "router-cycle", "standardized", "dense", "shared", "shared-router-cycle-gqa", "shared-dense",
+        "token-choice", "token-choice-shared-cycle"])
 @torch.no_grad()
 def test_cached_decoding_equals_the_causal_forward(overrides, policy):
     model = build(init_std=0.3, **overrides)
@@ -331,3 +337,56 @@ def test_generation_reports_the_caches_against_a_plain_models(kv):
     held = share["kv_cache_share"]
     assert 2 / cfg.n_layers < held < 1 if kv == "recursion_wise" else held == pytest.approx(expected)
     assert set(share) >= {"capacity_used.step_0", "capacity_used.step_2"}
+
+
+# --- token choice ---------------------------------------------------------------------------------
+def test_token_choice_gives_each_token_its_depth_up_front():
+    model = build(recursion_routing="token_choice", init_std=0.3)
+    cfg, rec = model.config, recursion_of(model)
+    assert cfg.routed_steps == [] and cfg.routes_recursion and not cfg.routes_tokens and not cfg.static_training_shapes
+    assert not list(rec.steps) and rec.depth_router.weight.shape == (3, 32)
+    seen = []
+    rec.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    idx = tokens(3, 32)
+    out = model(idx)
+    depth, probs = rec.depths(seen[0])
+    assert len(depth.unique()) == 3, "the test needs every depth"
+    assert torch.equal(out.recursion.depth, depth)
+    for r, step in enumerate(out.recursion.steps):
+        assert torch.equal(step.selected, depth > r)
+        assert torch.equal(step.router_logits, probs.max(dim=-1).values)  # the weight of its updates
+    # the same computation under either routing mode: causal as it is
+    torch.testing.assert_close(model(idx, routing="causal").logits, out.logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_token_choice_never_reads_a_later_token():
+    model = build(recursion_routing="token_choice", init_std=0.3)
+    idx = tokens(2, 32)
+    changed = idx.clone()
+    changed[:, 20:] = tokens(2, 12, seed=9)
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a.logits[:, :20], b.logits[:, :20], rtol=0, atol=1e-5 * float(a.logits.abs().max()))
+    assert torch.equal(a.recursion.depth[:, :20], b.recursion.depth[:, :20])
+
+
+def test_token_choice_router_learns_from_the_loss_and_the_balance():
+    model = build(recursion_routing="token_choice").train()
+    rec = recursion_of(model)
+    idx = tokens(3, 33)
+    model(idx[:, :-1], targets=idx[:, 1:]).loss.backward()  # through the weight of every update
+    assert rec.depth_router.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    out = model(idx[:, :-1])
+    out.aux_loss.backward()
+    assert rec.depth_router.weight.grad.abs().sum() > 0
+    assert out.aux_loss == model.config.recursion_balance_weight * out.recursion.aux_losses["recursion_balance"]
+    # the loss: 1 when the depths and the router's probabilities are uniform, N_r when all on one depth
+    depth = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    uniform = torch.full((1, 6, 3), 1 / 3)
+    assert rec.balance_loss(depth, uniform, None).item() == pytest.approx(1.0)
+    one = torch.tensor([1.0, 0.0, 0.0]).expand(1, 6, 3)
+    assert rec.balance_loss(torch.ones_like(depth), one, None).item() == pytest.approx(3.0)
+    # padding counts for nothing
+    valid = torch.tensor([[True] * 3 + [False] * 3])
+    assert rec.balance_loss(torch.tensor([[1, 2, 3, 1, 1, 1]]), uniform, valid).item() == pytest.approx(1.0)

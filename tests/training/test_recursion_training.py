@@ -85,3 +85,16 @@ def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_pa
     want = scalars(tmp_path / "full" / "lightning_logs" / "version_0")
     got = scalars(tmp_path / "cut" / "lightning_logs" / "version_1")
     assert_same_losses_after_resume(want, got, cut, n)
+
+
+def test_token_choice_trains_with_its_balance_and_the_router_s_shares(tmp_path, tiny_tokenizer):
+    """Its steps' sizes are the data's: the shares are what the router picked (hierarchical, the first
+    step every token), and the meta-device FLOPs cross-check, which cannot run them, is left out."""
+    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--model.recursion_routing", "token_choice",
+                             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")]
+    assert train_main(args) == 0
+    got = scalars(tmp_path / "lightning_logs" / "version_0")
+    assert all(0 < v <= 3 for v in got["train/aux_recursion_balance"].values())  # N_r at most
+    shares = [list(got[f"recursion/capacity_used/step_{r}"].values()) for r in range(3)]
+    assert shares[0] == [1.0, 1.0] and all(a >= b for a, b in zip(shares[1], shares[2]))
+    assert "flops/measured_per_batch" not in got and "val/loss" in got and "val/loss_causal" not in got

@@ -166,9 +166,9 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
     they processed; and those caches against a plain model's of ``n_layers`` blocks
     (``kv_cache_share``, entries held at the end; ``kv_cache_allocated_share``, caches allocated)."""
     cfg = model.config
-    if cfg.routed_steps:  # a recursion step counts what it processed (a later step may cache nothing)
+    if cfg.routes_recursion:  # a recursion step counts what it processed (a later step may cache nothing)
         where = next(i for i, block in enumerate(model.blocks) if isinstance(block, Recursion))
-        routed = cfg.routed_steps
+        routed = list(range(cfg.recursions))
         count = lambda state, r: state.caches[where][r].processed  # noqa: E731
         name = "step"
     else:

@@ -20,7 +20,9 @@ A recursive model (``recursions > 1``) costs its unique blocks on all ``T`` toke
 recursion step, its shared stack on the tokens the step processed (``k`` of its capacity; every
 token in a dense recursion) and, with expert choice, the step's router and predictor on all ``T``.
 Under recursive KV sharing a later step projects queries only, and they attend over the keys of
-the tokens the first step processed.
+the tokens the first step processed. Token choice runs one router (d -> N_r) on all ``T`` tokens
+instead of one per step; its steps process what the router picked (the default counts assume a
+balanced router: the expert-choice default schedule; ``ran_forward_flops`` charges what ran).
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Se
     if len(tokens) != cfg.recursions:
         raise ValueError(f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps")
     total = 2 * cfg.unique_before * block_flops(cfg, seq_len, attention)
+    if cfg.recursion_routing == "token_choice":
+        total += 2 * seq_len * cfg.d_model * cfg.recursions
     for step, n in enumerate(tokens):
         shared = tokens[0] if step and cfg.recursion_kv == "shared" else None
         total += cfg.stack_layers * block_flops(cfg, n, attention, shared_keys=shared)

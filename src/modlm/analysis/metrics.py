@@ -101,8 +101,10 @@ def step_eligible(info: RecursionInfo, step: int) -> Optional[torch.Tensor]:
 
 
 def recursion_decision_counts(info: RecursionInfo) -> dict[int, torch.Tensor]:
-    """``decision_counts`` of each step, among the tokens it chose from."""
-    return {step.layer: decision_counts(step, step_eligible(info, n)) for n, step in enumerate(info.steps)}
+    """``decision_counts`` of each step, among the tokens it chose from (none under token choice:
+    its depths are decided up front, with no top-k to grade them against)."""
+    return {step.layer: decision_counts(step, step_eligible(info, n)) for n, step in enumerate(info.steps)
+            if step.topk is not None}
 
 
 def depth_shares(info: RecursionInfo) -> list[float]:

@@ -240,12 +240,15 @@ class ModelConfig:
     the stack applied N_r times; ``middle_cycle``, the first and the last block are unique (every
     token passes each once) and the ``(n_layers - 2) / recursions`` blocks between them form the stack
     (the scheme the paper found best)."""
-    recursion_routing: Literal["expert_choice", "dense"] = "expert_choice"
+    recursion_routing: Literal["expert_choice", "token_choice", "dense"] = "expert_choice"
     """How many recursions a token gets: ``expert_choice``, before each recursion step a router picks by
     top-k the tokens that take it, among those that took the step before (hierarchical filtering:
     the k of step r is ``recursion_capacities[r]`` of the sequence), and causal routing decides per
-    token as a routed block does (``causal_method``, ``causal_decision``); ``dense``, every token takes
-    every recursion (the recursive baseline: no routers)."""
+    token as a routed block does (``causal_method``, ``causal_decision``); ``token_choice``, one router
+    at the recursion's input gives each token its depth up front (the most probable of 1 .. N_r; that
+    probability weighs every step it takes), causal as it is, with a load-balancing loss
+    (``recursion_balance_weight``) holding the depths near uniform; ``dense``, every token takes every
+    recursion (the recursive baseline: no routers)."""
     recursion_kv: Literal["recursion_wise", "shared"] = "recursion_wise"
     """Keys and values of the shared stack: ``recursion_wise``, each recursion step computes its own
     for the tokens it processes, attends over only those and caches only those (a step's KV cache
@@ -255,8 +258,11 @@ class ModelConfig:
     and one step's caches instead of N_r, at the cost of later steps seeing first-step keys."""
     recursion_capacities: Optional[list[float]] = None
     """The share of a sequence each recursion step processes, one per step, non-increasing, each in
-    (0, 1]. None: ``(N_r - r) / N_r`` for step r = 0 .. N_r - 1 (N_r = 3: 1, 2/3, 1/3). Ignored by
-    ``recursion_routing="dense"``."""
+    (0, 1]. None: ``(N_r - r) / N_r`` for step r = 0 .. N_r - 1 (N_r = 3: 1, 2/3, 1/3). Expert choice
+    only (token choice's shares are what its router picks; their balanced values are the default's)."""
+    recursion_balance_weight: float = 0.01
+    """Weight of token choice's load-balancing loss, ``N_r * sum_d f_d * P_d`` over the depths (1 when
+    the router is uniform), in ``aux_loss``."""
 
     def __post_init__(self) -> None:
         self._validate()
@@ -342,7 +348,10 @@ class ModelConfig:
     def _validate_recursion(self, need) -> None:
         need(isinstance(self.recursions, int) and self.recursions >= 1, "recursions", "an integer >= 1 (1 = no recursion)")
         need(self.recursion_sharing in ("cycle", "middle_cycle"), "recursion_sharing", "'cycle' or 'middle_cycle'")
-        need(self.recursion_routing in ("expert_choice", "dense"), "recursion_routing", "'expert_choice' or 'dense'")
+        need(self.recursion_routing in ("expert_choice", "token_choice", "dense"), "recursion_routing",
+             "'expert_choice', 'token_choice' or 'dense'")
+        need(isinstance(self.recursion_balance_weight, (int, float)) and self.recursion_balance_weight >= 0,
+             "recursion_balance_weight", ">= 0")
         need(self.recursion_kv in ("recursion_wise", "shared"), "recursion_kv", "'recursion_wise' or 'shared'")
         if self.recursions == 1:
             need(self.recursion_capacities is None, "recursion_capacities", "None when recursions is 1")
@@ -358,6 +367,8 @@ class ModelConfig:
              "0 (and route_layers None or []) when recursions > 1: recursion routing replaces routed blocks")
         need(self.n_experts == 0, "n_experts", "0 when recursions > 1")
         capacities = self.recursion_capacities
+        need(capacities is None or self.recursion_routing == "expert_choice", "recursion_capacities",
+             "None unless recursion_routing is 'expert_choice' (the router decides token choice's shares)")
         need(capacities is None or (
             isinstance(capacities, (list, tuple)) and len(capacities) == n
             and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in capacities)
@@ -440,7 +451,8 @@ class ModelConfig:
     @property
     def step_capacities(self) -> list[float]:
         """The share of a sequence each recursion step processes (``recursion_capacities``, or
-        ``(N_r - r) / N_r``); every step 1 with ``recursion_routing="dense"``; empty without recursion."""
+        ``(N_r - r) / N_r``, also token choice's shares when its router is balanced); every step 1 with
+        ``recursion_routing="dense"``; empty without recursion."""
         if not self.recursive:
             return []
         if self.recursion_routing == "dense":
@@ -448,6 +460,17 @@ class ModelConfig:
         if self.recursion_capacities is not None:
             return [float(c) for c in self.recursion_capacities]
         return [(self.recursions - r) / self.recursions for r in range(self.recursions)]
+
+    @property
+    def routes_recursion(self) -> bool:
+        """Whether a router decides how many recursion steps a token takes (expert or token choice)."""
+        return self.recursive and self.recursion_routing != "dense"
+
+    @property
+    def static_training_shapes(self) -> bool:
+        """Whether a training pass has the same shapes for every batch (token choice's steps process
+        what its router picked, so their sizes are the data's)."""
+        return not (self.recursive and self.recursion_routing == "token_choice")
 
     @property
     def routed_steps(self) -> list[int]:

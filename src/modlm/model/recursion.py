@@ -10,8 +10,12 @@ step that does not. Its k is ``ModelConfig.step_capacities[r]`` of the sequence,
 the first picks the share ``capacity[r] / capacity[r - 1]`` of the tokens it sees, and that share is
 what its causal decision aims at.
 
-With ``recursion_routing="dense"`` every token takes every step and there are no routers: the
-recursive baseline.
+With token choice (``recursion_routing="token_choice"``) one router at the recursion's input gives
+each token its depth up front, the most probable of 1 .. N_r from the token alone (so the same in
+training and inference, and causal); step r processes the tokens whose depth exceeds r, packed as
+a routed block's causal picks, each update weighted by the depth's probability; a load-balancing
+loss keeps the depths near uniform. With ``recursion_routing="dense"`` every token takes every step
+and there are no routers: the recursive baseline.
 
 Keys and values (``ModelConfig.recursion_kv``): recursion-wise, each step has its own caches (a
 ``StackCache``, one ``KVCache`` per block of the stack) and stores, and attends over, exactly the
@@ -25,22 +29,29 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, Routing
 from .kv_cache import KVCache, KVRecord, SharedKV, StackCache
 from .layers import Block
+from .numerics import full_precision
 from .positions import Positions
-from .routing import RoutedBlock, RoutingInfo
+from .routing import RoutedBlock, RoutingInfo, pack_selected, update_picked, update_rows
 
 
 @dataclass
 class RecursionInfo:
     """What a recursion did in a forward pass: one ``RoutingInfo`` per routed step, in step order
     (its ``layer`` is the step's index; a token's ``selected`` at step r implies its ``selected`` at
-    r - 1)."""
+    r - 1). Under token choice a step's ``router_logits`` hold the probability of each token's depth
+    (what weighs its update) and it has no ``topk``."""
 
     steps: list[RoutingInfo]
+    balance: Optional[torch.Tensor] = None
+    """Token choice: the load-balancing loss, weighted, attached to the graph (None otherwise)."""
+    aux_losses: Optional[dict] = None
+    """Token choice: its unweighted losses by name (``recursion_balance``), detached."""
 
     @property
     def depth(self) -> torch.Tensor:
@@ -49,8 +60,10 @@ class RecursionInfo:
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Mean over the steps of their weighted auxiliary losses (attached to the graph)."""
-        return torch.stack([step.aux_loss for step in self.steps]).mean()
+        """Mean over the steps of their weighted auxiliary losses, plus token choice's balance (attached
+        to the graph)."""
+        loss = torch.stack([step.aux_loss for step in self.steps]).mean()
+        return loss if self.balance is None else loss + self.balance
 
 
 class SharedStack(nn.Module):
@@ -126,6 +139,8 @@ class Recursion(nn.Module):
         self.cfg = cfg
         self.stack = SharedStack(cfg, first_layer)
         self.steps = nn.ModuleList(RecursionStep(cfg, r, self.stack) for r in cfg.routed_steps)
+        self.depth_router = (nn.Linear(cfg.d_model, cfg.recursions, bias=False)
+                             if cfg.recursion_routing == "token_choice" else None)
 
     def reset_parameters(self) -> None:
         for step in self.steps:
@@ -164,6 +179,8 @@ class Recursion(nn.Module):
             if where.index is None:
                 B, T = x.shape[:2]
                 where = replace(where, index=torch.arange(T, device=x.device).expand(B, T))
+        if self.depth_router is not None:
+            return self._token_choice(x, where, routing, caches, records)
         if not self.steps:  # dense recursion: every token, every step
             for r, step_cache in enumerate(caches):
                 x, _ = self.stack(x, self.step_positions(where, caches, records, r), routing, step_cache)
@@ -184,3 +201,48 @@ class Recursion(nn.Module):
                 step_cache.count(info.selected.sum(dim=1))
             eligible = info.selected
         return x, RecursionInfo(infos)
+
+    # --- token choice ------------------------------------------------------------------------------
+    def depths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's depth (B, T), 1 .. N_r, and the router's probabilities (B, T, N_r), in fp32."""
+        with full_precision(x.device.type):
+            probs = F.linear(x.float(), self.depth_router.weight.float()).softmax(dim=-1)
+        return probs.argmax(dim=-1) + 1, probs
+
+    def _stack_update(self, x, where, routing, cache):
+        return self.stack(x, where, routing, cache, residual=False)
+
+    def _token_choice(self, x, where: Positions, routing: Routing, caches: list, records) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
+        depth, probs = self.depths(x)
+        gate = probs.gather(-1, (depth - 1).unsqueeze(-1)).squeeze(-1)  # the chosen depth's probability
+        if where.policy is not None:  # one token per row
+            real = None if where.n_real is None else where.n_real > 0
+            for r, step_cache in enumerate(caches):
+                keep = depth[:, 0] > r if real is None else (depth[:, 0] > r) & real
+                x = update_rows(self._stack_update, x, keep, gate, self.step_positions(where, caches, records, r), step_cache)
+                step_cache.count(keep)
+            return x, None
+        valid = where.valid(x.size(1))
+        infos = []
+        for r, step_cache in enumerate(caches):
+            selected = depth > r if valid is None else (depth > r) & valid
+            picks, n_real = pack_selected(selected)
+            x, _ = update_picked(self._stack_update, x, gate, picks, n_real, self.step_positions(where, caches, records, r),
+                                 step_cache, routing)
+            if step_cache is not None:
+                step_cache.count(selected.sum(dim=1))
+            infos.append(RoutingInfo(layer=r, selected=selected, router_logits=gate.detach(), predictor_logits=None,
+                                     topk=None, aux_losses={}, aux_loss=gate.new_zeros(()), causal=routing == Routing.CAUSAL))
+        balance = self.balance_loss(depth, probs, valid)
+        return x, RecursionInfo(infos, balance=self.cfg.recursion_balance_weight * balance,
+                                aux_losses={"recursion_balance": balance.detach()})
+
+    def balance_loss(self, depth: torch.Tensor, probs: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """``N_r * sum_d f_d * P_d``: f_d the share of (real) tokens given depth d, P_d the router's mean
+        probability of d; 1 when every depth gets its share, larger as the router concentrates."""
+        n = self.cfg.recursions
+        weight = torch.ones_like(depth, dtype=probs.dtype) if valid is None else valid.to(probs.dtype)
+        total = weight.sum().clamp(min=1)
+        share = (F.one_hot(depth - 1, n).to(probs.dtype) * weight.unsqueeze(-1)).sum(dim=(0, 1)) / total
+        mean_prob = (probs * weight.unsqueeze(-1)).sum(dim=(0, 1)) / total
+        return n * (share * mean_prob).sum()

@@ -69,14 +69,17 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
 
 
 def recursion_charts(cfg: ModelConfig) -> list[Chart]:
-    steps = cfg.routed_steps
-    if not steps:
+    if not cfg.routes_recursion:
         return []
-    per = lambda name: [tags.recursion(name, r) for r in steps]  # noqa: E731
+    per = lambda name: [tags.recursion(name, r) for r in range(cfg.recursions)]  # noqa: E731
     target = " / ".join(f"{c:.3g}" for c in cfg.step_capacities)
-    charts = [(f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
-               "in validation", per("capacity_used") + per("capacity_used_causal"))]
-    if not cfg.random_routing:
+    if not cfg.routed_steps:  # token choice: the router's shares, the same computation in every mode
+        charts = [(f"share of the sequence each recursion step processes (balanced: {target})", per("capacity_used")),
+                  ("depth load-balancing loss, unweighted (1 = balanced)", [tags.train_aux("recursion_balance")])]
+    else:
+        charts = [(f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
+                   "in validation", per("capacity_used") + per("capacity_used_causal"))]
+    if cfg.routed_steps and not cfg.random_routing:
         charts.append(("causal decision vs top-k per recursion step, among the tokens it chose from: accuracy",
                        per("causal_acc") + per("val_causal_acc")))
     charts += [("mean recursion steps a token takes", [tags.RECURSION_DEPTH_MEAN]),

@@ -31,8 +31,8 @@ Scalars per recursion step ``r`` of a Mixture-of-Recursions (from the report's `
   recursion/causal_acc/step_r            causal decision vs top-k, among the tokens the step chose
                                          from (also _precision, _recall; val_ ones in validation)
 and ``recursion/depth_mean`` (mean recursion steps per token), ``recursion/depth_share/depth_d``
-(share of tokens that took exactly d steps), ``train/aux_<name>`` (mean over the steps). Histogram:
-``recursion/depth``.
+(share of tokens that took exactly d steps), ``train/aux_<name>`` (mean over the steps; token
+choice's ``train/aux_recursion_balance``). Histogram: ``recursion/depth``.
 """
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ class RoutingStats(Callback):
             scalars.update({tags.recursion_depth_share(d): share for d, share in enumerate(depth_shares(info))})
             for name in info.steps[0].aux_losses:
                 scalars[tags.train_aux(name)] = torch.stack([s.aux_losses[name] for s in info.steps]).mean().item()
+            for name, value in (info.aux_losses or {}).items():  # token choice's balance
+                scalars[tags.train_aux(name)] = value.item()
             pl_module.log_dict(scalars, on_step=True, on_epoch=False)
         if step % self.histogram_every_n_steps == 0:
             writer = tensorboard_writer(trainer)
