@@ -129,10 +129,10 @@ class RecursionStep(RoutedBlock):
 
 class Recursion(nn.Module):
     """The shared stack applied ``cfg.recursions`` times: routed per step (expert choice with
-    hierarchical filtering) or to every token (``recursion_routing="dense"``). Called as every
-    block is, ``recursion(x, where, routing, cache)``; returns ``(x, RecursionInfo)`` (None for the
-    dense recursion and on a decoding step). Its cache is a list of ``StackCache``, one per step
-    (``new_cache``)."""
+    hierarchical filtering), to the depth a router gives each token up front (token choice), or to
+    every token (``recursion_routing="dense"``). Called as every block is, ``recursion(x, where,
+    routing, cache)``; returns ``(x, RecursionInfo)`` (None for the dense recursion and on a
+    decoding step). Its cache is a list of ``StackCache``, one per step (``new_cache``)."""
 
     def __init__(self, cfg: ModelConfig, first_layer: int):
         super().__init__()
