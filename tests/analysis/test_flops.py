@@ -31,6 +31,13 @@ GRID = [
     # per-block capacities, explicit or spread with depth
     dict(route_layers=[1, 2, 5], capacities=[0.5, 0.25, 0.125]),
     dict(route_every=1, capacity=0.25, capacity_depth=0.5),
+    # recursions: each sharing scheme, expert choice with either causal method, the dense recursion
+    dict(route_every=0, recursions=3, recursion_sharing="cycle"),
+    dict(route_every=0, recursions=2),
+    dict(route_every=0, recursions=2, recursion_routing="dense"),
+    dict(route_every=0, recursions=4, causal_method="router", recursion_capacities=[0.5, 0.5, 0.25, 0.125]),
+    dict(route_every=0, recursions=2, recursion_kv="shared", recursion_capacities=[0.75, 0.5], n_kv_heads=2),
+    dict(route_every=0, recursions=3, recursion_sharing="cycle", recursion_routing="dense", recursion_kv="shared"),
 ]
 
 
@@ -47,7 +54,12 @@ def test_forward_and_training_flops_match_flop_counter(overrides, seq_len):
     dict(route_every=1, capacity=0.3, causal_method="router"),
     dict(route_every=2, capacity=0.5, n_experts=4, noop_experts=1, expert_top_k=2),
     dict(route_every=0, n_experts=3, noop_experts=3),
-], ids=["mod", "mod-router", "staged-mode", "integrated-mode"])
+    dict(route_every=0, recursions=2, recursion_capacities=[0.75, 0.5]),
+    dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
+    dict(route_every=0, recursions=2, recursion_kv="shared"),
+    dict(route_every=0, recursions=2, recursion_sharing="cycle", recursion_routing="token_choice", init_std=0.3),
+], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv",
+        "mor-token-choice"])
 def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     """A causal pass (validation's second pass, evaluation) on real tensors: each routed block at
     the most tokens any row picked, each mixture at the picks it computed. SDPA's math backend
@@ -66,7 +78,7 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         out = model(idx, routing="causal")
-    charged = ran_forward_flops(cfg, 40, out.routing, out.experts)
+    charged = ran_forward_flops(cfg, 40, out.routing, out.experts, out.recursion)
     assert 3 * charged == counter.get_total_flops()
     assert charged != forward_flops(cfg, 40), "the causal pass must differ from the top-k one"
 
@@ -75,6 +87,19 @@ def test_causal_attention_variant_halves_only_attention():
     cfg = ModelConfig(route_every=0)
     full, causal = forward_flops(cfg, 512), forward_flops(cfg, 512, attention="causal")
     assert full - causal == cfg.n_layers * 2 * 512 * 512 * cfg.d_model
+
+
+def test_a_recursive_model_costs_its_plain_twin_at_full_depth():
+    """A dense recursion runs every block of its depth on every token: the plain model's FLOPs with
+    fewer parameters; expert choice at the default schedule (1, 2/3, 1/3) costs about 2/3 of it."""
+    cfg = ModelConfig(route_every=0, recursions=3, n_layers=8)
+    dense = ModelConfig(**{**cfg.to_dict(), "recursion_routing": "dense"})
+    assert forward_flops(dense, 512) == forward_flops(dense_twin(cfg), 512)
+    assert dense_twin(cfg).recursions == 1
+    assert 0.6 < flops_ratio_vs_dense(cfg, 512) < 0.8
+    assert forward_flops(cfg, 512, tokens_per_recursion_step=[512] * 3) > forward_flops(dense, 512)  # routers on top
+    with pytest.raises(ValueError, match="recursion steps"):
+        forward_flops(cfg, 512, tokens_per_recursion_step=[512])
 
 
 def test_mod_saves_flops_and_actual_counts_override_k():

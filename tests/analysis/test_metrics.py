@@ -36,3 +36,19 @@ def test_depth_and_selection_figures():
     assert overlap_counts(a, b).tolist() == [1, 2]
     assert stats["overlap"] == {1: 0.5}
     assert stats["selected_eot"] == {1: pytest.approx(0.5), 3: pytest.approx(0.5)}
+
+
+def test_recursion_figures_count_each_step_among_the_tokens_it_chose_from():
+    from modlm.analysis.metrics import depth_shares, recursion_figures
+    from modlm.model.recursion import RecursionInfo
+
+    # step 0 keeps 3 of 4 tokens; step 1 chooses among those 3 and keeps 1. Step 1's predictor says
+    # yes at positions 1 and 3: position 3 already exited, so only position 1 is graded (a miss)
+    first = info(0, [[1, 1, 1, 0]], [[1, 1, 1, 0]], predictor=[[1.0, 1.0, 1.0, -1.0]])
+    second = info(1, [[0, 0, 1, 0]], [[0, 0, 1, 0]], predictor=[[-1.0, 1.0, -1.0, 1.0]])
+    figures = recursion_figures(RecursionInfo([first, second]))
+    assert figures["capacity_used"] == {0: 0.75, 1: 0.25}
+    assert figures["causal_acc"] == {0: 1.0, 1: pytest.approx(1 / 3)}
+    assert figures["causal_precision"][1] == 0.0 and figures["causal_recall"][1] == 0.0
+    assert RecursionInfo([first, second]).depth.tolist() == [[1, 1, 2, 0]]
+    assert depth_shares(RecursionInfo([first, second])) == [0.25, 0.5, 0.25]

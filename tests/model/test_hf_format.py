@@ -156,6 +156,8 @@ def test_overrides_may_not_change_what_the_weights_decide(folders):
         config_from_hf(hf, d_model=128)
     with pytest.raises(UserError, match="n_experts=4"):
         config_from_hf(hf, n_experts=4)
+    with pytest.raises(UserError, match="recursions=3"):
+        config_from_hf(hf, recursions=3, route_every=0)
 
 
 # --- out: standard transformers folders ------------------------------------------------------------

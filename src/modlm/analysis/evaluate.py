@@ -16,7 +16,8 @@ from torchmetrics.text import Perplexity
 from .flops import forward_flops
 from ..model.generate import generate
 from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
-                      passes_per_row, token_depth)
+                      passes_per_row, recursion_decision_counts, token_depth)
+from ..model.recursion import Recursion
 from ..model.transformer import MoDTransformer
 
 
@@ -46,7 +47,11 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     ``depth.d``: the share of tokens that pass through exactly ``d`` blocks (how routing spends depth).
     Per mixture-of-experts MLP ``i`` (batch means): ``noop_fraction.layer_i`` (picks of no-op
     experts, with any), ``dropped.layer_i`` (picks over capacity) and ``expert_slots.layer_i``
-    (expert MLP passes per sequence, for the FLOPs actually spent).
+    (expert MLP passes per sequence, for the FLOPs actually spent). Per recursion step ``r`` of a
+    Mixture-of-Recursions: ``capacity_used.step_r`` (share of the sequence processed) and the causal
+    decision's figures among the tokens the step chose from (``causal_acc.step_r``, ...);
+    ``recursion_depth.d``: the share of tokens that took exactly ``d`` recursion steps (and
+    ``depth.d`` counts the blocks those steps pass through).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -61,6 +66,10 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     shared: dict[int, torch.Tensor] = {}  # per routed block: [picked by it and by the next one, picked by it]
     depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long, device=device)
     experts: dict[str, list] = {}  # per mixture-of-experts figure: [sum over batches, batches counted]
+    cfg = model.config
+    step_capacity: dict[int, torch.Tensor] = {}  # per recursion step: sum over batches of the share processed
+    step_counts: dict[int, torch.Tensor] = {}  # per recursion step: its causal-decision counts
+    recursion_depths = torch.zeros(cfg.recursions + 1, dtype=torch.long, device=device)
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
@@ -89,7 +98,16 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert:
             if layer not in ran:                 # it counts as 0 slots; its other figures skip the batch
                 experts.setdefault(f"expert_slots.layer_{layer}", [zero(), 0])[1] += 1
-        depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers), device=device).expand(targets.shape)
+        if out.recursion is not None:
+            for step in out.recursion.steps:
+                step_capacity[step.layer] = step_capacity.get(step.layer, 0) + capacity_used(step)
+            for step, step_count in recursion_decision_counts(out.recursion).items():
+                step_counts[step] = step_counts.get(step, 0) + step_count
+            steps_taken = out.recursion.depth
+            recursion_depths += torch.bincount(steps_taken.flatten(), minlength=cfg.recursions + 1)
+            depth = 2 * cfg.unique_before + cfg.stack_layers * steps_taken  # blocks passed
+        else:
+            depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers), device=device).expand(targets.shape)
         depth_counts += torch.bincount(depth.flatten(), minlength=model.config.n_layers + 1)
         if progress is not None:
             progress.update(1)
@@ -113,17 +131,28 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         result[f"depth.{depth}"] = count / n_tokens
     if capacity:
         result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in capacity)
+    for step, total in step_capacity.items():
+        result[f"capacity_used.step_{step}"] = total.item() / n_batches
+        if not cfg.random_routing:
+            for name, value in quality_from_counts(step_counts[step]).items():
+                result[f"{name}.step_{step}"] = value
+    if step_capacity:
+        for depth, count in enumerate(recursion_depths.tolist()):
+            result[f"recursion_depth.{depth}"] = count / n_tokens
+        result["capacity_used"] = statistics.mean(result[f"capacity_used.step_{r}"] for r in step_capacity)
     return result
 
 
 def flops_per_token(model: MoDTransformer, seq_len: int, used_per_block: Optional[list[float]] = None,
-                    expert_passes: Optional[list[float]] = None) -> float:
+                    expert_passes: Optional[list[float]] = None, used_per_step: Optional[list[float]] = None) -> float:
     """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity
-    used (fraction processed) of each routed block and expert passes per sequence of each
-    mixture-of-experts MLP (default: training's)."""
+    used (fraction processed) of each routed block (or recursion step) and expert passes per
+    sequence of each mixture-of-experts MLP (default: training's)."""
     cfg = model.config
     tokens = None if used_per_block is None else [c * seq_len for c in used_per_block]
-    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, passes_per_expert_layer=expert_passes) / seq_len
+    steps = None if used_per_step is None else [c * seq_len for c in used_per_step]
+    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, passes_per_expert_layer=expert_passes,
+                         tokens_per_recursion_step=steps) / seq_len
 
 
 @torch.no_grad()
@@ -132,9 +161,20 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
     """The share of generated tokens each routed block processes while the model samples its own
     continuations of ``prompts`` (B, T) with its causal decision (``config.causal_decision``):
     ``capacity_used.layer_i`` (the tokens fed back to the model: every one but the last sampled),
-    and their mean ``capacity_used``. Counted from the blocks' KV caches, which hold exactly the
-    tokens they processed."""
-    routed = model.config.routed_layers
+    and their mean ``capacity_used``; for a Mixture-of-Recursions, per recursion step
+    (``capacity_used.step_r``). Counted from the blocks' KV caches, which hold exactly the tokens
+    they processed; and those caches against a plain model's of ``n_layers`` blocks
+    (``kv_cache_share``, entries held at the end; ``kv_cache_allocated_share``, caches allocated)."""
+    cfg = model.config
+    if cfg.routes_recursion:  # a recursion step counts what it processed (a later step may cache nothing)
+        where = next(i for i, block in enumerate(model.blocks) if isinstance(block, Recursion))
+        routed = list(range(cfg.recursions))
+        count = lambda state, r: state.caches[where][r].processed  # noqa: E731
+        name = "step"
+    else:
+        routed = cfg.routed_layers
+        count = lambda state, i: state.caches[i].length  # noqa: E731
+        name = "layer"
     if not routed or new_tokens < 2:
         return {}
     state = model.new_state(prompts.size(0), prompts.device)
@@ -142,16 +182,31 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
 
     def note_prefill(tokens):  # called after the first sample: the caches then hold the prompt alone
         if not prefilled:
-            prefilled.update({i: state.caches[i].length.clone() for i in routed})
+            prefilled.update({i: count(state, i).clone() for i in routed})
         return None
 
     generator = torch.Generator(device=prompts.device).manual_seed(seed)
     generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
              on_tokens=note_prefill, state=state)
     fed = (new_tokens - 1) * prompts.size(0)
-    result = {f"capacity_used.layer_{i}": float((state.caches[i].length - prefilled[i]).sum()) / fed for i in routed}
-    result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in routed)
+    result = {f"capacity_used.{name}_{i}": float((count(state, i) - prefilled[i]).sum()) / fed for i in routed}
+    result["capacity_used"] = statistics.mean(result[f"capacity_used.{name}_{i}"] for i in routed)
+    caches = kv_caches(state)
+    result["kv_cache_share"] = float(sum(c.length.sum() for c in caches)) / (cfg.n_layers * float(state.seen.sum()))
+    result["kv_cache_allocated_share"] = len(caches) / cfg.n_layers
     return result
+
+
+def kv_caches(state) -> list:
+    """Every ``KVCache`` of a decoding state: one per block, one per block of each recursion step
+    that caches (under recursive KV sharing only the first step's)."""
+    found = []
+    for entry in state.caches:
+        if isinstance(entry, list):  # a recursion: one StackCache per step
+            found += [kv for step in entry for kv in step.blocks if kv is not None]
+        else:
+            found.append(entry)
+    return found
 
 
 def _timed(fn, device: torch.device) -> float:

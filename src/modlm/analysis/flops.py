@@ -15,6 +15,14 @@ all ``n`` plus one expert MLP per computed pick ("expert passes"). Training comp
 the static capacity, ``n_experts * slots_per_expert(n)``, used or not (that is what the batched
 matmuls multiply); inference computes exactly the picks of real experts, ``n * expert_top_k *
 n_experts / (n_experts + noop_experts)`` when the router is balanced (no-op picks cost nothing).
+
+A recursive model (``recursions > 1``) costs its unique blocks on all ``T`` tokens plus, per
+recursion step, its shared stack on the tokens the step processed (``k`` of its capacity; every
+token in a dense recursion) and, with expert choice, the step's router and predictor on all ``T``.
+Under recursive KV sharing a later step projects queries only, and they attend over the keys of
+the tokens the first step processed. Token choice runs one router (d -> N_r) on all ``T`` tokens
+instead of one per step; its steps process what the router picked (the default counts assume a
+balanced router: the expert-choice default schedule; ``ran_forward_flops`` charges what ran).
 """
 from __future__ import annotations
 
@@ -43,16 +51,19 @@ def expert_passes(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "cau
 
 def block_flops(
     cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
-    experts: bool = False, passes: Optional[float] = None,
+    experts: bool = False, passes: Optional[float] = None, shared_keys: Optional[int] = None,
 ) -> float:
     """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence.
 
     ``experts``: its MLP is a mixture (router on every token, one expert MLP per pass; ``passes``
-    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``)."""
+    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``). ``shared_keys``: it
+    computes no keys or values and attends over that many of another pass's (recursive KV sharing)."""
     d, n = cfg.d_model, n_tokens
     q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    projections = 2 * n * d * (q_width + 2 * kv_width) + 2 * n * q_width * d  # qkv and output (biases: 0)
-    scores_and_values = 2 * (2 * n * n * q_width)  # q @ k^T and p @ v, all query heads together
+    keys = n if shared_keys is None else shared_keys
+    kv_projection = 2 * kv_width if shared_keys is None else 0
+    projections = 2 * n * d * (q_width + kv_projection) + 2 * n * q_width * d  # qkv and output (biases: 0)
+    scores_and_values = 2 * (2 * n * keys * q_width)  # q @ k^T and p @ v, all query heads together
     if attention == "causal":
         scores_and_values //= 2
     if not experts:
@@ -78,6 +89,7 @@ def forward_flops(
     *,
     tokens_per_routed_block: Optional[Sequence[float]] = None,
     passes_per_expert_layer: Optional[Sequence[float]] = None,
+    tokens_per_recursion_step: Optional[Sequence[float]] = None,
     attention: Literal["full", "causal"] = "full",
 ) -> int:
     """Forward FLOPs of one sequence of ``seq_len`` tokens.
@@ -87,9 +99,13 @@ def forward_flops(
     ``cfg.topk_tokens(seq_len, its capacity)``.
     ``passes_per_expert_layer`` overrides the expert passes of each mixture-of-experts MLP (in
     ``cfg.expert_layers`` order; e.g. the picks measured at inference); by default each computes
-    its training capacity. ``attention="causal"`` halves the score/value matmuls, for MFU figures
-    that credit only the work a causal kernel needs; the default matches FlopCounterMode.
+    its training capacity. ``tokens_per_recursion_step`` overrides the tokens each recursion step
+    processes (by default ``k`` of its capacity). ``attention="causal"`` halves the score/value
+    matmuls, for MFU figures that credit only the work a causal kernel needs; the default matches
+    FlopCounterMode.
     """
+    if cfg.recursive:
+        return _recursive_forward_flops(cfg, seq_len, tokens_per_recursion_step, attention)
     routed = cfg.routed_layers
     if tokens_per_routed_block is None:
         tokens_per_routed_block = [cfg.topk_tokens(seq_len, c) for c in cfg.layer_capacities]
@@ -115,11 +131,33 @@ def forward_flops(
     return int(round(total))
 
 
-def ran_forward_flops(cfg: ModelConfig, seq_len: int, routing: Sequence, experts: Sequence) -> float:
-    """Forward FLOPs per sequence of a pass as it ran, from its ``ModelOutput.routing`` and
-    ``.experts``: each routed block at the tokens its padded batch held (the most any row picked:
-    causal routing packs the picks of every row to that length), each mixture of experts at the
-    expert passes it computed (per row). Reads the counts on the host."""
+def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Sequence[float]],
+                             attention: Literal["full", "causal"]) -> int:
+    if tokens is None:
+        tokens = [cfg.topk_tokens(seq_len, c) for c in cfg.step_capacities]
+    if len(tokens) != cfg.recursions:
+        raise ValueError(f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps")
+    total = 2 * cfg.unique_before * block_flops(cfg, seq_len, attention)
+    if cfg.recursion_routing == "token_choice":
+        total += 2 * seq_len * cfg.d_model * cfg.recursions
+    for step, n in enumerate(tokens):
+        shared = tokens[0] if step and cfg.recursion_kv == "shared" else None
+        total += cfg.stack_layers * block_flops(cfg, n, attention, shared_keys=shared)
+        if step in cfg.routed_steps:
+            total += router_flops(cfg, seq_len)
+    total += 2 * seq_len * cfg.d_model * cfg.vocab_size  # LM head
+    return int(round(total))
+
+
+def ran_forward_flops(cfg: ModelConfig, seq_len: int, routing: Sequence, experts: Sequence, recursion=None) -> float:
+    """Forward FLOPs per sequence of a pass as it ran, from its ``ModelOutput.routing``,
+    ``.experts`` and ``.recursion``: each routed block (and recursion step) at the tokens its padded
+    batch held (the most any row picked: causal routing packs the picks of every row to that
+    length), each mixture of experts at the expert passes it computed (per row). Reads the counts
+    on the host."""
+    if recursion is not None:
+        steps = [int(info.selected.sum(dim=1).max()) for info in recursion.steps]
+        return forward_flops(cfg, seq_len, tokens_per_recursion_step=steps)
     tokens = [int(info.selected.sum(dim=1).max()) for info in routing]
     passes = {info.layer: float(info.computed.sum()) / info.computed.size(0) for info in experts}
     return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens or None,
@@ -134,7 +172,7 @@ def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:
     """
     flops = 3 * forward_flops(cfg, seq_len, **kwargs)
     if cfg.causal_method == "predictor":
-        flops -= len(cfg.routed_layers) * 2 * seq_len * cfg.d_model * cfg.predictor_hidden
+        flops -= cfg.n_deciders * 2 * seq_len * cfg.d_model * cfg.predictor_hidden
     return flops
 
 
@@ -151,10 +189,11 @@ def decode_flops(cfg: ModelConfig, context: int, share: Optional[float] = None) 
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """The same shape with no routing and dense MLPs: the baseline MoD's (and MoE's) costs are
-    measured against."""
+    """The same shape with no routing, dense MLPs and no recursion (every block its own): the
+    baseline MoD's (and MoE's, and MoR's) costs are measured against."""
     return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "route_layers": None, "capacities": None,
                           "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
+                          "recursions": 1, "recursion_capacities": None,
                           "decision_thresholds": None, "decision_spreads": None})
 
 

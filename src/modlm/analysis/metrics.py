@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..model.moe import ExpertInfo
+from ..model.recursion import RecursionInfo
 from ..model.routing import RoutingInfo, causal_logits
 
 
@@ -30,10 +31,13 @@ def causal_decision(info: RoutingInfo) -> torch.Tensor:
     return causal_logits(info.router_logits, info.predictor_logits) > 0
 
 
-def decision_counts(info: RoutingInfo) -> torch.Tensor:
+def decision_counts(info: RoutingInfo, among: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[agreements, tokens, true positives, predicted positives, top-k positives] of the causal
-    decision against top-k membership; counts add up over batches and ranks, ratios would not."""
+    decision against top-k membership; counts add up over batches and ranks, ratios would not.
+    ``among`` (B, T) bool: count only those tokens (a recursion step's eligible ones)."""
     decision, target = causal_decision(info), info.topk
+    if among is not None:
+        decision, target = decision[among], target[among]
     counts = [(decision == target).sum(), torch.tensor(target.numel(), device=target.device),
               (decision & target).sum(), decision.sum(), target.sum()]
     return torch.stack(counts).double()  # on the device: no sync until the ratios are needed
@@ -86,6 +90,41 @@ def selection_figures(infos: Sequence[RoutingInfo], input_ids: torch.Tensor, eot
         if n + 1 < len(infos):
             both, mine = overlap_counts(info, infos[n + 1]).tolist()
             figures["overlap"][info.layer] = both / max(1, mine)
+    return figures
+
+
+# --- recursion steps (Mixture-of-Recursions) ----------------------------------------------------------
+def step_eligible(info: RecursionInfo, step: int) -> Optional[torch.Tensor]:
+    """(B, T) bool: the tokens recursion step ``step`` chose among (those the step before
+    processed); None for the first step (every token)."""
+    return info.steps[step - 1].selected if step else None
+
+
+def recursion_decision_counts(info: RecursionInfo) -> dict[int, torch.Tensor]:
+    """``decision_counts`` of each step, among the tokens it chose from (none under token choice:
+    its depths are decided up front, with no top-k to grade them against)."""
+    return {step.layer: decision_counts(step, step_eligible(info, n)) for n, step in enumerate(info.steps)
+            if step.topk is not None}
+
+
+def depth_shares(info: RecursionInfo) -> list[float]:
+    """The share of tokens that took exactly d recursion steps, for d = 0 .. the number of steps."""
+    depth = info.depth.flatten()
+    counts = torch.bincount(depth, minlength=len(info.steps) + 1).double()
+    return (counts / counts.sum()).tolist()
+
+
+def recursion_figures(info: RecursionInfo, decisions: bool = True) -> dict[str, dict[int, float]]:
+    """``{figure: {step: value}}`` over the recursion steps of one pass: ``capacity_used`` (share of
+    the sequence the step processed) and, with ``decisions``, ``causal_acc``, ``causal_precision``,
+    ``causal_recall`` of its causal decision against its top-k, among the tokens it chose from."""
+    figures: dict[str, dict[int, float]] = {"capacity_used": {}}
+    for step in info.steps:
+        figures["capacity_used"][step.layer] = capacity_used(step).item()
+    if decisions:
+        for layer, counts in recursion_decision_counts(info).items():
+            for name, value in quality_from_counts(counts).items():
+                figures.setdefault(name, {})[layer] = value
     return figures
 
 

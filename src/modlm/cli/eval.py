@@ -218,7 +218,9 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
     seq_len = batches[0].shape[1] - 1
     used = [result[f"causal.capacity_used.layer_{i}"] for i in model.config.routed_layers] or None
     passes = [result.get(f"causal.expert_slots.layer_{i}", 0.0) for i in model.config.expert_layers] or None
-    result["flops_per_token"] = flops_per_token(model, seq_len, used, passes)
+    steps = [result[f"causal.capacity_used.step_{r}"] for r in range(model.config.recursions)
+             if model.config.routes_recursion] or None
+    result["flops_per_token"] = flops_per_token(model, seq_len, used, passes, steps)
     result["flops_per_token_topk"] = flops_per_token(model, seq_len)
     prompt_len = min(run.prompt_tokens, model.config.max_seq_len // 2)  # leave room to generate
     prompt = batches[0][:1, :prompt_len].to(run.device)

@@ -89,7 +89,7 @@ class ModelConfig:
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
         "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "qkv_bias", "mlp", "mlp_hidden",
         "tie_embeddings", "route_every", "route_layers", "causal_method", "predictor_hidden", "n_experts",
-        "noop_experts", "moe_every",
+        "noop_experts", "moe_every", "recursions", "recursion_sharing", "recursion_routing",
     )
     """The fields that decide which parameters exist and their shapes (``n_heads`` only splits
     them, but weights trained with other heads compute another function): saved weights load only
@@ -101,7 +101,8 @@ class ModelConfig:
     d_model: int = 256
     """Width of the residual stream."""
     n_layers: int = 6
-    """Number of transformer blocks (dense and routed together)."""
+    """Number of transformer blocks (dense and routed together); with ``recursions > 1``, the blocks a
+    token passes when it takes every recursion step."""
     n_heads: int = 8
     """Attention (query) heads per block; without ``head_size``, ``d_model`` must divide evenly; the
     head size must be even (RoPE)."""
@@ -227,6 +228,42 @@ class ModelConfig:
     """Weight of the load-balancing loss (``n_choices * sum_e f_e * P_e`` over real and no-op
     experts: 1 when balanced), averaged over the mixture-of-experts MLPs."""
 
+    # --- Mixture-of-Recursions -------------------------------------------------------------------
+    recursions: int = 1
+    """N_r, how many times one shared stack of blocks is applied (Mixture-of-Recursions: the same
+    weights up to N_r times per token); 1: no recursion, every block has its own weights.
+    ``n_layers`` stays the depth of a token that takes every recursion, so a recursive model costs
+    what the plain model of ``n_layers`` blocks costs, with the shared blocks' parameters divided by
+    N_r. Recursion routing replaces routed blocks: needs ``route_every=0`` and no experts."""
+    recursion_sharing: Literal["cycle", "middle_cycle"] = "middle_cycle"
+    """Which blocks the recursions share: ``cycle``, all ``n_layers / recursions`` unique blocks form
+    the stack applied N_r times; ``middle_cycle``, the first and the last block are unique (every
+    token passes each once) and the ``(n_layers - 2) / recursions`` blocks between them form the stack
+    (the scheme the paper found best)."""
+    recursion_routing: Literal["expert_choice", "token_choice", "dense"] = "expert_choice"
+    """How many recursions a token gets: ``expert_choice``, before each recursion step a router picks by
+    top-k the tokens that take it, among those that took the step before (hierarchical filtering:
+    the k of step r is ``recursion_capacities[r]`` of the sequence), and causal routing decides per
+    token as a routed block does (``causal_method``, ``causal_decision``); ``token_choice``, one router
+    at the recursion's input gives each token its depth up front (the most probable of 1 .. N_r; that
+    probability weighs every step it takes), causal as it is, with a load-balancing loss
+    (``recursion_balance_weight``) holding the depths near uniform; ``dense``, every token takes every
+    recursion (the recursive baseline: no routers)."""
+    recursion_kv: Literal["recursion_wise", "shared"] = "recursion_wise"
+    """Keys and values of the shared stack: ``recursion_wise``, each recursion step computes its own
+    for the tokens it processes, attends over only those and caches only those (a step's KV cache
+    holds exactly its tokens); ``shared`` (recursive KV sharing), the first step's keys and values
+    are reused by every later step, whose queries attend over all the tokens the first step
+    processed (causally) and which compute and cache no keys or values of their own: less compute
+    and one step's caches instead of N_r, at the cost of later steps seeing first-step keys."""
+    recursion_capacities: Optional[list[float]] = None
+    """The share of a sequence each recursion step processes, one per step, non-increasing, each in
+    (0, 1]. None: ``(N_r - r) / N_r`` for step r = 0 .. N_r - 1 (N_r = 3: 1, 2/3, 1/3). Expert choice
+    only (token choice's shares are what its router picks; their balanced values are the default's)."""
+    recursion_balance_weight: float = 0.01
+    """Weight of token choice's load-balancing loss, ``N_r * sum_d f_d * P_d`` over the depths (1 when
+    the router is uniform), in ``aux_loss``."""
+
     def __post_init__(self) -> None:
         self._validate()
         if self.mlp_hidden is None:
@@ -291,10 +328,12 @@ class ModelConfig:
         need(self.causal_decision in ("plain", "calibrated", "controlled"), "causal_decision",
              "'plain', 'calibrated' or 'controlled'")
         need(self.decision_logit in ("trained", "standardized_router"), "decision_logit", "'trained' or 'standardized_router'")
+        self._validate_recursion(need)
+        n_deciders = self.n_deciders
         for field in ("decision_thresholds", "decision_spreads"):
             value = getattr(self, field)
-            need(value is None or len(value) == len(self.routed_layers), field,
-                 f"None or one number per routed block ({len(self.routed_layers)})")
+            need(value is None or len(value) == n_deciders, field,
+                 f"None or one number per routed block or routed recursion step ({n_deciders})")
         need(isinstance(self.budget_gain, (int, float)) and self.budget_gain >= 0, "budget_gain", ">= 0")
         need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
         need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
@@ -305,6 +344,36 @@ class ModelConfig:
         need(isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.n_layers, "moe_every",
              f"an integer in [1, n_layers={self.n_layers}]")
         need(self.moe_aux_weight >= 0, "moe_aux_weight", ">= 0")
+
+    def _validate_recursion(self, need) -> None:
+        need(isinstance(self.recursions, int) and self.recursions >= 1, "recursions", "an integer >= 1 (1 = no recursion)")
+        need(self.recursion_sharing in ("cycle", "middle_cycle"), "recursion_sharing", "'cycle' or 'middle_cycle'")
+        need(self.recursion_routing in ("expert_choice", "token_choice", "dense"), "recursion_routing",
+             "'expert_choice', 'token_choice' or 'dense'")
+        need(isinstance(self.recursion_balance_weight, (int, float)) and self.recursion_balance_weight >= 0,
+             "recursion_balance_weight", ">= 0")
+        need(self.recursion_kv in ("recursion_wise", "shared"), "recursion_kv", "'recursion_wise' or 'shared'")
+        if self.recursions == 1:
+            need(self.recursion_capacities is None, "recursion_capacities", "None when recursions is 1")
+            need(self.recursion_kv == "recursion_wise", "recursion_kv", "'recursion_wise' when recursions is 1")
+            return
+        n = self.recursions
+        if self.recursion_sharing == "cycle":
+            need(self.n_layers % n == 0, "n_layers", f"a multiple of recursions={n} (cycle sharing)")
+        else:
+            need(self.n_layers > 2 and (self.n_layers - 2) % n == 0, "n_layers",
+                 f"2 plus a positive multiple of recursions={n} (middle_cycle sharing: first and last block unique)")
+        need(self.route_every == 0 and not self.route_layers, "route_every",
+             "0 (and route_layers None or []) when recursions > 1: recursion routing replaces routed blocks")
+        need(self.n_experts == 0, "n_experts", "0 when recursions > 1")
+        capacities = self.recursion_capacities
+        need(capacities is None or self.recursion_routing == "expert_choice", "recursion_capacities",
+             "None unless recursion_routing is 'expert_choice' (the router decides token choice's shares)")
+        need(capacities is None or (
+            isinstance(capacities, (list, tuple)) and len(capacities) == n
+            and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in capacities)
+            and all(a >= b for a, b in zip(capacities, capacities[1:]))),
+             "recursion_capacities", f"None or {n} non-increasing values in (0, 1], one per recursion step")
 
     # --- derived quantities ---------------------------------------------------------------------
     @property
@@ -327,17 +396,28 @@ class ModelConfig:
     def routed_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_routed(i)]
 
+    @property
+    def n_deciders(self) -> int:
+        """Routers with a causal decision (and a calibrated threshold): routed blocks, routed recursion steps."""
+        return len(self.routed_layers) + len(self.routed_steps)
+
     def decision_threshold(self, layer: int) -> float:
         """The calibrated decision threshold of routed block ``layer`` (0 until calibrated)."""
-        if self.decision_thresholds is None:
-            return 0.0
-        return float(self.decision_thresholds[self.routed_layers.index(layer)])
+        return self.unit_threshold(self.routed_layers.index(layer))
 
     def decision_spread(self, layer: int) -> float:
         """The spread of routed block ``layer``'s decision logits on its calibration windows (1 until calibrated)."""
-        if self.decision_spreads is None:
-            return 1.0
-        return float(self.decision_spreads[self.routed_layers.index(layer)])
+        return self.unit_spread(self.routed_layers.index(layer))
+
+    def unit_threshold(self, unit: int) -> float:
+        """The calibrated decision threshold of decider ``unit``: the routed blocks in depth order, or
+        the routed recursion steps in step order (0 until calibrated)."""
+        return 0.0 if self.decision_thresholds is None else float(self.decision_thresholds[unit])
+
+    def unit_spread(self, unit: int) -> float:
+        """The spread of decider ``unit``'s decision logits on its calibration windows (1 until calibrated)."""
+        return 1.0 if self.decision_spreads is None else float(self.decision_spreads[unit])
+
     @property
     def layer_capacities(self) -> list[float]:
         """The capacity of each routed block, in depth order (``capacities``, or ``capacity``
@@ -353,6 +433,50 @@ class ModelConfig:
         """The capacity of routed block ``layer`` (its block index)."""
         return self.layer_capacities[self.routed_layers.index(layer)]
 
+    @property
+    def recursive(self) -> bool:
+        """Whether a shared stack of blocks is applied more than once (``recursions > 1``)."""
+        return self.recursions > 1
+
+    @property
+    def unique_before(self) -> int:
+        """Unique blocks before the shared stack (1 with ``middle_cycle`` sharing, else 0); as many after it."""
+        return 1 if self.recursive and self.recursion_sharing == "middle_cycle" else 0
+
+    @property
+    def stack_layers(self) -> int:
+        """Blocks in the shared stack one recursion step applies (0 without recursion)."""
+        return (self.n_layers - 2 * self.unique_before) // self.recursions if self.recursive else 0
+
+    @property
+    def step_capacities(self) -> list[float]:
+        """The share of a sequence each recursion step processes (``recursion_capacities``, or
+        ``(N_r - r) / N_r``, also token choice's shares when its router is balanced); every step 1 with
+        ``recursion_routing="dense"``; empty without recursion."""
+        if not self.recursive:
+            return []
+        if self.recursion_routing == "dense":
+            return [1.0] * self.recursions
+        if self.recursion_capacities is not None:
+            return [float(c) for c in self.recursion_capacities]
+        return [(self.recursions - r) / self.recursions for r in range(self.recursions)]
+
+    @property
+    def routes_recursion(self) -> bool:
+        """Whether a router decides how many recursion steps a token takes (expert or token choice)."""
+        return self.recursive and self.recursion_routing != "dense"
+
+    @property
+    def static_training_shapes(self) -> bool:
+        """Whether a training pass has the same shapes for every batch (token choice's steps process
+        what its router picked, so their sizes are the data's)."""
+        return not (self.recursive and self.recursion_routing == "token_choice")
+
+    @property
+    def routed_steps(self) -> list[int]:
+        """The recursion steps a router decides, by 0-based index (every step with expert choice)."""
+        return list(range(self.recursions)) if self.recursive and self.recursion_routing == "expert_choice" else []
+
     def has_experts(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) has a mixture-of-experts MLP."""
         return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
@@ -363,9 +487,9 @@ class ModelConfig:
 
     @property
     def routes_tokens(self) -> bool:
-        """Whether any router decides per token (routed blocks or expert routers): then training
+        """Whether any router decides per token (routed blocks, expert routers, recursion steps): then training
         routing (top-k, expert capacity) and causal routing are different computations."""
-        return bool(self.routed_layers or self.expert_layers)
+        return bool(self.routed_layers or self.expert_layers or self.routed_steps)
 
     def slots_per_expert(self, n_tokens: int) -> int:
         """Training slots of each real expert for one sequence of ``n_tokens`` MLP inputs: its

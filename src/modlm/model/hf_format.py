@@ -199,6 +199,9 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     for field in ("n_experts", "noop_experts"):
         if overrides.get(field):
             raise UserError(f"{field}={overrides[field]!r}: a pretrained dense checkpoint has one MLP per block, not experts")
+    if overrides.get("recursions", 1) != 1:
+        raise UserError(f"recursions={overrides['recursions']!r}: a pretrained checkpoint's blocks each have their own "
+                        "weights; converting them to a shared stack is not supported")
     values = {"route_every": 0, **overrides, **arch, "max_seq_len": max_seq_len}  # dense unless routing is asked for
     routed = ModelConfig(**{**values, "router_weight": values.get("router_weight", "sigmoid")}).routed_layers
     if routed and "router_weight" not in overrides:
@@ -343,8 +346,8 @@ AUTO_MAP = {
 
 def is_standard(cfg: ModelConfig) -> bool:
     """Whether ``cfg`` is a plain Llama (or Qwen2, with query/key/value biases) that transformers
-    runs with its own code: no routed blocks, no experts, SwiGLU MLPs."""
-    return not cfg.routed_layers and not cfg.expert_layers and cfg.mlp == "swiglu"
+    runs with its own code: no routed blocks, no experts, no recursion, SwiGLU MLPs."""
+    return not cfg.routed_layers and not cfg.expert_layers and not cfg.recursive and cfg.mlp == "swiglu"
 
 
 def token_ids(tokenizer_json: str) -> dict[str, int]:

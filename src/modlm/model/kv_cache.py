@@ -96,15 +96,86 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end], mask.unsqueeze(1)
 
 
+class KVRecord:
+    """The keys and values one block computed in a pass over whole sequences (no cache), with each
+    key's original position (-1 for padding), kept for the later recursion steps that attend over
+    them (recursive KV sharing, ``SharedKV``)."""
+
+    reads = False
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.positions: Optional[torch.Tensor] = None
+
+    def record(self, k, v, index, n_real=None) -> None:
+        """Keep keys/values (B, H, n, hd) of tokens at ``index`` (B, n), the first ``n_real`` real."""
+        if n_real is not None:
+            index = index.masked_fill(torch.arange(index.size(1), device=index.device) >= n_real.unsqueeze(1), -1)
+        self.k, self.v, self.positions = k, v, index
+
+
+class SharedKV:
+    """Another pass's keys and values, read instead of computing any (recursive KV sharing: a later
+    recursion step attends over the first step's). ``source`` is that step's block's ``KVRecord``
+    (whole sequences) or ``KVCache`` (a prompt, a decoding step): both hold ``k``, ``v`` and the
+    ``positions`` of their entries (-1: no token)."""
+
+    reads = True
+
+    def __init__(self, source):
+        self.source = source
+
+    def read(self, index, n_real=None, rows=None, span=None):
+        """Keys, values and the boolean mask (B, 1, n, S) for queries at ``index`` (B, n): a query
+        sees every entry at its own position or before; a query that is not real (past ``n_real``)
+        sees every slot, so that its output, dropped later, stays finite."""
+        k, v, positions = self.source.k, self.source.v, self.source.positions
+        if span is not None:
+            k, v, positions = k[:, :, :span], v[:, :, :span], positions[:, :span]
+        if rows is not None:
+            k, v, positions = k.index_select(0, rows), v.index_select(0, rows), positions.index_select(0, rows)
+        keys = positions.unsqueeze(1)  # (B, 1, S)
+        mask = (keys >= 0) & (keys <= index.unsqueeze(-1))  # (B, n, S)
+        if n_real is not None:  # a query with no key at all gives NaN on some kernels (0 * NaN is NaN)
+            padding = torch.arange(index.size(1), device=index.device) >= n_real.unsqueeze(1)
+            mask = mask | padding.unsqueeze(-1)
+        return k, v, mask.unsqueeze(1)
+
+
+class StackCache:
+    """The caches of a stack of blocks run as one unit (a recursion step: ``recursion.py``): one
+    ``KVCache`` per block, in order, and the state of the causal decision of the router in front of
+    it (what a routed block keeps on its own ``KVCache``)."""
+
+    def __init__(self, blocks: list[Optional[KVCache]]):
+        self.blocks = blocks
+        """One ``KVCache`` per block of the stack (None where the step caches nothing: a later step
+        under recursive KV sharing reads the first step's)."""
+        self.decision_threshold: Optional[torch.Tensor] = None
+        """As ``KVCache.decision_threshold``: the router's running threshold per row."""
+        self.router_moments: Optional[torch.Tensor] = None
+        """As ``KVCache.router_moments``."""
+        self.processed: Optional[torch.Tensor] = None
+        """(B,) tokens of each row the step has processed (its caches' length, where it caches)."""
+
+    def count(self, processed: torch.Tensor) -> None:
+        """Add ``processed`` (B,) tokens to each row's count."""
+        self.processed = processed.long() if self.processed is None else self.processed + processed
+
+
 class DecodeState:
     """Everything a model carries from one decoding step to the next: the cache of every block,
     how many tokens each row has consumed, a bound on that count known to the host, and the rotary
     tables of every position (computed once, indexed per step). Made by ``MoDTransformer.new_state``."""
 
-    def __init__(self, caches: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, caches: list, rope: tuple[torch.Tensor, torch.Tensor], batch_size: Optional[int] = None):
         self.caches = caches
-        """One ``KVCache`` per block, in depth order."""
-        self.seen = torch.zeros_like(caches[0].length)
+        """One entry per entry of the model's ``blocks``, in depth order: a ``KVCache`` per block, a
+        list of ``StackCache`` (one per recursion step) per recursion."""
+        # batch_size None: the first entry is a KVCache and its rows say it
+        rows = caches[0].length.numel() if batch_size is None else batch_size
+        self.seen = torch.zeros(rows, dtype=torch.long, device=rope[0].device)
         """(B,) tokens each row has consumed (on the device)."""
         self.filled = 0
         """Tokens the longest row has consumed, known to the host without a sync: no block's cache

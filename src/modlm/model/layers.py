@@ -49,6 +49,8 @@ class CausalSelfAttention(nn.Module):
         before them in their row.
         """
         B, T, _ = x.shape
+        if where.kv is not None and where.kv.reads:
+            return self._attend_shared(x, where)
         if self.kv_heads == self.n_heads:
             qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k = apply_rope(qkv[:2], where.cos, where.sin)  # queries and keys in one rotation: half the ops
@@ -63,9 +65,24 @@ class CausalSelfAttention(nn.Module):
             groups = {"enable_gqa": True}
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **groups)
+            if where.kv is not None:  # the first recursion step under KV sharing: later steps read these
+                where.kv.record(k, v, where.index, where.n_real)
         else:
             k, v, mask = cache.store(k, v, where.index, where.n_real, where.rows, where.span)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **groups)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_shared(self, x: torch.Tensor, where: Positions) -> torch.Tensor:
+        """Queries alone (the query rows of the fused projection), attending over keys and values
+        another pass computed (``where.kv``, a ``SharedKV``)."""
+        B, T, _ = x.shape
+        width = self.n_heads * self.head_dim
+        bias = None if self.qkv.bias is None else self.qkv.bias[:width]
+        q = F.linear(x, self.qkv.weight[:width], bias).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, where.cos, where.sin)
+        k, v, mask = where.kv.read(where.index, where.n_real, where.rows, where.span)
+        groups = {"enable_gqa": True} if self.kv_heads != self.n_heads else {}
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **groups)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

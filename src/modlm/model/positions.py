@@ -86,6 +86,10 @@ class Positions:
     policy: Optional[DecodePolicy] = None
     """Set on one-token decoding steps only (``MoDTransformer.decode_step``): how the step may use
     the host. None: a pass over whole sequences (training, evaluation, a prompt)."""
+    kv: Optional[object] = None
+    """Recursive KV sharing (``recursion.py``): for a block's attention, a ``KVRecord`` to keep its
+    keys and values in, or a ``SharedKV`` to read instead of computing its own; for a shared stack,
+    a list of those, one per block (the stack hands each block its own). None: neither."""
 
     @classmethod
     def sequence(cls, cfg: ModelConfig, length: int, device=None) -> "Positions":

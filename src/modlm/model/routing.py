@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, Routing
-from .kv_cache import KVCache
 from .layers import Block
 from .moe import ExpertInfo
 from .numerics import full_precision
@@ -53,7 +52,7 @@ class RoutingInfo:
     layer: int
     """Index of the block in the model (set by the model's loop, not by the block: a block's
     training computation does not depend on where it sits, so compiled blocks of one kind share one
-    graph)."""
+    graph); for a recursion step (``RecursionInfo.steps``), the step's index."""
     selected: torch.Tensor
     """(B, T) bool: tokens the block processed."""
     router_logits: torch.Tensor
@@ -99,18 +98,58 @@ def pack_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return picks, n_real
 
 
+def update_picked(update, x, weight, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+    """Gather the picked tokens, run ``update`` (a block's residual update, ``(x, where, routing,
+    cache) -> (f, info)``) on them alone, scale it by ``weight`` (B, T) and scatter-add it back;
+    tokens not picked leave bit-for-bit unchanged. Also returns what the update's mixture-of-experts
+    MLP did, if it has one."""
+    if picks.size(1) == 0:
+        return x, None
+    delta, experts = update(gather_tokens(x, picks), where.gather(picks, n_real), routing, cache)
+    weight = weight.gather(1, picks)
+    if n_real is not None:  # padding's update is dropped
+        weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
+    # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
+    contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
+    return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution), experts
+
+
+def update_rows(update, x, keep, weight, where: Positions, cache) -> torch.Tensor:
+    """A decoding step's update of the rows that ``keep`` (B,) says process their token, scaled by
+    ``weight`` (B, 1): the others store nothing in ``cache`` and leave unchanged. Where the host may
+    decide (``DecodePolicy.host_decides``) they also cost nothing; elsewhere every row computes and
+    the others' updates are multiplied by 0."""
+    if where.policy.host_decides:
+        n = int(keep.sum())
+        if n == 0:
+            return x
+        if n < x.size(0):
+            rows = keep.nonzero().squeeze(1)
+            delta, _ = update(x.index_select(0, rows), where.select_rows(rows), Routing.CAUSAL, cache)
+            contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
+            return x.index_add(0, rows, contribution.to(x.dtype))
+        step = replace(where, n_real=None)  # every row processes its token
+    else:
+        step = replace(where, n_real=keep.long())
+        weight = weight * keep.unsqueeze(1)
+    delta, _ = update(x, step, Routing.CAUSAL, cache)
+    return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
+
+
 class RoutedBlock(nn.Module):
     """A ``Block`` behind a router: ``x_i + w(r_i) * f(X~)_i`` for picked tokens, ``x_i`` otherwise."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, capacity: Optional[float] = None):
+        """``capacity``: the share of a sequence it processes in top-k routing (default: block
+        ``layer``'s configured one)."""
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.block = Block(cfg, layer)
+        self.block = self.make_block()
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         self.calibrating = False
         """Set by ``MoDTransformer.calibrate`` for its one pass: this block's threshold is computed then."""
-        self.capacity: float = cfg.capacity_of(layer)
+        self.capacity: float = cfg.capacity_of(layer) if capacity is None else capacity
         """The share of a sequence this block processes in top-k routing: its configured capacity, or
         where a capacity schedule is training (``modlm.training.capacity``), that step's."""
         # The predictor reads the router's input through a stop-gradient: it learns to imitate
@@ -120,6 +159,25 @@ class RoutedBlock(nn.Module):
             if cfg.causal_method == "predictor"
             else None
         )
+
+    def make_block(self) -> Optional[nn.Module]:
+        """The block this router owns and runs on its picks (a recursion step owns none: it runs the
+        shared stack its recursion owns)."""
+        return Block(self.cfg, self.layer)
+
+    def update(self, x: torch.Tensor, where: Positions, routing: Routing, cache) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+        """The residual update ``f`` of the picked tokens ``x`` and what its mixture of experts did."""
+        return self.block(x, where, routing, cache, residual=False)
+
+    @property
+    def unit(self) -> int:
+        """Where this router's entries sit in ``decision_thresholds`` / ``decision_spreads``."""
+        return self.cfg.routed_layers.index(self.layer)
+
+    def decision_share(self) -> float:
+        """The share of the tokens it may process that causal routing aims at (the controller's
+        target, the calibrated threshold's quantile; random routing's probability)."""
+        return self.cfg.capacity
 
     def reset_parameters(self) -> None:
         """Start the predictor at the base rate: sigmoid(bias) = capacity, so before it has learned
@@ -157,13 +215,15 @@ class RoutedBlock(nn.Module):
         return r, p
 
     def decide(self, r: torch.Tensor, p: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None,
-               cache: Optional[KVCache] = None) -> torch.Tensor:
+               cache=None) -> torch.Tensor:
         """The causal per-token decision (B, T) bool (``ModelConfig.causal_decision``): each token
         from its own scores and, when controlled, the row's earlier decisions; never a later token.
-        ``valid`` (B, T) marks real tokens (padding is never processed and moves no controller);
-        a ``cache`` carries the controller's per-row threshold between calls."""
+        ``valid`` (B, T) marks the tokens it may process (padding, and in a recursion step the
+        tokens the step before did not process, never are and move no controller); a ``cache`` (a
+        ``KVCache``, or a recursion step's ``StackCache``) carries the controller's per-row threshold
+        between calls."""
         if self.cfg.random_routing:
-            decided = torch.rand_like(r) < self.cfg.capacity
+            decided = torch.rand_like(r) < self.decision_share()
         else:
             logit = causal_logits(r, p) if self.cfg.decision_logit == "trained" else self._standardized(r, valid, cache)
             mode = "calibrated" if self.calibrating else self.cfg.causal_decision
@@ -172,12 +232,12 @@ class RoutedBlock(nn.Module):
             if mode == "plain":
                 decided = logit > 0
             elif mode == "calibrated":
-                decided = logit > self.cfg.decision_threshold(self.layer)
+                decided = logit > self.cfg.unit_threshold(self.unit)
             else:
                 decided = self._controlled(logit, valid, cache)
         return decided if valid is None else decided & valid
 
-    def _standardized(self, r: torch.Tensor, valid: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+    def _standardized(self, r: torch.Tensor, valid: Optional[torch.Tensor], cache) -> torch.Tensor:
         """``(r_t - mean) / std`` over the row's real tokens up to and including t (and, with a
         ``cache``, the row's earlier tokens, whose moments it carries)."""
         w = r.new_ones(r.shape) if valid is None else valid.to(r.dtype)
@@ -195,25 +255,26 @@ class RoutedBlock(nn.Module):
         """The (1 - capacity) quantile of ``logit`` over the real tokens: exactly the capacity's share
         of them is above it (ties aside)."""
         values = (logit if valid is None else logit[valid]).flatten().float()
-        k = max(1, min(values.numel(), round(self.cfg.capacity * values.numel())))
-        index = self.cfg.routed_layers.index(self.layer)
+        k = max(1, min(values.numel(), round(self.decision_share() * values.numel())))
+        index = self.unit
         self.cfg.decision_thresholds[index] = float(values.topk(k).values[-1]) - 1e-6
         self.cfg.decision_spreads[index] = max(float(values.std()), 1e-6) if values.numel() > 1 else 1.0
 
-    def _controlled(self, logit: torch.Tensor, valid: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+    def _controlled(self, logit: torch.Tensor, valid: Optional[torch.Tensor], cache) -> torch.Tensor:
         """Integral control of each row's share processed: token t is processed iff its logit is above
         the row's threshold, which then moves by ``budget_gain * spread * (processed - capacity)``.
         Token by token (a prompt or an evaluation window is a loop over its positions; a decoding
         step is one)."""
         cfg = self.cfg
-        gain = cfg.budget_gain * cfg.decision_spread(self.layer)
+        gain = cfg.budget_gain * cfg.unit_spread(self.unit)
+        share = self.decision_share()
         threshold = cache.decision_threshold if cache is not None else None
         if threshold is None:
-            threshold = logit.new_full(logit.shape[:1], cfg.decision_threshold(self.layer), dtype=torch.float32)
+            threshold = logit.new_full(logit.shape[:1], cfg.unit_threshold(self.unit), dtype=torch.float32)
         decisions = []
         for t in range(logit.size(1)):
             decided = logit[:, t] > threshold
-            step = decided.float() - cfg.capacity
+            step = decided.float() - share
             if valid is not None:
                 decided, step = decided & valid[:, t], step * valid[:, t]
             decisions.append(decided)
@@ -223,32 +284,40 @@ class RoutedBlock(nn.Module):
         return torch.stack(decisions, dim=1)
 
     def forward(
-        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None
+        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache=None,
+        eligible: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[RoutingInfo]]:
         """Returns the new residual stream and what was routed.
 
         With a ``cache`` (a prompt or a decoding step; routing is then causal) top-k membership and
         the aux losses, which need the whole sequence, are not computed, and a decoding step reports
-        nothing (``None``): it is the hot loop of generation.
+        nothing (``None``): it is the hot loop of generation. ``eligible`` (B, T) bool, or (B, 1) on a
+        decoding step: the only tokens it may pick (a recursion step's hierarchical filtering: those
+        the step before processed); None: every token.
         """
         r, p = self.scores(x)
         if where.policy is not None:
-            return self._decode_step(x, r, p, where, cache), None
+            return self._decode_step(x, r, p, where, cache, eligible)[0], None
 
         B, T, _ = x.shape
         topk = None
         if cache is None:  # the whole sequence is here: top-k membership (the causal decision's target) exists
             scores = torch.rand_like(r) if self.cfg.random_routing else r
+            if eligible is not None:  # k never exceeds the eligible count (capacities do not increase)
+                scores = scores.masked_fill(~eligible, float("-inf"))
             topk_picks = topk_indices(scores, self.topk_tokens(T))
             topk = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, topk_picks, True)
         if routing == Routing.TOPK:
             picks, n_real, selected = topk_picks, None, topk
         else:
-            selected = self.decide(r, p, where.valid(T), cache)  # padding is never processed
+            valid = where.valid(T)  # padding is never processed
+            if eligible is not None:
+                valid = eligible if valid is None else valid & eligible
+            selected = self.decide(r, p, valid, cache)
             picks, n_real = pack_selected(selected)
         x, experts = self._update_picked(x, r, picks, n_real, where, cache, routing)
 
-        aux_losses, aux = self._aux_losses(r, p, topk) if topk is not None else ({}, r.new_zeros(()))
+        aux_losses, aux = self._aux_losses(r, p, topk, eligible) if topk is not None else ({}, r.new_zeros(()))
         info = RoutingInfo(
             layer=-1,  # the model names it
             selected=selected.detach(),
@@ -263,51 +332,38 @@ class RoutedBlock(nn.Module):
         return x, info
 
     def _update_picked(self, x, r, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
-        """Gather the picked tokens, run the block's update on them alone, scale it by the router
-        weight and scatter-add it back; tokens not picked leave bit-for-bit unchanged. Also returns
-        what the block's mixture-of-experts MLP did, if it has one."""
-        if picks.size(1) == 0:
-            return x, None
-        delta, experts = self.block(gather_tokens(x, picks), where.gather(picks, n_real), routing, cache, residual=False)
-        weight = self.router_weight(r).gather(1, picks)
-        if n_real is not None:  # padding's update is dropped
-            weight = weight * (torch.arange(picks.size(1), device=x.device) < n_real.unsqueeze(1))
-        # scatter_add wants one dtype: the update may be bf16 under autocast, the stream is not.
-        contribution = (delta * weight.unsqueeze(-1)).to(x.dtype)
-        return x.scatter_add(1, picks.unsqueeze(-1).expand(-1, -1, x.size(-1)), contribution), experts
+        return update_picked(self.update, x, self.router_weight(r), picks, n_real, where, cache, routing)
 
-    def _decode_step(self, x, r, p, where: Positions, cache: KVCache) -> torch.Tensor:
-        """One new token per row: a yes/no per row, no sorting, no gather along the sequence.
+    def _decode_step(self, x, r, p, where: Positions, cache, eligible: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row: a yes/no per row, no sorting, no gather along the sequence. Returns
+        the new stream and the decision (B,) bool.
 
         Rows that skip store nothing in this block's cache and leave the block unchanged. Where the
         host may decide (``DecodePolicy.host_decides``), they also cost nothing beyond the router.
         """
         valid = None if where.n_real is None else (where.n_real > 0).unsqueeze(1)
+        if eligible is not None:
+            valid = eligible if valid is None else valid & eligible
         keep = self.decide(r, p, valid, cache)[:, 0]
-        if where.policy.host_decides:
-            n = int(keep.sum())
-            if n == 0:
-                return x
-            weight = self.router_weight(r)  # (B, 1)
-            if n < x.size(0):
-                rows = keep.nonzero().squeeze(1)
-                delta, _ = self.block(x.index_select(0, rows), where.select_rows(rows), Routing.CAUSAL, cache, residual=False)
-                contribution = delta * weight.index_select(0, rows).unsqueeze(-1)
-                return x.index_add(0, rows, contribution.to(x.dtype))
-            step = replace(where, n_real=None)  # every row processes its token
-        else:
-            step = replace(where, n_real=keep.long())
-            weight = self.router_weight(r) * keep.unsqueeze(1)
-        delta, _ = self.block(x, step, Routing.CAUSAL, cache, residual=False)
-        return x + (delta * weight.unsqueeze(-1)).to(x.dtype)
+        return update_rows(self.update, x, keep, self.router_weight(r), where, cache), keep
 
-    def _aux_losses(self, r, p, topk) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """BCE of the causal decision's logits against top-k membership, per row and token."""
+    def _aux_losses(self, r, p, topk, eligible=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """BCE of the causal decision's logits against top-k membership, per row and token: over
+        the ``eligible`` tokens only, when given (the others are never asked)."""
         if self.cfg.random_routing:  # membership is noise; there is nothing to learn
             return {}, r.new_zeros(())
         target = topk.to(r.dtype)
+        weight = None if eligible is None else eligible.to(r.dtype)
+
+        def bce(logits):
+            if weight is None:
+                return F.binary_cross_entropy_with_logits(logits, target)
+            losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            return (losses * weight).sum() / weight.sum().clamp(min=1)
+
         if p is not None:
-            loss = F.binary_cross_entropy_with_logits(p, target)
+            loss = bce(p)
             return {"predictor_bce": loss}, self.cfg.predictor_aux_weight * loss
-        loss = F.binary_cross_entropy_with_logits(r, target)
+        loss = bce(r)
         return {"router_bce": loss}, self.cfg.router_aux_weight * loss

@@ -4,7 +4,9 @@ token ids -> embedding -> blocks (dense ``Block`` or ``RoutedBlock``) -> final R
 With ``route_every=0`` every block is dense and this is a plain pre-norm RoPE transformer: the
 baseline MoD is compared against, built by the same code. With ``n_experts > 0`` the MLPs of the
 blocks ``ModelConfig.has_experts`` names are mixtures of experts (``moe.py``): an MoE model, or
-with routed blocks or no-op experts, Mixture-of-Depths-and-Experts (staged or integrated).
+with routed blocks or no-op experts, Mixture-of-Depths-and-Experts (staged or integrated). With
+``recursions > 1`` one shared stack of blocks is applied that many times (``recursion.py``):
+Mixture-of-Recursions, or with ``recursion_routing="dense"`` its recursive baseline.
 
 Three ways to run it, and this class is the only owner of the output head (``logits``) and of the
 context-length check (``check_length``) for all of them:
@@ -35,6 +37,7 @@ from .kv_cache import DecodeState, KVCache
 from .layers import Block, init_weights
 from .moe import ExpertInfo
 from .positions import Positions, rope_tables
+from .recursion import Recursion, RecursionInfo
 from .routing import RoutedBlock, RoutingInfo
 
 
@@ -49,6 +52,9 @@ class ModelOutput:
     """One entry per routed block, in depth order."""
     experts: list[ExpertInfo] = field(default_factory=list)
     """One entry per mixture-of-experts MLP that ran, in depth order (a routed block's too)."""
+    recursion: Optional[RecursionInfo] = None
+    """What the routers of a Mixture-of-Recursions did, one entry per recursion step (None without
+    recursion routing)."""
     loss: Optional[torch.Tensor] = None
     """Mean next-token cross-entropy when ``targets`` were given (``aux_loss`` not included)."""
 
@@ -84,9 +90,7 @@ class MoDTransformer(
         self.config = config
         self._hub_mixin_config = config  # what save_pretrained writes: the fields, nothing else
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(
-            RoutedBlock(config, i) if config.is_routed(i) else Block(config, i) for i in range(config.n_layers)
-        )
+        self.blocks = nn.ModuleList(build_blocks(config))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -98,7 +102,7 @@ class MoDTransformer(
     def reset_parameters(self) -> None:
         init_weights(self, self.config)
         for block in self.blocks:
-            if isinstance(block, RoutedBlock):
+            if isinstance(block, (RoutedBlock, Recursion)):
                 block.reset_parameters()
 
     def num_params(self) -> int:
@@ -119,9 +123,11 @@ class MoDTransformer(
         self.check_length(T, f"sequence length {T}")
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
-        infos, experts = [], []
+        infos, experts, recursion = [], [], None
         for layer, block in enumerate(self.blocks):
             x, info = block(x, where, routing)
+            if isinstance(info, RecursionInfo):
+                recursion, info = info, None
             if isinstance(info, RoutingInfo):
                 info.layer = layer
                 infos.append(info)
@@ -134,11 +140,14 @@ class MoDTransformer(
         for parts in (infos, experts):
             if parts:
                 aux_loss = aux_loss + torch.stack([part.aux_loss for part in parts]).mean()
+        if recursion is not None:
+            aux_loss = aux_loss + recursion.aux_loss
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss)
+        return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss,
+                           recursion=recursion)
 
     @torch.no_grad()
     def calibrate(self, idx: torch.Tensor) -> list[float]:
@@ -148,7 +157,7 @@ class MoDTransformer(
         it runs sharded too): in depth order, each block is calibrated on the inputs the calibrated
         blocks before it produce. Returns the thresholds (nothing to calibrate: an empty list)."""
         cfg = self.config
-        routed = [block for block in self.blocks if isinstance(block, RoutedBlock)]
+        routed = self.routers()
         if not routed or cfg.random_routing:
             return []
         was_training = self.training
@@ -164,6 +173,11 @@ class MoDTransformer(
                 block.calibrating = False
             self.train(was_training)
         return list(cfg.decision_thresholds)
+
+    def routers(self) -> list[RoutedBlock]:
+        """Every causal decider, in the order of ``decision_thresholds``: the routed blocks in depth
+        order, or a recursion's steps in step order."""
+        return [module for module in self.modules() if isinstance(module, RoutedBlock)]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head: final RMSNorm, then the LM head, on (..., d) residual streams."""
@@ -237,8 +251,9 @@ class MoDTransformer(
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
-        caches = [KVCache(batch_size, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim, device, dtype) for _ in self.blocks]
-        return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)))
+        caches = [block.new_cache(batch_size, cfg.max_seq_len, device, dtype) if isinstance(block, Recursion)
+                  else KVCache(batch_size, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim, device, dtype) for block in self.blocks]
+        return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)), batch_size)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, state: DecodeState, n_real: Optional[torch.Tensor] = None,
@@ -298,3 +313,13 @@ class MoDTransformer(
         return self.logits(x[:, 0])
 
     generate = _generate
+
+
+def build_blocks(cfg: ModelConfig) -> list[nn.Module]:
+    """The model's blocks in depth order: each a ``Block`` or a ``RoutedBlock``, or with recursion its
+    unique blocks around one ``Recursion`` (``recursion_sharing``)."""
+    if not cfg.recursive:
+        return [RoutedBlock(cfg, i) if cfg.is_routed(i) else Block(cfg, i) for i in range(cfg.n_layers)]
+    if cfg.unique_before:
+        return [Block(cfg, 0), Recursion(cfg, 1), Block(cfg, cfg.n_layers - 1)]
+    return [Recursion(cfg, 0)]

@@ -92,6 +92,10 @@ def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = Non
               f"{' / '.join(f'{c:g}' for c in dict.fromkeys(config.layer_capacities))} "
               f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |") if routed
              else "| routing | none: a dense model |"]
+    if config.recursive:
+        lines.append(f"| recursion | a stack of {config.stack_layers} blocks shared by {config.recursions} recursion steps "
+                     f"({config.recursion_sharing}; {config.recursion_routing}, step capacities "
+                     f"{' / '.join(f'{c:.3g}' for c in config.step_capacities)}) |")
     if config.n_experts:
         lines.append(f"| experts | {config.n_experts} per MLP of blocks {', '.join(map(str, config.expert_layers))}"
                      f" (top-{config.expert_top_k}, {config.noop_experts} no-op) |")

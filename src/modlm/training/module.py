@@ -117,13 +117,16 @@ class MoDLightningModule(pl.LightningModule):
         if tune not in ("full", "routers"):
             raise UserError(f"tune={tune!r} is invalid: must be 'full' or 'routers'")
         if tune == "routers":
-            if not self.config.routed_layers:
+            if not self.config.n_deciders:
                 raise UserError("--model.tune routers trains only routers and predictors, and this model has none "
                                 "(route_every 0): route some blocks, or use --model.tune full")
             for name, p in self.model.named_parameters():
                 p.requires_grad_(".router." in name or ".predictor." in name)
         self.capacity_schedule: Optional[CapacitySchedule] = None
         """Where the routed blocks' capacities go during training (``capacity_start``); None: fixed."""
+        if capacity_start is not None and self.config.recursive:
+            raise UserError("--model.capacity_start schedules routed blocks' capacities, and a recursive model has "
+                            "none: its recursion steps take --model.recursion_capacities")
         if capacity_start is not None:
             self.capacity_schedule = CapacitySchedule(capacity_start, capacity_steps, self.config.layer_capacities,
                                                       capacity_shape)
@@ -178,7 +181,8 @@ class MoDLightningModule(pl.LightningModule):
         # each; the progress bar reads train/loss itself when it refreshes (modlm.training.callbacks.progress).
         self.log(tags.TRAIN_LOSS, out.loss, on_step=True)
         self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
-        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch, routed_tokens=tokens or [])
+        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch, routed_tokens=tokens or [],
+                            recursion=out.recursion)
         return {"loss": out.loss + out.aux_loss, "report": report}
 
     def _eval_step(self, batch: Any) -> dict:
@@ -186,14 +190,15 @@ class MoDLightningModule(pl.LightningModule):
         out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
         tokens = self.routed_tokens(idx.size(1))
-        report = StepReport(routing=out.routing, experts=out.experts, routed_tokens=tokens or [],
+        report = StepReport(routing=out.routing, experts=out.experts, routed_tokens=tokens or [], recursion=out.recursion,
                             flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0))
         if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing=Routing.CAUSAL, targets=targets)
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
-            report.causal_routing = causal.routing
+            report.causal_routing, report.causal_recursion = causal.routing, causal.recursion
             # charged at what it computed, not at top-k's cost (validation may read counts on the host)
-            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts) * idx.size(0)
+            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts,
+                                              causal.recursion) * idx.size(0)
         self.flops_per_batch = report.flops
         return {"report": report}
 

@@ -7,6 +7,9 @@ keys are ``modlm.analysis.evaluate``'s.)
   router/<figure>/layer_<i>                       a routed block's figure
   router/depth_mean, router/depth                 blocks a token passes through
   router/heatmap                                  the image of processed tokens
+  recursion/<figure>/step_<r>                     a recursion step's figure (Mixture-of-Recursions)
+  recursion/depth_mean, recursion/depth           recursion steps a token takes
+  recursion/depth_share/depth_<d>                 share of tokens that took exactly d steps
   moe/<figure>/layer_<i>[/expert_<e>]             a mixture-of-experts MLP's figure
   flops/<figure>                                  FLOPs per step, in total, against dense, MFU
   train/device/items_per_sec, train/device/mfu    Lightning's ThroughputMonitor (items are tokens)
@@ -20,6 +23,8 @@ TRAIN_AUX_LOSS = "train/aux_loss"
 DEPTH_MEAN = "router/depth_mean"
 DEPTH_HISTOGRAM = "router/depth"
 HEATMAP = "router/heatmap"
+RECURSION_DEPTH_MEAN = "recursion/depth_mean"
+RECURSION_DEPTH_HISTOGRAM = "recursion/depth"
 FLOPS_STEP = "flops/step"
 FLOPS_TOTAL = "flops/total"
 FLOPS_RATIO = "flops/ratio_vs_dense"
@@ -47,6 +52,16 @@ def eval_ppl(stage: str, causal: bool = False) -> str:
 def router(figure: str, layer: Optional[int] = None) -> str:
     """``router/<figure>/layer_<i>`` of routed block ``layer``."""
     return f"router/{figure}/layer_{layer}"
+
+
+def recursion(figure: str, step: int) -> str:
+    """``recursion/<figure>/step_<r>`` of recursion step ``step`` (0-based)."""
+    return f"recursion/{figure}/step_{step}"
+
+
+def recursion_depth_share(depth: int) -> str:
+    """``recursion/depth_share/depth_<d>``: the share of tokens that took exactly ``depth`` steps."""
+    return f"recursion/depth_share/depth_{depth}"
 
 
 def moe(figure: str, layer: int, expert: Optional[int] = None) -> str:

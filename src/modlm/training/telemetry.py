@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..model.moe import ExpertInfo
+from ..model.recursion import RecursionInfo
 from ..model.routing import RoutingInfo
 
 
@@ -27,6 +28,10 @@ class StepReport:
     flops: float = 0.0
     """FLOPs of the step's batch on this device: forward and backward in training, the forward
     passes run in validation (the causal pass at the tokens it processed)."""
+    recursion: Optional[RecursionInfo] = None
+    """What the recursion steps' routers did in the step's top-k pass (None without recursion routing)."""
+    causal_recursion: Optional[RecursionInfo] = None
+    """Validation only: what they did in the causal-routing pass."""
     routed_tokens: list[int] = field(default_factory=list)
     """``k`` of each routed block in the step's top-k pass, in depth order (a capacity schedule
     changes it from step to step; empty for dense models)."""

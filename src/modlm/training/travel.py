@@ -57,7 +57,7 @@ def record(datamodule) -> dict:
 def calibrate(model, datamodule) -> Optional[list[float]]:
     """Calibrate ``model``'s decision thresholds on the run's validation windows (at most
     ``CALIBRATION_WINDOWS``), for a checkpoint to carry; None when there is nothing to calibrate."""
-    if not isinstance(datamodule, ModLMDataModule) or not model.config.routed_layers:
+    if not isinstance(datamodule, ModLMDataModule) or not model.config.n_deciders:
         return None
     windows = datamodule.validation_windows[:CALIBRATION_WINDOWS, :-1]
     if not len(windows):
@@ -70,7 +70,7 @@ def apply_thresholds(checkpoint: dict, config) -> None:
     """Give ``config`` the calibration a checkpoint carries (none from an older modlm)."""
     for key in (THRESHOLDS_KEY, SPREADS_KEY):
         values = checkpoint.get(key)
-        if values is not None and len(values) == len(config.routed_layers):
+        if values is not None and len(values) == config.n_deciders:
             setattr(config, key, list(values))
 
 

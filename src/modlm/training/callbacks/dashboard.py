@@ -12,6 +12,9 @@ Mixture-of-Depths user compares side by side:
             blocks and the mean depth a token passes through
   compute   FLOPs per optimizer step and the MoD/dense FLOPs ratio; tokens per second; MFU where a
             peak FLOP/s is known
+  recursion (Mixture-of-Recursions) the share of the sequence each recursion step processes (top-k
+            and causal), its causal decision's accuracy among the tokens it chose from, the mean
+            recursion depth and the share of tokens at each depth
   moe       (models with experts) per mixture-of-experts MLP, the share of picks each expert gets;
             the no-op share (integrated MoDE), the picks dropped over capacity and the
             load-balancing loss, every MLP on each chart
@@ -44,7 +47,7 @@ def loss_charts(cfg: ModelConfig) -> list[Chart]:
                else "loss: train, validation", [tags.TRAIN_LOSS, *val])]
     if cfg.routes_tokens:
         aux = []
-        if cfg.routed_layers:
+        if cfg.n_deciders:
             aux.append(tags.train_aux("predictor_bce" if cfg.causal_method == "predictor" else "router_bce"))
         if cfg.expert_layers:
             aux.append(tags.train_aux("load_balance"))
@@ -66,6 +69,26 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
     if len(layers) > 1:
         charts.append(("overlap: share of a block's picks the next routed block picks too", per("overlap", layers[:-1])))
     charts.append(("mean number of blocks a token passes through", [tags.DEPTH_MEAN]))
+    return charts
+
+
+def recursion_charts(cfg: ModelConfig) -> list[Chart]:
+    if not cfg.routes_recursion:
+        return []
+    per = lambda name: [tags.recursion(name, r) for r in range(cfg.recursions)]  # noqa: E731
+    target = " / ".join(f"{c:.3g}" for c in cfg.step_capacities)
+    if not cfg.routed_steps:  # token choice: the router's shares, the same computation in every mode
+        charts = [(f"share of the sequence each recursion step processes (balanced: {target})", per("capacity_used")),
+                  ("depth load-balancing loss, unweighted (1 = balanced)", [tags.train_aux("recursion_balance")])]
+    else:
+        charts = [(f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
+                   "in validation", per("capacity_used") + per("capacity_used_causal"))]
+    if cfg.routed_steps and not cfg.random_routing:
+        charts.append(("causal decision vs top-k per recursion step, among the tokens it chose from: accuracy",
+                       per("causal_acc") + per("val_causal_acc")))
+    charts += [("mean recursion steps a token takes", [tags.RECURSION_DEPTH_MEAN]),
+               ("share of tokens taking exactly d recursion steps",
+                [tags.recursion_depth_share(d) for d in range(cfg.recursions + 1)])]
     return charts
 
 
@@ -95,8 +118,8 @@ def expert_charts(cfg: ModelConfig) -> list[Chart]:
 
 def layout(cfg: ModelConfig, mfu_tags: list[str]) -> dict[str, list[Chart]]:
     """Category -> charts, in the order the page shows them (empty categories dropped)."""
-    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "3 compute": compute_charts(mfu_tags),
-              "4 moe": expert_charts(cfg)}
+    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "2 recursion": recursion_charts(cfg),
+              "3 compute": compute_charts(mfu_tags), "4 moe": expert_charts(cfg)}
     return {name: charts for name, charts in groups.items() if charts}
 
 

@@ -78,7 +78,7 @@ class FlopsMeter(Callback):
         cfg = pl_module.model.config
         batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
         tokens = report.routed_tokens or None
-        if self._ratio_vs_dense is None:
+        if self._ratio_vs_dense is None and cfg.static_training_shapes:  # else a meta-device model cannot run
             self._cross_check(pl_module, cfg, batch_size, seq_len)
         self._ratio_vs_dense = flops_ratio_vs_dense(cfg, seq_len, tokens_per_routed_block=tokens)
         # The step's analytic count of this batch (top-k training: exactly k tokens per routed

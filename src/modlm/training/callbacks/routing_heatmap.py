@@ -2,8 +2,8 @@
 
 Every ``every_n_validations`` validation runs, the first sequence of the first validation batch
 (the same tokens every time, since validation windows are fixed) is drawn as a heat map: for each
-routed block, one row under top-k routing and one under causal routing, one column per position
-(the first ``max_positions``). Logged through the TensorBoard writer's figure API as the image
+routed block (or recursion step of a Mixture-of-Recursions: R0, R1, ...), one row under top-k
+routing and one under causal routing, one column per position (the first ``max_positions``). Logged through the TensorBoard writer's figure API as the image
 ``router/heatmap``.
 
 It is drawn to be read at TensorBoard's default card size (about 500 pixels wide): few, large
@@ -11,6 +11,8 @@ cells; block names and a position scale in large type; the first tokens of the s
 title instead of one rotated label per column, which no card can show legibly.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -66,6 +68,12 @@ class RoutingHeatmap(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         report = report_of(outputs)
         topk = report.routing if report is not None else None
+        if report is not None and report.recursion is not None:  # the recursion steps, named R<step>
+            topk = [replace(info, layer=f"R{info.layer}") for info in report.recursion.steps]
+            causal_steps = report.causal_recursion.steps if report.causal_recursion is not None else []
+            causal_routing = [replace(info, layer=f"R{info.layer}") for info in causal_steps]
+        else:
+            causal_routing = report.causal_routing if report is not None else []
         if batch_idx != 0 or trainer.sanity_checking or not topk:
             return
         self._validations += 1
@@ -75,12 +83,13 @@ class RoutingHeatmap(Callback):
         if writer is None:
             return
         n = min(self.max_positions, batch.shape[1] - 1)
-        causal = {i.layer: i for i in report.causal_routing}
+        causal = {i.layer: i for i in causal_routing}
         rows = []
         for info in topk:
-            rows.append((f"L{info.layer} top-k", info.selected[0, :n].cpu()))
+            name = info.layer if isinstance(info.layer, str) else f"L{info.layer}"
+            rows.append((f"{name} top-k", info.selected[0, :n].cpu()))
             if info.layer in causal:
-                rows.append((f"L{info.layer} causal", causal[info.layer].selected[0, :n].cpu()))
+                rows.append((f"{name} causal", causal[info.layer].selected[0, :n].cpu()))
         text = sequence_text(trainer, batch[0, :n].tolist())
         title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
         group = 2 if len(rows) == 2 * len(topk) else 1

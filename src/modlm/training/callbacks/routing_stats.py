@@ -24,6 +24,15 @@ Scalars per mixture-of-experts MLP ``i`` (from the report's ``experts``; trainin
   moe/dropped/layer_i                  share of real-expert picks dropped over capacity
   moe/load_balance/layer_i             the load-balancing loss, unweighted (1 = balanced)
 and ``train/aux_load_balance``, its mean over the MLPs.
+
+Scalars per recursion step ``r`` of a Mixture-of-Recursions (from the report's ``recursion``):
+  recursion/capacity_used/step_r         share of the sequence the step processed (top-k: its k/T)
+  recursion/capacity_used_causal/step_r  the same under causal routing (validation)
+  recursion/causal_acc/step_r            causal decision vs top-k, among the tokens the step chose
+                                         from (also _precision, _recall; val_ ones in validation)
+and ``recursion/depth_mean`` (mean recursion steps per token), ``recursion/depth_share/depth_d``
+(share of tokens that took exactly d steps), ``train/aux_<name>`` (mean over the steps; token
+choice's ``train/aux_recursion_balance``). Histogram: ``recursion/depth``.
 """
 from __future__ import annotations
 
@@ -32,8 +41,9 @@ from typing import Optional
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ...analysis.metrics import (capacity_used, decision_counts, decision_quality, expert_figures, quality_from_counts,
-                                 selection_figures, token_depth)
+from ...analysis.metrics import (capacity_used, decision_counts, decision_quality, depth_shares, expert_figures,
+                                 quality_from_counts, recursion_decision_counts, recursion_figures, selection_figures,
+                                 token_depth)
 from .. import tags
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
@@ -50,7 +60,7 @@ class RoutingStats(Callback):
         """
         self.every_n_steps = every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
-        self._val_counts: dict[int, torch.Tensor] = {}
+        self._val_counts: dict = {}  # routed block -> counts; ("recursion", step) -> counts
 
     @staticmethod
     def _eot_id(trainer) -> Optional[int]:
@@ -73,6 +83,8 @@ class RoutingStats(Callback):
                         scalars[tags.moe(figure, layer)] = value
             scalars[tags.train_aux("load_balance")] = torch.stack([e.load_balance for e in experts]).mean().item()
             pl_module.log_dict(scalars, on_step=True, on_epoch=False)
+        if report.recursion is not None:
+            self._recursion(trainer, pl_module, report.recursion, step, due)
         if not infos:
             return
         cfg = pl_module.model.config
@@ -92,6 +104,23 @@ class RoutingStats(Callback):
         if step % self.histogram_every_n_steps == 0:
             self._histograms(trainer, infos, cfg.n_layers, step)
 
+    def _recursion(self, trainer, pl_module, info, step: int, due: bool) -> None:
+        if due:
+            decisions = not pl_module.model.config.random_routing
+            scalars = {tags.recursion(figure, r): value for figure, per_step in recursion_figures(info, decisions).items()
+                       for r, value in per_step.items()}
+            scalars[tags.RECURSION_DEPTH_MEAN] = info.depth.float().mean().item()
+            scalars.update({tags.recursion_depth_share(d): share for d, share in enumerate(depth_shares(info))})
+            for name in info.steps[0].aux_losses:
+                scalars[tags.train_aux(name)] = torch.stack([s.aux_losses[name] for s in info.steps]).mean().item()
+            for name, value in (info.aux_losses or {}).items():  # token choice's balance
+                scalars[tags.train_aux(name)] = value.item()
+            pl_module.log_dict(scalars, on_step=True, on_epoch=False)
+        if step % self.histogram_every_n_steps == 0:
+            writer = tensorboard_writer(trainer)
+            if writer is not None:
+                writer.add_histogram(tags.RECURSION_DEPTH_HISTOGRAM, info.depth.flatten().cpu(), step)
+
     def _histograms(self, trainer, infos, n_layers: int, step: int) -> None:
         writer = tensorboard_writer(trainer)
         if writer is None:
@@ -109,6 +138,8 @@ class RoutingStats(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Causal-mode capacity (epoch mean) and decision counts, summed until the epoch ends."""
         report = report_of(outputs)
+        if report is not None and report.causal_recursion is not None and not trainer.sanity_checking:
+            self._causal_recursion(pl_module, report.causal_recursion)
         infos = report.causal_routing if report is not None else None
         if not infos or trainer.sanity_checking:
             return
@@ -117,6 +148,14 @@ class RoutingStats(Callback):
         if not pl_module.model.config.random_routing:
             for info in infos:
                 self._val_counts[info.layer] = self._val_counts.get(info.layer, 0) + decision_counts(info)
+
+    def _causal_recursion(self, pl_module, info) -> None:
+        pl_module.log_dict({tags.recursion("capacity_used_causal", step.layer): capacity_used(step) for step in info.steps},
+                           on_step=False, on_epoch=True, sync_dist=True)
+        if not pl_module.model.config.random_routing:
+            for layer, counts in recursion_decision_counts(info).items():
+                key = ("recursion", layer)
+                self._val_counts[key] = self._val_counts.get(key, 0) + counts
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         """Accuracy, precision and recall over every validation token of every rank (ratios of
@@ -127,6 +166,9 @@ class RoutingStats(Callback):
         for layer, counts in self._val_counts.items():
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
             for name, value in quality_from_counts(counts).items():
-                scalars[tags.router(f"val_{name}", layer)] = value
+                if isinstance(layer, tuple):  # a recursion step's
+                    scalars[tags.recursion(f"val_{name}", layer[1])] = value
+                else:
+                    scalars[tags.router(f"val_{name}", layer)] = value
         if scalars:
             pl_module.log_dict(scalars, on_step=False, on_epoch=True)

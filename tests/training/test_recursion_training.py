@@ -1,0 +1,100 @@
+"""A Mixture-of-Recursions preset trains through the command line and writes its recursion tags
+with the values the method fixes: each step's top-k share, the depth distribution it implies, the
+exact FLOPs; and a run resumed from its checkpoint logs the losses of the uninterrupted one."""
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from modlm import ModelConfig
+from modlm.cli.train import main as train_main
+from modlm.flops import training_flops
+from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, scalars, tiny_args
+
+STEPS = 6
+MOR = ("--config", str(REPO / "configs" / "mor.yaml"))
+
+
+def mor_args(root, data, *extra):
+    args = tiny_args(root, data, *extra)
+    at = args.index("--trainer.default_root_dir")  # after tiny.yaml, before the run's own settings
+    return args[:at] + list(MOR) + args[at:]
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("mor")
+    args = ["fit", *mor_args(root, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "3",
+                             "--trainer.log_every_n_steps", "1", "--routing_stats.every_n_steps", "1",
+                             "--routing_stats.histogram_every_n_steps", "2")]
+    assert train_main(args) == 0
+    (log_dir,) = list(root.glob("lightning_logs/version_*"))
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def values(acc, tag):
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_recursion_tags_follow_the_schedule(events):
+    seq = TINY_DATA["seq_len"]
+    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=seq,
+                      route_every=0, recursions=3)
+    k = [cfg.topk_tokens(seq, c) for c in cfg.step_capacities]
+    assert k == [32, 21, 10]
+    for step in range(3):
+        assert values(events, f"recursion/capacity_used/step_{step}") == [k[step] / seq] * STEPS
+        assert len(values(events, f"recursion/capacity_used_causal/step_{step}")) == STEPS // 3
+        assert all(0 <= v <= 1 for v in values(events, f"recursion/val_causal_acc/step_{step}"))
+        assert all(0 <= v <= 1 for v in values(events, f"recursion/causal_acc/step_{step}"))
+    assert values(events, "recursion/depth_mean") == [pytest.approx(sum(k) / seq)] * STEPS
+    # hierarchical filtering: k_r tokens took at least r + 1 steps, so exactly k_r - k_{r+1} took r + 1
+    shares = [values(events, f"recursion/depth_share/depth_{d}") for d in range(4)]
+    assert shares == [[pytest.approx(s)] * STEPS for s in (0, (32 - 21) / seq, (21 - 10) / seq, 10 / seq)]
+    assert all(v > 0 for v in values(events, "train/aux_predictor_bce"))
+    assert len(events.Histograms("recursion/depth")) == STEPS // 2
+    assert events.Images("router/heatmap")[0].width > 100
+    per_step = TINY_DATA["batch_size"] * training_flops(cfg, seq)
+    assert values(events, "flops/step") == [pytest.approx(per_step)] * STEPS
+    # the first step's cross-check counts a meta-device model's FLOPs with torch: equal
+    assert values(events, "flops/analytic_per_batch") == values(events, "flops/measured_per_batch") == [per_step]
+
+
+def test_dashboard_draws_a_recursion_group(events):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    groups = {c.title: [tag for chart in c.chart for tag in chart.multiline.tag] for c in layout.category}
+    assert "2 routing" not in groups
+    drawn = {tag.strip("^$").replace("\\", "") for tag in groups["2 recursion"]}
+    written = set(events.Tags()["scalars"])
+    assert drawn <= written, drawn - written
+    assert "recursion/depth_share/depth_3" in drawn and "recursion/capacity_used_causal/step_2" in drawn
+
+
+def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, tiny_tokenizer):
+    n, cut = 6, 3
+    common = ("--trainer.max_steps", str(n), "--checkpoint.every_n_train_steps", str(cut),
+              "--trainer.val_check_interval", str(n), "--model.lr_decay_steps", str(n))  # one LR plan for the cut run too
+    assert train_main(["fit", *mor_args(tmp_path / "full", tiny_tokenizer, *common)]) == 0
+    assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--trainer.max_steps", str(cut))]) == 0
+    assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--ckpt_path", "last")]) == 0
+    want = scalars(tmp_path / "full" / "lightning_logs" / "version_0")
+    got = scalars(tmp_path / "cut" / "lightning_logs" / "version_1")
+    assert_same_losses_after_resume(want, got, cut, n)
+
+
+def test_token_choice_trains_with_its_balance_and_the_router_s_shares(tmp_path, tiny_tokenizer):
+    """Its steps' sizes are the data's: the shares are what the router picked (hierarchical, the first
+    step every token), and the meta-device FLOPs cross-check, which cannot run them, is left out."""
+    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--model.recursion_routing", "token_choice",
+                             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")]
+    assert train_main(args) == 0
+    got = scalars(tmp_path / "lightning_logs" / "version_0")
+    assert all(0 < v <= 3 for v in got["train/aux_recursion_balance"].values())  # N_r at most
+    shares = [list(got[f"recursion/capacity_used/step_{r}"].values()) for r in range(3)]
+    assert shares[0] == [1.0, 1.0] and all(a >= b for a, b in zip(shares[1], shares[2]))
+    assert "flops/measured_per_batch" not in got and "val/loss" in got and "val/loss_causal" not in got
