@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from modlm import MoDTransformer  # noqa: E402
 from modlm.analysis.flops import training_flops  # noqa: E402
+from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
 from modlm.training.checkpoint import load_saved, read_checkpoint  # noqa: E402
 
@@ -294,19 +295,6 @@ def windows(args) -> None:
                                           "windows": list(stored.shape), "commit": commit()})
 
 
-@torch.inference_mode()
-def routed_share(model: MoDTransformer, prompt: torch.Tensor, new_tokens: int):
-    layers = model.config.routed_layers
-    if not layers:
-        return None
-    state = model.new_state(prompt.size(0))
-    token = model.prefill(prompt, state, last_only=True).argmax(-1)
-    before = torch.stack([state.caches[i].length for i in layers]).float()
-    for _ in range(new_tokens):
-        token = model.decode_step(token, state).argmax(-1)
-    return float((torch.stack([state.caches[i].length for i in layers]).float() - before).mean() / new_tokens)
-
-
 def decode(args) -> None:
     target = args.results / "decode.json"
     if target.exists():
@@ -332,7 +320,7 @@ def decode(args) -> None:
     for n in names:
         t = statistics.median(times[n])
         result["models"][n] = {"tokens_per_s": new / t, "vs_dense": dense / t, "seconds": times[n],
-                               "routed_share": routed_share(loaded[n], prompt, new)}
+                               "routed_share": generation_share(loaded[n], prompt, new, temperature=0).get("capacity_used")}
     write(target, result)
 
 

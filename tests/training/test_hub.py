@@ -15,6 +15,7 @@ from modlm.data.tokenizer import end_of_text, fingerprint
 from modlm.training.checkpoint import load_saved
 from tests.helpers import REPO, tiny_args
 from tests.helpers.fake_hub import fake_hub
+from tests.helpers.pretrained import cache_repo
 
 EVAL_FLAGS = ["--quiet", "--decode_tokens", "2", "--prompt_tokens", "2"]
 GREEDY = ["--max_new_tokens", "6", "--temperature", "0"]
@@ -25,18 +26,6 @@ def checkpoint(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("hub")
     assert train_main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "4")]) == 0
     return root / "checkpoints" / "last.ckpt"
-
-
-def cache_repo(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
-    """Lay ``files`` out as the local Hugging Face cache holds a downloaded model repository."""
-    commit = "1" * 40
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, content in files.items():
-        (snapshot / name).write_bytes(content)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 def test_push_to_hub_carries_weights_tokenizer_code_and_a_model_card(checkpoint, monkeypatch, capsys):

@@ -83,7 +83,7 @@ def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_pa
     assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--trainer.max_steps", str(cut))]) == 0
     assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--ckpt_path", "last")]) == 0
     want = scalars(tmp_path / "full" / "lightning_logs" / "version_0")
-    got = scalars(tmp_path / "cut" / "lightning_logs" / "version_1")
+    got = scalars(tmp_path / "cut" / "lightning_logs" / "version_0")  # a resumed run goes on in its own folder
     assert_same_losses_after_resume(want, got, cut, n)
 
 
