@@ -179,11 +179,12 @@ def build_data(saved: SavedModel, options: DataOptions):
     if options.batch_size:
         settings["batch_size"] = options.batch_size
     dm = ModLMDataModule(**settings)
-    if saved.tokenizer is not None and dm.tokenizer_fingerprint != fingerprint(saved.tokenizer):
-        raise EvalError(
-            f"tokenizer does not match the model: {dm.tokenizer_file} (fingerprint {dm.tokenizer_fingerprint[:12]}) is "
-            f"not the tokenizer it was trained with ({fingerprint(saved.tokenizer)[:12]}, carried in {saved.path}): "
-            "leave out --data.tokenizer")
+    if saved.tokenizer is not None:
+        want, have = fingerprint(saved.tokenizer), dm.tokenizer_fingerprint  # each hashes a whole tokenizer.json
+        if want != have:
+            raise EvalError(
+                f"tokenizer does not match the model: {dm.tokenizer_file} (fingerprint {have[:12]}) is not the "
+                f"tokenizer it was trained with ({want[:12]}, carried in {saved.path}): leave out --data.tokenizer")
     if dm.tokenizer_vocab_size > model.config.vocab_size:  # fewer is fine: a pretrained model's rows to spare
         raise EvalError(
             f"tokenizer does not match the model: {dm.tokenizer_vocab_size} tokens vs the model's "
