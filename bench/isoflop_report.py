@@ -253,7 +253,8 @@ def markdown(rows: list[dict], match_flops: list[dict], match_time: list[dict], 
 
 ZOOM_NATS = 0.35 # the isoFLOP figure shows this much above each budget's best loss
 COLORS = {"dense": "tab:gray", "dense_1block": "black", "mod": "tab:green", "mod_raw": "tab:blue",
-          "mod_random": "tab:red"}
+          "mod_random": "tab:red", "dense_unique": "black", "recursive_dense": "tab:orange", "mor": "tab:cyan",
+          "mor_shared_kv": "tab:purple"}
 
 
 def plot_curves(curves: dict, rows: list[dict], out: Path, title: str) -> None:

@@ -1,0 +1,277 @@
+"""Mixture-of-Recursions against dense, recursive dense and MoD: the comparison of ``bench/isoflop/mor.yaml``.
+
+    python bench/isoflop.py bench/isoflop/mor.yaml                          # train the grid first
+    python bench/mor_compare.py bench/results/isoflop/mor --runs runs/isoflop/mor --decode
+
+Reads the grid's result files (``RESULTS/runs/*.json``) and, where the run folders are still there
+(``--runs``), each run's ``eval.json`` for the recursion figures the result files do not keep (the
+share of tokens at each recursion depth, each step's capacity in the validation windows and while
+the model samples, the KV cache held against a plain model's). Writes ``RESULTS/compare.md``,
+``RESULTS/compare.json`` and ``RESULTS/loss_curves.png`` (validation loss against training FLOPs,
+each variant at its best size).
+
+Two views, as the paper compares:
+- equal training FLOPs: each variant's best size at each budget (seeds averaged where repeated), its
+  forward FLOPs per token and its loss against the best plain dense model;
+- equal unique parameters: at each size, the models with 4 blocks of weights (the plain 4-block
+  model and the three recursive ones, which apply a stack of 2 of their blocks 3 times).
+
+``--decode`` times greedy decoding of every variant's final checkpoint at the ``--decode-budget``
+(default: the budget repeated with more seeds), each at its best size and all at one common size,
+interleaved (every model once per repetition, so machine noise hits all alike), batch 1 and 16,
+medians of ``--reps``. Each row's speed is also given against the dense
+model of its own size, timed in the same run. "blocks/token" is the number of blocks a generated
+token passes through while the model samples (all its blocks for a dense model), counted from the KV caches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import isoflop_report  # noqa: E402  (beside this file)
+
+from modlm.analysis.evaluate import generation_share  # noqa: E402
+from modlm.model.generate import generate  # noqa: E402
+from modlm.training.checkpoint import load_saved  # noqa: E402
+
+ORDER = ("dense", "dense_unique", "mod", "recursive_dense", "mor", "mor_shared_kv")
+UNIQUE = ("dense_unique", "recursive_dense", "mor", "mor_shared_kv")  # 4 blocks of weights each
+COLORS = isoflop_report.COLORS
+
+
+def recursion_figures(ev: dict) -> dict:
+    """What a run's eval.json says about recursion: depth shares, step capacities, KV cache held."""
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in ev.items() if k.startswith(prefix)}  # noqa: E731
+    return {
+        "recursion_depth": pick("causal.recursion_depth."),
+        "capacity_used_step": pick("causal.capacity_used.step_"),
+        "causal_acc_step": pick("causal.causal_acc.step_"),
+        "generate_capacity_used_step": pick("generate.capacity_used.step_"),
+        "kv_cache_share": ev.get("generate.kv_cache_share"),
+        "kv_cache_allocated_share": ev.get("generate.kv_cache_allocated_share"),
+        "eval_decode_tokens_per_s": ev.get("decode_tokens_per_s"),
+    }
+
+
+def equal_flops_rows(curves: dict) -> list[dict]:
+    rows = []
+    for budget in sorted({b for b, _ in curves}):
+        dense = min(curves.get((budget, "dense"), []) + curves.get((budget, "dense_unique"), []),
+                    key=lambda p: p["causal_loss"], default=None)
+        for variant in ORDER:
+            curve = curves.get((budget, variant))
+            if not curve:
+                continue
+            fit = isoflop_report.fit_minimum(curve)
+            best = next(p for p in curve if p["size"] == fit["best_size"])
+            rows.append({
+                "budget": budget, "variant": variant, "best_size": best["size"], "params": best["params"],
+                "loss": best["causal_loss"], "topk_loss": best["topk_loss"], "seeds": best["seeds"],
+                "loss_std": best["loss_std"], "loss_min": best["loss_min"], "loss_max": best["loss_max"],
+                "fit_loss": fit["fit_loss"], "bracketed": fit["bracketed"],
+                "flops_per_token": best["forward_flops_per_token_causal"],
+                "steps": best["steps"], "sizes": [p["size"] for p in curve],
+                "vs_best_dense": best["causal_loss"] - dense["causal_loss"] if dense else None,
+                "best_dense": f"{dense['variant']} {dense['size']}" if dense else None,
+            })
+    return rows
+
+
+def equal_params_rows(curves: dict) -> list[dict]:
+    rows = []
+    for budget in sorted({b for b, _ in curves}):
+        sizes = {p["size"]: p["params"] for v in UNIQUE for p in curves.get((budget, v), [])}
+        for size in sorted(sizes, key=sizes.get):
+            row = {"budget": budget, "size": size}
+            for variant in ("dense",) + UNIQUE:
+                point = next((p for p in curves.get((budget, variant), []) if p["size"] == size), None)
+                if point:
+                    row[variant] = {"params": point["params"], "loss": point["causal_loss"], "seeds": point["seeds"],
+                                    "flops_per_token": point["forward_flops_per_token_causal"]}
+            rows.append(row)
+    return rows
+
+
+def plot_loss_curves(curves: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({b for b, _ in curves})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        finals = []
+        for variant in ORDER:
+            curve = curves.get((budget, variant))
+            if not curve:
+                continue
+            best = min(curve, key=lambda p: p["causal_loss"])
+            run = best["run"]
+            flops = [s / run["steps"] * run["train_flops"] for s, _, _ in run["val_curve"]]
+            ax.plot(flops, [c for _, _, c in run["val_curve"]], "o-", ms=3, color=COLORS.get(variant),
+                    label=f"{variant} {best['size']} ({best['params'] / 1e3:.0f}k)")
+            finals.append(run["val_curve"][-1][2])
+        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
+        ax.set_title(f"{budget:.1e} training FLOPs: each variant at its best size")
+        ax.set_xlabel("training FLOPs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation loss, causal routing (nats/token)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def blocks_per_token(model, prompts: torch.Tensor, new_tokens: int) -> float:
+    """Blocks a generated token passes through, from the caches (sampling as eval does)."""
+    cfg = model.config
+    if not cfg.routes_recursion:
+        if not cfg.routed_layers:
+            return float(cfg.n_layers)
+        share = generation_share(model, prompts, new_tokens)
+        return cfg.n_layers - len(cfg.routed_layers) * (1 - share["capacity_used"])
+    share = generation_share(model, prompts, new_tokens)
+    steps = sum(share[f"capacity_used.step_{r}"] for r in range(cfg.recursions))
+    return cfg.n_layers - cfg.stack_layers * cfg.recursions + cfg.stack_layers * steps
+
+
+def decode_bench(checkpoints: dict[str, Path], batches: list[int], prompt_tokens: int, new_tokens: int,
+                 reps: int) -> list[dict]:
+    """Interleaved greedy decoding of every checkpoint at every batch size: median tokens/s."""
+    models = {name: load_saved(str(path)).model for name, path in checkpoints.items()}
+    windows = load_saved(str(next(iter(checkpoints.values())))).validation_windows
+    runs, meta = {}, {}
+    for batch in batches:
+        prompts = windows[:batch, :prompt_tokens]
+        for name, model in models.items():
+            key = (name, batch)
+            runs[key] = (lambda m, p: lambda: generate(m, p, new_tokens, temperature=0))(model, prompts)
+            with torch.inference_mode():
+                runs[key]()  # warm-up
+            meta[key] = {"blocks_per_token": blocks_per_token(model, windows[:16, :prompt_tokens], new_tokens),
+                         "params": model.num_params()}
+    times = defaultdict(list)
+    for rep in range(reps):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                run()
+            times[key].append(time.perf_counter() - start)
+        print(f"decode repetition {rep + 1}/{reps}", flush=True)
+    rows = []
+    for (name, batch), ts in times.items():
+        rows.append({"model": name, "batch": batch, "tokens_per_s": batch * new_tokens / statistics.median(ts),
+                     "times_s": ts, **meta[(name, batch)]})
+    return rows
+
+
+def with_dense_ratio(rows: list[dict]) -> list[dict]:
+    """Each row's speed against the dense model of the same size and batch (names 'variant size')."""
+    speed = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows}
+    for r in rows:
+        size = r["model"].split()[-1]
+        dense = speed.get((f"dense {size}", r["batch"]))
+        r["vs_dense_same_size"] = r["tokens_per_s"] / dense if dense else None
+    return rows
+
+
+def markdown(flops_rows, params_rows, recursion, decode_rows, results) -> str:
+    fmt = isoflop_report.fmt
+    machines = sorted({f"{r['machine']['cpu']} ({r['machine']['threads']} threads, {r['precision']})" for r in results})
+    commits = sorted({r["commit"][:10] for r in results})
+    lines = [f"{len(results)} runs; machines: {'; '.join(machines)}; commits: {', '.join(commits)}", "",
+             "### Equal training FLOPs: each variant's best size", "",
+             "| budget | variant | best size (params) | loss (causal) | seeds: mean +- std [min..max] | top-k loss "
+             "| vs best dense | fwd FLOPs/token | steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in flops_rows:
+        seeds = (f"{r['loss']:.4f} +- {r['loss_std']:.4f} [{r['loss_min']:.4f}..{r['loss_max']:.4f}] (n={r['seeds']})"
+                 if r["seeds"] > 1 else "1 seed")
+        edge = "" if r["bracketed"] else " (edge)"
+        lines.append(f"| {r['budget']:.1e} | {r['variant']} | {r['best_size']}{edge} ({r['params'] / 1e3:.1f}k) | "
+                     f"{r['loss']:.4f} | {seeds} | {r['topk_loss']:.4f} | {fmt(r['vs_best_dense'], '+.4f')} | "
+                     f"{r['flops_per_token'] / 1e6:.3f}M | {r['steps']} |")
+    lines += ["", "### Equal unique parameters: 4 blocks of weights (8-block dense for reference)", "",
+              "| budget | size | " + " | ".join(("dense (8 blocks)",) + UNIQUE) + " |", "|---|---|" + "---|" * (1 + len(UNIQUE))]
+    for r in params_rows:
+        cells = [f"{r[v]['loss']:.4f} ({r[v]['params'] / 1e3:.1f}k)" if v in r else "-" for v in ("dense",) + UNIQUE]
+        lines.append(f"| {r['budget']:.1e} | {r['size']} | " + " | ".join(cells) + " |")
+    if recursion:
+        lines += ["", "### Recursion figures of the routed models (from eval.json, seed 1234)", "",
+                  "| run | tokens at depth 1/2/3 | step capacity (validation) | step capacity (sampling) "
+                  "| causal acc per step | KV cache vs plain |", "|---|---|---|---|---|---|"]
+        for run_id, f in sorted(recursion.items()):
+            join = lambda d: " / ".join(f"{v:.3f}" for _, v in sorted(d.items()))  # noqa: E731
+            depth = {k: v for k, v in f["recursion_depth"].items() if k != "0"}
+            lines.append(f"| {run_id} | {join(depth)} | {join(f['capacity_used_step'])} | "
+                         f"{join(f['generate_capacity_used_step'])} | {join(f['causal_acc_step']) or '-'} | "
+                         f"{fmt(f['kv_cache_share'], '.3f')} |")
+    if decode_rows:
+        lines += ["", "### Greedy decoding (interleaved, median tokens/s)", "",
+                  "| model | params | batch | tokens/s | vs dense of its size | blocks/token |", "|---|---|---|---|---|---|"]
+        for r in decode_rows:
+            lines.append(f"| {r['model']} | {r['params'] / 1e3:.1f}k | {r['batch']} | {r['tokens_per_s']:.0f} | "
+                         f"{fmt(r['vs_dense_same_size'], '.2f')} | {r['blocks_per_token']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, help="the grid's results folder (holds runs/*.json)")
+    p.add_argument("--runs", type=Path, help="the grid's run folders (eval.json, checkpoints)")
+    p.add_argument("--decode", action="store_true", help="time decoding of the final checkpoints (needs --runs)")
+    p.add_argument("--decode-budget", type=float, help="the budget whose checkpoints are timed (default: the repeated one)")
+    p.add_argument("--decode-size", help="the common size every variant is also timed at (default: dense's best)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+
+    results = [json.loads(f.read_text()) for f in sorted((args.results / "runs").glob("*.json"))]
+    curves = isoflop_report.points(results)
+    flops_rows, params_rows = equal_flops_rows(curves), equal_params_rows(curves)
+    recursion = {}
+    if args.runs:
+        for r in results:
+            ev_file = args.runs / r["id"] / "eval.json"
+            if r["seed"] == 1234 and r["model"].get("recursion_routing", "dense") != "dense" and ev_file.exists():
+                recursion[r["id"]] = recursion_figures(json.loads(ev_file.read_text()))
+    out = args.results / "compare.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    decode_rows = previous.get("decode", [])
+    if args.decode:
+        repeated = {r["budget"] for r in results if r["seed"] != 1234}
+        budget = args.decode_budget or max(repeated or {r["budget"] for r in results})
+        best = {r["variant"]: r["best_size"] for r in flops_rows if r["budget"] == budget}
+        common = args.decode_size or best["dense"]
+        sizes = set(best.values()) | {common}
+        picks = sorted(set(best.items()) | {(v, common) for v in best} | {("dense", s) for s in sizes},
+                       key=lambda vs: (vs[1] != common, vs[1], ORDER.index(vs[0])))  # the common size first
+        checkpoints = {f"{v} {s}": args.runs / f"{v}-{s}-{budget:.1e}-s1234".replace("+", "") / "checkpoints" / "last.ckpt"
+                       for v, s in picks}
+        print(f"decoding at {budget:.1e}: {', '.join(checkpoints)} (threads {torch.get_num_threads()})", flush=True)
+        decode_rows = with_dense_ratio(decode_bench(checkpoints, args.batches, args.prompt_tokens, args.new_tokens,
+                                                    args.reps))
+        previous["decode_settings"] = {"budget": budget, "batches": args.batches, "prompt_tokens": args.prompt_tokens,
+                                       "new_tokens": args.new_tokens, "reps": args.reps,
+                                       "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    text = markdown(flops_rows, params_rows, recursion, decode_rows, results)
+    out.write_text(json.dumps({**previous, "equal_flops": flops_rows, "equal_params": params_rows,
+                               "recursion": recursion or previous.get("recursion", {}), "decode": decode_rows},
+                              indent=1) + "\n")
+    (args.results / "compare.md").write_text(text)
+    plot_loss_curves(curves, args.results / "loss_curves.png")
+    print(text)
+    print(f"-> {args.results}/compare.md, compare.json, loss_curves.png")
+
+
+if __name__ == "__main__":
+    main()
