@@ -4,21 +4,24 @@ exact FLOPs; and a run resumed from its checkpoint logs the losses of the uninte
 from __future__ import annotations
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
 from modlm.cli.train import main as train_main
-from modlm.flops import training_flops
+from modlm.flops import forward_flops, training_flops
 from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, scalars, tiny_args
 
 STEPS = 6
 MOR = ("--config", str(REPO / "configs" / "mor.yaml"))
 
 
-def mor_args(root, data, *extra):
+def mor_args(root, data, *extra, preset=None):
+    """tiny.yaml, then mor.yaml (and a preset stacked on it), then the run's own settings."""
     args = tiny_args(root, data, *extra)
-    at = args.index("--trainer.default_root_dir")  # after tiny.yaml, before the run's own settings
-    return args[:at] + list(MOR) + args[at:]
+    at = args.index("--trainer.default_root_dir")
+    stacked = ["--config", str(REPO / "configs" / preset)] if preset else []
+    return args[:at] + list(MOR) + stacked + args[at:]
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +101,21 @@ def test_token_choice_trains_with_its_balance_and_the_router_s_shares(tmp_path, 
     shares = [list(got[f"recursion/capacity_used/step_{r}"].values()) for r in range(3)]
     assert shares[0] == [1.0, 1.0] and all(a >= b for a, b in zip(shares[1], shares[2]))
     assert "flops/measured_per_batch" not in got and "val/loss" in got and "val/loss_causal" not in got
+
+
+@pytest.mark.parametrize("preset", ["mor_dense.yaml", "mor_shared_kv.yaml"])
+def test_every_recursion_preset_trains_and_counts_its_flops_against_the_plain_model(tmp_path, tiny_tokenizer, preset):
+    """Each preset stacked on mor.yaml trains, and its FLOPs telemetry compares it with the plain model
+    of its depth (every block its own weights, its own keys and values); token choice has its own test."""
+    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+                             preset=preset)]
+    assert train_main(args) == 0
+    got = scalars(tmp_path / "lightning_logs" / "version_0")
+    shape = dict(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=TINY_DATA["seq_len"],
+                 route_every=0)
+    fields = yaml.safe_load((REPO / "configs" / preset).read_text())["model"]
+    recursive = ModelConfig(**shape, recursions=3, **fields)
+    seq = TINY_DATA["seq_len"]
+    assert got["flops/step"][0] == TINY_DATA["batch_size"] * training_flops(recursive, seq)
+    want = forward_flops(recursive, seq) / forward_flops(ModelConfig(**shape), seq)
+    assert list(got["flops/ratio_vs_dense"].values()) == [pytest.approx(want)]

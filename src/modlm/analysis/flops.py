@@ -193,7 +193,7 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
     baseline MoD's (and MoE's, and MoR's) costs are measured against."""
     return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "route_layers": None, "capacities": None,
                           "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
-                          "recursions": 1, "recursion_capacities": None,
+                          "recursions": 1, "recursion_capacities": None, "recursion_kv": "recursion_wise",
                           "decision_thresholds": None, "decision_spreads": None})
 
 
