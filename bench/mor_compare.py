@@ -19,7 +19,7 @@ Two views, as the paper compares:
 ``--decode`` times greedy decoding of every variant's final checkpoint at the ``--decode-budget``
 (default: the budget repeated with more seeds), each at its best size and all at one common size,
 interleaved (every model once per repetition, so machine noise hits all alike), batch 1 and 16,
-medians of ``--reps``. Each row's speed is also given against the dense
+medians of ``--reps``, on ``--threads`` threads (one by default). Each row's speed is also given against the dense
 model of its own size, timed in the same run. "blocks/token" is the number of blocks a generated
 token passes through while the model samples (all its blocks for a dense model), counted from the KV caches.
 """
@@ -233,7 +233,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads while decoding (tiny models: one is fastest)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     results = [json.loads(f.read_text()) for f in sorted((args.results / "runs").glob("*.json"))]
     curves = isoflop_report.points(results)

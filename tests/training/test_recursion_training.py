@@ -3,11 +3,14 @@ with the values the method fixes: each step's top-k share, the depth distributio
 exact FLOPs; and a run resumed from its checkpoint logs the losses of the uninterrupted one."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
+from modlm.cli.eval import main as eval_main
 from modlm.cli.train import main as train_main
 from modlm.flops import forward_flops, training_flops
 from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, scalars, tiny_args
@@ -103,19 +106,41 @@ def test_token_choice_trains_with_its_balance_and_the_router_s_shares(tmp_path, 
     assert "flops/measured_per_batch" not in got and "val/loss" in got and "val/loss_causal" not in got
 
 
-@pytest.mark.parametrize("preset", ["mor_dense.yaml", "mor_shared_kv.yaml"])
-def test_every_recursion_preset_trains_and_counts_its_flops_against_the_plain_model(tmp_path, tiny_tokenizer, preset):
-    """Each preset stacked on mor.yaml trains, and its FLOPs telemetry compares it with the plain model
-    of its depth (every block its own weights, its own keys and values); token choice has its own test."""
+@pytest.mark.parametrize("preset, kv_share", [(None, "between"), ("mor_dense.yaml", None), ("mor_shared_kv.yaml", 0.5)])
+def test_every_recursion_preset_trains_and_evaluates_from_the_command_line(tmp_path, tiny_tokenizer, preset, kv_share):
+    """Each preset stacked on mor.yaml trains, its FLOPs telemetry compares it with the plain model of
+    its depth (every block its own weights, keys and values), and eval reports its recursion figures:
+    each step's share of the validation tokens (top-k: exactly the schedule's k), the depths they
+    imply, and the KV cache held while sampling against the plain model's (shared keys and values cache
+    the unique blocks and the first step's stack only, 4 of 8 blocks; the dense recursion routes
+    nothing and has no sampling figures). Token choice has its own test."""
     args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
                              preset=preset)]
     assert train_main(args) == 0
     got = scalars(tmp_path / "lightning_logs" / "version_0")
-    shape = dict(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=TINY_DATA["seq_len"],
-                 route_every=0)
-    fields = yaml.safe_load((REPO / "configs" / preset).read_text())["model"]
-    recursive = ModelConfig(**shape, recursions=3, **fields)
+    out = tmp_path / "eval.json"
+    assert eval_main([str(tmp_path / "checkpoints" / "last.ckpt"), "--json", str(out), "--quiet",
+                      "--decode_tokens", "4", "--prompt_tokens", "4"]) == 0
+    ev = json.loads(out.read_text())
     seq = TINY_DATA["seq_len"]
+    shape = dict(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=seq, route_every=0)
+    fields = yaml.safe_load((REPO / "configs" / preset).read_text())["model"] if preset else {}
+    recursive = ModelConfig(**shape, recursions=3, **fields)
     assert got["flops/step"][0] == TINY_DATA["batch_size"] * training_flops(recursive, seq)
     want = forward_flops(recursive, seq) / forward_flops(ModelConfig(**shape), seq)
     assert list(got["flops/ratio_vs_dense"].values()) == [pytest.approx(want)]
+    assert ev["flops_per_token_topk"] == forward_flops(recursive, seq) / seq
+    if recursive.recursion_routing == "dense":  # no routers: one computation, every token every step
+        assert "causal.recursion_depth.3" not in ev and ev["topk.loss"] == ev["causal.loss"]
+    else:
+        k = [recursive.topk_tokens(seq, c) for c in recursive.step_capacities]
+        assert [ev[f"topk.capacity_used.step_{r}"] for r in range(3)] == [n / seq for n in k]
+        assert [ev[f"topk.recursion_depth.{d}"] for d in range(4)] == pytest.approx(
+            [0.0, (k[0] - k[1]) / seq, (k[1] - k[2]) / seq, k[2] / seq])
+        causal = [ev[f"causal.recursion_depth.{d}"] for d in range(4)]
+        assert causal[0] == 0.0 and sum(causal) == pytest.approx(1.0)  # every token takes the first step
+        assert ev["causal.capacity_used.step_0"] == ev["generate.capacity_used.step_0"] == 1.0
+    if kv_share == "between":  # recursion-wise caches hold each step's own tokens
+        assert 0.5 < ev["generate.kv_cache_share"] < 1.0
+    elif kv_share is not None:
+        assert ev["generate.kv_cache_share"] == kv_share
