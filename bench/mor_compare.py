@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 import isoflop_report  # noqa: E402  (beside this file)
 
 from modlm.analysis.evaluate import generation_share  # noqa: E402
@@ -62,24 +64,26 @@ def recursion_figures(ev: dict) -> dict:
 
 
 def equal_flops_rows(curves: dict) -> list[dict]:
+    """Each variant's best size at each budget. The size is chosen on the main seed's losses, as the
+    grid chose where to repeat; its loss is the mean over the seeds trained there. (The minimum over
+    sizes of unequal seed counts would favour the sizes trained once: a lucky seed wins.)"""
     rows = []
     for budget in sorted({b for b, _ in curves}):
-        dense = min(curves.get((budget, "dense"), []) + curves.get((budget, "dense_unique"), []),
-                    key=lambda p: p["causal_loss"], default=None)
+        best = {v: min(c, key=lambda p: p["run"]["causal_loss"]) for (b, v), c in curves.items() if b == budget}
+        dense = min((best[v] for v in ("dense", "dense_unique") if v in best), key=lambda p: p["causal_loss"], default=None)
         for variant in ORDER:
             curve = curves.get((budget, variant))
             if not curve:
                 continue
-            fit = isoflop_report.fit_minimum(curve)
-            best = next(p for p in curve if p["size"] == fit["best_size"])
+            point = best[variant]
             rows.append({
-                "budget": budget, "variant": variant, "best_size": best["size"], "params": best["params"],
-                "loss": best["causal_loss"], "topk_loss": best["topk_loss"], "seeds": best["seeds"],
-                "loss_std": best["loss_std"], "loss_min": best["loss_min"], "loss_max": best["loss_max"],
-                "fit_loss": fit["fit_loss"], "bracketed": fit["bracketed"],
-                "flops_per_token": best["forward_flops_per_token_causal"],
-                "steps": best["steps"], "sizes": [p["size"] for p in curve],
-                "vs_best_dense": best["causal_loss"] - dense["causal_loss"] if dense else None,
+                "budget": budget, "variant": variant, "best_size": point["size"], "params": point["params"],
+                "loss": point["causal_loss"], "topk_loss": point["topk_loss"], "seeds": point["seeds"],
+                "loss_std": point["loss_std"], "loss_min": point["loss_min"], "loss_max": point["loss_max"],
+                "main_seed_loss": point["run"]["causal_loss"], "edge": curve.index(point) in (0, len(curve) - 1),
+                "flops_per_token": point["forward_flops_per_token_causal"],
+                "steps": point["steps"], "sizes": [p["size"] for p in curve],
+                "vs_best_dense": point["causal_loss"] - dense["causal_loss"] if dense else None,
                 "best_dense": f"{dense['variant']} {dense['size']}" if dense else None,
             })
     return rows
@@ -183,21 +187,34 @@ def with_dense_ratio(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def code_commit(commit: str) -> str:
+    """The last commit at or before ``commit`` that changed the code a run executes (a grid run with
+    ``--commit`` records the result commit before it, which changes no code); ``commit`` itself where
+    git does not know it (a clone without the grid's own commits)."""
+    found = subprocess.run(["git", "rev-list", "-1", commit.split("+")[0], "--", "src", "train.py", "eval.py",
+                            "bench/isoflop.py"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return (found or commit)[:10]
+
+
 def markdown(flops_rows, params_rows, recursion, decode_rows, results) -> str:
     fmt = isoflop_report.fmt
     machines = sorted({f"{r['machine']['cpu']} ({r['machine']['threads']} threads, {r['precision']})" for r in results})
-    commits = sorted({r["commit"][:10] for r in results})
-    lines = [f"{len(results)} runs; machines: {'; '.join(machines)}; commits: {', '.join(commits)}", "",
+    commits = sorted({code_commit(r["commit"]) for r in results})
+    lines = [f"{len(results)} runs; machines: {'; '.join(machines)}; code commits: {', '.join(commits)}", "",
              "### Equal training FLOPs: each variant's best size", "",
              "| budget | variant | best size (params) | loss (causal) | seeds: mean +- std [min..max] | top-k loss "
              "| vs best dense | fwd FLOPs/token | steps |", "|---|---|---|---|---|---|---|---|---|"]
+    # the size is the main seed's best; "vs best dense" compares means at the chosen sizes
     for r in flops_rows:
         seeds = (f"{r['loss']:.4f} +- {r['loss_std']:.4f} [{r['loss_min']:.4f}..{r['loss_max']:.4f}] (n={r['seeds']})"
                  if r["seeds"] > 1 else "1 seed")
-        edge = "" if r["bracketed"] else " (edge)"
+        edge = " (edge)" if r["edge"] else ""
         lines.append(f"| {r['budget']:.1e} | {r['variant']} | {r['best_size']}{edge} ({r['params'] / 1e3:.1f}k) | "
                      f"{r['loss']:.4f} | {seeds} | {r['topk_loss']:.4f} | {fmt(r['vs_best_dense'], '+.4f')} | "
                      f"{r['flops_per_token'] / 1e6:.3f}M | {r['steps']} |")
+    verdicts = isoflop_report.spread_verdicts([{**r, "best_loss": r["loss"]} for r in flops_rows])
+    if verdicts:
+        lines += ["", "### Differences at the repeated budget against the seed spread", "", *verdicts]
     lines += ["", "### Equal unique parameters: 4 blocks of weights (8-block dense for reference)", "",
               "| budget | size | " + " | ".join(("dense (8 blocks)",) + UNIQUE) + " |", "|---|---|" + "---|" * (1 + len(UNIQUE))]
     for r in params_rows:
