@@ -117,14 +117,14 @@ def plot_loss_curves(curves: dict, out: Path) -> None:
             curve = curves.get((budget, variant))
             if not curve:
                 continue
-            best = min(curve, key=lambda p: p["causal_loss"])
+            best = min(curve, key=lambda p: p["run"]["causal_loss"])  # as the table chooses
             run = best["run"]
             flops = [s / run["steps"] * run["train_flops"] for s, _, _ in run["val_curve"]]
             ax.plot(flops, [c for _, _, c in run["val_curve"]], "o-", ms=3, color=COLORS.get(variant),
                     label=f"{variant} {best['size']} ({best['params'] / 1e3:.0f}k)")
             finals.append(run["val_curve"][-1][2])
         ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
-        ax.set_title(f"{budget:.1e} training FLOPs: each variant at its best size")
+        ax.set_title(f"{budget:.1e} training FLOPs: each variant at its best size (main seed)", fontsize=10)
         ax.set_xlabel("training FLOPs")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
