@@ -43,18 +43,23 @@ def best_dense(curves: dict, budget: float) -> dict | None:
     return min(points, key=lambda p: p["causal_loss"]) if points else None
 
 
+def main_seed(results: list[dict]) -> int:
+    """The main grid's seed: the one most runs share (the others are repeats)."""
+    seeds = [r["seed"] for r in results]
+    return max(set(seeds), key=seeds.count)
+
+
 def points(results: list[dict]) -> dict[tuple[float, str], list[dict]]:
     """(budget, variant) -> one entry per size, seeds averaged, sorted by parameters. Each entry's
-    ``run`` is the main grid's run (the seed most runs share), whose curve the time plots use."""
-    seeds = [r["seed"] for r in results]
-    main_seed = max(set(seeds), key=seeds.count)
+    ``run`` is the main grid's run (``main_seed``), whose curve the time plots use."""
+    seed = main_seed(results)
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         by_key[(r["budget"], r["variant"], r["size"])].append(r)
     curves: dict[tuple, list[dict]] = defaultdict(list)
     for (budget, variant, size), runs in by_key.items():
         losses = [r["causal_loss"] for r in runs]
-        first = next((r for r in runs if r["seed"] == main_seed), runs[0])
+        first = next((r for r in runs if r["seed"] == seed), runs[0])
         curves[(budget, variant)].append({
             **first, "causal_loss": statistics.mean(losses), "seeds": len(runs), "loss_min": min(losses),
             "loss_max": max(losses), "loss_std": statistics.stdev(losses) if len(runs) > 1 else 0.0,

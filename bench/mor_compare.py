@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import isoflop_report  # noqa: E402  (beside this file)
+from isoflop import Run  # noqa: E402
 
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
@@ -63,13 +64,18 @@ def recursion_figures(ev: dict) -> dict:
     }
 
 
+def best_point(curve: list[dict]) -> dict:
+    """A curve's best size, chosen on the main seed's losses (as the grid chose where to repeat)."""
+    return min(curve, key=lambda p: p["run"]["causal_loss"])
+
+
 def equal_flops_rows(curves: dict) -> list[dict]:
     """Each variant's best size at each budget. The size is chosen on the main seed's losses, as the
     grid chose where to repeat; its loss is the mean over the seeds trained there. (The minimum over
     sizes of unequal seed counts would favour the sizes trained once: a lucky seed wins.)"""
     rows = []
     for budget in sorted({b for b, _ in curves}):
-        best = {v: min(c, key=lambda p: p["run"]["causal_loss"]) for (b, v), c in curves.items() if b == budget}
+        best = {v: best_point(c) for (b, v), c in curves.items() if b == budget}
         dense = min((best[v] for v in ("dense", "dense_unique") if v in best), key=lambda p: p["causal_loss"], default=None)
         for variant in ORDER:
             curve = curves.get((budget, variant))
@@ -117,7 +123,7 @@ def plot_loss_curves(curves: dict, out: Path) -> None:
             curve = curves.get((budget, variant))
             if not curve:
                 continue
-            best = min(curve, key=lambda p: p["run"]["causal_loss"])  # as the table chooses
+            best = best_point(curve)
             run = best["run"]
             flops = [s / run["steps"] * run["train_flops"] for s, _, _ in run["val_curve"]]
             ax.plot(flops, [c for _, _, c in run["val_curve"]], "o-", ms=3, color=COLORS.get(variant),
@@ -137,31 +143,30 @@ def plot_loss_curves(curves: dict, out: Path) -> None:
 def blocks_per_token(model, prompts: torch.Tensor, new_tokens: int) -> float:
     """Blocks a generated token passes through, from the caches (sampling as eval does)."""
     cfg = model.config
-    if not cfg.routes_recursion:
-        if not cfg.routed_layers:
-            return float(cfg.n_layers)
-        share = generation_share(model, prompts, new_tokens)
-        return cfg.n_layers - len(cfg.routed_layers) * (1 - share["capacity_used"])
+    if not (cfg.routes_recursion or cfg.routed_layers):
+        return float(cfg.n_layers)
     share = generation_share(model, prompts, new_tokens)
-    steps = sum(share[f"capacity_used.step_{r}"] for r in range(cfg.recursions))
-    return cfg.n_layers - cfg.stack_layers * cfg.recursions + cfg.stack_layers * steps
+    if cfg.routes_recursion:
+        steps = sum(share[f"capacity_used.step_{r}"] for r in range(cfg.recursions))
+        return cfg.n_layers - cfg.stack_layers * cfg.recursions + cfg.stack_layers * steps
+    return cfg.n_layers - len(cfg.routed_layers) * (1 - share["capacity_used"])
 
 
-def decode_bench(checkpoints: dict[str, Path], batches: list[int], prompt_tokens: int, new_tokens: int,
+def decode_bench(checkpoints: dict[tuple[str, str], Path], batches: list[int], prompt_tokens: int, new_tokens: int,
                  reps: int) -> list[dict]:
-    """Interleaved greedy decoding of every checkpoint at every batch size: median tokens/s."""
-    models = {name: load_saved(str(path)).model for name, path in checkpoints.items()}
-    windows = load_saved(str(next(iter(checkpoints.values())))).validation_windows
-    runs, meta = {}, {}
+    """Interleaved greedy decoding of every checkpoint ((variant, size) -> path) at every batch size:
+    median tokens/s, and each row's speed against the dense model of its size at its batch."""
+    saved = {key: load_saved(str(path)) for key, path in checkpoints.items()}
+    windows = next(iter(saved.values())).validation_windows
+    meta = {key: {"blocks_per_token": blocks_per_token(s.model, windows[:16, :prompt_tokens], new_tokens),
+                  "params": s.model.num_params()} for key, s in saved.items()}
+    runs = {}
     for batch in batches:
         prompts = windows[:batch, :prompt_tokens]
-        for name, model in models.items():
-            key = (name, batch)
-            runs[key] = (lambda m, p: lambda: generate(m, p, new_tokens, temperature=0))(model, prompts)
+        for key, s in saved.items():
+            runs[key, batch] = (lambda m, p: lambda: generate(m, p, new_tokens, temperature=0))(s.model, prompts)
             with torch.inference_mode():
-                runs[key]()  # warm-up
-            meta[key] = {"blocks_per_token": blocks_per_token(model, windows[:16, :prompt_tokens], new_tokens),
-                         "params": model.num_params()}
+                runs[key, batch]()  # warm-up
     times = defaultdict(list)
     for rep in range(reps):
         for key, run in runs.items():
@@ -170,20 +175,14 @@ def decode_bench(checkpoints: dict[str, Path], batches: list[int], prompt_tokens
                 run()
             times[key].append(time.perf_counter() - start)
         print(f"decode repetition {rep + 1}/{reps}", flush=True)
+    speed = {key: key[1] * new_tokens / statistics.median(ts) for key, ts in times.items()}
     rows = []
-    for (name, batch), ts in times.items():
-        rows.append({"model": name, "batch": batch, "tokens_per_s": batch * new_tokens / statistics.median(ts),
-                     "times_s": ts, **meta[(name, batch)]})
-    return rows
-
-
-def with_dense_ratio(rows: list[dict]) -> list[dict]:
-    """Each row's speed against the dense model of the same size and batch (names 'variant size')."""
-    speed = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows}
-    for r in rows:
-        size = r["model"].split()[-1]
-        dense = speed.get((f"dense {size}", r["batch"]))
-        r["vs_dense_same_size"] = r["tokens_per_s"] / dense if dense else None
+    for ((variant, size), batch), ts in times.items():
+        dense = speed.get((("dense", size), batch))
+        rows.append({"model": f"{variant} {size}", "variant": variant, "size": size, "batch": batch,
+                     "tokens_per_s": speed[(variant, size), batch],
+                     "vs_dense_same_size": speed[(variant, size), batch] / dense if dense else None,
+                     "times_s": ts, **meta[variant, size]})
     return rows
 
 
@@ -199,7 +198,7 @@ def code_commit(commit: str) -> str:
 def markdown(flops_rows, params_rows, recursion, decode_rows, results) -> str:
     fmt = isoflop_report.fmt
     machines = sorted({f"{r['machine']['cpu']} ({r['machine']['threads']} threads, {r['precision']})" for r in results})
-    commits = sorted({code_commit(r["commit"]) for r in results})
+    commits = sorted({code_commit(c) for c in {r["commit"] for r in results}})
     lines = [f"{len(results)} runs; machines: {'; '.join(machines)}; code commits: {', '.join(commits)}", "",
              "### Equal training FLOPs: each variant's best size", "",
              "| budget | variant | best size (params) | loss (causal) | seeds: mean +- std [min..max] | top-k loss "
@@ -221,7 +220,7 @@ def markdown(flops_rows, params_rows, recursion, decode_rows, results) -> str:
         cells = [f"{r[v]['loss']:.4f} ({r[v]['params'] / 1e3:.1f}k)" if v in r else "-" for v in ("dense",) + UNIQUE]
         lines.append(f"| {r['budget']:.1e} | {r['size']} | " + " | ".join(cells) + " |")
     if recursion:
-        lines += ["", "### Recursion figures of the routed models (from eval.json, seed 1234)", "",
+        lines += ["", "### Recursion figures of the routed models (from eval.json, main seed)", "",
                   "| run | tokens at depth 1/2/3 | step capacity (validation) | step capacity (sampling) "
                   "| causal acc per step | KV cache vs plain |", "|---|---|---|---|---|---|"]
         for run_id, f in sorted(recursion.items()):
@@ -257,28 +256,27 @@ def main() -> None:
     results = [json.loads(f.read_text()) for f in sorted((args.results / "runs").glob("*.json"))]
     curves = isoflop_report.points(results)
     flops_rows, params_rows = equal_flops_rows(curves), equal_params_rows(curves)
-    recursion = {}
+    recursion, seed = {}, isoflop_report.main_seed(results)
     if args.runs:
         for r in results:
             ev_file = args.runs / r["id"] / "eval.json"
-            if r["seed"] == 1234 and r["model"].get("recursion_routing", "dense") != "dense" and ev_file.exists():
+            if r["seed"] == seed and r["model"].get("recursion_routing", "dense") != "dense" and ev_file.exists():
                 recursion[r["id"]] = recursion_figures(json.loads(ev_file.read_text()))
     out = args.results / "compare.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     decode_rows = previous.get("decode", [])
     if args.decode:
-        repeated = {r["budget"] for r in results if r["seed"] != 1234}
+        repeated = {r["budget"] for r in results if r["seed"] != seed}
         budget = args.decode_budget or max(repeated or {r["budget"] for r in results})
         best = {r["variant"]: r["best_size"] for r in flops_rows if r["budget"] == budget}
         common = args.decode_size or best["dense"]
         sizes = set(best.values()) | {common}
         picks = sorted(set(best.items()) | {(v, common) for v in best} | {("dense", s) for s in sizes},
                        key=lambda vs: (vs[1] != common, vs[1], ORDER.index(vs[0])))  # the common size first
-        checkpoints = {f"{v} {s}": args.runs / f"{v}-{s}-{budget:.1e}-s1234".replace("+", "") / "checkpoints" / "last.ckpt"
-                       for v, s in picks}
-        print(f"decoding at {budget:.1e}: {', '.join(checkpoints)} (threads {torch.get_num_threads()})", flush=True)
-        decode_rows = with_dense_ratio(decode_bench(checkpoints, args.batches, args.prompt_tokens, args.new_tokens,
-                                                    args.reps))
+        checkpoints = {(v, s): args.runs / Run(v, s, budget, seed).id / "checkpoints" / "last.ckpt" for v, s in picks}
+        print(f"decoding at {budget:.1e}: {', '.join(' '.join(k) for k in checkpoints)} "
+              f"(threads {torch.get_num_threads()})", flush=True)
+        decode_rows = decode_bench(checkpoints, args.batches, args.prompt_tokens, args.new_tokens, args.reps)
         previous["decode_settings"] = {"budget": budget, "batches": args.batches, "prompt_tokens": args.prompt_tokens,
                                        "new_tokens": args.new_tokens, "reps": args.reps,
                                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
