@@ -8,8 +8,11 @@ layout: the resumed steps must log exactly the uninterrupted run's losses. FSDP2
 node, replicas across nodes (HSDP).
 """
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,15 +21,37 @@ from modlm.data.prepare import PrepareSettings, prepare_corpus
 from tests.helpers import (assert_same_losses_after_resume, free_port, REPO, TINY_DATA, VAL_FRACTION, run_train, scalars,
                            tiny_args)
 
-pytestmark = pytest.mark.slow
 
 N, K = 6, 4
+LAUNCH_TIMEOUT = 200  # seconds; a launch takes ~30 s on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)]  # three launches a test
 COMMON = ("--trainer.accelerator", "cpu", "--model.lr_decay_steps", str(N), "--trainer.max_steps", str(N),
           "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", str(N))
 
 
-def torchrun_two_nodes(*args: str, timeout: float = 400) -> list[subprocess.CompletedProcess]:
-    """``train.py fit ARGS`` under two torchrun agents (node ranks 0 and 1, 2 processes each)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now (torchrun starts each worker in a session of its own, out of
+    reach of a signal to the agent's process group)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(parents.get(tree[-1], []))
+    return tree
+
+
+def torchrun_two_nodes(*args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """``train.py fit ARGS`` under two torchrun agents (node ranks 0 and 1, 2 processes each).
+
+    A launch that outlives ``timeout`` has both agents and their workers killed, and fails with what
+    each node printed, rather than leaving them running.
+    """
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -35,10 +60,21 @@ def torchrun_two_nodes(*args: str, timeout: float = 400) -> list[subprocess.Comp
          "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
          str(REPO / "train.py"), "fit", "--trainer.num_nodes", "2", "--trainer.devices", "2", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    deadline = time.monotonic() + timeout
     done = []
-    for proc in nodes:
-        out, err = proc.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in nodes:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for pid in [p for proc in nodes for p in process_tree(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        printed = [run.stdout + run.stderr for run in done] + ["".join(proc.communicate()) for proc in nodes[len(done):]]
+        pytest.fail(f"the two-node launch ran over {timeout:.0f} s\n"
+                    + "".join(f"--- node {n} printed (end) ---\n{text[-3000:]}\n" for n, text in enumerate(printed)))
     return done
 
 

@@ -53,6 +53,7 @@ from ..training.checkpoint import (CheckpointError, check_resume_shape, is_check
                                    resolve_last, saved_data)
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
+from ..training.parallel import end_process_group
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
 from ..training.travel import unpack
@@ -333,4 +334,5 @@ def main(args=None) -> int:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"modlm: error: {first_line}", file=sys.stderr)
         return 1 if isinstance(err, NonFiniteLossError) else 2
+    end_process_group()  # after success only: after an error, this rank's collectives may still wait on a peer
     return 0
