@@ -141,12 +141,21 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+CODE_PATHS = ("src", "train.py", "eval.py", "bench/isoflop.py")
+"""What a result depends on: the model, training and evaluation code, and this harness."""
+
+
 def commit_of_code() -> str:
-    """The commit the harness and the code it drives came from (``+dirty`` with local changes)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "train.py", "eval.py", "bench/isoflop.py"],
-                           cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return head + ("+dirty" if dirty else "")
+    """The newest commit that changed the code a run uses (``+dirty`` with local changes to it).
+
+    Not HEAD: with ``--commit`` each result is a commit of its own, so HEAD would name the previous
+    result rather than the code.
+    """
+    last = subprocess.run(["git", "rev-list", "-1", "HEAD", "--", *CODE_PATHS], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return last + ("+dirty" if dirty else "")
 
 
 def train_command(grid: Grid, run: Run, steps: int, directory: Path) -> list[str]:

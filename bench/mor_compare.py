@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import isoflop_report  # noqa: E402  (beside this file)
-from isoflop import Run  # noqa: E402
+from isoflop import CODE_PATHS, Run  # noqa: E402
 
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
@@ -188,10 +188,10 @@ def decode_bench(checkpoints: dict[tuple[str, str], Path], batches: list[int], p
 
 def code_commit(commit: str) -> str:
     """The last commit at or before ``commit`` that changed the code a run executes (a grid run with
-    ``--commit`` records the result commit before it, which changes no code); ``commit`` itself where
-    git does not know it (a clone without the grid's own commits)."""
-    found = subprocess.run(["git", "rev-list", "-1", commit.split("+")[0], "--", "src", "train.py", "eval.py",
-                            "bench/isoflop.py"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    ``--commit`` at an older harness recorded the result commit before it, which changes no code);
+    ``commit`` itself where git does not know it (a clone without the grid's own commits)."""
+    found = subprocess.run(["git", "rev-list", "-1", commit.split("+")[0], "--", *CODE_PATHS], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
     return (found or commit)[:10]
 
 
