@@ -149,3 +149,19 @@ def test_parallelize_compiles_then_shards_every_block_and_the_root():
         parallelize(MoDTransformer(cfg), mesh, compile=True, mode="max-autotune-no-cudagraphs")
     finally:
         dist.destroy_process_group()
+
+
+def test_end_process_group_leaves_no_group_and_needs_none():
+    """What the command line calls after a run that succeeded: the group is gone afterwards (so
+    gloo's threads are not left to the interpreter's shutdown), and a run without one is left alone."""
+    from modlm.training.parallel import end_process_group
+
+    end_process_group(settle_s=0)  # no group: nothing to do, no error
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(3))
+        end_process_group(settle_s=0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
