@@ -18,8 +18,10 @@ stay in the root unit.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
+import torch.distributed as dist
 from torch import nn
 
 from ..model.errors import UserError
@@ -101,10 +103,6 @@ def end_process_group(settle_s: float = 0.25) -> None:
     backward, 14 of 70 launches aborted without it and none of 100 with it. Call this after the
     run's last collective: it is local and waits for no other rank. No group, nothing to do.
     """
-    import time
-
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         time.sleep(settle_s)
