@@ -127,8 +127,13 @@ def test_generation_stops_at_a_stop_string_with_the_text_model_generate_gives(to
     assert stop and stop in text and len(set(free)) > 2
     [got] = lm.generate_until(requests("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 16})]))
     assert got == text[:text.index(stop)]
-    fed = lm.usage.tasks["t"].tokens
-    assert fed < len(ids) + 15  # it stopped there: fewer tokens fed than the 16 it was allowed
+    usage = lm.usage.tasks["t"]
+    assert usage.tokens < len(ids) + 15  # it stopped there: fewer tokens fed than the 16 it was allowed
+    # what the routed blocks processed while generating: the decisions of one pass over what was fed
+    out = model(torch.tensor([(ids + free)[:usage.tokens]]), routing=routing)
+    counts = {f"layer_{info.layer}": int(info.selected.sum()) for info in out.routing}
+    assert usage.processed == counts and 0 < counts["layer_1"] < usage.tokens
+    assert usage.flops == forward_flops(model.config, usage.tokens, tokens_per_routed_block=list(counts.values()))
     [whole] = lm.generate_until(requests("generate_until", [(prompt, {"until": ["\x00"], "max_gen_toks": 16})]))
     assert whole == text
 
@@ -138,17 +143,20 @@ def test_tally_counts_what_each_routed_block_processed(tokenizer):
     pairs, _ = scoring_requests()
     causal = ModLMHarness(model, tokenizer, routing="causal", batch_size=4)
     causal.loglikelihood(pairs)
-    want_tokens, want = 0, {name: 0 for name in units(model.config)}
+    want_tokens, want_flops, want = 0, 0.0, {name: 0 for name in units(model.config)}
     for request in pairs:  # each row alone, straight from the model's own routing
         context, continuation = request.args
         row = causal._encode_pair(context, continuation) if context else ([causal.eot_token_id], causal.tok_encode(continuation))
         ids = torch.tensor([(row[0] + row[1])[-49:][:-1]])  # the last 48 tokens before the final one, as scored
         out = model(ids, routing="causal")
         want_tokens += ids.numel()
-        for info in out.routing:
-            want[f"layer_{info.layer}"] += int(info.selected.sum())
+        row = [int(info.selected.sum()) for info in out.routing]
+        for info, n in zip(out.routing, row):
+            want[f"layer_{info.layer}"] += n
+        want_flops += forward_flops(model.config, ids.numel(), tokens_per_routed_block=row)
     usage = causal.usage.tasks["t"]
     assert usage.tokens == want_tokens and usage.processed == want
+    assert usage.flops == pytest.approx(want_flops, rel=1e-12)
     figures = causal.usage.figures(usage)
     assert figures["capacity_used.layer_1"] == want["layer_1"] / want_tokens
     assert 0.1 < figures["capacity_used"] < 0.9
