@@ -24,13 +24,15 @@ TASKS = ("docstring_mc", "stdlib_ppl", "docstring_gen")
 
 
 def functions(path: Path) -> list[tuple[str, str]]:
-    """``(name, first docstring line)`` of a module's public top-level functions that have one."""
+    """``(name, first docstring line)`` of a module's public functions and methods (classes' too) that
+    have one."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError):
         return []
     found = []
-    for node in tree.body:
+    nodes = list(tree.body) + [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
+    for node in nodes:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             doc = (ast.get_docstring(node) or "").strip().splitlines()
             if doc and 10 <= len(doc[0]) <= 120:
@@ -38,17 +40,22 @@ def functions(path: Path) -> list[tuple[str, str]]:
     return found
 
 
-def docstring_questions(n: int, seed: int = 0, files: slice = slice(None)) -> list[dict]:
-    """Up to ``n`` questions ``{"doc", "name", "choices", "answer"}``: the answer among its module's
-    other function names (three distractors), in a seeded random order."""
+def first_modules(n: int = 30) -> list[Path]:
+    """The first ``n`` top-level stdlib modules, in name order."""
+    return sorted(STDLIB.glob("*.py"))[:n]
+
+
+def docstring_questions(n: int, paths: list[Path], seed: int = 0) -> list[dict]:
+    """Up to ``n`` questions ``{"doc", "name", "choices", "answer"}`` from the modules ``paths``: the
+    answer among its module's other function names (three distractors), in a seeded random order."""
     rng = random.Random(seed)
     questions = []
-    for path in sorted(STDLIB.glob("*.py"))[files]:
+    for path in paths:
         found = functions(path)
         names = sorted({name for name, _ in found})
         if len(names) < 4:
             continue
-        for name, doc in found:
+        for name, doc in dict(found).items():  # a name once (methods of several classes share names)
             choices = rng.sample([other for other in names if other != name], 3) + [name]
             rng.shuffle(choices)
             questions.append({"doc": doc, "name": name, "choices": choices, "answer": choices.index(name)})
@@ -56,10 +63,10 @@ def docstring_questions(n: int, seed: int = 0, files: slice = slice(None)) -> li
     return questions[:n]
 
 
-def source_stretches(n: int, chars: int, files: slice = slice(None)) -> list[dict]:
-    """``n`` stretches ``{"text"}`` of ``chars`` characters, the start of one stdlib module each."""
+def source_stretches(n: int, chars: int, paths: list[Path]) -> list[dict]:
+    """Up to ``n`` stretches ``{"text"}`` of ``chars`` characters, the start of one module of ``paths`` each."""
     texts = []
-    for path in sorted(STDLIB.glob("*.py"))[files]:
+    for path in paths:
         text = path.read_text(encoding="utf-8", errors="replace")
         if len(text) >= chars:
             texts.append({"text": text[:chars]})
@@ -141,7 +148,7 @@ def harness_tokenizer(vocab_size: int = 400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((p.read_text()[:10_000] for p in sorted(STDLIB.glob("*.py"))[:30]), trainer=trainer)
+    tok.train_from_iterator((p.read_text()[:10_000] for p in first_modules()), trainer=trainer)
     return tok
 
 
@@ -161,12 +168,13 @@ def harness_model(routed: bool, seed: int = 0, max_seq_len: int = 48, **changes)
 
 
 def write_tasks(folder: Path, questions: int = 8, stretches: int = 3, chars: int = 600, max_gen_toks: int = 8,
-                seed: int = 0, files: slice = slice(0, 30)) -> Path:
-    """The three tasks' data and YAML files in ``folder`` (an ``--include_path``), drawn from the stdlib
-    modules ``files`` (in name order); returns the folder."""
+                seed: int = 0, paths: list[Path] | None = None) -> Path:
+    """The three tasks' data and YAML files in ``folder`` (an ``--include_path``), drawn from the
+    modules ``paths`` (default ``first_modules()``); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"docstring_mc": docstring_questions(questions, seed, files),
-            "stdlib_ppl": source_stretches(stretches, chars, files)}
+    paths = first_modules() if paths is None else paths
+    data = {"docstring_mc": docstring_questions(questions, paths, seed),
+            "stdlib_ppl": source_stretches(stretches, chars, paths)}
     data["docstring_gen"] = data["docstring_mc"]
     for task, rows in data.items():
         path = folder / f"{task}.json"
