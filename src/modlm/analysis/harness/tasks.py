@@ -139,6 +139,8 @@ def flat_results(results: dict, lm) -> dict:
     for task, usage in lm.usage.tasks.items():
         task_leaks = lm.mode.leaks and bool(usage.request_types - {"generate_until"})
         leaking |= task_leaks
+        if task is None:  # requests that name no task: in the run's totals only
+            continue
         out.update({f"harness.{task}.{k}": v for k, v in lm.usage.figures(usage).items()})
         out[f"harness.{task}.leaking"] = task_leaks
     out["harness.leaking"] = leaking
