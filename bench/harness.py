@@ -3,6 +3,7 @@ routing side by side.
 
     python bench/harness.py --mod runs/default/checkpoints/last.ckpt --dense runs/dense/checkpoints/last.ckpt \\
         --dense-hf runs/convert/dense-llama --converted runs/convert/full-s1/checkpoints/last.ckpt
+    python bench/harness.py table bench/results/harness.json [more.json ...]   # the table again (runs merged)
 
 The tasks are local, built from real text the models were not trained on: the standard library
 modules of the validation split (``val_fraction`` 0.05 of the default corpus, by the same hash of the
@@ -126,7 +127,8 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "table":
-        print(table(json.loads(Path(sys.argv[2]).read_text())))
+    if len(sys.argv) > 1 and sys.argv[1] == "table":  # table A.json [B.json ...]: their runs in one table
+        parts = [json.loads(Path(p).read_text()) for p in sys.argv[2:]]
+        print(table({"runs": {name: run for part in parts for name, run in part["runs"].items()}}))
         raise SystemExit(0)
     raise SystemExit(main())
