@@ -13,20 +13,23 @@ path), through ``tests/helpers/harness_tasks.py``:
   which follows (lm-eval ``multiple_choice``: ``acc``, ``acc_norm``);
 * ``stdlib_ppl``: the first ``--chars`` characters of each module (``loglikelihood_rolling``:
   ``bits_per_byte``, ``word_perplexity``, ``byte_perplexity``);
-* ``docstring_gen``: the same prompts, the name generated greedily up to ``(`` (``exact_match``).
+* ``docstring_gen``: the same prompts, the name generated greedily up to ``(`` (``exact_match``);
+* ``next_line``: six lines of a module and four of its lines: which follows (``multiple_choice``);
+* ``line_end``: the six lines and the first half of the next, its rest generated up to the end of the
+  line (``exact_match``).
 
 Every model is scored with ``modlm.analysis.harness.evaluate_tasks`` under causal routing and under
 top-k (leaking: see docs/evaluation.md); a dense model computes the same in both. ``--dense-hf`` is
 the dense run exported as a standard ``LlamaForCausalLM`` folder (``bench/convert.py prepare``):
-it must score what the dense checkpoint scores, and the converted model before any tuning
-(``route_every=2, capacity=0.125``, routers at zero) is made from it here. Results:
+it must score what the dense checkpoint scores, and so must lm-eval's own ``hf`` model on that folder
+(a row of its own); the converted model before any tuning (``route_every=2, capacity=0.125``,
+routers at zero) is made from it here. Results:
 ``--out`` (JSON with the commit and CPU) and the markdown table printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +48,7 @@ from modlm.data.corpus.files import stdlib_files  # noqa: E402
 from modlm.data.corpus.split import is_val  # noqa: E402
 from modlm.data.tokenizer import load_tokenizer  # noqa: E402
 from modlm.training.checkpoint import load_saved  # noqa: E402
-from tests.helpers.harness_tasks import TASKS, write_tasks  # noqa: E402
+from tests.helpers.harness_tasks import LINE_TASKS, TASKS, write_tasks  # noqa: E402
 
 ROUTINGS = ("causal", "topk")
 
@@ -71,6 +74,25 @@ def models(args) -> dict[str, tuple]:
     return found
 
 
+def hf_figures(folder: Path, tasks: Path, batch_size: int) -> dict:
+    """lm-eval's figures of its ``hf`` model (HFLM) on a transformers folder, under this bench's keys."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from modlm.analysis.harness.tasks import metric_key
+
+    hf = HFLM(pretrained=str(folder), device="cpu", batch_size=batch_size, dtype="float32")
+    results = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS + LINE_TASKS), log_samples=False,
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    out = {"harness.routing": "-", "harness.leaking": False}
+    for task, metrics in results["results"].items():
+        for name, value in metrics.items():
+            if metric_key(name) is not None and isinstance(value, float):
+                out[f"harness.{task}.{metric_key(name)}"] = value
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mod", type=Path, help="the default MoD run's checkpoint")
@@ -91,17 +113,21 @@ def main(argv=None) -> int:
               "held_out_modules": len(modules), "runs": {}}
     with tempfile.TemporaryDirectory() as scratch:
         folder = write_tasks(Path(scratch), questions=args.questions, stretches=args.stretches, chars=args.chars,
-                             max_gen_toks=12, paths=modules)
-        for task in TASKS:
+                             max_gen_toks=24, paths=modules, lines=True)
+        for task in TASKS + LINE_TASKS:
             result[f"{task}_documents"] = len(json.loads((folder / f"{task}.json").read_text()))
         for name, (model, tokenizer) in found.items():
             for routing in ROUTINGS:
                 start = time.time()
-                figures = evaluate_tasks(model, tokenizer, TASKS, include_path=str(folder),
+                figures = evaluate_tasks(model, tokenizer, TASKS + LINE_TASKS, include_path=str(folder),
                                          batch_size=args.batch_size, routing=routing)
                 figures.update(seconds=time.time() - start, load_after=load())
                 result["runs"][f"{name}/{routing}"] = figures
                 print(f"{name}/{routing}: {time.time() - start:.0f} s", flush=True)
+        if args.dense_hf:  # lm-eval's own hf model on the same folder: what the dense rows must equal
+            start = time.time()
+            figures = hf_figures(args.dense_hf, folder, args.batch_size)
+            result["runs"]["lm-eval-hf/dense-hf"] = {**figures, "seconds": time.time() - start, "load_after": load()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(table(result))
@@ -112,17 +138,22 @@ def table(result: dict) -> str:
     """The markdown table of a result: one row per model and routing."""
     runs = result["runs"]
     dense = next((r for n, r in runs.items() if n.startswith("dense/")), None)
-    lines = ["| model | routing | docstring_mc acc | acc_norm | stdlib_ppl bits/byte | docstring_gen exact | "
-             "capacity used | FLOPs/token vs dense |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | routing | docstring_mc acc | next_line acc_norm | stdlib_ppl bits/byte | docstring_gen exact | "
+             "line_end exact | capacity used | FLOPs/token vs dense |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         model, routing = name.split("/")
         used = r.get("harness.capacity_used")
         leak = " (leaking)" if r["harness.leaking"] else ""
-        ratio = r["harness.flops_per_token"] / dense["harness.flops_per_token"] if dense else float("nan")
+        flops = r.get("harness.flops_per_token")
+        ratio = f"{flops / dense['harness.flops_per_token']:.3f}" if dense and flops else "-"
+
+        def acc(task, metric="acc"):
+            return f"{r[f'harness.{task}.{metric}']:.3f} +- {r[f'harness.{task}.{metric}_stderr']:.3f}"
+
         lines.append(
-            f"| {model} | {routing}{leak} | {r['harness.docstring_mc.acc']:.3f} +- {r['harness.docstring_mc.acc_stderr']:.3f}"
-            f" | {r['harness.docstring_mc.acc_norm']:.3f} | {r['harness.stdlib_ppl.bits_per_byte']:.4f}"
-            f" | {r['harness.docstring_gen.exact_match']:.3f} | {'-' if used is None else f'{used:.3f}'} | {ratio:.3f} |")
+            f"| {model} | {routing}{leak} | {acc('docstring_mc')} | {acc('next_line', 'acc_norm')}"
+            f" | {r['harness.stdlib_ppl.bits_per_byte']:.4f} | {r['harness.docstring_gen.exact_match']:.3f}"
+            f" | {r['harness.line_end.exact_match']:.3f} | {'-' if used is None else f'{used:.3f}'} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ out of reach offline): JSON files of documents and the YAML task files that read
 * ``docstring_gen`` (generate until ``(`` or a newline, ``exact_match``): the same prompt, the
   function's name generated.
 
-``bench/harness.py`` writes the same tasks, larger.
+Two more, for ``bench/harness.py`` (which writes them all, larger): ``next_line`` (multiple choice:
+six lines of a module, which of four of its lines follows) and ``line_end`` (generate the rest of a
+line from the six lines before it and its first half, ``exact_match``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TASKS = ("docstring_mc", "stdlib_ppl", "docstring_gen")
+LINE_TASKS = ("next_line", "line_end")
 
 
 def functions(path: Path) -> list[tuple[str, str]]:
@@ -73,6 +76,34 @@ def source_stretches(n: int, chars: int, paths: list[Path]) -> list[dict]:
         if len(texts) == n:
             break
     return texts
+
+
+def line_questions(n: int, paths: list[Path], seed: int = 0, before: int = 6) -> list[dict]:
+    """Up to ``n`` questions ``{"context", "line", "choices", "answer", "head", "tail"}``: the ``before``
+    lines above a line of code (20-80 characters, not a comment), that line among three other such
+    lines of the module (none of them in the context), and the line cut after a space near its middle
+    (``head``, ``tail``)."""
+    rng = random.Random(seed)
+    questions = []
+    for path in paths:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        usable = [i for i, line in enumerate(lines) if i >= before and 20 <= len(line.strip()) <= 80
+                  and not line.strip().startswith("#")]
+        texts = sorted({lines[i] for i in usable})
+        if len(texts) < 8:
+            continue
+        for i in rng.sample(usable, min(len(usable), 8)):
+            line, cut = lines[i], lines[i].rfind(" ", 0, len(lines[i]) // 2 + 1)
+            indent = len(line) - len(line.lstrip())
+            if cut <= indent:
+                continue
+            seen = set(lines[i - before:i + 1])  # no distractor the context already shows
+            choices = rng.sample([t for t in texts if t not in seen], 3) + [line]
+            rng.shuffle(choices)
+            questions.append({"context": "\n".join(lines[i - before:i]) + "\n", "line": line, "choices": choices,
+                              "answer": choices.index(line), "head": line[:cut + 1], "tail": line[cut + 1:]})
+    rng.shuffle(questions)
+    return questions[:n]
 
 
 YAML = {
@@ -135,6 +166,44 @@ metric_list:
     higher_is_better: true
     regexes_to_ignore: [" "]
 """,
+    "next_line": """task: next_line
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+target_delimiter: ""
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""",
+    "line_end": """task: line_end
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}{{{{head}}}}"
+target_delimiter: ""
+doc_to_target: "{{{{tail}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""",
 }
 
 
@@ -168,14 +237,17 @@ def harness_model(routed: bool, seed: int = 0, max_seq_len: int = 48, **changes)
 
 
 def write_tasks(folder: Path, questions: int = 8, stretches: int = 3, chars: int = 600, max_gen_toks: int = 8,
-                seed: int = 0, paths: list[Path] | None = None) -> Path:
+                seed: int = 0, paths: list[Path] | None = None, lines: bool = False) -> Path:
     """The three tasks' data and YAML files in ``folder`` (an ``--include_path``), drawn from the
-    modules ``paths`` (default ``first_modules()``); returns the folder."""
+    modules ``paths`` (default ``first_modules()``), and with ``lines`` the two line tasks; returns
+    the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = first_modules() if paths is None else paths
     data = {"docstring_mc": docstring_questions(questions, paths, seed),
             "stdlib_ppl": source_stretches(stretches, chars, paths)}
     data["docstring_gen"] = data["docstring_mc"]
+    if lines:
+        data["next_line"] = data["line_end"] = line_questions(questions, paths, seed)
     for task, rows in data.items():
         path = folder / f"{task}.json"
         path.write_text(json.dumps(rows, indent=1))
