@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .modes import mode_of
 from .usage import Usage, pass_counts
+from ...model.errors import UserError
 from ...model.hf_format import special_tokens
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ class ModLMHarness(TemplateLM):
         """Log-probability of each row's scored tokens and whether each is the argmax, in batches of
         the mode; the input is the last ``max_seq_len`` tokens before the final one."""
         inputs = [row.tokens[-(self.max_length + 1):][:-1] for row in rows]
+        for row in rows:
+            if row.n_scored > self.max_length:
+                raise UserError(f"a continuation of {row.n_scored} tokens (task {row.task}) exceeds the model's "
+                                f"max_seq_len={self.max_length}")
         results: list[Optional[tuple[float, bool]]] = [None] * len(rows)
         batches = self.mode.batches([len(x) for x in inputs], self.batch_size)
         for batch in tqdm(batches, desc=request_type, disable=disable_tqdm or not self.progress):
