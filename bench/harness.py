@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         for task in TASKS + LINE_TASKS:
             result[f"{task}_documents"] = len(json.loads((folder / f"{task}.json").read_text()))
         for name, (model, tokenizer) in found.items():
-            for routing in ROUTINGS:
+            for routing in ROUTINGS if model.config.routes_tokens else ("causal",):  # dense: the same in both
                 start = time.time()
                 figures = evaluate_tasks(model, tokenizer, TASKS + LINE_TASKS, include_path=str(folder),
                                          batch_size=args.batch_size, routing=routing)

@@ -51,7 +51,7 @@ class ModLMHarness(TemplateLM):
         tokenizer: its ``tokenizers.Tokenizer``; its end-of-text token ends a generation, its
             start-of-text token (when it has one) stands for an empty context
         routing: ``causal`` (default) or ``topk`` (the training computation: scores leak the
-            continuation; see ``modes.py``)
+            continuation; see ``modes.py``); a model that routes nothing runs causally either way
         batch_size: rows per forward pass (top-k: rows of one length only)
         max_gen_toks: tokens ``generate_until`` makes when a task sets no limit
         progress: show a progress bar per request type
@@ -62,7 +62,7 @@ class ModLMHarness(TemplateLM):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.mode = mode_of(routing)
+        self.mode = mode_of(routing, model.config)
         self.batch_size = int(batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self.progress = progress

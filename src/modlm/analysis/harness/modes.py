@@ -8,7 +8,7 @@ how text is generated, and whether a score can leak its continuation.
   depends on the whole string, the continuation included: the continuation takes part in deciding
   how the context is processed. Its scores are marked as leaking.
 
-A dense model computes the same in both.
+A dense model computes the same in both, and runs as ``CausalMode``.
 """
 from __future__ import annotations
 
@@ -84,8 +84,12 @@ class TopkMode:
 MODES = {mode.name: mode for mode in (CausalMode(), TopkMode())}
 
 
-def mode_of(name: str):
-    """The mode called ``name`` (``causal`` or ``topk``); a ``UserError`` for any other."""
+def mode_of(name: str, config=None):
+    """The mode called ``name`` (``causal`` or ``topk``); a ``UserError`` for any other. A model whose
+    ``config`` routes nothing (dense, no experts) computes the same in both: it runs causally (any
+    batch, the KV cache), and nothing of it can leak."""
     if name not in MODES:
         raise UserError(f"routing={name!r} is invalid: the harness runs with {' or '.join(MODES)} routing")
+    if config is not None and not config.routes_tokens:
+        return MODES["causal"]
     return MODES[name]
