@@ -16,7 +16,7 @@ path), through ``tests/helpers/harness_tasks.py``:
 * ``docstring_gen``: the same prompts, the name generated greedily up to ``(`` (``exact_match``);
 * ``next_line``: six lines of a module and four of its lines: which follows (``multiple_choice``);
 * ``line_end``: the six lines and the first half of the next, its rest generated up to the end of the
-  line (``exact_match``).
+  line (``exact_match``, ``chrf``).
 
 Every model is scored with ``modlm.analysis.harness.evaluate_tasks`` under causal routing and under
 top-k (leaking: see docs/evaluation.md); a dense model computes the same in both. ``--dense-hf`` is
@@ -139,7 +139,7 @@ def table(result: dict) -> str:
     runs = result["runs"]
     dense = next((r for n, r in runs.items() if n.startswith("dense/")), None)
     lines = ["| model | routing | docstring_mc acc | next_line acc_norm | stdlib_ppl bits/byte | docstring_gen exact | "
-             "line_end exact | capacity used | FLOPs/token vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+             "line_end chrF | capacity used | FLOPs/token vs dense |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         model, routing = name.split("/")
         used = r.get("harness.capacity_used")
@@ -153,7 +153,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {model} | {routing}{leak} | {acc('docstring_mc')} | {acc('next_line', 'acc_norm')}"
             f" | {r['harness.stdlib_ppl.bits_per_byte']:.4f} | {r['harness.docstring_gen.exact_match']:.3f}"
-            f" | {r['harness.line_end.exact_match']:.3f} | {'-' if used is None else f'{used:.3f}'} | {ratio} |")
+            f" | {r['harness.line_end.chrf']:.2f} | {'-' if used is None else f'{used:.3f}'} | {ratio} |")
     return "\n".join(lines)
 
 

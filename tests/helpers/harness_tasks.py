@@ -11,7 +11,8 @@ out of reach offline): JSON files of documents and the YAML task files that read
 
 Two more, for ``bench/harness.py`` (which writes them all, larger): ``next_line`` (multiple choice:
 six lines of a module, which of four of its lines follows) and ``line_end`` (generate the rest of a
-line from the six lines before it and its first half, ``exact_match``).
+line from the six lines before it and its first half, ``exact_match`` and ``chrf``, the character
+n-gram F-score, which credits a partly right completion).
 """
 from __future__ import annotations
 
@@ -202,6 +203,9 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
     aggregation: mean
+    higher_is_better: true
+  - metric: chrf
+    aggregation: chrf
     higher_is_better: true
 """,
 }
