@@ -44,7 +44,8 @@ def scoring_requests():
     """Log-likelihood requests (an empty context among them) and rolling ones (one longer than the
     48-token context: several windows)."""
     pairs = [(CONTEXT, c) for c in CONTINUATIONS] + [("", "import os"), ("x = 1\n", "y = x + 1")]
-    return requests("loglikelihood", pairs), requests("loglikelihood_rolling", [(stdlib_text(3, 400),), (stdlib_text(5, 60),)])
+    rolling = [(stdlib_text(3, 400),), (stdlib_text(5, 60),)]
+    return requests("loglikelihood", pairs), requests("loglikelihood_rolling", rolling)
 
 
 @pytest.mark.slow  # importing lm-eval's hf model (transformers, accelerate) takes seconds
@@ -60,8 +61,8 @@ def test_dense_model_scores_what_lm_evals_hf_model_scores_on_its_export(tokenize
     assert [g for _, g in got] == [g for _, g in want]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-6, abs=1e-4)
     assert len({round(lp, 3) for lp, _ in got}) == len(got)  # the model tells the continuations apart
-    assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling, disable_tqdm=True),
-                                                                rel=1e-6)
+    want = theirs.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -86,7 +87,8 @@ def test_batching_gives_the_numbers_of_batch_size_one(tokenizer, routing):
     runs = {}
     for size in (1, 4):
         lm = ModLMHarness(model, tokenizer, routing=routing, batch_size=size)
-        runs[size] = (lm.loglikelihood(pairs), lm.loglikelihood_rolling(rolling), lm.generate_until(asks), lm.usage.tasks["t"])
+        runs[size] = (lm.loglikelihood(pairs), lm.loglikelihood_rolling(rolling), lm.generate_until(asks),
+                      lm.usage.tasks["t"])
     (ll1, roll1, gen1, use1), (ll4, roll4, gen4, use4) = runs[1], runs[4]
     assert [g for _, g in ll4] == [g for _, g in ll1]
     assert [lp for lp, _ in ll4] == pytest.approx([lp for lp, _ in ll1], rel=1e-5)
@@ -109,7 +111,8 @@ def test_causal_scores_obey_the_chain_rule_and_topk_scores_leak(tokenizer):
     model = build(routed=True)
     ids = tokenizer.encode(stdlib_text(7, 300)).ids
     context, first, second = ids[:20], ids[20:26], ids[26:34]
-    assert chain_gap(ModLMHarness(model, tokenizer, routing="causal"), context, first, second) == pytest.approx(0, abs=1e-4)
+    causal = ModLMHarness(model, tokenizer, routing="causal")
+    assert chain_gap(causal, context, first, second) == pytest.approx(0, abs=1e-4)
     assert abs(chain_gap(ModLMHarness(model, tokenizer, routing="topk"), context, first, second)) > 0.05
     dense = ModLMHarness(build(routed=False), tokenizer, routing="topk")  # nothing routed: nothing to leak
     assert dense.mode.name == "causal" and not dense.mode.leaks
@@ -147,7 +150,8 @@ def test_tally_counts_what_each_routed_block_processed(tokenizer):
     want_tokens, want_flops, want = 0, 0.0, {name: 0 for name in units(model.config)}
     for request in pairs:  # each row alone, straight from the model's own routing
         context, continuation = request.args
-        row = causal._encode_pair(context, continuation) if context else ([causal.eot_token_id], causal.tok_encode(continuation))
+        row = (causal._encode_pair(context, continuation) if context
+               else ([causal.eot_token_id], causal.tok_encode(continuation)))
         ids = torch.tensor([(row[0] + row[1])[-49:][:-1]])  # the last 48 tokens before the final one, as scored
         out = model(ids, routing="causal")
         want_tokens += ids.numel()
@@ -164,8 +168,8 @@ def test_tally_counts_what_each_routed_block_processed(tokenizer):
 
     topk = ModLMHarness(model, tokenizer, routing="topk", batch_size=4)
     topk.loglikelihood(pairs)
-    lengths = [min(48, sum(map(len, causal._encode_pair(*r.args))) - 1) if r.args[0] else len(causal.tok_encode(r.args[1]))
-               for r in pairs]
+    lengths = [min(48, sum(map(len, causal._encode_pair(*r.args))) - 1) if r.args[0]
+               else len(causal.tok_encode(r.args[1])) for r in pairs]
     assert topk.usage.tasks["t"].processed["layer_3"] == sum(model.config.topk_tokens(n, 0.5) for n in lengths)
     # top-k: every row at its own length, each routed block at its k (forward_flops' default)
     flops = topk.usage.figures(topk.usage.tasks["t"])["flops_per_token"]

@@ -42,11 +42,12 @@ def test_dense_figures_equal_lm_evals_hf_model_on_the_same_folder(folders, tmp_p
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    code, ours = run(folders, "dense", tmp_path / "ours.json", "--num_fewshot", "1", "--limit", "8", "--batch_size", "3")
+    code, ours = run(folders, "dense", tmp_path / "ours.json", "--num_fewshot", 1, "--limit", 8, "--batch_size", 3)
     assert code == 0
     hf = HFLM(pretrained=str(folders["dense"]), device="cpu", batch_size=1, dtype="float32")
+    local = TaskManager(include_path=str(folders["tasks"]), include_defaults=False)
     theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), num_fewshot=1, limit=8, log_samples=False,
-                                     task_manager=TaskManager(include_path=str(folders["tasks"]), include_defaults=False))
+                                     task_manager=local)
     compared = 0
     for task, metrics in theirs["results"].items():
         for name, value in metrics.items():

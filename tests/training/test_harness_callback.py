@@ -25,7 +25,8 @@ def test_scores_land_in_tensorboard_every_n_steps(tmp_path, tiny_tokenizer):
         assert set(logged[tags.harness("stdlib_ppl", metric)]) == {2, 4}, metric
     assert 0 <= logged[tags.harness("docstring_mc", "acc")][4] <= 1
     assert 0 < logged[tags.harness("stdlib_ppl", "capacity_used")][4] < 1  # the tiny model routes 25% of tokens
-    assert logged[tags.harness("stdlib_ppl", "bits_per_byte")][4] < logged[tags.harness("stdlib_ppl", "bits_per_byte")][2]
+    bits = logged[tags.harness("stdlib_ppl", "bits_per_byte")]
+    assert bits[4] < bits[2]  # the model learns between two scorings
 
 
 def test_off_by_default_and_a_wrong_name_stops_the_run_at_once(tmp_path, tiny_tokenizer, capsys):

@@ -197,10 +197,10 @@ class ModLMHarness(TemplateLM):
         tail = max((len(s.encode()) for s in until), default=0) + 1
 
         def stop_rows(tokens: torch.Tensor) -> Optional[torch.Tensor]:
+            if not until:  # nothing to look for: no host read per token
+                return None
             for row, token in zip(made, tokens.tolist()):
                 row.append(token)
-            if not until:
-                return None
             return torch.tensor([any(s in self.tok_decode(row[-tail:]) for s in until) for row in made])
 
         outputs, fed, counts = self.mode.generate(self.model, prompts, new_tokens, self._eot_id, stop_rows)
