@@ -27,7 +27,7 @@ import subprocess
 import torch
 
 from modlm.model.generate import generate
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 
 def shares(mask: torch.Tensor, selected: torch.Tensor, topk: torch.Tensor) -> dict:

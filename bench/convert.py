@@ -53,7 +53,7 @@ from modlm import MoDTransformer  # noqa: E402
 from modlm.analysis.flops import training_flops  # noqa: E402
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
-from modlm.training.checkpoint import load_saved, read_checkpoint  # noqa: E402
+from modlm.saved import load_saved, read_checkpoint  # noqa: E402
 
 SEEDS = {"s1": 1, "s2": 2}
 

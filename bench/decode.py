@@ -33,7 +33,7 @@ import torch
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.generate import compile_decode_step, generate
 from modlm.analysis.flops import decode_flops
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 
 # --- models ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from modlm.analysis.evaluate import evaluate_routing, generation_share
 from modlm.analysis.flops import decode_flops
 from modlm.data import ModLMDataModule
 from modlm.model.generate import generate
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 DECISIONS = ("plain", "calibrated", "controlled")
 

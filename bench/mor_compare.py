@@ -43,7 +43,7 @@ from isoflop import CODE_PATHS, Run  # noqa: E402
 
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
-from modlm.training.checkpoint import load_saved  # noqa: E402
+from modlm.saved import load_saved  # noqa: E402
 
 ORDER = ("dense", "dense_unique", "mod", "recursive_dense", "mor", "mor_shared_kv")
 UNIQUE = ("dense_unique", "recursive_dense", "mor", "mor_shared_kv")  # 4 blocks of weights each

@@ -16,7 +16,7 @@ from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
 from modlm.training.capacity import CapacitySchedule
-from modlm.training.checkpoint import load_saved, read_checkpoint
+from modlm.saved import load_saved, read_checkpoint
 from tests.helpers import VAL_FRACTION, assert_same_losses_after_resume, run_train, scalars
 from tests.helpers.pretrained import pretrained_folder
 

@@ -33,9 +33,9 @@ import torch
 
 from .usage import parse_or_exit
 from ..model.errors import UserError
-from ..training.checkpoint import SavedModel, load_saved
+from ..saved import SavedModel, load_saved
 from ..training.export import model_card, push_export, write_export
-from ..training.travel import unpack
+from ..saved.travel import unpack
 from ..analysis.evaluate import (decode_speed, decode_throughput, evaluate_routing, flops_per_token, generation_share,
                                  token_byte_lengths)
 from ..model.transformer import MoDTransformer

@@ -49,14 +49,14 @@ from ..training.callbacks.routing_heatmap import RoutingHeatmap
 from ..training.callbacks.routing_stats import RoutingStats
 from ..training.callbacks.summary import FlopsModelSummary
 from ..training.callbacks.throughput import TokenThroughput
-from ..training.checkpoint import (CheckpointError, check_resume_shape, is_checkpoint, read_checkpoint, read_sharded_meta,
-                                   resolve_last, saved_data)
+from ..training.checkpoint import check_resume_shape, resolve_last
+from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data
+from ..saved.travel import unpack
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.parallel import end_process_group
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
-from ..training.travel import unpack
 from .output import run_output
 from .usage import UsageError, explain, option_names
 

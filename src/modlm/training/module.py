@@ -26,6 +26,7 @@ from . import tags
 from .batch import split_batch
 from .capacity import CAPACITY_KEY, CapacitySchedule
 from . import travel
+from ..saved.travel import apply_thresholds
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
 from .pretrained import pretrained_config
@@ -295,4 +296,4 @@ class MoDLightningModule(pl.LightningModule):
             check_state_dict_fits(self.state_dict(), saved)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_tokenizer_fits(checkpoint, datamodule)
-        travel.apply_thresholds(checkpoint, self.config)
+        apply_thresholds(checkpoint, self.config)
