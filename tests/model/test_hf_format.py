@@ -239,12 +239,12 @@ def test_at_capacity_one_the_converted_model_is_the_pretrained_one(folders):
 def test_conversion_picks_blocks_and_capacities(folders):
     mod = MoDTransformer.from_hf(folders["llama-gqa-untied"], route_layers=[1, 2, 3], capacities=[0.5, 0.25, 0.125])
     assert mod.config.routed_layers == [1, 2, 3]
-    assert [mod.blocks[i].capacity for i in (1, 2, 3)] == [0.5, 0.25, 0.125]
-    assert [mod.blocks[i].topk_tokens(64) for i in (1, 2, 3)] == [32, 16, 8]
+    assert [mod.blocks[i].router.capacity for i in (1, 2, 3)] == [0.5, 0.25, 0.125]
+    assert [mod.blocks[i].router.topk_tokens(64) for i in (1, 2, 3)] == [32, 16, 8]
     out = mod(torch.randint(0, 416, (2, 64)), routing="topk")
     assert [int(r.selected[0].sum()) for r in out.routing] == [32, 16, 8]
     spread = MoDTransformer.from_hf(folders["llama-gqa-untied"], route_every=1, capacity=0.25, capacity_depth=0.5)
-    caps = [spread.blocks[i].capacity for i in range(4)]
+    caps = [spread.blocks[i].router.capacity for i in range(4)]
     assert caps == sorted(caps, reverse=True) and caps[0] == pytest.approx(0.375) and caps[-1] == pytest.approx(0.125)
     assert sum(caps) / 4 == pytest.approx(0.25)
 

@@ -11,7 +11,7 @@ from modlm.flops import expert_passes, forward_flops, training_flops
 from modlm.model.generate import generate
 from modlm.model.layers import Block
 from modlm.model.positions import Positions
-from modlm.analysis.metrics import dropped_fraction, expert_figures, expert_load, noop_fraction, passes_per_row
+from modlm.analysis.metrics import dropped_fraction, expert_load, figures, noop_fraction, passes_per_row, tally
 from modlm.model.moe import MixtureOfExperts
 from tests.helpers import counted_flops
 
@@ -339,9 +339,12 @@ def test_expert_figures_by_hand():
     wanted = picks < 2
     assert dropped_fraction(info).item() == pytest.approx(float((wanted & ~info.computed[..., 0]).sum() / wanted.sum()))
     assert passes_per_row(info) == info.computed.sum().item() / 2
-    figures = expert_figures([info])
-    assert figures["load"] == {0: load[:2].tolist()} and figures["noop_fraction"] == {0: pytest.approx(load[2].item())}
-    assert set(figures) == {"load", "noop_fraction", "dropped", "load_balance"}
+    found = figures(tally([info], moe.cfg))["moe"]
+    assert [found["load.layer_0.expert_0"], found["load.layer_0.expert_1"]] == pytest.approx(load[:2].tolist())
+    assert found["noop_fraction.layer_0"] == pytest.approx(load[2].item())
+    assert found["dropped.layer_0"] == pytest.approx(dropped_fraction(info).item())
+    assert found["expert_slots.layer_0"] == pytest.approx(passes_per_row(info).item())
+    assert set(k.split(".")[0] for k in found) == {"load", "noop_fraction", "dropped", "expert_slots", "load_balance"}
     # padding is neither picked nor counted
     valid = torch.arange(12).unsqueeze(0) < torch.tensor([[12], [5]])
     _, padded = moe(x, "causal", valid=valid)

@@ -115,6 +115,19 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MixtureOfExperts(cfg, layer) if cfg.has_experts(layer) else MLP(cfg)
 
+    def attention_update(self, x: torch.Tensor, where: Positions, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The attention sublayer's update ``attn(norm(x))``."""
+        return self.attn(self.attn_norm(x), where, cache)
+
+    def mlp_update(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cached: bool = False,
+                   ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+        """The MLP sublayer's update ``mlp(norm(x))`` and what its router did (None for the dense MLP);
+        ``cached``: the pass extends a KV cache."""
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MixtureOfExperts):
+            return self.mlp(h, routing, where.valid(x.size(1)), cached=cached, policy=where.policy)
+        return self.mlp(h), None
+
     def residual_update(
         self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
@@ -123,13 +136,13 @@ class Block(nn.Module):
         Returned as a difference built from its two parts (never as ``block(x) - x``), so a routed
         block can scale it by the router weight without cancellation error.
         """
-        a = self.attn(self.attn_norm(x), where, cache)
-        h = self.mlp_norm(x + a)
-        if isinstance(self.mlp, MixtureOfExperts):
-            m, info = self.mlp(h, routing, where.valid(x.size(1)), cached=cache is not None, policy=where.policy)
-        else:
-            m, info = self.mlp(h), None
+        a = self.attention_update(x, where, cache)
+        m, info = self.mlp_update(x + a, where, routing, cached=cache is not None)
         return a + m, info
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """Its KV cache for decoding ``batch_size`` rows of up to ``max_len`` tokens."""
+        return KVCache(batch_size, max_len, self.attn.kv_heads, self.attn.head_dim, device, dtype)
 
     def forward(
         self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecodePolicy, ModelConfig, Routing
+from .mixture import MixtureInfo
 from .numerics import full_precision
 
 
 @dataclass
-class ExpertInfo:
+class ExpertInfo(MixtureInfo):
     """What one mixture-of-experts MLP did in a forward pass (detached tensors for telemetry,
     except ``aux_loss``)."""
 
@@ -67,6 +68,11 @@ class ExpertInfo:
     """The unweighted load-balancing loss; None with a KV cache."""
     aux_loss: torch.Tensor
     """Scalar: ``moe_aux_weight * load_balance``, attached to the graph (0 with a KV cache)."""
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """``load_balance``, unweighted, where computed."""
+        return {} if self.load_balance is None else {"load_balance": self.load_balance}
 
 
 class ExpertLinear(nn.Module):

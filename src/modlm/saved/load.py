@@ -18,7 +18,7 @@ from ..data.tokenizer import load_tokenizer
 from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
-from .travel import apply_thresholds, data_settings, tokenizer_of, windows_of
+from .travel import data_settings, tokenizer_of, windows_of
 from .export import load_export
 from .files import CheckpointError, read_checkpoint, read_sharded, read_sharded_meta
 
@@ -89,7 +89,6 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = data_settings(ckpt.get("datamodule_hyper_parameters") or {})
-    apply_thresholds(ckpt, model.config)
     tokenizer = tokenizer_of(ckpt)
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it

@@ -32,10 +32,6 @@ TOKENIZER_KEY = "tokenizer"
 """Checkpoint key of ``{"json": tokenizer.json text, "sha256": its fingerprint}``."""
 WINDOWS_KEY = "validation_windows"
 """Checkpoint key of the (n, seq_len + 1) validation windows, as the smallest integer dtype holding them."""
-THRESHOLDS_KEY = "decision_thresholds"
-"""Checkpoint key of the routed blocks' calibrated decision thresholds (``MoDTransformer.calibrate``)."""
-SPREADS_KEY = "decision_spreads"
-"""Checkpoint key of the spreads of their decision logits on the calibration windows."""
 
 
 def tokenizer_of(checkpoint: dict) -> Optional[Tokenizer]:
@@ -91,10 +87,3 @@ def data_settings(saved: dict) -> dict:
         data["tokenizer"] = data.pop("tokenizer_path")
     return data
 
-
-def apply_thresholds(checkpoint: dict, config) -> None:
-    """Give ``config`` the calibration a checkpoint carries (none from an older modlm)."""
-    for key in (THRESHOLDS_KEY, SPREADS_KEY):
-        values = checkpoint.get(key)
-        if values is not None and len(values) == config.n_deciders:
-            setattr(config, key, list(values))

@@ -1,6 +1,6 @@
 """What a run puts in its checkpoints for the model to travel with: its tokenizer and validation windows
-(read back by ``modlm.saved.travel``), and the routed blocks' decision thresholds calibrated on those
-windows for these very weights."""
+(read back by ``modlm.saved.travel``); and the calibration of the routers' causal decisions on those
+windows, done before every save so that the thresholds the weights carry fit them."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +9,7 @@ import torch
 
 from ..data import ModLMDataModule
 from ..data.tokenizer import fingerprint
-from ..saved.travel import SPREADS_KEY, THRESHOLDS_KEY, TOKENIZER_KEY, WINDOWS_KEY  # noqa: F401
+from ..saved.travel import TOKENIZER_KEY, WINDOWS_KEY
 
 CALIBRATION_WINDOWS = 64
 """At most this many validation windows calibrate the decision thresholds of a saved model."""
@@ -30,9 +30,10 @@ def record(datamodule) -> dict:
 
 
 def calibrate(model, datamodule) -> Optional[list[float]]:
-    """Calibrate ``model``'s decision thresholds on the run's validation windows (at most
-    ``CALIBRATION_WINDOWS``), for a checkpoint to carry; None when there is nothing to calibrate."""
-    if not isinstance(datamodule, ModLMDataModule) or not model.config.n_deciders:
+    """Calibrate ``model``'s causal decisions on the run's validation windows (at most
+    ``CALIBRATION_WINDOWS``), for a checkpoint to carry; the thresholds, or None when there is nothing
+    to calibrate."""
+    if not isinstance(datamodule, ModLMDataModule) or not model.routers():
         return None
     windows = datamodule.validation_windows[:CALIBRATION_WINDOWS, :-1]
     if not len(windows):
