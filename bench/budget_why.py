@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     saved = load_saved(args.checkpoint)
-    model = saved.model
-    model.config.causal_decision = "plain"
+    model = saved.model.reconfigured(causal_decision="plain")
     windows = saved.validation_windows
     prompts = windows[: args.prompts, : args.prompt_tokens]
     eot_id = int(saved.data.get("eot_id", 0))

@@ -19,6 +19,8 @@ and ``configs/convert_routers.yaml``):
 * ``routers-*``: router-only tuning (everything but routers and predictors frozen), capacity 0.125
   every other block, two seeds;
 * ``full-*``: full fine-tuning, same, two seeds, and capacities 0.25 and 0.5 (one seed);
+* ``attention-c0.25-s1``: full fine-tuning with attention-only routing (``configs/skip_attention.yaml``:
+  the routers decide which tokens attend, every token runs the MLP), capacity 0.25, beside ``full-c0.25-s1``;
 * ``dense-continued``: the dense model fine-tuned as ``full`` is, with no routing: what the same
   extra steps give a dense model (the control for "the tuning, not the conversion, helps");
 * ``scratch-mod``: the default MoD run (capacity 0.125 every other block) trained from scratch for as
@@ -69,6 +71,8 @@ def plan(steps: int) -> dict[str, list[str]]:
                                "--model.warmup_steps", "20"],
         "full-c0.25-s1": full + ["--model.capacity", "0.25"],
         "full-c0.5-s1": full + ["--model.capacity", "0.5"],
+        # attention-only routing (configs/skip_attention.yaml: capacity 0.25), beside full-c0.25-s1
+        "attention-c0.25-s1": full + ["--config", "configs/skip_attention.yaml"],
     }
 
 
@@ -165,7 +169,7 @@ def prepare(args) -> None:
 
 # --- tune --------------------------------------------------------------------------------------------
 ORDER = ["full-s1", "routers-s1", "full-s2", "scratch-mod", "routers-s2", "dense-continued-s1", "full-c0.25-s1",
-         "full-c0.5-s1"]
+         "full-c0.5-s1", "attention-c0.25-s1"]
 """The order the fits run in: the main setting and its from-scratch comparison first."""
 
 
