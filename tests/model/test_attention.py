@@ -59,15 +59,18 @@ def test_grouped_attention_under_a_mask_is_attention(monkeypatch, fold, batch, n
 
 MODELS = {
     "mod": dict(route_every=2, recursions=1, n_layers=4),
-    "mor-shared-kv": dict(route_every=0, recursions=3, recursion_kv="shared", causal_method="router", recursion_sharing="cycle",
-                          n_layers=6),
+    "mor-shared-kv": dict(route_every=0, recursions=3, recursion_kv="shared", causal_method="router",
+                          recursion_sharing="cycle", n_layers=6),
 }
 
 
-@pytest.mark.parametrize("policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"])
+HOST = DecodePolicy(host_decides=True, bounded_reads=True)
+
+
+@pytest.mark.parametrize("policy", [HOST, STATIC], ids=["host", "static"])
 @pytest.mark.parametrize("model", list(MODELS))
 @torch.no_grad()
-def test_folded_decoding_equals_the_causal_forward_with_no_grouped_flag_under_a_mask(as_on_cuda, sdpa_calls, model, policy):
+def test_folded_decoding_equals_the_causal_forward_without_a_grouped_flag(as_on_cuda, sdpa_calls, model, policy):
     """A prompt and decoding steps through every masked path (a cache, shared keys), against the
     causal forward over the whole sequence, which runs without a mask."""
     torch.manual_seed(0)
