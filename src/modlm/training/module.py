@@ -29,7 +29,7 @@ from . import travel
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
 from .pretrained import pretrained_config
-from .parallel import parallelize
+from .parallel import parallelize, without_graphs
 from .telemetry import StepReport
 
 
@@ -148,7 +148,13 @@ class MoDLightningModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode)
+        accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode,
+                    accumulation=accumulation)
+
+    def without_graphs(self):
+        """The context of a pass without backward: no CUDA graphs (``modlm.training.parallel.without_graphs``)."""
+        return without_graphs(self.hparams.compile, self.hparams.compile_mode)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
@@ -186,6 +192,10 @@ class MoDLightningModule(pl.LightningModule):
         return {"loss": out.loss + out.aux_loss, "report": report}
 
     def _eval_step(self, batch: Any) -> dict:
+        with self.without_graphs():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
@@ -269,7 +279,9 @@ class MoDLightningModule(pl.LightningModule):
             checkpoint[CAPACITY_KEY] = self.capacity_schedule.state_dict()
         if self._trainer is not None:
             checkpoint.update(travel.record(self.trainer.datamodule))
-            if travel.calibrate(self.model, self.trainer.datamodule) is not None:
+            with self.without_graphs():
+                calibrated = travel.calibrate(self.model, self.trainer.datamodule)
+            if calibrated is not None:
                 checkpoint[travel.THRESHOLDS_KEY] = list(self.config.decision_thresholds)
                 checkpoint[travel.SPREADS_KEY] = list(self.config.decision_spreads)
 
