@@ -35,10 +35,10 @@ def fold_query_groups(device: torch.device) -> bool:
     On CUDA ``enable_gqa`` reaches only the Flash and math kernels, and Flash takes no mask: every
     masked call (a prompt or a decoding step over a KV cache, a recursion step reading shared keys)
     ran on the math kernel, which materialises (B, H, T, S) fp32 scores. Folded, every head count
-    matches, so the memory-efficient kernel, which takes a mask, can run it. On the CPU
-    ``enable_gqa`` with a mask is as fast or faster (one thread, 8 query / 2 key-value heads, 257
-    keys: decoding at batch 1 17.6 vs 18.3 us; a 64-token prompt at batch 4 3.0 vs 4.4 ms), so it
-    stays. Not run on a GPU yet: which kernel CUDA picks is torch's, read from its sources."""
+    matches, so the memory-efficient kernel, which takes a mask, can run it. On the CPU both ways run
+    the same flash kernel and ``enable_gqa`` stays: folded, prompts took 4-8% longer there and
+    decoding steps the same within noise (``bench/gqa_prefill.py``). Not run on a GPU yet: which
+    kernel CUDA picks is torch's choice, read from its sources; the GPU session counts it."""
     return device.type == "cuda"
 
 
