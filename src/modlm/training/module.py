@@ -67,8 +67,9 @@ class MoDLightningModule(pl.LightningModule):
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
             compile_mode: ``torch.compile``'s mode for the blocks: ``reduce-overhead`` adds CUDA graphs
-                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2),
-                ``max-autotune`` tunes kernels too (slow to compile); default: torch's.
+                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2 or
+                gradient accumulation; validation and calibration run eagerly), ``max-autotune``
+                tunes kernels too (slow to compile); default: torch's.
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             init_from: Start from a pretrained Llama-family model (``LlamaForCausalLM``,
