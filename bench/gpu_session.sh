@@ -68,7 +68,7 @@ mkdir -p "$OUT" 2> /dev/null && : > "$OUT/session.log" 2> /dev/null || die "cann
 LOG=$OUT/session.log
 FIGURES=$OUT/figures.json
 python3 bench/gpu_figures.py init "$FIGURES" "$WORK/machine.json" "$COMMIT" "$BUDGET" || die "cannot write $FIGURES"
-{ echo "commit $COMMIT"; cat "$WORK/machine.json"; nvidia-smi 2>&1 || true; } >> "$LOG"
+{ echo "commit $COMMIT"; cat "$WORK/machine.json"; timeout -k 5 20 nvidia-smi 2>&1 || true; } >> "$LOG"
 say "commit $COMMIT on $(python3 -c "import json; print(json.load(open('$WORK/machine.json'))['gpu'])"), $BUDGET s budget, figures in $FIGURES"
 
 # --- parts ------------------------------------------------------------------------------------------
