@@ -78,7 +78,8 @@ class CollectiveSpy(pl.Callback):
                 stack = traceback.extract_stack()[:-1]
                 ours = [f for f in stack if "/modlm/" in f.filename]
                 caller = (ours or [f for f in stack if "/torch/" not in f.filename] or [None])[-1]
-                self.seen[self.running].append(f"{name} from {caller.name} ({Path(caller.filename).name})" if caller else name)
+                where = f" from {caller.name} ({Path(caller.filename).name})" if caller else ""
+                self.seen[self.running].append(name + where)
             return original(*args, **kwargs)
         return spy
 

@@ -72,6 +72,7 @@ def test_two_ranks_agree_on_a_signal_only_after_the_steps_that_log(tmp_path, tin
     assert "pre-empted (SIGUSR1) after step 8" in done.stderr + done.stdout
     assert torch.load(tmp_path / "checkpoints" / "preempted.ckpt", weights_only=True)["global_step"] == 8
     for rank in (0, 1):
-        seen = {int(step): calls for step, calls in json.loads((tmp_path / f"collectives-rank{rank}.json").read_text()).items()}
+        noted = json.loads((tmp_path / f"collectives-rank{rank}.json").read_text())
+        seen = {int(step): calls for step, calls in noted.items()}
         assert set(seen) <= {4, 8}, {step: calls for step, calls in seen.items() if step % log_every}
         assert "all_reduce from _anyone (preemption.py)" in seen[4], seen  # it watches the agreement
