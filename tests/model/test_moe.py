@@ -154,6 +154,33 @@ def test_mixture_output_and_router_gradient_follow_the_definition(path, mlp):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
+@torch.no_grad()
+def test_a_static_decoding_step_reads_the_expert_weights_in_place():
+    """The static one-token path (compiled decoding, accelerators) makes no tensor as large as one
+    expert matrix: each pick's weights are not gathered (that copied a (B * k, out, in) slice of
+    every matrix per step). Every tensor each aten operator makes is watched (views not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            read = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            made.extend((t.numel(), str(func)) for t in tree_leaves(out)  # views of an input are no copy
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read)
+            return out
+
+    moe = mixture(n_experts=4, noop_experts=1, expert_top_k=2)
+    x = hidden(batch=4, length=1)
+    with Outputs():
+        y, _ = moe(x, "causal", policy=STATIC)
+    assert made, "the test must see the step's operators"
+    assert max(made)[0] < moe.up.weight[0].numel(), max(made)
+    torch.testing.assert_close(y, reference_mixture(moe, x, "causal"), rtol=0, atol=1e-5 * float(y.abs().max()))
+
+
 @pytest.mark.parametrize("variant", ["moe", "staged", "top2"])
 def test_expert_routers_learn_from_the_language_model_loss_alone(variant):
     """With the load-balancing weight at 0 the gate is the routers' only way to the loss: every

@@ -81,17 +81,29 @@ RNG_KEY = "torch_rng_states"
 
 
 def rng_states() -> dict:
-    """torch's CPU and CUDA generator states, to save. They decide random routing (the control
-    runs) and nothing else in modlm; without them a resumed random-routing run picks other tokens."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """torch's CPU generator state and that of this process's own CUDA device (None without one), to
+    save. They decide random routing (the control runs) and nothing else in modlm; without them a
+    resumed random-routing run picks other tokens.
+
+    Only the own device's: each rank of a multi-GPU run draws on its own device, so in rank 0's
+    process (the one that writes the checkpoint) every other device's generator is still at its
+    seed. Saving those and restoring them on every rank made ranks other than 0 restart their draws.
+    """
+    own = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return {"cpu": torch.get_rng_state(), "device": own}
 
 
 def restore_rng_states(states: dict) -> None:
-    """Put back ``rng_states()``. Every rank is seeded alike (seed_everything) and draws alike, so
-    rank 0's saved state is every rank's; a checkpoint from another GPU count restores the CPU
-    generator only."""
+    """Put back ``rng_states()``, each rank into its own device's generator. Every rank is seeded
+    alike (seed_everything) and draws alike, so rank 0's saved states are every rank's, whatever
+    the GPU count. A checkpoint of an older modlm holds every device's state (``"cuda"``, a list):
+    restored as it was then, device for device, when the device count agrees."""
     torch.set_rng_state(states["cpu"])
-    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+    if not torch.cuda.is_available():
+        return
+    if states.get("device") is not None:
+        torch.cuda.set_rng_state(states["device"], torch.cuda.current_device())
+    elif len(states.get("cuda") or []) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 

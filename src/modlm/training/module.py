@@ -30,7 +30,7 @@ from . import travel
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
 from .pretrained import pretrained_config
-from .parallel import parallelize
+from .parallel import parallelize, without_graphs
 from .telemetry import StepReport
 
 
@@ -68,8 +68,9 @@ class MoDLightningModule(pl.LightningModule):
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
             compile_mode: ``torch.compile``'s mode for the blocks: ``reduce-overhead`` adds CUDA graphs
-                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2),
-                ``max-autotune`` tunes kernels too (slow to compile); default: torch's.
+                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2 or
+                gradient accumulation; validation and calibration run eagerly), ``max-autotune``
+                tunes kernels too (slow to compile); default: torch's.
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             init_from: Start from a pretrained Llama-family model (``LlamaForCausalLM``,
@@ -150,7 +151,21 @@ class MoDLightningModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode)
+        accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode,
+                    accumulation=accumulation)
+
+    def without_graphs(self):
+        """The context of a pass without backward: no CUDA graphs (``modlm.training.parallel.without_graphs``)."""
+        return without_graphs(self.hparams.compile, self.hparams.compile_mode)
+
+    def calibrate(self) -> Optional[list[float]]:
+        """Calibrate the routers' causal decisions on the run's validation windows (``travel.calibrate``;
+        every save does it first: ``ModLMTrainer.save_checkpoint``), a pass without backward, so without
+        CUDA graphs. The thresholds, or None when there is nothing to calibrate."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        with self.without_graphs():
+            return travel.calibrate(self.model, datamodule)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
@@ -187,6 +202,10 @@ class MoDLightningModule(pl.LightningModule):
         return {"loss": out.loss + out.aux_loss, "report": report}
 
     def _eval_step(self, batch: Any) -> dict:
+        with self.without_graphs():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
