@@ -81,3 +81,19 @@ def test_token_choice_steps_without_topk_report_shares_but_no_decision():
                        predictor_logits=None, topk=None, aux_losses={}, aux_loss=torch.zeros(()))
     found = figures(tally([RecursionInfo([step])], CFG))["recursion"]
     assert found["capacity_used.step_0"] == 0.5 and not any(k.startswith("causal_") for k in found)
+
+
+def test_expert_shares_add_up_over_batches():
+    """Picks of 2 real and 2 no-op experts: the shares over two batches are those of all their picks."""
+    from modlm.model.moe import ExpertInfo
+
+    def expert(picks):
+        picks = torch.tensor([picks]).unsqueeze(-1)  # (1, n, top-1)
+        return ExpertInfo(layer=0, n_experts=2, n_choices=4, expert=picks, computed=picks < 2, valid=None,
+                          slots_per_expert=None, load_balance=None, aux_loss=torch.zeros(()))
+
+    cfg = ModelConfig(**{**CFG.to_dict(), "n_experts": 2, "noop_experts": 2, "route_every": 0})
+    total = add_tallies(tally([expert([0, 0, 2, 3])], cfg), tally([expert([1, 0, 0, 0])], cfg))
+    found = figures(total)["moe"]
+    assert found["load.layer_0.expert_0"] == 5 / 8 and found["load.layer_0.expert_1"] == 1 / 8
+    assert found["noop_fraction.layer_0"] == 2 / 8 and found["expert_slots.layer_0"] == 6 / 2

