@@ -293,10 +293,16 @@ def windows(args) -> None:
     dense original and the export folders are evaluated on."""
     from modlm.data import ModLMDataModule
 
-    stored = load_saved(str(models(args)["full-s1"])).validation_windows
+    stored = load_saved(str(first_tuned(args))).validation_windows
     dm = ModLMDataModule(source="stdlib", tokenizer=str(args.runs / "dense-llama"), num_workers=0)
     write(args.results / "windows.json", {"same_windows": bool(torch.equal(stored, dm.validation_windows)),
                                           "windows": list(stored.shape), "commit": commit()})
+
+
+def first_tuned(args) -> Path:
+    """The first fit of ``ORDER`` that has run (its checkpoint carries the validation windows)."""
+    found = models(args)
+    return next(found[name] for name in ORDER if name in found)
 
 
 def decode(args) -> None:
@@ -304,9 +310,10 @@ def decode(args) -> None:
     if target.exists():
         return
     torch.set_num_threads(1)
-    names = [n for n in ("dense", "full-s1", "routers-s1", "scratch-mod", "full-c0.25-s1", "full-c0.5-s1") if n in models(args)]
+    names = [n for n in ("dense", "full-s1", "routers-s1", "scratch-mod", "full-c0.25-s1", "full-c0.5-s1",
+                         "attention-c0.25-s1") if n in models(args)]
     loaded = {n: load_saved(str(models(args)[n])).model.eval() for n in names}
-    windows = load_saved(str(models(args)["full-s1"])).validation_windows
+    windows = load_saved(str(first_tuned(args))).validation_windows
     prompt = windows[:1, :32]
     new = args.decode_tokens
     times = {n: [] for n in names}
@@ -330,7 +337,7 @@ def decode(args) -> None:
 
 # --- report ------------------------------------------------------------------------------------------
 ROWS = ["dense", "dense-continued-s1", "converted-untuned-c1", "converted-untuned-c0.125", "routers-s1", "routers-s2",
-        "full-s1", "full-s2", "full-c0.25-s1", "full-c0.5-s1", "scratch-mod"]
+        "full-s1", "full-s2", "full-c0.25-s1", "full-c0.5-s1", "attention-c0.25-s1", "scratch-mod"]
 
 
 def report(args) -> None:
