@@ -15,7 +15,8 @@ from modlm.cli import prepare as prepare_cli
 from modlm.cli.train import main
 from modlm.model.config import ModelConfig
 
-MODLM_GROUPS = ("model", "data", "preemption", "routing_stats", "flops", "routing_heatmap", "dashboard", "throughput")
+MODLM_GROUPS = ("model", "data", "preemption", "routing_stats", "flops", "routing_heatmap", "dashboard", "throughput",
+                "harness")
 LINKED = {"vocab_size", "max_seq_len"}  # set from the data's arguments, shown under "Linked arguments"
 
 
@@ -80,7 +81,7 @@ def test_a_mistake_is_one_line_with_the_closest_names_and_exit_2(argv, wanted, c
 
 
 @pytest.mark.parametrize("cli, argv, wanted", [
-    (eval_cli, ["run.ckpt", "--bach_size", "3"], "--data.batch_size"),
+    (eval_cli, ["run.ckpt", "--data.bach_size", "3"], "--data.batch_size"),
     (prepare_cli, ["corpus", "out", "--num-proc", "3"], "--num_proc"),
     (generate_cli, ["run.ckpt", "--temprature", "0.5"], "--temperature"),
 ])

@@ -115,35 +115,38 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
     they processed; and those caches against a plain model's of ``n_layers`` blocks
     (``kv_cache_share``, entries held at the end; ``kv_cache_allocated_share``, caches allocated)."""
     cfg = model.config
-    if cfg.routes_recursion:  # a recursion step counts what it processed (a later step may cache nothing)
-        where = cfg.unique_before  # the recursion's place among the blocks
-        routed = list(range(cfg.recursions))
-        count = lambda state, r: state.caches[where][r].processed  # noqa: E731
-        name = "step"
-    else:
-        routed = cfg.routed_layers
-        count = lambda state, i: state.caches[i].length  # noqa: E731
-        name = "layer"
-    if not routed or new_tokens < 2:
+    if not processed_counts(model, model.new_state(1, prompts.device)) or new_tokens < 2:
         return {}
     state = model.new_state(prompts.size(0), prompts.device)
-    prefilled: dict[int, torch.Tensor] = {}
+    prefilled: dict[str, torch.Tensor] = {}
 
     def note_prefill(tokens):  # called after the first sample: the caches then hold the prompt alone
         if not prefilled:
-            prefilled.update({i: count(state, i).clone() for i in routed})
+            prefilled.update({name: count.clone() for name, count in processed_counts(model, state).items()})
         return None
 
     generator = torch.Generator(device=prompts.device).manual_seed(seed)
     generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
              on_tokens=note_prefill, state=state)
     fed = (new_tokens - 1) * prompts.size(0)
-    result = {f"capacity_used.{name}_{i}": float((count(state, i) - prefilled[i]).sum()) / fed for i in routed}
-    result["capacity_used"] = statistics.mean(result[f"capacity_used.{name}_{i}"] for i in routed)
+    result = {f"capacity_used.{name}": float((count - prefilled[name]).sum()) / fed
+              for name, count in processed_counts(model, state).items()}
+    result["capacity_used"] = statistics.mean(result.values())
     caches = kv_caches(state)
     result["kv_cache_share"] = float(sum(c.length.sum() for c in caches)) / (cfg.n_layers * float(state.seen.sum()))
     result["kv_cache_allocated_share"] = len(caches) / cfg.n_layers
     return result
+
+
+def processed_counts(model: MoDTransformer, state) -> dict[str, torch.Tensor]:
+    """Per routed unit of a decoding state, by its figures' name (``layer_<i>`` per routed block,
+    ``step_<r>`` per routed recursion step), the tokens of each row (B,) it has processed: a routed block's
+    KV cache holds exactly those; a recursion step counts its own (a later step may cache nothing)."""
+    cfg = model.config
+    if cfg.routes_recursion:
+        steps = state.caches[cfg.unique_before]  # the recursion's place among the blocks
+        return {f"step_{r}": step.processed for r, step in enumerate(steps)}
+    return {f"layer_{i}": state.caches[i].length for i in cfg.routed_layers}
 
 
 def kv_caches(state) -> list:

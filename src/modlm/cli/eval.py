@@ -5,6 +5,7 @@
     python eval.py CKPT --compare runs/dense/checkpoints/last.ckpt       # side by side + PNG plot
     python eval.py CKPT --generate "def fibonacci(n):"                   # print a continuation
     python eval.py CKPT --export exported/                               # a folder transformers loads too
+    python eval.py CKPT --tasks hellaswag,arc_easy --json tasks.json     # lm-evaluation-harness tasks
 
 (``modlm-eval`` once the package is installed.) The parser is jsonargparse's, as for
 ``train.py``: ``--config FILE`` reads any of the options from YAML, groups are dotted
@@ -18,6 +19,10 @@ export folder is evaluated on its training corpus's validation split). JSON keys
 dotted: ``topk.loss``, ``topk.ppl``, ``topk.bpb``, ``causal.loss``, ``causal.ppl``,
 ``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s`` (batch 1),
 ``decode_tokens_per_s_batched`` (``decode_batch`` prompts at once), ...
+
+With ``--tasks``, CKPT is scored on lm-evaluation-harness tasks instead (``modlm.cli.eval_tasks``;
+keys ``harness.<task>.<metric>``, the routing and what each routed block processed; see
+docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -113,6 +118,16 @@ class EvalRun:
         device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)
         seed: random seed (sampling in --generate)
         quiet: no progress bar
+        tasks: score CKPT on these lm-evaluation-harness tasks instead (comma-separated task, group or
+            tag names, or YAML files): lm-eval's figures, FLOPs per token and the share each routed
+            block processed, under harness.* keys
+        include_path: with --tasks: a folder of lm-eval task YAML files (local tasks)
+        num_fewshot: with --tasks: few-shot examples per prompt (default: each task's own)
+        limit: with --tasks: score at most this many documents per task
+        batch_size: with --tasks: rows per forward pass
+        routing: with --tasks: causal (default: each token routed from itself and the tokens before
+            it, as at inference) or topk (the training computation; a continuation's score then
+            depends on the continuation's own routing: marked harness.leaking)
     """
 
     ckpt: str
@@ -131,6 +146,12 @@ class EvalRun:
     device: Optional[str] = None
     seed: int = 1234
     quiet: bool = False
+    tasks: Optional[str] = None
+    include_path: Optional[str] = None
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    batch_size: int = 8
+    routing: Literal["causal", "topk"] = "causal"
 
     def __post_init__(self):
         if self.device is None:
@@ -243,6 +264,10 @@ def main(argv=None) -> int:
     torch.manual_seed(run.seed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if run.tasks is not None:
+            from .eval_tasks import execute_tasks
+
+            return execute_tasks(run)
         return execute(run)
     except UserError as err:  # EvalError, CheckpointError, DataError, ModelConfig's errors: the user's to fix
         if os.environ.get("MODLM_DEBUG"):

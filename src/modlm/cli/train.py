@@ -13,7 +13,8 @@ What it adds to plain LightningCLI:
   saves at the next step boundary), ``--throughput.*`` (``ThroughputMonitor`` in tokens,
   ``enabled: false`` to drop it), ``--lr_monitor.*``, the routing / FLOPs telemetry
   (``--routing_stats.*``, ``--flops.*``, ``--routing_heatmap.*``), the dashboard layout
-  (``--dashboard.*``), plus ``default_callbacks()`` (the non-finite loss guard).
+  (``--dashboard.*``), lm-evaluation-harness scores every N steps (``--harness.tasks``, off by
+  default), plus ``default_callbacks()`` (the non-finite loss guard).
 * ``--ckpt_path last`` means the newest checkpoint of the run, whichever callback wrote it; a
   damaged one is named, with the newest intact one to use instead. A fit resumed from a checkpoint
   of its own folder logs into the same TensorBoard version folder (one curve per tag).
@@ -44,6 +45,7 @@ from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
 from ..training.callbacks.dashboard import Dashboard
 from ..training.callbacks.flops_meter import FlopsMeter
+from ..training.callbacks.harness import HarnessScores
 from ..training.callbacks.preemption import Preemption
 from ..training.callbacks.progress import StepProgressBar
 from ..training.callbacks.routing_heatmap import RoutingHeatmap
@@ -145,6 +147,7 @@ class ModLMCLI(LightningCLI):
         parser.add_lightning_class_args(RoutingHeatmap, "routing_heatmap")
         parser.add_lightning_class_args(Dashboard, "dashboard")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        parser.add_lightning_class_args(HarnessScores, "harness")  # lm-eval tasks every N steps; off without tasks
         # The model reads the vocabulary size from the tokenizer the data module trains or loads
         # (at instantiation, since the tokenizer may not exist before), and its longest sequence
         # from the training windows.

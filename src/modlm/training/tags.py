@@ -16,6 +16,7 @@ keys are ``modlm.analysis.evaluate``'s.)
   moe/<figure>/layer_<i>[/expert_<e>]             a mixture-of-experts MLP's figure
   flops/<figure>                                  FLOPs per step, in total, against dense, MFU
   train/device/items_per_sec, train/device/mfu    Lightning's ThroughputMonitor (items are tokens)
+  harness/<task>/<metric>                         lm-evaluation-harness scores (``--harness.tasks``)
 """
 from __future__ import annotations
 
@@ -78,3 +79,11 @@ def recursion_depth_share(depth: int) -> str:
 def moe(figure: str, layer: int, expert: Optional[int] = None) -> str:
     """``moe/<figure>/layer_<i>``, with ``/expert_<e>`` for a per-expert figure."""
     return mixture("moe", f"{figure}.layer_{layer}" + ("" if expert is None else f".expert_{expert}"))
+
+
+
+def harness(task: str, metric: str) -> str:
+    """``harness/<task>/<metric>``: an lm-evaluation-harness figure of ``task`` (``acc``,
+    ``word_perplexity``, ``exact_match.strict-match``, ...; ``capacity_used``: the share of the task's
+    tokens the routed blocks processed, their mean)."""
+    return f"harness/{task}/{metric}"

@@ -77,7 +77,7 @@ def histograms(mixtures: Sequence[MixtureInfo]) -> dict[str, dict[str, torch.Ten
 
 
 def selections(mixtures: Sequence[MixtureInfo]) -> list[tuple[str, torch.Tensor]]:
-    """``(name, (B, T) bool)``: the tokens each router processed, in depth order, for the heat map."""
+    """``(where, (B, T) bool)``: the tokens each router processed, in depth order, named as its figures."""
     return [row for metrics, infos in by_kind(mixtures) for row in metrics.selections(infos)]
 
 

@@ -73,7 +73,8 @@ class KindMetrics:
         return {}
 
     def selections(self, infos: Sequence) -> list[tuple[str, torch.Tensor]]:
-        """``(name, (B, T) bool)``: the tokens each of its routers processed, for the heat map."""
+        """``(where, (B, T) bool)``: the tokens each of its routers processed, named as its figures
+        (``layer_3``, ``step_1``): for the heat map and the per-task shares of evaluation."""
         return []
 
     def depth(self, infos: Sequence, cfg: ModelConfig):

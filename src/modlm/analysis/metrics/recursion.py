@@ -51,7 +51,7 @@ class RecursionMetrics(KindMetrics):
         return {"depth": info.depth.flatten() for info in infos}
 
     def selections(self, infos: Sequence[RecursionInfo]) -> list[tuple[str, torch.Tensor]]:
-        return [(f"R{step.layer}", step.selected) for info in infos for step in info.steps]
+        return [(f"step_{step.layer}", step.selected) for info in infos for step in info.steps]
 
     def depth(self, infos: Sequence[RecursionInfo], cfg: ModelConfig):
         if not infos:

@@ -73,7 +73,7 @@ class RoutedMetrics(KindMetrics):
         return out
 
     def selections(self, infos: Sequence[RoutingInfo]) -> list[tuple[str, torch.Tensor]]:
-        return [(f"L{info.layer}", info.selected) for info in infos]
+        return [(f"layer_{info.layer}", info.selected) for info in infos]
 
     def depth(self, infos: Sequence[RoutingInfo], cfg: ModelConfig):
         passed = torch.stack([info.selected for info in infos]).sum(dim=0) if infos else 0
