@@ -27,7 +27,7 @@ import subprocess
 import torch
 
 from modlm.model.generate import generate
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 
 def shares(mask: torch.Tensor, selected: torch.Tensor, topk: torch.Tensor) -> dict:
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     saved = load_saved(args.checkpoint)
-    model = saved.model
-    model.config.causal_decision = "plain"
+    model = saved.model.reconfigured(causal_decision="plain")
     windows = saved.validation_windows
     prompts = windows[: args.prompts, : args.prompt_tokens]
     eot_id = int(saved.data.get("eot_id", 0))

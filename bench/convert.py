@@ -19,6 +19,8 @@ and ``configs/convert_routers.yaml``):
 * ``routers-*``: router-only tuning (everything but routers and predictors frozen), capacity 0.125
   every other block, two seeds;
 * ``full-*``: full fine-tuning, same, two seeds, and capacities 0.25 and 0.5 (one seed);
+* ``attention-c0.25-s1``: full fine-tuning with attention-only routing (``configs/skip_attention.yaml``:
+  the routers decide which tokens attend, every token runs the MLP), capacity 0.25, beside ``full-c0.25-s1``;
 * ``dense-continued``: the dense model fine-tuned as ``full`` is, with no routing: what the same
   extra steps give a dense model (the control for "the tuning, not the conversion, helps");
 * ``scratch-mod``: the default MoD run (capacity 0.125 every other block) trained from scratch for as
@@ -53,7 +55,7 @@ from modlm import MoDTransformer  # noqa: E402
 from modlm.analysis.flops import training_flops  # noqa: E402
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
-from modlm.training.checkpoint import load_saved, read_checkpoint  # noqa: E402
+from modlm.saved import load_saved, read_checkpoint  # noqa: E402
 
 SEEDS = {"s1": 1, "s2": 2}
 
@@ -69,6 +71,8 @@ def plan(steps: int) -> dict[str, list[str]]:
                                "--model.warmup_steps", "20"],
         "full-c0.25-s1": full + ["--model.capacity", "0.25"],
         "full-c0.5-s1": full + ["--model.capacity", "0.5"],
+        # attention-only routing (configs/skip_attention.yaml: capacity 0.25), beside full-c0.25-s1
+        "attention-c0.25-s1": full + ["--config", "configs/skip_attention.yaml"],
     }
 
 
@@ -165,7 +169,7 @@ def prepare(args) -> None:
 
 # --- tune --------------------------------------------------------------------------------------------
 ORDER = ["full-s1", "routers-s1", "full-s2", "scratch-mod", "routers-s2", "dense-continued-s1", "full-c0.25-s1",
-         "full-c0.5-s1"]
+         "full-c0.5-s1", "attention-c0.25-s1"]
 """The order the fits run in: the main setting and its from-scratch comparison first."""
 
 
@@ -289,10 +293,16 @@ def windows(args) -> None:
     dense original and the export folders are evaluated on."""
     from modlm.data import ModLMDataModule
 
-    stored = load_saved(str(models(args)["full-s1"])).validation_windows
+    stored = load_saved(str(first_tuned(args))).validation_windows
     dm = ModLMDataModule(source="stdlib", tokenizer=str(args.runs / "dense-llama"), num_workers=0)
     write(args.results / "windows.json", {"same_windows": bool(torch.equal(stored, dm.validation_windows)),
                                           "windows": list(stored.shape), "commit": commit()})
+
+
+def first_tuned(args) -> Path:
+    """The first fit of ``ORDER`` that has run (its checkpoint carries the validation windows)."""
+    found = models(args)
+    return next(found[name] for name in ORDER if name in found)
 
 
 def decode(args) -> None:
@@ -300,9 +310,10 @@ def decode(args) -> None:
     if target.exists():
         return
     torch.set_num_threads(1)
-    names = [n for n in ("dense", "full-s1", "routers-s1", "scratch-mod", "full-c0.25-s1", "full-c0.5-s1") if n in models(args)]
+    names = [n for n in ("dense", "full-s1", "routers-s1", "scratch-mod", "full-c0.25-s1", "full-c0.5-s1",
+                         "attention-c0.25-s1") if n in models(args)]
     loaded = {n: load_saved(str(models(args)[n])).model.eval() for n in names}
-    windows = load_saved(str(models(args)["full-s1"])).validation_windows
+    windows = load_saved(str(first_tuned(args))).validation_windows
     prompt = windows[:1, :32]
     new = args.decode_tokens
     times = {n: [] for n in names}
@@ -326,7 +337,7 @@ def decode(args) -> None:
 
 # --- report ------------------------------------------------------------------------------------------
 ROWS = ["dense", "dense-continued-s1", "converted-untuned-c1", "converted-untuned-c0.125", "routers-s1", "routers-s2",
-        "full-s1", "full-s2", "full-c0.25-s1", "full-c0.5-s1", "scratch-mod"]
+        "full-s1", "full-s2", "full-c0.25-s1", "full-c0.5-s1", "attention-c0.25-s1", "scratch-mod"]
 
 
 def report(args) -> None:

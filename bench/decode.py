@@ -3,11 +3,13 @@
     pip install -r bench/requirements.txt                      # litgpt: this benchmark only
     python bench/decode.py                                     # batch 1 and 16, eager
     python bench/decode.py --checkpoint runs/default/checkpoints/last.ckpt --compile --reps 7
+    python bench/decode.py --device cuda --compile --compile-mode reduce-overhead --no-litgpt
 
 Every configuration (model x batch x eager/compiled) generates ``--new-tokens`` greedy tokens
 after a ``--prompt-tokens`` prompt, once per repetition, all configurations in turn (A, B, C, A,
 B, C, ...), so machine noise hits them alike; the table gives each one's median tokens/s (all
-rows' generated tokens, prefill included) and ratios measured within the run.
+rows' generated tokens, prefill included) and ratios measured within the run. On a GPU every
+timing waits for the device (``torch.cuda.synchronize``) before the clock starts and stops.
 
 Models: litgpt's ``GPT`` (``generate`` at batch 1, ``batched_generate_fn`` at batch > 1, each
 with its own KV cache) configured like modlm's (RMSNorm, SwiGLU MLP of the same width, RoPE, no
@@ -33,7 +35,7 @@ import torch
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.generate import compile_decode_step, generate
 from modlm.analysis.flops import decode_flops
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -57,18 +59,32 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def timed(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``run()`` takes, the device's queued work included (a GPU runs behind the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 # --- runners: each returns a function that generates for a fixed batch of prompts ---------------------
-def modlm_runner(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, compiled: bool) -> Callable[[], None]:
-    step = compile_decode_step(model) if compiled else None
+def modlm_runner(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, compiled: bool,
+                 mode: Optional[str] = None) -> Callable[[], None]:
+    step = compile_decode_step(model, mode=mode) if compiled else None
     return lambda: generate(model, prompts, new_tokens, temperature=0, decode_step=step)
 
 
-def litgpt_runner(model, prompts: torch.Tensor, new_tokens: int, compiled: bool) -> Callable[[], None]:
+def litgpt_runner(model, prompts: torch.Tensor, new_tokens: int, compiled: bool,
+                  mode: Optional[str] = None) -> Callable[[], None]:
     import litgpt.generate.base as lg
 
     B, P = prompts.shape
     model.max_seq_length = P + new_tokens  # what litgpt's generate script does: a cache just long enough
-    net = torch.compile(model) if compiled else model
+    net = torch.compile(model, mode=mode) if compiled else model
 
     def run():
         model.set_kv_cache(batch_size=B)  # a fresh cache per generation, as modlm's generate makes one
@@ -144,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="add compiled rows (torch.compile of the decode step)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile's mode for the compiled rows "
+                    "(reduce-overhead: CUDA graphs on a GPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-litgpt", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -152,6 +171,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = args.tokenizer or next(iter(sorted(glob.glob("data/cache/*/tokenizer.json"))), None)
+    device = torch.device(args.device)
 
     torch.manual_seed(0)
     models = {}
@@ -167,23 +187,24 @@ def main(argv=None) -> int:
             models["litgpt dense"] = litgpt_twin(shape)
         except ImportError:
             print("litgpt is not installed (pip install -r bench/requirements.txt): its rows are skipped", file=sys.stderr)
+    models = {name: model.to(device) for name, model in models.items()}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"shape: d_model {shape.d_model}, {shape.n_layers} blocks, {shape.n_heads} heads, vocab {shape.vocab_size}, "
-          f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, threads {torch.get_num_threads()}, "
-          f"prompts: {'text' if tokenizer else 'random ids'}", flush=True)
+          f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.device} ({where}), "
+          f"compile mode {args.compile_mode}, prompts: {'text' if tokenizer else 'random ids'}", flush=True)
 
     runs, meta = {}, {}
     for batch in args.batches:
-        prompts = prompt_batch(shape.vocab_size, batch, args.prompt_tokens, tokenizer)
+        prompts = prompt_batch(shape.vocab_size, batch, args.prompt_tokens, tokenizer).to(device)
         for name, model in models.items():
             for compiled in ([False, True] if args.compile else [False]):
                 key = (name, batch, "compiled" if compiled else "eager")
                 make = litgpt_runner if name.startswith("litgpt") else modlm_runner
                 ops = ops_per_step(make, model, prompts) if args.ops and batch == 1 and not compiled else None
-                run = make(model, prompts, args.new_tokens, compiled)  # after the counting: litgpt's runner sets the model's length
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    run()  # warm-up (and compilation)
-                meta[key] = {"warmup_s": time.perf_counter() - start, "params": params(model), "ops_per_step": ops}
+                # made after the counting: litgpt's runner sets the model's length
+                run = make(model, prompts, args.new_tokens, compiled, args.compile_mode)
+                warmup = timed(run, device)  # and compilation
+                meta[key] = {"warmup_s": warmup, "params": params(model), "ops_per_step": ops}
                 if not name.startswith("litgpt"):
                     meta[key]["routed"] = routed_fraction(model, prompts, args.new_tokens)
                 runs[key] = run
@@ -192,10 +213,7 @@ def main(argv=None) -> int:
     times = {key: [] for key in runs}
     for rep in range(args.reps):
         for key, run in runs.items():  # interleaved: every configuration once per repetition
-            start = time.perf_counter()
-            with torch.inference_mode():
-                run()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(timed(run, device))
         print(f"repetition {rep + 1}/{args.reps} done", flush=True)
 
     context = args.prompt_tokens + args.new_tokens // 2
@@ -223,7 +241,8 @@ def main(argv=None) -> int:
               f"{fmt(r['vs_modlm_dense'], '.2f')} | {fmt(r['vs_litgpt_eager'], '.2f')} | {fmt(r['routed'], '.3f')} | "
               f"{fmt(r['flops_ratio'], '.2f')} | {fmt(r['ops_per_step'], '.0f')} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "device": where,
+                                               "torch": torch.__version__, "rows": rows}, indent=1))
     return 0
 
 

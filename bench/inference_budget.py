@@ -16,8 +16,8 @@ sequence to keep the share at the capacity), per routed block:
 * decode tokens/s against the dense twin at batch 1 and 16, measured interleaved in this process
   (MoD, dense, MoD, dense, ...; medians), beside the FLOPs bound at the share measured.
 
-A checkpoint carries its calibrated thresholds; one written before they were (or with ``--recalibrate``)
-is calibrated here, on the first ``--calibration-windows`` validation windows.
+A checkpoint carries its calibrated thresholds (buffers of its routers' decisions); with ``--recalibrate``
+it is calibrated here again, on the first ``--calibration-windows`` validation windows.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from modlm.analysis.evaluate import evaluate_routing, generation_share
 from modlm.analysis.flops import decode_flops
 from modlm.data import ModLMDataModule
 from modlm.model.generate import generate
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 
 DECISIONS = ("plain", "calibrated", "controlled")
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5, help="interleaved decode-speed repetitions")
     p.add_argument("--calibration-windows", type=int, default=64)
-    p.add_argument("--recalibrate", action="store_true", help="calibrate even if the checkpoint carries thresholds")
+    p.add_argument("--recalibrate", action="store_true", help="calibrate again on the checkpoint's windows")
     p.add_argument("--decisions", nargs="+", default=list(DECISIONS), choices=DECISIONS)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", help="write every figure to this JSON file")
@@ -86,21 +86,23 @@ def main(argv=None) -> int:
     saved = load_saved(args.checkpoint)
     model, cfg = saved.model, saved.model.config
     windows = windows_of(saved)
-    calibrated_here = cfg.decision_thresholds is None or args.recalibrate
+    calibrated_here = args.recalibrate
     if calibrated_here:
         model.calibrate(windows[: args.calibration_windows, :-1])
+    thresholds = [float(router.decision.threshold) for router in model.routers()]
     dense = load_saved(args.dense).model if args.dense else None
     prompts = windows[: args.prompts, : args.prompt_tokens]
     val = [w.unsqueeze(0) if w.dim() == 1 else w for w in windows.split(16)]
     context = args.prompt_tokens + args.new_tokens // 2
 
-    report = {"checkpoint": args.checkpoint, "dense": args.dense, "thresholds": cfg.decision_thresholds,
+    report = {"checkpoint": args.checkpoint, "dense": args.dense, "thresholds": thresholds,
               "calibrated_here": calibrated_here, "routed_layers": cfg.routed_layers, "capacity": cfg.capacity,
               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "decisions": {}}
+    base = model
     for decision in args.decisions:
-        cfg.causal_decision = decision
+        model = base.reconfigured(causal_decision=decision)
         figures = {}
         topk = evaluate_routing(model, val, "topk")
         causal = evaluate_routing(model, val, "causal")

@@ -43,7 +43,7 @@ from isoflop import CODE_PATHS, Run  # noqa: E402
 
 from modlm.analysis.evaluate import generation_share  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
-from modlm.training.checkpoint import load_saved  # noqa: E402
+from modlm.saved import load_saved  # noqa: E402
 
 ORDER = ("dense", "dense_unique", "mod", "recursive_dense", "mor", "mor_shared_kv")
 UNIQUE = ("dense_unique", "recursive_dense", "mor", "mor_shared_kv")  # 4 blocks of weights each
@@ -54,7 +54,9 @@ def recursion_figures(ev: dict) -> dict:
     """What a run's eval.json says about recursion: depth shares, step capacities, KV cache held."""
     pick = lambda prefix: {k[len(prefix):]: v for k, v in ev.items() if k.startswith(prefix)}  # noqa: E731
     return {
-        "recursion_depth": pick("causal.recursion_depth."),
+        # eval.json files written before the mixture metrics name it depth_share.depth_<d> say recursion_depth.<d>
+        "recursion_depth": pick("causal.recursion_depth.") or {k.removeprefix("depth_"): v for k, v in
+                                                              pick("causal.depth_share.").items()},
         "capacity_used_step": pick("causal.capacity_used.step_"),
         "causal_acc_step": pick("causal.causal_acc.step_"),
         "generate_capacity_used_step": pick("generate.capacity_used.step_"),

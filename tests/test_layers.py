@@ -12,8 +12,9 @@ ALLOWED = {
     "model": set(),
     "analysis": {"model"},
     "data": {"model.errors", "model.config"},
-    "training": {"model", "analysis", "data"},
-    "cli": {"model", "analysis", "data", "training"},
+    "saved": {"model", "analysis", "data"},
+    "training": {"model", "analysis", "data", "saved"},
+    "cli": {"model", "analysis", "data", "saved", "training"},
 }
 
 

@@ -38,6 +38,12 @@ GRID = [
     dict(route_every=0, recursions=4, causal_method="router", recursion_capacities=[0.5, 0.5, 0.25, 0.125]),
     dict(route_every=0, recursions=2, recursion_kv="shared", recursion_capacities=[0.75, 0.5], n_kv_heads=2),
     dict(route_every=0, recursions=3, recursion_sharing="cycle", recursion_routing="dense", recursion_kv="shared"),
+    # token choice trains with static slots per step: a meta-device pass runs, with no host read
+    dict(route_every=0, recursions=3, recursion_sharing="cycle", recursion_routing="token_choice"),
+    dict(route_every=0, recursions=2, recursion_routing="token_choice", recursion_kv="shared", capacity_factor=1.0),
+    # attention-only routing: the picks attend, every token runs the MLP
+    dict(route_every=2, capacity=0.25, route_part="attention"),
+    dict(route_every=1, capacity=0.5, route_part="attention", n_kv_heads=2, n_experts=2),
 ]
 
 
@@ -58,8 +64,9 @@ def test_forward_and_training_flops_match_flop_counter(overrides, seq_len):
     dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
     dict(route_every=0, recursions=2, recursion_kv="shared"),
     dict(route_every=0, recursions=2, recursion_sharing="cycle", recursion_routing="token_choice", init_std=0.3),
+    dict(route_every=2, capacity=0.5, route_part="attention"),
 ], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv",
-        "mor-token-choice"])
+        "mor-token-choice", "attention-only"])
 def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     """A causal pass (validation's second pass, evaluation) on real tensors: each routed block at
     the most tokens any row picked, each mixture at the picks it computed. SDPA's math backend
@@ -67,7 +74,7 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modlm.flops import ran_forward_flops
+    from modlm.analysis.metrics import ran_forward_flops
 
     torch.manual_seed(0)
     # the plain decision: an untrained model's picks are then far from top-k's k
@@ -78,7 +85,7 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         out = model(idx, routing="causal")
-    charged = ran_forward_flops(cfg, 40, out.routing, out.experts, out.recursion)
+    charged = ran_forward_flops(cfg, 40, out.mixtures)
     assert 3 * charged == counter.get_total_flops()
     assert charged != forward_flops(cfg, 40), "the causal pass must differ from the top-k one"
 

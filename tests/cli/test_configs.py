@@ -67,6 +67,13 @@ PRESETS = {
     ("mor.yaml", "mor_token_choice.yaml"): {"trainer.default_root_dir": "runs/mor_token_choice", "model.route_every": 0,
                                             "model.n_layers": 8, "model.recursions": 3,
                                             "model.recursion_routing": "token_choice"},
+    ("skip_attention.yaml",): {"trainer.default_root_dir": "runs/skip_attention", "model.route_part": "attention",
+                               "model.capacity": 0.25},
+    ("convert_full.yaml", "skip_attention.yaml"): {"trainer.default_root_dir": "runs/skip_attention",
+                                                   "trainer.max_steps": 200, "model.router_weight": "2sigmoid",
+                                                   "model.capacity_start": 1.0, "model.capacity_steps": 100,
+                                                   "model.lr": 0.0005, "model.warmup_steps": 20,
+                                                   "model.route_part": "attention", "model.capacity": 0.25},
     ("convert_full.yaml",): {"trainer.default_root_dir": "runs/convert_full", "trainer.max_steps": 200,
                              "model.router_weight": "2sigmoid", "model.capacity_start": 1.0, "model.capacity_steps": 100,
                              "model.lr": 0.0005, "model.warmup_steps": 20},
@@ -124,6 +131,18 @@ def plain(value):
         defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not p.empty}
         return {"class_path": value["class_path"], "init_args": {**defaults, **value.get("init_args", {})}}
     return value
+
+
+@pytest.mark.parametrize("name", ["mor_dense.yaml", "mor_shared_kv.yaml", "mor_token_choice.yaml"])
+def test_a_preset_that_stacks_on_another_is_refused_alone(name, tmp_path, capsys):
+    """A recursion variant alone would train a plain MoD model whose recursion knob does nothing: the
+    command line refuses it in one line that names the preset to stack it on."""
+    from modlm.cli.train import main
+
+    assert main(["fit", *config_args([name]), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "configs/mor.yaml" in err[0], err
+    assert not any(tmp_path.iterdir()), "nothing is written"
 
 
 def test_default_config_restates_no_code_default():

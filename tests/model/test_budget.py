@@ -32,7 +32,7 @@ def test_calibration_makes_the_held_out_share_the_capacity():
     held_out = tokens(8, T, seed=5)
     plain = shares(model(held_out, routing="causal"))  # thresholds 0: whatever the predictor says
     thresholds = model.calibrate(held_out)
-    assert len(thresholds) == 2 == len(model.config.decision_spreads)
+    assert len(thresholds) == 2 and thresholds == [float(b.router.decision.threshold) for b in model.routed_blocks()]
     assert shares(model(held_out, routing="causal")) == [0.25, 0.25]  # exactly k of every block's tokens
     assert plain != [0.25, 0.25], "the test needs a model whose plain decision is off the capacity"
     other = shares(model(tokens(8, T, seed=6), routing="causal"))
@@ -50,10 +50,8 @@ def test_the_controller_holds_the_share_where_the_plain_decision_drifts():
         if isinstance(block, RoutedBlock):
             block.router.weight.data += 2 * block.router.weight.data.abs().mean() * torch.sign(torch.randn_like(block.router.weight))
     idx = tokens(4, 64, seed=7)
-    model.config.causal_decision = "calibrated"
-    drifting = shares(model(idx, routing="causal"))
-    model.config.causal_decision = "controlled"
-    held = shares(model(idx, routing="causal"))
+    drifting = shares(model.reconfigured(causal_decision="calibrated")(idx, routing="causal"))
+    held = shares(model.reconfigured(causal_decision="controlled")(idx, routing="causal"))
     assert max(abs(s - 0.25) for s in drifting) > 0.1, drifting
     assert max(abs(s - 0.25) for s in held) < 0.025, held  # 64 tokens: within 10% of the capacity
 
@@ -97,10 +95,30 @@ def test_ragged_prompts_keep_each_rows_own_controller():
         assert torch.equal(out, model.generate(prompt, max_new_tokens=12, temperature=0))
 
 
-def test_calibration_travels_in_config_json(tmp_path):
+@pytest.mark.parametrize("decision, logit", DECISIONS)
+def test_calibration_lives_in_the_weights_not_the_config(decision, logit):
+    """A calibrated model's config is the one it had before, and a model rebuilt from that config plus the
+    calibrated model's state dict decides token for token like it."""
+    model = build(causal_decision=decision, decision_logit=logit)
+    before = model.config.to_dict()
+    model.calibrate(tokens(8, T, seed=5))
+    assert model.config.to_dict() == before
+    rebuilt = MoDTransformer(ModelConfig(**before)).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    idx = tokens(3, T, seed=11)
+    for a, b in zip(model(idx, routing="causal").routing, rebuilt(idx, routing="causal").routing):
+        assert torch.equal(a.selected, b.selected)
+    uncalibrated = build(seed=0, causal_decision=decision, decision_logit=logit)
+    if decision != "plain":  # the rebuilt model decides with the thresholds, not with 0
+        assert any(not torch.equal(a.selected, b.selected) for a, b in
+                   zip(model(idx, routing="causal").routing, uncalibrated(idx, routing="causal").routing))
+
+
+def test_calibration_travels_with_save_pretrained(tmp_path):
     model = build()
     model.calibrate(tokens(8, T, seed=5))
     model.save_pretrained(tmp_path)
     loaded = MoDTransformer.from_pretrained(tmp_path)
-    assert loaded.config.decision_thresholds == model.config.decision_thresholds
-    assert loaded.config.decision_spreads == model.config.decision_spreads
+    for mine, theirs in zip(model.routers(), loaded.routers()):
+        assert float(theirs.decision.threshold) == float(mine.decision.threshold) != 0.0
+        assert float(theirs.decision.spread) == float(mine.decision.spread) != 1.0

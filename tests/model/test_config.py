@@ -79,13 +79,14 @@ def test_a_capacity_spread_that_would_exceed_one_is_refused():
 
 
 def test_the_default_model_builds_the_tensors_it_always_has():
-    """New fields keep today's model by default: same names, shapes and parameter count (the README's
-    6,967,683), so every saved checkpoint still loads."""
+    """New fields keep today's model by default: same parameters, names and shapes (the README's
+    6,967,683), and two buffers per router: its causal decision's calibrated threshold and spread."""
     from modlm import MoDTransformer
 
     model = MoDTransformer(ModelConfig())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert model.num_params() == 6_967_683 and len(shapes) == 60
+    assert model.num_params() == 6_967_683 and len(shapes) == 60 + 2 * 3
+    assert shapes["blocks.1.router.decision.threshold"] == () == shapes["blocks.5.router.decision.spread"]
     assert shapes["blocks.0.attn.qkv.weight"] == (768, 256) and "blocks.0.attn.qkv.bias" not in shapes
     assert shapes["blocks.1.block.attn.proj.weight"] == (256, 256) and shapes["blocks.1.router.weight"] == (1, 256)
     cfg = ModelConfig()

@@ -54,8 +54,8 @@ def test_padding_at_the_end_of_the_context_is_neither_indexed_nor_cached():
 def test_a_full_row_given_a_skipped_token_keeps_its_entries():
     """Static decoding writes a row whose routed block says no into the spare slot: a row whose
     cache is full (max_seq_len entries) must keep every entry."""
-    model = build(capacity=1.0, causal_method="router")
-    routed = [b for b in model.blocks if hasattr(b, "router")]
+    model = build(capacity=0.5, causal_method="router")
+    routed = model.routed_blocks()
     state = model.new_state(1)
     model.prefill(ids(15, seed=6).unsqueeze(0), state)
     for block in routed:  # from here on every routed block says no
@@ -95,10 +95,10 @@ def test_decoding_runs_without_autograd():
 def test_routers_and_predictors_decide_in_fp32_under_bf16_autocast():
     model = build(causal_method="predictor")
     x = torch.randn(2, 8, 32)
-    block = next(b for b in model.blocks if hasattr(b, "predictor"))
-    want_r, want_p = block.scores(x)
+    router = model.routers()[0]
+    want_r, want_p = router.scores(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r, p = block.scores(x)
+        r, p = router.scores(x)
     assert r.dtype == p.dtype == torch.float32
     torch.testing.assert_close(p, want_p, rtol=0, atol=0)
     torch.testing.assert_close(r, want_r, rtol=0, atol=0)

@@ -145,7 +145,7 @@ def reference_masked_block(block: RoutedBlock, x, selected):
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & keys)
     a = inner.attn.proj(y.transpose(1, 2).reshape(B, L, -1))
     delta = a + inner.mlp(inner.mlp_norm(x + a))
-    w = block.router_weight(x @ block.router.weight.squeeze(0))
+    w = block.router.weight_of(x @ block.router.weight.squeeze(0))
     return torch.where(selected.unsqueeze(-1), x + w.unsqueeze(-1) * delta, x)
 
 

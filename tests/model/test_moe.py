@@ -11,7 +11,7 @@ from modlm.flops import expert_passes, forward_flops, training_flops
 from modlm.model.generate import generate
 from modlm.model.layers import Block
 from modlm.model.positions import Positions
-from modlm.analysis.metrics import dropped_fraction, expert_figures, expert_load, noop_fraction, passes_per_row
+from modlm.analysis.metrics import dropped_fraction, expert_load, figures, noop_fraction, passes_per_row, tally
 from modlm.model.moe import MixtureOfExperts
 from tests.helpers import counted_flops
 
@@ -152,6 +152,33 @@ def test_mixture_output_and_router_gradient_follow_the_definition(path, mlp):
     (expected,) = torch.autograd.grad((want * probe).sum(), moe.router.weight)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+@torch.no_grad()
+def test_a_static_decoding_step_reads_the_expert_weights_in_place():
+    """The static one-token path (compiled decoding, accelerators) makes no tensor as large as one
+    expert matrix: each pick's weights are not gathered (that copied a (B * k, out, in) slice of
+    every matrix per step). Every tensor each aten operator makes is watched (views not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            read = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            made.extend((t.numel(), str(func)) for t in tree_leaves(out)  # views of an input are no copy
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read)
+            return out
+
+    moe = mixture(n_experts=4, noop_experts=1, expert_top_k=2)
+    x = hidden(batch=4, length=1)
+    with Outputs():
+        y, _ = moe(x, "causal", policy=STATIC)
+    assert made, "the test must see the step's operators"
+    assert max(made)[0] < moe.up.weight[0].numel(), max(made)
+    torch.testing.assert_close(y, reference_mixture(moe, x, "causal"), rtol=0, atol=1e-5 * float(y.abs().max()))
 
 
 @pytest.mark.parametrize("variant", ["moe", "staged", "top2"])
@@ -339,9 +366,12 @@ def test_expert_figures_by_hand():
     wanted = picks < 2
     assert dropped_fraction(info).item() == pytest.approx(float((wanted & ~info.computed[..., 0]).sum() / wanted.sum()))
     assert passes_per_row(info) == info.computed.sum().item() / 2
-    figures = expert_figures([info])
-    assert figures["load"] == {0: load[:2].tolist()} and figures["noop_fraction"] == {0: pytest.approx(load[2].item())}
-    assert set(figures) == {"load", "noop_fraction", "dropped", "load_balance"}
+    found = figures(tally([info], moe.cfg))["moe"]
+    assert [found["load.layer_0.expert_0"], found["load.layer_0.expert_1"]] == pytest.approx(load[:2].tolist())
+    assert found["noop_fraction.layer_0"] == pytest.approx(load[2].item())
+    assert found["dropped.layer_0"] == pytest.approx(dropped_fraction(info).item())
+    assert found["expert_slots.layer_0"] == pytest.approx(passes_per_row(info).item())
+    assert set(k.split(".")[0] for k in found) == {"load", "noop_fraction", "dropped", "expert_slots", "load_balance"}
     # padding is neither picked nor counted
     valid = torch.arange(12).unsqueeze(0) < torch.tensor([[12], [5]])
     _, padded = moe(x, "causal", valid=valid)

@@ -13,7 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from modlm.training.checkpoint import CheckpointError, checkpoint_damage, checkpoint_candidates, resolve_last
+from modlm.saved import CheckpointError, checkpoint_damage
+from modlm.training.checkpoint import checkpoint_candidates, resolve_last
 from modlm.cli.train import main
 from tests.helpers import REPO, tiny_args
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 from modlm.training.export import write_export as export
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
 from modlm.training.export import ENTRY_FILES, relative_imports, remote_code_files

@@ -12,7 +12,7 @@ from modlm.cli.eval import main as eval_main
 from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import end_of_text, fingerprint
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 from tests.helpers import REPO, tiny_args
 from tests.helpers.fake_hub import fake_hub
 from tests.helpers.pretrained import cache_repo

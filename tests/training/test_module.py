@@ -45,9 +45,9 @@ def test_training_loss_is_cross_entropy_plus_aux():
     out = m.model(batch[:, :-1], routing="topk", targets=batch[:, 1:])
     assert out.aux_loss.item() > 0  # a routed model with a predictor has a real aux loss
     torch.testing.assert_close(step["loss"], out.loss + out.aux_loss, rtol=0, atol=0)
-    report = step["report"]  # what the callbacks read: this step's routing, experts and FLOPs
-    assert [r.layer for r in report.routing] == [r.layer for r in out.routing] and report.experts == []
-    assert all(torch.equal(a.selected, b.selected) for a, b in zip(report.routing, out.routing))
+    report = step["report"]  # what the callbacks read: this step's mixtures and FLOPs
+    assert [r.layer for r in report.mixtures] == [r.layer for r in out.routing] and report.mixtures
+    assert all(torch.equal(a.selected, b.selected) for a, b in zip(report.mixtures, out.routing))
     assert report.flops == m.flops_per_batch == training_flops(m.config, T) * 4
 
 
@@ -219,4 +219,4 @@ def test_validation_charges_the_causal_pass_at_what_it_computed():
     assert k_max != [m.config.topk_tokens(T)] * len(k_max), "the test needs a causal pass of another size"
     want = 4 * (forward_flops(m.config, T) + forward_flops(m.config, T, tokens_per_routed_block=k_max))
     assert report.flops == want == m.flops_per_batch
-    assert [torch.equal(a.selected, b.selected) for a, b in zip(report.causal_routing, causal.routing)] == [True] * len(k_max)
+    assert [torch.equal(a.selected, b.selected) for a, b in zip(report.causal_mixtures, causal.routing)] == [True] * len(k_max)

@@ -29,6 +29,25 @@ def test_choice_on_each_kind_of_cpu(cpu_kind, features, want):
     assert ("natively" in why) == (want == "bf16-mixed")
 
 
+@pytest.mark.parametrize("gpu, major, want", [("Tesla V100", 7, "32-true"), ("Tesla T4", 7, "32-true"),
+                                              ("NVIDIA A100", 8, "bf16-mixed"), ("NVIDIA H100", 9, "bf16-mixed")])
+def test_choice_on_each_kind_of_gpu(monkeypatch, gpu, major, want):
+    """A GPU before compute capability 8 runs bf16 tensors emulated (torch's own check, which would
+    say yes, is what ``torch.cuda.is_bf16_supported`` asks by default): fp32 there. No GPU here, so
+    what CUDA reports is patched and torch's own ``is_bf16_supported`` decides from it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    chosen, why = precision.choose_precision("auto")
+    assert chosen == want
+    assert gpu in why and ("natively" in why) == (want == "bf16-mixed")
+
+
 def test_cpuinfo_flags_are_read(monkeypatch, tmp_path):
     real_read = precision.Path.read_text
     fake = {"/proc/cpuinfo": "processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"}

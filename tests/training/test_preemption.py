@@ -5,6 +5,8 @@ an uninterrupted run.
 The signal reaches rank 0 only, during step S + 1; the save must hold S + 1 steps on every rank
 (the other rank learns of it through the agreement at the step boundary).
 """
+import json
+
 import pytest
 import torch
 
@@ -51,3 +53,26 @@ def test_sigusr1_on_one_of_two_ranks_saves_on_both_and_resumes_exactly(tmp_path,
     want, got = preempt_and_resume(tmp_path, tiny_tokenizer, "SIGUSR1", "--trainer.accelerator", "cpu",
                                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert_same_losses(want, got)
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_a_signal_only_after_the_steps_that_log(tmp_path, tiny_tokenizer):
+    """Agreeing on a signal is a collective, a host sync of every rank on a GPU: in a 2-process run it
+    happens only after the steps that log (which read the device anyway), and a signal that lands
+    during step 6 is acted on after step 8, the next step that logs. Every collective both ranks call
+    while a step runs is watched (``CollectiveSpy``)."""
+    log_every = 4
+    done = run_train("fit", *tiny_args(
+        tmp_path, tiny_tokenizer, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_steps", "12", "--model.lr_decay_steps", "12", "--trainer.log_every_n_steps", str(log_every),
+        "--trainer.val_check_interval", "12", "--checkpoint.every_n_train_steps", "12",
+        "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep", "--trainer.callbacks.step", "5",
+        "--trainer.callbacks.signal", "SIGUSR1", "--trainer.callbacks+=tests.helpers.callbacks.CollectiveSpy"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pre-empted (SIGUSR1) after step 8" in done.stderr + done.stdout
+    assert torch.load(tmp_path / "checkpoints" / "preempted.ckpt", weights_only=True)["global_step"] == 8
+    for rank in (0, 1):
+        noted = json.loads((tmp_path / f"collectives-rank{rank}.json").read_text())
+        seen = {int(step): calls for step, calls in noted.items()}
+        assert set(seen) <= {4, 8}, {step: calls for step, calls in seen.items() if step % log_every}
+        assert "all_reduce from _anyone (preemption.py)" in seen[4], seen  # it watches the agreement

@@ -16,7 +16,7 @@ from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
 from modlm.training.capacity import CapacitySchedule
-from modlm.training.checkpoint import load_saved, read_checkpoint
+from modlm.saved import load_saved, read_checkpoint
 from tests.helpers import VAL_FRACTION, assert_same_losses_after_resume, run_train, scalars
 from tests.helpers.pretrained import pretrained_folder
 
@@ -106,18 +106,21 @@ def test_router_only_tuning_trains_routers_and_predictors_alone(tmp_path, tiny_t
     ckpt = read_checkpoint(root / "checkpoints" / "last.ckpt", purpose="read")
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     start = MoDTransformer.from_hf(folder, route_every=2, max_seq_len=SEQ).state_dict()
-    moving = sorted(k for k in start if ".router." in k or ".predictor." in k)
+    moving = sorted(k for k in start if ".router." in k)  # the routers, their predictors and decisions
     for name, tensor in start.items():
         if name in moving:
             continue
         assert torch.equal(trained[name], tensor), name  # frozen: bit for bit the pretrained weights
     assert all(float(trained[k].abs().max()) > 0 for k in moving if k.endswith("router.weight"))  # routers left zero
-    # the optimizer holds (and the checkpoint keeps state for) exactly the router and predictor tensors
+    # the optimizer holds (and the checkpoint keeps state for) exactly the router and predictor tensors: the
+    # decisions' thresholds are calibrated, not trained
+    weights = [k for k in moving if ".decision." not in k]
+    assert len(weights) < len(moving)
     (optimizer,) = ckpt["optimizer_states"]
     held = [i for group in optimizer["param_groups"] for i in group["params"]]
-    assert len(held) == len(moving) == len(optimizer["state"])
+    assert len(held) == len(weights) == len(optimizer["state"])
     sizes = sorted(state["exp_avg"].numel() for state in optimizer["state"].values())
-    assert sizes == sorted(start[k].numel() for k in moving)
+    assert sizes == sorted(start[k].numel() for k in weights)
 
 
 @pytest.mark.parametrize("extra, edit, message", [

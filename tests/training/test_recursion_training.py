@@ -52,7 +52,7 @@ def test_recursion_tags_follow_the_schedule(events):
     assert k == [32, 21, 10]
     for step in range(3):
         assert values(events, f"recursion/capacity_used/step_{step}") == [k[step] / seq] * STEPS
-        assert len(values(events, f"recursion/capacity_used_causal/step_{step}")) == STEPS // 3
+        assert len(values(events, f"recursion/val_capacity_used/step_{step}")) == STEPS // 3
         assert all(0 <= v <= 1 for v in values(events, f"recursion/val_causal_acc/step_{step}"))
         assert all(0 <= v <= 1 for v in values(events, f"recursion/causal_acc/step_{step}"))
     assert values(events, "recursion/depth_mean") == [pytest.approx(sum(k) / seq)] * STEPS
@@ -78,7 +78,7 @@ def test_dashboard_draws_a_recursion_group(events):
     drawn = {tag.strip("^$").replace("\\", "") for tag in groups["2 recursion"]}
     written = set(events.Tags()["scalars"])
     assert drawn <= written, drawn - written
-    assert "recursion/depth_share/depth_3" in drawn and "recursion/capacity_used_causal/step_2" in drawn
+    assert "recursion/depth_share/depth_3" in drawn and "recursion/val_capacity_used/step_2" in drawn
 
 
 def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, tiny_tokenizer):
@@ -93,17 +93,26 @@ def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_pa
     assert_same_losses_after_resume(want, got, cut, n)
 
 
-def test_token_choice_trains_with_its_balance_and_the_router_s_shares(tmp_path, tiny_tokenizer):
-    """Its steps' sizes are the data's: the shares are what the router picked (hierarchical, the first
-    step every token), and the meta-device FLOPs cross-check, which cannot run them, is left out."""
-    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--model.recursion_routing", "token_choice",
-                             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")]
+def test_token_choice_trains_with_its_balance_and_the_router_s_shares_and_evaluates(tmp_path, tiny_tokenizer):
+    """Its steps train in static slots: the shares are what the router picked within them (hierarchical,
+    the first step every token), the meta-device FLOPs cross-check runs and agrees, validation runs the
+    causal computation too, and eval.py reports it (a step with no top-k has no decision figures)."""
+    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                             preset="mor_token_choice.yaml")]
     assert train_main(args) == 0
     got = scalars(tmp_path / "lightning_logs" / "version_0")
     assert all(0 < v <= 3 for v in got["train/aux_recursion_balance"].values())  # N_r at most
     shares = [list(got[f"recursion/capacity_used/step_{r}"].values()) for r in range(3)]
     assert shares[0] == [1.0, 1.0] and all(a >= b for a, b in zip(shares[1], shares[2]))
-    assert "flops/measured_per_batch" not in got and "val/loss" in got and "val/loss_causal" not in got
+    assert got["flops/measured_per_batch"][0] == got["flops/analytic_per_batch"][0]
+    assert "val/loss" in got and "val/loss_causal" in got
+    out = tmp_path / "eval.json"
+    assert eval_main([str(tmp_path / "checkpoints" / "last.ckpt"), "--json", str(out), "--quiet",
+                      "--decode_tokens", "4", "--prompt_tokens", "4"]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["causal.capacity_used.step_0"] == 1.0 and sum(ev[f"causal.depth_share.depth_{d}"] for d in range(4)) == \
+        pytest.approx(1.0)
+    assert not any(key.startswith("causal.causal_acc.step_") for key in ev)
 
 
 @pytest.mark.parametrize("preset, kv_share", [(None, "between"), ("mor_dense.yaml", None), ("mor_shared_kv.yaml", 0.5)])
@@ -131,13 +140,13 @@ def test_every_recursion_preset_trains_and_evaluates_from_the_command_line(tmp_p
     assert list(got["flops/ratio_vs_dense"].values()) == [pytest.approx(want)]
     assert ev["flops_per_token_topk"] == forward_flops(recursive, seq) / seq
     if recursive.recursion_routing == "dense":  # no routers: one computation, every token every step
-        assert "causal.recursion_depth.3" not in ev and ev["topk.loss"] == ev["causal.loss"]
+        assert "causal.depth_share.depth_3" not in ev and ev["topk.loss"] == ev["causal.loss"]
     else:
         k = [recursive.topk_tokens(seq, c) for c in recursive.step_capacities]
         assert [ev[f"topk.capacity_used.step_{r}"] for r in range(3)] == [n / seq for n in k]
-        assert [ev[f"topk.recursion_depth.{d}"] for d in range(4)] == pytest.approx(
+        assert [ev[f"topk.depth_share.depth_{d}"] for d in range(4)] == pytest.approx(
             [0.0, (k[0] - k[1]) / seq, (k[1] - k[2]) / seq, k[2] / seq])
-        causal = [ev[f"causal.recursion_depth.{d}"] for d in range(4)]
+        causal = [ev[f"causal.depth_share.depth_{d}"] for d in range(4)]
         assert causal[0] == 0.0 and sum(causal) == pytest.approx(1.0)  # every token takes the first step
         assert ev["causal.capacity_used.step_0"] == ev["generate.capacity_used.step_0"] == 1.0
     if kv_share == "between":  # recursion-wise caches hold each step's own tokens

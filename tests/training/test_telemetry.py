@@ -33,7 +33,7 @@ def test_every_tag_is_written(events):
     tags = events.Tags()
     expected_scalars = {
         "train/loss", "train/aux_loss", "train/aux_predictor_bce", "val/loss", "val/ppl", "val/loss_causal",
-        "router/capacity_used/layer_1", "router/capacity_used_causal/layer_1", "router/causal_acc/layer_1",
+        "router/capacity_used/layer_1", "router/val_capacity_used/layer_1", "router/causal_acc/layer_1",
         "router/val_causal_acc/layer_1", "router/val_causal_precision/layer_1", "router/val_causal_recall/layer_1",
         "router/causal_precision/layer_1", "router/causal_recall/layer_1", "router/selected_first/layer_1",
         "router/selected_eot/layer_1", "router/depth_mean", "flops/step", "flops/total", "flops/ratio_vs_dense",
@@ -53,7 +53,7 @@ def test_values_follow_the_method(events):
     assert all(v == k_over_t for v in scalar(events, "router/capacity_used/layer_1"))
     assert all(v == 1 + k_over_t for v in scalar(events, "router/depth_mean"))  # one dense block + routed share
     assert all(0 <= v <= 1 for v in scalar(events, "router/causal_acc/layer_1"))
-    assert all(0 <= v <= 1 for v in scalar(events, "router/capacity_used_causal/layer_1"))
+    assert all(0 <= v <= 1 for v in scalar(events, "router/val_capacity_used/layer_1"))
     assert len(scalar(events, "router/val_causal_acc/layer_1")) == STEPS // 3  # once per validation run
     assert all(0 <= v <= 1 for v in scalar(events, "router/val_causal_acc/layer_1"))
     per_step = batch * training_flops(cfg, seq)
@@ -86,7 +86,7 @@ def test_dashboard_groups_only_tags_the_run_logs(events):
         assert [t for t in logged if re.fullmatch(pattern.strip("^$"), t)], f"{pattern} matches no logged tag"
     # every routed block's capacity on one chart, top-k and causal
     (capacity,) = [tags for title, tags in layout["2 routing"].items() if title.startswith("capacity used")]
-    assert capacity == ["^router/capacity_used/layer_1$", "^router/capacity_used_causal/layer_1$"]
+    assert capacity == ["^router/capacity_used/layer_1$", "^router/val_capacity_used/layer_1$"]
     assert ["^train/loss$", "^val/loss$", "^val/loss_causal$"] in layout["1 loss"].values()
     assert ["^flops/mfu$"] in layout["3 compute"].values()  # --flops.peak_flops was given
 
@@ -106,4 +106,4 @@ def test_dense_layout_has_no_routing_charts():
     routed = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, route_every=2, capacity=0.25)
     (capacity,) = [tags for title, tags in layout(routed, [])["2 routing"] if "capacity used" in title and "(target 0.25)" in title]
     assert capacity == ["router/capacity_used/layer_1", "router/capacity_used/layer_3",
-                        "router/capacity_used_causal/layer_1", "router/capacity_used_causal/layer_3"]
+                        "router/val_capacity_used/layer_1", "router/val_capacity_used/layer_3"]

@@ -15,7 +15,7 @@ from modlm.cli.eval import main as eval_main
 from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
-from modlm.training.checkpoint import load_saved
+from modlm.saved import load_saved
 from tests.helpers import REPO, run_train, scalars, tiny_args
 
 EVAL_FLAGS = ["--quiet", "--decode_tokens", "4", "--prompt_tokens", "4"]

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from .flops import forward_flops
 from ..model.generate import generate
-from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
-                      passes_per_row, recursion_decision_counts, token_depth)
-from ..model.recursion import Recursion
 from ..model.transformer import MoDTransformer
+from .flops import forward_flops
+from .metrics import add_tallies, figures, tally, token_depth
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -37,39 +35,32 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], routing: str,
-                     byte_lengths: Optional[torch.Tensor] = None, progress=None) -> dict:
-    """Loss, perplexity (torchmetrics), bits per byte and per-block routing figures over ``batches``.
+                     byte_lengths: Optional[torch.Tensor] = None, progress=None, eot_id: Optional[int] = None) -> dict:
+    """Loss, perplexity (torchmetrics), bits per byte and what every mixture did over ``batches``.
 
-    Each batch is a (B, T+1) window tensor. Routing figures per routed block ``i``:
-    ``capacity_used.layer_i`` (fraction processed) and, against top-k membership of the same pass,
-    ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision;
-    ``overlap.layer_i``: the share of block ``i``'s picks that the next routed block picks too; and
-    ``depth.d``: the share of tokens that pass through exactly ``d`` blocks (how routing spends depth).
-    Per mixture-of-experts MLP ``i`` (batch means): ``noop_fraction.layer_i`` (picks of no-op
-    experts, with any), ``dropped.layer_i`` (picks over capacity) and ``expert_slots.layer_i``
-    (expert MLP passes per sequence, for the FLOPs actually spent). Per recursion step ``r`` of a
-    Mixture-of-Recursions: ``capacity_used.step_r`` (share of the sequence processed) and the causal
-    decision's figures among the tokens the step chose from (``causal_acc.step_r``, ...);
-    ``recursion_depth.d``: the share of tokens that took exactly ``d`` recursion steps (and
-    ``depth.d`` counts the blocks those steps pass through).
+    Each batch is a (B, T+1) window tensor. The mixtures' figures are their kinds' metrics
+    (``modlm.analysis.metrics``), ratios of sums over every batch, by key: per routed block ``i``
+    ``capacity_used.layer_i`` (fraction processed), ``causal_acc`` / ``causal_precision`` /
+    ``causal_recall`` of the causal decision against top-k membership of the same pass, ``overlap.layer_i``
+    (the share of block ``i``'s picks that the next routed block picks too), ``selected_first`` /
+    ``selected_eot``; per mixture-of-experts MLP ``noop_fraction``, ``dropped``, ``expert_slots`` (expert
+    MLP passes per sequence, for the FLOPs actually spent), ``load`` per expert; per recursion step ``r``
+    ``capacity_used.step_r`` and its decision's figures among the tokens it chose from, and
+    ``depth_share.depth_d`` (the share of tokens that took exactly ``d`` recursion steps). Over the model:
+    ``depth.d``, the share of tokens that pass through exactly ``d`` blocks (how routing spends depth), and
+    ``capacity_used``, the mean share processed over the routers.
     """
     model.eval()
+    cfg = model.config
     device = next(model.parameters()).device
     perplexity = Perplexity().to(device)
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
     # Sums stay on the device until the end: no host sync per batch.
-    zero = lambda dtype=torch.float64: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-    nll_sum, n_bytes, n_batches, n_tokens = zero(), zero(torch.long), 0, 0
-    capacity: dict[int, torch.Tensor] = {}  # per routed block: sum over batches of the fraction processed
-    counts: dict[int, torch.Tensor] = {}  # per routed block: causal-decision confusion counts
-    shared: dict[int, torch.Tensor] = {}  # per routed block: [picked by it and by the next one, picked by it]
-    depth_counts = torch.zeros(model.config.n_layers + 1, dtype=torch.long, device=device)
-    experts: dict[str, list] = {}  # per mixture-of-experts figure: [sum over batches, batches counted]
-    cfg = model.config
-    step_capacity: dict[int, torch.Tensor] = {}  # per recursion step: sum over batches of the share processed
-    step_counts: dict[int, torch.Tensor] = {}  # per recursion step: its causal-decision counts
-    recursion_depths = torch.zeros(cfg.recursions + 1, dtype=torch.long, device=device)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_bytes = torch.zeros((), dtype=torch.long, device=device)
+    depth_counts = torch.zeros(cfg.n_layers + 1, dtype=torch.long, device=device)
+    tallies, n_tokens = {}, 0
     for batch in batches:
         batch = batch.to(device)
         idx, targets = batch[:, :-1], batch[:, 1:]
@@ -77,38 +68,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         logits = out.logits.float()
         nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         n_tokens += targets.numel()
-        n_batches += 1
         perplexity.update(logits, targets)
         if byte_lengths is not None:
             n_bytes += byte_lengths[targets].sum()
-        for info in out.routing:
-            capacity[info.layer] = capacity.get(info.layer, 0) + capacity_used(info)
-            counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
-        for info, after in zip(out.routing, out.routing[1:]):
-            shared[info.layer] = shared.get(info.layer, 0) + overlap_counts(info, after)
-        ran = {info.layer for info in out.experts}
-        for info in out.experts:
-            figures = {"dropped": dropped_fraction(info), "expert_slots": passes_per_row(info)}
-            if info.n_choices > info.n_experts:
-                figures["noop_fraction"] = noop_fraction(info)
-            for name, value in figures.items():
-                total = experts.setdefault(f"{name}.layer_{info.layer}", [zero(), 0])
-                total[0] += value
-                total[1] += 1
-        for layer in model.config.expert_layers:  # a routed block that picked nothing ran no expert:
-            if layer not in ran:                 # it counts as 0 slots; its other figures skip the batch
-                experts.setdefault(f"expert_slots.layer_{layer}", [zero(), 0])[1] += 1
-        if out.recursion is not None:
-            for step in out.recursion.steps:
-                step_capacity[step.layer] = step_capacity.get(step.layer, 0) + capacity_used(step)
-            for step, step_count in recursion_decision_counts(out.recursion).items():
-                step_counts[step] = step_counts.get(step, 0) + step_count
-            steps_taken = out.recursion.depth
-            recursion_depths += torch.bincount(steps_taken.flatten(), minlength=cfg.recursions + 1)
-            depth = 2 * cfg.unique_before + cfg.stack_layers * steps_taken  # blocks passed
-        else:
-            depth = torch.as_tensor(token_depth(out.routing, model.config.n_layers), device=device).expand(targets.shape)
-        depth_counts += torch.bincount(depth.flatten(), minlength=model.config.n_layers + 1)
+        add_tallies(tallies, tally(out.mixtures, cfg, idx, eot_id))
+        depth = torch.as_tensor(token_depth(out.mixtures, cfg), device=device).expand(targets.shape)
+        depth_counts += torch.bincount(depth.flatten(), minlength=cfg.n_layers + 1)
         if progress is not None:
             progress.update(1)
     if n_tokens == 0:
@@ -117,29 +82,13 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     result = {"loss": nll / n_tokens, "ppl": perplexity.compute().item(), "tokens": n_tokens}
     if n_bytes:
         result["bpb"] = nll / math.log(2) / n_bytes
-    for layer, total in capacity.items():
-        result[f"capacity_used.layer_{layer}"] = total.item() / n_batches
-        if not model.config.random_routing:
-            for name, value in quality_from_counts(counts[layer]).items():
-                result[f"{name}.layer_{layer}"] = value
-    for layer, pair in shared.items():
-        both, mine = pair.tolist()
-        result[f"overlap.layer_{layer}"] = both / max(1, mine)
-    # batch means, as the training logs report them
-    result.update({name: total.item() / n for name, (total, n) in sorted(experts.items())})
+    for found in figures(tallies).values():
+        result.update(found)
     for depth, count in enumerate(depth_counts.tolist()):
         result[f"depth.{depth}"] = count / n_tokens
-    if capacity:
-        result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in capacity)
-    for step, total in step_capacity.items():
-        result[f"capacity_used.step_{step}"] = total.item() / n_batches
-        if not cfg.random_routing:
-            for name, value in quality_from_counts(step_counts[step]).items():
-                result[f"{name}.step_{step}"] = value
-    if step_capacity:
-        for depth, count in enumerate(recursion_depths.tolist()):
-            result[f"recursion_depth.{depth}"] = count / n_tokens
-        result["capacity_used"] = statistics.mean(result[f"capacity_used.step_{r}"] for r in step_capacity)
+    shares = [value for key, value in result.items() if key.startswith("capacity_used.")]
+    if shares:
+        result["capacity_used"] = statistics.mean(shares)
     return result
 
 
@@ -166,35 +115,38 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
     they processed; and those caches against a plain model's of ``n_layers`` blocks
     (``kv_cache_share``, entries held at the end; ``kv_cache_allocated_share``, caches allocated)."""
     cfg = model.config
-    if cfg.routes_recursion:  # a recursion step counts what it processed (a later step may cache nothing)
-        where = next(i for i, block in enumerate(model.blocks) if isinstance(block, Recursion))
-        routed = list(range(cfg.recursions))
-        count = lambda state, r: state.caches[where][r].processed  # noqa: E731
-        name = "step"
-    else:
-        routed = cfg.routed_layers
-        count = lambda state, i: state.caches[i].length  # noqa: E731
-        name = "layer"
-    if not routed or new_tokens < 2:
+    if not processed_counts(model, model.new_state(1, prompts.device)) or new_tokens < 2:
         return {}
     state = model.new_state(prompts.size(0), prompts.device)
-    prefilled: dict[int, torch.Tensor] = {}
+    prefilled: dict[str, torch.Tensor] = {}
 
     def note_prefill(tokens):  # called after the first sample: the caches then hold the prompt alone
         if not prefilled:
-            prefilled.update({i: count(state, i).clone() for i in routed})
+            prefilled.update({name: count.clone() for name, count in processed_counts(model, state).items()})
         return None
 
     generator = torch.Generator(device=prompts.device).manual_seed(seed)
     generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
              on_tokens=note_prefill, state=state)
     fed = (new_tokens - 1) * prompts.size(0)
-    result = {f"capacity_used.{name}_{i}": float((count(state, i) - prefilled[i]).sum()) / fed for i in routed}
-    result["capacity_used"] = statistics.mean(result[f"capacity_used.{name}_{i}"] for i in routed)
+    result = {f"capacity_used.{name}": float((count - prefilled[name]).sum()) / fed
+              for name, count in processed_counts(model, state).items()}
+    result["capacity_used"] = statistics.mean(result.values())
     caches = kv_caches(state)
     result["kv_cache_share"] = float(sum(c.length.sum() for c in caches)) / (cfg.n_layers * float(state.seen.sum()))
     result["kv_cache_allocated_share"] = len(caches) / cfg.n_layers
     return result
+
+
+def processed_counts(model: MoDTransformer, state) -> dict[str, torch.Tensor]:
+    """Per routed unit of a decoding state, by its figures' name (``layer_<i>`` per routed block,
+    ``step_<r>`` per routed recursion step), the tokens of each row (B,) it has processed: a routed block's
+    KV cache holds exactly those; a recursion step counts its own (a later step may cache nothing)."""
+    cfg = model.config
+    if cfg.routes_recursion:
+        steps = state.caches[cfg.unique_before]  # the recursion's place among the blocks
+        return {f"step_{r}": step.processed for r, step in enumerate(steps)}
+    return {f"layer_{i}": state.caches[i].length for i in cfg.routed_layers}
 
 
 def kv_caches(state) -> list:

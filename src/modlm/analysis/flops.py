@@ -7,8 +7,9 @@ softmax, gathers and scatters count 0. Training is 3x forward (each matmul has t
 backward: the input gradient and the weight gradient), less the one input gradient the
 stop-gradient predictor does not need.
 
-A routed block runs attention and MLP on ``k`` tokens instead of ``T``; its router (and the causal
-predictor, if any) runs on all ``T``.
+A routed block runs attention and MLP on ``k`` tokens instead of ``T`` (attention alone with
+``route_part="attention"``: its MLP runs on all ``T``); its router (and the causal predictor, if any)
+runs on all ``T``.
 
 A mixture-of-experts MLP on ``n`` tokens costs its router (``d -> n_experts + noop_experts``) on
 all ``n`` plus one expert MLP per computed pick ("expert passes"). Training computes every slot of
@@ -21,8 +22,9 @@ recursion step, its shared stack on the tokens the step processed (``k`` of its 
 token in a dense recursion) and, with expert choice, the step's router and predictor on all ``T``.
 Under recursive KV sharing a later step projects queries only, and they attend over the keys of
 the tokens the first step processed. Token choice runs one router (d -> N_r) on all ``T`` tokens
-instead of one per step; its steps process what the router picked (the default counts assume a
-balanced router: the expert-choice default schedule; ``ran_forward_flops`` charges what ran).
+instead of one per step; in training its steps compute their static slots
+(``ModelConfig.token_choice_slots``), at inference what the router picked (the metrics' ``ran_forward_flops``
+charges what ran).
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from typing import Literal, Optional, Sequence
 
 from ..model.config import ModelConfig
 
-__all__ = ["block_flops", "decode_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense", "forward_flops", "mlp_flops",
-           "ran_forward_flops", "router_flops", "training_flops"]
+__all__ = ["attention_flops", "block_flops", "decode_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense",
+           "forward_flops", "mlp_flops", "router_flops", "training_flops"]
 
 
 def mlp_flops(cfg: ModelConfig, n_tokens: float) -> float:
@@ -49,15 +51,11 @@ def expert_passes(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "cau
     return n_tokens * cfg.expert_top_k * cfg.n_experts / (cfg.n_experts + cfg.noop_experts)
 
 
-def block_flops(
-    cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
-    experts: bool = False, passes: Optional[float] = None, shared_keys: Optional[int] = None,
-) -> float:
-    """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence.
-
-    ``experts``: its MLP is a mixture (router on every token, one expert MLP per pass; ``passes``
-    defaults to the training capacity, ``expert_passes(cfg, n_tokens)``). ``shared_keys``: it
-    computes no keys or values and attends over that many of another pass's (recursive KV sharing)."""
+def attention_flops(cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full",
+                    shared_keys: Optional[int] = None) -> float:
+    """Forward FLOPs of one attention sublayer on ``n_tokens`` tokens of one sequence: projections, scores
+    and values. ``shared_keys``: it computes no keys or values and attends over that many of another pass's
+    (recursive KV sharing)."""
     d, n = cfg.d_model, n_tokens
     q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     keys = n if shared_keys is None else shared_keys
@@ -66,12 +64,28 @@ def block_flops(
     scores_and_values = 2 * (2 * n * keys * q_width)  # q @ k^T and p @ v, all query heads together
     if attention == "causal":
         scores_and_values //= 2
+    return projections + scores_and_values
+
+
+def mlp_sublayer_flops(cfg: ModelConfig, n_tokens: int, experts: bool = False, passes: Optional[float] = None) -> float:
+    """Forward FLOPs of one MLP sublayer on ``n_tokens`` tokens: the dense MLP, or with ``experts`` a
+    mixture (router on every token, one expert MLP per pass; ``passes`` defaults to the training capacity,
+    ``expert_passes(cfg, n_tokens)``)."""
     if not experts:
-        return projections + scores_and_values + mlp_flops(cfg, n)
+        return mlp_flops(cfg, n_tokens)
     if passes is None:
-        passes = expert_passes(cfg, n)
-    router = 2 * n * d * (cfg.n_experts + cfg.noop_experts)
-    return projections + scores_and_values + router + mlp_flops(cfg, passes)
+        passes = expert_passes(cfg, n_tokens)
+    return 2 * n_tokens * cfg.d_model * (cfg.n_experts + cfg.noop_experts) + mlp_flops(cfg, passes)
+
+
+def block_flops(
+    cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
+    experts: bool = False, passes: Optional[float] = None, shared_keys: Optional[int] = None,
+) -> float:
+    """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence: its attention
+    (``attention_flops``) and MLP (``mlp_sublayer_flops``) sublayers."""
+    return (attention_flops(cfg, n_tokens, attention, shared_keys)
+            + mlp_sublayer_flops(cfg, n_tokens, experts, passes))
 
 
 def router_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -121,9 +135,13 @@ def forward_flops(
     passes = dict(zip(with_experts, passes_per_expert_layer))
 
     total = 0.0
+    attention_only = cfg.route_part == "attention"
     for layer in range(cfg.n_layers):
         mlp = dict(experts=layer in passes, passes=passes.get(layer))
-        if layer in routed_tokens:
+        if layer in routed_tokens and attention_only:  # the picks attend; every token runs the MLP
+            total += (attention_flops(cfg, routed_tokens[layer], attention) + mlp_sublayer_flops(cfg, seq_len, **mlp)
+                      + router_flops(cfg, seq_len))
+        elif layer in routed_tokens:
             total += block_flops(cfg, routed_tokens[layer], attention, **mlp) + router_flops(cfg, seq_len)
         else:
             total += block_flops(cfg, seq_len, attention, **mlp)
@@ -133,7 +151,9 @@ def forward_flops(
 
 def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Sequence[float]],
                              attention: Literal["full", "causal"]) -> int:
-    if tokens is None:
+    if tokens is None and cfg.recursion_routing == "token_choice":  # training's static slots
+        tokens = [cfg.token_choice_slots(seq_len, r) for r in range(cfg.recursions)]
+    elif tokens is None:
         tokens = [cfg.topk_tokens(seq_len, c) for c in cfg.step_capacities]
     if len(tokens) != cfg.recursions:
         raise ValueError(f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps")
@@ -147,21 +167,6 @@ def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Se
             total += router_flops(cfg, seq_len)
     total += 2 * seq_len * cfg.d_model * cfg.vocab_size  # LM head
     return int(round(total))
-
-
-def ran_forward_flops(cfg: ModelConfig, seq_len: int, routing: Sequence, experts: Sequence, recursion=None) -> float:
-    """Forward FLOPs per sequence of a pass as it ran, from its ``ModelOutput.routing``,
-    ``.experts`` and ``.recursion``: each routed block (and recursion step) at the tokens its padded
-    batch held (the most any row picked: causal routing packs the picks of every row to that
-    length), each mixture of experts at the expert passes it computed (per row). Reads the counts
-    on the host."""
-    if recursion is not None:
-        steps = [int(info.selected.sum(dim=1).max()) for info in recursion.steps]
-        return forward_flops(cfg, seq_len, tokens_per_recursion_step=steps)
-    tokens = [int(info.selected.sum(dim=1).max()) for info in routing]
-    passes = {info.layer: float(info.computed.sum()) / info.computed.size(0) for info in experts}
-    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens or None,
-                         passes_per_expert_layer=[passes.get(layer, 0.0) for layer in cfg.expert_layers] or None)
 
 
 def training_flops(cfg: ModelConfig, seq_len: int, **kwargs) -> int:
@@ -182,9 +187,12 @@ def decode_flops(cfg: ModelConfig, context: int, share: Optional[float] = None) 
     routers and predictors run every step), and the LM head. ``share=None`` (or a dense config):
     every block every step. The bound MoD's decode speed-up is measured against."""
     d, hid = cfg.d_model, cfg.mlp_hidden
-    block = 2 * (4 * d * d + (3 if cfg.mlp == "swiglu" else 2) * d * hid) + 4 * d * context
+    attention = 2 * 4 * d * d + 4 * d * context
+    mlp = 2 * (3 if cfg.mlp == "swiglu" else 2) * d * hid
+    block = attention + mlp
     n_routed = len(cfg.routed_layers) if share is not None else 0
-    routed = n_routed * (router_flops(cfg, 1) + share * block) if n_routed else 0.0
+    routed_part = attention if cfg.route_part == "attention" else block
+    routed = n_routed * (router_flops(cfg, 1) + share * routed_part + (block - routed_part)) if n_routed else 0.0
     return (cfg.n_layers - n_routed) * block + routed + 2 * d * cfg.vocab_size
 
 
@@ -192,9 +200,9 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
     """The same shape with no routing, dense MLPs and no recursion (every block its own): the
     baseline MoD's (and MoE's, and MoR's) costs are measured against."""
     return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "route_layers": None, "capacities": None,
-                          "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
+                          "route_part": "block", "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
                           "recursions": 1, "recursion_capacities": None, "recursion_kv": "recursion_wise",
-                          "decision_thresholds": None, "decision_spreads": None})
+                          "recursion_routing": "expert_choice"})
 
 
 def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int, **kwargs) -> float:

@@ -38,9 +38,9 @@ import torch
 
 from .usage import parse_or_exit
 from ..model.errors import UserError
-from ..training.checkpoint import SavedModel, load_saved
+from ..saved import SavedModel, load_saved
 from ..training.export import model_card, push_export, write_export
-from ..training.travel import unpack
+from ..saved.travel import unpack
 from ..analysis.evaluate import (decode_speed, decode_throughput, evaluate_routing, flops_per_token, generation_share,
                                  token_byte_lengths)
 from ..model.transformer import MoDTransformer
@@ -219,9 +219,9 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
     from tqdm import tqdm
 
     saved = load_saved(path, run.device)
-    model = saved.model
     if run.decision:
-        model.config.causal_decision = run.decision
+        saved.model = saved.model.reconfigured(causal_decision=run.decision)
+    model = saved.model
     dm = build_data(saved, run.data)
     dm.setup("validate")
     batches = list(dm.val_dataloader())[: run.data.max_batches or None]
@@ -233,7 +233,7 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
     modes = ["topk", "causal"] if model.config.routes_tokens else ["topk"]
     with autocast, tqdm(total=len(batches) * len(modes), desc=f"evaluating {Path(path).name}", disable=run.quiet) as bar:
         for mode in modes:
-            figures = evaluate_routing(model, batches, mode, byte_lengths, progress=bar)
+            figures = evaluate_routing(model, batches, mode, byte_lengths, progress=bar, eot_id=dm.eot_id)
             result.update({f"{mode}.{k}": v for k, v in figures.items()})
     if "causal" not in modes:  # a dense model routes nothing: both modes are the same computation
         result.update({k.replace("topk.", "causal.", 1): v for k, v in list(result.items()) if k.startswith("topk.")})

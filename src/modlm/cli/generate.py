@@ -31,7 +31,7 @@ import torch
 from .usage import parse_or_exit
 from ..data.tokenizer import end_of_text_id
 from ..model.errors import UserError
-from ..training.checkpoint import load_saved
+from ..saved import load_saved
 
 
 @dataclass

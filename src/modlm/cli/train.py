@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
@@ -51,14 +52,14 @@ from ..training.callbacks.routing_heatmap import RoutingHeatmap
 from ..training.callbacks.routing_stats import RoutingStats
 from ..training.callbacks.summary import FlopsModelSummary
 from ..training.callbacks.throughput import TokenThroughput
-from ..training.checkpoint import (CheckpointError, check_resume_shape, is_checkpoint, read_checkpoint, read_sharded_meta,
-                                   resolve_last, saved_data)
+from ..training.checkpoint import check_resume_shape, resolve_last
+from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data
+from ..saved.travel import unpack
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.parallel import end_process_group
 from ..training.precision import choose_precision
 from ..training.trainer import ModLMTrainer
-from ..training.travel import unpack
 from .output import run_output
 from .usage import UsageError, explain, option_names
 
@@ -312,6 +313,9 @@ class ModLMCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if config.model.get("init_from") and not config.data.get("tokenizer"):
             config.data.tokenizer = config.model.init_from  # a pretrained model reads its own tokenizer
+        if not config.model.get("init_from"):  # a bad model value is named before the data's tokenizer is trained
+            model = config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model)
+            ModelConfig.from_hparams({**model, "vocab_size": model.get("vocab_size") or 1})
 
 
 def _is_user_error(err: BaseException) -> bool:

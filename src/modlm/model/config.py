@@ -157,6 +157,11 @@ class ModelConfig:
     """Deeper routed blocks process fewer tokens: routed block ``j`` of ``n`` gets ``capacity *
     (1 + capacity_depth * (1 - 2 j / (n - 1)))``, a straight line through ``capacity`` at mid-depth
     (so their mean stays ``capacity``); 0: all equal. Ignored when ``capacities`` is given."""
+    route_part: Literal["block", "attention"] = "block"
+    """What a routed block's router decides for a token: ``block``, whether the token passes through the
+    whole block (attention and MLP: Mixture-of-Depths); ``attention``, whether it attends in that block and
+    is one of its keys and values (the MLP then runs for every token: the attention-only routing of
+    Router-Tuning / MindSkip, for converted pretrained models)."""
     router_weight: Literal["sigmoid", "raw", "2sigmoid"] = "sigmoid"
     """What multiplies a routed block's update: ``sigmoid(r)`` (default, bounded and stable, as in
     most follow-up work), the raw router logit ``r`` (the paper's formulation), or ``2 * sigmoid(r)``,
@@ -181,8 +186,9 @@ class ModelConfig:
     causal_decision: Literal["plain", "calibrated", "controlled"] = "controlled"
     """How causal routing turns a routed block's decision logit (the predictor's, or the router's
     with ``causal_method="router"``) into a yes or a no per token: ``plain``, logit > 0 (sigmoid >
-    0.5, what the BCE trained); ``calibrated``, logit > the block's ``decision_thresholds`` entry
-    (set so that the share processed on held-out windows is the capacity); ``controlled``, that
+    0.5, what the BCE trained); ``calibrated``, logit > the block's calibrated threshold (a buffer of
+    its decision, ``model/decision.py``, fitted so that the share processed on held-out windows is the
+    capacity: every checkpoint a run saves is calibrated on its validation windows); ``controlled``, that
     threshold steered along each sequence by an integral controller, so the running share processed
     stays at the capacity whatever the text (sampling, greedy decoding and repetition shift the
     logits): after each token the row's threshold moves by ``budget_gain * (processed - capacity)``.
@@ -193,16 +199,9 @@ class ModelConfig:
     mean and spread of the router logits of the row so far, ``(r_t - mean_{s<=t} r) / std_{s<=t} r``
     (causal): top-k membership depends on where a token ranks in its sequence, and the router's
     scale drifts from one sequence to the next, which a fixed threshold on the raw logit cannot see."""
-    decision_thresholds: Optional[list[float]] = None
-    """One decision threshold per routed block, in depth order (None: 0 for every block): set by
-    ``MoDTransformer.calibrate`` (every checkpoint a run saves is calibrated on its validation
-    windows) and used by the ``calibrated`` and ``controlled`` decisions."""
-    decision_spreads: Optional[list[float]] = None
-    """The standard deviation of each routed block's decision logits on the calibration windows
-    (None: 1 for every block): the unit of ``budget_gain``."""
     budget_gain: float = 0.8
     """Step of the ``controlled`` decision's threshold per token and unit of share error, in units of
-    the block's logit spread (``decision_spreads``): after a processed token the threshold rises by
+    the block's logit spread (its decision's calibrated ``spread``): after a processed token the threshold rises by
     ``0.8 * (1 - capacity)`` spreads, after a skipped one it falls by ``0.8 * capacity``. Measured on
     the default run: large enough to hold every routed block within 10% of its capacity over 128
     generated tokens, greedy or sampled; larger gains hold the share tighter but follow the logits
@@ -217,7 +216,8 @@ class ModelConfig:
     capacity_factor: float = 1.25
     """Training slots of each expert per sequence: ``ceil(capacity_factor * n * expert_top_k /
     (n_experts + noop_experts))`` of the ``n`` tokens the MLP sees; picks beyond it are dropped
-    (their MLP update is 0). Inference routing keeps every pick."""
+    (their MLP update is 0). Inference routing keeps every pick. Token-choice recursion's steps have
+    slots of the same kind (``token_choice_slots``)."""
     noop_experts: int = 0
     """No-op experts beside the real ones: a token that picks one gets no MLP update from it and
     costs nothing but the router. With ``route_every=0`` this is integrated MoDE."""
@@ -319,6 +319,7 @@ class ModelConfig:
         if self.capacities is None and isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1:
             need(all(c <= 1 for c in self.layer_capacities), "capacity_depth",
                  f"small enough that no routed block's capacity exceeds 1 (capacity={self.capacity})")
+        need(self.route_part in ("block", "attention"), "route_part", "'block' or 'attention'")
         need(self.router_weight in ("sigmoid", "raw", "2sigmoid"), "router_weight", "'sigmoid', 'raw' or '2sigmoid'")
         need(self.causal_method in ("router", "predictor"), "causal_method", "'router' or 'predictor'")
         need(self.router_aux_weight >= 0, "router_aux_weight", ">= 0")
@@ -329,11 +330,6 @@ class ModelConfig:
              "'plain', 'calibrated' or 'controlled'")
         need(self.decision_logit in ("trained", "standardized_router"), "decision_logit", "'trained' or 'standardized_router'")
         self._validate_recursion(need)
-        n_deciders = self.n_deciders
-        for field in ("decision_thresholds", "decision_spreads"):
-            value = getattr(self, field)
-            need(value is None or len(value) == n_deciders, field,
-                 f"None or one number per routed block or routed recursion step ({n_deciders})")
         need(isinstance(self.budget_gain, (int, float)) and self.budget_gain >= 0, "budget_gain", ">= 0")
         need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
         need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
@@ -353,9 +349,12 @@ class ModelConfig:
         need(isinstance(self.recursion_balance_weight, (int, float)) and self.recursion_balance_weight >= 0,
              "recursion_balance_weight", ">= 0")
         need(self.recursion_kv in ("recursion_wise", "shared"), "recursion_kv", "'recursion_wise' or 'shared'")
-        if self.recursions == 1:
-            need(self.recursion_capacities is None, "recursion_capacities", "None when recursions is 1")
-            need(self.recursion_kv == "recursion_wise", "recursion_kv", "'recursion_wise' when recursions is 1")
+        if self.recursions == 1:  # a recursion knob set without a recursion would do nothing: refuse it
+            base = "(a Mixture-of-Recursions knob: stack it on configs/mor.yaml)"
+            need(self.recursion_capacities is None, "recursion_capacities", f"None when recursions is 1 {base}")
+            need(self.recursion_kv == "recursion_wise", "recursion_kv", f"'recursion_wise' when recursions is 1 {base}")
+            need(self.recursion_routing == "expert_choice", "recursion_routing",
+                 f"'expert_choice' (the default) when recursions is 1 {base}")
             return
         n = self.recursions
         if self.recursion_sharing == "cycle":
@@ -400,23 +399,6 @@ class ModelConfig:
     def n_deciders(self) -> int:
         """Routers with a causal decision (and a calibrated threshold): routed blocks, routed recursion steps."""
         return len(self.routed_layers) + len(self.routed_steps)
-
-    def decision_threshold(self, layer: int) -> float:
-        """The calibrated decision threshold of routed block ``layer`` (0 until calibrated)."""
-        return self.unit_threshold(self.routed_layers.index(layer))
-
-    def decision_spread(self, layer: int) -> float:
-        """The spread of routed block ``layer``'s decision logits on its calibration windows (1 until calibrated)."""
-        return self.unit_spread(self.routed_layers.index(layer))
-
-    def unit_threshold(self, unit: int) -> float:
-        """The calibrated decision threshold of decider ``unit``: the routed blocks in depth order, or
-        the routed recursion steps in step order (0 until calibrated)."""
-        return 0.0 if self.decision_thresholds is None else float(self.decision_thresholds[unit])
-
-    def unit_spread(self, unit: int) -> float:
-        """The spread of decider ``unit``'s decision logits on its calibration windows (1 until calibrated)."""
-        return 1.0 if self.decision_spreads is None else float(self.decision_spreads[unit])
 
     @property
     def layer_capacities(self) -> list[float]:
@@ -467,12 +449,6 @@ class ModelConfig:
         return self.recursive and self.recursion_routing != "dense"
 
     @property
-    def static_training_shapes(self) -> bool:
-        """Whether a training pass has the same shapes for every batch (token choice's steps process
-        what its router picked, so their sizes are the data's)."""
-        return not (self.recursive and self.recursion_routing == "token_choice")
-
-    @property
     def routed_steps(self) -> list[int]:
         """The recursion steps a router decides, by 0-based index (every step with expert choice)."""
         return list(range(self.recursions)) if self.recursive and self.recursion_routing == "expert_choice" else []
@@ -487,9 +463,10 @@ class ModelConfig:
 
     @property
     def routes_tokens(self) -> bool:
-        """Whether any router decides per token (routed blocks, expert routers, recursion steps): then training
-        routing (top-k, expert capacity) and causal routing are different computations."""
-        return bool(self.routed_layers or self.expert_layers or self.routed_steps)
+        """Whether any router decides per token (routed blocks, expert routers, recursion routers): then
+        training routing (top-k, expert capacity, token choice's slots) and causal routing are different
+        computations."""
+        return bool(self.routed_layers or self.expert_layers or self.routes_recursion)
 
     def slots_per_expert(self, n_tokens: int) -> int:
         """Training slots of each real expert for one sequence of ``n_tokens`` MLP inputs: its
@@ -497,6 +474,13 @@ class ModelConfig:
         1 and at most ``n_tokens`` (a token picks an expert at most once)."""
         share = n_tokens * self.expert_top_k / (self.n_experts + self.noop_experts)
         return max(1, min(n_tokens, math.ceil(self.capacity_factor * share - 1e-6)))
+
+    def token_choice_slots(self, seq_len: int, step: int) -> int:
+        """Training slots of token-choice recursion step ``step`` per sequence of ``seq_len`` tokens: its
+        balanced share of the sequence (``step_capacities``) times ``capacity_factor``, at least 1 and at
+        most ``seq_len``."""
+        share = self.step_capacities[step] * seq_len
+        return max(1, min(seq_len, math.ceil(self.capacity_factor * share - 1e-6)))
 
     def topk_tokens(self, seq_len: int, capacity: Optional[float] = None) -> int:
         """``k``: tokens per sequence a routed block processes in top-k routing (``capacity`` of

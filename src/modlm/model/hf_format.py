@@ -324,9 +324,9 @@ def load_hf(cls, path_or_id, **overrides):
                                         f"({tuple(state[name].shape)})")
     for layer in cfg.routed_layers:
         loaded[f"blocks.{layer}.router.weight"] = torch.zeros_like(state[f"blocks.{layer}.router.weight"])
-    missing = [name for name in state if name not in loaded and ".predictor." not in name
+    missing = [name for name in state if name not in loaded and ".predictor." not in name and ".decision." not in name
                and not (cfg.tie_embeddings and name == "lm_head.weight")]
-    if missing:  # a bug here, not the user's: every tensor but the predictors comes from the checkpoint
+    if missing:  # a bug here, not the user's: every tensor but the predictors and decisions comes from the checkpoint
         raise RuntimeError(f"from_hf left tensors unset: {missing[:3]}")
     model.load_state_dict(loaded, strict=False)
     tokenizer = folder / TOKENIZER_FILE

@@ -33,12 +33,9 @@ class KVCache:
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(max_len + 1, device=device)
         self.all_rows = torch.arange(batch_size, device=device)
-        self.decision_threshold: Optional[torch.Tensor] = None
-        """A routed block's running decision threshold per row (B,), when its causal decision is
-        ``controlled``: what the controller carries from one token to the next (None: not started)."""
-        self.router_moments: Optional[torch.Tensor] = None
-        """A routed block's running (count, sum, sum of squares) of its router logits per row (B, 3),
-        when its decision logit is ``standardized_router`` (None: not started)."""
+        self.decision = None
+        """A routed block's ``DecisionState`` (``decision.py``): what its causal decision carries from one
+        token to the next per row (None for a dense block's cache)."""
 
     def store(self, k, v, index, n_real=None, rows=None, span=None):
         """Store new keys/values (B, H, n, hd); return what the new queries attend to.
@@ -148,20 +145,18 @@ class StackCache:
     ``KVCache`` per block, in order, and the state of the causal decision of the router in front of
     it (what a routed block keeps on its own ``KVCache``)."""
 
-    def __init__(self, blocks: list[Optional[KVCache]]):
+    def __init__(self, blocks: list[Optional[KVCache]], batch_size: int, decision=None, device=None):
         self.blocks = blocks
         """One ``KVCache`` per block of the stack (None where the step caches nothing: a later step
         under recursive KV sharing reads the first step's)."""
-        self.decision_threshold: Optional[torch.Tensor] = None
-        """As ``KVCache.decision_threshold``: the router's running threshold per row."""
-        self.router_moments: Optional[torch.Tensor] = None
-        """As ``KVCache.router_moments``."""
-        self.processed: Optional[torch.Tensor] = None
+        self.decision = decision
+        """As ``KVCache.decision``: the step's router's ``DecisionState`` (None without a router)."""
+        self.processed = torch.zeros(batch_size, dtype=torch.long, device=device)
         """(B,) tokens of each row the step has processed (its caches' length, where it caches)."""
 
     def count(self, processed: torch.Tensor) -> None:
-        """Add ``processed`` (B,) tokens to each row's count."""
-        self.processed = processed.long() if self.processed is None else self.processed + processed
+        """Add ``processed`` (B,) tokens to each row's count (in place)."""
+        self.processed += processed.long()
 
 
 class DecodeState:

@@ -27,6 +27,42 @@ from .positions import Positions, apply_rope
 
 
 # --- attention ----------------------------------------------------------------------------------
+def fold_query_groups(device: torch.device) -> bool:
+    """Whether grouped-query attention under a mask runs with each key/value head's query heads
+    folded into its query rows (``masked_attention``) on ``device``, rather than with SDPA's
+    ``enable_gqa``.
+
+    On CUDA ``enable_gqa`` reaches only the Flash and math kernels, and Flash takes no mask: every
+    masked call (a prompt or a decoding step over a KV cache, a recursion step reading shared keys)
+    ran on the math kernel, which materialises (B, H, T, S) fp32 scores. Folded, every head count
+    matches, so the memory-efficient kernel, which takes a mask, can run it. On the CPU both ways run
+    the same flash kernel and ``enable_gqa`` stays: folded, prompts took 4-8% longer there and
+    decoding steps the same within noise (``bench/gqa_prefill.py``). Not run on a GPU yet: which
+    kernel CUDA picks is torch's choice, read from its sources; the GPU session counts it."""
+    return device.type == "cuda"
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of (B, H, T, hd) queries over (B, H_kv, S, hd) keys and values under a boolean
+    (B, 1, T, S) mask, ``H`` a multiple of ``H_kv`` (query head ``h`` reads key/value head
+    ``h // (H / H_kv)``).
+
+    Grouped, on a device where ``fold_query_groups`` says so, the ``g = H / H_kv`` query heads of
+    each key/value head become ``g * T`` query rows of one head (rows ``j * T + t``, each under its
+    token's mask row): the same attention with equal head counts. Keys and values are read in
+    place, once per group; expanding them to ``H`` heads instead would copy the whole cache at
+    every step. The (T, S) mask is repeated ``g`` times (a view for one new token)."""
+    B, H, T, hd = q.shape
+    groups = H // k.size(1)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if not fold_query_groups(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    rows = q.reshape(B, k.size(1), groups * T, hd)
+    mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(2, 3)
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).reshape(B, H, T, hd)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with one fused query/key/value projection: ``n_heads`` query heads and
     ``kv_heads`` key/value heads (grouped-query attention when fewer: query head ``h`` reads
@@ -62,14 +98,14 @@ class CausalSelfAttention(nn.Module):
             q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
             k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
             v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            groups = {"enable_gqa": True}
+            groups = {"enable_gqa": True}  # without a mask Flash takes it, on CUDA too
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **groups)
             if where.kv is not None:  # the first recursion step under KV sharing: later steps read these
                 where.kv.record(k, v, where.index, where.n_real)
         else:
             k, v, mask = cache.store(k, v, where.index, where.n_real, where.rows, where.span)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **groups)
+            y = masked_attention(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_shared(self, x: torch.Tensor, where: Positions) -> torch.Tensor:
@@ -81,8 +117,7 @@ class CausalSelfAttention(nn.Module):
         q = F.linear(x, self.qkv.weight[:width], bias).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, where.cos, where.sin)
         k, v, mask = where.kv.read(where.index, where.n_real, where.rows, where.span)
-        groups = {"enable_gqa": True} if self.kv_heads != self.n_heads else {}
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, **groups)
+        y = masked_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -115,6 +150,19 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MixtureOfExperts(cfg, layer) if cfg.has_experts(layer) else MLP(cfg)
 
+    def attention_update(self, x: torch.Tensor, where: Positions, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The attention sublayer's update ``attn(norm(x))``."""
+        return self.attn(self.attn_norm(x), where, cache)
+
+    def mlp_update(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cached: bool = False,
+                   ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+        """The MLP sublayer's update ``mlp(norm(x))`` and what its router did (None for the dense MLP);
+        ``cached``: the pass extends a KV cache."""
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MixtureOfExperts):
+            return self.mlp(h, routing, where.valid(x.size(1)), cached=cached, policy=where.policy)
+        return self.mlp(h), None
+
     def residual_update(
         self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
@@ -123,13 +171,13 @@ class Block(nn.Module):
         Returned as a difference built from its two parts (never as ``block(x) - x``), so a routed
         block can scale it by the router weight without cancellation error.
         """
-        a = self.attn(self.attn_norm(x), where, cache)
-        h = self.mlp_norm(x + a)
-        if isinstance(self.mlp, MixtureOfExperts):
-            m, info = self.mlp(h, routing, where.valid(x.size(1)), cached=cache is not None, policy=where.policy)
-        else:
-            m, info = self.mlp(h), None
+        a = self.attention_update(x, where, cache)
+        m, info = self.mlp_update(x + a, where, routing, cached=cache is not None)
         return a + m, info
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """Its KV cache for decoding ``batch_size`` rows of up to ``max_len`` tokens."""
+        return KVCache(batch_size, max_len, self.attn.kv_heads, self.attn.head_dim, device, dtype)
 
     def forward(
         self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,

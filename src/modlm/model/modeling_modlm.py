@@ -58,7 +58,7 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ModLMConfig
     main_input_name = "input_ids"
     _input_embed_layer = "embed"
-    _no_split_modules = ["Block", "RoutedBlock", "Recursion"]
+    _no_split_modules = ["Block", "RoutedBlock", "RoutedAttention", "Recursion"]
     _tied_weights_keys = {"lm_head.weight": "embed.weight"}  # applied only when the config ties them
     # The state cannot be rolled back or reordered: no assisted decoding, no beam search.
     _is_stateful = True

@@ -22,8 +22,8 @@ Two ways to run the picks:
 * ``routing="causal"`` (inference): no capacity, nothing dropped (a capacity counted over the
   sequence is not known while decoding). Picks are sorted by expert and each expert multiplies
   exactly the tokens that picked it. A one-token decoding step that may not read its picks on the
-  host (under ``torch.compile``, on accelerators) gathers each token's expert weights instead and
-  zeroes no-op picks (static shapes, no sync).
+  host (under ``torch.compile``, on accelerators) runs every expert on the step's tokens instead
+  and weighs each output by its gate, zero where not picked (static shapes, no sync).
 
 Router probabilities weigh each pick's output (a softmax over real and no-op experts, not
 renormalised over the picks), which puts the router on the gradient path; the load-balancing loss
@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecodePolicy, ModelConfig, Routing
+from .mixture import MixtureInfo
 from .numerics import full_precision
 
 
 @dataclass
-class ExpertInfo:
+class ExpertInfo(MixtureInfo):
     """What one mixture-of-experts MLP did in a forward pass (detached tensors for telemetry,
     except ``aux_loss``)."""
 
@@ -68,6 +69,11 @@ class ExpertInfo:
     aux_loss: torch.Tensor
     """Scalar: ``moe_aux_weight * load_balance``, attached to the graph (0 with a KV cache)."""
 
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """``load_balance``, unweighted, where computed."""
+        return {} if self.load_balance is None else {"load_balance": self.load_balance}
+
 
 class ExpertLinear(nn.Module):
     """``n`` independent linear maps without bias, stacked: ``weight`` is (n, out, in), each slice
@@ -84,10 +90,6 @@ class ExpertLinear(nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on (m, in) tokens."""
         return F.linear(x, self.weight[e])
-
-    def per_token(self, experts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Token j through expert ``experts[j]``: (m,) ids, (m, in) -> (m, out)."""
-        return torch.bmm(x.unsqueeze(1), self.weight[experts].transpose(1, 2)).squeeze(1)
 
 
 class MixtureOfExperts(nn.Module):
@@ -139,7 +141,7 @@ class MixtureOfExperts(nn.Module):
             slots = self.cfg.slots_per_expert(x.size(1))
             y, computed = self._at_capacity(x, expert, gate, real, slots)
         elif policy is not None and not policy.host_decides:
-            y, computed = self._per_token(x, expert, gate, real), real
+            y, computed = self._every_expert(x, expert, gate, real), real
         else:
             y, computed = self._grouped(x, expert, gate, real), real
         if policy is not None:
@@ -201,14 +203,22 @@ class MixtureOfExperts(nn.Module):
         weighted = out * gate.flatten()[chosen].unsqueeze(-1).to(out.dtype)
         return out.new_zeros(B * n, d).index_add(0, token, weighted).view(B, n, d)
 
-    def _per_token(self, x, expert, gate, real) -> torch.Tensor:
-        """A one-token decoding step with static shapes: each pick through its expert's gathered
-        weights (no-op and padding picks run expert 0 and are multiplied by 0)."""
+    def _every_expert(self, x, expert, gate, real) -> torch.Tensor:
+        """A one-token decoding step with static shapes: every real expert on every token (one batched
+        matmul per matrix, each expert's weights read in place), then each token's outputs weighted
+        by its gates, 0 for the experts it did not pick (and for no-op and padding picks).
+
+        Why not each pick through its own expert's weights: gathering them copied a (B * k, out, in)
+        slice of every expert matrix per step, reading and writing k weight matrices per token where
+        this reads each expert's once per step, whatever the batch. The price is
+        ``n_experts / expert_top_k`` times the picks' multiplications, which a decoding step, bound
+        by reading weights, hardly feels (``bench/moe_decode.py``)."""
         B, n, k = expert.shape
-        flat = x.reshape(B * n, 1, -1).expand(-1, k, -1).reshape(B * n * k, -1)
-        out = self._mlp(flat, "per_token", torch.where(real, expert, 0).flatten())
-        weight = (gate * real).to(out.dtype).reshape(B * n * k, 1)
-        return (out * weight).view(B, n, k, -1).sum(dim=2)
+        tokens = x.reshape(1, B * n, -1).expand(self.n_experts, -1, -1)
+        out = self._mlp(tokens, "forward")  # (n_experts, B * n, d)
+        weight = torch.zeros(B * n, self.n_choices, dtype=out.dtype, device=x.device)
+        weight.scatter_add_(1, expert.reshape(B * n, k), (gate * real).to(out.dtype).reshape(B * n, k))
+        return torch.einsum("etd,te->td", out, weight[:, :self.n_experts]).view(B, n, -1)
 
     def _load_balance(self, probs, expert, valid) -> torch.Tensor:
         """``n_choices * sum_e f_e * P_e``: ``f_e`` the share of picks going to expert e (real or

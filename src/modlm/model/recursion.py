@@ -1,20 +1,23 @@
 """Mixture-of-Recursions: one shared stack of blocks applied up to ``recursions`` times per token.
 
 A ``Recursion`` owns the shared stack (``SharedStack``: its blocks, run as one residual update) and,
-with expert-choice routing, one ``RecursionStep`` per application: a ``RoutedBlock`` whose block is
-that stack. Step r picks its tokens as a routed block does (top-k of its router in training, the
-causal decision at inference; gather, update at original positions, scale by the router weight,
-scatter-add) with one more rule, hierarchical filtering: it picks only among the tokens step r - 1
-processed. So a token's depth is the number of steps that picked it, and it exits at the first
+with expert-choice routing, one ``Router`` per step (``routing.py``: the router, predictor and causal
+decision every routed block has). Step r picks its tokens as a routed block does (top-k of its router
+in training, the causal decision at inference; gather, update at original positions, scale by the
+router weight, scatter-add), runs the stack on them, with one more rule, hierarchical filtering: it
+picks only among the tokens step r - 1 processed. So a token's depth is the number of steps that picked it, and it exits at the first
 step that does not. Its k is ``ModelConfig.step_capacities[r]`` of the sequence, so every step but
 the first picks the share ``capacity[r] / capacity[r - 1]`` of the tokens it sees, and that share is
-what its causal decision aims at.
+what its causal decision aims at (a step whose share is 1 keeps, causally too, every token it may).
 
 With token choice (``recursion_routing="token_choice"``) one router at the recursion's input gives
 each token its depth up front, the most probable of 1 .. N_r from the token alone (so the same in
 training and inference, and causal); step r processes the tokens whose depth exceeds r, packed as
 a routed block's causal picks, each update weighted by the depth's probability; a load-balancing
-loss keeps the depths near uniform. With ``recursion_routing="dense"`` every token takes every step
+loss keeps the depths near uniform. In training (top-k routing) step r has a fixed number of slots,
+``ModelConfig.token_choice_slots``, filled in temporal order (so the shapes are static and what a
+token gets depends on earlier tokens only; a token past them exits there), as a mixture of experts'
+capacity is; causal routing keeps every token its depth asks for. With ``recursion_routing="dense"`` every token takes every step
 and there are no routers: the recursive baseline.
 
 Keys and values (``ModelConfig.recursion_kv``): recursion-wise, each step has its own caches (a
@@ -37,21 +40,25 @@ from .kv_cache import KVCache, KVRecord, SharedKV, StackCache
 from .layers import Block
 from .numerics import full_precision
 from .positions import Positions
-from .routing import RoutedBlock, RoutingInfo, pack_selected, update_picked, update_rows
+from .mixture import MixtureInfo
+from .routing import Router, RoutingInfo, pack_selected, update_picked, update_rows
 
 
 @dataclass
-class RecursionInfo:
+class RecursionInfo(MixtureInfo):
     """What a recursion did in a forward pass: one ``RoutingInfo`` per routed step, in step order
-    (its ``layer`` is the step's index; a token's ``selected`` at step r implies its ``selected`` at
-    r - 1). Under token choice a step's ``router_logits`` hold the probability of each token's depth
-    (what weighs its update) and it has no ``topk``."""
+    (its ``layer`` is the step's index, its ``eligible`` the tokens the step before processed; a token's
+    ``selected`` at step r implies its ``selected`` at r - 1). Under token choice a step's
+    ``router_logits`` hold the probability of each token's depth (what weighs its update) and it has no
+    ``topk``."""
 
     steps: list[RoutingInfo]
     balance: Optional[torch.Tensor] = None
     """Token choice: the load-balancing loss, weighted, attached to the graph (None otherwise)."""
-    aux_losses: Optional[dict] = None
-    """Token choice: its unweighted losses by name (``recursion_balance``), detached."""
+    balance_loss: Optional[torch.Tensor] = None
+    """Token choice: the load-balancing loss unweighted, detached."""
+    layer: int = -1
+    """Index of the recursion among the model's blocks (set by the model's loop)."""
 
     @property
     def depth(self) -> torch.Tensor:
@@ -64,6 +71,16 @@ class RecursionInfo:
         to the graph)."""
         loss = torch.stack([step.aux_loss for step in self.steps]).mean()
         return loss if self.balance is None else loss + self.balance
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted, detached: each of the steps' losses averaged over the steps, and token choice's
+        ``recursion_balance``."""
+        names = dict.fromkeys(name for step in self.steps for name in step.aux_losses)
+        out = {name: torch.stack([step.aux_losses[name] for step in self.steps]).mean() for name in names}
+        if self.balance_loss is not None:
+            out["recursion_balance"] = self.balance_loss
+        return out
 
 
 class SharedStack(nn.Module):
@@ -89,44 +106,6 @@ class SharedStack(nn.Module):
         return (h if residual else total), None
 
 
-class RecursionStep(RoutedBlock):
-    """Recursion step ``step`` behind its router: a ``RoutedBlock`` whose block is its recursion's
-    shared stack (held, not owned: the ``Recursion`` owns it once, so every parameter has one name
-    in a state dict and sharded units never overlap)."""
-
-    def __init__(self, cfg: ModelConfig, step: int, stack: SharedStack):
-        super().__init__(cfg, step, capacity=cfg.step_capacities[step])
-        self._stack = (stack,)  # a tuple: nn.Module does not register what is inside one
-
-    def make_block(self) -> None:
-        return None
-
-    def update(self, x, where, routing, cache):
-        return self._stack[0](x, where, routing, cache, residual=False)
-
-    @property
-    def unit(self) -> int:
-        return self.cfg.routed_steps.index(self.layer)
-
-    def decision_share(self) -> float:
-        """Of the tokens the step before processed, the share this one processes."""
-        capacities = self.cfg.step_capacities
-        return capacities[self.layer] / (capacities[self.layer - 1] if self.layer else 1.0)
-
-    def decide(self, r, p, valid=None, cache=None) -> torch.Tensor:
-        """A step that keeps every token it may (its share 1: the capacity of the step before) keeps
-        them causally too, whatever its logits say: top-k keeps them all."""
-        if self.decision_share() >= 1 and not self.cfg.random_routing:
-            return torch.ones_like(r, dtype=torch.bool) if valid is None else valid.expand_as(r).clone()
-        return super().decide(r, p, valid, cache)
-
-    def decode(self, x: torch.Tensor, where: Positions, cache: StackCache,
-               eligible: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding step: the new stream and which rows' tokens this step processed (B,)."""
-        r, p = self.scores(x)
-        return self._decode_step(x, r, p, where, cache, eligible)
-
-
 class Recursion(nn.Module):
     """The shared stack applied ``cfg.recursions`` times: routed per step (expert choice with
     hierarchical filtering), to the depth a router gives each token up front (token choice), or to
@@ -138,27 +117,36 @@ class Recursion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stack = SharedStack(cfg, first_layer)
-        self.steps = nn.ModuleList(RecursionStep(cfg, r, self.stack) for r in cfg.routed_steps)
+        capacities = cfg.step_capacities
+        self.steps = nn.ModuleList(
+            Router(cfg, capacity=capacities[r], share=capacities[r] / (capacities[r - 1] if r else 1.0))
+            for r in cfg.routed_steps)
+        """Expert choice: step r's router; its decision aims at the share of the tokens step r - 1 processed
+        that step r processes."""
         self.depth_router = (nn.Linear(cfg.d_model, cfg.recursions, bias=False)
                              if cfg.recursion_routing == "token_choice" else None)
 
     def reset_parameters(self) -> None:
-        for step in self.steps:
-            step.reset_parameters()
+        for router in self.steps:
+            router.reset_parameters()
 
     @property
     def shares_kv(self) -> bool:
         return self.cfg.recursion_kv == "shared"
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[StackCache]:
-        """One ``StackCache`` per step; under KV sharing only the first step's hold ``KVCache``s."""
+        """One ``StackCache`` per step (with its router's decision state); under KV sharing only the first
+        step's hold ``KVCache``s."""
         cfg = self.cfg
 
         def caches(step):
             if step and self.shares_kv:
                 return [None] * len(self.stack.blocks)
             return [KVCache(batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype) for _ in self.stack.blocks]
-        return [StackCache(caches(r)) for r in range(cfg.recursions)]
+
+        def decision(step):
+            return self.steps[step].decision.new_state(batch_size, device) if self.steps else None
+        return [StackCache(caches(r), batch_size, decision(r), device) for r in range(cfg.recursions)]
 
     def step_positions(self, where: Positions, caches: list, records: Optional[list[KVRecord]], step: int) -> Positions:
         """``where`` for recursion step ``step``: under KV sharing, the first step keeps its keys and
@@ -169,6 +157,9 @@ class Recursion(nn.Module):
             return where if records is None else replace(where, kv=records)
         sources = records if records is not None else caches[0].blocks
         return replace(where, kv=[SharedKV(source) for source in sources])
+
+    def _stack_update(self, x, where, routing, cache):
+        return self.stack(x, where, routing, cache, residual=False)
 
     def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
                 cache: Optional[list[StackCache]] = None) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
@@ -187,14 +178,21 @@ class Recursion(nn.Module):
             return x, None
         if where.policy is not None:  # one token per row: each step decides among the rows the step before kept
             eligible = None
-            for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
-                x, keep = step.decode(x, self.step_positions(where, caches, records, r), step_cache, eligible)
+            for r, (router, step_cache) in enumerate(zip(self.steps, caches)):
+                at = self.step_positions(where, caches, records, r)
+                logits, keep = router.keep(x, at, step_cache.decision, eligible)
+                x = update_rows(self._stack_update, x, keep, router.weight_of(logits), at, step_cache)
                 step_cache.count(keep)
                 eligible = keep.unsqueeze(1)
             return x, None
         infos, eligible = [], None
-        for r, (step, step_cache) in enumerate(zip(self.steps, caches)):
-            x, info = step(x, self.step_positions(where, caches, records, r), routing, step_cache, eligible=eligible)
+        for r, (router, step_cache) in enumerate(zip(self.steps, caches)):
+            at = self.step_positions(where, caches, records, r)
+            state = None if step_cache is None else step_cache.decision
+            choice = router.choose(x, at, routing, state, whole=step_cache is None, eligible=eligible)
+            x, _ = update_picked(self._stack_update, x, router.weight_of(choice.r), choice.picks, choice.n_real, at,
+                                 step_cache, routing)
+            info = router.report(choice, routing, eligible)
             info.layer = r
             infos.append(info)
             if step_cache is not None:
@@ -209,9 +207,6 @@ class Recursion(nn.Module):
             probs = F.linear(x.float(), self.depth_router.weight.float()).softmax(dim=-1)
         return probs.argmax(dim=-1) + 1, probs
 
-    def _stack_update(self, x, where, routing, cache):
-        return self.stack(x, where, routing, cache, residual=False)
-
     def _token_choice(self, x, where: Positions, routing: Routing, caches: list, records) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
         depth, probs = self.depths(x)
         gate = probs.gather(-1, (depth - 1).unsqueeze(-1)).squeeze(-1)  # the chosen depth's probability
@@ -222,20 +217,28 @@ class Recursion(nn.Module):
                 x = update_rows(self._stack_update, x, keep, gate, self.step_positions(where, caches, records, r), step_cache)
                 step_cache.count(keep)
             return x, None
-        valid = where.valid(x.size(1))
-        infos = []
+        T = x.size(1)
+        valid = where.valid(T)
+        infos, taken = [], valid
         for r, step_cache in enumerate(caches):
-            selected = depth > r if valid is None else (depth > r) & valid
-            picks, n_real = pack_selected(selected)
+            wants = depth > r if taken is None else (depth > r) & taken
+            if routing == Routing.TOPK:  # training: the step's slots, filled in temporal order (static shapes)
+                slots = self.cfg.token_choice_slots(T, r)
+                selected = wants & (wants.cumsum(dim=1) <= slots)
+                picks, n_real = pack_selected(selected, k=slots)
+            else:  # causal: every token its depth asks for
+                selected = wants
+                picks, n_real = pack_selected(selected)
             x, _ = update_picked(self._stack_update, x, gate, picks, n_real, self.step_positions(where, caches, records, r),
                                  step_cache, routing)
             if step_cache is not None:
                 step_cache.count(selected.sum(dim=1))
             infos.append(RoutingInfo(layer=r, selected=selected, router_logits=gate.detach(), predictor_logits=None,
-                                     topk=None, aux_losses={}, aux_loss=gate.new_zeros(()), causal=routing == Routing.CAUSAL))
+                                     topk=None, aux_losses={}, aux_loss=gate.new_zeros(()),
+                                     causal=routing == Routing.CAUSAL, eligible=taken))
+            taken = selected
         balance = self.balance_loss(depth, probs, valid)
-        return x, RecursionInfo(infos, balance=self.cfg.recursion_balance_weight * balance,
-                                aux_losses={"recursion_balance": balance.detach()})
+        return x, RecursionInfo(infos, balance=self.cfg.recursion_balance_weight * balance, balance_loss=balance.detach())
 
     def balance_loss(self, depth: torch.Tensor, probs: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """``N_r * sum_d f_d * P_d``: f_d the share of (real) tokens given depth d, P_d the router's mean

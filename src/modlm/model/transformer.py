@@ -1,6 +1,7 @@
 """The Mixture-of-Depths transformer, top to bottom.
 
-token ids -> embedding -> blocks (dense ``Block`` or ``RoutedBlock``) -> final RMSNorm -> LM head.
+token ids -> embedding -> blocks (dense ``Block``, ``RoutedBlock`` or ``RoutedAttention``) -> final
+RMSNorm -> LM head.
 With ``route_every=0`` every block is dense and this is a plain pre-norm RoPE transformer: the
 baseline MoD is compared against, built by the same code. With ``n_experts > 0`` the MLPs of the
 blocks ``ModelConfig.has_experts`` names are mixtures of experts (``moe.py``): an MoE model, or
@@ -21,7 +22,7 @@ context-length check (``check_length``) for all of them:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Union
 
 import torch
@@ -33,12 +34,14 @@ from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
 from .errors import UserError
 from .generate import generate as _generate
 from .hf_format import load_hf, write_folder
-from .kv_cache import DecodeState, KVCache
+from .decision import calibrating
+from .kv_cache import DecodeState
 from .layers import Block, init_weights
+from .mixture import MixtureInfo, weighted_aux_loss
 from .moe import ExpertInfo
 from .positions import Positions, rope_tables
 from .recursion import Recursion, RecursionInfo
-from .routing import RoutedBlock, RoutingInfo
+from .routing import RoutedAttention, RoutedBlock, Router, RoutingInfo
 
 
 @dataclass
@@ -46,17 +49,29 @@ class ModelOutput:
     logits: torch.Tensor
     """(B, T, vocab_size) next-token logits."""
     aux_loss: torch.Tensor
-    """Scalar: the routing auxiliary losses, already weighted: the mean over routed blocks plus the
-    mean load-balancing loss over mixture-of-experts MLPs (0 for dense)."""
-    routing: list[RoutingInfo] = field(default_factory=list)
-    """One entry per routed block, in depth order."""
-    experts: list[ExpertInfo] = field(default_factory=list)
-    """One entry per mixture-of-experts MLP that ran, in depth order (a routed block's too)."""
-    recursion: Optional[RecursionInfo] = None
-    """What the routers of a Mixture-of-Recursions did, one entry per recursion step (None without
-    recursion routing)."""
+    """Scalar: the routing auxiliary losses, already weighted: for each kind of mixture the mean of its
+    losses, summed over the kinds (0 for dense)."""
+    mixtures: list[MixtureInfo] = field(default_factory=list)
+    """What every mixture did (routed blocks, mixture-of-experts MLPs, a recursion), in depth order
+    (``mixture.py``); the three views below pick out each kind."""
     loss: Optional[torch.Tensor] = None
     """Mean next-token cross-entropy when ``targets`` were given (``aux_loss`` not included)."""
+
+    @property
+    def routing(self) -> list[RoutingInfo]:
+        """One entry per routed block, in depth order."""
+        return [m for m in self.mixtures if isinstance(m, RoutingInfo)]
+
+    @property
+    def experts(self) -> list[ExpertInfo]:
+        """One entry per mixture-of-experts MLP that ran, in depth order (a routed block's too)."""
+        return [m for m in self.mixtures if isinstance(m, ExpertInfo)]
+
+    @property
+    def recursion(self) -> Optional[RecursionInfo]:
+        """What the routers of a Mixture-of-Recursions did, one entry per recursion step (None without
+        recursion routing)."""
+        return next((m for m in self.mixtures if isinstance(m, RecursionInfo)), None)
 
 
 MODEL_CARD = """---
@@ -101,9 +116,23 @@ class MoDTransformer(
 
     def reset_parameters(self) -> None:
         init_weights(self, self.config)
-        for block in self.blocks:
-            if isinstance(block, (RoutedBlock, Recursion)):
-                block.reset_parameters()
+        for router in self.routers():
+            router.reset_parameters()
+
+    def reconfigured(self, **changes) -> "MoDTransformer":
+        """This model under a config that differs by ``changes`` in fields that decide no tensor (the causal
+        decision, capacities, the router weight...): a new model sharing this one's weights and buffers, its
+        tokenizer, its mode. The way to evaluate one model several ways: a model's config is never written."""
+        tensors = [name for name in changes if name in ModelConfig.TENSOR_FIELDS]
+        if tensors:
+            raise ValueError(f"reconfigured cannot change fields that decide tensors: {tensors}")
+        with torch.device("meta"):  # built without drawing an init: the weights are this model's
+            model = type(self)(replace(self.config, **changes))
+        model.load_state_dict(self.state_dict(), assign=True)
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.tokenizer_json = self.tokenizer_json
+        return model.train(self.training)
 
     def num_params(self) -> int:
         """Parameters, tied ones counted once."""
@@ -123,61 +152,45 @@ class MoDTransformer(
         self.check_length(T, f"sequence length {T}")
         x = self.embed(idx)
         where = Positions.sequence(self.config, T, idx.device)
-        infos, experts, recursion = [], [], None
+        mixtures: list[MixtureInfo] = []
         for layer, block in enumerate(self.blocks):
             x, info = block(x, where, routing)
-            if isinstance(info, RecursionInfo):
-                recursion, info = info, None
-            if isinstance(info, RoutingInfo):
-                info.layer = layer
-                infos.append(info)
-                info = info.experts
             if info is not None:
-                info.layer = layer
-                experts.append(info)
+                for part in info.parts():
+                    part.layer = layer
+                    mixtures.append(part)
         logits = self.logits(x)
-        aux_loss = logits.new_zeros((), dtype=torch.float32)
-        for parts in (infos, experts):
-            if parts:
-                aux_loss = aux_loss + torch.stack([part.aux_loss for part in parts]).mean()
-        if recursion is not None:
-            aux_loss = aux_loss + recursion.aux_loss
-
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return ModelOutput(logits=logits, aux_loss=aux_loss, routing=infos, experts=experts, loss=loss,
-                           recursion=recursion)
+        return ModelOutput(logits=logits, aux_loss=weighted_aux_loss(mixtures, logits), mixtures=mixtures, loss=loss)
 
     @torch.no_grad()
     def calibrate(self, idx: torch.Tensor) -> list[float]:
-        """Set each routed block's decision threshold (``config.decision_thresholds``) so that, on the
-        held-out windows ``idx`` (N, T), causal routing processes exactly the capacity: the (1 -
-        capacity) quantile of the block's decision logits. One causal pass, through ``forward`` (so
-        it runs sharded too): in depth order, each block is calibrated on the inputs the calibrated
-        blocks before it produce. Returns the thresholds (nothing to calibrate: an empty list)."""
-        cfg = self.config
-        routed = self.routers()
-        if not routed or cfg.random_routing:
+        """Fit every router's causal decision (its ``threshold`` and ``spread`` buffers, ``decision.py``) so
+        that, on the held-out windows ``idx`` (N, T), causal routing processes exactly its share: the (1 -
+        share) quantile of its decision logits. One causal pass, through ``forward`` (so it runs sharded
+        too): in depth order, each decision is fitted on the inputs the calibrated ones before it produce.
+        The config is not touched. Returns the thresholds (nothing to calibrate: an empty list)."""
+        decisions = [router.decision for router in self.routers() if router.decision.calibrates]
+        if not decisions:
             return []
         was_training = self.training
         self.eval()
-        cfg.decision_thresholds = [0.0] * len(routed)
-        cfg.decision_spreads = [1.0] * len(routed)
-        for block in routed:
-            block.calibrating = True
         try:
-            self(idx, routing=Routing.CAUSAL)
+            with calibrating(decisions):
+                self(idx, routing=Routing.CAUSAL)
         finally:
-            for block in routed:
-                block.calibrating = False
             self.train(was_training)
-        return list(cfg.decision_thresholds)
+        return [float(decision.threshold) for decision in decisions]
 
-    def routers(self) -> list[RoutedBlock]:
-        """Every causal decider, in the order of ``decision_thresholds``: the routed blocks in depth
-        order, or a recursion's steps in step order."""
-        return [module for module in self.modules() if isinstance(module, RoutedBlock)]
+    def routers(self) -> list[Router]:
+        """Every router, in depth order: the routed blocks', or a recursion's steps' in step order."""
+        return [module for module in self.modules() if isinstance(module, Router)]
+
+    def routed_blocks(self) -> list[RoutedBlock]:
+        """The blocks behind a router (whole or attention only), in depth order: what a capacity schedule sets."""
+        return [block for block in self.blocks if isinstance(block, RoutedBlock)]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head: final RMSNorm, then the LM head, on (..., d) residual streams."""
@@ -251,8 +264,7 @@ class MoDTransformer(
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
-        caches = [block.new_cache(batch_size, cfg.max_seq_len, device, dtype) if isinstance(block, Recursion)
-                  else KVCache(batch_size, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim, device, dtype) for block in self.blocks]
+        caches = [block.new_cache(batch_size, cfg.max_seq_len, device, dtype) for block in self.blocks]
         return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)), batch_size)
 
     @torch.no_grad()
@@ -316,10 +328,12 @@ class MoDTransformer(
 
 
 def build_blocks(cfg: ModelConfig) -> list[nn.Module]:
-    """The model's blocks in depth order: each a ``Block`` or a ``RoutedBlock``, or with recursion its
-    unique blocks around one ``Recursion`` (``recursion_sharing``)."""
+    """The model's blocks in depth order: each a ``Block`` or a routed one (``RoutedBlock``, or
+    ``RoutedAttention`` with ``route_part="attention"``), or with recursion its unique blocks around one
+    ``Recursion`` (``recursion_sharing``)."""
     if not cfg.recursive:
-        return [RoutedBlock(cfg, i) if cfg.is_routed(i) else Block(cfg, i) for i in range(cfg.n_layers)]
+        routed = RoutedAttention if cfg.route_part == "attention" else RoutedBlock
+        return [routed(cfg, i) if cfg.is_routed(i) else Block(cfg, i) for i in range(cfg.n_layers)]
     if cfg.unique_before:
         return [Block(cfg, 0), Recursion(cfg, 1), Block(cfg, cfg.n_layers - 1)]
     return [Recursion(cfg, 0)]

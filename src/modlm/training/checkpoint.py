@@ -1,16 +1,7 @@
-"""Saved models: the one reader and writer of checkpoints, and whether one fits a model.
+"""Checkpoints a run writes: the writer (atomic), which one ``--ckpt_path last`` means, whether one fits
+the run that resumes it, and the generator states it carries. Reading any saved model back is
+``modlm.saved``'s.
 
-The one place to change the checkpoint format. Which ``ModelConfig`` fields decide the tensors is
-``ModelConfig.TENSOR_FIELDS``; how a config comes back from saved hyperparameters is
-``ModelConfig.from_hparams``. Everything else that reads, writes or checks a Lightning checkpoint is
-here:
-
-* reading: ``read_checkpoint`` (``torch.load(weights_only=True)``: no pickled code ever runs; read
-  once per file and kept, so a resume opens the file once here), ``read_sharded`` (an FSDP2 sharded
-  folder, consolidated with torch's distributed-checkpoint tools), ``checkpoint_damage`` (what is
-  wrong with a file, if anything), ``load_saved`` (a ``SavedModel``: the model, its data settings,
-  tokenizer and validation windows, from a checkpoint file, a sharded folder, an export folder or a
-  Hugging Face Hub id);
 * finding: ``resolve_last``, what ``--ckpt_path last`` means (the newest checkpoint of a run, a
   damaged one named);
 * fitting: ``check_resume_shape`` (a fit resumed into another model shape is refused, naming the
@@ -31,25 +22,17 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tokenizers import Tokenizer
 
 from ..data import ModLMDataModule
-from ..data.tokenizer import fingerprint, load_tokenizer
+from ..data.tokenizer import fingerprint
 from ..model.config import ModelConfig
-from ..model.errors import UserError
-from ..model.transformer import MoDTransformer
-from . import travel
-from .export import load_export
+from ..saved.travel import tokenizer_of
+from ..saved.files import CheckpointError, checkpoint_damage, read_checkpoint, read_sharded_meta
 from .pretrained import pretrained_config
-
-
-class CheckpointError(UserError):
-    """A file or folder that is not a readable modlm model; the message names it."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -98,29 +81,40 @@ RNG_KEY = "torch_rng_states"
 
 
 def rng_states() -> dict:
-    """torch's CPU and CUDA generator states, to save. They decide random routing (the control
-    runs) and nothing else in modlm; without them a resumed random-routing run picks other tokens."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """torch's CPU generator state and that of this process's own CUDA device (None without one), to
+    save. They decide random routing (the control runs) and nothing else in modlm; without them a
+    resumed random-routing run picks other tokens.
+
+    Only the own device's: each rank of a multi-GPU run draws on its own device, so in rank 0's
+    process (the one that writes the checkpoint) every other device's generator is still at its
+    seed. Saving those and restoring them on every rank made ranks other than 0 restart their draws.
+    """
+    own = torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return {"cpu": torch.get_rng_state(), "device": own}
 
 
 def restore_rng_states(states: dict) -> None:
-    """Put back ``rng_states()``. Every rank is seeded alike (seed_everything) and draws alike, so
-    rank 0's saved state is every rank's; a checkpoint from another GPU count restores the CPU
-    generator only."""
+    """Put back ``rng_states()``, each rank into its own device's generator. Every rank is seeded
+    alike (seed_everything) and draws alike, so rank 0's saved states are every rank's, whatever
+    the GPU count. A checkpoint of an older modlm holds every device's state (``"cuda"``, a list):
+    restored as it was then, device for device, when the device count agrees."""
     torch.set_rng_state(states["cpu"])
-    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+    if not torch.cuda.is_available():
+        return
+    if states.get("device") is not None:
+        torch.cuda.set_rng_state(states["device"], torch.cuda.current_device())
+    elif len(states.get("cuda") or []) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-# --- reading and exporting ---------------------------------------------------------------------------
-
+# --- the tokenizer ------------------------------------------------------------------------------------
 def check_tokenizer_fits(checkpoint: dict, datamodule) -> None:
     """Refuse, naming both fingerprints, a run whose data module tokenizes with another tokenizer
     than the checkpoint's (a corpus that changed, so its tokenizer was retrained; other settings).
     A checkpoint written before checkpoints carried their tokenizer is taken as it is, with a warning."""
     if not isinstance(datamodule, ModLMDataModule):
         return
-    saved = travel.tokenizer_of(checkpoint)
+    saved = tokenizer_of(checkpoint)
     if saved is None:
         warnings.warn("the checkpoint carries no tokenizer (an older modlm wrote it): continuing with this run's "
                       f"tokenizer {datamodule.tokenizer_file}, which nothing can check against it", UserWarning)
@@ -131,124 +125,6 @@ def check_tokenizer_fits(checkpoint: dict, datamodule) -> None:
             f"the checkpoint's tokenizer (fingerprint {want[:12]}) is not this run's ({have[:12]}, {datamodule.tokenizer_file}): "
             "the corpus or the tokenizer settings changed since it was trained; keep its tokenizer with "
             "--data.tokenizer CHECKPOINT, or train from scratch")
-
-
-@dataclass
-class SavedModel:
-    """A trained model and what travels with it, read from any of the forms modlm saves."""
-
-    model: MoDTransformer
-    """In eval mode, on the device it was loaded to."""
-    data: dict
-    """The data settings it was trained with (``--data.*``; an export's ``data.json``)."""
-    tokenizer: Optional[Tokenizer]
-    """Its tokenizer; None for a checkpoint an older modlm wrote (then ``data`` names one)."""
-    validation_windows: Optional[torch.Tensor]
-    """The (n, seq_len + 1) windows it was validated on (checkpoints only)."""
-    path: str
-    """Where it was read from."""
-    trained: dict
-    """What training it had, where known: ``steps``, ``tokens``, ``flops`` (all ranks)."""
-
-
-def is_checkpoint(path) -> bool:
-    """Whether ``path`` is a checkpoint file or a sharded checkpoint folder (not, say, a tokenizer)."""
-    p = Path(path)
-    return (p.is_file() and p.suffix == ".ckpt") or (p.is_dir() and (p / ".metadata").is_file())
-
-
-def read_sharded_meta(folder: Path) -> dict:
-    """What a sharded checkpoint folder keeps beside its shards (hyperparameters, loops, callbacks,
-    what travels with the model), without reading the shards."""
-    meta = folder / "meta.pt"
-    if not (folder / ".metadata").is_file() or not meta.is_file():
-        raise CheckpointError(f"{folder} is not a sharded checkpoint folder (expected .metadata and meta.pt)")
-    return torch.load(meta, map_location="cpu", weights_only=True)
-
-
-def read_sharded(folder: Path) -> dict:
-    """An FSDP2 sharded checkpoint folder (``ModelParallelStrategy``'s) as one checkpoint dict: its
-    shards consolidated by torch's distributed-checkpoint tools, its other state from ``meta.pt``."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    meta = read_sharded_meta(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = Path(tmp) / "whole.pt"
-        dcp_to_torch_save(folder, whole)
-        state = torch.load(whole, map_location="cpu", weights_only=True)
-    return {**meta, "state_dict": state["state_dict"]}
-
-
-def _hub_folder(repo_id: str) -> Path:
-    """A Hub model repository's files (an export folder), downloaded or found in the local cache."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint not found: {repo_id} is no local path, and the Hub cannot give it ({first})") from None
-
-
-def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]:
-    """What travels with a checkpoint (file or sharded folder), without building its model: its
-    data settings, tokenizer (None from an older modlm) and validation windows."""
-    p = Path(path)
-    ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
-    data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
-    return data, travel.tokenizer_of(ckpt), travel.windows_of(ckpt)
-
-
-def load_saved(path: str, device: str = "cpu") -> SavedModel:
-    """A ``SavedModel`` from a checkpoint file, an FSDP2 sharded checkpoint folder, an export
-    folder, or a Hugging Face Hub id (``hub:OWNER/NAME`` or ``OWNER/NAME``: an export pushed there)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        if path.startswith("hub:") or path.count("/") == 1 and not path.startswith((".", "/", "~")):
-            p = _hub_folder(path.removeprefix("hub:"))
-        else:
-            raise CheckpointError(f"checkpoint not found: {path}")
-    if p.is_dir() and not (p / ".metadata").is_file():
-        model, data = load_export(p, device)
-        tokenizer = load_tokenizer(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
-        return SavedModel(model, data, tokenizer, None, str(path), {})
-    ckpt = read_sharded(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
-        raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
-    try:
-        config = ModelConfig.from_hparams(hparams)
-    except (TypeError, UserError) as err:
-        raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
-    model = MoDTransformer(config)
-    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
-    data = travel.data_settings(ckpt.get("datamodule_hyper_parameters") or {})
-    travel.apply_thresholds(ckpt, model.config)
-    tokenizer = travel.tokenizer_of(ckpt)
-    if tokenizer is not None:
-        model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
-    return SavedModel(model.to(device).eval(), data, tokenizer, travel.windows_of(ckpt), str(path), trained(ckpt, config))
-
-
-def trained(ckpt: dict, config: ModelConfig) -> dict:
-    """Steps, tokens and FLOPs of the training a checkpoint has had (tokens from the FLOPs meter's
-    total: every rank's, at the windows' length)."""
-    from ..analysis.flops import training_flops
-
-    out = {"steps": ckpt.get("global_step")}
-    flops = next((state.get("total") for key, state in (ckpt.get("callbacks") or {}).items()
-                  if key.startswith("FlopsMeter") and isinstance(state, dict)), None)
-    seq_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len") or config.max_seq_len
-    if flops:
-        out["flops"] = flops
-        out["tokens"] = round(flops / training_flops(config, seq_len) * seq_len)
-    return out
 
 
 # --- writing without ever leaving half a checkpoint behind --------------------------------------
@@ -303,51 +179,6 @@ def save_atomically(trainer, filepath, write: Callable[[Path], None]) -> None:
 
 
 # --- which checkpoint `--ckpt_path last` means ---------------------------------------------------
-_READ: dict[tuple, object] = {}  # (path, mtime, size) -> what reading it gave: the contents, or the damage
-
-
-def _read(path: Path):
-    """The contents of a checkpoint file, or a string saying what is wrong with it; each version of
-    a file (path, modification time, size) is opened once per process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _READ:
-        try:
-            # mmap: tensors are not read until used; weights_only: never unpickles code
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects that are not plain data
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if any(m in reason.lower() for m in ("weights only", "weights_only", "unsupported global")):
-                ckpt = "it holds pickled objects other than tensors and plain values (modlm never unpickles code)"
-            else:
-                ckpt = f"not a readable PyTorch checkpoint (truncated or corrupt: {reason[:120]})"
-        else:
-            if not isinstance(ckpt, dict) or "state_dict" not in ckpt and "loops" not in ckpt:
-                ckpt = "not a Lightning checkpoint"
-        _READ.clear()  # one file at a time is all a command needs: keep no more in memory
-        _READ[key] = ckpt
-    return _READ[key]
-
-
-def checkpoint_damage(path) -> Optional[str]:
-    """None if ``path`` reads as a checkpoint, else what is wrong with it (a few words). A sharded
-    folder must hold the ``.metadata`` index, which torch's distributed checkpoint writes last."""
-    p = Path(path)
-    if p.is_dir():
-        return None if (p / ".metadata").is_file() else "a sharded checkpoint folder without its .metadata index"
-    found = _read(p)
-    return found if isinstance(found, str) else None
-
-
-def read_checkpoint(path, purpose: str = "resume from") -> dict:
-    """A checkpoint file's contents; a ``CheckpointError`` naming the file and what is wrong
-    otherwise (``purpose`` says what the command was doing: "cannot resume from ...")."""
-    found = _read(Path(path))
-    if isinstance(found, str):
-        raise CheckpointError(f"cannot {purpose} {path}: {found}")
-    return found
-
-
 _STEP_IN_NAME = re.compile(r"(?:^|[-_])step=(\d+)")
 
 
@@ -365,8 +196,10 @@ def checkpoint_step(path) -> Optional[int]:
             return read_sharded_meta(p).get("global_step")
         except (CheckpointError, OSError, RuntimeError):
             return None
-    saved = _read(p)
-    return saved.get("global_step") if isinstance(saved, dict) else None
+    try:
+        return read_checkpoint(p).get("global_step")
+    except CheckpointError:  # damaged
+        return None
 
 
 def checkpoint_candidates(checkpoint_dir, root_dir=None) -> list[Path]:

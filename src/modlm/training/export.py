@@ -1,5 +1,5 @@
-"""Export folders: writing one (``write_export``), reading one back (``load_export``), and pushing one to
-the Hub (``push_export``).
+"""Export folders: writing one (``write_export``) and pushing one to the Hub (``push_export``); reading one
+back is ``modlm.saved.export``'s.
 
 An export folder is what ``MoDTransformer.to_hf`` writes (``modlm.model.hf_format``), plus
 ``data.json`` (the data settings it was trained with) and a model card with its figures:
@@ -23,14 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..model.config import ModelConfig
-from ..model.hf_format import is_hf_folder, remote_code_files  # noqa: F401 - remote_code_files: the tests' name for it
+from ..model.hf_format import remote_code_files  # noqa: F401 - remote_code_files: the tests' name for it
 from ..model.transformer import MoDTransformer
-from ..model.errors import UserError
-from . import travel
-
-class ExportError(UserError):
-    """A folder that is not a readable export, or a model that cannot be exported; the message says why."""
-
+from ..saved.export import ExportError
+from ..saved import travel
 
 ENTRY_FILES = ("configuration_modlm.py", "modeling_modlm.py")
 
@@ -49,24 +45,6 @@ def relative_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level > 1:
             raise ValueError(f"{path.name} imports from a parent package: remote code cannot follow it")
     return found
-
-
-def load_export(folder: Path, device: str = "cpu") -> tuple[MoDTransformer, dict]:
-    """The model (in eval mode, on ``device``) and the data settings of an export folder (its
-    ``tokenizer`` the folder itself, which holds the ``tokenizer.json``)."""
-    if is_hf_folder(folder):  # a standard transformers folder (a dense export, or a pretrained model)
-        model = MoDTransformer.from_hf(folder, route_every=0).to(device)
-    else:
-        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-            raise ExportError(f"{folder} is not a modlm export folder (expected config.json and model.safetensors)")
-        try:
-            model = MoDTransformer.from_pretrained(folder, map_location=device)
-        except Exception as err:  # noqa: BLE001 - any failure here means a broken export
-            raise ExportError(f"cannot load export folder {folder}: {err}") from None
-    data = travel.data_settings(json.loads((folder / "data.json").read_text())) if (folder / "data.json").is_file() else {}
-    if (folder / "tokenizer.json").is_file():
-        data["tokenizer"] = str(folder)
-    return model.eval(), data
 
 
 def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path, card: str = "") -> str:

@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ..analysis.flops import forward_flops, ran_forward_flops, training_flops
+from ..analysis.flops import forward_flops, training_flops
+from ..analysis.metrics import ran_forward_flops
 from ..model.config import ModelConfig, Routing
 from ..model.errors import UserError
 from ..model.hf_format import ARCHITECTURE_FIELDS
@@ -29,7 +30,7 @@ from . import travel
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
 from .pretrained import pretrained_config
-from .parallel import parallelize
+from .parallel import parallelize, without_graphs
 from .telemetry import StepReport
 
 
@@ -67,8 +68,9 @@ class MoDLightningModule(pl.LightningModule):
                 stored in its checkpoint.
             compile: ``torch.compile`` each transformer block (see ``modlm.training.parallel``).
             compile_mode: ``torch.compile``'s mode for the blocks: ``reduce-overhead`` adds CUDA graphs
-                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2),
-                ``max-autotune`` tunes kernels too (slow to compile); default: torch's.
+                (one launch per block: for small, launch-bound models on one GPU; not with FSDP2 or
+                gradient accumulation; validation and calibration run eagerly), ``max-autotune``
+                tunes kernels too (slow to compile); default: torch's.
             validate_causal: For routed models (routed blocks or experts), also validate with
                 causal routing (``val/loss_causal``, ``val/ppl_causal``), as used at inference.
             init_from: Start from a pretrained Llama-family model (``LlamaForCausalLM``,
@@ -105,7 +107,7 @@ class MoDLightningModule(pl.LightningModule):
             self.hparams.update(self.config.to_dict())
             self.model = MoDTransformer.from_hf(folder, **{k: v for k, v in self.config.to_dict().items()
                                                            if k not in ARCHITECTURE_FIELDS})
-            self.config = self.model.config  # one config object: calibration writes into the model's
+            self.config = self.model.config
             self.model.train()
             if self.config.routed_layers and self.config.router_weight != "2sigmoid":
                 rank_zero_warn(f"modlm: --model.init_from with router_weight={self.config.router_weight!r}: the converted "
@@ -117,11 +119,12 @@ class MoDLightningModule(pl.LightningModule):
         if tune not in ("full", "routers"):
             raise UserError(f"tune={tune!r} is invalid: must be 'full' or 'routers'")
         if tune == "routers":
-            if not self.config.n_deciders:
+            if not self.model.routers():
                 raise UserError("--model.tune routers trains only routers and predictors, and this model has none "
                                 "(route_every 0): route some blocks, or use --model.tune full")
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(".router." in name or ".predictor." in name)
+            self.model.requires_grad_(False)
+            for router in self.model.routers():
+                router.requires_grad_(True)
         self.capacity_schedule: Optional[CapacitySchedule] = None
         """Where the routed blocks' capacities go during training (``capacity_start``); None: fixed."""
         if capacity_start is not None and self.config.recursive:
@@ -148,7 +151,21 @@ class MoDLightningModule(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode)
+        accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode,
+                    accumulation=accumulation)
+
+    def without_graphs(self):
+        """The context of a pass without backward: no CUDA graphs (``modlm.training.parallel.without_graphs``)."""
+        return without_graphs(self.hparams.compile, self.hparams.compile_mode)
+
+    def calibrate(self) -> Optional[list[float]]:
+        """Calibrate the routers' causal decisions on the run's validation windows (``travel.calibrate``;
+        every save does it first: ``ModLMTrainer.save_checkpoint``), a pass without backward, so without
+        CUDA graphs. The thresholds, or None when there is nothing to calibrate."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        with self.without_graphs():
+            return travel.calibrate(self.model, datamodule)
 
     def setup(self, stage: str) -> None:
         for logger in self.loggers:
@@ -159,15 +176,15 @@ class MoDLightningModule(pl.LightningModule):
         return self.model(idx, routing=routing, targets=targets)
 
     def routed_blocks(self) -> list[RoutedBlock]:
-        return [block for block in self.model.blocks if isinstance(block, RoutedBlock)]
+        return self.model.routed_blocks()
 
     def routed_tokens(self, seq_len: int) -> Optional[list[int]]:
         """``k`` of each routed block now (the capacity schedule's step, or its configured capacity)."""
-        return [block.topk_tokens(seq_len) for block in self.routed_blocks()] or None
+        return [block.router.topk_tokens(seq_len) for block in self.routed_blocks()] or None
 
     def _set_capacities(self, step: int) -> None:
         for block, capacity in zip(self.routed_blocks(), self.capacity_schedule(step)):
-            block.capacity = capacity
+            block.router.capacity = capacity
 
     def training_step(self, batch: Any, batch_idx: int) -> dict:
         """The loss to optimise and, for the callbacks, the step's ``StepReport``."""
@@ -181,24 +198,26 @@ class MoDLightningModule(pl.LightningModule):
         # each; the progress bar reads train/loss itself when it refreshes (modlm.training.callbacks.progress).
         self.log(tags.TRAIN_LOSS, out.loss, on_step=True)
         self.log(tags.TRAIN_AUX_LOSS, out.aux_loss, on_step=True)
-        report = StepReport(routing=out.routing, experts=out.experts, flops=self.flops_per_batch, routed_tokens=tokens or [],
-                            recursion=out.recursion)
+        report = StepReport(mixtures=out.mixtures, flops=self.flops_per_batch, routed_tokens=tokens or [])
         return {"loss": out.loss + out.aux_loss, "report": report}
 
     def _eval_step(self, batch: Any) -> dict:
+        with self.without_graphs():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
         self.val_loss.update(out.loss, weight=targets.numel())
         tokens = self.routed_tokens(idx.size(1))
-        report = StepReport(routing=out.routing, experts=out.experts, routed_tokens=tokens or [], recursion=out.recursion,
+        report = StepReport(mixtures=out.mixtures, routed_tokens=tokens or [],
                             flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0))
         if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing=Routing.CAUSAL, targets=targets)
             self.val_loss_causal.update(causal.loss, weight=targets.numel())
-            report.causal_routing, report.causal_recursion = causal.routing, causal.recursion
+            report.causal_mixtures = causal.mixtures
             # charged at what it computed, not at top-k's cost (validation may read counts on the host)
-            report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts,
-                                              causal.recursion) * idx.size(0)
+            report.flops += ran_forward_flops(self.config, idx.size(1), causal.mixtures) * idx.size(0)
         self.flops_per_batch = report.flops
         return {"report": report}
 
@@ -262,16 +281,14 @@ class MoDLightningModule(pl.LightningModule):
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Beside Lightning's state: torch's generator states, and what travels with the model (the
-        run's tokenizer and validation windows, and the routed blocks' decision thresholds calibrated
-        on those windows for these very weights: ``modlm.training.travel``)."""
+        run's tokenizer and validation windows: ``modlm.training.travel``). The routers' causal decisions
+        are calibrated on those windows first, for these very weights: their thresholds are buffers, so
+        the state dict Lightning writes carries them."""
         checkpoint[RNG_KEY] = rng_states()
         if self.capacity_schedule is not None:
             checkpoint[CAPACITY_KEY] = self.capacity_schedule.state_dict()
         if self._trainer is not None:
             checkpoint.update(travel.record(self.trainer.datamodule))
-            if travel.calibrate(self.model, self.trainer.datamodule) is not None:
-                checkpoint[travel.THRESHOLDS_KEY] = list(self.config.decision_thresholds)
-                checkpoint[travel.SPREADS_KEY] = list(self.config.decision_spreads)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the resumed run's dataloader iterator draws from
@@ -295,4 +312,3 @@ class MoDLightningModule(pl.LightningModule):
             check_state_dict_fits(self.state_dict(), saved)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_tokenizer_fits(checkpoint, datamodule)
-        travel.apply_thresholds(checkpoint, self.config)

@@ -5,6 +5,8 @@
   transformer block becomes its own ``fully_shard`` unit and the root holds the rest (embedding,
   final norm, LM head), so the tied embedding / LM head weight lives in one unit only, as FSDP
   requires of a shared parameter. Without a mesh (one device, DDP, FSDP1) nothing is sharded here.
+* ``without_graphs(compile, mode)``: what a pass without backward runs in (eagerly, for blocks
+  compiled with CUDA graphs).
 * ``end_process_group()``: what the command line calls on every rank once a run has succeeded.
 * ``block_policy``: the wrap and activation-checkpointing policy for Lightning's ``FSDPStrategy``
   (FSDP1), which shards by itself from a policy (see configs/fsdp1.yaml).
@@ -18,9 +20,11 @@ stay in the root unit.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -51,7 +55,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """``torch.compile`` modes that capture CUDA graphs."""
 
 
-def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Optional[str] = None) -> nn.Module:
+def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Optional[str] = None,
+                accumulation: int = 1) -> nn.Module:
     """Compile each transformer block (if asked, in ``torch.compile``'s ``mode``), then shard blocks
     and root over ``mesh`` (FSDP2).
 
@@ -68,10 +73,19 @@ def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Option
     replay each block's kernels with one launch and its memory at fixed addresses: what a
     launch-bound small model needs on one GPU; under FSDP2 each step all-gathers the weights into
     new memory, so those modes are refused with a mesh (``max-autotune-no-cudagraphs`` is fine).
+    They are refused with gradient accumulation (``accumulation`` batches per optimizer step) too:
+    the second backward of a step adds into gradients that the first one's graph owns, which torch
+    reports as "accessing gradient tensor output of CUDAGraphs that has been overwritten". Passes
+    without backward run without graphs (``without_graphs``).
     """
-    if mesh is not None and compile and mode in CUDA_GRAPH_MODES:
-        raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, which FSDP2's all-gathered weights do not "
-                        "fit: use max-autotune-no-cudagraphs (or default) with a sharded model")
+    if compile and mode in CUDA_GRAPH_MODES:
+        if mesh is not None:
+            raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, which FSDP2's all-gathered weights do "
+                            "not fit: use max-autotune-no-cudagraphs (or default) with a sharded model")
+        if accumulation > 1:
+            raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, whose gradients gradient accumulation "
+                            f"(--trainer.accumulate_grad_batches {accumulation}) would overwrite: accumulate with "
+                            "max-autotune-no-cudagraphs (or default)")
     if compile:
         for block in model.blocks:
             block.compile(mode=mode)
@@ -83,6 +97,29 @@ def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Option
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
+
+
+@contextlib.contextmanager
+def without_graphs(compile: bool, mode: Optional[str]) -> Iterator[None]:
+    """What a pass without backward (validation, calibration) runs in: for blocks compiled with
+    CUDA graphs (``mode`` in ``CUDA_GRAPH_MODES``), eagerly (``torch.compiler.set_stance
+    ("force_eager")``, which leaves the compiled code cached for training); otherwise compiled.
+
+    Why: torch's CUDA-graph trees begin a new generation at every compiled call while no backward is
+    pending, and a new generation frees the outputs of the one before. Blocks are compiled one by
+    one, so in a pass without backward block i + 1 reads block i's output after it was overwritten
+    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"); in a
+    training step the pending backward keeps the whole forward in one generation. The causal pass
+    of validation would also record a new graph for every new count of picked tokens. Eager, these
+    passes pay their launches, a small share of a run. Read from torch 2.13's
+    ``torch/_inductor/cudagraph_trees.py``; the CPU tests check that no compiled code runs in them,
+    not the graphs themselves (no GPU has run this yet).
+    """
+    if compile and mode in CUDA_GRAPH_MODES:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        yield
 
 
 def block_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:

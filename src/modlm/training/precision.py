@@ -1,10 +1,12 @@
 """The training precision a machine runs fast, chosen when the user does not name one.
 
-bf16 autocast pays off only where the hardware multiplies bf16 natively: CUDA GPUs that support it,
-and CPUs with AVX512-BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere torch emulates bf16
-matrix products, which measured ~0.9 GFLOP/s against ~138 GFLOP/s in fp32 on a 2-core AVX2-only
-AMD EPYC: the default run went from minutes to hours. So the rule is: bf16-mixed where native,
-otherwise fp32. An explicit ``--trainer.precision`` is never second-guessed.
+bf16 autocast pays off only where the hardware multiplies bf16 natively: CUDA GPUs of compute
+capability 8.0 (Ampere) and later, and CPUs with AVX512-BF16 or AMX (x86) or the BF16 extension
+(Arm). Elsewhere torch emulates bf16 matrix products, which measured ~0.9 GFLOP/s against ~138
+GFLOP/s in fp32 on a 2-core AVX2-only AMD EPYC: the default run went from minutes to hours. Older
+GPUs (V100, T4) emulate bf16 too, and ``torch.cuda.is_bf16_supported()`` counts emulation unless
+asked ``including_emulation=False``, as here. So the rule is: bf16-mixed where native, otherwise
+fp32. An explicit ``--trainer.precision`` is never second-guessed.
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ def choose_precision(accelerator: str = "auto") -> tuple[str, str]:
     """``(precision, why)`` for a run on ``accelerator`` (the Trainer's argument) whose config names none."""
     use_cuda = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if use_cuda:
-        if torch.cuda.is_bf16_supported():
-            return "bf16-mixed", f"{torch.cuda.get_device_name()} supports bf16"
-        return "32-true", f"{torch.cuda.get_device_name()} has no bf16 support"
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16-mixed", f"{torch.cuda.get_device_name()} multiplies bf16 natively"
+        return "32-true", f"{torch.cuda.get_device_name()} has no native bf16 (it would be emulated)"
     if str(accelerator) == "mps":
         return "32-true", "bf16 autocast on Apple's MPS backend is not reliably faster"
     features = cpu_bf16_features()

@@ -4,6 +4,9 @@ keys are ``modlm.analysis.evaluate``'s.)
 
   train/loss, train/aux_loss, train/aux_<name>    losses (``train/aux_<name>`` unweighted)
   val/loss, val/ppl, val/loss_causal, ...         validation (``test/...`` for test runs)
+  <kind>/<figure>/<where>                         a mixture's figure (``mixture``): the kind's prefix
+                                                  (``router``, ``moe``, ``recursion``) and its metrics' key
+  <kind>/val_<figure>/<where>                     the same over validation's causal-routing pass
   router/<figure>/layer_<i>                       a routed block's figure
   router/depth_mean, router/depth                 blocks a token passes through
   router/heatmap                                  the image of processed tokens
@@ -50,24 +53,33 @@ def eval_ppl(stage: str, causal: bool = False) -> str:
     return f"{stage}/ppl" + ("_causal" if causal else "")
 
 
+def mixture(prefix: str, key: str, validation: bool = False) -> str:
+    """The tag of a mixture's figure: its kind's ``prefix`` and the metrics' ``key`` (``capacity_used.layer_3``
+    -> ``router/capacity_used/layer_3``); ``validation``: the figure of validation's causal pass
+    (``router/val_capacity_used/layer_3``)."""
+    figure, *where = key.split(".")
+    return "/".join([prefix, f"val_{figure}" if validation else figure, *where])
+
+
 def router(figure: str, layer: Optional[int] = None) -> str:
     """``router/<figure>/layer_<i>`` of routed block ``layer``."""
-    return f"router/{figure}/layer_{layer}"
+    return mixture("router", f"{figure}.layer_{layer}")
 
 
 def recursion(figure: str, step: int) -> str:
     """``recursion/<figure>/step_<r>`` of recursion step ``step`` (0-based)."""
-    return f"recursion/{figure}/step_{step}"
+    return mixture("recursion", f"{figure}.step_{step}")
 
 
 def recursion_depth_share(depth: int) -> str:
     """``recursion/depth_share/depth_<d>``: the share of tokens that took exactly ``depth`` steps."""
-    return f"recursion/depth_share/depth_{depth}"
+    return mixture("recursion", f"depth_share.depth_{depth}")
 
 
 def moe(figure: str, layer: int, expert: Optional[int] = None) -> str:
     """``moe/<figure>/layer_<i>``, with ``/expert_<e>`` for a per-expert figure."""
-    return f"moe/{figure}/layer_{layer}" + ("" if expert is None else f"/expert_{expert}")
+    return mixture("moe", f"{figure}.layer_{layer}" + ("" if expert is None else f".expert_{expert}"))
+
 
 
 def harness(task: str, metric: str) -> str:

@@ -12,26 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..model.moe import ExpertInfo
-from ..model.recursion import RecursionInfo
-from ..model.routing import RoutingInfo
+from ..model.mixture import MixtureInfo
 
 
 @dataclass
 class StepReport:
-    routing: list[RoutingInfo] = field(default_factory=list)
-    """What each routed block did in the step's top-k pass, in depth order (empty for dense models)."""
-    experts: list[ExpertInfo] = field(default_factory=list)
-    """What each mixture-of-experts MLP did in the top-k pass (empty without experts)."""
-    causal_routing: list[RoutingInfo] = field(default_factory=list)
-    """Validation only: what each routed block did in the causal-routing pass."""
+    mixtures: list[MixtureInfo] = field(default_factory=list)
+    """What every mixture did in the step's top-k pass, in depth order (``ModelOutput.mixtures``; empty
+    for dense models)."""
+    causal_mixtures: list[MixtureInfo] = field(default_factory=list)
+    """Validation only: what they did in the causal-routing pass."""
     flops: float = 0.0
     """FLOPs of the step's batch on this device: forward and backward in training, the forward
     passes run in validation (the causal pass at the tokens it processed)."""
-    recursion: Optional[RecursionInfo] = None
-    """What the recursion steps' routers did in the step's top-k pass (None without recursion routing)."""
-    causal_recursion: Optional[RecursionInfo] = None
-    """Validation only: what they did in the causal-routing pass."""
     routed_tokens: list[int] = field(default_factory=list)
     """``k`` of each routed block in the step's top-k pass, in depth order (a capacity schedule
     changes it from step to step; empty for dense models)."""

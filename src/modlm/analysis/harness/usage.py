@@ -18,7 +18,8 @@ import torch
 
 from ..flops import expert_passes, forward_flops
 from ...model.config import ModelConfig
-from ...model.recursion import Recursion
+from ..evaluate import processed_counts
+from ..metrics import selections
 
 
 @dataclass
@@ -50,29 +51,24 @@ def topk_counts(config: ModelConfig, length: int) -> dict[str, int]:
 def pass_counts(config: ModelConfig, out, lengths: list[int]) -> list[dict[str, int]]:
     """Per row of a right-padded batch's ``ModelOutput``: tokens each routed unit processed among the
     row's first ``lengths[row]`` (its real tokens)."""
-    infos = out.recursion.steps if config.routes_recursion else out.routing
-    if not infos:
+    picked = dict(selections(out.mixtures))
+    if not picked:
         return [{} for _ in lengths]
-    device = infos[0].selected.device
-    real = torch.arange(infos[0].selected.size(1), device=device) < torch.tensor(lengths, device=device)[:, None]
-    counts = torch.stack([(info.selected & real).sum(dim=1) for info in infos], dim=1).tolist()  # (B, units)
-    return [dict(zip(units(config), row)) for row in counts]
+    first = next(iter(picked.values()))
+    real = torch.arange(first.size(1), device=first.device) < torch.tensor(lengths, device=first.device)[:, None]
+    counts = torch.stack([(selected & real).sum(dim=1) for selected in picked.values()], dim=1).tolist()  # (B, units)
+    return [dict(zip(picked, row)) for row in counts]
 
 
 def state_counts(model, state) -> tuple[list[int], list[dict[str, int]]]:
     """Per row of a decoding state after generation: tokens the model consumed, and tokens each routed
     unit processed (its cache's length; a recursion step's own count)."""
-    config = model.config
-    if config.routes_recursion:
-        where = next(i for i, block in enumerate(model.blocks) if isinstance(block, Recursion))
-        columns = [state.caches[where][r].processed for r in range(config.recursions)]
-    else:
-        columns = [state.caches[i].length for i in config.routed_layers]
+    columns = processed_counts(model, state)
     seen = state.seen.tolist()
     if not columns:
         return seen, [{} for _ in seen]
-    counts = torch.stack([c.to(state.seen.device) for c in columns], dim=1).tolist()
-    return seen, [dict(zip(units(config), row)) for row in counts]
+    counts = torch.stack([c.to(state.seen.device) for c in columns.values()], dim=1).tolist()
+    return seen, [dict(zip(columns, row)) for row in counts]
 
 
 def row_flops(config: ModelConfig, length: int, counts: dict[str, int], routing: str) -> float:

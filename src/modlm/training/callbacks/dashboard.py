@@ -62,7 +62,7 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
     per = lambda name, ls=layers: [tags.router(name, i) for i in ls]  # noqa: E731
     target = " / ".join(f"{c:g}" for c in dict.fromkeys(cfg.layer_capacities))  # per block when they differ
     charts = [(f"capacity used per routed block (target {target}): top-k in training, causal in validation",
-               per("capacity_used") + per("capacity_used_causal"))]
+               per("capacity_used") + per("val_capacity_used"))]
     if not cfg.random_routing:  # random picks have no causal decision to grade
         charts += [(f"causal decision vs top-k: {what}, per routed block", per(f"causal_{name}"))
                    for name, what in (("acc", "accuracy"), ("precision", "precision"), ("recall", "recall"))]
@@ -77,12 +77,13 @@ def recursion_charts(cfg: ModelConfig) -> list[Chart]:
         return []
     per = lambda name: [tags.recursion(name, r) for r in range(cfg.recursions)]  # noqa: E731
     target = " / ".join(f"{c:.3g}" for c in cfg.step_capacities)
-    if not cfg.routed_steps:  # token choice: the router's shares, the same computation in every mode
-        charts = [(f"share of the sequence each recursion step processes (balanced: {target})", per("capacity_used")),
+    if not cfg.routed_steps:  # token choice: the router's shares (within each step's slots in training)
+        charts = [(f"share of the sequence each recursion step processes (balanced: {target}): training (within its "
+                   "slots), causal in validation", per("capacity_used") + per("val_capacity_used")),
                   ("depth load-balancing loss, unweighted (1 = balanced)", [tags.train_aux("recursion_balance")])]
     else:
         charts = [(f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
-                   "in validation", per("capacity_used") + per("capacity_used_causal"))]
+                   "in validation", per("capacity_used") + per("val_capacity_used"))]
     if cfg.routed_steps and not cfg.random_routing:
         charts.append(("causal decision vs top-k per recursion step, among the tokens it chose from: accuracy",
                        per("causal_acc") + per("val_causal_acc")))

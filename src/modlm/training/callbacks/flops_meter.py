@@ -29,7 +29,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ...analysis.flops import flops_ratio_vs_dense, training_flops
 from ...model.config import ModelConfig
-from ...model.routing import RoutedBlock
 from ...model.transformer import MoDTransformer
 from .. import tags
 from ..telemetry import report_of
@@ -42,9 +41,8 @@ def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int,
     with torch.device("meta"):
         model = MoDTransformer(cfg)
         idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    routed = [block for block in model.blocks if isinstance(block, RoutedBlock)]
-    for block, capacity in zip(routed, capacities or []):
-        block.capacity = capacity
+    for block, capacity in zip(model.routed_blocks(), capacities or []):
+        block.router.capacity = capacity
 
     def forward():
         out = model(idx, routing="topk")
@@ -78,7 +76,7 @@ class FlopsMeter(Callback):
         cfg = pl_module.model.config
         batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
         tokens = report.routed_tokens or None
-        if self._ratio_vs_dense is None and cfg.static_training_shapes:  # else a meta-device model cannot run
+        if self._ratio_vs_dense is None:
             self._cross_check(pl_module, cfg, batch_size, seq_len)
         self._ratio_vs_dense = flops_ratio_vs_dense(cfg, seq_len, tokens_per_routed_block=tokens)
         # The step's analytic count of this batch (top-k training: exactly k tokens per routed
@@ -102,9 +100,9 @@ class FlopsMeter(Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _cross_check(self, pl_module, cfg, batch_size, seq_len) -> None:
-        routed = [block for block in pl_module.model.blocks if isinstance(block, RoutedBlock)]
-        capacities = [block.capacity for block in routed]
-        tokens = [block.topk_tokens(seq_len) for block in routed] or None
+        routed = pl_module.model.routed_blocks()
+        capacities = [block.router.capacity for block in routed]
+        tokens = [block.router.topk_tokens(seq_len) for block in routed] or None
         measured = measured_training_flops(cfg, batch_size, seq_len, capacities)
         analytic = batch_size * training_flops(cfg, seq_len, tokens_per_routed_block=tokens)
         for logger in pl_module.loggers:

@@ -4,11 +4,21 @@ Why not Lightning's own handlers. Lightning saves ``hpc_ckpt_N.ckpt`` from *insi
 handler (SLURM only), i.e. at whatever point each rank happens to be when the signal lands, and the
 save runs collectives (the data module gathers every rank's stream position): ranks interrupted at
 different points wait for each other forever. Its SIGTERM handler broadcasts from inside the
-handler too. Here the handler only records the signal. At the end of each optimizer step all ranks
-agree (one all-reduce, the same place in every rank's program) whether any rank was signalled; if
-so they save together (``trainer.save_checkpoint``, atomic under ``ModLMTrainer``, as every
-checkpoint of a run), stop, and (under SLURM, on SIGUSR1) rank 0 requeues the job. A signal reaching one rank only (a node's agent, a user's
-``kill``) is enough.
+handler too. Here the handler only records the signal. At a step boundary all ranks agree (one
+all-reduce, the same place in every rank's program) whether any rank was signalled; if so they
+save together (``trainer.save_checkpoint``, atomic under ``ModLMTrainer``, as every checkpoint of
+a run), stop, and (under SLURM, on SIGUSR1) rank 0 requeues the job. A signal reaching one rank
+only (a node's agent, a user's ``kill``) is enough.
+
+When: a single process looks at its own flag after every optimizer step (nothing to agree on, no
+device read). Several processes agree only after the steps that log (``log_every_n_steps``):
+agreeing moves the flag to the device, all-reduces it and reads the result back, a host sync that
+would stall every step's launch queue, while a logging step reads the device anyway. So a
+multi-process run saves within ``log_every_n_steps`` optimizer steps of the signal: keep the
+scheduler's warning (``#SBATCH --signal=SIGUSR1@120``) longer than that many steps and a save.
+Lightning's own loop broadcasts its SIGTERM flag before every step of a multi-process run and reads
+it back, a host sync per step too; that flag is set only by Lightning's SIGTERM handler, which this
+callback replaces, so while it does the broadcast is skipped (``_silence_lightning_sigterm``).
 
 The checkpoint is ``<checkpoint dir>/preempted.ckpt``; ``--ckpt_path last`` picks the newest
 checkpoint whichever callback wrote it (``modlm.checkpoint.resolve_last``).
@@ -44,6 +54,7 @@ class Preemption(pl.Callback):
         self.saved_path: Optional[Path] = None
         self._previous: dict[int, Any] = {}
         self._checked_step = -1
+        self._silenced = None  # the loop whose SIGTERM broadcast is skipped, while it is
 
     # --- the handler does nothing but take note -------------------------------------------------
     def _note(self, signum: int, frame) -> None:
@@ -59,22 +70,39 @@ class Preemption(pl.Callback):
         for name in self.signals:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._note)
+        if signal.SIGTERM in self._previous:
+            self._silence_lightning_sigterm(trainer)
+
+    def _silence_lightning_sigterm(self, trainer: pl.Trainer) -> None:
+        """Skip the broadcast of Lightning's SIGTERM flag before every step (its training epoch
+        loop's ``_broadcast_sigterm_tensor``: rank 0's flag to the device, broadcast, read back on
+        every rank). Only Lightning's SIGTERM handler sets that flag, and this callback has just
+        replaced it, so the broadcast could only ever say no; a flag set before that stays heard."""
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(type(loop), "_broadcast_sigterm_tensor") and not trainer.received_sigterm:
+            loop._broadcast_sigterm_tensor = lambda: None
+            self._silenced = loop
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             if signal.getsignal(signum) == self._note:
                 signal.signal(signum, handler)
         self._previous = {}
+        if self._silenced is not None:  # the loop's own method again
+            del self._silenced._broadcast_sigterm_tensor
+            self._silenced = None
 
     # --- agree, then save, at a step boundary -------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: not a step boundary
         self._checked_step = trainer.global_step
+        if trainer.world_size > 1 and trainer.global_step % max(1, trainer.log_every_n_steps):
+            return  # agreeing is a host sync: only after the steps that log (see the module's docstring)
         # Every rank reaches this point after the same step, so the collective is safe here.
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if not self._anyone(trainer, self.received is not None):
             return
-        usr1 = trainer.strategy.reduce_boolean_decision(self.received == signal.SIGUSR1, all=False)
+        usr1 = self._anyone(trainer, self.received == signal.SIGUSR1)
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
@@ -84,6 +112,14 @@ class Preemption(pl.Callback):
         if usr1 and self.requeue and trainer.is_global_zero:
             self._requeue()
         trainer.should_stop = True
+
+    @staticmethod
+    def _anyone(trainer: pl.Trainer, decision: bool) -> bool:
+        """Whether any rank's ``decision`` is true: this process's own in a run of one process (a
+        strategy would make a device tensor of it even then, and read it back), else all-reduced."""
+        if trainer.world_size == 1:
+            return decision
+        return trainer.strategy.reduce_boolean_decision(decision, all=False)
 
     @staticmethod
     def checkpoint_path(trainer: pl.Trainer) -> Path:

@@ -12,11 +12,10 @@ title instead of one rotated label per column, which no card can show legibly.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ...analysis.metrics import selections
 from .. import tags
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
@@ -67,13 +66,7 @@ class RoutingHeatmap(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         report = report_of(outputs)
-        topk = report.routing if report is not None else None
-        if report is not None and report.recursion is not None:  # the recursion steps, named R<step>
-            topk = [replace(info, layer=f"R{info.layer}") for info in report.recursion.steps]
-            causal_steps = report.causal_recursion.steps if report.causal_recursion is not None else []
-            causal_routing = [replace(info, layer=f"R{info.layer}") for info in causal_steps]
-        else:
-            causal_routing = report.causal_routing if report is not None else []
+        topk = selections(report.mixtures) if report is not None else []
         if batch_idx != 0 or trainer.sanity_checking or not topk:
             return
         self._validations += 1
@@ -83,13 +76,12 @@ class RoutingHeatmap(Callback):
         if writer is None:
             return
         n = min(self.max_positions, batch.shape[1] - 1)
-        causal = {i.layer: i for i in causal_routing}
+        causal = dict(selections(report.causal_mixtures))
         rows = []
-        for info in topk:
-            name = info.layer if isinstance(info.layer, str) else f"L{info.layer}"
-            rows.append((f"{name} top-k", info.selected[0, :n].cpu()))
-            if info.layer in causal:
-                rows.append((f"{name} causal", causal[info.layer].selected[0, :n].cpu()))
+        for name, selected in topk:
+            rows.append((f"{name} top-k", selected[0, :n].cpu()))
+            if name in causal:
+                rows.append((f"{name} causal", causal[name][0, :n].cpu()))
         text = sequence_text(trainer, batch[0, :n].tolist())
         title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
         group = 2 if len(rows) == 2 * len(topk) else 1

@@ -1,0 +1,89 @@
+"""What travels with a checkpoint, read back: its tokenizer, its validation windows and its data settings
+(``modlm.training.travel`` writes them), and a checkpoint's tokenizer and windows unpacked for the data
+module as a prepared folder.
+
+Every checkpoint a run writes carries, beside the weights and hyperparameters, the tokenizer its model
+reads (the ``tokenizer.json`` text and its fingerprint) and the fixed validation windows it was
+validated on. So nothing that reads a checkpoint needs the training corpus: generation and export need
+the tokenizer alone, evaluation and ``validate`` run on the stored windows (or on a corpus named
+explicitly, tokenized with the checkpoint's tokenizer).
+
+For the data module, a checkpoint's tokenizer and windows are unpacked into a prepared folder
+(``unpack``): the data layer's own format (``meta.json``, ``tokenizer.json``, the windows as the
+validation tokens, no training tokens), so a checkpoint reads as any other ``--data.source``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..data.corpus.prepared import FORMAT, META_FILE, VERSION, token_dtype
+from ..data.tokenizer import TOKENIZER_FILE, default_cache_dir, end_of_text_id, fingerprint_json, tokenizer_from_str
+
+TOKENIZER_KEY = "tokenizer"
+"""Checkpoint key of ``{"json": tokenizer.json text, "sha256": its fingerprint}``."""
+WINDOWS_KEY = "validation_windows"
+"""Checkpoint key of the (n, seq_len + 1) validation windows, as the smallest integer dtype holding them."""
+
+
+def tokenizer_of(checkpoint: dict) -> Optional[Tokenizer]:
+    """The tokenizer a checkpoint carries (None for one written before checkpoints carried it)."""
+    saved = checkpoint.get(TOKENIZER_KEY)
+    return tokenizer_from_str(saved["json"]) if isinstance(saved, dict) and "json" in saved else None
+
+
+def windows_of(checkpoint: dict) -> Optional[torch.Tensor]:
+    windows = checkpoint.get(WINDOWS_KEY)
+    return None if windows is None else windows.long()
+
+
+def unpack(tokenizer: Tokenizer, windows: Optional[torch.Tensor], cache_dir: Optional[str] = None) -> Path:
+    """A prepared folder of ``tokenizer`` and ``windows`` (validation tokens only), written once per
+    content under ``<cache_dir>/saved/`` and reused; what ``--data.source`` and ``--data.tokenizer``
+    name when a command reads a checkpoint's data."""
+    tokenizer_json = tokenizer.to_str()
+    tokens = np.zeros(0, dtype=np.int64) if windows is None else windows.numpy().reshape(-1).astype(np.int64)
+    digest = hashlib.sha256(tokenizer_json.encode("utf-8"))
+    digest.update(tokens.tobytes())
+    key = digest.hexdigest()[:16]
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "saved" / key
+    if (folder / META_FILE).is_file():
+        return folder
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    partial.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    (partial / TOKENIZER_FILE).write_text(tokenizer_json)
+    (partial / "val-00000.bin").write_bytes(tokens.astype(dtype).tobytes())
+    meta = {
+        "format": FORMAT, "version": VERSION, "dtype": dtype.str, "vocab_size": tokenizer.get_vocab_size(),
+        "eot_id": end_of_text_id(tokenizer), "tokenizer_sha256": fingerprint_json(tokenizer_json),
+        "source": "the validation windows stored in a checkpoint", "source_id": f"checkpoint:{key}",
+        "documents": {"train": 0, "val": 0}, "train": {"files": [], "tokens": []},
+        "val": {"files": ["val-00000.bin"], "tokens": [int(len(tokens))]},
+    }
+    (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    try:
+        os.replace(partial, folder)
+    except OSError:  # another process unpacked the same content first
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def data_settings(saved: dict) -> dict:
+    """Saved data settings (a checkpoint's data module hyperparameters, an export's ``data.json``)
+    under today's ``--data.*`` names: an older one's ``tokenizer_path`` is ``tokenizer`` now."""
+    data = {k: v for k, v in saved.items() if not k.startswith("_")}
+    if "tokenizer_path" in data:
+        data["tokenizer"] = data.pop("tokenizer_path")
+    return data
+
