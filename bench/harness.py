@@ -47,7 +47,7 @@ from modlm.analysis.harness import evaluate_tasks  # noqa: E402
 from modlm.data.corpus.files import stdlib_files  # noqa: E402
 from modlm.data.corpus.split import is_val  # noqa: E402
 from modlm.data.tokenizer import load_tokenizer  # noqa: E402
-from modlm.training.checkpoint import load_saved  # noqa: E402
+from modlm.saved import load_saved  # noqa: E402
 from tests.helpers.harness_tasks import LINE_TASKS, TASKS, write_tasks  # noqa: E402
 
 ROUTINGS = ("causal", "topk")

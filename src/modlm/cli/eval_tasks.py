@@ -1,7 +1,7 @@
 """``modlm-eval CKPT --tasks T1,T2 [--include_path DIR] [--num_fewshot N] [--limit N] [--batch_size B]
 [--routing causal|topk] --json OUT``: lm-evaluation-harness tasks on one model.
 
-CKPT is anything ``modlm-eval`` reads (``training.checkpoint.load_saved``), scored with its own
+CKPT is anything ``modlm-eval`` reads (``saved.load_saved``), scored with its own
 tokenizer. What is printed: one line per task and metric; what is written: every number under flat
 dotted keys (``modlm.analysis.harness.tasks``), the JSON written whole at the end (a hidden name, then
 a rename), so a failed run leaves no partial file.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.harness import HarnessError, evaluate_tasks
-from ..training.checkpoint import load_saved
+from ..saved import load_saved
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
