@@ -43,10 +43,7 @@ def task_manager(names: list[str], include_path: Optional[str] = None):
     """lm-eval's ``TaskManager`` that knows ``names``: the include path's tasks alone when they hold
     every name (lm-eval's own index of ~15k tasks takes seconds to build), else lm-eval's with them.
     An unknown name is a ``HarnessError`` naming the closest known ones."""
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise HarnessError("lm-evaluation-harness is not installed: pip install 'modlm[harness]'") from None
+    from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise HarnessError(f"--include_path {include_path} is not a folder of task YAML files")
