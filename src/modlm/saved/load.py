@@ -18,7 +18,7 @@ from ..data.tokenizer import load_tokenizer
 from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
-from .travel import apply_thresholds, data_settings, tokenizer_of, windows_of
+from .travel import apply_thresholds, chat_template_of, data_settings, tokenizer_of, windows_of
 from .export import load_export
 from .files import CheckpointError, read_checkpoint, read_sharded, read_sharded_meta
 
@@ -39,6 +39,15 @@ class SavedModel:
     """Where it was read from."""
     trained: dict
     """What training it had, where known: ``steps``, ``tokens``, ``flops`` (all ranks)."""
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template its conversations are rendered with (jinja text; None: it has none, and
+        ``modlm.data.chat`` renders with modlm's default): an export or transformers folder's
+        (``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``), a checkpoint's (what its run
+        trained with). The model carries it (``MoDTransformer.chat_template``), so that ``save_pretrained``,
+        ``to_hf`` exports and Hub pushes keep it."""
+        return self.model.chat_template
 
 
 def _hub_folder(repo_id: str) -> Path:
@@ -93,6 +102,7 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     tokenizer = tokenizer_of(ckpt)
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
+    model.chat_template = chat_template_of(ckpt)
     return SavedModel(model.to(device).eval(), data, tokenizer, windows_of(ckpt), str(path), trained(ckpt, config))
 
 

@@ -3,8 +3,9 @@
 module as a prepared folder.
 
 Every checkpoint a run writes carries, beside the weights and hyperparameters, the tokenizer its model
-reads (the ``tokenizer.json`` text and its fingerprint) and the fixed validation windows it was
-validated on. So nothing that reads a checkpoint needs the training corpus: generation and export need
+reads (the ``tokenizer.json`` text and its fingerprint), its chat template when it has one, and the fixed
+validation windows it was validated on.
+So nothing that reads a checkpoint needs the training corpus: generation and export need
 the tokenizer alone, evaluation and ``validate`` run on the stored windows (or on a corpus named
 explicitly, tokenized with the checkpoint's tokenizer).
 
@@ -36,12 +37,21 @@ THRESHOLDS_KEY = "decision_thresholds"
 """Checkpoint key of the routed blocks' calibrated decision thresholds (``MoDTransformer.calibrate``)."""
 SPREADS_KEY = "decision_spreads"
 """Checkpoint key of the spreads of their decision logits on the calibration windows."""
+CHAT_TEMPLATE_KEY = "chat_template"
+"""Checkpoint key of the chat template (jinja text) the model's conversations are rendered with: the one its
+run trained on chat data with, or the one of the pretrained folder it started from."""
 
 
 def tokenizer_of(checkpoint: dict) -> Optional[Tokenizer]:
     """The tokenizer a checkpoint carries (None for one written before checkpoints carried it)."""
     saved = checkpoint.get(TOKENIZER_KEY)
     return tokenizer_from_str(saved["json"]) if isinstance(saved, dict) and "json" in saved else None
+
+
+def chat_template_of(checkpoint: dict) -> Optional[str]:
+    """The chat template a checkpoint carries (None: it has none)."""
+    template = checkpoint.get(CHAT_TEMPLATE_KEY)
+    return template if isinstance(template, str) else None
 
 
 def windows_of(checkpoint: dict) -> Optional[torch.Tensor]:

@@ -262,10 +262,12 @@ class MoDLightningModule(pl.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Beside Lightning's state: torch's generator states, and what travels with the model (the
-        run's tokenizer and validation windows, and the routed blocks' decision thresholds calibrated
-        on those windows for these very weights: ``modlm.training.travel``)."""
+        """Beside Lightning's state: torch's generator states, and what travels with the model (its chat
+        template, the run's tokenizer and validation windows, and the routed blocks' decision thresholds
+        calibrated on those windows for these very weights: ``modlm.training.travel``)."""
         checkpoint[RNG_KEY] = rng_states()
+        if self.model.chat_template is not None:
+            checkpoint[travel.CHAT_TEMPLATE_KEY] = self.model.chat_template
         if self.capacity_schedule is not None:
             checkpoint[CAPACITY_KEY] = self.capacity_schedule.state_dict()
         if self._trainer is not None:

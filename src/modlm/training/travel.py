@@ -9,7 +9,7 @@ import torch
 
 from ..data import ModLMDataModule
 from ..data.tokenizer import fingerprint
-from ..saved.travel import SPREADS_KEY, THRESHOLDS_KEY, TOKENIZER_KEY, WINDOWS_KEY  # noqa: F401
+from ..saved.travel import CHAT_TEMPLATE_KEY, SPREADS_KEY, THRESHOLDS_KEY, TOKENIZER_KEY, WINDOWS_KEY  # noqa: F401
 
 CALIBRATION_WINDOWS = 64
 """At most this many validation windows calibrate the decision thresholds of a saved model."""
