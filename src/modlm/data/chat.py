@@ -32,10 +32,12 @@ prompt, tokenized whole, at inference.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from tokenizers import Tokenizer
 
+from ..model.chat_template import read_chat_template
 from ..model.errors import UserError
 from ..model.hf_format import template_tokens
 from .errors import DataError
@@ -123,6 +125,24 @@ def render_chat(messages: list[dict], template: Optional[str] = None, add_genera
     except TemplateError as err:
         raise ChatError(f"the chat template refused the conversation: {str(err).strip().splitlines()[0]}") from None
     return rendered[0]
+
+
+def chat_template_for(spec: Optional[str], tokenizer_file: Union[str, Path]) -> Optional[str]:
+    """The chat template a run renders its conversations with: ``spec`` (``--data.chat_template``: a jinja
+    file, or a folder keeping one as transformers does), else the one kept beside the tokenizer (its folder's
+    ``chat_template.jinja`` or ``tokenizer_config.json``); None when there is none (then the default)."""
+    if spec:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = read_chat_template(path)
+            if found is None:
+                raise ChatError(f"chat template {spec!r}: the folder keeps none (no chat_template.jinja, no "
+                                "chat_template in tokenizer_config.json)")
+            return found
+        if not path.is_file():
+            raise ChatError(f"chat template {spec!r} does not exist (expected a .jinja file or a folder keeping one)")
+        return path.read_text(encoding="utf-8")
+    return read_chat_template(Path(tokenizer_file).parent)
 
 
 class ChatEncoder:
@@ -216,5 +236,5 @@ class ChatEncoder:
         return ids, loss
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ROLES", "ChatEncoder", "ChatError", "check_messages", "conversation_of",
-           "is_chat_record", "render_chat"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "ROLES", "ChatEncoder", "ChatError", "chat_template_for", "check_messages",
+           "conversation_of", "is_chat_record", "render_chat"]
