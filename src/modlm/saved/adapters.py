@@ -72,9 +72,10 @@ def is_routing_parameter(name: str) -> bool:
 
 
 def targeted(model: nn.Module, targets) -> list[str]:
-    """The names of the ``nn.Linear`` layers named ``targets`` (their last name part)."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rpartition(".")[2] in set(targets)]
+    """The names of the ``nn.Linear`` layers named ``targets`` (their last name part), routers and predictors
+    aside (they train in full)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.rpartition(".")[2] in set(targets) and not is_routing_parameter(f"{name}.weight")]
 
 
 def add_adapters(model: MoDTransformer, settings: LoraSettings):
