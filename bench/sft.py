@@ -161,7 +161,8 @@ def tune(args) -> None:
             print(f"{name}: done already", flush=True)
             continue
         root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "fit-one", str(root / "memory.json"), *fit_args(args, name)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "fit-one", str(root / "memory.json"),
+               *fit_args(args, name)]
         print(f"{name}: {' '.join(cmd)} (load {load()})", flush=True)
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
@@ -248,7 +249,7 @@ def speed(args) -> None:
             start = time.perf_counter()
             step(n)
             step_times[n].append(time.perf_counter() - start)
-    del training
+    training.clear()  # the training models are not needed to decode
 
     decoders = {"untuned": load_saved(str(args.runs / "dense-llama-chat")).model,
                 **{n: load_saved(str(checkpoint(args, n))).model for n in names}}

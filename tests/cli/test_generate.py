@@ -164,7 +164,8 @@ def test_an_interactive_chat_remembers_the_conversation(chat_model, capsys, monk
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is a tuple?\nAnd a list?\n"))
-    code, out, err = generate(capsys, chat_model, "--chat", "--interactive", "--max_new_tokens", "10", "--temperature", "0")
+    code, out, err = generate(capsys, chat_model, "--chat", "--interactive", "--max_new_tokens", "10",
+                              "--temperature", "0")
     first = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"}], 10)
     second = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"},
                                            {"role": "assistant", "content": first},

@@ -56,7 +56,8 @@ def fit_args(root: Path, folder: Path, chats: dict, *extra: str, init_from: bool
     """A short fit from ``folder`` (or, without ``init_from``, from scratch with its tokenizer) on the chats."""
     start = ["--model.init_from", str(folder)] if init_from else ["--data.tokenizer", str(folder)]
     return ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.precision", "32-true", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_model_summary", "false", "--trainer.precision", "32-true",
+            "--trainer.log_every_n_steps", "1",
             "--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2", "--model.warmup_steps", "1",
             *start, "--data.source", str(chats["train"]), "--data.val_source", str(chats["val"]),
             "--data.seq_len", str(SEQ), "--data.batch_size", str(BATCH), "--data.num_workers", "0", *extra]
@@ -115,14 +116,15 @@ def test_lora_trains_a_few_percent_of_the_default_runs_shape():
         shares[name] = trainable / total_before
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert all(".lora_" in n or ".router." in n or ".predictor." in n for n in names)
-        assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names if ".lora_" in n} == {"qkv", "proj", "up", "gate", "down"}
+        adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names if ".lora_" in n}
+        assert adapted == {"qkv", "proj", "up", "gate", "down"}
     assert 0.02 < shares["dense"] < 0.05 and shares["dense"] < shares["converted"] < 0.06, shares
 
 
 PRESETS = {
     "sft-dense": ([SFT], ()),
     "sft_lora-dense": ([SFT, SFT_LORA], ()),
-    "sft-converted": ([SFT, ], ("--model.route_every", "2", "--model.capacity_steps", "2")),
+    "sft-converted": ([SFT], ("--model.route_every", "2", "--model.capacity_steps", "2")),
     "sft_lora-converted": ([SFT, SFT_LORA], ("--model.route_every", "2", "--model.capacity_steps", "2")),
 }
 
@@ -137,15 +139,19 @@ def runs(tmp_path_factory, llama_chat, chats):
             configs, extra = PRESETS[name]
             root = tmp_path_factory.mktemp(name)
             args = [a for c in configs for a in ("--config", str(c))]
-            assert train_main(["fit", *args, *fit_args(root, llama_chat, chats, *extra), "--trainer.max_steps", "4"]) == 0
+            fit = fit_args(root, llama_chat, chats, *extra, "--trainer.max_steps", "4")
+            assert train_main(["fit", *args, *fit]) == 0
             done[name] = root
         return done[name]
 
     return run
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in ("sft-dense", "sft_lora-converted")
-                                               else []) for n in PRESETS])
+SLOW_PRESETS = ("sft-dense", "sft_lora-converted")  # the other two cover both presets and both routings
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_PRESETS else [])
+                                  for n in PRESETS])
 def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name, runs, llama_chat, chats, tmp_path,
                                                                          capsys):
     """Fit; the checkpoint carries the folder's chat template (and, for LoRA, only what trains); eval on the
@@ -158,7 +164,8 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
     raw = read_checkpoint(ckpt, purpose="read")
     if "lora" in name:
         assert raw[ADAPTER_BASE_KEY]["init_from"] == str(llama_chat)
-        assert raw["state_dict"] and all(".lora_" in k or ".router." in k or ".predictor." in k for k in raw["state_dict"])
+        trained = list(raw["state_dict"])
+        assert trained and all(".lora_" in k or ".router." in k or ".predictor." in k for k in trained)
     else:
         assert ADAPTER_BASE_KEY not in raw and "model.lm_head.weight" in raw["state_dict"]
     logged = scalars(next((root / "lightning_logs").glob("version_*")))
@@ -172,7 +179,8 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
     kind = json.loads((tmp_path / "export" / "config.json").read_text())["architectures"]
     assert kind == (["ModLMForCausalLM"] if converted else ["LlamaForCausalLM"])
     capsys.readouterr()
-    assert generate_main([ckpt, "What does `json.dumps` do?", "--chat", "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    question = "What does `json.dumps` do?"
+    assert generate_main([ckpt, question, "--chat", "--max_new_tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
 
 
@@ -204,6 +212,7 @@ def test_a_merged_lora_export_gives_the_adapters_logits_in_transformers(runs, ll
     assert tokenizer.chat_template == CHATML_TEMPLATE and tokenizer.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_lora_resumes_exactly(runs, llama_chat, chats, tmp_path):
     """3 steps, then resumed to 6 (adapter dropout on: the generator states resume too), logs the losses of
     6 steps in one go; the checkpoint of step 2 resumes from what trains alone."""
@@ -271,8 +280,8 @@ def test_lora_under_fsdp2_trains_and_resumes(tmp_path, llama_chat, chats):
     trained adapters; 4 steps, then resumed to 6 from its sharded checkpoint, log the losses of 6 in one go;
     the sharded checkpoint reads back merged, the frozen weights the pretrained ones."""
     lora = [a for c in (SFT, SFT_LORA) for a in ("--config", str(c))]
-    fsdp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.lr_decay_steps", "6", "--trainer.strategy",
-            '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
+    fsdp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.lr_decay_steps", "6",
+            "--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for root, steps, more in ((whole, "6", ()), (cut, "4", ()), (cut, "6", ("--ckpt_path", "last"))):
         done = run_train("fit", *lora, *fit_args(root, llama_chat, chats, *fsdp, *more), "--trainer.max_steps", steps)

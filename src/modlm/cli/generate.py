@@ -158,7 +158,8 @@ class Prompts:
         return self.chat.encode(messages, add_generation_prompt=True)[0]
 
 
-def continuations(saved, prompts: list, options: GenerateOptions, stream: bool, how: Optional[Prompts] = None) -> list[str]:
+def continuations(saved, prompts: list, options: GenerateOptions, stream: bool,
+                  how: Optional[Prompts] = None) -> list[str]:
     """Each prompt's continuation text (``num_samples`` each, in order), streamed to stdout when
     ``stream`` (one prompt, one sample); ``how`` turns prompts into ids (default: as text)."""
     model, tokenizer = saved.model, saved.tokenizer
