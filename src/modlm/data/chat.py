@@ -155,7 +155,6 @@ class ChatEncoder:
     def __init__(self, tokenizer_json: str, template: Optional[str] = None):
         self.tokenizer_json = tokenizer_json
         self.template = template or DEFAULT_CHAT_TEMPLATE
-        self.is_default = template is None
         try:
             self.special_tokens = template_tokens(tokenizer_json)
         except UserError as err:  # a tokenizer without an end-of-text token
