@@ -176,6 +176,8 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
     result = json.loads(out.read_text())
     assert result["causal.loss"] == pytest.approx(logged[key][3], abs=1e-5)
     assert (tmp_path / "export" / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    generation = json.loads((tmp_path / "export" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [0, 2]  # <|endoftext|>, and ChatML's end of turn <|im_end|>
     kind = json.loads((tmp_path / "export" / "config.json").read_text())["architectures"]
     assert kind == (["ModLMForCausalLM"] if converted else ["LlamaForCausalLM"])
     capsys.readouterr()
