@@ -175,6 +175,9 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
                       "--prompt_tokens", "2", "--export", str(tmp_path / "export")]) == 0
     result = json.loads(out.read_text())
     assert result["causal.loss"] == pytest.approx(logged[key][3], abs=1e-5)
+    # the held-out windows and their loss mask travel with the checkpoint: the same loss with no data named
+    assert eval_main([ckpt, "--quiet", "--json", str(out), "--decode_tokens", "2", "--prompt_tokens", "2"]) == 0
+    assert json.loads(out.read_text())["causal.loss"] == pytest.approx(logged[key][3], abs=1e-5)
     assert (tmp_path / "export" / "chat_template.jinja").read_text() == CHATML_TEMPLATE
     generation = json.loads((tmp_path / "export" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [0, 2]  # <|endoftext|>, and ChatML's end of turn <|im_end|>
