@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from ..model.config import IGNORE_INDEX
+from .batch import split_batch
 from ..model.generate import generate
 from ..model.transformer import MoDTransformer
 from .flops import forward_flops
@@ -38,7 +40,10 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
                      byte_lengths: Optional[torch.Tensor] = None, progress=None, eot_id: Optional[int] = None) -> dict:
     """Loss, perplexity (torchmetrics), bits per byte and what every mixture did over ``batches``.
 
-    Each batch is a (B, T+1) window tensor. The mixtures' figures are their kinds' metrics
+    Each batch is a (B, T+1) window tensor, or a chat batch (``split_batch``): loss, perplexity and bits
+    per byte are then over the targets that carry the loss alone (the assistant's tokens), ``tokens`` their
+    count; the mixtures' figures and ``depth.d`` count every position of the windows, padding included.
+    The mixtures' figures are their kinds' metrics
     (``modlm.analysis.metrics``), ratios of sums over every batch, by key: per routed block ``i``
     ``capacity_used.layer_i`` (fraction processed), ``causal_acc`` / ``causal_precision`` /
     ``causal_recall`` of the causal decision against top-k membership of the same pass, ``overlap.layer_i``
@@ -53,29 +58,31 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     model.eval()
     cfg = model.config
     device = next(model.parameters()).device
-    perplexity = Perplexity().to(device)
+    perplexity = Perplexity(ignore_index=IGNORE_INDEX).to(device)
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
     # Sums stay on the device until the end: no host sync per batch.
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.long, device=device)
+    zero = lambda dtype=torch.float64: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+    nll_sum, n_bytes, n_tokens, n_positions = zero(), zero(torch.long), zero(torch.long), 0
     depth_counts = torch.zeros(cfg.n_layers + 1, dtype=torch.long, device=device)
-    tallies, n_tokens = {}, 0
+    tallies = {}
     for batch in batches:
-        batch = batch.to(device)
-        idx, targets = batch[:, :-1], batch[:, 1:]
+        idx, targets = (t.to(device) for t in split_batch(batch))
         out = model(idx, routing=routing)
         logits = out.logits.float()
-        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        n_tokens += targets.numel()
+        counted = targets != IGNORE_INDEX
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+        n_tokens += counted.sum()
+        n_positions += targets.numel()
         perplexity.update(logits, targets)
         if byte_lengths is not None:
-            n_bytes += byte_lengths[targets].sum()
+            n_bytes += byte_lengths[targets.clamp(min=0)][counted].sum()
         add_tallies(tallies, tally(out.mixtures, cfg, idx, eot_id))
         depth = torch.as_tensor(token_depth(out.mixtures, cfg), device=device).expand(targets.shape)
         depth_counts += torch.bincount(depth.flatten(), minlength=cfg.n_layers + 1)
         if progress is not None:
             progress.update(1)
+    n_tokens = int(n_tokens)
     if n_tokens == 0:
         raise ValueError("no evaluation batches")
     nll, n_bytes = nll_sum.item(), n_bytes.item()
@@ -85,7 +92,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     for found in figures(tallies).values():
         result.update(found)
     for depth, count in enumerate(depth_counts.tolist()):
-        result[f"depth.{depth}"] = count / n_tokens
+        result[f"depth.{depth}"] = count / n_positions
     shares = [value for key, value in result.items() if key.startswith("capacity_used.")]
     if shares:
         result["capacity_used"] = statistics.mean(shares)

@@ -50,14 +50,28 @@ def relative_imports(path: Path) -> set[str]:
 def write_export(model: MoDTransformer, tokenizer, data_settings: dict, folder: Path, card: str = "") -> str:
     """Write an export folder (``model.to_hf``: a standard transformers folder for a dense Llama-form
     model, the remote-code one for any other; a model card with ``card`` in it) and its data
-    settings (without the tokenizer, which the folder's own ``tokenizer.json`` replaces). Returns
-    which kind it wrote (``"standard"`` or ``"remote-code"``)."""
+    settings (without the tokenizer, which the folder's own ``tokenizer.json`` replaces). A model with a
+    chat template whose end of turn is not its end-of-text token (ChatML's ``<|im_end|>``) has both as
+    ``generation_config.json``'s ``eos_token_id``, so transformers' ``generate`` ends an answer where modlm's
+    does. Returns which kind it wrote (``"standard"`` or ``"remote-code"``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = model.to_hf(folder, tokenizer, card=card)
     data = {k: v for k, v in travel.data_settings(data_settings).items() if k != "tokenizer"}
     (folder / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+    if model.chat_template is not None:
+        _stop_at_end_of_turn(folder, model.chat_template)
     return kind
+
+
+def _stop_at_end_of_turn(folder: Path, template: str) -> None:
+    from ..data.chat import ChatEncoder
+
+    end = ChatEncoder((folder / "tokenizer.json").read_text(encoding="utf-8"), template).end_of_turn_id
+    path = folder / "generation_config.json"
+    generation = json.loads(path.read_text())
+    if end != generation["eos_token_id"]:
+        path.write_text(json.dumps({**generation, "eos_token_id": [generation["eos_token_id"], end]}, indent=2) + "\n")
 
 
 def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = None) -> str:

@@ -31,6 +31,7 @@ from ...analysis.flops import flops_ratio_vs_dense, training_flops
 from ...model.config import ModelConfig
 from ...model.transformer import MoDTransformer
 from .. import tags
+from ..batch import split_batch
 from ..telemetry import report_of
 
 
@@ -74,7 +75,7 @@ class FlopsMeter(Callback):
         if report is None:
             return
         cfg = pl_module.model.config
-        batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
+        batch_size, seq_len = split_batch(batch)[0].shape
         tokens = report.routed_tokens or None
         if self._ratio_vs_dense is None:
             self._cross_check(pl_module, cfg, batch_size, seq_len)

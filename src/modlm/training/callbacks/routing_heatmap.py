@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ...analysis.metrics import selections
 from .. import tags
+from ..batch import split_batch
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
 
@@ -75,14 +76,15 @@ class RoutingHeatmap(Callback):
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        n = min(self.max_positions, batch.shape[1] - 1)
+        tokens = split_batch(batch)[0]
+        n = min(self.max_positions, tokens.shape[1])
         causal = dict(selections(report.causal_mixtures))
         rows = []
         for name, selected in topk:
             rows.append((f"{name} top-k", selected[0, :n].cpu()))
             if name in causal:
                 rows.append((f"{name} causal", causal[name][0, :n].cpu()))
-        text = sequence_text(trainer, batch[0, :n].tolist())
+        text = sequence_text(trainer, tokens[0, :n].tolist())
         title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
         group = 2 if len(rows) == 2 * len(topk) else 1
         writer.add_figure(tags.HEATMAP, heatmap_figure(rows, title, group), trainer.global_step, close=True)

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ...analysis.metrics import add_tallies, aux_losses, figures, histograms, tally, token_depth
 from .. import tags
+from ..batch import split_batch
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
 
@@ -53,7 +54,7 @@ class RoutingStats(Callback):
         mixtures, cfg = report.mixtures, pl_module.model.config
         step = trainer.global_step
         if step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
-            found = figures(tally(mixtures, cfg, batch[:, :-1], self._eot_id(trainer)))
+            found = figures(tally(mixtures, cfg, split_batch(batch)[0], self._eot_id(trainer)))
             scalars = {tags.mixture(prefix, key): value for prefix, values in found.items() for key, value in values.items()}
             depth = token_depth(mixtures, cfg)
             if not isinstance(depth, int):  # some mixture decides how many blocks a token passes
