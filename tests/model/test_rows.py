@@ -47,19 +47,24 @@ def alone(model, prompt, new):
 
 
 @torch.no_grad()
-def serve(model, prompts, news, capacity=3, join_every=2):
-    """The logits of each step of every prompt's greedy continuation, decoded as a server does: one
-    request joins every ``join_every`` steps while a row is free, each leaves when it has its
+def serve(model, prompts, news, capacity=3, join_every=2, chunk=4):
+    """The logits of each step of every prompt's greedy continuation, decoded as a server does: a
+    request starts every ``join_every`` steps while a row is free, its prompt prefilled ``chunk``
+    tokens between two steps of the running rows, then joins them; each leaves when it has its
     tokens, the others keep decoding."""
     pool = RowPool(model.new_state(capacity))
-    waiting, rows, out, step = list(range(len(prompts))), {}, [[] for _ in prompts], 0
-    while waiting or rows:
-        if waiting and pool.running < capacity and step % join_every == 0:
-            i = waiting.pop(0)
-            view = pool.fresh()
-            logits = model.prefill(prompts[i].unsqueeze(0), view, last_only=True)
-            rows[pool.join(view)] = i
-            out[i].append(logits[0])
+    waiting, rows, out, step, filling = list(range(len(prompts))), {}, [[] for _ in prompts], 0, None
+    while waiting or rows or filling:
+        if filling is None and waiting and pool.running < capacity and step % join_every == 0:
+            filling = waiting.pop(0), model.new_state(1)
+        if filling is not None:
+            i, one = filling
+            fed = int(one.seen[0])
+            logits = model.prefill(prompts[i][fed:fed + chunk].unsqueeze(0), one, last_only=True)
+            if fed + chunk >= len(prompts[i]):
+                rows[pool.join(one)] = i
+                out[i].append(logits[0])
+                filling = None
         step += 1
         done = [r for r, i in rows.items() if len(out[i]) >= news[i]]
         if done:
@@ -102,9 +107,9 @@ def test_rows_move_into_the_places_of_rows_that_leave():
     model = build()
     pool = RowPool(model.new_state(4))
     for length in (3, 5, 2, 4):
-        view = pool.fresh()
-        model.prefill(torch.arange(length).unsqueeze(0), view)
-        pool.join(view)
+        one = model.new_state(1)
+        model.prefill(torch.arange(length).unsqueeze(0), one)
+        pool.join(one)
     assert pool.state.seen.tolist() == [3, 5, 2, 4] and pool.state.filled == 5
     assert pool.release([0, 2]) == {3: 0}  # the last row fills the first hole; row 1 stays
     assert pool.running == 2 and pool.state.seen.tolist() == [4, 5] and pool.state.filled == 5

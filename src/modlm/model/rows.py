@@ -4,11 +4,12 @@ A server decodes many requests as one batch, and requests arrive and finish at a
 a ``DecodeState`` is one request: its caches (a routed block's hold only the tokens that block
 processed, so rows differ in length block by block), its token count and the per-row state of the
 causal decision (a controller's threshold, running router moments). ``RowPool`` keeps one state of
-``capacity`` rows, allocated once, with the running rows first: a new request is prefilled into the
-first free row, in place, and joins; a finished one leaves and the last running row moves into its
-place. Decoding runs on the running rows only, through a ``DecodeState`` whose buffers are views of
-the pool's (``KVCache.ROW_BUFFERS``: what the model writes in place lands in the pool), so a step
-costs what a batch of that many rows costs, and a row's answer never depends on the others.
+``capacity`` rows, allocated once, with the running rows first: a new request's prompt is prefilled
+into a state of its own, which then joins (copied into the first free row); a finished request
+leaves, and the last running row moves into its place. Decoding runs on the running rows only,
+through a ``DecodeState`` whose buffers are views of the pool's (what the model writes in place
+lands in the pool), so a step costs what a batch of that many rows costs, and a row's answer never
+depends on the others.
 
 Written here by hand because the per-row state is MoD's own: which tensors a row owns is declared
 beside them (``ROW_BUFFERS``, written in place; ``ROW_STATE``, replaced by the model every step and so
@@ -33,27 +34,28 @@ def _holders(state: DecodeState) -> Iterator:
     yield state
 
 
-def _rows_of(holder, start: int, stop: int, fresh: bool):
+def _rows_of(holder, start: int, stop: int):
     """``holder`` (a cache or the state) over rows [start, stop): its row buffers as views, its row
-    state as slices (None with ``fresh``: rows about to take a prompt start the decision afresh)."""
+    state as slices."""
     view = copy.copy(holder)
     for name in getattr(holder, "ROW_BUFFERS", ()):
         setattr(view, name, getattr(holder, name)[start:stop])
     for name in getattr(holder, "ROW_STATE", ()):
         value = getattr(holder, name)
-        setattr(view, name, None if fresh or value is None else value[start:stop])
+        setattr(view, name, None if value is None else value[start:stop])
     if isinstance(holder, KVCache):  # the rows a view writes are its own 0..n-1
         view.all_rows = holder.all_rows[: stop - start]
     if isinstance(holder, StackCache):
-        view.blocks = [None if block is None else _rows_of(block, start, stop, fresh) for block in holder.blocks]
+        view.blocks = [None if block is None else _rows_of(block, start, stop) for block in holder.blocks]
     return view
 
 
 class RowPool:
     """A ``DecodeState`` of ``capacity`` rows, the first ``running`` of them decoding.
 
-    ``fresh()`` is the first free row, empty, to prefill a prompt into (``model.prefill(prompt,
-    pool.fresh())``); ``join(view)`` makes it a running row; ``state`` is the running rows' state for
+    A request's prompt is prefilled into a state of its own (``model.new_state(1)``, in as many
+    ``prefill`` calls as it likes, between steps of the running rows); ``join(state)`` copies it into
+    the first free row and makes that row run; ``state`` is the running rows' state for
     ``model.decode_step``; ``release(rows)`` ends rows and says which rows moved where.
     """
 
@@ -65,28 +67,20 @@ class RowPool:
         self.state: Optional[DecodeState] = None
         """The running rows as a state of their own (None when no row runs)."""
 
-    def fresh(self) -> DecodeState:
-        """The first free row as a one-row state with nothing in it (no cached token, no decision
-        state), for a prompt's prefill; it decodes nothing until ``join``."""
+    def join(self, one: DecodeState) -> int:
+        """Copy ``one``, a one-row state (a prompt prefilled), into the first free row and make it a
+        running row; returns the row."""
         if self.running == self.capacity:
             raise RuntimeError("every row of the pool is running")  # the caller admits only into free rows
-        row = self.running
-        for holder in _holders(self.pool):
-            if isinstance(holder, KVCache):
-                holder.length[row] = 0
-                holder.positions[row] = -1  # read by recursive KV sharing: no stale entry may look real
-        self.pool.seen[row] = 0
-        view = self.view(row, row + 1, fresh=True)
-        view.filled = 0
-        return view
-
-    def join(self, view: DecodeState) -> int:
-        """Make the row ``fresh`` gave (its prompt prefilled into ``view``) a running row; returns it."""
         self._take_back(self.state, 0)
-        self._take_back(view, self.running)
+        row = self.running
+        for mine, theirs in zip(_holders(self.pool), _holders(one)):
+            for name in getattr(mine, "ROW_BUFFERS", ()):  # the whole row: no entry of an earlier request stays
+                getattr(mine, name)[row] = getattr(theirs, name)[0]
+        self._take_back(one, row)
         self.running += 1
         self._rebuild()
-        return self.running - 1
+        return row
 
     def release(self, rows: list[int]) -> dict[int, int]:
         """End the running ``rows``; the last running rows move into their places so the running
@@ -106,11 +100,11 @@ class RowPool:
         self._rebuild()
         return moved
 
-    def view(self, start: int, stop: int, fresh: bool = False) -> DecodeState:
+    def view(self, start: int, stop: int) -> DecodeState:
         """Rows [start, stop) of the pool as a state of their own, sharing its buffers."""
-        state = _rows_of(self.pool, start, stop, fresh)
-        state.caches = [[_rows_of(c, start, stop, fresh) for c in entry] if isinstance(entry, list)
-                        else _rows_of(entry, start, stop, fresh) for entry in self.pool.caches]
+        state = _rows_of(self.pool, start, stop)
+        state.caches = [[_rows_of(c, start, stop) for c in entry] if isinstance(entry, list)
+                        else _rows_of(entry, start, stop) for entry in self.pool.caches]
         return state
 
     def _rebuild(self) -> None:
@@ -122,8 +116,8 @@ class RowPool:
         self.state.filled = int(self.pool.seen[: self.running].max())
 
     def _take_back(self, view: Optional[DecodeState], start: int) -> None:
-        """Copy into the pool the row state ``view`` (rows from ``start``) holds: the decision state
-        the model replaced while the view decoded."""
+        """Copy into the pool the row state ``view`` (its rows from ``start``) holds: the decision
+        state the model replaced while the view decoded."""
         if view is None:
             return
         for mine, theirs in zip(_holders(self.pool), _holders(view)):
@@ -144,4 +138,3 @@ class RowPool:
                 tensor = getattr(holder, name)
                 if tensor is not None:
                     tensor[dst] = tensor[src]
-
