@@ -1,0 +1,107 @@
+"""The HTTP side: a FastAPI app with OpenAI's endpoints over one ``Engine``.
+
+``GET /health`` (open to all: whether the decode loop runs, and its load), ``GET /v1/models``,
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (behind the API key when one is set).
+Bodies are capped at ``max_body_bytes`` (413 past it); every refusal is an OpenAI-style error
+(``errors.py``). The app starts the engine's thread when it starts and stops it when it stops, after
+the server has finished (or, past its grace period, cancelled) the requests in flight.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from . import errors
+from .completions import Completions, TextFormat
+from .errors import APIError
+from .schema import CompletionRequest
+
+DEFAULT_MAX_TOKENS = 16
+"""``max_tokens`` of a completion that names none (OpenAI's default for ``/v1/completions``)."""
+
+
+class BodyLimit:
+    """Refuse (413) a request body over ``max_bytes``, by its declared length or as it arrives."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = APIError(413, f"the request body is over {self.max_bytes} bytes").response()
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # FastAPI hands an HTTPException raised while reading to the handlers
+                raise HTTPException(413, f"the request body is over {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def bearer(api_key: str):
+    """A dependency refusing (401) a request without ``Authorization: Bearer <api_key>``."""
+
+    def check(authorization: Optional[str] = Header(None)) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided: send the server's key as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    return check
+
+
+def create_app(completions: Completions, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    engine = completions.engine
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="modlm-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    keyed = [Depends(bearer(api_key))] if api_key else []
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "stopped"}, status_code=503)
+        return {"status": "ok", **engine.load()}
+
+    @app.get("/v1/models", dependencies=keyed)
+    async def models():
+        return {"object": "list", "data": [{"id": completions.name, "object": "model", "created": created,
+                                            "owned_by": "modlm", "max_model_len": completions.context}]}
+
+    @app.post("/v1/completions", dependencies=keyed)
+    async def text_completions(body: CompletionRequest, request: Request):
+        completions.check_model(body)
+        body.refuse_unsupported()
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) \
+            else body.prompt
+        ids = (await run_in_threadpool(lambda: completions.tokenizer.encode(prompt).ids)) if isinstance(prompt, str) \
+            else list(prompt)
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, completions.context - len(ids)))
+        return await completions.answer(request, body, ids, max_tokens, TextFormat())
+
+    return app
