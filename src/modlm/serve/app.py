@@ -83,7 +83,7 @@ def create_app(completions: Completions, api_key: Optional[str] = None, max_body
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return JSONResponse({"status": "stopped"}, status_code=503)
+            return JSONResponse({"status": "stopping" if engine.thread.is_alive() else "stopped"}, status_code=503)
         return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models", dependencies=keyed)

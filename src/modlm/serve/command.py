@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -122,7 +123,7 @@ def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
                     prefill_chunk=options.prefill_chunk, autocast=autocast)
     completions = Completions(engine, tokenizer, options.model_name or model_path, config.max_seq_len,
                               config.vocab_size)
-    return create_app(completions, api_key=api_key, max_body_bytes=options.max_body_bytes), saved
+    return create_app(completions, api_key=api_key, max_body_bytes=options.max_body_bytes), engine, saved
 
 
 def main(argv=None) -> int:
@@ -138,7 +139,10 @@ def main(argv=None) -> int:
         options = ServeOptions(**{k: v for k, v in args.as_dict().items() if k in ServeOptions.__dataclass_fields__})
         check(options)
         api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
-        app, saved = build(args.model, options, api_key)
+        if api_key is None and not is_loopback(options.host):  # said first, before the model loads
+            print(f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port "
+                  f"can use the model (set --api_key or {API_KEY_ENV})", file=sys.stderr)
+        app, engine, saved = build(args.model, options, api_key)
     except UserError as err:
         if os.environ.get("MODLM_DEBUG"):
             raise
@@ -152,13 +156,22 @@ def main(argv=None) -> int:
     name = options.model_name or args.model
     print(f"modlm: serving {name} ({kind}, context {config.max_seq_len}) at http://{options.host}:{options.port}/v1; "
           f"{options.max_batch} requests decoded together, {options.max_queue} may wait", file=sys.stderr)
-    if api_key is None and not is_loopback(options.host):
-        print(f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port can use "
-              f"the model (set --api_key or {API_KEY_ENV})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                                           timeout_graceful_shutdown=options.shutdown_timeout))
-    server.run()
-    return 0 if server.started else 1
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM, Ctrl-C: the requests in flight get the grace period
+            engine.drain(options.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own limit only backs the engine's up: past the grace period the engine ends every request
+    # with an error its client reads, and the connections close by themselves
+    server = Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                                   timeout_graceful_shutdown=options.shutdown_timeout + 10))
+    # uvicorn re-raises the signal that stopped it once it has shut down: as KeyboardInterrupt, an exit status of 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 if __name__ == "__main__":

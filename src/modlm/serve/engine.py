@@ -100,6 +100,8 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.stopping = False
+        self.draining = False
+        """Set on shutdown: no new job; those here get a grace period (``drain``)."""
         self.failure: Optional[BaseException] = None
         """What ended the loop, if anything did (the server's health says so)."""
         self.thread = threading.Thread(target=self._run, name="modlm-decode", daemon=True)
@@ -111,7 +113,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue ``job``; ``QueueFull`` when the waiting line is full, ``Stopped`` when shutting down."""
         with self.lock:
-            if self.stopping:
+            if self.stopping or self.draining:
                 raise Stopped("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
@@ -125,6 +127,14 @@ class Engine:
             if job in self.waiting:
                 self.waiting.remove(job)
 
+    def drain(self, grace: float) -> None:
+        """Take no new request; let the jobs here finish for ``grace`` seconds, then ``stop``."""
+        with self.lock:
+            self.draining = True
+        timer = threading.Timer(grace, self.stop)
+        timer.daemon = True
+        timer.start()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Take no new request, end every job still here (``"error"``: the server stopped) and end the loop."""
         with self.lock:
@@ -134,7 +144,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping
+        """Whether the loop runs and takes new jobs."""
+        return self.thread.is_alive() and not (self.stopping or self.draining)
 
     def load(self) -> dict:
         """Running rows, requests waiting (and one being prefilled), row capacity."""
@@ -142,6 +153,7 @@ class Engine:
                 "max_batch": self.pool.capacity}
 
     # --- the loop (its own thread) -----------------------------------------------------------------
+    @torch.inference_mode()
     def _run(self) -> None:
         try:
             while True:
@@ -151,7 +163,7 @@ class Engine:
                     if self.stopping:
                         break
                 try:
-                    with torch.inference_mode(), self.autocast:
+                    with self.autocast:
                         self._turn()
                 except Exception as err:  # noqa: BLE001 - a failing turn fails its jobs, not the server
                     self._fail_all(f"the model failed: {type(err).__name__}: {err}")
