@@ -134,10 +134,11 @@ def test_a_cancelled_request_frees_its_row_and_the_line_is_bounded(saved):
         e.submit(waiting)
         with pytest.raises(QueueFull):
             e.submit(job(saved, PROMPTS[2], 4)[0])
-        assert e.load() == {"running": 1, "waiting": 1, "max_batch": 1}
+        assert e.load() == {"running": 1, "waiting": 1, "max_batch": 1, "ended": {}}
         e.cancel(running)
         assert second.done.wait(30) and second.reason == "length"  # the waiting one got the row
         assert wait_for(lambda: e.load()["running"] == 0) and not first.done.is_set()
+        assert e.load()["ended"] == {"cancelled": 1, "length": 1}
     finally:
         e.stop()
 

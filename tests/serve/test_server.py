@@ -179,7 +179,8 @@ def test_a_seeded_sample_is_the_seeds_and_modlm_generates(server, saved):
 def test_models_and_health(server):
     models = server.client().models.list().data
     assert [m.id for m in models] == [NAME]
-    assert server.load() == {"status": "ok", "running": 0, "waiting": 0, "max_batch": 8}
+    load = server.load()
+    assert load["status"] == "ok" and load["running"] == 0 and load["waiting"] == 0 and load["max_batch"] == 8
 
 
 BAD = {  # body -> (status, the message names this)
@@ -220,14 +221,18 @@ def test_bad_input_gets_a_4xx_and_the_next_request_is_served(server):
 
 
 def test_a_client_that_goes_away_frees_its_row(server):
+    def cancelled():
+        return server.load()["ended"].get("cancelled", 0)
+
+    before = cancelled()
     with server.stream({"prompt": "def", "max_tokens": 4000, "temperature": 0}) as lines:
         next(lines)
         assert wait_for(lambda: server.load()["running"] == 1)
-    assert wait_for(lambda: server.load()["running"] == 0)
+    assert wait_for(lambda: cancelled() == before + 1) and server.load()["running"] == 0
     with pytest.raises(TimeoutError):  # a whole answer: the client gives up waiting
         body = {"model": NAME, "prompt": "def", "max_tokens": 4000, "temperature": 0}
         server.request("POST", "/v1/completions", body, timeout=1)
-    assert wait_for(lambda: server.load()["running"] == 0)
+    assert wait_for(lambda: cancelled() == before + 2) and server.load()["running"] == 0
 
 
 def test_the_key(model_folder):

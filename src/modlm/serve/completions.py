@@ -128,13 +128,19 @@ class Completions:
 
     async def _whole(self, request: Request, job: Job, updates: asyncio.Queue, head: dict, form) -> dict:
         parts, finished = [], False
+        loop = asyncio.get_running_loop()
+        check = loop.time() + DISCONNECT_POLL_S
         try:
             while not finished:
                 try:
                     update = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    update = None
+                if loop.time() >= check:  # while text flows too
+                    check = loop.time() + DISCONNECT_POLL_S
                     if await request.is_disconnected():  # nobody to answer: the finally frees the row
-                        raise APIError(499, "the client closed the request") from None
+                        raise APIError(499, "the client closed the request")
+                if update is None:
                     continue
                 parts.append(update.text)
                 finished = update.finish_reason is not None

@@ -14,7 +14,7 @@ per-row decision state, which only the model's own ``DecodeState`` knows how to 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -101,6 +101,8 @@ class Engine:
         self.lock = threading.Condition()
         self.stopping = False
         self.draining = False
+        self.ended: Counter[str] = Counter()
+        """Requests ended so far, by why."""
         """Set on shutdown: no new job; those here get a grace period (``drain``)."""
         self.failure: Optional[BaseException] = None
         """What ended the loop, if anything did (the server's health says so)."""
@@ -126,6 +128,7 @@ class Engine:
             job.cancelled = True
             if job in self.waiting:
                 self.waiting.remove(job)
+                self.ended["cancelled"] += 1
 
     def drain(self, grace: float) -> None:
         """Take no new request; let the jobs here finish for ``grace`` seconds, then ``stop``."""
@@ -148,9 +151,10 @@ class Engine:
         return self.thread.is_alive() and not (self.stopping or self.draining)
 
     def load(self) -> dict:
-        """Running rows, requests waiting (and one being prefilled), row capacity."""
+        """Running rows, requests waiting (and one being prefilled), row capacity, and how many
+        requests have ended, by why (``stop``, ``length``, ``error``, ``cancelled``: its client went)."""
         return {"running": self.pool.running, "waiting": len(self.waiting) + (self.filling is not None),
-                "max_batch": self.pool.capacity}
+                "max_batch": self.pool.capacity, "ended": dict(self.ended)}
 
     # --- the loop (its own thread) -----------------------------------------------------------------
     @torch.inference_mode()
@@ -238,6 +242,7 @@ class Engine:
 
     def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
         job.finish_reason = reason
+        self.ended[reason] += 1
         if reason != "error":
             text += job.stream.finish()
         job.emit(Update(text, reason, error))
@@ -245,9 +250,11 @@ class Engine:
     def _drop_cancelled(self) -> None:
         if self.filling is not None and self.filling.cancelled:
             self.filling.state, self.filling = None, None
+            self.ended["cancelled"] += 1
         for job in self.rows:
             if job.cancelled and not job.done:
                 job.finish_reason = "cancelled"
+                self.ended["cancelled"] += 1
         self._release([row for row, job in enumerate(self.rows) if job.done])
 
     def _release(self, rows: list[int]) -> None:
