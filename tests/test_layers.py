@@ -7,11 +7,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "modlm"
 # What each layer may import from modlm (besides itself). The data layer needs only the user-error
-# type and the model's default sizes.
+# type, the model's default sizes and how a model's folders keep its chat template and special tokens.
 ALLOWED = {
     "model": set(),
     "analysis": {"model"},
-    "data": {"model.errors", "model.config"},
+    "data": {"model.errors", "model.config", "model.chat_template", "model.hf_format"},
     "saved": {"model", "analysis", "data"},
     "training": {"model", "analysis", "data", "saved"},
     "cli": {"model", "analysis", "data", "saved", "training"},

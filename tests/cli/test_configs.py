@@ -45,6 +45,9 @@ PAPER60M = {"trainer.default_root_dir": "runs/paper60m", "trainer.max_steps": 30
 PAPER220M = {"trainer.default_root_dir": "runs/paper220m", "trainer.max_steps": 60000, "model.d_model": 1024,
              "model.n_layers": 15, "model.n_heads": 16, "model.lr": 0.0006, "model.warmup_steps": 2000,
              "data.seq_len": 2048, "model.max_seq_len": 2048, "data.batch_size": 8, "data.tokenizer_train_chars": 100_000_000}
+SFT = {"trainer.default_root_dir": "runs/sft", "trainer.max_steps": 300, "model.route_every": 0,
+       "model.router_weight": "2sigmoid", "model.capacity_start": 1.0, "model.capacity_steps": 150, "model.lr": 0.0001,
+       "model.warmup_steps": 20}
 PRESETS = {
     (): {},
     ("dense.yaml",): {"trainer.default_root_dir": "runs/dense", "model.route_every": 0},
@@ -73,6 +76,9 @@ PRESETS = {
     ("convert_routers.yaml",): {"trainer.default_root_dir": "runs/convert_routers", "trainer.max_steps": 200,
                                 "model.tune": "routers", "model.router_weight": "2sigmoid", "model.capacity_start": 1.0,
                                 "model.capacity_steps": 100, "model.lr": 0.002, "model.warmup_steps": 20},
+    ("sft.yaml",): SFT,
+    ("sft.yaml", "sft_lora.yaml"): {**SFT, "trainer.default_root_dir": "runs/sft_lora", "model.tune": "lora",
+                                    "model.lr": 0.001},
     ("gpu.yaml",): GPU,
     ("gpu.yaml", "ddp.yaml"): {**GPU, **ALL_GPUS, "trainer.strategy": "ddp"},
     ("gpu.yaml", "fsdp.yaml"): {**GPU, **ALL_GPUS, **FSDP2},
@@ -83,6 +89,8 @@ PRESETS = {
     ("gpu.yaml", "paper60m.yaml", "ddp.yaml"): {**GPU, **PAPER60M, **ALL_GPUS, "trainer.strategy": "ddp"},
     ("gpu.yaml", "paper220m.yaml", "fsdp.yaml"): {**GPU, **PAPER220M, **ALL_GPUS, **FSDP2},
 }
+# Presets that start from a pretrained model (--model.init_from), instantiated from a small transformers Llama.
+PRETRAINED = {("sft.yaml", "sft_lora.yaml")}
 # Parameter counts the presets promise (tied embeddings, at their own vocab_size).
 PROMISED_PARAMS = {(): 7e6, ("gpu.yaml",): 42e6, ("gpu.yaml", "paper60m.yaml", "ddp.yaml"): 62e6,
                    ("gpu.yaml", "paper220m.yaml", "fsdp.yaml"): 225e6}
@@ -152,15 +160,24 @@ def test_preset_effective_values(files):
         assert plain(got[key]) == plain(want[key]), key
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tiny_tokenizer):
+    from tests.helpers.pretrained import pretrained_folder
+
+    return pretrained_folder(tmp_path_factory.mktemp("llama") / "llama", corpus=tiny_tokenizer[0])
+
+
 @pytest.mark.parametrize("files", list(PRESETS), ids=[preset_id(f) for f in PRESETS])
-def test_preset_instantiates(files, tmp_path, tiny_tokenizer):
+def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
     """Model, data, trainer and callbacks build as the CLI builds them (GPU presets on the CPU, with
-    the test corpus), and the model has the size the preset promises, on the meta device."""
+    the test corpus; fine-tuning presets from a small transformers Llama), and the model has the size the
+    preset promises, on the meta device."""
     corpus, tokenizer = tiny_tokenizer
     want = {**effective(()), **PRESETS[files]}
     strategy = want["trainer.strategy"]
+    start = ["--model.init_from", str(llama)] if files in PRETRAINED else ["--data.tokenizer", tokenizer]
     args = [*config_args(files), "--trainer.default_root_dir", str(tmp_path),
-            "--data.source", corpus, "--data.tokenizer", tokenizer, "--data.val_fraction", VAL_FRACTION]
+            "--data.source", corpus, *start, "--data.val_fraction", VAL_FRACTION]
     if want["trainer.accelerator"] == "gpu":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     if isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):
@@ -172,7 +189,11 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer):
     model = cli.model
     assert isinstance(model, MoDLightningModule)
     assert model.config.max_seq_len == want["data.seq_len"]
-    assert model.config.vocab_size == cli.datamodule.tokenizer_vocab_size
+    if files in PRETRAINED:  # the checkpoint's vocabulary, which may be larger than its tokenizer's
+        assert model.config.vocab_size == 416 >= cli.datamodule.tokenizer_vocab_size
+        assert model.tuning.trained and all(".lora_" in k for k in model.tuning.trained)
+    else:
+        assert model.config.vocab_size == cli.datamodule.tokenizer_vocab_size
     assert cli.datamodule.batch_size == want["data.batch_size"]
 
     trainer = cli.trainer

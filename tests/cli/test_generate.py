@@ -105,3 +105,70 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys):
     for message, argv in cases.items():
         code, out, err = generate(capsys, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (message, err)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tiny_tokenizer):
+    """A saved model whose tokenizer has ChatML's tokens and template (its end of turn, ``<|im_end|>``, is not
+    its end of text), with weights spread enough (init_std 0.3) that greedy answers vary, and whose answer to
+    QUESTION ends after 3 tokens: the end of turn's output row is made the 4th token's (a tie, which greedy
+    decoding breaks toward the end of turn's lower id)."""
+    from modlm import ModelConfig, MoDTransformer
+    from modlm.data.chat import ChatEncoder
+    from modlm.model.chat_template import read_chat_template
+    from tests.helpers.chat import chatml_tokenizer_folder
+
+    folder = chatml_tokenizer_folder(tmp_path_factory.mktemp("chat") / "model", tiny_tokenizer[0])
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, max_seq_len=256, init_std=0.3,
+                                       tie_embeddings=False)).eval()
+    model.tokenizer_json, model.chat_template = (folder / "tokenizer.json").read_text(), read_chat_template(folder)
+    encoder = ChatEncoder(model.tokenizer_json, model.chat_template)
+    ids = encoder.encode(QUESTION, add_generation_prompt=True)[0]
+    fourth = int(model.generate([ids], 4, temperature=0)[0][-1])
+    assert fourth > encoder.end_of_turn_id
+    with torch.no_grad():
+        model.lm_head.weight[encoder.end_of_turn_id] = model.lm_head.weight[fourth]
+    model.save_pretrained(folder)
+    return folder
+
+
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"}]
+
+
+def reference_answer(folder, messages, new_tokens: int, stop: str = "<|im_end|>") -> str:
+    """What greedy decoding answers to ``messages`` rendered with the model's template, up to ``stop``."""
+    from modlm.data.chat import ChatEncoder
+    from modlm.saved import load_saved
+
+    saved = load_saved(str(folder))
+    encoder = ChatEncoder(saved.tokenizer.to_str(), saved.chat_template)
+    ids = encoder.encode(messages, add_generation_prompt=True)[0]
+    stop_id = saved.tokenizer.token_to_id(stop)
+    out = saved.model.generate([ids], new_tokens, temperature=0, eot_id=stop_id)[0][len(ids):].tolist()
+    return saved.tokenizer.decode([t for t in out if t != stop_id])
+
+
+def test_chat_answers_a_message_rendered_with_the_models_template(chat_model, capsys):
+    want = reference_answer(chat_model, QUESTION, 12)
+    code, out, err = generate(capsys, chat_model, "What is a tuple?", "--chat", "--system", "Be brief.",
+                              "--max_new_tokens", "12", "--temperature", "0")
+    assert code == 0 and out == want + "\n" and want.strip() and "no chat template" not in err
+    unstopped = reference_answer(chat_model, QUESTION, 12, stop="<|endoftext|>")
+    assert unstopped.startswith(want) and len(unstopped) > len(want)  # it ended at the end of turn
+    plain = generate(capsys, chat_model, "What is a tuple?", "--max_new_tokens", "12", "--temperature", "0")[1]
+    assert plain.startswith("What is a tuple?") and plain != out
+
+
+def test_an_interactive_chat_remembers_the_conversation(chat_model, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is a tuple?\nAnd a list?\n"))
+    code, out, err = generate(capsys, chat_model, "--chat", "--interactive", "--max_new_tokens", "10", "--temperature", "0")
+    first = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"}], 10)
+    second = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"},
+                                           {"role": "assistant", "content": first},
+                                           {"role": "user", "content": "And a list?"}], 10)
+    alone = reference_answer(chat_model, [{"role": "user", "content": "And a list?"}], 10)
+    assert code == 0 and out == f"> {first}\n> {second}\n> " and second != alone
+    assert "Each line is your message" in err

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from ..model.config import IGNORE_INDEX
+from .batch import split_batch
 from .flops import forward_flops
 from ..model.generate import generate
 from .metrics import (capacity_used, decision_counts, dropped_fraction, noop_fraction, overlap_counts, quality_from_counts,
@@ -40,7 +42,10 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
                      byte_lengths: Optional[torch.Tensor] = None, progress=None) -> dict:
     """Loss, perplexity (torchmetrics), bits per byte and per-block routing figures over ``batches``.
 
-    Each batch is a (B, T+1) window tensor. Routing figures per routed block ``i``:
+    Each batch is a (B, T+1) window tensor, or a chat batch (``split_batch``): loss, perplexity and bits
+    per byte are then over the targets that carry the loss alone (the assistant's tokens), ``tokens`` their
+    count; the routing figures and ``depth.d`` count every position of the windows, padding included.
+    Routing figures per routed block ``i``:
     ``capacity_used.layer_i`` (fraction processed) and, against top-k membership of the same pass,
     ``causal_acc`` / ``causal_precision`` / ``causal_recall`` of the causal decision;
     ``overlap.layer_i``: the share of block ``i``'s picks that the next routed block picks too; and
@@ -55,12 +60,12 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     """
     model.eval()
     device = next(model.parameters()).device
-    perplexity = Perplexity().to(device)
+    perplexity = Perplexity(ignore_index=IGNORE_INDEX).to(device)
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
     # Sums stay on the device until the end: no host sync per batch.
     zero = lambda dtype=torch.float64: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-    nll_sum, n_bytes, n_batches, n_tokens = zero(), zero(torch.long), 0, 0
+    nll_sum, n_bytes, n_batches, n_tokens, n_positions = zero(), zero(torch.long), 0, zero(torch.long), 0
     capacity: dict[int, torch.Tensor] = {}  # per routed block: sum over batches of the fraction processed
     counts: dict[int, torch.Tensor] = {}  # per routed block: causal-decision confusion counts
     shared: dict[int, torch.Tensor] = {}  # per routed block: [picked by it and by the next one, picked by it]
@@ -71,16 +76,17 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     step_counts: dict[int, torch.Tensor] = {}  # per recursion step: its causal-decision counts
     recursion_depths = torch.zeros(cfg.recursions + 1, dtype=torch.long, device=device)
     for batch in batches:
-        batch = batch.to(device)
-        idx, targets = batch[:, :-1], batch[:, 1:]
+        idx, targets = (t.to(device) for t in split_batch(batch))
         out = model(idx, routing=routing)
         logits = out.logits.float()
-        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        n_tokens += targets.numel()
+        counted = targets != IGNORE_INDEX
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+        n_tokens += counted.sum()
+        n_positions += targets.numel()
         n_batches += 1
         perplexity.update(logits, targets)
         if byte_lengths is not None:
-            n_bytes += byte_lengths[targets].sum()
+            n_bytes += byte_lengths[targets.clamp(min=0)][counted].sum()
         for info in out.routing:
             capacity[info.layer] = capacity.get(info.layer, 0) + capacity_used(info)
             counts[info.layer] = counts.get(info.layer, 0) + decision_counts(info)
@@ -111,6 +117,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
         depth_counts += torch.bincount(depth.flatten(), minlength=model.config.n_layers + 1)
         if progress is not None:
             progress.update(1)
+    n_tokens = int(n_tokens)
     if n_tokens == 0:
         raise ValueError("no evaluation batches")
     nll, n_bytes = nll_sum.item(), n_bytes.item()
@@ -128,7 +135,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     # batch means, as the training logs report them
     result.update({name: total.item() / n for name, (total, n) in sorted(experts.items())})
     for depth, count in enumerate(depth_counts.tolist()):
-        result[f"depth.{depth}"] = count / n_tokens
+        result[f"depth.{depth}"] = count / n_positions
     if capacity:
         result["capacity_used"] = statistics.mean(result[f"capacity_used.layer_{i}"] for i in capacity)
     for step, total in step_capacity.items():
@@ -138,7 +145,7 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
                 result[f"{name}.step_{step}"] = value
     if step_capacity:
         for depth, count in enumerate(recursion_depths.tolist()):
-            result[f"recursion_depth.{depth}"] = count / n_tokens
+            result[f"recursion_depth.{depth}"] = count / n_positions
         result["capacity_used"] = statistics.mean(result[f"capacity_used.step_{r}"] for r in step_capacity)
     return result
 

@@ -14,7 +14,10 @@ CKPT is a Lightning checkpoint written by ``train.py`` (read with ``torch.load(w
 no pickled code runs), an FSDP2 sharded checkpoint folder, a folder written by ``--export``, or a
 Hugging Face Hub id of one. The data is the validation windows the checkpoint carries, tokenized
 with its own tokenizer, so no corpus is needed (``--data.source`` evaluates on another corpus; an
-export folder is evaluated on its training corpus's validation split). JSON keys are flat and
+export folder is evaluated on its training corpus's validation split). Chat data (a file of
+conversations given as ``--data.source``) is held out already: every conversation of it is scored, one
+per window, rendered with the model's chat template, the loss on the assistant's tokens alone, as the
+run validated. JSON keys are flat and
 dotted: ``topk.loss``, ``topk.ppl``, ``topk.bpb``, ``causal.loss``, ``causal.ppl``,
 ``causal.capacity_used``, ``causal.causal_acc.layer_3``, ``decode_tokens_per_s`` (batch 1),
 ``decode_tokens_per_s_batched`` (``decode_batch`` prompts at once), ...
@@ -36,11 +39,16 @@ from ..model.errors import UserError
 from ..saved import SavedModel, load_saved
 from ..training.export import model_card, push_export, write_export
 from ..saved.travel import unpack
+from ..analysis.batch import split_batch
 from ..analysis.evaluate import (decode_speed, decode_throughput, evaluate_routing, flops_per_token, generation_share,
                                  token_byte_lengths)
 from ..model.transformer import MoDTransformer
 from ..analysis.report import plot as draw_plot
 from ..analysis.report import table
+
+
+EVERY_WINDOW = 2**62
+"""``val_windows`` that reads every conversation of a chat file."""
 
 
 class EvalError(UserError):
@@ -55,7 +63,7 @@ class DataOptions:
 
     Args:
         source: evaluate on this corpus instead (any form train.py's --data.source takes),
-            tokenized with the model's tokenizer
+            tokenized with the model's tokenizer; chat data: every conversation of it (no split)
         tokenizer: use this tokenizer instead of the model's own (a tokenizer.json, a folder
             holding one, a Hub id)
         batch_size: rows per validation batch (0: the training run's)
@@ -163,12 +171,18 @@ def build_data(saved: SavedModel, options: DataOptions):
     from ..data import ModLMDataModule
     from ..data.tokenizer import fingerprint
 
+    from ..data.corpus import holds_chats
+
     model, data = saved.model, saved.data
     settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
-    if saved.tokenizer is not None:
-        settings["tokenizer"] = str(unpack(saved.tokenizer, None, data.get("cache_dir")))
+    settings["val_source"] = None  # the run's held-out file: its windows travel with the checkpoint
+    if saved.tokenizer is not None:  # with the model's chat template beside it
+        settings["chat_template"] = None
+        settings["tokenizer"] = str(unpack(saved.tokenizer, None, data.get("cache_dir"),
+                                           chat_template=saved.chat_template))
         if saved.validation_windows is not None and options.tokenizer is None:  # windows of its own tokenizer
-            settings["source"] = str(unpack(saved.tokenizer, saved.validation_windows, data.get("cache_dir")))
+            settings["source"] = str(unpack(saved.tokenizer, saved.validation_windows, data.get("cache_dir"),
+                                            loss_mask=saved.validation_loss_mask, chat_template=saved.chat_template))
             settings["val_windows"] = len(saved.validation_windows)
     elif not Path(saved.path).is_dir():
         warnings.warn(f"{saved.path} carries no tokenizer (an older modlm wrote it): evaluating with its data "
@@ -176,6 +190,8 @@ def build_data(saved: SavedModel, options: DataOptions):
     for key in ("source", "tokenizer"):
         if getattr(options, key) is not None:
             settings[key] = getattr(options, key)
+    if options.source is not None and holds_chats(options.source, settings.get("text_field", "text")):
+        settings.update(val_source=options.source, val_windows=EVERY_WINDOW)  # held out already: all of it
     if options.batch_size:
         settings["batch_size"] = options.batch_size
     dm = ModLMDataModule(**settings)
@@ -216,7 +232,8 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
             result.update({f"{mode}.{k}": v for k, v in figures.items()})
     if "causal" not in modes:  # a dense model routes nothing: both modes are the same computation
         result.update({k.replace("topk.", "causal.", 1): v for k, v in list(result.items()) if k.startswith("topk.")})
-    seq_len = batches[0].shape[1] - 1
+    inputs = [split_batch(batch)[0] for batch in batches]
+    seq_len = inputs[0].shape[1]
     used = [result[f"causal.capacity_used.layer_{i}"] for i in model.config.routed_layers] or None
     passes = [result.get(f"causal.expert_slots.layer_{i}", 0.0) for i in model.config.expert_layers] or None
     steps = [result[f"causal.capacity_used.step_{r}"] for r in range(model.config.recursions)
@@ -224,10 +241,10 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
     result["flops_per_token"] = flops_per_token(model, seq_len, used, passes, steps)
     result["flops_per_token_topk"] = flops_per_token(model, seq_len)
     prompt_len = min(run.prompt_tokens, model.config.max_seq_len // 2)  # leave room to generate
-    prompt = batches[0][:1, :prompt_len].to(run.device)
+    prompt = inputs[0][:1, :prompt_len].to(run.device)
     new_tokens = min(run.decode_tokens, model.config.max_seq_len - prompt_len)
     # serving view: many prompts at once (up to 16 validation rows), tokens/s over all rows
-    rows = torch.cat(batches)[:16, :prompt_len].to(run.device)
+    rows = torch.cat(inputs)[:16, :prompt_len].to(run.device)
     with autocast:
         share = generation_share(model, rows, new_tokens, run.sampling.temperature, run.sampling.top_k, run.seed)
         result.update({f"generate.{k}": v for k, v in share.items()})

@@ -4,6 +4,8 @@
     modlm-generate exported/ --prompt_file prompts.txt --temperature 0         # one prompt a line, batched
     echo "import os" | modlm-generate you/my-mod-model                          # stdin; a Hub id
     modlm-generate runs/default/checkpoints/last.ckpt --interactive            # a prompt, its continuation, again
+    modlm-generate runs/sft/checkpoints/last.ckpt "What does textwrap.dedent do?" --chat   # an answer
+    modlm-generate runs/sft/checkpoints/last.ckpt --chat --interactive         # a conversation, turn by turn
 
 MODEL is anything modlm saves: a checkpoint written by ``train.py`` (it carries its tokenizer), an
 FSDP2 sharded checkpoint folder, a folder written by ``eval.py --export``, or a Hugging Face Hub id
@@ -18,6 +20,11 @@ recomputes the whole sequence with top-k routing for every new token instead (k 
 sequence; no cache): what the training computation would generate, slow and not causal over the
 prompt. A base language model has no chat template: ``--interactive`` continues each prompt on its
 own, with no memory of the earlier ones.
+
+``--chat`` makes each prompt a user's message (after ``--system``'s, if given), rendered with the model's
+chat template (modlm's default where it has none, and the command says so) up to the assistant's header,
+and prints the model's answer alone, which ends at the template's end-of-turn token. With
+``--interactive`` the conversation goes on: each answer joins the messages the next prompt is rendered with.
 """
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ class GenerateOptions:
         precision: 32 (fp32) or bf16 (bf16 autocast)
         interactive: read a prompt, stream its continuation, and loop until end of input
         batch_size: prompts generated together (from a file or stdin)
+        chat: each prompt is a user's message, rendered with the model's chat template; print the answer
+        system: with --chat, a system message before the first prompt
     """
 
     prompt_file: Optional[str] = None
@@ -68,6 +77,8 @@ class GenerateOptions:
     precision: Literal["32", "bf16"] = "32"
     interactive: bool = False
     batch_size: int = 16
+    chat: bool = False
+    system: Optional[str] = None
 
 
 def parser():
@@ -78,11 +89,14 @@ def parser():
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
     p.add_argument("model", help="checkpoint (.ckpt), sharded checkpoint folder, export folder, or Hub id")
     p.add_argument("prompts", nargs="*", default=[], help="prompts (default: --prompt_file, else standard input)")
-    p.add_class_arguments(GenerateOptions, as_group=False, skip={"interactive", "stop"})
+    p.add_class_arguments(GenerateOptions, as_group=False, skip={"interactive", "stop", "chat"})
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a continuation where it produces TEXT (repeatable: --stop A --stop B)")
     p.add_argument("--interactive", action=ActionYesNo, default=False,
                    help="read a prompt, stream its continuation, and loop until end of input")
+    p.add_argument("--chat", action="store_true",  # a switch, taking no value
+                   help="each prompt is a user's message, rendered with the model's chat template; print the answer "
+                        "(with --interactive, a conversation)")
     return p
 
 
@@ -118,12 +132,39 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def continuations(saved, prompts: list[str], options: GenerateOptions, stream: bool) -> list[str]:
+class Prompts:
+    """How prompts become token ids, and which token ends a generation: the text itself (continued until the
+    end-of-text token), or with ``--chat`` a user's message rendered with the model's chat template (answered
+    until its end-of-turn token)."""
+
+    def __init__(self, saved, options: GenerateOptions):
+        self.tokenizer, self.chat = saved.tokenizer, None
+        self.stop_id = end_of_text_id(saved.tokenizer)
+        if options.chat:
+            from ..data.chat import ChatEncoder
+
+            if saved.chat_template is None:
+                print("modlm: the model has no chat template: prompts are rendered with modlm's default "
+                      "(docs/fine-tuning.md)", file=sys.stderr)
+            self.chat = ChatEncoder(saved.tokenizer.to_str(), saved.chat_template)
+            self.stop_id = self.chat.end_of_turn_id
+        self.system = [{"role": "system", "content": options.system}] if options.system else []
+
+    def ids(self, prompt) -> list[int]:
+        """The token ids of a prompt: a text, or with ``--chat`` a user's message or the messages so far."""
+        if self.chat is None:
+            return self.tokenizer.encode(prompt).ids
+        messages = prompt if isinstance(prompt, list) else [*self.system, {"role": "user", "content": prompt}]
+        return self.chat.encode(messages, add_generation_prompt=True)[0]
+
+
+def continuations(saved, prompts: list, options: GenerateOptions, stream: bool, how: Optional[Prompts] = None) -> list[str]:
     """Each prompt's continuation text (``num_samples`` each, in order), streamed to stdout when
-    ``stream`` (one prompt, one sample)."""
+    ``stream`` (one prompt, one sample); ``how`` turns prompts into ids (default: as text)."""
     model, tokenizer = saved.model, saved.tokenizer
-    eot = end_of_text_id(tokenizer)
-    ids = [tokenizer.encode(p).ids for p in prompts for _ in range(options.num_samples)]
+    how = how or Prompts(saved, options)
+    eot = how.stop_id
+    ids = [how.ids(p) for p in prompts for _ in range(options.num_samples)]
     if any(not i for i in ids):
         raise UserError("a prompt is empty (it encodes to no token)")
     longest = max(map(len, ids))
@@ -182,8 +223,10 @@ def read_prompts(args) -> list[str]:
 
 
 def interactive(saved, options: GenerateOptions) -> None:
+    if options.chat:
+        return conversation(saved, options)
     print("modlm: interactive generation. A base language model continues text: it has no chat template, and each "
-          "prompt is continued on its own. End with Ctrl-D.", file=sys.stderr)
+          "prompt is continued on its own (--chat: a conversation). End with Ctrl-D.", file=sys.stderr)
     while True:
         try:
             prompt = input("> ")
@@ -194,6 +237,29 @@ def interactive(saved, options: GenerateOptions) -> None:
             continue
         sys.stdout.write(prompt)
         continuations(saved, [prompt], GenerateOptions(**{**options.__dict__, "num_samples": 1}), stream=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def conversation(saved, options: GenerateOptions) -> None:
+    """``--chat --interactive``: a user's message, the model's answer streamed, and on, every turn rendered
+    with the messages before it."""
+    how = Prompts(saved, options)
+    print("modlm: chat. Each line is your message; the model answers with the conversation so far. End with Ctrl-D.",
+          file=sys.stderr)
+    messages = list(how.system)
+    single = GenerateOptions(**{**options.__dict__, "num_samples": 1})
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not prompt.strip():
+            continue
+        messages.append({"role": "user", "content": prompt})
+        (answer,) = continuations(saved, [list(messages)], single, stream=True, how=how)
+        messages.append({"role": "assistant", "content": answer})
         sys.stdout.write("\n")
         sys.stdout.flush()
 
@@ -218,8 +284,9 @@ def main(argv=None) -> int:
             return 0
         prompts = read_prompts(args)
         stream = len(prompts) == 1 and options.num_samples == 1
+        shown = "" if options.chat else None  # a chat prints the answer alone
         if stream:
-            sys.stdout.write(prompts[0])
+            sys.stdout.write(prompts[0] if shown is None else shown)
             continuations(saved, prompts, options, stream=True)
             sys.stdout.write("\n")
         else:
@@ -227,7 +294,7 @@ def main(argv=None) -> int:
             for n, (prompt, text) in enumerate(zip([p for p in prompts for _ in range(options.num_samples)], texts)):
                 if n:
                     sys.stdout.write("-" * 40 + "\n")
-                sys.stdout.write(prompt + text + "\n")
+                sys.stdout.write((prompt if shown is None else shown) + text + "\n")
         sys.stdout.flush()
     except UserError as err:
         if os.environ.get("MODLM_DEBUG"):

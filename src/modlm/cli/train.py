@@ -50,8 +50,7 @@ from ..training.callbacks.routing_stats import RoutingStats
 from ..training.callbacks.summary import FlopsModelSummary
 from ..training.callbacks.throughput import TokenThroughput
 from ..training.checkpoint import check_resume_shape, resolve_last
-from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data
-from ..saved.travel import unpack
+from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data, unpack_saved
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.parallel import end_process_group
@@ -233,12 +232,10 @@ class ModLMCLI(LightningCLI):
 
     @staticmethod
     def _unpack(ckpt_path: str, config, windows: bool) -> Path:
-        """The checkpoint's tokenizer (and, with ``windows``, its validation windows) as a prepared
-        folder in the run's tokenizer cache: what ``--data.tokenizer`` / ``--data.source`` name."""
-        _, tokenizer, stored = saved_data(ckpt_path)
-        if tokenizer is None:
-            raise CheckpointError(f"{ckpt_path} carries no tokenizer (an older modlm wrote it): name a tokenizer.json instead")
-        return unpack(tokenizer, stored if windows else None, config.data.get("cache_dir"))
+        """The checkpoint's tokenizer and chat template (and, with ``windows``, its validation windows and
+        their loss mask) as a prepared folder in the run's tokenizer cache: what ``--data.tokenizer`` /
+        ``--data.source`` name."""
+        return unpack_saved(ckpt_path, config.data.get("cache_dir"), windows)
 
     @classmethod
     def subcommands(cls) -> dict[str, set[str]]:

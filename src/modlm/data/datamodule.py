@@ -7,6 +7,10 @@ seq_len + 1 consecutive tokens of the packed stream (documents joined by the
 
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
+Chat data (conversations: ``corpus/chat.py``) is one conversation per window, padded, and its batches are
+dicts ``{"input_ids": (B, T), "targets": (B, T)}`` whose targets are ``IGNORE_INDEX`` except on the
+assistant's tokens: the loss is taken on those alone (``stream/chat.py``).
+
 Training data is endless (epochs cycle until the trainer's max_steps / max_time), so the
 train dataloader has no length: give Lightning an integer `val_check_interval` (or
 `check_val_every_n_epoch=None`). Validation is a fixed set of `val_windows` windows taken
@@ -35,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from ..model.config import ModelConfig
-from .corpus import Corpus, open_corpus
+from .chat import chat_template_for
+from .corpus import ChatCorpus, Corpus, open_corpus
 from .errors import DataError
 from .stream.loader import FixedBatches, ResumableLoader
 from .tokenizer import TokenizerSettings, end_of_text_id, fingerprint
@@ -70,7 +75,17 @@ class ModLMDataModule(L.LightningDataModule):
         num_workers: Dataloader worker processes per rank that read and tokenize (0: in the
             main process). Changing it changes the order of training data.
         seed: Seed of the per-epoch shuffle of training documents.
-        text_field: Field (jsonl/json) or column (parquet, hub) holding the text.
+        text_field: Field (jsonl/json) or column (parquet, hub) holding the text. Records with no such field
+            and with ``messages`` (OpenAI-style ``{"role": "system" | "user" | "assistant", "content":
+            str}`` turns), or ``prompt`` and ``completion``, are chat data: one conversation per window,
+            rendered with the tokenizer's chat template, the loss on the assistant's tokens alone.
+        val_source: Chat data only: validate on every conversation of this source (the first
+            ``val_windows`` that fit a window; any form ``source`` takes), and train on all of ``source``.
+            Without it, ``val_fraction`` of the conversations are held out by a hash.
+        chat_template: Chat data only: render conversations with this template (a jinja file, or a
+            folder keeping one as transformers does) instead of the tokenizer's (its folder's
+            ``chat_template.jinja`` or ``tokenizer_config.json``); a tokenizer with none gets modlm's
+            default (docs/fine-tuning.md).
         tokenizer_train_chars: How many characters of training text the tokenizer is
             trained on (at most).
         cache_dir: Where trained tokenizers are cached (default: the repository's
@@ -91,6 +106,8 @@ class ModLMDataModule(L.LightningDataModule):
         text_field: str = "text",
         tokenizer_train_chars: int = 4_000_000,
         cache_dir: Optional[str] = None,
+        val_source: Optional[str] = None,
+        chat_template: Optional[str] = None,
     ):
         super().__init__()
         checks = [
@@ -113,6 +130,7 @@ class ModLMDataModule(L.LightningDataModule):
         self.val_fraction, self.val_windows = val_fraction, val_windows
         self.num_workers, self.seed, self.text_field = num_workers, seed, text_field
         self.tokenizer_train_chars, self.cache_dir = tokenizer_train_chars, cache_dir
+        self.val_source, self.chat_template_spec = val_source, chat_template
         self._train_loader: Optional[ResumableLoader] = None
         self._resume: Optional[dict] = None  # a checkpoint's train stream state, not yet applied
 
@@ -131,7 +149,23 @@ class ModLMDataModule(L.LightningDataModule):
         # A corpus too small to hold whole documents out holds out their ends, enough for about one
         # window (byte-level BPE averages well over 2 characters a token; 4 leaves room).
         return open_corpus(self.source, text_field=self.text_field, val_fraction=self.val_fraction,
-                           seed=self.seed, min_val_chars=4 * (self.seq_len + 1))
+                           seed=self.seed, min_val_chars=4 * (self.seq_len + 1), seq_len=self.seq_len,
+                           val_source=self.val_source, chat_template=self.chat_template_spec)
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the data is conversations (one per window, loss on the assistant's tokens)."""
+        return isinstance(self.corpus, ChatCorpus)
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template that travels with the model this data trains: chat data's (what its
+        conversations are rendered with, modlm's default included), else the one kept beside the tokenizer
+        or named by ``chat_template`` (None: none)."""
+        if self.is_chat:
+            _ = self.tokenizer  # builds the corpus's encoder
+            return self.corpus.encoder.template
+        return chat_template_for(self.chat_template_spec, self.tokenizer_file)
 
     @cached_property
     def _tokenizer_and_file(self):
@@ -166,9 +200,21 @@ class ModLMDataModule(L.LightningDataModule):
     def validation_windows(self) -> torch.Tensor:
         """Every validation window of every rank, (n, seq_len + 1): the same on every run (empty
         when validation is off)."""
-        if self.val_fraction == 0 or self.val_windows == 0:
+        if not self._validates:
             return torch.empty(0, self.seq_len + 1, dtype=torch.long)
         return self.corpus.val_windows(self.tokenizer, self.seq_len, self.val_windows)
+
+    @cached_property
+    def validation_loss_mask(self) -> Optional[torch.Tensor]:
+        """Which targets of ``validation_windows`` carry the loss, (n, seq_len) bools (chat data: the
+        assistant's tokens); None: every target (text)."""
+        if not self._validates:
+            return None if not self.is_chat else torch.zeros(0, self.seq_len, dtype=torch.bool)
+        return self.corpus.val_loss_mask(self.tokenizer, self.seq_len, self.val_windows)
+
+    @property
+    def _validates(self) -> bool:
+        return self.val_windows > 0 and (self.val_fraction > 0 or self.val_source is not None)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -184,7 +230,7 @@ class ModLMDataModule(L.LightningDataModule):
         for logger in (self.trainer.loggers if self.trainer is not None else []):
             logger.log_hyperparams({f"data/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
         if stage in (None, "fit", "validate", "test"):
-            _ = self.validation_windows
+            _ = self.validation_windows, self.validation_loss_mask
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = self._rank_world()
@@ -203,9 +249,10 @@ class ModLMDataModule(L.LightningDataModule):
     def val_dataloader(self) -> FixedBatches:
         """This rank's share of the fixed validation windows, in batches."""
         rank, world = self._rank_world()
-        windows = self.validation_windows
+        windows, mask = self.validation_windows, self.validation_loss_mask
         per_rank = len(windows) // world  # equal counts, so ranks stay in lockstep
-        return FixedBatches(windows[rank::world][:per_rank], self.batch_size)
+        return FixedBatches(windows[rank::world][:per_rank], self.batch_size,
+                            None if mask is None else mask[rank::world][:per_rank])
 
     def test_dataloader(self) -> FixedBatches:
         """Same windows as validation (the corpus has no separate test split)."""

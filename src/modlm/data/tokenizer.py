@@ -122,7 +122,8 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json"]))
+        return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json",
+                                                               "chat_template.jinja"]))
     except Exception as e:  # noqa: BLE001 - offline, not found, gated: the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"tokenizer {repo_id!r}: not a local file or folder, and the Hub cannot give it ({first})") from None

@@ -73,6 +73,10 @@ Llama 3, Llama 2/Mistral, Gemma, chat models), in the order a tokenizer's own is
 document separator of pretraining comes before a chat end-of-turn. Here, beside the model, because
 an export folder needs it as much as the data layer does."""
 
+IGNORE_INDEX = -100
+"""A target that carries no loss (``F.cross_entropy``'s default ``ignore_index``, transformers' label
+convention): a conversation's prompt tokens and its window's padding. The loss is the mean over the others."""
+
 TOKENIZER_FILE = "tokenizer.json"
 """The name a tokenizer is saved under beside a model (``save_pretrained``, export folders) and in the
 data layer's folders (the tokenizer cache, prepared folders)."""

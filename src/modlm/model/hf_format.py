@@ -29,6 +29,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .chat_template import read_chat_template, write_chat_template
 from .config import END_OF_TEXT_TOKENS, ROPE_SCALING_KEYS, TOKENIZER_FILE, ModelConfig
 from .errors import UserError
 
@@ -311,7 +312,8 @@ def state_dict_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dic
 def load_hf(cls, path_or_id, **overrides):
     """``cls`` (``MoDTransformer``) built from a Llama-family folder or Hub id: its architecture,
     its weights (in the model's fp32, whatever dtype they were saved in), every router at zero,
-    predictors as a new model starts them, its ``tokenizer.json`` when it has one; in eval mode."""
+    predictors as a new model starts them, its ``tokenizer.json`` and chat template when it has them; in
+    eval mode."""
     folder = resolve(path_or_id)
     cfg = config_from_hf(read_config(folder), **overrides)
     weights = read_weights(folder)
@@ -332,6 +334,7 @@ def load_hf(cls, path_or_id, **overrides):
     tokenizer = folder / TOKENIZER_FILE
     if tokenizer.is_file():
         model.tokenizer_json = tokenizer.read_text(encoding="utf-8")
+    model.chat_template = read_chat_template(folder)
     return model.eval()
 
 
@@ -384,18 +387,29 @@ def tokenizer_text(tokenizer) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def tokenizer_config(config: ModelConfig, eos_token: str, bos_token: Optional[str] = None) -> dict:
+def template_tokens(tokenizer_json: str) -> dict[str, str]:
+    """The special tokens a chat template sees (``{{ eos_token }}``, ``{{ bos_token }}``, ...), as
+    transformers passes them: those ``tokenizer_config`` names, derived from the tokenizer alone (its
+    end-of-text token is ``eos_token`` and ``pad_token``, its start-of-text token, if any, ``bos_token``),
+    so that modlm and transformers render a conversation alike."""
+    eos, _, bos, _ = special_tokens(tokenizer_json)
+    return {"eos_token": eos, "pad_token": eos, **({"bos_token": bos} if bos is not None else {})}
+
+
+def tokenizer_config(config: ModelConfig, eos_token: str, bos_token: Optional[str] = None, chat: bool = False) -> dict:
     """``tokenizer_config.json``: the fast tokenizer over ``tokenizer.json``. ``split_special_tokens``
     makes ``<|endoftext|>`` typed in text ordinary text, as in training (modlm's tokenizer sets
-    ``encode_special_tokens``); the separator itself is ``eos_token``. Prompts of a batch are
-    padded on the left, where transformers' generation wants them."""
+    ``encode_special_tokens``); the separator itself is ``eos_token``. A model with a chat template
+    (``chat``) keeps special tokens whole instead: its template writes them as text (the end of a turn),
+    and transformers tokenizes the rendered conversation as modlm does, special tokens recognised.
+    Prompts of a batch are padded on the left, where transformers' generation wants them."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": eos_token,
         "pad_token": eos_token,
         "bos_token": bos_token,
         "unk_token": None,
-        "split_special_tokens": True,
+        "split_special_tokens": not chat,
         "padding_side": "left",
         "model_max_length": config.max_seq_len,
         "clean_up_tokenization_spaces": False,
@@ -466,12 +480,14 @@ def remote_code_files(package: Path = MODEL_PACKAGE) -> list[str]:
     return sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
 
 
-def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, eos_id: int) -> None:
+def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, eos_id: int,
+                             chat: bool = False) -> None:
     """Write the remote code, ``tokenizer_config.json`` and ``generation_config.json`` into ``folder``
-    (``config.json``, ``model.safetensors`` and ``tokenizer.json`` are the model's and tokenizer's own)."""
+    (``config.json``, ``model.safetensors``, ``tokenizer.json`` and the chat template are the model's and
+    tokenizer's own)."""
     for name in remote_code_files():
         shutil.copyfile(MODEL_PACKAGE / name, folder / name)
-    dump(folder / "tokenizer_config.json", tokenizer_config(config, eos_token))
+    dump(folder / "tokenizer_config.json", tokenizer_config(config, eos_token, chat=chat))
     dump(folder / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": eos_id})
 
 
@@ -489,8 +505,8 @@ A {architecture} trained with modlm: `AutoModelForCausalLM.from_pretrained(FOLDE
 
 def write_standard_folder(model, folder: Path, tokenizer_json: str, card: str = "") -> None:
     """A dense model as a standard transformers folder: ``config.json``, ``model.safetensors`` (in
-    transformers' names), its tokenizer (``tokenizer.json``, ``tokenizer_config.json``),
-    ``generation_config.json`` and a model card."""
+    transformers' names), its tokenizer (``tokenizer.json``, ``tokenizer_config.json``, its chat template
+    when it has one), ``generation_config.json`` and a model card."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -502,7 +518,8 @@ def write_standard_folder(model, folder: Path, tokenizer_json: str, card: str = 
     save_file(state_dict_to_hf(model.state_dict(), cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
     dump(folder / "config.json", config)
     (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
-    dump(folder / "tokenizer_config.json", tokenizer_config(cfg, eos, bos))
+    dump(folder / "tokenizer_config.json", tokenizer_config(cfg, eos, bos, chat=model.chat_template is not None))
+    write_chat_template(folder, model.chat_template)
     generation = {"eos_token_id": eos_id, "pad_token_id": eos_id}
     if bos_id is not None:
         generation["bos_token_id"] = bos_id
@@ -512,15 +529,15 @@ def write_standard_folder(model, folder: Path, tokenizer_json: str, card: str = 
 
 def write_remote_code_folder(model, folder: Path, tokenizer_json: str, card: str = "") -> None:
     """Any model as modlm's remote-code folder: ``save_pretrained`` (safetensors, ``config.json`` of
-    the ``ModelConfig`` fields and transformers' keys, ``tokenizer.json``, a model card with ``card``
-    in it), this package's source and transformers' tokenizer and generation files."""
+    the ``ModelConfig`` fields and transformers' keys, ``tokenizer.json``, the chat template, a model card
+    with ``card`` in it), this package's source and transformers' tokenizer and generation files."""
     folder = Path(folder)
     eos, eos_id, _, _ = special_tokens(tokenizer_json)
     config = {**model.config.to_dict(), **transformers_config(model.config, eos_id, model.embed.weight.dtype)}
     (folder / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card
     model.tokenizer_json = tokenizer_json
     model.save_pretrained(folder, config=config, model_card_kwargs={"details": card})
-    write_transformers_files(folder, model.config, eos, eos_id)
+    write_transformers_files(folder, model.config, eos, eos_id, chat=model.chat_template is not None)
 
 
 def write_folder(model, folder: Path, tokenizer=None, card: str = "") -> str:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .chat_template import read_chat_template, write_chat_template
 from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
 from .errors import UserError
 from .generate import generate as _generate
@@ -78,9 +79,9 @@ class MoDTransformer(
 ):
     """The model. ``save_pretrained(folder)`` / ``from_pretrained(folder or Hub id)`` /
     ``push_to_hub(repo)`` (huggingface_hub's mixin) keep it as ``model.safetensors``, a
-    ``config.json`` of the ``ModelConfig`` fields and, when the model knows it (``tokenizer_json``:
-    loaded from a folder that has one, or set by whoever trained it), its ``tokenizer.json``: no
-    pickled code is written or read."""
+    ``config.json`` of the ``ModelConfig`` fields and, when the model knows them (``tokenizer_json``,
+    ``chat_template``: loaded from a folder that has them, or set by whoever trained it), its
+    ``tokenizer.json`` and ``chat_template.jinja``: no pickled code is written or read."""
 
     def __init__(self, config: Union[ModelConfig, Mapping]):
         super().__init__()
@@ -97,6 +98,10 @@ class MoDTransformer(
             self.lm_head.weight = self.embed.weight
         self.tokenizer_json: Optional[str] = None
         """The ``tokenizer.json`` text of the tokenizer this model reads, when known: saved and pushed with it."""
+        self.chat_template: Optional[str] = None
+        """The chat template (jinja text) its conversations are rendered with, when known (read from the folder
+        or checkpoint it came from, or set by whoever trained it): saved, exported and pushed beside its
+        tokenizer (``chat_template.jinja``). Rendering is ``modlm.data.chat``'s."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,6 +200,7 @@ class MoDTransformer(
         if self.tokenizer_json is not None:
             with open(os.path.join(save_directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
                 f.write(self.tokenizer_json)
+        write_chat_template(save_directory, self.chat_template)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
@@ -207,6 +213,7 @@ class MoDTransformer(
             if os.path.isfile(tokenizer):
                 with open(tokenizer, encoding="utf-8") as f:
                     model.tokenizer_json = f.read()
+            model.chat_template = read_chat_template(model_id)
             return model
         return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
 

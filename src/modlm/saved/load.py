@@ -18,7 +18,8 @@ from ..data.tokenizer import load_tokenizer
 from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
-from .travel import apply_thresholds, data_settings, tokenizer_of, windows_of
+from .adapters import ADAPTER_BASE_KEY, adapted_model
+from .travel import apply_thresholds, chat_template_of, data_settings, loss_mask_of, tokenizer_of, unpack, windows_of
 from .export import load_export
 from .files import CheckpointError, read_checkpoint, read_sharded, read_sharded_meta
 
@@ -39,6 +40,18 @@ class SavedModel:
     """Where it was read from."""
     trained: dict
     """What training it had, where known: ``steps``, ``tokens``, ``flops`` (all ranks)."""
+    validation_loss_mask: Optional[torch.Tensor] = None
+    """Which targets of ``validation_windows`` carry the loss, (n, seq_len) bools (chat data: the assistant's
+    tokens); None: every one."""
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template its conversations are rendered with (jinja text; None: it has none, and
+        ``modlm.data.chat`` renders with modlm's default): an export or transformers folder's
+        (``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``), a checkpoint's (what its run
+        trained with). The model carries it (``MoDTransformer.chat_template``), so that ``save_pretrained``,
+        ``to_hf`` exports and Hub pushes keep it."""
+        return self.model.chat_template
 
 
 def _hub_folder(repo_id: str) -> Path:
@@ -61,9 +74,23 @@ def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]
     return data, tokenizer_of(ckpt), windows_of(ckpt)
 
 
+def unpack_saved(path, cache_dir: Optional[str] = None, windows: bool = False) -> Path:
+    """A checkpoint's tokenizer and chat template (and, with ``windows``, its validation windows and their loss
+    mask) as a prepared folder (``travel.unpack``): what ``--data.tokenizer`` (``--data.source``) name to read
+    its data; a CheckpointError for one an older modlm wrote, which carries no tokenizer."""
+    p = Path(path)
+    ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
+    tokenizer = tokenizer_of(ckpt)
+    if tokenizer is None:
+        raise CheckpointError(f"{path} carries no tokenizer (an older modlm wrote it): name a tokenizer.json instead")
+    return unpack(tokenizer, windows_of(ckpt) if windows else None, cache_dir,
+                  loss_mask=loss_mask_of(ckpt) if windows else None, chat_template=chat_template_of(ckpt))
+
+
 def load_saved(path: str, device: str = "cpu") -> SavedModel:
     """A ``SavedModel`` from a checkpoint file, an FSDP2 sharded checkpoint folder, an export
-    folder, or a Hugging Face Hub id (``hub:OWNER/NAME`` or ``OWNER/NAME``: an export pushed there)."""
+    folder, or a Hugging Face Hub id (``hub:OWNER/NAME`` or ``OWNER/NAME``: an export pushed there). A
+    checkpoint of LoRA adapters is read with the pretrained folder they adapt, merged (``adapters.py``)."""
     p = Path(path).expanduser()
     if not p.exists():
         if path.startswith("hub:") or path.count("/") == 1 and not path.startswith((".", "/", "~")):
@@ -82,18 +109,23 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
         config = ModelConfig.from_hparams(hparams)
     except (TypeError, UserError) as err:
         raise CheckpointError(f"{path} holds an invalid model config: {err}") from None
-    model = MoDTransformer(config)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
+    if hparams.get("tune") == "lora":  # adapters over a pretrained folder: rebuilt, merged
+        model = adapted_model(str(path), config, hparams, weights, ckpt.get(ADAPTER_BASE_KEY))
+    else:
+        model = MoDTransformer(config)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0]}") from None
     data = data_settings(ckpt.get("datamodule_hyper_parameters") or {})
     apply_thresholds(ckpt, model.config)
     tokenizer = tokenizer_of(ckpt)
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
-    return SavedModel(model.to(device).eval(), data, tokenizer, windows_of(ckpt), str(path), trained(ckpt, config))
+    model.chat_template = chat_template_of(ckpt)
+    return SavedModel(model.to(device).eval(), data, tokenizer, windows_of(ckpt), str(path), trained(ckpt, config),
+                      loss_mask_of(ckpt))
 
 
 def trained(ckpt: dict, config: ModelConfig) -> dict:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from ..analysis.flops import forward_flops, ran_forward_flops, training_flops
@@ -23,7 +23,7 @@ from ..model.hf_format import ARCHITECTURE_FIELDS
 from ..model.routing import RoutedBlock
 from ..model.transformer import ModelOutput, MoDTransformer
 from . import tags
-from .batch import split_batch
+from .batch import loss_targets, split_batch
 from .capacity import CAPACITY_KEY, CapacitySchedule
 from . import travel
 from ..saved.travel import apply_thresholds
@@ -32,6 +32,8 @@ from .optim import WarmupCosine, build_adamw
 from .pretrained import pretrained_config
 from .parallel import parallelize
 from .telemetry import StepReport
+from .tuning import tuning_for
+from ..saved.adapters import LORA_TARGETS, LoraSettings
 
 
 class MoDLightningModule(pl.LightningModule):
@@ -48,7 +50,11 @@ class MoDLightningModule(pl.LightningModule):
         compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
         validate_causal: bool = True,
         init_from: Optional[str] = None,
-        tune: Literal["full", "routers"] = "full",
+        tune: Literal["full", "routers", "lora"] = "full",
+        lora_rank: int = LoraSettings.rank,
+        lora_alpha: float = LoraSettings.alpha,
+        lora_dropout: float = LoraSettings.dropout,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
         capacity_start: Optional[float] = None,
         capacity_steps: int = 0,
         capacity_shape: Literal["linear", "cosine"] = "cosine",
@@ -86,11 +92,20 @@ class MoDLightningModule(pl.LightningModule):
                 its weights from the checkpoint, but reads the folder's config.json again.
             tune: ``full`` trains every weight; ``routers`` trains only the routers and causal
                 predictors (everything else frozen: the optimizer, and so every checkpoint's optimizer
-                state, holds only those); it needs routed blocks.
+                state, holds only those); it needs routed blocks. ``lora`` (with ``init_from``) trains
+                peft's LoRA adapters on the attention and MLP projections and the routers and predictors,
+                everything else frozen; its checkpoints hold what trains plus the pretrained folder's path
+                and fingerprint, and read back merged (``modlm.training.tuning``).
+            lora_rank: Rank of each LoRA adapter (``tune lora``).
+            lora_alpha: LoRA's scale numerator: an adapter's update is multiplied by ``lora_alpha / lora_rank``.
+            lora_dropout: Dropout on an adapter's input while training.
+            lora_targets: The ``nn.Linear`` layers that get adapters, by name: ``qkv`` (attention's fused
+                query/key/value projection), ``proj`` (its output), ``up``, ``gate``, ``down`` (the MLP's).
             capacity_start: Start every routed block at this capacity and lower it to its own
                 (``capacity``, ``capacities``) over ``capacity_steps`` optimizer steps, then keep it
-                there (None: no schedule). Must be at least every target. Saved in checkpoints: a
-                resumed run continues the plan it started with; ``flops/step`` counts each step's k.
+                there (None: no schedule; a model without routed blocks has none, and says so). Must be at
+                least every target. Saved in checkpoints: a resumed run continues the plan it started with;
+                ``flops/step`` counts each step's k.
             capacity_steps: Optimizer steps the capacity schedule spans.
             capacity_shape: ``linear`` or ``cosine`` (a half cosine: slow at both ends).
             **model_config: The ``ModelConfig`` fields (``vocab_size``, ``d_model``, ``capacity`` ...).
@@ -115,20 +130,19 @@ class MoDLightningModule(pl.LightningModule):
         else:
             self.config = ModelConfig(**model_config)
             self.model = MoDTransformer(self.config)
-        if tune not in ("full", "routers"):
-            raise UserError(f"tune={tune!r} is invalid: must be 'full' or 'routers'")
-        if tune == "routers":
-            if not self.config.n_deciders:
-                raise UserError("--model.tune routers trains only routers and predictors, and this model has none "
-                                "(route_every 0): route some blocks, or use --model.tune full")
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(".router." in name or ".predictor." in name)
+        self.tuning = tuning_for(tune, init_from, LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
+                                 if tune == "lora" else LoraSettings())
+        """What trains, and what checkpoints keep (``modlm.training.tuning``)."""
+        self.tuning.apply(self.model)
+        self.strict_loading = self.tuning.strict_loading
         self.capacity_schedule: Optional[CapacitySchedule] = None
         """Where the routed blocks' capacities go during training (``capacity_start``); None: fixed."""
         if capacity_start is not None and self.config.recursive:
             raise UserError("--model.capacity_start schedules routed blocks' capacities, and a recursive model has "
                             "none: its recursion steps take --model.recursion_capacities")
-        if capacity_start is not None:
+        if capacity_start is not None and not self.config.routed_layers:  # a preset's schedule on a dense run
+            rank_zero_info("modlm: no routed blocks (route_every 0): --model.capacity_start has nothing to schedule")
+        elif capacity_start is not None:
             self.capacity_schedule = CapacitySchedule(capacity_start, capacity_steps, self.config.layer_capacities,
                                                       capacity_shape)
             self._set_capacities(0)
@@ -189,13 +203,14 @@ class MoDLightningModule(pl.LightningModule):
     def _eval_step(self, batch: Any) -> dict:
         idx, targets = split_batch(batch)
         out = self(idx, routing=Routing.TOPK, targets=targets)
-        self.val_loss.update(out.loss, weight=targets.numel())
+        counted = loss_targets(targets)  # the loss is the mean over these (a chat batch's assistant tokens)
+        self.val_loss.update(out.loss, weight=counted)
         tokens = self.routed_tokens(idx.size(1))
         report = StepReport(routing=out.routing, experts=out.experts, routed_tokens=tokens or [], recursion=out.recursion,
                             flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0))
         if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing=Routing.CAUSAL, targets=targets)
-            self.val_loss_causal.update(causal.loss, weight=targets.numel())
+            self.val_loss_causal.update(causal.loss, weight=counted)
             report.causal_routing, report.causal_recursion = causal.routing, causal.recursion
             # charged at what it computed, not at top-k's cost (validation may read counts on the host)
             report.flops += ran_forward_flops(self.config, idx.size(1), causal.routing, causal.experts,
@@ -262,10 +277,15 @@ class MoDLightningModule(pl.LightningModule):
 
     # --- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Beside Lightning's state: torch's generator states, and what travels with the model (the
-        run's tokenizer and validation windows, and the routed blocks' decision thresholds calibrated
-        on those windows for these very weights: ``modlm.training.travel``)."""
+        """Beside Lightning's state: torch's generator states, and what travels with the model (its chat
+        template, the run's tokenizer and validation windows, and the routed blocks' decision thresholds
+        calibrated on those windows for these very weights: ``modlm.training.travel``)."""
         checkpoint[RNG_KEY] = rng_states()
+        if "state_dict" in checkpoint:  # what trains, and what rebuilds the rest
+            checkpoint["state_dict"] = self.tuning.saved_state(checkpoint["state_dict"])
+        checkpoint.update(self.tuning.checkpoint_extras())
+        if self.model.chat_template is not None:  # the pretrained folder's; chat data's own comes with the data
+            checkpoint[travel.CHAT_TEMPLATE_KEY] = self.model.chat_template
         if self.capacity_schedule is not None:
             checkpoint[CAPACITY_KEY] = self.capacity_schedule.state_dict()
         if self._trainer is not None:
@@ -293,7 +313,7 @@ class MoDLightningModule(pl.LightningModule):
             self._set_capacities(checkpoint.get("global_step", 0))
         saved = checkpoint.get("state_dict") or {}
         if saved:  # sharded checkpoints are loaded (and checked) by the strategy itself
-            check_state_dict_fits(self.state_dict(), saved)
+            check_state_dict_fits(self.tuning.saved_state(self.state_dict()), saved)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_tokenizer_fits(checkpoint, datamodule)
         apply_thresholds(checkpoint, self.config)

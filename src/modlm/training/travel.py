@@ -1,6 +1,6 @@
-"""What a run puts in its checkpoints for the model to travel with: its tokenizer and validation windows
-(read back by ``modlm.saved.travel``), and the routed blocks' decision thresholds calibrated on those
-windows for these very weights."""
+"""What a run puts in its checkpoints for the model to travel with: its tokenizer, chat template and validation
+windows (with their loss mask, for chat data; read back by ``modlm.saved.travel``), and the routed blocks'
+decision thresholds calibrated on those windows for these very weights."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,23 +9,29 @@ import torch
 
 from ..data import ModLMDataModule
 from ..data.tokenizer import fingerprint
-from ..saved.travel import SPREADS_KEY, THRESHOLDS_KEY, TOKENIZER_KEY, WINDOWS_KEY  # noqa: F401
+from ..saved.travel import (CHAT_TEMPLATE_KEY, LOSS_MASK_KEY, SPREADS_KEY, THRESHOLDS_KEY,  # noqa: F401
+                            TOKENIZER_KEY, WINDOWS_KEY)
 
 CALIBRATION_WINDOWS = 64
 """At most this many validation windows calibrate the decision thresholds of a saved model."""
 
 
 def record(datamodule) -> dict:
-    """What a checkpoint carries of a run's data module: its tokenizer and validation windows
-    (nothing for another kind of data module)."""
+    """What a checkpoint carries of a run's data module: its tokenizer, its chat template (chat data's, or
+    the tokenizer's own) and its validation windows with, for chat data, their loss mask (nothing for
+    another kind of data module)."""
     if not isinstance(datamodule, ModLMDataModule):
         return {}
     tok = datamodule.tokenizer
     out = {TOKENIZER_KEY: {"json": tok.to_str(), "sha256": fingerprint(tok)}}
+    if datamodule.chat_template is not None:
+        out[CHAT_TEMPLATE_KEY] = datamodule.chat_template
     windows = datamodule.validation_windows
     if windows is not None and len(windows):
         dtype = torch.int16 if tok.get_vocab_size() <= 2**15 else torch.int32
         out[WINDOWS_KEY] = windows.to(dtype).clone()
+        if datamodule.validation_loss_mask is not None:
+            out[LOSS_MASK_KEY] = datamodule.validation_loss_mask.clone()
     return out
 
 

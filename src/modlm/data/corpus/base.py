@@ -6,7 +6,8 @@ ask which kind they hold:
 
 - ``tokenizer(settings)``: the tokenizer its tokens are made with, and the file that stores it;
 - ``train_stream(...)``: one rank's endless training stream (a ``stream.base.TrainStream``);
-- ``val_windows(...)``: the fixed validation windows, the same on every run;
+- ``val_windows(...)``: the fixed validation windows, the same on every run (``val_loss_mask(...)``: which of
+  their targets carry the loss, for chat data);
 - ``pins()`` / ``check_pins(pins)``: what a checkpoint records of the data it read, and the refusal
   of a resumed run that would read other data.
 
@@ -67,6 +68,11 @@ class Corpus(ABC):
     def val_windows(self, tokenizer: Tokenizer, seq_len: int, max_windows: int) -> torch.Tensor:
         """The first ``max_windows`` validation windows: LongTensor (n, seq_len + 1), the same on
         every run; DataError when there is not even one."""
+
+    def val_loss_mask(self, tokenizer: Tokenizer, seq_len: int, max_windows: int) -> Optional[torch.Tensor]:
+        """Which targets of ``val_windows`` carry the loss, (n, seq_len) bools; None: all of them (text).
+        Chat data's is its assistant tokens."""
+        return None
 
     def pins(self) -> dict:
         """What a checkpoint records beside the stream position, so that a resumed run reads the

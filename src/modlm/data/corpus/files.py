@@ -34,7 +34,7 @@ from ..errors import DataError, DataWarning
 from ..order import shuffled
 from ..progress import note
 from .base import TextCorpus
-from .readers import SUPPORTED_SUFFIXES, index_records, is_multi_record, is_supported, read_records
+from .readers import SUPPORTED_SUFFIXES, index_records, is_multi_record, is_supported, read_records, record_name
 from .split import is_val, record_key, split_tail
 from .storage import COMPRESSIONS, CorpusPath, RemoteFile, compression, filesystem, is_url, local_path
 
@@ -186,9 +186,10 @@ class FileCorpus(TextCorpus):
     """Documents from files, split per document into train and val.
 
     ``min_val_chars``: when documents' tails are held out (too few documents to hold whole ones
-    out), at least this many characters of them in all."""
+    out), at least this many characters of them in all. ``text_field=None`` reads jsonl/json records
+    whole (``readers.py``), and then no document's tail is ever held out (a cut record means nothing)."""
 
-    def __init__(self, source: str, *, text_field: str, val_fraction: float, seed: int, min_val_chars: int):
+    def __init__(self, source: str, *, text_field: Optional[str], val_fraction: float, seed: int, min_val_chars: int):
         self.source = source
         self.text_field = text_field
         self.val_fraction = val_fraction
@@ -208,7 +209,7 @@ class FileCorpus(TextCorpus):
         self.num_train_docs = sum(e.n_train for e in self.entries)
         self.num_val_docs = sum(len(e.val_records) for e in self.entries)
         self.tail_share = 0.0  # > 0: validation is the tail of every document instead (small corpora)
-        if val_fraction > 0 and (self.num_val_docs == 0 or self.num_train_docs == 0):
+        if val_fraction > 0 and (self.num_val_docs == 0 or self.num_train_docs == 0) and text_field is not None:
             self._hold_out_tails(min_val_chars)
         if self.num_train_docs == 0:
             raise DataError(f"data source {source!r}: no documents to train on")
@@ -284,6 +285,14 @@ class FileCorpus(TextCorpus):
                     yield split_tail(text, self.tail_share)[1 if want_val else 0]
                 elif (record in val) == want_val:
                     yield text
+
+    def every_record(self) -> Iterator[tuple[str, str, bool]]:
+        """Every record of every file in path order: where it is (``record_name``: a file's line), its
+        text, and whether it is held out for validation."""
+        for e in self.entries:
+            val = set(e.val_records)
+            for record, text in read_records(e.path, self.text_field, marks=e.marks, size=e.size):
+                yield record_name(e.path, record), text, record in val
 
     def train_texts(self) -> Iterator[str]:
         """Training documents for the tokenizer, files in a seed-independent hashed order

@@ -15,11 +15,16 @@ a dataset in the local Hugging Face cache (``hf download --repo-type dataset NAM
 there, at the cached commit of REVISION (or of the main branch): the same commit, so the same pins.
 Any other dataset fails fast with a DataError (no hanging retries).
 
+Records. With ``text_field=None`` (``as_records``) every row is read whole, as its JSON text: for a
+reader of structured rows (conversations, ``corpus/chat.py``).
+
 The split is decided per document by a hash of its text (hub streams have no paths).
 Part `part` of `num_parts` is `datasets.distributed.split_dataset_by_node` of the stream,
 shuffled per epoch (seeded, order.py); positions count the rows of that part's stream; a resumed
 part re-reads (without tokenizing) the rows before its position.
 """
+import copy
+import json
 import os
 import socket
 import threading
@@ -83,7 +88,7 @@ class HubCorpus(TextCorpus):
     revision: Optional[str] = None  # the commit read (set when opened)
     location: Optional[str] = None  # what `datasets` opens: the Hub name, or its cached snapshot folder
 
-    def __init__(self, source: str, *, text_field: str, val_fraction: float, seed: int):
+    def __init__(self, source: str, *, text_field: Optional[str], val_fraction: float, seed: int):
         self.source = source
         self.name, self.config = parse_hub_source(source)
         self.requested_revision = split_revision(source)[1]
@@ -173,10 +178,28 @@ class HubCorpus(TextCorpus):
             raise DataError(f"the checkpoint read {base} at commit {saved}, this run opens commit "
                             f"{self.revision}: resume with --data.source {base}@{saved}")
 
+    def as_records(self) -> "HubCorpus":
+        """This dataset read row by row, each row whole as its JSON text (``text_field=None``)."""
+        records = copy.copy(self)
+        records.text_field = None
+        return records
+
+    def first_row(self) -> Optional[dict]:
+        """The first row of the train split (None: it has none), to tell what the rows are."""
+        for batch in self._stream.iter(batch_size=1):
+            return {column: values[0] for column, values in batch.items()}
+        return None
+
     def _rows(self, stream) -> Iterator[Optional[str]]:
-        """The text of every row, None for a non-string one (so row positions stay exact)."""
+        """The text of every row, None for a non-string one (so row positions stay exact); without a
+        ``text_field``, every row as its JSON text."""
         # .iter(), unlike iter(stream), reads every row itself, never splitting them among dataloader workers
         for batch in stream.iter(batch_size=256):
+            if self.text_field is None:
+                columns = list(batch)
+                for row in zip(*batch.values()):
+                    yield json.dumps(dict(zip(columns, row)), default=str)
+                continue
             if self.text_field not in batch:
                 raise DataError(
                     f"data source {self.source!r}: no '{self.text_field}' column "
@@ -194,6 +217,17 @@ class HubCorpus(TextCorpus):
 
     def train_texts(self) -> Iterator[str]:
         return (t for t in self._texts(self._stream) if not self._in_val(t))
+
+    def every_record(self) -> Iterator[tuple[str, str, bool]]:
+        """Every row of the train split, then of its own validation split, in order: where it is (its row),
+        its text, and whether it is held out for validation."""
+        for n, text in enumerate(self._rows(self._stream), 1):
+            if text is not None:
+                yield f"{self.source} row {n}", text, self._in_val(text)
+        if self.own_validation:
+            for n, text in enumerate(self._rows(self._val_stream), 1):
+                if text is not None:
+                    yield f"{self.source} validation row {n}", text, True
 
     def val_texts(self) -> Iterator[str]:
         if self.own_validation:

@@ -7,6 +7,9 @@ A prepared folder (written by ``modlm.data.prepare``) holds
     train-00000.bin  the training documents' tokens, each document followed by <|endoftext|>,
     ...              cut into shard files of ``shard_tokens`` tokens (raw little-endian uint16/uint32)
     val-00000.bin    the validation documents' tokens, the same way
+    val-loss-mask.bin  (optional) which validation targets carry the loss, one byte each, for windows of
+                     ``meta["val_loss_mask"]["seq_len"] + 1`` tokens: a checkpoint's chat windows unpacked
+                     (``modlm.saved.travel.unpack``)
 
 ``PreparedCorpus`` opens one, checking every shard and the tokenizer against ``meta.json``; its
 training stream is the token stream (stream/tokens.py), which reads no text and runs no tokenizer.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -137,6 +141,18 @@ class PreparedCorpus(Corpus):
             raise DataError(f"prepared folder {self.source!r}: the validation split has fewer than seq_len + 1 = "
                             f"{seq_len + 1} tokens; prepare it with a larger --val_fraction")
         return torch.from_numpy(val.read(0, n * (seq_len + 1)).reshape(n, seq_len + 1))
+
+    def val_loss_mask(self, tokenizer: Tokenizer, seq_len: int, max_windows: int) -> Optional[torch.Tensor]:
+        """The stored loss mask of the validation windows (chat windows a checkpoint carried), None without."""
+        stored = self.meta.get("val_loss_mask")
+        if stored is None:
+            return None
+        if stored["seq_len"] != seq_len:
+            raise DataError(f"prepared folder {self.source!r} holds conversations in windows of seq_len "
+                            f"{stored['seq_len']}, not {seq_len}: leave --data.seq_len out")
+        n = min(max_windows, stored["windows"])
+        mask = np.fromfile(self.folder / stored["file"], dtype=np.uint8, count=n * seq_len)
+        return torch.from_numpy(mask.astype(bool).reshape(n, seq_len))
 
 
 __all__ = ["FORMAT", "META_FILE", "VERSION", "PreparedCorpus", "TokenArray", "is_prepared", "token_dtype"]

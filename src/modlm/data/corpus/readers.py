@@ -5,6 +5,11 @@ the file (0 for one-document files; the 0-based line for jsonl; the row for json
 and parquet; the piece for a text file larger than `TEXT_PIECE_BYTES`). Records that cannot be
 read are skipped and reported in one DataWarning per file, so a few bad lines never stop a run.
 
+Records. With ``text_field=None`` a jsonl or json file's records are read whole, as their JSON text
+(a jsonl line as it is, blank lines aside; a JSON array's item written back as JSON), nothing checked
+or skipped: for a reader of structured records (conversations, ``corpus/chat.py``), which refuses a bad
+one itself, naming its line.
+
 Ranges. Every reader takes a record range [lo, hi) and reads only what that range needs, so the
 loader's parts, each owning a range of a file, never parse each other's records: jsonl seeks to
 the nearest line mark noted while the file was indexed (one every `LINE_MARK_EVERY` lines) and
@@ -183,11 +188,12 @@ def _raw_lines(path: CorpusPath, lo: int, hi: Optional[int],
             record += 1
 
 
-def read_jsonl(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
+def read_jsonl(path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
                marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
     """One JSON object per line, the document in `text_field`. Blank lines are ignored;
-    lines that are not JSON objects or lack a string `text_field` are skipped and counted.
-    Only lines [lo, hi) are decoded; `marks` (from `line_marks`) saves reading the lines before."""
+    lines that are not JSON objects or lack a string `text_field` are skipped and counted
+    (``text_field=None``: every line, unread, as its record). Only lines [lo, hi) are decoded;
+    `marks` (from `line_marks`) saves reading the lines before."""
     not_json: list[int] = []
     no_field: list[int] = []
     replaced = 0
@@ -195,6 +201,9 @@ def read_jsonl(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = Non
         line, bad = decode_counting(raw)
         replaced += bad
         if not line.strip():
+            continue
+        if text_field is None:
+            yield record, line
             continue
         try:
             obj = json.loads(line)
@@ -227,10 +236,10 @@ def _is_json_array(path: CorpusPath) -> bool:
     return head.startswith(b"[")
 
 
-def read_json(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None,
+def read_json(path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
               marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
     """A .json file is either a JSON array of objects (parsed whole, items [lo, hi) kept) or,
-    like .jsonl, one object a line."""
+    like .jsonl, one object a line (``text_field=None``: each item as its JSON text)."""
     if not _is_json_array(path):
         yield from read_jsonl(path, text_field, lo, hi, marks)
         return
@@ -244,6 +253,9 @@ def read_json(path: Path, text_field: str, lo: int = 0, hi: Optional[int] = None
     skipped = []
     for record, obj in enumerate(rows):
         if record < lo or (hi is not None and record >= hi):
+            continue
+        if text_field is None:
+            yield record, json.dumps(obj)
             continue
         value = obj.get(text_field) if isinstance(obj, dict) else None
         if isinstance(value, str):
@@ -353,10 +365,11 @@ def _json_array_len(path: CorpusPath) -> tuple[int, int]:
     return len(rows), len(raw)
 
 
-def read_records(path: CorpusPath, text_field: str, lo: int = 0, hi: Optional[int] = None,
+def read_records(path: CorpusPath, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
                  marks: Optional[list[int]] = None, size: Optional[int] = None) -> Iterator[tuple[int, str]]:
     """Records [lo, hi) of a file (all by default), dispatched on its format suffix; `marks` are a
-    jsonl file's line marks and `size` its decompressed bytes, from `index_records`."""
+    jsonl file's line marks and `size` its decompressed bytes, from `index_records`; ``text_field=None``:
+    a jsonl or json file's records whole, as JSON text."""
     suffix = format_suffix(path)
     if _is_text(path):
         return read_text(path, lo, hi, size)
@@ -367,6 +380,15 @@ def read_records(path: CorpusPath, text_field: str, lo: int = 0, hi: Optional[in
     if suffix in PARQUET_SUFFIXES:
         return read_parquet(path, text_field, lo, hi)
     raise DataError(f"{path}: unsupported file type (expected {', '.join(sorted(SUPPORTED_SUFFIXES))})")
+
+
+def record_name(path: CorpusPath, record: int) -> str:
+    """How a user finds record ``record`` of a file: its line (jsonl; a json file of one object a line), its
+    item (a JSON array), its row (parquet) or piece (a large text file)."""
+    suffix = format_suffix(path)
+    if suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
+        return f"{path} line {record + 1}"
+    return f"{path} {'item' if suffix == '.json' else 'row' if suffix in PARQUET_SUFFIXES else 'piece'} {record + 1}"
 
 
 def is_multi_record(path: CorpusPath, index: RecordIndex) -> bool:
@@ -381,4 +403,5 @@ __all__ = [
     "is_multi_record",
     "is_supported",
     "read_records",
+    "record_name",
 ]

@@ -14,12 +14,14 @@ that were fetched ahead, so the same windows come next in either case.
 """
 import warnings
 from collections import deque
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..errors import DataWarning
 from .base import StreamPosition, TrainStream
+from .chat import chat_batch
 
 _MAX_AHEAD = 16  # more unconsumed batches than this means nobody is calling mark_consumed()
 
@@ -93,13 +95,16 @@ class ResumableLoader:
 
 
 class FixedBatches:
-    """A sized, re-iterable set of precomputed batches (the validation windows of a rank).
+    """A sized, re-iterable set of precomputed batches (the validation windows of a rank; with a
+    ``loss_mask``, (n, T) bools, chat batches: ``stream.chat.chat_batch``).
 
     Not a list, which Lightning would take for several dataloaders; not a DataLoader over
     a map-style dataset, which Lightning would split among ranks again with a DistributedSampler."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int):
+    def __init__(self, windows: torch.Tensor, batch_size: int, loss_mask: Optional[torch.Tensor] = None):
         self.batches = list(windows.split(batch_size)) if len(windows) else []
+        if loss_mask is not None:
+            self.batches = [chat_batch(w, m) for w, m in zip(self.batches, loss_mask.split(batch_size))]
 
     def __iter__(self):
         return iter(self.batches)

@@ -32,6 +32,7 @@ from ...model.config import ModelConfig
 from ...model.routing import RoutedBlock
 from ...model.transformer import MoDTransformer
 from .. import tags
+from ..batch import split_batch
 from ..telemetry import report_of
 
 
@@ -76,7 +77,7 @@ class FlopsMeter(Callback):
         if report is None:
             return
         cfg = pl_module.model.config
-        batch_size, seq_len = batch.shape[0], batch.shape[1] - 1
+        batch_size, seq_len = split_batch(batch)[0].shape
         tokens = report.routed_tokens or None
         if self._ratio_vs_dense is None and cfg.static_training_shapes:  # else a meta-device model cannot run
             self._cross_check(pl_module, cfg, batch_size, seq_len)

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from .. import tags
+from ..batch import split_batch
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
 
@@ -82,7 +83,8 @@ class RoutingHeatmap(Callback):
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        n = min(self.max_positions, batch.shape[1] - 1)
+        tokens = split_batch(batch)[0]
+        n = min(self.max_positions, tokens.shape[1])
         causal = {i.layer: i for i in causal_routing}
         rows = []
         for info in topk:
@@ -90,7 +92,7 @@ class RoutingHeatmap(Callback):
             rows.append((f"{name} top-k", info.selected[0, :n].cpu()))
             if info.layer in causal:
                 rows.append((f"{name} causal", causal[info.layer].selected[0, :n].cpu()))
-        text = sequence_text(trainer, batch[0, :n].tolist())
+        text = sequence_text(trainer, tokens[0, :n].tolist())
         title = f"processed tokens (dark), step {trainer.global_step}" + (f"\n\u201c{text}\u201d" if text else "")
         group = 2 if len(rows) == 2 * len(topk) else 1
         writer.add_figure(tags.HEATMAP, heatmap_figure(rows, title, group), trainer.global_step, close=True)

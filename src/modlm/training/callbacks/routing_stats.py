@@ -45,6 +45,7 @@ from ...analysis.metrics import (capacity_used, decision_counts, decision_qualit
                                  quality_from_counts, recursion_decision_counts, recursion_figures, selection_figures,
                                  token_depth)
 from .. import tags
+from ..batch import split_batch
 from ..loggers import tensorboard_writer
 from ..telemetry import report_of
 
@@ -89,7 +90,7 @@ class RoutingStats(Callback):
             return
         cfg = pl_module.model.config
         if due:
-            input_ids = batch[:, :-1]
+            input_ids = split_batch(batch)[0]
             scalars = {tags.router(figure, layer): value
                        for figure, per_layer in selection_figures(infos, input_ids, self._eot_id(trainer)).items()
                        for layer, value in per_layer.items()}
