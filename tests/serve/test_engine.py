@@ -40,15 +40,16 @@ class Collector:
         return "".join(self.parts)
 
 
-def job(saved, prompt, max_tokens, sampling=None, stops=()) -> tuple[Job, Collector]:
+def job(saved, prompt, max_tokens, sampling=None, stops=(), end_id=None) -> tuple[Job, Collector]:
     out = Collector()
     ids = saved.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
+    end_id = end_of_text_id(saved.tokenizer) if end_id is None else end_id
     return Job(prompt=ids, max_tokens=max_tokens, sampling=sampling or Sampling(temperature=0),
-               stream=TextStream(saved.tokenizer, list(stops)), emit=out), out
+               stream=TextStream(saved.tokenizer, list(stops)), emit=out, end_id=end_id), out
 
 
 def engine(saved, **settings) -> Engine:
-    e = Engine(saved.model, end_of_text_id(saved.tokenizer), **settings)
+    e = Engine(saved.model, **settings)
     e.start()
     return e
 
@@ -91,15 +92,14 @@ def test_requests_joining_a_running_batch_get_what_each_gets_alone(saved):
 
 
 def test_a_request_ends_at_its_end_of_text_token(saved):
-    """The engine's end-of-text token is here a token greedy decoding gives (the served model never
-    predicts its own): the request ends there, its text the tokens before it."""
+    """The request's end token is here a token greedy decoding gives (the served model never predicts
+    its end-of-text token): the request ends there, its text the tokens before it."""
     ids = saved.tokenizer.encode(PROMPTS[0]).ids
     tokens = saved.model.generate(ids, max_new_tokens=12, temperature=0)[len(ids):].tolist()
     at = next(i for i in range(2, 12) if tokens[i] not in tokens[:i])
-    e = Engine(saved.model, tokens[at])
-    e.start()
+    e = engine(saved)
     try:
-        j, out = job(saved, PROMPTS[0], 12)
+        j, out = job(saved, PROMPTS[0], 12, end_id=tokens[at])
         e.submit(j)
         assert out.done.wait(30)
     finally:

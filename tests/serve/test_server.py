@@ -176,6 +176,53 @@ def test_a_seeded_sample_is_the_seeds_and_modlm_generates(server, saved):
     assert complete(client, PROMPTS[1], max_tokens=30, extra_body={"top_k": 40}, **{**settings, "seed": 22})[0] != first
 
 
+CONVERSATION = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A function, please."}]
+
+
+def test_a_chat_answers_what_modlm_generate_chat_answers(server, saved):
+    """The conversation rendered with the model's chat template (modlm's default here), answered
+    greedily, whole and streamed; content sent as text parts reads as the same text."""
+    client = server.client()
+    whole = client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0)
+    answer = whole.choices[0].message
+    assert answer.role == "assistant" and whole.choices[0].finish_reason == "length"
+    assert answer.content == alone(saved, CONVERSATION, max_new_tokens=30, temperature=0, chat=True)
+    assert len(set(answer.content)) > 3, "the answer must vary for this to test decoding"
+    prompt = continuations_prompt(saved, CONVERSATION)
+    assert whole.usage.prompt_tokens == len(prompt) and whole.usage.completion_tokens == 30
+    chunks = list(client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:5]}, {"type": "text", "text": m["content"][5:]}]}
+             for m in CONVERSATION]
+    again = client.chat.completions.create(model=NAME, messages=parts, max_tokens=30, temperature=0)
+    assert again.choices[0].message.content == answer.content
+
+
+def continuations_prompt(saved, messages) -> list[int]:
+    from modlm.data.chat import ChatEncoder
+
+    return ChatEncoder(saved.tokenizer.to_str(), saved.chat_template).encode(messages, add_generation_prompt=True)[0]
+
+
+def test_a_bad_conversation_gets_a_400_naming_it(server):
+    client = server.client()
+    cases = {
+        "role 'robot'": [{"role": "robot", "content": "hi"}],
+        "no 'content'": [{"role": "user"}],
+        "non-empty list": [],
+        "only text content": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    }
+    for words, messages in cases.items():
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.chat.completions.create(model=NAME, messages=messages, max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=NAME, messages=CONVERSATION, max_completion_tokens=10**6)
+    assert client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=2).choices[0].finish_reason
+
+
 def test_models_and_health(server):
     models = server.client().models.list().data
     assert [m.id for m in models] == [NAME]

@@ -1,7 +1,9 @@
 """The HTTP side: a FastAPI app with OpenAI's endpoints over one ``Engine``.
 
 ``GET /health`` (open to all: whether the decode loop runs, and its load), ``GET /v1/models``,
-``POST /v1/completions`` and ``POST /v1/chat/completions`` (behind the API key when one is set).
+``POST /v1/completions`` (text continued until the end-of-text token) and ``POST /v1/chat/completions``
+(messages rendered with the model's chat template, answered until its end-of-turn token: what
+``modlm-generate --chat`` does), behind the API key when one is set.
 Bodies are capped at ``max_body_bytes`` (413 past it); every refusal is an OpenAI-style error
 (``errors.py``). The app starts the engine's thread when it starts and stops it when it stops, after
 the server has finished (or, past its grace period, cancelled) the requests in flight.
@@ -18,10 +20,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..data.chat import ChatEncoder, ChatError
 from . import errors
-from .completions import Completions, TextFormat
-from .errors import APIError
-from .schema import CompletionRequest
+from .completions import ChatFormat, Completions, TextFormat
+from .errors import APIError, invalid
+from .schema import ChatRequest, CompletionRequest
 
 DEFAULT_MAX_TOKENS = 16
 """``max_tokens`` of a completion that names none (OpenAI's default for ``/v1/completions``)."""
@@ -65,7 +68,9 @@ def bearer(api_key: str):
     return check
 
 
-def create_app(completions: Completions, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(completions: Completions, chat: ChatEncoder, end_of_text: Optional[int], api_key: Optional[str] = None,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The app: completions end at the ``end_of_text`` token, chats at ``chat``'s end of turn."""
     engine = completions.engine
     created = int(time.time())
 
@@ -102,6 +107,18 @@ def create_app(completions: Completions, api_key: Optional[str] = None, max_body
         max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, completions.context - len(ids)))
-        return await completions.answer(request, body, ids, max_tokens, TextFormat())
+        return await completions.answer(request, body, ids, max_tokens, end_of_text, TextFormat())
+
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatRequest, request: Request):
+        completions.check_model(body)
+        body.refuse_unsupported()
+        messages = body.conversation()
+        try:  # the prompt modlm-generate --chat renders: the conversation up to the assistant's header
+            ids = await run_in_threadpool(lambda: chat.encode(messages, add_generation_prompt=True)[0])
+        except ChatError as err:
+            raise invalid("messages", f"messages: {str(err).strip().splitlines()[0]}") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await completions.answer(request, body, ids, max_tokens, chat.end_of_turn_id, ChatFormat())
 
     return app

@@ -104,6 +104,7 @@ def check(options: ServeOptions) -> None:
 
 def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
     """The app serving ``model_path``: the model loaded, its engine made (not started)."""
+    from ..data.chat import ChatEncoder
     from .app import create_app
     from .completions import Completions
     from .engine import Engine
@@ -118,12 +119,18 @@ def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"{model_path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
                         f"{config.vocab_size}")
+    chat = ChatEncoder(tokenizer.to_str(), saved.chat_template)  # a template that cannot serve is refused here
+    if saved.chat_template is None:
+        print("modlm: the model has no chat template: /v1/chat/completions renders with modlm's default "
+              "(docs/fine-tuning.md)", file=sys.stderr)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
-    engine = Engine(saved.model, end_of_text_id(tokenizer), max_batch=options.max_batch, max_queue=options.max_queue,
+    engine = Engine(saved.model, max_batch=options.max_batch, max_queue=options.max_queue,
                     prefill_chunk=options.prefill_chunk, autocast=autocast)
     completions = Completions(engine, tokenizer, options.model_name or model_path, config.max_seq_len,
                               config.vocab_size)
-    return create_app(completions, api_key=api_key, max_body_bytes=options.max_body_bytes), engine, saved
+    app = create_app(completions, chat, end_of_text_id(tokenizer), api_key=api_key,
+                     max_body_bytes=options.max_body_bytes)
+    return app, engine, saved
 
 
 def main(argv=None) -> int:

@@ -74,9 +74,9 @@ class Completions:
             raise APIError(404, f"The model `{body.model}` does not exist: this server serves `{self.name}`",
                            param="model", code="model_not_found")
 
-    def job(self, body: Sampled, prompt: list[int], max_tokens: Optional[int], emit) -> Job:
-        """The engine's job for ``prompt``, or a 400 naming what does not fit. ``max_tokens`` None:
-        up to the end of the context."""
+    def job(self, body: Sampled, prompt: list[int], max_tokens: Optional[int], end_id: Optional[int], emit) -> Job:
+        """The engine's job for ``prompt``, ending at ``end_id``, or a 400 naming what does not fit.
+        ``max_tokens`` None: up to the end of the context."""
         if not prompt:
             raise invalid("prompt", "prompt: it encodes to no token")
         if any(not 0 <= t < self.vocab_size for t in prompt):
@@ -93,11 +93,12 @@ class Completions:
         top_p = None if body.top_p in (None, 1) else body.top_p
         sampling = Sampling(temperature=temperature, top_k=body.top_k, top_p=top_p, seed=body.seed)
         return Job(prompt=prompt, max_tokens=room if max_tokens is None else max_tokens, sampling=sampling,
-                   stream=TextStream(self.tokenizer, body.stops()), emit=emit)
+                   stream=TextStream(self.tokenizer, body.stops()), emit=emit, end_id=end_id)
 
     async def answer(self, request: Request, body: Sampled, prompt: list[int], max_tokens: Optional[int],
-                     form) -> JSONResponse | StreamingResponse:
-        """Run ``prompt`` and answer in ``form`` (``TextFormat``, ``ChatFormat``), whole or streamed."""
+                     end_id: Optional[int], form) -> JSONResponse | StreamingResponse:
+        """Run ``prompt`` until ``end_id`` (or ``max_tokens``, a stop string) and answer in ``form``
+        (``TextFormat``, ``ChatFormat``), whole or streamed."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[Update] = asyncio.Queue()
 
@@ -107,7 +108,7 @@ class Completions:
             except RuntimeError:  # the event loop has closed: nobody is listening any more
                 pass
 
-        job = self.job(body, prompt, max_tokens, emit)
+        job = self.job(body, prompt, max_tokens, end_id, emit)
         try:
             self.engine.submit(job)
         except QueueFull as err:

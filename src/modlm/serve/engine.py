@@ -3,7 +3,7 @@
 Each turn of the loop prefills one chunk of the prompt of the request next in line (in a state of
 its own), then runs one decoding step of every running row. A request whose prompt is in joins the
 running rows (``modlm.model.rows.RowPool``) between two steps with its first token already sampled,
-and leaves when it ends (its end-of-text token, a stop string, ``max_tokens``) or when its client
+and leaves when it ends (its end token, a stop string, ``max_tokens``) or when its client
 has gone. A prompt's prefill so delays the running rows by one chunk per step, never by a whole long
 prompt. Each row samples with its own settings and its own generator, so a request with a seed
 draws what it would draw alone; a greedy row decodes what ``modlm-generate`` decodes alone.
@@ -63,6 +63,8 @@ class Job:
     sampling: Sampling
     stream: TextStream
     emit: Callable[[Update], None]
+    end_id: Optional[int] = None
+    """The token that ends it (counted, not shown): the end-of-text token, or a chat's end of turn."""
     completion_tokens: int = 0
     """Tokens sampled so far (an end-of-text token counted)."""
     finish_reason: Optional[str] = None
@@ -83,11 +85,12 @@ class Job:
 
 class Engine:
     """The decode loop over ``model`` with room for ``max_batch`` running rows and ``max_queue``
-    waiting requests; ``prefill_chunk`` prompt tokens per turn (0: a whole prompt at once)."""
+    waiting requests; ``prefill_chunk`` prompt tokens per turn (0: a whole prompt at once); under
+    ``autocast`` (bf16, say), when given."""
 
-    def __init__(self, model, eot_id: Optional[int], max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 64, autocast: Optional[torch.autocast] = None):
-        self.model, self.eot_id = model, eot_id
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
+                 autocast: Optional[torch.autocast] = None):
+        self.model = model
         self.device = next(model.parameters()).device
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.autocast = autocast or torch.autocast(self.device.type, enabled=False)
@@ -230,7 +233,7 @@ class Engine:
     def _accept(self, job: Job, token: int) -> None:
         job.completion_tokens += 1
         job.last = token
-        if token == self.eot_id:
+        if token == job.end_id:
             return self._finish(job, "stop")
         text = job.stream.push(token)
         if job.stream.stopped:

@@ -96,3 +96,17 @@ class ChatRequest(Sampled):
             raise invalid("logprobs", "logprobs: not supported")
         if self.tools:
             raise invalid("tools", "tools: not supported")
+
+    def conversation(self) -> list[dict]:
+        """The messages with their content as text: a list of text parts (what some clients send) joined.
+        Roles and the rest are the chat template's to check (``modlm.data.chat.check_messages``)."""
+        messages = []
+        for n, message in enumerate(self.messages, 1):
+            content = message.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                           for part in content):
+                    raise invalid("messages", f"messages: message {n}: only text content is supported")
+                message = {**message, "content": "".join(part["text"] for part in content)}
+            messages.append(message)
+        return messages
