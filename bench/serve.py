@@ -79,29 +79,31 @@ class Server:
 def one_request(client, model: str, prompt: list[int], new_tokens: int) -> dict:
     """A streamed greedy completion: when it was sent, when its first text came, when it ended, its tokens."""
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, text = None, 0, ""
     for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
                                            stream=True, stream_options={"include_usage": True}):
-        if first is None and chunk.choices and chunk.choices[0].text:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].text:
+            first = first or time.perf_counter()
+            text += chunk.choices[0].text
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"start": start, "ttft": (first or end) - start, "end": end, "tokens": tokens}
+    return {"start": start, "ttft": (first or end) - start, "end": end, "tokens": tokens, "text": text}
 
 
 def load(server: Server, prompts: list[list[int]], clients: int, requests: int, new_tokens: int) -> dict:
     """``clients`` threads, each sending ``requests`` completions in a row."""
     def client_loop(c):
-        return [one_request(server.client, server.name, prompts[(c * requests + r) % len(prompts)], new_tokens)
-                for r in range(requests)]
+        return [(i, one_request(server.client, server.name, prompts[i], new_tokens))
+                for i in ((c * requests + r) % len(prompts) for r in range(requests))]
 
     with cf.ThreadPoolExecutor(clients) as pool:
         done = [r for rs in pool.map(client_loop, range(clients)) for r in rs]
-    wall = max(r["end"] for r in done) - min(r["start"] for r in done)
-    ttft = sorted(r["ttft"] for r in done)
-    return {"tokens_per_s": sum(r["tokens"] for r in done) / wall, "tokens": sum(r["tokens"] for r in done),
-            "wall_s": wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95)}
+    wall = max(r["end"] for _, r in done) - min(r["start"] for _, r in done)
+    ttft = sorted(r["ttft"] for _, r in done)
+    return {"tokens_per_s": sum(r["tokens"] for _, r in done) / wall, "tokens": sum(r["tokens"] for _, r in done),
+            "wall_s": wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "texts": {i: r["text"] for i, r in done}}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -202,8 +204,24 @@ def main(argv=None) -> None:
     info["load_average_end"] = os.getloadavg()
     table = summary(runs, names, memory)
     print(table)
+    print(same_texts(runs))
     if args.json:
         args.json.write_text(json.dumps({"info": info, "memory": memory, "runs": runs}, indent=1))
+
+
+def same_texts(runs: list[dict]) -> str:
+    """Whether every greedy completion of a prompt was the same text in every load it was part of
+    (1 client or 16, any repetition): the answer does not depend on the batch."""
+    seen, loads, differ = {}, {}, set()
+    for r in runs:
+        for i, text in r["texts"].items():
+            key = (r["model"], r["prompt"], i)
+            loads.setdefault(key, set()).add(r["clients"])
+            if seen.setdefault(key, text) != text:
+                differ.add(key)
+    across = sum(len(c) > 1 for c in loads.values())
+    return (f"greedy texts: {len(seen)} (model, prompt) pairs, {across} of them served under different client "
+            f"counts; {len(differ)} differed between loads" + (f": {sorted(differ)}" if differ else ""))
 
 
 def summary(runs: list[dict], names: list[str], memory: dict) -> str:
