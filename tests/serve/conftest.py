@@ -20,7 +20,7 @@ def model_folder(tiny_tokenizer, tmp_path_factory) -> Path:
     tokenizer = Tokenizer.from_str(text)
     torch.manual_seed(0)
     model = MoDTransformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), d_model=64, n_layers=4, n_heads=4,
-                                       max_seq_len=4096, capacity=0.5, init_std=0.2)).eval()
+                                       max_seq_len=8192, capacity=0.5, init_std=0.2)).eval()
     with torch.no_grad():
         model.lm_head.weight[end_of_text_id(tokenizer)] = 0
     model.tokenizer_json = text

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from modlm.cli.generate import GenerateOptions, continuations
 from modlm.data.tokenizer import end_of_text_id
@@ -20,6 +21,16 @@ PROMPTS = ["def f(", "import os\nimport sys\n", "class A:", "    return x", "for
 @pytest.fixture(scope="module")
 def saved(model_folder):
     return load_saved(str(model_folder))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The engine's thread computes with one torch thread: with two threads waiting on each other on
+    a shared 2-core machine, OpenMP's spinning made these tests 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Collector:
@@ -126,7 +137,7 @@ def test_a_seeded_request_draws_what_it_draws_alone(saved):
 def test_a_cancelled_request_frees_its_row_and_the_line_is_bounded(saved):
     e = engine(saved, max_batch=1, max_queue=1)
     try:
-        running, first = job(saved, PROMPTS[0], 1000)
+        running, first = job(saved, PROMPTS[0], 8000)
         e.submit(running)
         while not first.parts:
             time.sleep(0.001)

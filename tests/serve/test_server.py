@@ -39,7 +39,7 @@ class Server:
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modlm.serve", str(folder), "--port", str(self.port), "--model_name", NAME,
-             "--log_level", "warning", *map(str, args)],
+             "--log_level", "warning", "--threads", "1", *map(str, args)],
             env=environment, stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
         end = time.monotonic() + 180
         while time.monotonic() < end:
@@ -241,7 +241,7 @@ BAD = {  # body -> (status, the message names this)
     '{"model": "tiny-mod", "prompt": "x", "n": 2}': (400, "n:"),
     '{"model": "tiny-mod", "prompt": ""}': (400, "prompt"),
     '{"model": "tiny-mod", "prompt": [1, 2, 99999999]}': (400, "token ids"),
-    '{"model": "tiny-mod", "prompt": "' + "x " * 5000 + '"}': (400, "maximum context length"),
+    '{"model": "tiny-mod", "prompt": "' + "x " * 9000 + '"}': (400, "maximum context length"),
     '{"model": "someone-else", "prompt": "x"}': (404, "does not exist"),
     '{"prompt": "x"}': (400, "model"),
     'not json at all': (400, "not valid JSON"),
@@ -272,12 +272,12 @@ def test_a_client_that_goes_away_frees_its_row(server):
         return server.load()["ended"].get("cancelled", 0)
 
     before = cancelled()
-    with server.stream({"prompt": "def", "max_tokens": 4000, "temperature": 0}) as lines:
+    with server.stream({"prompt": "def", "max_tokens": 8000, "temperature": 0}) as lines:
         next(lines)
         assert wait_for(lambda: server.load()["running"] == 1)
     assert wait_for(lambda: cancelled() == before + 1) and server.load()["running"] == 0
     with pytest.raises(TimeoutError):  # a whole answer: the client gives up waiting
-        body = {"model": NAME, "prompt": "def", "max_tokens": 4000, "temperature": 0}
+        body = {"model": NAME, "prompt": "def", "max_tokens": 8000, "temperature": 0}
         server.request("POST", "/v1/completions", body, timeout=1)
     assert wait_for(lambda: cancelled() == before + 2) and server.load()["running"] == 0
 
@@ -310,7 +310,7 @@ def test_a_full_line_answers_503(model_folder):
     client = server.client()
     try:
         with cf.ThreadPoolExecutor(1) as pool:
-            with server.stream({"prompt": "def", "max_tokens": 4000, "temperature": 0}) as running:
+            with server.stream({"prompt": "def", "max_tokens": 8000, "temperature": 0}) as running:
                 next(running)
                 waiting = pool.submit(complete, client, "x", max_tokens=3)
                 assert wait_for(lambda: server.load()["waiting"] == 1)
@@ -324,16 +324,16 @@ def test_a_full_line_answers_503(model_folder):
 
 
 def test_sigterm_finishes_what_it_can_cancels_the_rest_and_exits(model_folder, tmp_path):
-    server = Server(model_folder, "--shutdown_timeout", 3, log=tmp_path / "server.log")
+    server = Server(model_folder, "--shutdown_timeout", 1, log=tmp_path / "server.log")
     client = server.client()
-    endless = server.stream({"prompt": "x", "max_tokens": 4000, "temperature": 0})
+    endless = server.stream({"prompt": "x", "max_tokens": 8000, "temperature": 0})
     with cf.ThreadPoolExecutor(1) as pool, endless as endless:
         next(endless)
-        short = pool.submit(complete, client, "def", stream=True, max_tokens=20, temperature=0)
+        short = pool.submit(complete, client, "def", stream=True, max_tokens=10, temperature=0)
         assert wait_for(lambda: server.load()["running"] == 2)
         server.proc.send_signal(signal.SIGTERM)
         _, reason, usage = short.result(timeout=60)  # in flight: finished
-        assert reason == "length" and usage.completion_tokens == 20
+        assert reason == "length" and usage.completion_tokens == 10
         assert wait_for(lambda: not server.accepts(), 10)  # no new connection once it is stopping
         *_, error, done = endless  # past the grace period: an error event ends it
         assert json.loads(error.removeprefix("data: "))["error"]["message"].startswith("the server stopped")
