@@ -12,7 +12,7 @@ import torch
 from modlm.cli.generate import GenerateOptions, continuations
 from modlm.data.tokenizer import end_of_text_id
 from modlm.saved import load_saved
-from modlm.serve.engine import Engine, Job, QueueFull, Sampling
+from modlm.serve.engine import Engine, Job, QueueFull, Sampling, Stopped
 from modlm.serve.text import TextStream
 
 PROMPTS = ["def f(", "import os\nimport sys\n", "class A:", "    return x", "for i in range(10):\n    ", "x"]
@@ -152,6 +152,22 @@ def test_a_cancelled_request_frees_its_row_and_the_line_is_bounded(saved):
         assert e.load()["ended"] == {"cancelled": 1, "length": 1}
     finally:
         e.stop()
+
+
+def test_draining_refuses_new_requests_lets_those_here_finish_then_ends_the_rest(saved):
+    e = engine(saved)
+    short, short_out = job(saved, PROMPTS[0], 5)
+    endless, endless_out = job(saved, PROMPTS[1], 8000)
+    e.submit(endless)
+    e.submit(short)
+    assert wait_for(lambda: e.load()["running"] == 2 or short_out.done.is_set())
+    e.drain(0.5)
+    with pytest.raises(Stopped):
+        e.submit(job(saved, PROMPTS[2], 3)[0])
+    assert short_out.done.wait(30) and short_out.reason == "length"
+    assert endless_out.done.wait(30) and endless_out.reason == "error" and "stopped" in endless_out.error
+    e.thread.join(30)
+    assert not e.thread.is_alive()
 
 
 def test_a_failing_turn_fails_its_requests_and_the_loop_serves_the_next(saved):
