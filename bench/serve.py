@@ -10,7 +10,9 @@ idle while the others are loaded), then every load in turn, model after model (A
 ``--new-tokens`` each, prompts cut from the validation windows the checkpoint carries: ``short`` and
 ``long`` tokens long, a different window per request). Per load: tokens/s (every completion token
 the clients received over the load's wall time) and time to first token (from sending a request to
-its first text, p50 and p95 over the load's requests); per figure the median over repetitions.
+its first text, p50 and p95 over the load's requests) and the gap between two pieces of a stream
+(p50, p95: a prompt's prefill delays the running streams by its chunk); per figure the median over
+repetitions.
 
 KV-cache memory per sequence is read from the model's own caches after one greedy generation of a
 short and a long prompt alone: the entries the caches hold (a routed block keeps only the tokens it
@@ -79,16 +81,18 @@ class Server:
 def one_request(client, model: str, prompt: list[int], new_tokens: int) -> dict:
     """A streamed greedy completion: when it was sent, when its first text came, when it ended, its tokens."""
     start = time.perf_counter()
-    first, tokens, text = None, 0, ""
+    arrivals, tokens, text = [], 0, ""
     for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
                                            stream=True, stream_options={"include_usage": True}):
         if chunk.choices and chunk.choices[0].text:
-            first = first or time.perf_counter()
+            arrivals.append(time.perf_counter())
             text += chunk.choices[0].text
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"start": start, "ttft": (first or end) - start, "end": end, "tokens": tokens, "text": text}
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"start": start, "ttft": (arrivals[0] if arrivals else end) - start, "end": end, "tokens": tokens,
+            "text": text, "gaps": gaps}
 
 
 def load(server: Server, prompts: list[list[int]], clients: int, requests: int, new_tokens: int) -> dict:
@@ -101,8 +105,10 @@ def load(server: Server, prompts: list[list[int]], clients: int, requests: int, 
         done = [r for rs in pool.map(client_loop, range(clients)) for r in rs]
     wall = max(r["end"] for _, r in done) - min(r["start"] for _, r in done)
     ttft = sorted(r["ttft"] for _, r in done)
+    gaps = sorted(g for _, r in done for g in r["gaps"]) or [0.0]
     return {"tokens_per_s": sum(r["tokens"] for _, r in done) / wall, "tokens": sum(r["tokens"] for _, r in done),
             "wall_s": wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "gap_p50_s": percentile(gaps, 50), "gap_p95_s": percentile(gaps, 95),
             "texts": {i: r["text"] for i, r in done}}
 
 
@@ -164,6 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    p.add_argument("--prefill-chunk", type=int, help="each server's --prefill_chunk (default: the server's)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     models = dict(spec.split("=", 1) for spec in args.model)
@@ -181,8 +188,10 @@ def main(argv=None) -> None:
     info = {"cpu": cpu_name(), "torch": torch.__version__, "load_average_start": os.getloadavg(),
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(), "args": {k: str(v) for k, v in vars(args).items()}}
-    servers = {name: Server(name, path, ["--threads", str(args.threads), "--max_batch", str(args.max_batch)],
-                            logs / f"{name}.log") for name, path in models.items()}
+    server_args = ["--threads", str(args.threads), "--max_batch", str(args.max_batch)]
+    if args.prefill_chunk is not None:
+        server_args += ["--prefill_chunk", str(args.prefill_chunk)]
+    servers = {name: Server(name, path, server_args, logs / f"{name}.log") for name, path in models.items()}
     runs = []
     try:
         for server in servers.values():  # warm up: first requests pay one-time costs
@@ -231,8 +240,8 @@ def summary(runs: list[dict], names: list[str], memory: dict) -> str:
                                                                                                       clients))
 
     dense = next((n for n in names if n.startswith("dense")), None)
-    lines = ["| model | prompt | clients | tokens/s | x 1 client | vs dense | TTFT p50 ms | TTFT p95 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | prompt | clients | tokens/s | x 1 client | vs dense | TTFT p50 ms | TTFT p95 ms | gap p50 ms "
+             "| gap p95 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     clients = sorted({r["clients"] for r in runs})
     for prompt in ("short", "long"):
         for c in clients:
@@ -240,9 +249,9 @@ def summary(runs: list[dict], names: list[str], memory: dict) -> str:
                 tps = median(name, prompt, c, "tokens_per_s")
                 one = median(name, prompt, clients[0], "tokens_per_s")
                 vs = f"{tps / median(dense, prompt, c, 'tokens_per_s'):.2f}" if dense and name != dense else "-"
-                lines.append(f"| {name} | {prompt} | {c} | {tps:.1f} | {tps / one:.2f} | {vs} | "
-                             f"{median(name, prompt, c, 'ttft_p50_s') * 1e3:.0f} | "
-                             f"{median(name, prompt, c, 'ttft_p95_s') * 1e3:.0f} |")
+                ms = [f"{median(name, prompt, c, key) * 1e3:.0f}" for key in ("ttft_p50_s", "ttft_p95_s", "gap_p50_s",
+                                                                               "gap_p95_s")]
+                lines.append(f"| {name} | {prompt} | {c} | {tps:.1f} | {tps / one:.2f} | {vs} | {' | '.join(ms)} |")
     lines += ["", "| model | prompt | tokens | KV held (KiB) | vs all blocks holding all | allocated per row (KiB) |",
               "|---|---|---|---|---|---|"]
     for name in names:

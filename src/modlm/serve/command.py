@@ -65,7 +65,7 @@ class ServeOptions:
     model_name: Optional[str] = None
     max_batch: int = 16
     max_queue: int = 64
-    prefill_chunk: int = 64
+    prefill_chunk: int = 32
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
     device: Optional[str] = None

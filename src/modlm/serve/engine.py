@@ -88,7 +88,7 @@ class Engine:
     waiting requests; ``prefill_chunk`` prompt tokens per turn (0: a whole prompt at once); under
     ``autocast`` (bf16, say), when given."""
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
+    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 32,
                  autocast: Optional[torch.autocast] = None):
         self.model = model
         self.device = next(model.parameters()).device
