@@ -60,7 +60,8 @@ class RowPool:
     """
 
     def __init__(self, state: DecodeState):
-        self.pool = state
+        self.full = state
+        """The state of every row, running or free."""
         self.capacity = int(state.seen.numel())
         self.running = 0
         """Rows decoding: rows 0 .. running - 1."""
@@ -74,7 +75,7 @@ class RowPool:
             raise RuntimeError("every row of the pool is running")  # the caller admits only into free rows
         self._take_back(self.state, 0)
         row = self.running
-        for mine, theirs in zip(_holders(self.pool), _holders(one)):
+        for mine, theirs in zip(_holders(self.full), _holders(one)):
             for name in getattr(mine, "ROW_BUFFERS", ()):  # the whole row: no entry of an earlier request stays
                 getattr(mine, name)[row] = getattr(theirs, name)[0]
         self._take_back(one, row)
@@ -102,9 +103,9 @@ class RowPool:
 
     def view(self, start: int, stop: int) -> DecodeState:
         """Rows [start, stop) of the pool as a state of their own, sharing its buffers."""
-        state = _rows_of(self.pool, start, stop)
+        state = _rows_of(self.full, start, stop)
         state.caches = [[_rows_of(c, start, stop) for c in entry] if isinstance(entry, list)
-                        else _rows_of(entry, start, stop) for entry in self.pool.caches]
+                        else _rows_of(entry, start, stop) for entry in self.full.caches]
         return state
 
     def _rebuild(self) -> None:
@@ -113,14 +114,14 @@ class RowPool:
             return
         self.state = self.view(0, self.running)
         # the host's bound on every running row's count: read once here, not on every step
-        self.state.filled = int(self.pool.seen[: self.running].max())
+        self.state.filled = int(self.full.seen[: self.running].max())
 
     def _take_back(self, view: Optional[DecodeState], start: int) -> None:
         """Copy into the pool the row state ``view`` (its rows from ``start``) holds: the decision
         state the model replaced while the view decoded."""
         if view is None:
             return
-        for mine, theirs in zip(_holders(self.pool), _holders(view)):
+        for mine, theirs in zip(_holders(self.full), _holders(view)):
             for name in getattr(mine, "ROW_STATE", ()):
                 value = getattr(theirs, name)
                 if value is None:
@@ -133,7 +134,7 @@ class RowPool:
 
     def _move(self, src: int, dst: int) -> None:
         """Row ``src``'s every per-row tensor into row ``dst``."""
-        for holder in _holders(self.pool):
+        for holder in _holders(self.full):
             for name in (*getattr(holder, "ROW_BUFFERS", ()), *getattr(holder, "ROW_STATE", ())):
                 tensor = getattr(holder, name)
                 if tensor is not None:
