@@ -101,12 +101,12 @@ class Engine:
         self.filling: Optional[Job] = None
         """The job whose prompt is being prefilled."""
         self.waiting: deque[Job] = deque()
-        self.lock = threading.Condition()
+        self.lock = threading.Condition()  # re-entrant: the loop counts an ending while it holds it
         self.stopping = False
         self.draining = False
-        self.ended: Counter[str] = Counter()
-        """Requests ended so far, by why."""
         """Set on shutdown: no new job; those here get a grace period (``drain``)."""
+        self.ended: Counter[str] = Counter()
+        """Requests ended so far, by why (counted under the lock: consumers count their cancels too)."""
         self.failure: Optional[BaseException] = None
         """What ended the loop, if anything did (the server's health says so)."""
         self.thread = threading.Thread(target=self._run, name="modlm-decode", daemon=True)
@@ -245,7 +245,7 @@ class Engine:
 
     def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
         job.finish_reason = reason
-        self.ended[reason] += 1
+        self._count(reason)
         if reason != "error":
             text += job.stream.finish()
         job.emit(Update(text, reason, error))
@@ -253,12 +253,16 @@ class Engine:
     def _drop_cancelled(self) -> None:
         if self.filling is not None and self.filling.cancelled:
             self.filling.state, self.filling = None, None
-            self.ended["cancelled"] += 1
+            self._count("cancelled")
         for job in self.rows:
             if job.cancelled and not job.done:
                 job.finish_reason = "cancelled"
-                self.ended["cancelled"] += 1
+                self._count("cancelled")
         self._release([row for row, job in enumerate(self.rows) if job.done])
+
+    def _count(self, reason: str) -> None:
+        with self.lock:
+            self.ended[reason] += 1
 
     def _release(self, rows: list[int]) -> None:
         if not rows:
