@@ -215,7 +215,9 @@ def main(argv=None) -> None:
     print(table)
     print(same_texts(runs))
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "memory": memory, "runs": runs}, indent=1))
+        kept = [{k: v for k, v in r.items() if k != "texts"} for r in runs]  # the texts were for same_texts
+        args.json.write_text(json.dumps({"info": info, "memory": memory, "runs": kept,
+                                         "same_texts": same_texts(runs)}, indent=1))
 
 
 def same_texts(runs: list[dict]) -> str:
