@@ -161,7 +161,7 @@ def cpu_name() -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to serve (repeat)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to serve (repeat)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=3, help="completions each client sends in a row")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -172,7 +172,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     p.add_argument("--prefill-chunk", type=int, help="each server's --prefill_chunk (default: the server's)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--report", type=Path, help="print the tables of an earlier --json and exit")
     args = p.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        names = list(dict.fromkeys(r["model"] for r in saved["runs"]))
+        print(summary(saved["runs"], names, saved["memory"]))
+        print(saved.get("same_texts", ""))
+        return
     models = dict(spec.split("=", 1) for spec in args.model)
     logs = (args.json.parent if args.json else Path(".")) / "serve_logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -236,11 +243,20 @@ def same_texts(runs: list[dict]) -> str:
 
 
 def summary(runs: list[dict], names: list[str], memory: dict) -> str:
-    """Markdown: medians per (model, prompt, clients), against the first model named ``dense*``."""
-    def median(model, prompt, clients, key):
-        return statistics.median(r[key] for r in runs if (r["model"], r["prompt"], r["clients"]) == (model, prompt,
-                                                                                                      clients))
+    """Markdown: medians per (model, prompt, clients); the ratios (to the same model's 1-client load,
+    to the first model named ``dense*``) are medians of ratios taken within each repetition, where the
+    loads compared ran close together."""
+    def value(model, prompt, clients, rep, key="tokens_per_s"):
+        return next(r[key] for r in runs if (r["model"], r["prompt"], r["clients"], r["rep"]) ==
+                    (model, prompt, clients, rep))
 
+    def median(model, prompt, clients, key):
+        return statistics.median(value(model, prompt, clients, rep, key) for rep in reps)
+
+    def ratio(a, b):
+        return statistics.median(value(*a, rep) / value(*b, rep) for rep in reps)
+
+    reps = sorted({r["rep"] for r in runs})
     dense = next((n for n in names if n.startswith("dense")), None)
     lines = ["| model | prompt | clients | tokens/s | x 1 client | vs dense | TTFT p50 ms | TTFT p95 ms | gap p50 ms "
              "| gap p95 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -248,12 +264,12 @@ def summary(runs: list[dict], names: list[str], memory: dict) -> str:
     for prompt in ("short", "long"):
         for c in clients:
             for name in names:
-                tps = median(name, prompt, c, "tokens_per_s")
-                one = median(name, prompt, clients[0], "tokens_per_s")
-                vs = f"{tps / median(dense, prompt, c, 'tokens_per_s'):.2f}" if dense and name != dense else "-"
+                scale = ratio((name, prompt, c), (name, prompt, clients[0]))
+                vs = f"{ratio((name, prompt, c), (dense, prompt, c)):.2f}" if dense and name != dense else "-"
                 ms = [f"{median(name, prompt, c, key) * 1e3:.0f}" for key in ("ttft_p50_s", "ttft_p95_s", "gap_p50_s",
                                                                                "gap_p95_s")]
-                lines.append(f"| {name} | {prompt} | {c} | {tps:.1f} | {tps / one:.2f} | {vs} | {' | '.join(ms)} |")
+                lines.append(f"| {name} | {prompt} | {c} | {median(name, prompt, c, 'tokens_per_s'):.1f} | "
+                             f"{scale:.2f} | {vs} | {' | '.join(ms)} |")
     lines += ["", "| model | prompt | tokens | KV held (KiB) | vs all blocks holding all | allocated per row (KiB) |",
               "|---|---|---|---|---|---|"]
     for name in names:
@@ -261,7 +277,6 @@ def summary(runs: list[dict], names: list[str], memory: dict) -> str:
             lines.append(f"| {name} | {prompt} | {m['tokens']} | {m['held_bytes'] / 1024:.0f} | "
                          f"{m['held_bytes'] / m['dense_bytes']:.2f} | {m['allocated_bytes'] / 1024:.0f} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

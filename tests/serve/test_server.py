@@ -93,9 +93,21 @@ class Server:
             return False
 
     def stop(self) -> int:
+        """SIGTERM, and its exit status (a server that does not exit within 60 s is killed: no test leaves one)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.stop()
 
 
 def wait_for(condition, timeout=30.0) -> bool:
@@ -114,9 +126,9 @@ def saved(model_folder):
 
 @pytest.fixture(scope="module")
 def server(model_folder):
-    s = Server(model_folder, "--max_batch", 8, "--prefill_chunk", 4)
-    yield s
-    assert s.stop() == 0
+    with Server(model_folder, "--max_batch", 8, "--prefill_chunk", 4) as s:
+        yield s
+        assert s.stop() == 0
 
 
 def alone(saved, prompt, **options) -> str:
@@ -283,8 +295,7 @@ def test_a_client_that_goes_away_frees_its_row(server):
 
 
 def test_the_key(model_folder):
-    server = Server(model_folder, env={"MODLM_API_KEY": "s3cret"})
-    try:
+    with Server(model_folder, env={"MODLM_API_KEY": "s3cret"}) as server:
         with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
             server.client("wrong").models.list()
         with pytest.raises(openai.AuthenticationError):
@@ -292,7 +303,6 @@ def test_the_key(model_folder):
         assert server.request("POST", "/v1/completions", {"model": NAME, "prompt": "x"})[0] == 401
         assert complete(server.client("s3cret"), "def", max_tokens=3)[1] == "length"
         assert server.request("GET", "/health")[0] == 200  # open: a load balancer's probe has no key
-    finally:
         assert server.stop() == 0
 
 
@@ -306,9 +316,8 @@ def test_binding_beyond_this_machine_without_a_key_says_so(capsys):
 
 
 def test_a_full_line_answers_503(model_folder):
-    server = Server(model_folder, "--max_batch", 1, "--max_queue", 1)
-    client = server.client()
-    try:
+    with Server(model_folder, "--max_batch", 1, "--max_queue", 1) as server:
+        client = server.client()
         with cf.ThreadPoolExecutor(1) as pool:
             with server.stream({"prompt": "def", "max_tokens": 8000, "temperature": 0}) as running:
                 next(running)
@@ -319,25 +328,23 @@ def test_a_full_line_answers_503(model_folder):
                 assert refused.value.status_code == 503 and "overloaded" in str(refused.value)
             # the running one has gone: the waiting one gets the row
             assert waiting.result(timeout=60)[1] == "length"
-    finally:
         assert server.stop() == 0
 
 
 def test_sigterm_finishes_what_it_can_cancels_the_rest_and_exits(model_folder, tmp_path):
-    server = Server(model_folder, "--shutdown_timeout", 1, log=tmp_path / "server.log")
-    client = server.client()
-    endless = server.stream({"prompt": "x", "max_tokens": 8000, "temperature": 0})
-    with cf.ThreadPoolExecutor(1) as pool, endless as endless:
-        next(endless)
-        short = pool.submit(complete, client, "def", stream=True, max_tokens=10, temperature=0)
-        assert wait_for(lambda: server.load()["running"] == 2)
-        server.proc.send_signal(signal.SIGTERM)
-        _, reason, usage = short.result(timeout=60)  # in flight: finished
-        assert reason == "length" and usage.completion_tokens == 10
-        assert wait_for(lambda: not server.accepts(), 10)  # no new connection once it is stopping
-        *_, error, done = endless  # past the grace period: an error event ends it
-        assert json.loads(error.removeprefix("data: "))["error"]["message"].startswith("the server stopped")
-        assert done == "data: [DONE]"
-    assert server.proc.wait(60) == 0
+    with Server(model_folder, "--shutdown_timeout", 1, log=tmp_path / "server.log") as server:
+        client = server.client()
+        endless = server.stream({"prompt": "x", "max_tokens": 8000, "temperature": 0})
+        with cf.ThreadPoolExecutor(1) as pool, endless as endless:
+            next(endless)
+            short = pool.submit(complete, client, "def", stream=True, max_tokens=10, temperature=0)
+            assert wait_for(lambda: server.load()["running"] == 2)
+            server.proc.send_signal(signal.SIGTERM)
+            _, reason, usage = short.result(timeout=60)  # in flight: finished
+            assert reason == "length" and usage.completion_tokens == 10
+            assert wait_for(lambda: not server.accepts(), 10)  # no new connection once it is stopping
+            *_, error, done = endless  # past the grace period: an error event ends it
+            assert json.loads(error.removeprefix("data: "))["error"]["message"].startswith("the server stopped")
+            assert done == "data: [DONE]"
+        assert server.stop() == 0
     assert "Traceback" not in (tmp_path / "server.log").read_text()
-
