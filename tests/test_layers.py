@@ -15,6 +15,7 @@ ALLOWED = {
     "saved": {"model", "analysis", "data"},
     "training": {"model", "analysis", "data", "saved"},
     "cli": {"model", "analysis", "data", "saved", "training"},
+    "serve": {"model", "analysis", "data", "saved"},  # beside cli: a server reads models, never trains
 }
 
 

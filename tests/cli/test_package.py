@@ -73,7 +73,8 @@ def test_remote_code_needs_only_declared_dependencies():
 def test_console_scripts_and_presets_are_declared():
     assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli.train:main", "modlm-eval": "modlm.cli.eval:main",
                                                "modlm-prepare": "modlm.cli.prepare:main",
-                                               "modlm-generate": "modlm.cli.generate:main"}
+                                               "modlm-generate": "modlm.cli.generate:main",
+                                               "modlm-serve": "modlm.serve.command:main"}
     assert "pytest" in {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["test"]}
     assert (REPO / "configs").resolve() == (REPO / "src" / "modlm" / "configs").resolve()
     presets = {p.name for p in (REPO / "src" / "modlm" / "configs").glob("*.yaml")}
@@ -134,4 +135,5 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     assert "--data.source" in run(bin_dir / "modlm-eval", "--help")
     assert "--num_proc" in run(bin_dir / "modlm-prepare", "--help")
     assert "--max_new_tokens" in run(bin_dir / "modlm-generate", "--help")
+    assert "--api_key" in run(bin_dir / "modlm-serve", "--help")
     assert not list(work.iterdir())  # --help and --print_config write nothing

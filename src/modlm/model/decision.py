@@ -44,6 +44,9 @@ class DecisionState:
     the router logits. Allocated once for a batch (``CausalDecision.new_state``), updated in place, so a
     compiled decoding step sees the same tensors at every step; ``reset`` starts rows afresh."""
 
+    ROW_BUFFERS = ("threshold", "moments")
+    """Per-row tensors, written in place (rows that come and go, ``rows.py``, share them by slicing)."""
+
     def __init__(self, batch_size: int, start: torch.Tensor, device=None):
         self.start = start.detach().to(device=device, dtype=torch.float32).clone()
         """The threshold a row starts from (the decision's calibrated one), 0-dim."""

@@ -22,6 +22,9 @@ import torch
 
 
 class KVCache:
+    ROW_BUFFERS = ("k", "v", "positions", "length")
+    """Per-row tensors, written in place (rows that come and go, ``rows.py``, share them by slicing)."""
+
     def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, device=None, dtype=None):
         self.max_len = max_len
         """Slots per row: the longest sequence the cache can hold (the spare slot not counted)."""
@@ -145,6 +148,9 @@ class StackCache:
     ``KVCache`` per block, in order, and the state of the causal decision of the router in front of
     it (what a routed block keeps on its own ``KVCache``)."""
 
+    ROW_BUFFERS = ("processed",)
+    """As ``KVCache.ROW_BUFFERS``."""
+
     def __init__(self, blocks: list[Optional[KVCache]], batch_size: int, decision=None, device=None):
         self.blocks = blocks
         """One ``KVCache`` per block of the stack (None where the step caches nothing: a later step
@@ -163,6 +169,9 @@ class DecodeState:
     """Everything a model carries from one decoding step to the next: the cache of every block,
     how many tokens each row has consumed, a bound on that count known to the host, and the rotary
     tables of every position (computed once, indexed per step). Made by ``MoDTransformer.new_state``."""
+
+    ROW_BUFFERS = ("seen",)
+    """As ``KVCache.ROW_BUFFERS``."""
 
     def __init__(self, caches: list, rope: tuple[torch.Tensor, torch.Tensor], batch_size: Optional[int] = None):
         self.caches = caches
