@@ -205,6 +205,37 @@ def test_compile_decode_step_generates_what_eager_decoding_does(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("variant", [dict(causal_method="predictor"), dict(decision_logit="standardized_router")])
+def test_compiled_decoding_writes_only_static_tensors_and_compiles_once(monkeypatch, variant):
+    """CUDA graphs record a step once and replay it only if every tensor it reads or writes stays where it
+    was: torch runs a step that mutates a tensor it does not know as static without graphs, and a new state
+    per ``generate`` call would record again. Here the graph the step compiles to is captured (a backend
+    that runs it as traced): every tensor input but the new tokens is a parameter, a buffer or a state
+    tensor marked static; two ``generate`` calls of one batch size compile once and decode into one state,
+    emptied in place, and give eager decoding's tokens both times (a state not emptied would show the
+    first call's keys to the second)."""
+    graphs = []
+    def capture(gm, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": capture, "mode": None}))
+    torch._dynamo.reset()
+    model = build(**variant)
+    prompts = ragged_prompts()
+    step = compile_decode_step(model)
+    first = generate(model, prompts, 10, temperature=0, decode_step=step)
+    state = step.new_state(len(prompts))
+    second = generate(model, prompts, 10, temperature=0, decode_step=step)
+    eager = generate(model, prompts, 10, temperature=0)
+    assert all(varied(out[len(p):]) for out, p in zip(eager, prompts))
+    assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(first, second, eager))
+    assert len(graphs) == 1, "one batch size, one compilation"
+    assert step.new_state(len(prompts)) is state and state.filled == 0
+    moving = [tuple(t.shape) for t in graphs[0] if getattr(t, "_dynamo_static_input_type", None) is None]
+    assert moving == [(len(prompts),)], f"only the new tokens may change address between steps: {moving}"
+
+
 def test_bounded_decoding_reads_exactly_the_filled_slots(monkeypatch):
     """A decoding step under a bounded policy attends over ``filled + 1`` cache slots, the slots
     any row may hold after the step (its own new key included); the static policy reads every

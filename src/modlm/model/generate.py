@@ -11,7 +11,6 @@ This module drives any model with the decoding interface ``Decoder`` names (``Mo
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Protocol, Sequence, Union
 
@@ -67,14 +66,46 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def compile_decode_step(model: Decoder, mode: Optional[str] = None) -> DecodeStep:
-    """``model.decode_step`` with its computation compiled whole, for ``generate(..., decode_step=...)``.
+class CompiledDecodeStep:
+    """``model.decode_step`` with its computation compiled whole, and the decoding states it runs on: pass
+    it to ``generate(..., decode_step=...)``.
 
-    It runs under the ``STATIC`` policy (every cache slot read, no host reads), so its shapes never
-    change and it compiles once per batch size. ``mode="reduce-overhead"`` adds CUDA graphs on a GPU.
+    The step runs under the ``STATIC`` policy (every cache slot read, no host reads), so its shapes never
+    change and it compiles once per batch size. Its states are allocated once per batch size and reset in
+    place for each ``generate`` call (``new_state``), their tensors marked static: the compiled step
+    writes into fixed addresses, which is what CUDA graphs (``mode="reduce-overhead"``) need to record
+    it once and replay it, rather than run without graphs ("mutated inputs") or record again for every
+    new state. So a state from ``new_state`` is valid until the next ``new_state`` of its batch size.
     """
-    compiled = torch.compile(model.decode_compute, fullgraph=True, dynamic=False, mode=mode)
-    return functools.partial(model.decode_step, policy=STATIC, compute=compiled)
+
+    def __init__(self, model: Decoder, mode: Optional[str] = None):
+        self.model = model
+        self.compute = torch.compile(model.decode_compute, fullgraph=True, dynamic=False, mode=mode)
+        self.states: dict = {}
+        """``(batch size, device, autocast dtype)`` -> the ``DecodeState`` decoded into with that batch size."""
+
+    def new_state(self, batch_size: int, device=None):
+        """The state for a batch of ``batch_size`` rows: made and marked static the first time, emptied in
+        place afterwards."""
+        device = torch.device(device) if device is not None else self.model.embed.weight.device
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        key = (batch_size, device, autocast)  # the cached keys' dtype follows autocast (``new_state``)
+        state = self.states.get(key)
+        if state is None:
+            with torch.inference_mode(False):  # normal tensors, emptied in place inside generate or outside
+                state = self.states[key] = self.model.new_state(batch_size, device)
+            state.mark_static()
+        else:
+            state.reset()
+        return state
+
+    def __call__(self, token: torch.Tensor, state) -> torch.Tensor:
+        return self.model.decode_step(token, state, policy=STATIC, compute=self.compute)
+
+
+def compile_decode_step(model: Decoder, mode: Optional[str] = None) -> CompiledDecodeStep:
+    """``CompiledDecodeStep(model, mode)``: ``mode="reduce-overhead"`` adds CUDA graphs on a GPU."""
+    return CompiledDecodeStep(model, mode)
 
 
 def _prompts(idx, device) -> tuple[list[torch.Tensor], str]:
@@ -117,7 +148,8 @@ def generate(
     greedy; ``top_k``/``top_p`` filter before sampling. A row stops after it emits ``eot_id``.
     Returns a (B, T + max_new_tokens) tensor for a (B, T) tensor (rows that stopped early are padded
     with ``eot_id``), a 1-D tensor for one prompt, a list of 1-D tensors for a list of prompts.
-    ``decode_step`` replaces ``model.decode_step`` (e.g. ``compile_decode_step(model)``).
+    ``decode_step`` replaces ``model.decode_step`` (e.g. ``compile_decode_step(model)``, whose own
+    ``new_state`` then gives the state).
 
     ``on_tokens(tokens)`` is called with each step's (B,) new tokens as they are sampled (to stream
     them); it may return a (B,) bool tensor of rows to finish now, as if they had emitted
@@ -147,7 +179,8 @@ def generate(
         logits = model(sequence, routing=Routing.TOPK).logits[:, -1]
         step = None
     else:
-        state = model.new_state(B, device) if state is None else state
+        if state is None:  # a compiled step decodes into the states it owns
+            state = getattr(decode_step, "new_state", model.new_state)(B, device)
         logits = model.prefill(batch, state, n_real=lengths if ragged else None, last_only=True)
         step = decode_step or model.decode_step
 

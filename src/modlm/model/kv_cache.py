@@ -16,7 +16,7 @@ lengths on the host.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -39,6 +39,13 @@ class KVCache:
         self.decision = None
         """A routed block's ``DecisionState`` (``decision.py``): what its causal decision carries from one
         token to the next per row (None for a dense block's cache)."""
+
+    def reset(self) -> None:
+        """Empty every row, in place (the buffers stay where they are)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.positions.fill_(-1)
+        self.length.zero_()
 
     def store(self, k, v, index, n_real=None, rows=None, span=None):
         """Store new keys/values (B, H, n, hd); return what the new queries attend to.
@@ -164,6 +171,10 @@ class StackCache:
         """Add ``processed`` (B,) tokens to each row's count (in place)."""
         self.processed += processed.long()
 
+    def reset(self) -> None:
+        """Count nothing processed, in place (its block caches are reset as the state's holders)."""
+        self.processed.zero_()
+
 
 class DecodeState:
     """Everything a model carries from one decoding step to the next: the cache of every block,
@@ -186,3 +197,34 @@ class DecodeState:
         holds more entries in any row, so a decoding step reads no further, and the model checks
         the context length against it."""
         self.cos, self.sin = rope
+
+    def holders(self) -> Iterator:
+        """Every object of the state that holds per-row tensors (``ROW_BUFFERS``): its caches, a
+        recursion's step caches and theirs, their decision states, the state itself."""
+        for entry in self.caches:
+            for cache in entry if isinstance(entry, list) else [entry]:
+                yield cache
+                if cache.decision is not None:
+                    yield cache.decision
+                if isinstance(cache, StackCache):
+                    yield from (block for block in cache.blocks if block is not None)
+        yield self
+
+    def reset(self) -> None:
+        """Start every row afresh, in place: the state a new ``new_state`` would be, in the same tensors
+        (a compiled decoding step, and the CUDA graphs it records, keep reading them)."""
+        for holder in self.holders():
+            if holder is not self:
+                holder.reset()
+        self.seen.zero_()
+        self.filled = 0
+
+    def mark_static(self) -> None:
+        """Tell torch.compile that the state's tensors never move (``torch._dynamo.mark_static_address``):
+        a compiled step then treats them as fixed addresses, as it does the model's parameters, so CUDA
+        graphs may record a step that writes into them instead of falling back to running without
+        graphs ("mutated inputs")."""
+        for holder in self.holders():
+            for tensor in vars(holder).values():
+                if isinstance(tensor, torch.Tensor):
+                    torch._dynamo.mark_static_address(tensor)

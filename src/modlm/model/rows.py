@@ -18,22 +18,9 @@ pool's.
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Optional
+from typing import Optional
 
 from .kv_cache import DecodeState, KVCache, StackCache
-
-
-def _holders(state: DecodeState) -> Iterator:
-    """Every object of ``state`` that holds per-row tensors: its caches, a recursion's step caches and
-    theirs, their decision states, the state itself."""
-    for entry in state.caches:
-        for cache in entry if isinstance(entry, list) else [entry]:
-            yield cache
-            if cache.decision is not None:
-                yield cache.decision
-            if isinstance(cache, StackCache):
-                yield from (block for block in cache.blocks if block is not None)
-    yield state
 
 
 def _rows_of(holder, start: int, stop: int):
@@ -75,7 +62,7 @@ class RowPool:
         if self.running == self.capacity:
             raise RuntimeError("every row of the pool is running")  # the caller admits only into free rows
         row = self.running
-        for mine, theirs in zip(_holders(self.full), _holders(one)):
+        for mine, theirs in zip(self.full.holders(), one.holders()):
             for name in getattr(mine, "ROW_BUFFERS", ()):  # the whole row: no entry of an earlier request stays
                 getattr(mine, name)[row] = getattr(theirs, name)[0]
         self.running += 1
@@ -116,7 +103,7 @@ class RowPool:
 
     def _move(self, src: int, dst: int) -> None:
         """Row ``src``'s every per-row tensor into row ``dst``."""
-        for holder in _holders(self.full):
+        for holder in self.full.holders():
             for name in getattr(holder, "ROW_BUFFERS", ()):
                 tensor = getattr(holder, name)
                 tensor[dst] = tensor[src]
