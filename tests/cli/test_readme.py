@@ -20,7 +20,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 def relative_links(page: Path) -> list[str]:
     """The link targets of a Markdown page that name a file of this repository (no URL, no bare anchor)."""
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code blocks hold no links
     targets = [m.group(1) for m in LINK.finditer(text)]
     return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
 
@@ -39,7 +39,7 @@ def test_every_docs_page_is_linked_from_the_readme():
 def quickstart() -> list[list[str]]:
     """The commands of the README's first code block, one argv per command (`a && b` gives two)."""
     text = (REPO / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text, flags=re.S)
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.DOTALL)
     assert block and text[: block.start()].count("\n") < 40, "the quickstart block starts within the first 40 lines"
     commands = []
     for line in block.group(1).splitlines():
@@ -55,8 +55,9 @@ def quickstart() -> list[list[str]]:
 
 def test_the_quickstart_names_install_train_tests_and_generate():
     programs = [" ".join(c[:3]) for c in quickstart()]
-    assert programs == ["pip install -r", "python train.py fit", "pip install -r", "python -m pytest",
-                        "python -m pytest", "modlm-generate " + quickstart()[-1][1] + " " + quickstart()[-1][2]]
+    assert programs[:5] == ["pip install -r", "python train.py fit", "pip install -r", "python -m pytest",
+                            "python -m pytest"]
+    assert programs[5].startswith("modlm-generate ") and len(programs) == 6
 
 
 @pytest.mark.slow
@@ -81,7 +82,7 @@ def test_the_quickstart_commands_run(tmp_path, tiny_tokenizer):
     argv = [sys.executable, "-c", "import sys; from modlm.cli.generate import main; sys.exit(main())",
             str(written), *generate[2:], "--max_new_tokens", "8", "--seed", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(argv, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     prompt = generate[2]
     assert out.stdout.startswith(prompt) and len(out.stdout) > len(prompt) + 1
