@@ -15,7 +15,8 @@ ALLOWED = {
     "saved": {"model", "analysis", "data"},
     "training": {"model", "analysis", "data", "saved"},
     "cli": {"model", "analysis", "data", "saved", "training"},
-    "serve": {"model", "analysis", "data", "saved"},  # beside cli: a server reads models, never trains
+    # beside cli: a server reads models, never trains; it reads its command line as the others do
+    "serve": {"model", "analysis", "data", "saved", "cli.usage"},
 }
 
 

@@ -121,7 +121,7 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
 
     # --no-index: every declared dependency must already be satisfied, or this fails.
     run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--no-build-isolation", source)
-    where = run(python, "-c", "import modlm, modlm.cli; print(modlm.__file__); print(modlm.cli.DEFAULT_CONFIG)").split()
+    where = run(python, "-c", "import modlm, modlm.cli.train; print(modlm.__file__); print(modlm.cli.train.DEFAULT_CONFIG)").split()
     assert where[0].startswith(site) and where[1].startswith(site)
     assert Path(where[1]).is_file()
     assert run(python, "-c", "from importlib.metadata import metadata as m; print(m('modlm')['License-Expression'])").strip() == "MIT"

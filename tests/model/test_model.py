@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import modlm
 from modlm import ModelConfig, MoDTransformer
+from modlm.model.version import FORMAT, FormatError
 from modlm.model.positions import Positions, apply_rope, rope_tables
 from modlm.model.routing import RoutedBlock, topk_indices
 
@@ -455,7 +457,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
     model.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config == model.config.to_dict()
+    assert config == {**model.config.to_dict(), "modlm_version": modlm.__version__, "modlm_format": FORMAT}
     assert "modlm" in (folder / "README.md").read_text()
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "modlm", "dtype": "float32"}))
     capsys.readouterr()
@@ -471,6 +473,23 @@ def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
     safetensors.torch.save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(RuntimeError, match="norm.weight"):
         MoDTransformer.from_pretrained(folder)
+
+
+def test_a_folder_of_another_format_is_refused_in_one_line(tmp_path):
+    """A folder records the modlm that wrote it; one of another format (or of modlm before 0.2.0, which
+    recorded nothing) is refused, naming that version, before any weight is read into a model it may not
+    fit."""
+    import json
+
+    model = build()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert MoDTransformer.from_pretrained(tmp_path).config == model.config
+    for record, version in (({"modlm_version": "9.0.0", "modlm_format": FORMAT + 1}, "9.0.0"), ({}, "before 0.2.0")):
+        fields = {k: v for k, v in config.items() if not k.startswith("modlm_")}
+        (tmp_path / "config.json").write_text(json.dumps({**fields, **record}))
+        with pytest.raises(FormatError, match=f"written by modlm {version} .*read it with the modlm that wrote it"):
+            MoDTransformer.from_pretrained(tmp_path)
 
 
 # --- errors -----------------------------------------------------------------------------------------

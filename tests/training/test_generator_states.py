@@ -70,13 +70,3 @@ def test_a_checkpoint_without_a_device_state_restores_the_cpu_generator_only(mon
     restore_rng_states(saved)
     assert torch.equal(torch.rand(4), want)
     assert torch.equal(process.generators[1].get_state(), before)
-
-
-def test_a_checkpoint_of_an_older_modlm_restores_every_device_as_it_did(monkeypatch):
-    writer = Process(monkeypatch, 0)
-    writer.draw()
-    saved = {"cpu": torch.get_rng_state(), "cuda": [g.get_state() for g in writer.generators]}
-    want = writer.draw()[0]
-    resumed = Process(monkeypatch, 0)
-    restore_rng_states(saved)
-    assert torch.equal(resumed.draw()[0], want)

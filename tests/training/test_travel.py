@@ -15,6 +15,7 @@ from modlm.cli.eval import main as eval_main
 from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
+from modlm.model.version import FORMAT, VERSION_KEY, __version__
 from modlm.saved import load_saved
 from tests.helpers import REPO, run_train, scalars, tiny_args
 
@@ -77,6 +78,31 @@ def test_a_copied_checkpoint_evaluates_validates_generates_and_exports_without_i
     export = tmp_path / "export"
     assert eval_main([str(alone), "--export", str(export), *EVAL_FLAGS]) == 0
     assert (export / "tokenizer.json").is_file() and (export / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_records_its_modlm_and_one_of_another_format_is_refused_in_one_line(travelled, tmp_path, capsys,
+                                                                                         tiny_tokenizer):
+    """Every checkpoint names the modlm that wrote it; evaluating, generating from or resuming one of another
+    format (one of modlm before 0.2.0 records nothing) stops in one line naming that version, reading nothing
+    into a model it may not fit, and the checkpoint is left as it was."""
+    in_place, _, _ = travelled
+    ckpt = torch.load(in_place, weights_only=True)
+    assert ckpt[VERSION_KEY] == {"version": __version__, "format": FORMAT}
+    for name, record in (("older.ckpt", None), ("newer.ckpt", {"version": "9.0.0", "format": FORMAT + 1})):
+        path = tmp_path / name
+        changed = {k: v for k, v in ckpt.items() if k != VERSION_KEY}
+        torch.save(changed if record is None else {**changed, VERSION_KEY: record}, path)
+        version = "before 0.2.0" if record is None else "9.0.0"
+        capsys.readouterr()
+        assert eval_main([str(path), *EVAL_FLAGS]) == 2 and generate_main([str(path), "def "]) == 2
+        for line in capsys.readouterr().err.strip().splitlines():
+            assert line.startswith(f"modlm: error: {path} was written by modlm {version}"), line
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(tmp_path / "older.ckpt", run / "last.ckpt")
+    args = tiny_args(tmp_path / "run", tiny_tokenizer, "--trainer.max_steps", "6")
+    done = run_train("fit", *args, "--ckpt_path", "last")
+    assert done.returncode == 2 and "was written by modlm before 0.2.0" in done.stderr.strip().splitlines()[-1]
 
 
 def test_resuming_with_another_tokenizer_is_refused_naming_both_fingerprints(tmp_path, tiny_tokenizer):

@@ -1,5 +1,4 @@
-"""The command lines: ``train`` (LightningCLI, behind ``train.py`` and ``modlm-train``), ``eval``
-(behind ``eval.py`` and ``modlm-eval``) and ``prepare`` (``modlm-prepare``)."""
-from .train import CONFIGS_DIR, DEFAULT_CONFIG
-
-__all__ = ["CONFIGS_DIR", "DEFAULT_CONFIG"]
+"""The command lines: ``train`` (LightningCLI, behind ``train.py`` and ``modlm-train``), ``eval`` (behind
+``eval.py`` and ``modlm-eval``), ``prepare`` (``modlm-prepare``) and ``generate`` (``modlm-generate``).
+Nothing is imported here, so that ``usage`` (how a refused command line reads, which ``modlm-serve``
+shares) loads without the training code."""

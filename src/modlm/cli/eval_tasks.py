@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.harness import HarnessError, evaluate_tasks
+from ..model.version import __version__, describe
 from ..saved import load_saved
 
 
@@ -65,8 +66,7 @@ def execute_tasks(run) -> int:
         disable_progress_bar()
     saved = load_saved(run.ckpt, run.device)
     if saved.tokenizer is None:
-        raise HarnessError(f"{run.ckpt} carries no tokenizer (an older modlm wrote it): the harness needs the "
-                        "model's own")
+        raise HarnessError(f"{run.ckpt} carries no tokenizer (its run's data module was not modlm's): the harness needs the model's own tokenizer")
     model = saved.model
     if run.decision:
         model.config.causal_decision = run.decision
@@ -75,8 +75,9 @@ def execute_tasks(run) -> int:
         figures = evaluate_tasks(model, saved.tokenizer, run.tasks, include_path=run.include_path,
                                  num_fewshot=run.num_fewshot, limit=run.limit, batch_size=run.batch_size,
                                  routing=run.routing, progress=not run.quiet)
-    result = {"checkpoint": str(run.ckpt), "params": model.num_params(), "routed_layers": model.config.routed_layers,
+    result = {"checkpoint": str(run.ckpt), "modlm_version": __version__, "written_by": saved.written_by, "params": model.num_params(), "routed_layers": model.config.routed_layers,
               **figures}
+    print(describe(saved.written_by))
     print(summary(result))
     if run.json:
         write_json_atomically(Path(run.json), result)

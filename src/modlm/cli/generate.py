@@ -35,9 +35,10 @@ from typing import Literal, Optional
 
 import torch
 
-from .usage import parse_or_exit
+from .usage import parse_args
 from ..data.tokenizer import end_of_text_id
-from ..model.errors import UserError
+from ..model.errors import UserError, run_command
+from ..model.version import describe
 from ..saved import load_saved
 
 
@@ -266,42 +267,39 @@ def conversation(saved, options: GenerateOptions) -> None:
 
 
 def main(argv=None) -> int:
-    """Run the command; 0 ok, 2 user error (one line on stderr; ``MODLM_DEBUG=1`` re-raises)."""
-    args = parse_or_exit(parser(), argv)
+    """Run the command; 0 ok, 2 user error (``run_command``)."""
+    return run_command(lambda: execute(parse_args(parser(), argv)))
+
+
+def execute(args) -> int:
     values = {k: v for k, v in args.as_dict().items() if k in GenerateOptions.__dataclass_fields__}
     options = GenerateOptions(**values)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        saved = load_saved(args.model, device)
-        if saved.tokenizer is None:
-            raise UserError(f"{args.model} carries no tokenizer (an older modlm wrote it): export it with eval.py "
-                            "--export, which takes its data settings' tokenizer, and generate from the folder")
-        if saved.tokenizer.get_vocab_size() > saved.model.config.vocab_size:
-            raise UserError(f"{args.model}: its tokenizer has {saved.tokenizer.get_vocab_size()} tokens, the model "
-                            f"{saved.model.config.vocab_size}")
-        if options.interactive:
-            interactive(saved, options)
-            return 0
-        prompts = read_prompts(args)
-        stream = len(prompts) == 1 and options.num_samples == 1
-        shown = "" if options.chat else None  # a chat prints the answer alone
-        if stream:
-            sys.stdout.write(prompts[0] if shown is None else shown)
-            continuations(saved, prompts, options, stream=True)
-            sys.stdout.write("\n")
-        else:
-            texts = continuations(saved, prompts, options, stream=False)
-            for n, (prompt, text) in enumerate(zip([p for p in prompts for _ in range(options.num_samples)], texts)):
-                if n:
-                    sys.stdout.write("-" * 40 + "\n")
-                sys.stdout.write((prompt if shown is None else shown) + text + "\n")
-        sys.stdout.flush()
-    except UserError as err:
-        if os.environ.get("MODLM_DEBUG"):
-            raise
-        print(f"modlm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    saved = load_saved(args.model, device)
+    print(describe(saved.written_by), file=sys.stderr)  # stdout is the text alone
+    if saved.tokenizer is None:
+        raise UserError(f"{args.model} carries no tokenizer (its run's data module was not modlm's): generating needs the model's own tokenizer")
+    if saved.tokenizer.get_vocab_size() > saved.model.config.vocab_size:
+        raise UserError(f"{args.model}: its tokenizer has {saved.tokenizer.get_vocab_size()} tokens, the model "
+                        f"{saved.model.config.vocab_size}")
+    if options.interactive:
+        interactive(saved, options)
+        return 0
+    prompts = read_prompts(args)
+    stream = len(prompts) == 1 and options.num_samples == 1
+    shown = "" if options.chat else None  # a chat prints the answer alone
+    if stream:
+        sys.stdout.write(prompts[0] if shown is None else shown)
+        continuations(saved, prompts, options, stream=True)
+        sys.stdout.write("\n")
+    else:
+        texts = continuations(saved, prompts, options, stream=False)
+        for n, (prompt, text) in enumerate(zip([p for p in prompts for _ in range(options.num_samples)], texts)):
+            if n:
+                sys.stdout.write("-" * 40 + "\n")
+            sys.stdout.write((prompt if shown is None else shown) + text + "\n")
+    sys.stdout.flush()
     return 0
 
 

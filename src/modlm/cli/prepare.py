@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from .usage import parse_or_exit
+from .usage import parse_args
 from ..data import ModLMDataModule
 from ..data.prepare import PrepareSettings, prepare_corpus
-from ..model.errors import UserError
+from ..model.errors import run_command
 
 _DATA_DEFAULTS = ModLMDataModule.defaults()
 
@@ -81,22 +81,19 @@ def parser():
 
 def parse(argv=None) -> PrepareRun:
     """The options of ``argv`` (``sys.argv[1:]`` when None); a bad flag exits with status 2."""
-    values = parse_or_exit(parser(), argv).as_dict()
+    values = parse_args(parser(), argv).as_dict()
     values.pop("config", None)
     values.pop("__path__", None)
     return PrepareRun(**values)
 
 
 def main(argv=None) -> int:
-    """Run the command; return the exit status (0 ok, 2 user error). ``MODLM_DEBUG=1`` re-raises."""
-    run = parse(argv)
-    try:
-        corpus = prepare_corpus(run.source, run.out, run.settings())
-    except UserError as err:  # DataError and any other input the user must fix: one line, no traceback
-        if os.environ.get("MODLM_DEBUG"):
-            raise
-        print(f"modlm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    """Run the command; return the exit status (0 ok, 2 user error: ``run_command``)."""
+    return run_command(lambda: execute(parse(argv)))
+
+
+def execute(run: PrepareRun) -> int:
+    corpus = prepare_corpus(run.source, run.out, run.settings())
     print(f"modlm: prepared {corpus.describe()}; train with --data.source {run.out}")
     return 0
 

@@ -37,10 +37,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..model.config import ModelConfig
-from ..model.errors import UserError
+from ..model.errors import UserError, run_command
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
 from ..training.callbacks.dashboard import Dashboard
@@ -216,9 +216,6 @@ class ModLMCLI(LightningCLI):
             if windows is not None:
                 settings["source"] = str(self._unpack(ckpt_path, config, windows=True))
                 settings["val_windows"] = len(windows)
-        else:
-            rank_zero_warn(f"modlm: {ckpt_path} carries no tokenizer (an older modlm wrote it): validating on its "
-                           "data settings' corpus and tokenizer, as trained")
         for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer"):
             if key not in given and key in settings:
                 config.data[key] = settings[key]
@@ -325,18 +322,12 @@ def _is_user_error(err: BaseException) -> bool:
 
 
 def main(args=None) -> int:
-    """Run the CLI; return the process exit status (0 ok, 1 non-finite loss, 2 user error).
+    """Run the CLI; return the process exit status (0 ok, 1 non-finite loss, 2 user error: ``run_command``)."""
+    return run_command(lambda: fit(args), _is_user_error, lambda err: 1 if isinstance(err, NonFiniteLossError) else 2)
 
-    ``MODLM_DEBUG=1`` re-raises instead, to see the full traceback.
-    """
-    try:
-        with run_output():
-            ModLMCLI(args=args)
-    except Exception as err:  # noqa: BLE001 - classified below, re-raised if not a user error
-        if os.environ.get("MODLM_DEBUG") or not _is_user_error(err):
-            raise
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"modlm: error: {first_line}", file=sys.stderr)
-        return 1 if isinstance(err, NonFiniteLossError) else 2
+
+def fit(args) -> int:
+    with run_output():
+        ModLMCLI(args=args)
     end_process_group()  # after success only: after an error, this rank's collectives may still wait on a peer
     return 0

@@ -12,7 +12,6 @@ import argparse
 import difflib
 import os
 import re
-import sys
 from typing import Iterable, Optional
 
 from ..model.errors import UserError
@@ -63,15 +62,14 @@ def explain(message: str, options: list[str], help_hint: str, choices: Optional[
     return f"{_one_line(message)}; {help_hint}"
 
 
-def parse_or_exit(parser, argv=None):
-    """``parser.parse_args(argv)``, with a refused command line printed as one ``modlm: error:``
-    line on stderr and exit status 2 (the usage is for ``--help``). ``MODLM_DEBUG=1`` re-raises."""
+def parse_args(parser, argv=None):
+    """``parser.parse_args(argv)``, a refused command line a ``UserError`` of one line naming the closest
+    valid options (the usage is for ``--help``); abbreviated options are refused, never guessed."""
     parser.exit_on_error = False
+    parser.allow_abbrev = False
     try:
         return parser.parse_args(argv)
     except argparse.ArgumentError as err:
         if os.environ.get("MODLM_DEBUG"):
             raise
-        line = explain(str(err), option_names(parser), f"{parser.prog} --help lists every option")
-        print(f"modlm: error: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UserError(explain(str(err), option_names(parser), f"{parser.prog} --help lists every option")) from None

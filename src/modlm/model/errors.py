@@ -7,7 +7,38 @@ any other exception is a bug and shows its traceback. It lives at the bottom of 
 model folder, because the model raises it too and that folder must stand alone as an export's
 remote code.
 """
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
 
 
 class UserError(ValueError):
     """Input the user has to fix; the message names the value and what is expected."""
+
+
+def first_line(err: BaseException) -> str:
+    """What a command line prints of an error: its message's first line (its type's name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_command(body: Callable[[], int], user_error: Optional[Callable[[BaseException], bool]] = None,
+                status: Optional[Callable[[BaseException], int]] = None) -> int:
+    """How every modlm command line ends: ``body()``'s exit status, or, for an error the user must fix
+    (``user_error(err)``; by default a ``UserError``), its first line on stderr as ``modlm: error: ...``
+    and the status ``status(err)`` (by default 2). Any other exception is a bug and keeps its traceback;
+    ``MODLM_DEBUG=1`` re-raises every one."""
+    try:
+        return body()
+    except Exception as err:  # noqa: BLE001 - classified below, re-raised unless the user's to fix
+        if os.environ.get("MODLM_DEBUG") or not (user_error or is_user_error)(err):
+            raise
+        print(f"modlm: error: {first_line(err)}", file=sys.stderr)
+        return (status or (lambda _: 2))(err)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's to fix (a ``UserError``)."""
+    return isinstance(err, UserError)

@@ -31,7 +31,8 @@ import torch
 
 from .chat_template import read_chat_template, write_chat_template
 from .config import END_OF_TEXT_TOKENS, ROPE_SCALING_KEYS, TOKENIZER_FILE, ModelConfig
-from .errors import UserError
+from .errors import UserError, first_line
+from .version import folder_record
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 """The ``model_type`` values modlm reads, and the one architecture class of each."""
@@ -514,7 +515,7 @@ def write_standard_folder(model, folder: Path, tokenizer_json: str, card: str = 
     cfg = model.config
     eos, eos_id, bos, bos_id = special_tokens(tokenizer_json)
     dtype = model.embed.weight.dtype
-    config = standard_config(cfg, eos_id, bos_id, dtype)
+    config = {**standard_config(cfg, eos_id, bos_id, dtype), **folder_record()}  # transformers keeps other keys
     save_file(state_dict_to_hf(model.state_dict(), cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
     dump(folder / "config.json", config)
     (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
@@ -553,3 +554,15 @@ def write_folder(model, folder: Path, tokenizer=None, card: str = "") -> str:
     write_remote_code_folder(model, folder, text, card)
     return "remote-code"
 
+
+def upload_folder(folder, repo_id: str, private: bool = False) -> str:
+    """Upload ``folder`` (an export, or what ``push_to_hub`` wrote) to the Hugging Face Hub repository
+    ``repo_id`` (made if it does not exist); the commit's URL. The one way modlm uploads."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="modlm export"))
+    except Exception as err:  # noqa: BLE001 - offline, no token, no rights: the user's to fix
+        raise UserError(f"cannot push {folder} to the Hub repository {repo_id}: {first_line(err)}") from None

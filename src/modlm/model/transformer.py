@@ -34,7 +34,7 @@ from .chat_template import read_chat_template, write_chat_template
 from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
 from .errors import UserError
 from .generate import generate as _generate
-from .hf_format import load_hf, write_folder
+from .hf_format import load_hf, upload_folder, write_folder
 from .decision import calibrating
 from .kv_cache import DecodeState
 from .layers import Block, init_weights
@@ -43,6 +43,7 @@ from .moe import ExpertInfo
 from .positions import Positions, rope_tables
 from .recursion import Recursion, RecursionInfo
 from .routing import RoutedAttention, RoutedBlock, Router, RoutingInfo
+from .version import check_format, folder_record, record_of_folder
 
 
 @dataclass
@@ -208,6 +209,12 @@ class MoDTransformer(
             raise UserError(f"{what} exceeds max_seq_len={self.config.max_seq_len}")
 
     # --- saving (the rest comes from PyTorchModelHubMixin) ---------------------------------------------
+    def save_pretrained(self, save_directory, *, config=None, **kwargs):
+        """huggingface_hub's ``save_pretrained``, its ``config.json`` the config's fields (or ``config``) and the
+        modlm version and format that wrote it (``version.py``), which ``from_pretrained`` checks."""
+        config = {**(config or self.config.to_dict()), **folder_record()}
+        return super().save_pretrained(save_directory, config=config, **kwargs)
+
     def _save_pretrained(self, save_directory) -> None:
         super()._save_pretrained(save_directory)
         if self.tokenizer_json is not None:
@@ -219,6 +226,7 @@ class MoDTransformer(
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
         # A local folder is read here because the mixin's own loader announces it on stdout (eval.py's
         # report); strict by default: a weight missing from the file is an error, not a random tensor.
+        check_format(record_of_folder(kwargs["config"]), model_id)
         if os.path.isdir(model_id):
             model = cls(kwargs["config"])
             model = cls._load_as_safetensor(model, os.path.join(model_id, "model.safetensors"), map_location, strict)
@@ -256,6 +264,15 @@ class MoDTransformer(
         or a folder holding one; default the model's own. ``card``: markdown added to the model
         card. Returns ``"standard"`` or ``"remote-code"``."""
         return write_folder(self, folder, tokenizer, card)
+
+    def push_to_hub(self, repo_id: str, tokenizer=None, card: str = "", private: bool = False) -> str:
+        """Upload the folder ``to_hf`` writes to the Hugging Face Hub repository ``repo_id`` (made if it does
+        not exist): what transformers loads, as every folder modlm writes. Returns the commit's URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            self.to_hf(scratch, tokenizer, card)
+            return upload_folder(scratch, repo_id, private)
 
     # --- incremental decoding ------------------------------------------------------------------------
     def new_state(self, batch_size: int, device=None, dtype=None) -> DecodeState:

@@ -18,6 +18,7 @@ from ..data.tokenizer import load_tokenizer
 from ..model.config import ModelConfig
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
+from ..model.version import VERSION_KEY, check_format
 from .adapters import ADAPTER_BASE_KEY, adapted_model
 from .travel import chat_template_of, data_settings, loss_mask_of, tokenizer_of, unpack, windows_of
 from .export import load_export
@@ -33,7 +34,7 @@ class SavedModel:
     data: dict
     """The data settings it was trained with (``--data.*``; an export's ``data.json``)."""
     tokenizer: Optional[Tokenizer]
-    """Its tokenizer; None for a checkpoint an older modlm wrote (then ``data`` names one)."""
+    """Its tokenizer; None for a checkpoint of a run whose data module was not modlm's."""
     validation_windows: Optional[torch.Tensor]
     """The (n, seq_len + 1) windows it was validated on (checkpoints only)."""
     path: str
@@ -43,6 +44,9 @@ class SavedModel:
     validation_loss_mask: Optional[torch.Tensor] = None
     """Which targets of ``validation_windows`` carry the loss, (n, seq_len) bools (chat data: the assistant's
     tokens); None: every one."""
+    written_by: Optional[dict] = None
+    """The modlm that wrote it (``{"version", "format"}``: ``modlm.model.version``); None for a transformers
+    folder modlm did not write."""
 
     @property
     def chat_template(self) -> Optional[str]:
@@ -67,9 +71,10 @@ def _hub_folder(repo_id: str) -> Path:
 
 def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]:
     """What travels with a checkpoint (file or sharded folder), without building its model: its
-    data settings, tokenizer (None from an older modlm) and validation windows."""
+    data settings, tokenizer (None: its run's data module was not modlm's) and validation windows."""
     p = Path(path)
     ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
+    check_format(ckpt.get(VERSION_KEY), str(path))
     data = data_settings(ckpt.get("datamodule_hyper_parameters") or {})
     return data, tokenizer_of(ckpt), windows_of(ckpt)
 
@@ -77,12 +82,12 @@ def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]
 def unpack_saved(path, cache_dir: Optional[str] = None, windows: bool = False) -> Path:
     """A checkpoint's tokenizer and chat template (and, with ``windows``, its validation windows and their loss
     mask) as a prepared folder (``travel.unpack``): what ``--data.tokenizer`` (``--data.source``) name to read
-    its data; a CheckpointError for one an older modlm wrote, which carries no tokenizer."""
+    its data; a CheckpointError for one that carries no tokenizer."""
     p = Path(path)
     ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
     tokenizer = tokenizer_of(ckpt)
     if tokenizer is None:
-        raise CheckpointError(f"{path} carries no tokenizer (an older modlm wrote it): name a tokenizer.json instead")
+        raise CheckpointError(f"{path} carries no tokenizer (its run's data module was not modlm's): name a tokenizer.json instead")
     return unpack(tokenizer, windows_of(ckpt) if windows else None, cache_dir,
                   loss_mask=loss_mask_of(ckpt) if windows else None, chat_template=chat_template_of(ckpt))
 
@@ -98,10 +103,11 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
         else:
             raise CheckpointError(f"checkpoint not found: {path}")
     if p.is_dir() and not (p / ".metadata").is_file():
-        model, data = load_export(p, device)
+        model, data, record = load_export(p, device)
         tokenizer = load_tokenizer(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
-        return SavedModel(model, data, tokenizer, None, str(path), {})
+        return SavedModel(model, data, tokenizer, None, str(path), {}, written_by=record)
     ckpt = read_sharded(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
+    record = check_format(ckpt.get(VERSION_KEY), str(path))
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
         raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
@@ -124,7 +130,7 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
     model.chat_template = chat_template_of(ckpt)
     return SavedModel(model.to(device).eval(), data, tokenizer, windows_of(ckpt), str(path), trained(ckpt, config),
-                      loss_mask_of(ckpt))
+                      loss_mask_of(ckpt), record)
 
 
 def trained(ckpt: dict, config: ModelConfig) -> dict:

@@ -43,7 +43,7 @@ run trained on chat data with, or the one of the pretrained folder it started fr
 
 
 def tokenizer_of(checkpoint: dict) -> Optional[Tokenizer]:
-    """The tokenizer a checkpoint carries (None for one written before checkpoints carried it)."""
+    """The tokenizer a checkpoint carries (None when its run's data module was not modlm's)."""
     saved = checkpoint.get(TOKENIZER_KEY)
     return tokenizer_from_str(saved["json"]) if isinstance(saved, dict) and "json" in saved else None
 
@@ -110,10 +110,7 @@ def unpack(tokenizer: Tokenizer, windows: Optional[torch.Tensor], cache_dir: Opt
 
 
 def data_settings(saved: dict) -> dict:
-    """Saved data settings (a checkpoint's data module hyperparameters, an export's ``data.json``)
-    under today's ``--data.*`` names: an older one's ``tokenizer_path`` is ``tokenizer`` now."""
-    data = {k: v for k, v in saved.items() if not k.startswith("_")}
-    if "tokenizer_path" in data:
-        data["tokenizer"] = data.pop("tokenizer_path")
-    return data
+    """Saved data settings (a checkpoint's data module hyperparameters, an export's ``data.json``) as
+    ``--data.*`` values (Lightning's private keys left out)."""
+    return {k: v for k, v in saved.items() if not k.startswith("_")}
 

@@ -18,7 +18,6 @@ seconds, cancels what is left and exits.
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import signal
@@ -29,7 +28,8 @@ from typing import Literal, Optional
 import torch
 
 from ..data.tokenizer import end_of_text_id
-from ..model.errors import UserError
+from ..cli.usage import parse_args
+from ..model.errors import UserError, run_command
 from ..saved import load_saved
 
 API_KEY_ENV = "MODLM_API_KEY"
@@ -77,7 +77,7 @@ class ServeOptions:
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog=os.path.basename(sys.argv[0]) or "modlm-serve", exit_on_error=False,
+    p = ArgumentParser(prog=os.path.basename(sys.argv[0]) or "modlm-serve",
                        description="Serve a trained modlm model behind an OpenAI-compatible API.")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
     p.add_argument("model", help="checkpoint (.ckpt), sharded checkpoint folder, export folder, or Hub id")
@@ -120,8 +120,7 @@ def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
     saved = load_saved(model_path, device)
     tokenizer = saved.tokenizer
     if tokenizer is None:
-        raise UserError(f"{model_path} carries no tokenizer (an older modlm wrote it): export it with eval.py "
-                        "--export, which takes its data settings' tokenizer, and serve the folder")
+        raise UserError(f"{model_path} carries no tokenizer (its run's data module was not modlm's): serving needs the model's own tokenizer")
     config = saved.model.config
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"{model_path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
@@ -140,29 +139,27 @@ def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
     return app, engine, saved
 
 
+def start(argv):
+    """The parsed command line and the server's parts, once every input is checked (``UserError`` if not)."""
+    args = parse_args(parser(), argv)
+    options = ServeOptions(**{k: v for k, v in args.as_dict().items() if k in ServeOptions.__dataclass_fields__})
+    check(options)
+    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not is_loopback(options.host):  # said first, before the model loads
+        print(f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port "
+              f"can use the model (set --api_key or {API_KEY_ENV})", file=sys.stderr)
+    return (*build(args.model, options, api_key), args, options)
+
+
 def main(argv=None) -> int:
     """Serve until SIGTERM or Ctrl-C; 0 then, 2 on a user error (one line on stderr; ``MODLM_DEBUG=1``
     re-raises)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    p = parser()
-    try:
-        try:
-            args = p.parse_args(argv)
-        except argparse.ArgumentError as err:
-            raise UserError(f"{' '.join(str(err).split())}; {p.prog} --help lists every option") from None
-        options = ServeOptions(**{k: v for k, v in args.as_dict().items() if k in ServeOptions.__dataclass_fields__})
-        check(options)
-        api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
-        if api_key is None and not is_loopback(options.host):  # said first, before the model loads
-            print(f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port "
-                  f"can use the model (set --api_key or {API_KEY_ENV})", file=sys.stderr)
-        app, engine, saved = build(args.model, options, api_key)
-    except UserError as err:
-        if os.environ.get("MODLM_DEBUG"):
-            raise
-        print(f"modlm: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-
+    built = []
+    status = run_command(lambda: built.append(start(argv)) or 0)
+    if status:
+        return status
+    app, engine, saved, args, options = built[0]
     import uvicorn
 
     config = saved.model.config

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -96,28 +95,19 @@ def rng_states() -> dict:
 def restore_rng_states(states: dict) -> None:
     """Put back ``rng_states()``, each rank into its own device's generator. Every rank is seeded
     alike (seed_everything) and draws alike, so rank 0's saved states are every rank's, whatever
-    the GPU count. A checkpoint of an older modlm holds every device's state (``"cuda"``, a list):
-    restored as it was then, device for device, when the device count agrees."""
+    the GPU count."""
     torch.set_rng_state(states["cpu"])
-    if not torch.cuda.is_available():
-        return
-    if states.get("device") is not None:
+    if torch.cuda.is_available() and states.get("device") is not None:
         torch.cuda.set_rng_state(states["device"], torch.cuda.current_device())
-    elif len(states.get("cuda") or []) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # --- the tokenizer ------------------------------------------------------------------------------------
 def check_tokenizer_fits(checkpoint: dict, datamodule) -> None:
     """Refuse, naming both fingerprints, a run whose data module tokenizes with another tokenizer
     than the checkpoint's (a corpus that changed, so its tokenizer was retrained; other settings).
-    A checkpoint written before checkpoints carried their tokenizer is taken as it is, with a warning."""
-    if not isinstance(datamodule, ModLMDataModule):
-        return
+    A checkpoint of a run whose data module was not modlm's carries none: nothing to check."""
     saved = tokenizer_of(checkpoint)
-    if saved is None:
-        warnings.warn("the checkpoint carries no tokenizer (an older modlm wrote it): continuing with this run's "
-                      f"tokenizer {datamodule.tokenizer_file}, which nothing can check against it", UserWarning)
+    if not isinstance(datamodule, ModLMDataModule) or saved is None:
         return
     want, have = fingerprint(saved), datamodule.tokenizer_fingerprint
     if want != have:

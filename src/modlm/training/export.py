@@ -1,5 +1,5 @@
-"""Export folders: writing one (``write_export``) and pushing one to the Hub (``push_export``); reading one
-back is ``modlm.saved.export``'s.
+"""Export folders: writing one (``write_export``; ``modlm.model.hf_format.upload_folder`` pushes it to the Hub);
+reading one back is ``modlm.saved.export``'s.
 
 An export folder is what ``MoDTransformer.to_hf`` writes (``modlm.model.hf_format``), plus
 ``data.json`` (the data settings it was trained with) and a model card with its figures:
@@ -25,7 +25,6 @@ from typing import Optional
 from ..model.config import ModelConfig
 from ..model.hf_format import remote_code_files  # noqa: F401 - remote_code_files: the tests' name for it
 from ..model.transformer import MoDTransformer
-from ..saved.export import ExportError
 from ..saved import travel
 
 ENTRY_FILES = ("configuration_modlm.py", "modeling_modlm.py")
@@ -100,17 +99,3 @@ def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = Non
         if results and key in results:
             lines.append(f"| {label} | {results[key]:.4g} |")
     return "\n".join(lines) + "\n"
-
-
-def push_export(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Upload an export folder to the Hugging Face Hub repository ``repo_id`` (made if it does not
-    exist); returns the commit's URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="modlm export"))
-    except Exception as err:  # noqa: BLE001 - offline, no token, no rights: the user's to fix
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"cannot push {folder} to the Hub repository {repo_id}: {first}") from None

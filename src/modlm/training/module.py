@@ -23,6 +23,7 @@ from ..model.errors import UserError
 from ..model.hf_format import ARCHITECTURE_FIELDS
 from ..model.routing import RoutedBlock
 from ..model.transformer import ModelOutput, MoDTransformer
+from ..model.version import VERSION_KEY, check_format, written_by
 from . import tags
 from .batch import loss_targets, split_batch
 from .capacity import CAPACITY_KEY, CapacitySchedule
@@ -299,6 +300,7 @@ class MoDLightningModule(pl.LightningModule):
         decisions are calibrated on those windows first, for these very weights: their thresholds are buffers,
         so the state dict Lightning writes carries them."""
         checkpoint[RNG_KEY] = rng_states()
+        checkpoint[VERSION_KEY] = written_by()  # the code that wrote it: its format is checked on every read
         if "state_dict" in checkpoint:  # what trains, and what rebuilds the rest
             checkpoint["state_dict"] = self.tuning.saved_state(checkpoint["state_dict"])
         checkpoint.update(self.tuning.checkpoint_extras())
@@ -319,9 +321,11 @@ class MoDLightningModule(pl.LightningModule):
             self._set_capacities(self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep torch's generator states for the first step; refuse, with a message naming the
-        tensors, a checkpoint of another model shape, and, with a message naming both
+        """Keep torch's generator states for the first step; refuse, in one line, a checkpoint of another
+        format (``modlm.model.version``); refuse, with a message naming the tensors, a checkpoint of another
+        model shape, and, with a message naming both
         fingerprints, a run whose tokenizer is not the checkpoint's (never a silent switch)."""
+        check_format(checkpoint.get(VERSION_KEY), "the checkpoint to resume from")
         self._rng_to_restore = checkpoint.get(RNG_KEY)
         if checkpoint.get(CAPACITY_KEY) is not None:  # the plan the run started with, as the LR schedule's
             self.capacity_schedule = CapacitySchedule.from_state(checkpoint[CAPACITY_KEY])
