@@ -96,7 +96,8 @@ class Trainer:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             loss = self.loss(eager=True)  # saved-tensor hooks need eager autograd
-        del loss, alive
+        alive.clear()
+        del loss
         return sum(seen.values())
 
 
@@ -191,7 +192,7 @@ def main() -> None:
                       f"{r.get('decode_speedup', float('nan')):.2f} |", flush=True)
                 # written after every shape, so a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), f"-> {args.out}")
+    print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from torch.distributed.fsdp import ShardingStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.training.callbacks import NonFiniteLossGuard
@@ -21,12 +20,11 @@ from modlm.training.callbacks.checkpointing import RunCheckpoint
 from modlm.training.callbacks.preemption import Preemption
 from modlm.cli.train import ModLMCLI
 from modlm.training.module import MoDLightningModule
-from modlm.training.parallel import block_policy
 from modlm.training.trainer import ModLMTrainer
 from tests.helpers import REPO, VAL_FRACTION
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-STRATEGIES = ("ddp.yaml", "fsdp.yaml", "fsdp1.yaml")
+STRATEGIES = ("ddp.yaml", "fsdp.yaml")
 
 # The effective values of every documented preset (and stack of presets), beyond the default run's:
 # a preset that changes anything else, or stops changing one of these, fails here.
@@ -89,10 +87,6 @@ PRESETS = {
     ("gpu.yaml",): GPU,
     ("gpu.yaml", "ddp.yaml"): {**GPU, **ALL_GPUS, "trainer.strategy": "ddp"},
     ("gpu.yaml", "fsdp.yaml"): {**GPU, **ALL_GPUS, **FSDP2},
-    ("gpu.yaml", "fsdp1.yaml"): {**GPU, **ALL_GPUS, "model.compile": False, "trainer.strategy": {
-        "class_path": "lightning.pytorch.strategies.FSDPStrategy", "init_args": {
-            "sharding_strategy": ShardingStrategy.FULL_SHARD, "auto_wrap_policy": block_policy,
-            "activation_checkpointing_policy": block_policy, "state_dict_type": "sharded"}}},
     ("gpu.yaml", "paper60m.yaml", "ddp.yaml"): {**GPU, **PAPER60M, **ALL_GPUS, "trainer.strategy": "ddp"},
     ("gpu.yaml", "paper220m.yaml", "fsdp.yaml"): {**GPU, **PAPER220M, **ALL_GPUS, **FSDP2},
 }
@@ -199,10 +193,6 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
             "--data.source", corpus, *start, "--data.val_fraction", VAL_FRACTION]
     if want["trainer.accelerator"] == "gpu":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
-    if isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):
-        # Lightning's FSDPStrategy refuses CPUs: instantiate the strategy alone, the rest without it.
-        args += ["--trainer.strategy", "auto"]
-        _check_fsdp1_strategy(strategy["init_args"])
     cli = ModLMCLI(args=args, run=False)
 
     model = cli.model
@@ -233,12 +223,3 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
         n = MoDTransformer(cfg).num_params()
     if files in PROMISED_PARAMS:
         assert n == pytest.approx(PROMISED_PARAMS[files], rel=0.05), n
-
-
-def _check_fsdp1_strategy(init_args: dict) -> None:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(FSDPStrategy, "strategy", fail_untyped=False)
-    strategy = parser.instantiate(parser.parse_object({"strategy": init_args})).strategy
-    assert strategy.kwargs["auto_wrap_policy"] is block_policy

@@ -5,7 +5,6 @@ import logging
 import re
 import warnings
 
-import pytest
 
 from modlm.analysis.flops import forward_flops
 from modlm.cli.output import format_warning, run_output
@@ -24,7 +23,7 @@ def test_a_tiny_run_prints_only_lines_about_the_run(tmp_path, tiny_tokenizer):
     output = done.stdout + done.stderr
     assert unexpected_lines(output) == []
     lines = [line.strip() for line in output.replace("\r", "\n").splitlines()]
-    assert f"modlm: precision 32-true on 1 cpu device(s) (set by --trainer.precision or a config)" in lines
+    assert "modlm: precision 32-true on 1 cpu device(s) (set by --trainer.precision or a config)" in lines
     where = [line for line in lines if line.startswith("modlm: checkpoints in")]
     assert where == [f"modlm: checkpoints in {root / 'checkpoints'}; TensorBoard logs in "
                      f"{root / 'lightning_logs' / 'version_0'} (tensorboard --logdir {root / 'lightning_logs'})"]

@@ -11,7 +11,6 @@ from modlm.cli import prepare as cli
 from modlm.cli.prepare import main as prepare_main
 from modlm.cli.prepare import parse
 from modlm.data import DataError
-from modlm.model.errors import UserError
 from modlm.data.prepare import PrepareSettings
 from modlm.model.errors import UserError
 from tests.data.helpers import DATA_DEFAULTS, prepared_dm

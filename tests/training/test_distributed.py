@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.errors import UserError
-from modlm.training.parallel import block_policy
 from tests.helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
                            tiny_args)
 
@@ -81,41 +80,6 @@ def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     weights = torch.bfloat16 if precision == "bf16-true" else torch.float32  # mixed: fp32 master weights
     assert all(v.dtype == weights for v in ckpt["state_dict"].values())
-
-
-def test_fsdp1_wrap_policy_keeps_routing(tmp_path):
-    """FSDPStrategy's policy (modlm.training.parallel): with raw FSDP1 on a 1-process gloo group, the wrapped
-    model computes the same loss as the plain one, and gradients reach the routers."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, capacity=0.25)
-        plain, sharded = MoDTransformer(cfg), MoDTransformer(cfg)
-        sharded.load_state_dict(plain.state_dict())
-        wrapped = FSDP(sharded, auto_wrap_policy=block_policy, device_id=torch.device("cpu"), use_orig_params=True)
-        units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
-        assert len(units) == 1 + cfg.n_layers  # root + every Block (dense, and inside each routed block)
-        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-        loss = wrapped(x, targets=x).loss
-        assert loss.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
-        loss.backward()
-        assert sharded.blocks[1].router.weight.grad.abs().sum() > 0
-
-        # The same policy drives FSDPStrategy's activation checkpointing.
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointWrapper, apply_activation_checkpointing)
-
-        ckpt = MoDTransformer(cfg)
-        ckpt.load_state_dict(plain.state_dict())
-        apply_activation_checkpointing(ckpt, auto_wrap_policy=block_policy)
-        assert sum(isinstance(m, CheckpointWrapper) for m in ckpt.modules()) == cfg.n_layers
-        recomputed = ckpt(x, targets=x).loss
-        assert recomputed.item() == pytest.approx(plain(x, targets=x).loss.item(), abs=1e-6)
-        recomputed.backward()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_parallelize_compiles_then_shards_every_block_and_the_root():

@@ -13,7 +13,7 @@ from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import end_of_text, fingerprint
 from modlm.saved import load_saved
-from tests.helpers import REPO, tiny_args
+from tests.helpers import tiny_args
 from tests.helpers.fake_hub import fake_hub
 from tests.helpers.pretrained import cache_repo
 

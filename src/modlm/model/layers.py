@@ -188,8 +188,7 @@ class Block(nn.Module):
         (capacity in training, every pick at inference), whose ``ExpertInfo`` is ``info``.
 
         Routed blocks call this forward rather than ``residual_update``, so wrappers that work
-        through ``forward`` (FSDP1 units gathering their shards, activation checkpointing) see
-        every call.
+        through ``forward`` (activation checkpointing) see every call.
         """
         update, info = self.residual_update(x, where, routing, cache)
         return (x + update if residual else update), info

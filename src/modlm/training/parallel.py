@@ -4,19 +4,15 @@
   under every Lightning strategy. With a device mesh (``ModelParallelStrategy``, FSDP2) each
   transformer block becomes its own ``fully_shard`` unit and the root holds the rest (embedding,
   final norm, LM head), so the tied embedding / LM head weight lives in one unit only, as FSDP
-  requires of a shared parameter. Without a mesh (one device, DDP, FSDP1) nothing is sharded here.
+  requires of a shared parameter. Without a mesh (one device, DDP) nothing is sharded here.
 * ``without_graphs(compile, mode)``: what a pass without backward runs in (eagerly, for blocks
   compiled with CUDA graphs).
 * ``end_process_group()``: what the command line calls on every rank once a run has succeeded.
-* ``block_policy``: the wrap and activation-checkpointing policy for Lightning's ``FSDPStrategy``
-  (FSDP1), which shards by itself from a policy (see configs/fsdp1.yaml).
 
-Routing is decided by the config, not by a block's class, so wrapped or sharded blocks route as
-before. FSDP1 *replaces* a wrapped module by a ``FullyShardedDataParallel`` (or
-``CheckpointWrapper``) object that gathers its shards in ``forward``; a ``RoutedBlock`` runs its
-inner ``Block`` through ``forward`` (``residual=False``), so every ``Block``, dense or inside a
-routed block, can be its own unit, while routers and predictors (a few thousand parameters each)
-stay in the root unit.
+FSDP2 is the one sharded strategy (``configs/fsdp.yaml``): Lightning's ``FSDPStrategy`` (FSDP1) refuses the
+CPU, where every test here runs, and FSDP2's per-parameter sharding covers what it did. Routing is decided
+by the config, not by a block's class, so sharded blocks route as before; routers and predictors (a few
+thousand parameters each) stay in the root unit.
 """
 from __future__ import annotations
 
@@ -29,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.errors import UserError
-from ..model.layers import Block
 
 
 def fsdp_mesh(mesh):
@@ -120,11 +115,6 @@ def without_graphs(compile: bool, mode: Optional[str]) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def block_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
-    """FSDP1 ``auto_wrap_policy``: look inside everything, wrap each transformer ``Block``."""
-    return True if recurse else isinstance(module, Block)
 
 
 def end_process_group(settle_s: float = 0.25) -> None:
