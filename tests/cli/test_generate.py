@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import modlm
 from modlm.cli.eval import main as eval_main
 from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
@@ -60,10 +61,11 @@ def test_a_stop_string_ends_the_continuation_before_it(checkpoint, capsys):
     assert cut == "def f(" + continuation[: continuation.find(stop)] + "\n"
 
 
-def test_topk_routing_generates_too(checkpoint, capsys):
-    code, out, _ = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "6", "--temperature", "0",
-                            "--routing", "topk")
+def test_topk_routing_generates_too_and_the_version_is_shown(checkpoint, capsys):
+    code, out, err = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "6", "--temperature", "0",
+                              "--routing", "topk")
     assert code == 0 and out.startswith("def f(")
+    assert err.strip().splitlines()[-1] == f"modlm {modlm.__version__}; the model written by modlm {modlm.__version__}"
 
 
 def test_standard_input_and_interactive_mode(checkpoint):

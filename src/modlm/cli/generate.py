@@ -277,13 +277,13 @@ def execute(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     saved = load_saved(args.model, device)
-    print(describe(saved.written_by), file=sys.stderr)  # stdout is the text alone
     if saved.tokenizer is None:
         raise UserError(f"{args.model} carries no tokenizer (its run's data module was not modlm's): generating needs the model's own tokenizer")
     if saved.tokenizer.get_vocab_size() > saved.model.config.vocab_size:
         raise UserError(f"{args.model}: its tokenizer has {saved.tokenizer.get_vocab_size()} tokens, the model "
                         f"{saved.model.config.vocab_size}")
     if options.interactive:
+        print(describe(saved.written_by), file=sys.stderr)  # stdout is the text alone
         interactive(saved, options)
         return 0
     prompts = read_prompts(args)
@@ -300,6 +300,7 @@ def execute(args) -> int:
                 sys.stdout.write("-" * 40 + "\n")
             sys.stdout.write((prompt if shown is None else shown) + text + "\n")
     sys.stdout.flush()
+    print(describe(saved.written_by), file=sys.stderr)  # after the text: an error before it stays one line
     return 0
 
 

@@ -107,10 +107,10 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
         tokenizer = load_tokenizer(p / "tokenizer.json") if (p / "tokenizer.json").is_file() else None
         return SavedModel(model, data, tokenizer, None, str(path), {}, written_by=record)
     ckpt = read_sharded(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
-    record = check_format(ckpt.get(VERSION_KEY), str(path))
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "state_dict" not in ckpt or "d_model" not in hparams:
         raise CheckpointError(f"{path} is not a modlm checkpoint (no model hyperparameters in it)")
+    record = check_format(ckpt.get(VERSION_KEY), str(path))
     try:
         config = ModelConfig.from_hparams(hparams)
     except (TypeError, UserError) as err:
