@@ -80,7 +80,7 @@ class RoutingStats(Callback):
         report = report_of(outputs)
         if report is None or not report.causal_mixtures or trainer.sanity_checking:
             return
-        add_tallies(self._val_tallies, tally(report.causal_mixtures, pl_module.model.config, batch[:, :-1],
+        add_tallies(self._val_tallies, tally(report.causal_mixtures, pl_module.model.config, split_batch(batch)[0],
                                              self._eot_id(trainer)))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
