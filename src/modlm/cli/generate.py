@@ -224,19 +224,24 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def lines_typed():
+    """The non-blank lines typed after a ``> `` prompt, until Ctrl-D."""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip():
+            yield line
+
+
 def interactive(saved, options: GenerateOptions) -> None:
     if options.chat:
         return conversation(saved, options)
     print("modlm: interactive generation. A base language model continues text: it has no chat template, and each "
           "prompt is continued on its own (--chat: a conversation). End with Ctrl-D.", file=sys.stderr)
-    while True:
-        try:
-            prompt = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not prompt.strip():
-            continue
+    for prompt in lines_typed():
         sys.stdout.write(prompt)
         continuations(saved, [prompt], GenerateOptions(**{**options.__dict__, "num_samples": 1}), stream=True)
         sys.stdout.write("\n")
@@ -251,14 +256,7 @@ def conversation(saved, options: GenerateOptions) -> None:
           file=sys.stderr)
     messages = list(how.system)
     single = GenerateOptions(**{**options.__dict__, "num_samples": 1})
-    while True:
-        try:
-            prompt = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        if not prompt.strip():
-            continue
+    for prompt in lines_typed():
         messages.append({"role": "user", "content": prompt})
         (answer,) = continuations(saved, [list(messages)], single, stream=True, how=how)
         messages.append({"role": "assistant", "content": answer})
