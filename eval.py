@@ -4,6 +4,7 @@ Reports loss, perplexity and bits per byte under both routing modes, the capacit
 really use, the causal decision's accuracy against top-k, FLOPs per token and decode speed.
 ``python eval.py --help`` lists every option; see README.md.
 """
+
 import sys
 
 from modlm.cli.eval import main

@@ -4,6 +4,7 @@
 on the default corpus (the Python standard library's source). ``python train.py fit --help`` lists
 every option; see README.md.
 """
+
 import sys
 
 from modlm.cli.train import main

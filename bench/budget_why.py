@@ -17,6 +17,7 @@ previous 32 tokens separates the three reasons a share can move:
 * repetition and position: generated text repeats itself (greedy especially), and a block's
   predictor may treat repeated tokens alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ def shares(mask: torch.Tensor, selected: torch.Tensor, topk: torch.Tensor) -> di
     n = int(mask.sum())
     if not n:
         return {"tokens": 0}
-    return {"tokens": n, "decision": float(selected[mask].float().mean()), "topk": float(topk[mask].float().mean()),
-            "agreement": float((selected == topk)[mask].float().mean())}
+    return {
+        "tokens": n,
+        "decision": float(selected[mask].float().mean()),
+        "topk": float(topk[mask].float().mean()),
+        "agreement": float((selected == topk)[mask].float().mean()),
+    }
 
 
 def repeats(tokens: torch.Tensor, window: int = 32) -> torch.Tensor:
@@ -66,7 +71,9 @@ def breakdown(model, sequences: torch.Tensor, prompt_len: int, eot_id: int) -> d
     }
     figures = {"repeated_share_of_continuation": float(repeated[generated].float().mean())}
     for info in out.routing:
-        figures[f"layer_{info.layer}"] = {name: shares(mask, info.selected, info.topk) for name, mask in regions.items()}
+        figures[f"layer_{info.layer}"] = {
+            name: shares(mask, info.selected, info.topk) for name, mask in regions.items()
+        }
     return figures
 
 
@@ -86,15 +93,28 @@ def main(argv=None) -> int:
     windows = saved.validation_windows
     prompts = windows[: args.prompts, : args.prompt_tokens]
     eot_id = int(saved.data.get("eot_id", 0))
-    report = {"checkpoint": args.checkpoint, "cpu": platform.processor() or platform.machine(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "capacity": model.config.capacity, "decision": "plain"}
+    report = {
+        "checkpoint": args.checkpoint,
+        "cpu": platform.processor() or platform.machine(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "capacity": model.config.capacity,
+        "decision": "plain",
+    }
     # validation text of the same length, for comparison: the "continuation" is then real text
-    report["validation"] = breakdown(model, windows[: args.prompts, : args.prompt_tokens + args.new_tokens],
-                                     args.prompt_tokens, eot_id)
+    report["validation"] = breakdown(
+        model, windows[: args.prompts, : args.prompt_tokens + args.new_tokens], args.prompt_tokens, eot_id
+    )
     for name, temperature in (("greedy", 0.0), ("sampled", 0.8)):
-        sequences = generate(model, prompts, args.new_tokens, temperature=temperature, top_k=50,
-                             generator=torch.Generator().manual_seed(1))
+        sequences = generate(
+            model,
+            prompts,
+            args.new_tokens,
+            temperature=temperature,
+            top_k=50,
+            generator=torch.Generator().manual_seed(1),
+        )
         report[name] = breakdown(model, sequences, args.prompt_tokens, eot_id)
     text = json.dumps(report, indent=1)
     print(text)

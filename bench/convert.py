@@ -33,6 +33,7 @@ the dense original and the MoD models interleaved in one process (A, B, C, A, B,
 one thread, medians). Results: ``bench/results/convert/*.json`` (``--results``), each with the git
 commit it came from and the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from modlm import MoDTransformer  # noqa: E402
-from modlm.analysis.flops import training_flops  # noqa: E402
 from modlm.analysis.evaluate import generation_share  # noqa: E402
+from modlm.analysis.flops import training_flops  # noqa: E402
 from modlm.model.generate import generate  # noqa: E402
 from modlm.saved import load_saved, read_checkpoint  # noqa: E402
 
@@ -63,12 +64,30 @@ SEEDS = {"s1": 1, "s2": 2}
 def plan(steps: int) -> dict[str, list[str]]:
     """Run name -> the fit's arguments (beyond the folder, the output directory and the seeds)."""
     half = str(steps // 2)
-    routers = ["--config", "configs/convert_routers.yaml", "--trainer.max_steps", str(steps), "--model.capacity_steps", half]
+    routers = [
+        "--config",
+        "configs/convert_routers.yaml",
+        "--trainer.max_steps",
+        str(steps),
+        "--model.capacity_steps",
+        half,
+    ]
     full = ["--config", "configs/convert_full.yaml", "--trainer.max_steps", str(steps), "--model.capacity_steps", half]
     return {
-        "full-s1": full, "routers-s1": routers, "full-s2": full, "routers-s2": routers,
-        "dense-continued-s1": ["--trainer.max_steps", str(steps), "--model.route_every", "0", "--model.lr", "0.0005",
-                               "--model.warmup_steps", "20"],
+        "full-s1": full,
+        "routers-s1": routers,
+        "full-s2": full,
+        "routers-s2": routers,
+        "dense-continued-s1": [
+            "--trainer.max_steps",
+            str(steps),
+            "--model.route_every",
+            "0",
+            "--model.lr",
+            "0.0005",
+            "--model.warmup_steps",
+            "20",
+        ],
         "full-c0.25-s1": full + ["--model.capacity", "0.25"],
         "full-c0.5-s1": full + ["--model.capacity", "0.5"],
         # attention-only routing (configs/skip_attention.yaml: capacity 0.25), beside full-c0.25-s1
@@ -78,8 +97,9 @@ def plan(steps: int) -> dict[str, list[str]]:
 
 def commit() -> str:
     out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     return out + ("+dirty" if dirty else "")
 
 
@@ -88,8 +108,11 @@ def cpu() -> str:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
         info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
         flags = info.get("Flags", "").split()
-        return (f"{info.get('Model name', platform.processor())} (family {info.get('CPU family')}, model {info.get('Model')}), "
-                f"{info.get('CPU(s)')} CPUs, {'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'}")
+        return (
+            f"{info.get('Model name', platform.processor())} (family {info.get('CPU family')}, model "
+            f"{info.get('Model')}), "
+            f"{info.get('CPU(s)')} CPUs, {'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'}"
+        )
     except OSError:
         return platform.processor()
 
@@ -99,8 +122,13 @@ def load() -> str:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def write(path: Path, data: dict) -> None:
@@ -118,7 +146,13 @@ def parity(args) -> None:
     sys.path.insert(0, str(REPO))
     from tests.helpers.pretrained import KINDS, hf_model
 
-    out = {"commit": commit(), "cpu": cpu(), "torch": torch.__version__, "inputs": "3 x 100 random token ids", "kinds": {}}
+    out = {
+        "commit": commit(),
+        "cpu": cpu(),
+        "torch": torch.__version__,
+        "inputs": "3 x 100 random token ids",
+        "kinds": {},
+    }
     for kind in KINDS:
         hf = hf_model(kind)
         with tempfile.TemporaryDirectory() as folder:
@@ -128,8 +162,12 @@ def parity(args) -> None:
         with torch.no_grad():
             want, got = hf(idx).logits, model(idx).logits
         gap = float((want - got).abs().max())
-        out["kinds"][kind] = {"architecture": type(hf).__name__, "max_abs": gap, "max_rel": gap / float(want.abs().max()),
-                              "logit_scale": float(want.abs().max())}
+        out["kinds"][kind] = {
+            "architecture": type(hf).__name__,
+            "max_abs": gap,
+            "max_rel": gap / float(want.abs().max()),
+            "logit_scale": float(want.abs().max()),
+        }
         print(kind, out["kinds"][kind], flush=True)
     write(args.results / "parity.json", out)
 
@@ -151,10 +189,17 @@ def prepare(args) -> None:
     with torch.no_grad():
         want, got = saved.model(idx).logits, back(idx).logits
     config = json.loads((folder / "config.json").read_text())
-    result = {"commit": commit(), "cpu": cpu(), "dense": str(args.dense), "folder": str(folder), "kind": kind,
-              "tokenizer": str(tok) if not hasattr(tok, "to_str") else "the checkpoint's own",
-              "architectures": config["architectures"], "max_abs_logit_diff": float((want - got).abs().max()),
-              "logit_scale": float(want.abs().max())}
+    result = {
+        "commit": commit(),
+        "cpu": cpu(),
+        "dense": str(args.dense),
+        "folder": str(folder),
+        "kind": kind,
+        "tokenizer": str(tok) if not hasattr(tok, "to_str") else "the checkpoint's own",
+        "architectures": config["architectures"],
+        "max_abs_logit_diff": float((want - got).abs().max()),
+        "logit_scale": float(want.abs().max()),
+    }
     try:
         import transformers
 
@@ -168,8 +213,17 @@ def prepare(args) -> None:
 
 
 # --- tune --------------------------------------------------------------------------------------------
-ORDER = ["full-s1", "routers-s1", "full-s2", "scratch-mod", "routers-s2", "dense-continued-s1", "full-c0.25-s1",
-         "full-c0.5-s1", "attention-c0.25-s1"]
+ORDER = [
+    "full-s1",
+    "routers-s1",
+    "full-s2",
+    "scratch-mod",
+    "routers-s2",
+    "dense-continued-s1",
+    "full-c0.25-s1",
+    "full-c0.5-s1",
+    "attention-c0.25-s1",
+]
 """The order the fits run in: the main setting and its from-scratch comparison first."""
 
 
@@ -188,9 +242,22 @@ def fit(args, name: str, extra: list[str], seed: int) -> None:
     if finished(root, steps):
         print(f"{name}: done already ({last_checkpoint(root)})", flush=True)
         return
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", *extra, "--trainer.default_root_dir", str(root),
-           "--trainer.enable_progress_bar", "false", "--seed_everything", str(seed), "--data.seed", str(seed),
-           "--data.tokenizer", str(args.runs / "dense-llama")]  # the dense run's tokenizer, for every run
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "fit",
+        *extra,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--seed_everything",
+        str(seed),
+        "--data.seed",
+        str(seed),
+        "--data.tokenizer",
+        str(args.runs / "dense-llama"),
+    ]  # the dense run's tokenizer, for every run
     if name != "scratch-mod":
         cmd += ["--model.init_from", str(args.runs / "dense-llama")]
     print(f"{name}: {' '.join(cmd)} (load {load()})", flush=True)
@@ -198,8 +265,15 @@ def fit(args, name: str, extra: list[str], seed: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "fit.log", "w") as log:
         code = subprocess.run(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT).returncode
-    info = {"name": name, "command": cmd, "exit": code, "seconds": time.time() - start, "commit": commit(), "cpu": cpu(),
-            "load_after": load()}
+    info = {
+        "name": name,
+        "command": cmd,
+        "exit": code,
+        "seconds": time.time() - start,
+        "commit": commit(),
+        "cpu": cpu(),
+        "load_after": load(),
+    }
     write(root / "run.json", info)
     if code:
         raise SystemExit(f"{name} failed (exit {code}); see {root / 'fit.log'}")
@@ -219,8 +293,13 @@ def scratch_steps(args) -> tuple[int, dict]:
     per_step = 16 * training_flops(mod, 256)
     dense, tune = meter_total(Path(args.dense)), meter_total(last_checkpoint(args.runs / "full-s1"))
     steps = math.ceil((dense + tune) / per_step)
-    return steps, {"dense_pretraining_flops": dense, "full_s1_tuning_flops": tune, "mod_flops_per_step": per_step,
-                   "steps": steps, "default_mod_400_steps_flops": 400 * per_step}
+    return steps, {
+        "dense_pretraining_flops": dense,
+        "full_s1_tuning_flops": tune,
+        "mod_flops_per_step": per_step,
+        "steps": steps,
+        "default_mod_400_steps_flops": 400 * per_step,
+    }
 
 
 def tune(args) -> None:
@@ -231,8 +310,19 @@ def tune(args) -> None:
         if name == "scratch-mod":
             steps, budget = scratch_steps(args)
             write(args.results / "budget.json", {**budget, "commit": commit()})
-            fit(args, name, ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 4),
-                             "--checkpoint.every_n_train_steps", str(steps // 4)], 1234)
+            fit(
+                args,
+                name,
+                [
+                    "--trainer.max_steps",
+                    str(steps),
+                    "--trainer.val_check_interval",
+                    str(steps // 4),
+                    "--checkpoint.every_n_train_steps",
+                    str(steps // 4),
+                ],
+                1234,
+            )
         else:
             fit(args, name, runs[name], SEEDS[name.rsplit("-", 1)[1]])
 
@@ -266,8 +356,20 @@ def evaluate(args) -> None:
         target = out / f"{name}.json"
         if target.exists():
             continue
-        cmd = [sys.executable, str(REPO / "eval.py"), str(ckpt), "--json", str(target), "--quiet",
-               "--decode_tokens", "8", "--prompt_tokens", "16", "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            str(REPO / "eval.py"),
+            str(ckpt),
+            "--json",
+            str(target),
+            "--quiet",
+            "--decode_tokens",
+            "8",
+            "--prompt_tokens",
+            "16",
+            "--device",
+            "cpu",
+        ]
         if ckpt.is_dir() or name == "dense":  # no windows stored: the corpus's, with the one tokenizer
             cmd += ["--data.tokenizer", str(args.runs / "dense-llama"), "--data.source", "stdlib"]
         print(f"eval {name} (load {load()})", flush=True)
@@ -295,8 +397,14 @@ def windows(args) -> None:
 
     stored = load_saved(str(first_tuned(args))).validation_windows
     dm = ModLMDataModule(source="stdlib", tokenizer=str(args.runs / "dense-llama"), num_workers=0)
-    write(args.results / "windows.json", {"same_windows": bool(torch.equal(stored, dm.validation_windows)),
-                                          "windows": list(stored.shape), "commit": commit()})
+    write(
+        args.results / "windows.json",
+        {
+            "same_windows": bool(torch.equal(stored, dm.validation_windows)),
+            "windows": list(stored.shape),
+            "commit": commit(),
+        },
+    )
 
 
 def first_tuned(args) -> Path:
@@ -310,8 +418,19 @@ def decode(args) -> None:
     if target.exists():
         return
     torch.set_num_threads(1)
-    names = [n for n in ("dense", "full-s1", "routers-s1", "scratch-mod", "full-c0.25-s1", "full-c0.5-s1",
-                         "attention-c0.25-s1") if n in models(args)]
+    names = [
+        n
+        for n in (
+            "dense",
+            "full-s1",
+            "routers-s1",
+            "scratch-mod",
+            "full-c0.25-s1",
+            "full-c0.5-s1",
+            "attention-c0.25-s1",
+        )
+        if n in models(args)
+    ]
     loaded = {n: load_saved(str(models(args)[n])).model.eval() for n in names}
     windows = load_saved(str(first_tuned(args))).validation_windows
     prompt = windows[:1, :32]
@@ -326,26 +445,59 @@ def decode(args) -> None:
             generate(loaded[n], prompt, new, temperature=0)
             times[n].append(time.perf_counter() - start)
     dense = statistics.median(times["dense"])
-    result = {"commit": commit(), "cpu": cpu(), "threads": 1, "batch": 1, "prompt_tokens": 32, "new_tokens": new,
-              "reps": args.reps, "load_before": load_before, "load_after": load(), "models": {}}
+    result = {
+        "commit": commit(),
+        "cpu": cpu(),
+        "threads": 1,
+        "batch": 1,
+        "prompt_tokens": 32,
+        "new_tokens": new,
+        "reps": args.reps,
+        "load_before": load_before,
+        "load_after": load(),
+        "models": {},
+    }
     for n in names:
         t = statistics.median(times[n])
-        result["models"][n] = {"tokens_per_s": new / t, "vs_dense": dense / t, "seconds": times[n],
-                               "routed_share": generation_share(loaded[n], prompt, new, temperature=0).get("capacity_used")}
+        result["models"][n] = {
+            "tokens_per_s": new / t,
+            "vs_dense": dense / t,
+            "seconds": times[n],
+            "routed_share": generation_share(loaded[n], prompt, new, temperature=0).get("capacity_used"),
+        }
     write(target, result)
 
 
 # --- report ------------------------------------------------------------------------------------------
-ROWS = ["dense", "dense-continued-s1", "converted-untuned-c1", "converted-untuned-c0.125", "routers-s1", "routers-s2",
-        "full-s1", "full-s2", "full-c0.25-s1", "full-c0.5-s1", "attention-c0.25-s1", "scratch-mod"]
+ROWS = [
+    "dense",
+    "dense-continued-s1",
+    "converted-untuned-c1",
+    "converted-untuned-c0.125",
+    "routers-s1",
+    "routers-s2",
+    "full-s1",
+    "full-s2",
+    "full-c0.25-s1",
+    "full-c0.5-s1",
+    "attention-c0.25-s1",
+    "scratch-mod",
+]
 
 
 def report(args) -> None:
     evals = {p.stem: json.loads(p.read_text()) for p in (args.results / "eval").glob("*.json")}
-    dec = json.loads((args.results / "decode.json").read_text()) if (args.results / "decode.json").exists() else {"models": {}}
+    dec = (
+        json.loads((args.results / "decode.json").read_text())
+        if (args.results / "decode.json").exists()
+        else {"models": {}}
+    )
     dense = evals.get("dense", {})
-    lines = ["| model | training FLOPs | val loss top-k | val loss causal | causal share processed | forward FLOPs/token "
-             "(causal) | vs dense | decode tok/s | vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | training FLOPs | val loss top-k | val loss causal | causal share processed | forward FLOPs/token "
+        "(causal) | vs dense | decode tok/s | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ROWS:
         e = evals.get(name)
         if e is None:
@@ -359,16 +511,21 @@ def report(args) -> None:
         lines.append(
             f"| {name} | {flops / 1e12:.1f}T | {e['topk.loss']:.4f} | {e['causal.loss']:.4f} | {share:.3f} | "
             f"{e['flops_per_token'] / 1e6:.2f}M | {e['flops_per_token'] / dense['flops_per_token']:.3f} | "
-            f"{d.get('tokens_per_s', float('nan')):.1f} | {d.get('vs_dense', float('nan')):.2f} |" if flops is not None else
-            f"| {name} | - | {e['topk.loss']:.4f} | {e['causal.loss']:.4f} | {share:.3f} | {e['flops_per_token'] / 1e6:.2f}M | "
-            f"{e['flops_per_token'] / dense['flops_per_token']:.3f} | - | - |")
+            f"{d.get('tokens_per_s', float('nan')):.1f} | {d.get('vs_dense', float('nan')):.2f} |"
+            if flops is not None
+            else f"| {name} | - | {e['topk.loss']:.4f} | {e['causal.loss']:.4f} | {share:.3f} | "
+            f"{e['flops_per_token'] / 1e6:.2f}M | "
+            f"{e['flops_per_token'] / dense['flops_per_token']:.3f} | - | - |"
+        )
     for mode in ("routers", "full"):
         pair = [evals[f"{mode}-{s}"] for s in SEEDS if f"{mode}-{s}" in evals]
         if len(pair) == 2:
             for key in ("topk.loss", "causal.loss"):
                 values = [p[key] for p in pair]
-                lines.append(f"\n{mode}, capacity 0.125, {key}: mean {statistics.mean(values):.4f}, "
-                             f"seeds {values[0]:.4f} / {values[1]:.4f} (spread {abs(values[0] - values[1]):.4f})")
+                lines.append(
+                    f"\n{mode}, capacity 0.125, {key}: mean {statistics.mean(values):.4f}, "
+                    f"seeds {values[0]:.4f} / {values[1]:.4f} (spread {abs(values[0] - values[1]):.4f})"
+                )
     text = "\n".join(lines) + "\n"
     (args.results / "table.md").write_text(text)
     print(text)
@@ -377,9 +534,15 @@ def report(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("stage", choices=["parity", "prepare", "tune", "evaluate", "report", "all"])
-    ap.add_argument("--dense", default="/work/runs/dense/checkpoints/last.ckpt", help="the dense default run's checkpoint")
-    ap.add_argument("--scratch-like", type=Path, default=Path("/work/runs/default/checkpoints/last.ckpt"),
-                    help="the default MoD run (its shape is the from-scratch run's)")
+    ap.add_argument(
+        "--dense", default="/work/runs/dense/checkpoints/last.ckpt", help="the dense default run's checkpoint"
+    )
+    ap.add_argument(
+        "--scratch-like",
+        type=Path,
+        default=Path("/work/runs/default/checkpoints/last.ckpt"),
+        help="the default MoD run (its shape is the from-scratch run's)",
+    )
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "convert", help="where the fits go")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "convert")
     ap.add_argument("--steps", type=int, default=200, help="tuning steps of every fit")

@@ -18,6 +18,7 @@ base rate, so routed blocks process almost nothing: the overhead floor) and, wit
 ``--checkpoint``, a trained MoD model. For MoD rows, ``routed`` is the fraction of decoding
 steps a routed block processed, and ``flops ratio`` what per-token FLOPs predict against dense.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ from typing import Callable, Optional
 import torch
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.model.generate import compile_decode_step, generate
 from modlm.analysis.flops import decode_flops
+from modlm.model.generate import compile_decode_step, generate
 from modlm.saved import load_saved
 
 
@@ -46,10 +47,20 @@ def litgpt_twin(cfg: ModelConfig):
     from litgpt.model import GPT
 
     config = Config(
-        block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_query_groups=cfg.n_heads, n_embd=cfg.d_model,
-        rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-        norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP", intermediate_size=cfg.mlp_hidden,
+        block_size=cfg.max_seq_len,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=cfg.vocab_size,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_query_groups=cfg.n_heads,
+        n_embd=cfg.d_model,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=cfg.norm_eps,
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=cfg.mlp_hidden,
         rope_base=int(cfg.rope_theta),
     )
     return GPT(config).eval()
@@ -72,14 +83,16 @@ def timed(run: Callable[[], None], device: torch.device) -> float:
 
 
 # --- runners: each returns a function that generates for a fixed batch of prompts ---------------------
-def modlm_runner(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, compiled: bool,
-                 mode: Optional[str] = None) -> Callable[[], None]:
+def modlm_runner(
+    model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, compiled: bool, mode: Optional[str] = None
+) -> Callable[[], None]:
     step = compile_decode_step(model, mode=mode) if compiled else None
     return lambda: generate(model, prompts, new_tokens, temperature=0, decode_step=step)
 
 
-def litgpt_runner(model, prompts: torch.Tensor, new_tokens: int, compiled: bool,
-                  mode: Optional[str] = None) -> Callable[[], None]:
+def litgpt_runner(
+    model, prompts: torch.Tensor, new_tokens: int, compiled: bool, mode: Optional[str] = None
+) -> Callable[[], None]:
     import litgpt.generate.base as lg
 
     B, P = prompts.shape
@@ -90,8 +103,12 @@ def litgpt_runner(model, prompts: torch.Tensor, new_tokens: int, compiled: bool,
         model.set_kv_cache(batch_size=B)  # a fresh cache per generation, as modlm's generate makes one
         if B == 1:
             return lg.generate(net, prompts[0], P + new_tokens, temperature=0, include_prompt=False)
-        return list(lg.batched_generate_fn(net, prompts, P + new_tokens, sample_args={"temperature": 0},
-                                           include_prompt=False, include_eos=False))
+        return list(
+            lg.batched_generate_fn(
+                net, prompts, P + new_tokens, sample_args={"temperature": 0}, include_prompt=False, include_eos=False
+            )
+        )
+
     return run
 
 
@@ -136,11 +153,11 @@ def prompt_batch(vocab_size: int, batch: int, length: int, tokenizer: Optional[s
     """``batch`` prompts of ``length`` tokens: real text (standard-library source, tokenized with the
     model's tokenizer) when one is given, else random ids (fixed seed)."""
     if tokenizer:
-        from tokenizers import Tokenizer
-
         import inspect
         import json as json_module
         import statistics as statistics_module
+
+        from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(tokenizer)
         text = "".join(inspect.getsource(m) for m in (json_module, statistics_module, argparse))
@@ -154,14 +171,19 @@ def prompt_batch(vocab_size: int, batch: int, length: int, tokenizer: Optional[s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", help="a trained MoD checkpoint (adds the 'modlm MoD trained' rows)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json for text prompts (default: data/cache/*/tokenizer.json)")
+    ap.add_argument(
+        "--tokenizer", default=None, help="tokenizer.json for text prompts (default: data/cache/*/tokenizer.json)"
+    )
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="add compiled rows (torch.compile of the decode step)")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile's mode for the compiled rows "
-                    "(reduce-overhead: CUDA graphs on a GPU)")
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile's mode for the compiled rows (reduce-overhead: CUDA graphs on a GPU)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-litgpt", action="store_true")
@@ -186,18 +208,23 @@ def main(argv=None) -> int:
         try:
             models["litgpt dense"] = litgpt_twin(shape)
         except ImportError:
-            print("litgpt is not installed (pip install -r bench/requirements.txt): its rows are skipped", file=sys.stderr)
+            print(
+                "litgpt is not installed (pip install -r bench/requirements.txt): its rows are skipped", file=sys.stderr
+            )
     models = {name: model.to(device) for name, model in models.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"shape: d_model {shape.d_model}, {shape.n_layers} blocks, {shape.n_heads} heads, vocab {shape.vocab_size}, "
-          f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.device} ({where}), "
-          f"compile mode {args.compile_mode}, prompts: {'text' if tokenizer else 'random ids'}", flush=True)
+    print(
+        f"shape: d_model {shape.d_model}, {shape.n_layers} blocks, {shape.n_heads} heads, vocab {shape.vocab_size}, "
+        f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.device} ({where}), "
+        f"compile mode {args.compile_mode}, prompts: {'text' if tokenizer else 'random ids'}",
+        flush=True,
+    )
 
     runs, meta = {}, {}
     for batch in args.batches:
         prompts = prompt_batch(shape.vocab_size, batch, args.prompt_tokens, tokenizer).to(device)
         for name, model in models.items():
-            for compiled in ([False, True] if args.compile else [False]):
+            for compiled in [False, True] if args.compile else [False]:
                 key = (name, batch, "compiled" if compiled else "eager")
                 make = litgpt_runner if name.startswith("litgpt") else modlm_runner
                 ops = ops_per_step(make, model, prompts) if args.ops and batch == 1 and not compiled else None
@@ -224,25 +251,48 @@ def main(argv=None) -> int:
         dense = times.get(("modlm dense", batch, mode))
         lit = times.get(("litgpt dense", batch, "eager"))
         routed = meta[key].get("routed")
-        rows.append({
-            "model": name, "batch": batch, "mode": mode, "tokens_per_s": tps,
-            "ms_per_step": 1e3 * statistics.median(ts) / args.new_tokens,
-            "vs_modlm_dense": statistics.median(dense) / statistics.median(ts) if dense else None,
-            "vs_litgpt_eager": statistics.median(lit) / statistics.median(ts) if lit else None,
-            "routed": routed, "flops_ratio": decode_flops_ratio(shape, routed, context) if routed is not None else None,
-            "params": meta[key]["params"], "warmup_s": meta[key]["warmup_s"], "times_s": ts,
-            "ops_per_step": meta[key].get("ops_per_step"),
-        })
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "mode": mode,
+                "tokens_per_s": tps,
+                "ms_per_step": 1e3 * statistics.median(ts) / args.new_tokens,
+                "vs_modlm_dense": statistics.median(dense) / statistics.median(ts) if dense else None,
+                "vs_litgpt_eager": statistics.median(lit) / statistics.median(ts) if lit else None,
+                "routed": routed,
+                "flops_ratio": decode_flops_ratio(shape, routed, context) if routed is not None else None,
+                "params": meta[key]["params"],
+                "warmup_s": meta[key]["warmup_s"],
+                "times_s": ts,
+                "ops_per_step": meta[key].get("ops_per_step"),
+            }
+        )
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    print("\n| model | batch | mode | tokens/s | ms/step | vs modlm dense | vs litgpt eager | routed | FLOPs ratio | ops/step |")
+    print(
+        "\n| model | batch | mode | tokens/s | ms/step | vs modlm dense | vs litgpt eager | routed | FLOPs ratio | "
+        "ops/step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
-              f"{fmt(r['vs_modlm_dense'], '.2f')} | {fmt(r['vs_litgpt_eager'], '.2f')} | {fmt(r['routed'], '.3f')} | "
-              f"{fmt(r['flops_ratio'], '.2f')} | {fmt(r['ops_per_step'], '.0f')} |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
+            f"{fmt(r['vs_modlm_dense'], '.2f')} | {fmt(r['vs_litgpt_eager'], '.2f')} | {fmt(r['routed'], '.3f')} | "
+            f"{fmt(r['flops_ratio'], '.2f')} | {fmt(r['ops_per_step'], '.0f')} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "device": where,
-                                               "torch": torch.__version__, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "threads": torch.get_num_threads(),
+                    "device": where,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

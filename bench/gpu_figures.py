@@ -9,6 +9,7 @@ keep ``figures.json`` (every part's status and figures, with the commit) up to d
 Every subcommand is written to end cleanly: ``check`` prints its one line whatever goes wrong, and
 the others leave ``figures.json`` whole (written under a temporary name, then renamed).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,18 +53,25 @@ def check(machine_json: str) -> None:
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
-        fail(f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; "
-             "this session measures a GPU")
+        fail(
+            f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; this session measures a GPU"
+        )
     name = torch.cuda.get_device_name(0)
     peak = os.environ.get("PEAK_FLOPS")
     if peak is None:
         lower = name.lower()
         peak = next((p for parts, p in BF16_DENSE_PEAK if all(part in lower for part in parts)), None)
     props = torch.cuda.get_device_properties(0)
-    info = {"gpu": name, "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1), "gpus": torch.cuda.device_count(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "lightning": lightning.__version__,
-            "bf16_peak_flops": None if peak is None else float(peak)}
+    info = {
+        "gpu": name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning": lightning.__version__,
+        "bf16_peak_flops": None if peak is None else float(peak),
+    }
     Path(machine_json).write_text(json.dumps(info, indent=1) + "\n")
     print("none" if peak is None else f"{float(peak):.4g}")
 
@@ -76,8 +84,16 @@ def write(path: Path, data: dict) -> None:
 
 def init(figures: str, machine_json: str, commit: str, budget_s: str) -> None:
     machine = json.loads(Path(machine_json).read_text())
-    write(Path(figures), {"commit": commit, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": int(budget_s),
-                          "machine": machine, "parts": {}})
+    write(
+        Path(figures),
+        {
+            "commit": commit,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "budget_s": int(budget_s),
+            "machine": machine,
+            "parts": {},
+        },
+    )
 
 
 def scalars(root: Path) -> dict[str, dict[int, float]]:
@@ -92,10 +108,22 @@ def scalars(root: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-TRAIN_TAGS = ("train/device/items_per_sec", "train/device/flops_per_sec", "train/device/mfu", "flops/mfu",
-              "flops/ratio_vs_dense", "train/loss", "val/loss", "val/loss_causal")
-LOG_MARKS = {"cudagraph_skips": "skipping cudagraphs", "recompile_limit_hits": "recompile_limit",
-             "overwritten_outputs": "has been overwritten", "tracebacks": "Traceback (most recent call last)"}
+TRAIN_TAGS = (
+    "train/device/items_per_sec",
+    "train/device/flops_per_sec",
+    "train/device/mfu",
+    "flops/mfu",
+    "flops/ratio_vs_dense",
+    "train/loss",
+    "val/loss",
+    "val/loss_causal",
+)
+LOG_MARKS = {
+    "cudagraph_skips": "skipping cudagraphs",
+    "recompile_limit_hits": "recompile_limit",
+    "overwritten_outputs": "has been overwritten",
+    "tracebacks": "Traceback (most recent call last)",
+}
 
 
 def train(root: str, log: str, out_json: str) -> None:
@@ -116,12 +144,20 @@ def train(root: str, log: str, out_json: str) -> None:
     if checkpoints:
         saved = torch.load(checkpoints[-1], weights_only=True, map_location="cpu")
         thresholds = [float(v) for k, v in saved["state_dict"].items() if k.endswith(".decision.threshold")]
-        figures["checkpoint"] = {"file": checkpoints[-1].name, "global_step": saved.get("global_step"),
-                                 "decision_thresholds": thresholds}
+        figures["checkpoint"] = {
+            "file": checkpoints[-1].name,
+            "global_step": saved.get("global_step"),
+            "decision_thresholds": thresholds,
+        }
     text = Path(log).read_text(errors="replace") if Path(log).is_file() else ""
     figures["log"] = {key: text.count(mark) for key, mark in LOG_MARKS.items()}
-    reasons = sorted({line.split("skipping cudagraphs", 1)[1].strip()[:160] for line in text.splitlines()
-                      if "skipping cudagraphs" in line})
+    reasons = sorted(
+        {
+            line.split("skipping cudagraphs", 1)[1].strip()[:160]
+            for line in text.splitlines()
+            if "skipping cudagraphs" in line
+        }
+    )
     if reasons:
         figures["log"]["cudagraph_skip_reasons"] = reasons
     Path(out_json).write_text(json.dumps(figures, indent=1) + "\n")

@@ -15,6 +15,7 @@ operators (flash, efficient (memory-efficient), cudnn, or ``_math``: the math pa
 On CUDA, the peak memory of one prefill per way as well: the math path holds (B, H, T, S) fp32
 scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,9 +116,16 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=8192, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, head_size=args.d_model // args.heads,
-                      max_seq_len=args.prompt + args.new + 1, route_every=0)
+    cfg = ModelConfig(
+        vocab_size=8192,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        head_size=args.d_model // args.heads,
+        max_seq_len=args.prompt + args.new + 1,
+        route_every=0,
+    )
     model = MoDTransformer(cfg).to(device=device, dtype=dtype).eval()
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     prompts = prompts.to(device)
@@ -141,26 +149,50 @@ def main(argv=None) -> int:
             times[way][1].append(step)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"GQA model: d {args.d_model}, {args.layers} layers, {args.heads} query / {args.kv_heads} key-value heads, "
-          f"{str(dtype).removeprefix('torch.')}, batch {args.batch}, prompt {args.prompt}, {where}; "
-          f"largest logit difference between the ways {difference:.1e} (relative)\n")
+    print(
+        f"GQA model: d {args.d_model}, {args.layers} layers, {args.heads} query / {args.kv_heads} key-value heads, "
+        f"{str(dtype).removeprefix('torch.')}, batch {args.batch}, prompt {args.prompt}, {where}; "
+        f"largest logit difference between the ways {difference:.1e} (relative)\n"
+    )
     print("| way | prefill ms | decode ms/step | prefill peak MiB | SDPA operators (one prefill) |")
     print("|---|---|---|---|---|")
     rows = []
     for way in WAYS:
         prefill, step = (1e3 * statistics.median(t) for t in times[way])
         peak = peaks[way]
-        rows.append({"way": way, "prefill_ms": prefill, "decode_ms_per_step": step, "prefill_peak_bytes": peak,
-                     "sdpa_operators": seen[way], "times_s": times[way]})
+        rows.append(
+            {
+                "way": way,
+                "prefill_ms": prefill,
+                "decode_ms_per_step": step,
+                "prefill_peak_bytes": peak,
+                "sdpa_operators": seen[way],
+                "times_s": times[way],
+            }
+        )
         ops = ", ".join(f"{name.removeprefix('aten::')} x{count}" for name, count in sorted(seen[way].items()))
         print(f"| {way} | {prefill:.2f} | {step:.3f} | {'-' if peak is None else f'{peak / 2**20:.0f}'} | {ops} |")
-    speedup = {"prefill": rows[1]["prefill_ms"] / rows[0]["prefill_ms"],
-               "decode": rows[1]["decode_ms_per_step"] / rows[0]["decode_ms_per_step"]}
+    speedup = {
+        "prefill": rows[1]["prefill_ms"] / rows[0]["prefill_ms"],
+        "decode": rows[1]["decode_ms_per_step"] / rows[0]["decode_ms_per_step"],
+    }
     print(f"\nfolded over enable_gqa: prefill {speedup['prefill']:.2f}x, decode {speedup['decode']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": where, "torch": torch.__version__,
-                                               "dtype": str(dtype), "max_relative_logit_difference": difference,
-                                               "speedup_folded": speedup, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "device": where,
+                    "torch": torch.__version__,
+                    "dtype": str(dtype),
+                    "max_relative_logit_difference": difference,
+                    "speedup_folded": speedup,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

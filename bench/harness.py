@@ -26,6 +26,7 @@ it must score what the dense checkpoint scores, and so must lm-eval's own ``hf``
 routers at zero) is made from it here. Results:
 ``--out`` (JSON with the commit and CPU) and the markdown table printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ def hf_figures(folder: Path, tasks: Path, batch_size: int) -> dict:
     from modlm.analysis.harness.tasks import metric_key
 
     hf = HFLM(pretrained=str(folder), device="cpu", batch_size=batch_size, dtype="float32")
-    results = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS + LINE_TASKS), log_samples=False,
-                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    results = lm_eval.simple_evaluate(
+        model=hf,
+        tasks=list(TASKS + LINE_TASKS),
+        log_samples=False,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+    )
     out = {"harness.routing": "-", "harness.leaking": False}
     for task, metrics in results["results"].items():
         for name, value in metrics.items():
@@ -110,18 +115,37 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     found = models(args)
     modules = held_out_modules()
-    result = {"commit": commit(), "cpu": cpu(), "torch": torch.__version__, "threads": args.threads,
-              "held_out_modules": len(modules), "runs": {}}
+    result = {
+        "commit": commit(),
+        "cpu": cpu(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "held_out_modules": len(modules),
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
-        folder = write_tasks(Path(scratch), questions=args.questions, stretches=args.stretches, chars=args.chars,
-                             max_gen_toks=24, paths=modules, lines=True)
+        folder = write_tasks(
+            Path(scratch),
+            questions=args.questions,
+            stretches=args.stretches,
+            chars=args.chars,
+            max_gen_toks=24,
+            paths=modules,
+            lines=True,
+        )
         for task in TASKS + LINE_TASKS:
             result[f"{task}_documents"] = len(json.loads((folder / f"{task}.json").read_text()))
         for name, (model, tokenizer) in found.items():
             for routing in ROUTINGS if model.config.routes_tokens else ("causal",):  # dense: the same in both
                 start = time.time()
-                figures = evaluate_tasks(model, tokenizer, TASKS + LINE_TASKS, include_path=str(folder),
-                                         batch_size=args.batch_size, routing=routing)
+                figures = evaluate_tasks(
+                    model,
+                    tokenizer,
+                    TASKS + LINE_TASKS,
+                    include_path=str(folder),
+                    batch_size=args.batch_size,
+                    routing=routing,
+                )
                 figures.update(seconds=time.time() - start, load_after=load())
                 result["runs"][f"{name}/{routing}"] = figures
                 print(f"{name}/{routing}: {time.time() - start:.0f} s", flush=True)
@@ -139,8 +163,11 @@ def table(result: dict) -> str:
     """The markdown table of a result: one row per model and routing."""
     runs = result["runs"]
     dense = next((r for n, r in runs.items() if n.startswith("dense/")), None)
-    lines = ["| model | routing | docstring_mc acc | next_line acc_norm | stdlib_ppl bits/byte | docstring_gen exact | "
-             "line_end chrF | capacity used | FLOPs/token vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | routing | docstring_mc acc | next_line acc_norm | stdlib_ppl bits/byte | docstring_gen exact | "
+        "line_end chrF | capacity used | FLOPs/token vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in runs.items():
         model, routing = name.split("/")
         used = r.get("harness.capacity_used")
@@ -154,7 +181,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {model} | {routing}{leak} | {acc('docstring_mc')} | {acc('next_line', 'acc_norm')}"
             f" | {r['harness.stdlib_ppl.bits_per_byte']:.4f} | {r['harness.docstring_gen.exact_match']:.3f}"
-            f" | {r['harness.line_end.chrf']:.2f} | {'-' if used is None else f'{used:.3f}'} | {ratio} |")
+            f" | {r['harness.line_end.chrf']:.2f} | {'-' if used is None else f'{used:.3f}'} | {ratio} |"
+        )
     return "\n".join(lines)
 
 

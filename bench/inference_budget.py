@@ -19,6 +19,7 @@ sequence to keep the share at the capacity), per routed block:
 A checkpoint carries its calibrated thresholds (buffers of its routers' decisions); with ``--recalibrate``
 it is calibrated here again, on the first ``--calibration-windows`` validation windows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ def continuation_losses(model, sequences: torch.Tensor, prompt_len: int) -> dict
     for routing in ("topk", "causal"):
         logits = model(sequences[:, :-1], routing=routing).logits.float()
         targets = sequences[:, 1:]
-        out[routing] = F.cross_entropy(logits[:, prompt_len - 1:].flatten(0, 1), targets[:, prompt_len - 1:].flatten()).item()
+        out[routing] = F.cross_entropy(
+            logits[:, prompt_len - 1 :].flatten(0, 1), targets[:, prompt_len - 1 :].flatten()
+        ).item()
     return out
 
 
@@ -95,29 +98,52 @@ def main(argv=None) -> int:
     val = [w.unsqueeze(0) if w.dim() == 1 else w for w in windows.split(16)]
     context = args.prompt_tokens + args.new_tokens // 2
 
-    report = {"checkpoint": args.checkpoint, "dense": args.dense, "thresholds": thresholds,
-              "calibrated_here": calibrated_here, "routed_layers": cfg.routed_layers, "capacity": cfg.capacity,
-              "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "decisions": {}}
+    report = {
+        "checkpoint": args.checkpoint,
+        "dense": args.dense,
+        "thresholds": thresholds,
+        "calibrated_here": calibrated_here,
+        "routed_layers": cfg.routed_layers,
+        "capacity": cfg.capacity,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "decisions": {},
+    }
     base = model
     for decision in args.decisions:
         model = base.reconfigured(causal_decision=decision)
         figures = {}
         topk = evaluate_routing(model, val, "topk")
         causal = evaluate_routing(model, val, "causal")
-        figures["val"] = {"topk.loss": topk["loss"], "causal.loss": causal["loss"],
-                          **{k: v for k, v in causal.items() if k.startswith(("capacity_used", "causal_"))}}
+        figures["val"] = {
+            "topk.loss": topk["loss"],
+            "causal.loss": causal["loss"],
+            **{k: v for k, v in causal.items() if k.startswith(("capacity_used", "causal_"))},
+        }
         for name, temperature in (("greedy", 0.0), ("sampled", 0.8)):
             share = generation_share(model, prompts, args.new_tokens, temperature=temperature, top_k=50, seed=1)
-            sequences = generate(model, prompts, args.new_tokens, temperature=temperature, top_k=50,
-                                 generator=torch.Generator().manual_seed(1))
-            figures[name] = {**share, **{f"loss_{k}": v for k, v in continuation_losses(model, sequences, args.prompt_tokens).items()}}
+            sequences = generate(
+                model,
+                prompts,
+                args.new_tokens,
+                temperature=temperature,
+                top_k=50,
+                generator=torch.Generator().manual_seed(1),
+            )
+            figures[name] = {
+                **share,
+                **{f"loss_{k}": v for k, v in continuation_losses(model, sequences, args.prompt_tokens).items()},
+            }
         if dense is not None:
             for batch in (1, 16):
                 rows = prompts[:batch]
-                runs = {"mod": lambda rows=rows: generate(model, rows, args.new_tokens, temperature=0),
-                        "dense": lambda rows=rows: generate(dense, rows, args.new_tokens, temperature=0)}
+                runs = {
+                    "mod": lambda rows=rows: generate(model, rows, args.new_tokens, temperature=0),
+                    "dense": lambda rows=rows: generate(dense, rows, args.new_tokens, temperature=0),
+                }
                 for run in runs.values():
                     run()  # warm-up
                 times = {k: [] for k in runs}
@@ -127,10 +153,13 @@ def main(argv=None) -> int:
                 mod_s, dense_s = statistics.median(times["mod"]), statistics.median(times["dense"])
                 share = generation_share(model, rows, args.new_tokens, temperature=0)["capacity_used"]
                 figures[f"decode_batch{batch}"] = {
-                    "mod_tokens_per_s": batch * args.new_tokens / mod_s, "dense_tokens_per_s": batch * args.new_tokens / dense_s,
-                    "speedup": dense_s / mod_s, "share": share,
+                    "mod_tokens_per_s": batch * args.new_tokens / mod_s,
+                    "dense_tokens_per_s": batch * args.new_tokens / dense_s,
+                    "speedup": dense_s / mod_s,
+                    "share": share,
                     "flops_bound": decode_flops(cfg, context) / decode_flops(cfg, context, share),
-                    "flops_bound_at_capacity": decode_flops(cfg, context) / decode_flops(cfg, context, cfg.capacity)}
+                    "flops_bound_at_capacity": decode_flops(cfg, context) / decode_flops(cfg, context, cfg.capacity),
+                }
         report["decisions"][decision] = figures
         print(json.dumps({decision: figures}, indent=1))
     if args.out:

@@ -20,6 +20,7 @@ folder is still there. Each result records the commit, machine and precision it 
 After the main grid, ``repeat`` trains more seeds at one budget for each variant's best size and
 its neighbours, so the report can give a spread (``bench/isoflop_report.py`` does the analysis).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,9 @@ class Grid:
 
     def model_config(self, size: str, variant: str, vocab_size: int | None = None) -> ModelConfig:
         vocab = vocab_size or int(self.train["data.vocab_size"])
-        return ModelConfig(vocab_size=vocab, max_seq_len=int(self.train["data.seq_len"]),
-                           **self.model_fields(size, variant))
+        return ModelConfig(
+            vocab_size=vocab, max_seq_len=int(self.train["data.seq_len"]), **self.model_fields(size, variant)
+        )
 
     def flops_per_step(self, size: str, variant: str, vocab_size: int | None = None) -> int:
         return self.batch_size * training_flops(self.model_config(size, variant, vocab_size), self.seq_len)
@@ -100,9 +102,13 @@ class Grid:
 
     def main_runs(self) -> list[Run]:
         """Budget by budget (smallest first), sizes interleaved across variants."""
-        return [Run(variant, size, budget, seed)
-                for budget in sorted(self.budgets) for size in self.budgets[budget]
-                for variant in self.variants for seed in self.seeds]
+        return [
+            Run(variant, size, budget, seed)
+            for budget in sorted(self.budgets)
+            for size in self.budgets[budget]
+            for variant in self.variants
+            for seed in self.seeds
+        ]
 
     def repeat_runs(self, finished: list[dict]) -> list[Run]:
         """More seeds for each variant's best size (first seed, finished runs) and its neighbours."""
@@ -112,13 +118,16 @@ class Grid:
         sizes = self.budgets[budget]
         runs = []
         for variant in self.variants:
-            done = {r["size"]: r["causal_loss"] for r in finished
-                    if r["variant"] == variant and r["budget"] == budget and r["seed"] == self.seeds[0]}
+            done = {
+                r["size"]: r["causal_loss"]
+                for r in finished
+                if r["variant"] == variant and r["budget"] == budget and r["seed"] == self.seeds[0]
+            }
             if set(done) != set(sizes):
                 continue  # the curve is not complete yet: its optimum is unknown
             best = sizes.index(min(done, key=done.get))
             k = int(self.repeat.get("neighbours", 1))
-            for size in sizes[max(0, best - k): best + k + 1]:
+            for size in sizes[max(0, best - k) : best + k + 1]:
                 runs += [Run(variant, size, budget, seed) for seed in self.repeat["seeds"]]
         return runs
 
@@ -136,8 +145,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 CODE_PATHS = ("src", "train.py", "eval.py", "bench/isoflop.py")
@@ -150,10 +164,12 @@ def commit_of_code() -> str:
     Not HEAD: with ``--commit`` each result is a commit of its own, so HEAD would name the previous
     result rather than the code.
     """
-    last = subprocess.run(["git", "rev-list", "-1", "HEAD", "--", *CODE_PATHS], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+    last = subprocess.run(
+        ["git", "rev-list", "-1", "HEAD", "--", *CODE_PATHS], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     return last + ("+dirty" if dirty else "")
 
 
@@ -210,9 +226,22 @@ def run_one(grid: Grid, run: Run, eval_device: str, commit: bool) -> dict:
         raise SystemExit(f"train.py failed with status {status}; see {directory / 'train.log'}")
 
     eval_json = directory / "eval.json"
-    status = subprocess.run([sys.executable, str(REPO / "eval.py"), str(last), "--json", str(eval_json), "--quiet",
-                             "--decode_tokens", "16", "--device", eval_device], cwd=REPO,
-                            stdout=subprocess.DEVNULL).returncode
+    status = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            str(last),
+            "--json",
+            str(eval_json),
+            "--quiet",
+            "--decode_tokens",
+            "16",
+            "--device",
+            eval_device,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    ).returncode
     if status != 0:
         raise SystemExit(f"eval.py failed with status {status} on {last}")
     ev = json.loads(eval_json.read_text())
@@ -223,8 +252,11 @@ def run_one(grid: Grid, run: Run, eval_device: str, commit: bool) -> dict:
     for stale in (directory / "checkpoints").glob("step=*.ckpt"):
         if stale.resolve() != last.resolve():  # last.ckpt may be a link to the newest step
             stale.unlink()  # the final model is all a later look needs; the grid is many runs
-    print(f"[{run.id}] top-k {result['topk_loss']:.4f}  causal {result['causal_loss']:.4f}  "
-          f"{result['train_wall_s'] / 60:.1f} min", flush=True)
+    print(
+        f"[{run.id}] top-k {result['topk_loss']:.4f}  causal {result['causal_loss']:.4f}  "
+        f"{result['train_wall_s'] / 60:.1f} min",
+        flush=True,
+    )
     if commit:
         git_commit(result_file, f"isoflop {grid.name}: {run.id} (causal loss {result['causal_loss']:.4f})")
     return result
@@ -237,26 +269,44 @@ def summarize(grid: Grid, run: Run, steps: int, vocab: int, ev: dict, series: di
     median_step_s = 1.0 / statistics.median(rates) if rates else float("nan")
     val, val_causal = series.get("val/loss", {}), series.get("val/loss_causal", series.get("val/loss", {}))
     routed = cfg.routed_layers
-    pick = lambda mode, name: {str(i): ev[f"{mode}.{name}.layer_{i}"] for i in routed if f"{mode}.{name}.layer_{i}" in ev}
+
+    def pick(mode, name):
+        return {str(i): ev[f"{mode}.{name}.layer_{i}"] for i in routed if f"{mode}.{name}.layer_{i}" in ev}
+
     return {
-        "id": run.id, "variant": run.variant, "size": run.size, "budget": run.budget, "seed": run.seed,
-        "model": grid.model_fields(run.size, run.variant), "vocab_size": vocab,
-        "params": ev["params"], "steps": steps, "tokens": steps * grid.batch_size * grid.seq_len,
+        "id": run.id,
+        "variant": run.variant,
+        "size": run.size,
+        "budget": run.budget,
+        "seed": run.seed,
+        "model": grid.model_fields(run.size, run.variant),
+        "vocab_size": vocab,
+        "params": ev["params"],
+        "steps": steps,
+        "tokens": steps * grid.batch_size * grid.seq_len,
         "train_flops": steps * grid.flops_per_step(run.size, run.variant, vocab),
         "forward_flops_per_token_topk": forward_flops(cfg, grid.seq_len) / grid.seq_len,
         "forward_flops_per_token_causal": ev["flops_per_token"],
-        "topk_loss": ev["topk.loss"], "causal_loss": ev["causal.loss"],
-        "topk_bpb": ev.get("topk.bpb"), "causal_bpb": ev.get("causal.bpb"),
+        "topk_loss": ev["topk.loss"],
+        "causal_loss": ev["causal.loss"],
+        "topk_bpb": ev.get("topk.bpb"),
+        "causal_bpb": ev.get("causal.bpb"),
         "causal_capacity_used": ev.get("causal.capacity_used"),
-        "causal_acc": pick("causal", "causal_acc"), "causal_precision": pick("causal", "causal_precision"),
+        "causal_acc": pick("causal", "causal_acc"),
+        "causal_precision": pick("causal", "causal_precision"),
         "causal_recall": pick("causal", "causal_recall"),
-        "overlap_topk": pick("topk", "overlap"), "overlap_causal": pick("causal", "overlap"),
+        "overlap_topk": pick("topk", "overlap"),
+        "overlap_causal": pick("causal", "overlap"),
         "depth_topk": [ev[f"topk.depth.{d}"] for d in range(cfg.n_layers + 1)],
         "depth_causal": [ev[f"causal.depth.{d}"] for d in range(cfg.n_layers + 1)],
         # validation curve: optimizer step (1-based) -> loss; time = steps x median step time
         "val_curve": [[s + 1, val[s], val_causal.get(s, val[s])] for s in sorted(val)],
-        "median_step_s": median_step_s, "train_wall_s": timing["train_s"], "segments": timing["segments"],
-        "precision": grid.train.get("trainer.precision"), "machine": machine(), "commit": commit_of_code(),
+        "median_step_s": median_step_s,
+        "train_wall_s": timing["train_s"],
+        "segments": timing["segments"],
+        "precision": grid.train.get("trainer.precision"),
+        "machine": machine(),
+        "commit": commit_of_code(),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -271,8 +321,9 @@ def git_commit(path: Path, message: str) -> None:
         return
     for _ in range(3):
         subprocess.run(["git", "add", "--", str(path)], cwd=path.parent, capture_output=True)
-        done = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(path)], cwd=path.parent,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", str(path)], cwd=path.parent, capture_output=True, text=True
+        )
         if done.returncode == 0:
             return
         time.sleep(5)
@@ -295,7 +346,10 @@ def main() -> None:
     if args.results:
         grid.results = args.results.resolve()
     if not args.report:
-        keep = lambda r: (not args.only or r.variant in args.only) and (not args.budgets or r.budget in args.budgets)
+
+        def keep(r):
+            return (not args.only or r.variant in args.only) and (not args.budgets or r.budget in args.budgets)
+
         for run in filter(keep, grid.main_runs()):
             run_one(grid, run, args.eval_device, args.commit)
         if not args.no_repeat:

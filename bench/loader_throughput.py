@@ -9,6 +9,7 @@ skips `--warmup` batches, then times `--batches` batches. Prints every repeat, t
 median per worker (the rate one worker sustains; workers scale it until the cores run out). The
 tokenizer is trained (or loaded from data/cache) before timing.
 """
+
 import argparse
 import os
 import statistics
@@ -35,11 +36,18 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a hub source must not download while timed
 
-    dm = ModLMDataModule(source=args.source, seq_len=args.seq_len, batch_size=args.batch_size,
-                         vocab_size=args.vocab_size, num_workers=args.num_workers)
+    dm = ModLMDataModule(
+        source=args.source,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        vocab_size=args.vocab_size,
+        num_workers=args.num_workers,
+    )
     kind = "prepared shards" if isinstance(dm.corpus, PreparedCorpus) else "raw text"
-    print(f"corpus: {dm.corpus.describe()} [{kind}]; vocab {dm.tokenizer_vocab_size}; "
-          f"seq_len {args.seq_len}, batch {args.batch_size}, workers {args.num_workers}")
+    print(
+        f"corpus: {dm.corpus.describe()} [{kind}]; vocab {dm.tokenizer_vocab_size}; "
+        f"seq_len {args.seq_len}, batch {args.batch_size}, workers {args.num_workers}"
+    )
     rates = []
     for r in range(args.repeats):
         it = iter(dm.train_dataloader())
@@ -54,8 +62,11 @@ def main() -> None:
         del it
     med = statistics.median(rates)
     per_worker = med / max(1, args.num_workers)
-    print(f"median: {med:,.0f} tokens/s ({per_worker:,.0f} per worker; "
-          f"{med / GPU_PRESET_TOKENS_PER_S:.1f}x the {GPU_PRESET_TOKENS_PER_S:,} tokens/s configs/gpu.yaml trains at on one H200)")
+    print(
+        f"median: {med:,.0f} tokens/s ({per_worker:,.0f} per worker; "
+        f"{med / GPU_PRESET_TOKENS_PER_S:.1f}x the {GPU_PRESET_TOKENS_PER_S:,} tokens/s configs/gpu.yaml trains at "
+        "on one H200)"
+    )
 
 
 if __name__ == "__main__":

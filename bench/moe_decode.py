@@ -12,6 +12,7 @@ module and inputs, in turn (A, B, A, B, ...), medians of ``--reps`` repetitions 
 calls each, at every batch and (experts, top-k) shape given: the mixture alone, one token per row,
 as a decoding step calls it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,6 +76,7 @@ def timer(moe: MixtureOfExperts, x: torch.Tensor, path: str, calls: int, device:
                 return (time.perf_counter() - start) / calls
             finally:
                 del moe._every_expert
+
     return run
 
 
@@ -107,8 +109,9 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     new, old = moe(x, Routing.CAUSAL, policy=STATIC)[0], gathered(moe, x, *picks(moe, x))
                     assert torch.allclose(new, old, rtol=1e-3, atol=1e-4 * float(old.abs().max())), "the paths disagree"
-                runs = {path: timer(moe, x, path, args.calls, args.device, dtype)
-                        for path in ("gathered", "every expert")}
+                runs = {
+                    path: timer(moe, x, path, args.calls, args.device, dtype) for path in ("gathered", "every expert")
+                }
                 for run in runs.values():
                     run()  # warm-up
                 times = {path: [] for path in runs}
@@ -116,21 +119,37 @@ def main(argv=None) -> int:
                     for path, run in runs.items():
                         times[path].append(run())
                 med = {path: statistics.median(t) for path, t in times.items()}
-                rows.append({"experts": experts, "top_k": top_k, "batch": batch, "us_gathered": 1e6 * med["gathered"],
-                             "us_every_expert": 1e6 * med["every expert"],
-                             "speedup": med["gathered"] / med["every expert"], "times_s": times})
-                print(f"experts {experts} top-k {top_k} batch {batch}: gathered {rows[-1]['us_gathered']:.0f} us, "
-                      f"every expert {rows[-1]['us_every_expert']:.0f} us ({rows[-1]['speedup']:.2f}x)", flush=True)
-    print(f"\nd_model {args.d_model}, MLP width {cfg.mlp_hidden}, {args.device}, {args.precision}, "
-          f"threads {torch.get_num_threads()}\n")
+                rows.append(
+                    {
+                        "experts": experts,
+                        "top_k": top_k,
+                        "batch": batch,
+                        "us_gathered": 1e6 * med["gathered"],
+                        "us_every_expert": 1e6 * med["every expert"],
+                        "speedup": med["gathered"] / med["every expert"],
+                        "times_s": times,
+                    }
+                )
+                print(
+                    f"experts {experts} top-k {top_k} batch {batch}: gathered {rows[-1]['us_gathered']:.0f} us, "
+                    f"every expert {rows[-1]['us_every_expert']:.0f} us ({rows[-1]['speedup']:.2f}x)",
+                    flush=True,
+                )
+    print(
+        f"\nd_model {args.d_model}, MLP width {cfg.mlp_hidden}, {args.device}, {args.precision}, "
+        f"threads {torch.get_num_threads()}\n"
+    )
     print("| experts | top-k | batch | gathered us | every expert us | speedup |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['experts']} | {r['top_k']} | {r['batch']} | {r['us_gathered']:.0f} | {r['us_every_expert']:.0f} | "
-              f"{r['speedup']:.2f} |")
+        print(
+            f"| {r['experts']} | {r['top_k']} | {r['batch']} | {r['us_gathered']:.0f} | {r['us_every_expert']:.0f} | "
+            f"{r['speedup']:.2f} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, indent=1)
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ KV-cache memory per sequence is read from the model's own caches after one greed
 short and a long prompt alone: the entries the caches hold (a routed block keeps only the tokens it
 processed) and the slots a server allocates per row (``max_seq_len`` per block, whatever it holds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,27 @@ class Server:
     def __init__(self, name: str, path: str, args: list[str], log: Path):
         self.name, self.port = name, free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "modlm.serve", path, "--port", str(self.port),
-                                      "--model_name", name, "--log_level", "warning", *args],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
-                                    timeout=600)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modlm.serve",
+                path,
+                "--port",
+                str(self.port),
+                "--model_name",
+                name,
+                "--log_level",
+                "warning",
+                *args,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"),
+        )
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600
+        )
         end = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -82,8 +99,14 @@ def one_request(client, model: str, prompt: list[int], new_tokens: int) -> dict:
     """A streamed greedy completion: when it was sent, when its first text came, when it ended, its tokens."""
     start = time.perf_counter()
     arrivals, tokens, text = [], 0, ""
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
+    for chunk in client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=new_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
             text += chunk.choices[0].text
@@ -91,25 +114,40 @@ def one_request(client, model: str, prompt: list[int], new_tokens: int) -> dict:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"start": start, "ttft": (arrivals[0] if arrivals else end) - start, "end": end, "tokens": tokens,
-            "text": text, "gaps": gaps}
+    return {
+        "start": start,
+        "ttft": (arrivals[0] if arrivals else end) - start,
+        "end": end,
+        "tokens": tokens,
+        "text": text,
+        "gaps": gaps,
+    }
 
 
 def load(server: Server, prompts: list[list[int]], clients: int, requests: int, new_tokens: int) -> dict:
     """``clients`` threads, each sending ``requests`` completions in a row."""
+
     def client_loop(c):
-        return [(i, one_request(server.client, server.name, prompts[i], new_tokens))
-                for i in ((c * requests + r) % len(prompts) for r in range(requests))]
+        return [
+            (i, one_request(server.client, server.name, prompts[i], new_tokens))
+            for i in ((c * requests + r) % len(prompts) for r in range(requests))
+        ]
 
     with cf.ThreadPoolExecutor(clients) as pool:
         done = [r for rs in pool.map(client_loop, range(clients)) for r in rs]
     wall = max(r["end"] for _, r in done) - min(r["start"] for _, r in done)
     ttft = sorted(r["ttft"] for _, r in done)
     gaps = sorted(g for _, r in done for g in r["gaps"]) or [0.0]
-    return {"tokens_per_s": sum(r["tokens"] for _, r in done) / wall, "tokens": sum(r["tokens"] for _, r in done),
-            "wall_s": wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-            "gap_p50_s": percentile(gaps, 50), "gap_p95_s": percentile(gaps, 95),
-            "texts": {i: r["text"] for i, r in done}}
+    return {
+        "tokens_per_s": sum(r["tokens"] for _, r in done) / wall,
+        "tokens": sum(r["tokens"] for _, r in done),
+        "wall_s": wall,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "gap_p50_s": percentile(gaps, 50),
+        "gap_p95_s": percentile(gaps, 95),
+        "texts": {i: r["text"] for i, r in done},
+    }
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -192,9 +230,15 @@ def main(argv=None) -> None:
         memory[name] = {kind: kv_memory(saved.model, prompts[name][kind][0], args.new_tokens) for kind in prompts[name]}
         del saved
 
-    info = {"cpu": cpu_name(), "torch": torch.__version__, "load_average_start": os.getloadavg(),
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(), "args": {k: str(v) for k, v in vars(args).items()}}
+    info = {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "load_average_start": os.getloadavg(),
+        "commit": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     server_args = ["--threads", str(args.threads), "--max_batch", str(args.max_batch)]
     if args.prefill_chunk is not None:
         server_args += ["--prefill_chunk", str(args.prefill_chunk)]
@@ -205,15 +249,17 @@ def main(argv=None) -> None:
             load(server, prompts[server.name]["short"], 2, 1, 8)
         names = list(models)
         for rep in range(args.reps):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for clients in args.clients:
                 for kind in ("short", "long"):
                     for name in order:
                         result = load(servers[name], prompts[name][kind], clients, args.requests, args.new_tokens)
                         runs.append({"model": name, "clients": clients, "prompt": kind, "rep": rep, **result})
-                        print(f"rep {rep} {name:>10} {kind:>5} x{clients:<2} {result['tokens_per_s']:8.1f} tok/s "
-                              f"ttft p50 {result['ttft_p50_s'] * 1e3:7.1f} ms p95 {result['ttft_p95_s'] * 1e3:7.1f} ms",
-                              flush=True)
+                        print(
+                            f"rep {rep} {name:>10} {kind:>5} x{clients:<2} {result['tokens_per_s']:8.1f} tok/s "
+                            f"ttft p50 {result['ttft_p50_s'] * 1e3:7.1f} ms p95 {result['ttft_p95_s'] * 1e3:7.1f} ms",
+                            flush=True,
+                        )
     finally:
         for server in servers.values():
             server.stop()
@@ -223,8 +269,9 @@ def main(argv=None) -> None:
     print(same_texts(runs))
     if args.json:
         kept = [{k: v for k, v in r.items() if k != "texts"} for r in runs]  # the texts were for same_texts
-        args.json.write_text(json.dumps({"info": info, "memory": memory, "runs": kept,
-                                         "same_texts": same_texts(runs)}, indent=1))
+        args.json.write_text(
+            json.dumps({"info": info, "memory": memory, "runs": kept, "same_texts": same_texts(runs)}, indent=1)
+        )
 
 
 def same_texts(runs: list[dict]) -> str:
@@ -238,17 +285,21 @@ def same_texts(runs: list[dict]) -> str:
             if seen.setdefault(key, text) != text:
                 differ.add(key)
     across = sum(len(c) > 1 for c in loads.values())
-    return (f"greedy texts: {len(seen)} (model, prompt) pairs, {across} of them served under different client "
-            f"counts; {len(differ)} differed between loads" + (f": {sorted(differ)}" if differ else ""))
+    return (
+        f"greedy texts: {len(seen)} (model, prompt) pairs, {across} of them served under different client "
+        f"counts; {len(differ)} differed between loads" + (f": {sorted(differ)}" if differ else "")
+    )
 
 
 def summary(runs: list[dict], names: list[str], memory: dict) -> str:
     """Markdown: medians per (model, prompt, clients); the ratios (to the same model's 1-client load,
     to the first model named ``dense*``) are medians of ratios taken within each repetition, where the
     loads compared ran close together."""
+
     def value(model, prompt, clients, rep, key="tokens_per_s"):
-        return next(r[key] for r in runs if (r["model"], r["prompt"], r["clients"], r["rep"]) ==
-                    (model, prompt, clients, rep))
+        return next(
+            r[key] for r in runs if (r["model"], r["prompt"], r["clients"], r["rep"]) == (model, prompt, clients, rep)
+        )
 
     def median(model, prompt, clients, key):
         return statistics.median(value(model, prompt, clients, rep, key) for rep in reps)
@@ -258,25 +309,38 @@ def summary(runs: list[dict], names: list[str], memory: dict) -> str:
 
     reps = sorted({r["rep"] for r in runs})
     dense = next((n for n in names if n.startswith("dense")), None)
-    lines = ["| model | prompt | clients | tokens/s | x 1 client | vs dense | TTFT p50 ms | TTFT p95 ms | gap p50 ms "
-             "| gap p95 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | prompt | clients | tokens/s | x 1 client | vs dense | TTFT p50 ms | TTFT p95 ms | gap p50 ms "
+        "| gap p95 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     clients = sorted({r["clients"] for r in runs})
     for prompt in ("short", "long"):
         for c in clients:
             for name in names:
                 scale = ratio((name, prompt, c), (name, prompt, clients[0]))
                 vs = f"{ratio((name, prompt, c), (dense, prompt, c)):.2f}" if dense and name != dense else "-"
-                ms = [f"{median(name, prompt, c, key) * 1e3:.0f}" for key in ("ttft_p50_s", "ttft_p95_s", "gap_p50_s",
-                                                                               "gap_p95_s")]
-                lines.append(f"| {name} | {prompt} | {c} | {median(name, prompt, c, 'tokens_per_s'):.1f} | "
-                             f"{scale:.2f} | {vs} | {' | '.join(ms)} |")
-    lines += ["", "| model | prompt | tokens | KV held (KiB) | vs all blocks holding all | allocated per row (KiB) |",
-              "|---|---|---|---|---|---|"]
+                ms = [
+                    f"{median(name, prompt, c, key) * 1e3:.0f}"
+                    for key in ("ttft_p50_s", "ttft_p95_s", "gap_p50_s", "gap_p95_s")
+                ]
+                lines.append(
+                    f"| {name} | {prompt} | {c} | {median(name, prompt, c, 'tokens_per_s'):.1f} | "
+                    f"{scale:.2f} | {vs} | {' | '.join(ms)} |"
+                )
+    lines += [
+        "",
+        "| model | prompt | tokens | KV held (KiB) | vs all blocks holding all | allocated per row (KiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         for prompt, m in memory[name].items():
-            lines.append(f"| {name} | {prompt} | {m['tokens']} | {m['held_bytes'] / 1024:.0f} | "
-                         f"{m['held_bytes'] / m['dense_bytes']:.2f} | {m['allocated_bytes'] / 1024:.0f} |")
+            lines.append(
+                f"| {name} | {prompt} | {m['tokens']} | {m['held_bytes'] / 1024:.0f} | "
+                f"{m['held_bytes'] / m['dense_bytes']:.2f} | {m['allocated_bytes'] / 1024:.0f} |"
+            )
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

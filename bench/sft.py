@@ -33,6 +33,7 @@ as it trains (adapters unmerged, the final capacity) and timed on the same fixed
 prompt, 64 new tokens), interleaved the same way. Results in ``--results`` (each JSON names its commit
 and the CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,27 @@ from convert import commit, cpu, load, write  # noqa: E402
 
 HELD_OUT = 0.1
 SEQ, BATCH = 256, 16
-SKIPPED_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv",
-                   "test", "pydoc_data", "xxlimited", "xxsubtype", "msvcrt", "winreg", "winsound", "msilib", "ntpath",
-                   "nturl2path"}
+SKIPPED_MODULES = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "test",
+    "pydoc_data",
+    "xxlimited",
+    "xxsubtype",
+    "msvcrt",
+    "winreg",
+    "winsound",
+    "msilib",
+    "ntpath",
+    "nturl2path",
+}
 """Modules left out: they open windows or browsers, print when imported, are tests, or are another OS's."""
 FITS = {
     "dense-lora": ["--config", "configs/sft.yaml", "--config", "configs/sft_lora.yaml"],
@@ -87,8 +106,11 @@ def docstring_pairs() -> list[dict]:
                 continue
             found = [(f"{name}.{attr}", value)]
             if inspect.isclass(value):
-                found += [(f"{name}.{attr}.{m}", v) for m, v in sorted(vars(value).items())
-                          if not m.startswith("_") and inspect.isfunction(v)]
+                found += [
+                    (f"{name}.{attr}.{m}", v)
+                    for m, v in sorted(vars(value).items())
+                    if not m.startswith("_") and inspect.isfunction(v)
+                ]
             elif not (inspect.isfunction(value) or inspect.isbuiltin(value)):
                 continue
             for what, obj in found:
@@ -116,8 +138,15 @@ def corpus(args) -> None:
         rows = [p for p in pairs if held_out(p) == keep]
         (args.runs / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
         print(f"{name}: {len(rows)} conversations", flush=True)
-    write(args.results / "corpus.json", {"pairs": len(pairs), "python": sys.version.split()[0],
-                                         "heldout": sum(map(held_out, pairs)), "example": pairs[0]})
+    write(
+        args.results / "corpus.json",
+        {
+            "pairs": len(pairs),
+            "python": sys.version.split()[0],
+            "heldout": sum(map(held_out, pairs)),
+            "example": pairs[0],
+        },
+    )
 
 
 # --- the folder --------------------------------------------------------------------------------------
@@ -134,12 +163,31 @@ def prepare(args) -> None:
 
 # --- the fits ----------------------------------------------------------------------------------------
 def fit_args(args, name: str) -> list[str]:
-    return [*FITS[name], "--model.init_from", str(args.runs / "dense-llama-chat"), "--data.source",
-            str(args.runs / "train.jsonl"), "--data.val_source", str(args.runs / "heldout.jsonl"),
-            "--data.seq_len", str(SEQ), "--data.batch_size", str(BATCH), "--trainer.max_steps", str(args.steps),
-            "--model.capacity_steps", str(args.steps // 2), "--trainer.val_check_interval", str(args.steps // 2),
-            "--checkpoint.every_n_train_steps", str(args.steps // 2), "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(args.runs / name)]
+    return [
+        *FITS[name],
+        "--model.init_from",
+        str(args.runs / "dense-llama-chat"),
+        "--data.source",
+        str(args.runs / "train.jsonl"),
+        "--data.val_source",
+        str(args.runs / "heldout.jsonl"),
+        "--data.seq_len",
+        str(SEQ),
+        "--data.batch_size",
+        str(BATCH),
+        "--trainer.max_steps",
+        str(args.steps),
+        "--model.capacity_steps",
+        str(args.steps // 2),
+        "--trainer.val_check_interval",
+        str(args.steps // 2),
+        "--checkpoint.every_n_train_steps",
+        str(args.steps // 2),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(args.runs / name),
+    ]
 
 
 def fit_one(argv: list[str]) -> None:
@@ -161,15 +209,32 @@ def tune(args) -> None:
             print(f"{name}: done already", flush=True)
             continue
         root.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "fit-one", str(root / "memory.json"),
-               *fit_args(args, name)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "fit-one",
+            str(root / "memory.json"),
+            *fit_args(args, name),
+        ]
         print(f"{name}: {' '.join(cmd)} (load {load()})", flush=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO / "src"),
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         with open(root / "fit.log", "w") as log:
             code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        info = {"name": name, "command": cmd, "exit": code, "commit": commit(), "cpu": cpu(), "load_after": load(),
-                **json.loads((root / "memory.json").read_text())}
+        info = {
+            "name": name,
+            "command": cmd,
+            "exit": code,
+            "commit": commit(),
+            "cpu": cpu(),
+            "load_after": load(),
+            **json.loads((root / "memory.json").read_text()),
+        }
         write(root / "run.json", info)
         if code:
             raise SystemExit(f"{name} failed (exit {code}); see {root / 'fit.log'}")
@@ -197,8 +262,23 @@ def evaluate(args) -> None:
         if out.exists() or not path.exists():
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
-        assert eval_main([str(path), "--data.source", str(args.runs / "heldout.jsonl"), "--quiet", "--json", str(out),
-                          "--decode_tokens", "8", "--prompt_tokens", "8"]) == 0
+        assert (
+            eval_main(
+                [
+                    str(path),
+                    "--data.source",
+                    str(args.runs / "heldout.jsonl"),
+                    "--quiet",
+                    "--json",
+                    str(out),
+                    "--decode_tokens",
+                    "8",
+                    "--prompt_tokens",
+                    "8",
+                ]
+            )
+            == 0
+        )
 
 
 # --- speed -------------------------------------------------------------------------------------------
@@ -209,8 +289,9 @@ def built(args, name: str):
 
     routing = {"route_every": 2, "router_weight": "2sigmoid"} if name.startswith("mod") else {"route_every": 0}
     tune_kind = "lora" if name.endswith("lora") else "full"
-    module = MoDLightningModule(init_from=str(args.runs / "dense-llama-chat"), tune=tune_kind, max_seq_len=SEQ,
-                                **routing)
+    module = MoDLightningModule(
+        init_from=str(args.runs / "dense-llama-chat"), tune=tune_kind, max_seq_len=SEQ, **routing
+    )
     h = module.hparams
     lr = 1e-3 if tune_kind == "lora" else 1e-4
     return module.model.train(), build_adamw(module.model, lr, h.weight_decay, tuple(h.betas), h.eps)
@@ -227,8 +308,14 @@ def speed(args) -> None:
     if target.exists():
         return
     torch.set_num_threads(1)
-    dm = ModLMDataModule(source=str(args.runs / "train.jsonl"), val_source=str(args.runs / "heldout.jsonl"),
-                         tokenizer=str(args.runs / "dense-llama-chat"), seq_len=SEQ, batch_size=BATCH, num_workers=0)
+    dm = ModLMDataModule(
+        source=str(args.runs / "train.jsonl"),
+        val_source=str(args.runs / "heldout.jsonl"),
+        tokenizer=str(args.runs / "dense-llama-chat"),
+        seq_len=SEQ,
+        batch_size=BATCH,
+        num_workers=0,
+    )
     idx, targets = split_batch(next(iter(dm.train_dataloader())))
     names = list(FITS)
     training = {n: built(args, n) for n in names}
@@ -251,29 +338,46 @@ def speed(args) -> None:
             step_times[n].append(time.perf_counter() - start)
     training.clear()  # the training models are not needed to decode
 
-    decoders = {"untuned": load_saved(str(args.runs / "dense-llama-chat")).model,
-                **{n: load_saved(str(checkpoint(args, n))).model for n in names}}
+    decoders = {
+        "untuned": load_saved(str(args.runs / "dense-llama-chat")).model,
+        **{n: load_saved(str(checkpoint(args, n))).model for n in names},
+    }
     question = json.loads((args.runs / "heldout.jsonl").read_text().splitlines()[0])
     encoder = ChatEncoder(dm.tokenizer.to_str(), dm.chat_template)
     prompt = torch.tensor([encoder.encode([{"role": "user", "content": question["prompt"]}], True)[0]])
     decode_times = {n: [] for n in decoders}
     answers = {}
     for n, model in decoders.items():  # warm-up, and each model's answer (up to its end of turn)
-        out = generate(model, prompt, 48, temperature=0, eot_id=encoder.end_of_turn_id)[0, prompt.size(1):].tolist()
+        out = generate(model, prompt, 48, temperature=0, eot_id=encoder.end_of_turn_id)[0, prompt.size(1) :].tolist()
         answers[n] = dm.tokenizer.decode([t for t in out if t != encoder.end_of_turn_id])
     for _ in range(args.reps):
         for n, model in decoders.items():
             start = time.perf_counter()
             generate(model, prompt, args.decode_tokens, temperature=0)
             decode_times[n].append(time.perf_counter() - start)
-    write(target, {
-        "commit": commit(), "cpu": cpu(), "threads": 1, "reps": args.reps, "load_before": load_before,
-        "load_after": load(), "batch": list(idx.shape), "assistant_targets": int((targets != -100).sum()),
-        "step_seconds": {n: statistics.median(t) for n, t in step_times.items()}, "step_times": step_times,
-        "decode": {"prompt_tokens": prompt.size(1), "new_tokens": args.decode_tokens,
-                   "tokens_per_s": {n: args.decode_tokens / statistics.median(t) for n, t in decode_times.items()},
-                   "seconds": decode_times},
-        "question": question, "answers": answers})
+    write(
+        target,
+        {
+            "commit": commit(),
+            "cpu": cpu(),
+            "threads": 1,
+            "reps": args.reps,
+            "load_before": load_before,
+            "load_after": load(),
+            "batch": list(idx.shape),
+            "assistant_targets": int((targets != -100).sum()),
+            "step_seconds": {n: statistics.median(t) for n, t in step_times.items()},
+            "step_times": step_times,
+            "decode": {
+                "prompt_tokens": prompt.size(1),
+                "new_tokens": args.decode_tokens,
+                "tokens_per_s": {n: args.decode_tokens / statistics.median(t) for n, t in decode_times.items()},
+                "seconds": decode_times,
+            },
+            "question": question,
+            "answers": answers,
+        },
+    )
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -281,8 +385,11 @@ def report(args) -> None:
     evals = {p.stem: json.loads(p.read_text()) for p in (args.results / "eval").glob("*.json")}
     speed_ = json.loads((args.results / "speed.json").read_text()) if (args.results / "speed.json").exists() else {}
     decode = speed_.get("decode", {}).get("tokens_per_s", {})
-    lines = ["| model | held-out loss, top-k | held-out loss, causal | trainable parameters | peak RSS (training) | "
-             "step s (interleaved) | decode tok/s (interleaved) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | held-out loss, top-k | held-out loss, causal | trainable parameters | peak RSS (training) | "
+        "step s (interleaved) | decode tok/s (interleaved) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ["untuned", *FITS]:
         e = evals.get(name)
         if e is None:
@@ -293,8 +400,10 @@ def report(args) -> None:
         share = f"{n:,} ({100 * n / e['params']:.1f}%)" if n else "-"  # of the model's (routers included)
         rss = f"{info['peak_rss_bytes'] / 2**30:.2f} GiB" if info else "-"
         step = speed_.get("step_seconds", {}).get(name)
-        lines.append(f"| {name} | {e['topk.loss']:.4f} | {e['causal.loss']:.4f} | {share} | {rss} | "
-                     f"{f'{step:.3f}' if step else '-'} | {decode.get(name, float('nan')):.1f} |")
+        lines.append(
+            f"| {name} | {e['topk.loss']:.4f} | {e['causal.loss']:.4f} | {share} | {rss} | "
+            f"{f'{step:.3f}' if step else '-'} | {decode.get(name, float('nan')):.1f} |"
+        )
     text = "\n".join(lines) + "\n"
     (args.results / "table.md").write_text(text)
     print(text)

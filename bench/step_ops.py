@@ -9,6 +9,7 @@ dense block does not make. This counts the top-level ``aten::`` operators of one
 (forward, backward, AdamW) with torch's profiler, by name, for MoD and for dense, and prints the
 difference: a figure the machine's load does not change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,23 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--out", help="write the counts as JSON")
     args = p.parse_args(argv)
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 32),
-                      max_seq_len=args.seq_len)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=max(1, args.d_model // 32),
+        max_seq_len=args.seq_len,
+    )
     mod, dense = step_ops(cfg, args.batch, args.seq_len), step_ops(dense_twin(cfg), args.batch, args.seq_len)
     extra = {name: mod[name] - dense[name] for name in set(mod) | set(dense) if mod[name] != dense[name]}
     per_block = len(cfg.routed_layers)
-    print(f"operators per training step (top-level aten ops and backward nodes): MoD {sum(mod.values())}, dense {sum(dense.values())}, "
-          f"MoD adds {sum(mod.values()) - sum(dense.values())} ({(sum(mod.values()) - sum(dense.values())) / per_block:.1f} "
-          f"per routed block, {per_block} routed blocks)")
+    print(
+        f"operators per training step (top-level aten ops and backward nodes): MoD {sum(mod.values())}, dense "
+        f"{sum(dense.values())}, "
+        f"MoD adds {sum(mod.values()) - sum(dense.values())} "
+        f"({(sum(mod.values()) - sum(dense.values())) / per_block:.1f} "
+        f"per routed block, {per_block} routed blocks)"
+    )
     for name, n in sorted(extra.items(), key=lambda kv: -abs(kv[1])):
         print(f"  {name:40s} {n:+d}")
     if args.out:

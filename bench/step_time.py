@@ -13,6 +13,7 @@ sizes, MoD and dense interleaved (median of --reps).
 Memory: bytes of activations saved for backward (the part of a step's peak that MoD changes);
 on a GPU, ``torch.cuda.max_memory_allocated`` as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,15 @@ class Trainer:
 
 def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -> dict:
     dtype, device = PRECISIONS[precision], args.device
-    mod_cfg = ModelConfig(vocab_size=args.vocab, d_model=d_model, n_layers=args.layers, n_heads=d_model // args.head_dim,
-                          max_seq_len=seq_len, capacity=args.capacity, route_every=2)
+    mod_cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=d_model,
+        n_layers=args.layers,
+        n_heads=d_model // args.head_dim,
+        max_seq_len=seq_len,
+        capacity=args.capacity,
+        route_every=2,
+    )
     cfgs = {"mod": mod_cfg, "dense": dense_twin(mod_cfg)}
     runs = {name: Trainer(cfg, args.batch, seq_len, device, dtype, args.compile) for name, cfg in cfgs.items()}
     for run in runs.values():  # warm-up: allocator, kernels, optimizer state (and compilation)
@@ -119,10 +127,18 @@ def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -
     time_ratio = med["mod"] / med["dense"]
     flops_ratio = flops["mod"] / flops["dense"]
     row = {
-        "d_model": d_model, "seq_len": seq_len, "precision": precision, "batch": args.batch, "compiled": args.compile,
-        "step_s_mod": med["mod"], "step_s_dense": med["dense"],
-        "time_ratio": time_ratio, "flops_ratio": flops_ratio, "quotient": time_ratio / flops_ratio,
-        "dense_flops_per_s": flops["dense"] / med["dense"], "matmul_flops_per_s": rate,
+        "d_model": d_model,
+        "seq_len": seq_len,
+        "precision": precision,
+        "batch": args.batch,
+        "compiled": args.compile,
+        "step_s_mod": med["mod"],
+        "step_s_dense": med["dense"],
+        "time_ratio": time_ratio,
+        "flops_ratio": flops_ratio,
+        "quotient": time_ratio / flops_ratio,
+        "dense_flops_per_s": flops["dense"] / med["dense"],
+        "matmul_flops_per_s": rate,
         "dense_fraction_of_matmul": flops["dense"] / med["dense"] / rate,
         "act_bytes_mod": runs["mod"].saved_activation_bytes(),
         "act_bytes_dense": runs["dense"].saved_activation_bytes(),
@@ -144,8 +160,13 @@ def bench_shape(args, d_model: int, seq_len: int, precision: str, rate: float) -
                         times[name].append(decode_throughput(run.model, prompt, args.new_tokens, reps=1)["seconds"])
             mod, dense = (batch * args.new_tokens / statistics.median(times[n]) for n in ("mod", "dense"))
             suffix = "" if batch == 1 else f"_batch{batch}"
-            row.update({f"decode_tok_s_mod{suffix}": mod, f"decode_tok_s_dense{suffix}": dense,
-                        f"decode_speedup{suffix}": mod / dense})
+            row.update(
+                {
+                    f"decode_tok_s_mod{suffix}": mod,
+                    f"decode_tok_s_dense{suffix}": dense,
+                    f"decode_speedup{suffix}": mod / dense,
+                }
+            )
     return row
 
 
@@ -165,20 +186,37 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (warm-up includes compiling)")
-    p.add_argument("--matmul-size", type=int, default=None,
-                   help="n of the n^3 reference matmul (default 2048 on CPU, 8192 on GPU, where 2048 is too small to reach peak)")
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="n of the n^3 reference matmul (default 2048 on CPU, 8192 on GPU, where 2048 is too small to reach peak)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/results/step_time.json")
     args = p.parse_args()
 
     n = args.matmul_size or (8192 if args.device.startswith("cuda") else 2048)
-    rates = {name: matmul_rate(dtype or torch.float32, args.device, n) for name, dtype in PRECISIONS.items() if name in args.precision}
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "matmul_flops_per_s": rates, "matmul_size": n,
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    rates = {
+        name: matmul_rate(dtype or torch.float32, args.device, n)
+        for name, dtype in PRECISIONS.items()
+        if name in args.precision
+    }
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_flops_per_s": rates,
+        "matmul_size": n,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("| d_model | seq | prec | MoD s | dense s | time ratio | FLOPs ratio | quotient | dense/matmul | act MB MoD/dense | decode x |")
+    print(
+        "| d_model | seq | prec | MoD s | dense s | time ratio | FLOPs ratio | quotient | dense/matmul | act MB "
+        "MoD/dense | decode x |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for precision in args.precision:
         for d_model in args.d_model:
@@ -186,10 +224,14 @@ def main() -> None:
                 args.batch = max(1, args.tokens_per_step // seq_len)
                 r = bench_shape(args, d_model, seq_len, precision, rates[precision])
                 rows.append(r)
-                print(f"| {d_model} | {seq_len} | {precision} | {r['step_s_mod']:.4f} | {r['step_s_dense']:.4f} | "
-                      f"{r['time_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['quotient']:.3f} | "
-                      f"{r['dense_fraction_of_matmul']:.0%} | {r['act_bytes_mod'] / 2**20:.0f}/{r['act_bytes_dense'] / 2**20:.0f} | "
-                      f"{r.get('decode_speedup', float('nan')):.2f} |", flush=True)
+                print(
+                    f"| {d_model} | {seq_len} | {precision} | {r['step_s_mod']:.4f} | {r['step_s_dense']:.4f} | "
+                    f"{r['time_ratio']:.3f} | {r['flops_ratio']:.3f} | {r['quotient']:.3f} | "
+                    f"{r['dense_fraction_of_matmul']:.0%} | "
+                    f"{r['act_bytes_mod'] / 2**20:.0f}/{r['act_bytes_dense'] / 2**20:.0f} | "
+                    f"{r.get('decode_speedup', float('nan')):.2f} |",
+                    flush=True,
+                )
                 # written after every shape, so a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print("matmul rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()), f"-> {args.out}")

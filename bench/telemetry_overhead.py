@@ -10,6 +10,7 @@ for ``--steps`` optimizer steps, with the default telemetry intervals (``Routing
 step after the warm-up is recorded by a small timing callback; the figure is the ratio of median
 step times, with and without telemetry, over interleaved pairs of runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from modlm.data import ModLMDataModule
 from modlm.training.callbacks.flops_meter import FlopsMeter
 from modlm.training.callbacks.routing_heatmap import RoutingHeatmap
 from modlm.training.callbacks.routing_stats import RoutingStats
-from modlm.data import ModLMDataModule
 from modlm.training.module import MoDLightningModule
 
 DEFAULT_CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "default.yaml").read_text())
@@ -52,9 +53,16 @@ def run(telemetry: bool, steps: int, skip: int) -> list[float]:
     callbacks = [timer] + ([RoutingStats(), FlopsMeter(), RoutingHeatmap()] if telemetry else [])
     trainer_cfg = {k: cfg["trainer"][k] for k in ("precision", "log_every_n_steps", "gradient_clip_val")}
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(default_root_dir=root, max_steps=steps, callbacks=callbacks, limit_val_batches=0,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             **trainer_cfg)
+        trainer = pl.Trainer(
+            default_root_dir=root,
+            max_steps=steps,
+            callbacks=callbacks,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **trainer_cfg,
+        )
         trainer.fit(model, data)
     return timer.times
 
@@ -70,9 +78,15 @@ def main() -> None:
         for telemetry in (False, True):  # interleaved, so both see the same machine noise
             times[telemetry] += run(telemetry, args.steps, args.skip)
         with_, without = statistics.median(times[True]), statistics.median(times[False])
-        print(f"after pair {pair + 1}: median step {without:.3f} s without, {with_:.3f} s with telemetry "
-              f"-> overhead {with_ / without - 1:+.1%}", flush=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} pairs x {args.steps - args.skip} timed steps")
+        print(
+            f"after pair {pair + 1}: median step {without:.3f} s without, {with_:.3f} s with telemetry "
+            f"-> overhead {with_ / without - 1:+.1%}",
+            flush=True,
+        )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.pairs} pairs x "
+        f"{args.steps - args.skip} timed steps"
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,20 @@ The package is layered, each layer importing only the ones listed before it:
 * ``modlm.training``: the Lightning module, optimizer, sharding, checkpoints, loggers, callbacks;
 * ``modlm.cli``: the ``train``, ``eval`` and ``prepare`` command lines.
 """
-from .model.version import __version__
-from .model import ExpertInfo, ModelConfig, ModelOutput, MoDTransformer, Routing, RoutingInfo
-from .analysis.flops import flops_ratio_vs_dense, forward_flops, training_flops
 
-__all__ = ["__version__", "ExpertInfo", "ModelConfig", "MoDTransformer", "ModelOutput", "Routing", "RoutingInfo",
-           "flops_ratio_vs_dense", "forward_flops", "training_flops"]
+from .analysis.flops import flops_ratio_vs_dense, forward_flops, training_flops
+from .model import ExpertInfo, ModelConfig, ModelOutput, MoDTransformer, Routing, RoutingInfo
+from .model.version import __version__
+
+__all__ = [
+    "__version__",
+    "ExpertInfo",
+    "ModelConfig",
+    "MoDTransformer",
+    "ModelOutput",
+    "Routing",
+    "RoutingInfo",
+    "flops_ratio_vs_dense",
+    "forward_flops",
+    "training_flops",
+]

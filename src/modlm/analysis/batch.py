@@ -6,6 +6,7 @@ whose ``IGNORE_INDEX`` targets carry no loss; other data (pairs, dicts with ``la
 training step and the evaluation split a batch with ``split_batch``; ``ThroughputMonitor`` counts it with
 ``batch_size`` and ``batch_tokens``; ``loss_targets`` counts what the loss is the mean of.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -2,6 +2,7 @@
 
 Used by ``eval.py``; kept free of command-line concerns so notebooks can call it too.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from ..model.config import IGNORE_INDEX
-from .batch import split_batch
 from ..model.generate import generate
 from ..model.transformer import MoDTransformer
+from .batch import split_batch
 from .flops import forward_flops
 from .metrics import add_tallies, figures, tally, token_depth
 
@@ -36,8 +37,14 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], routing: str,
-                     byte_lengths: Optional[torch.Tensor] = None, progress=None, eot_id: Optional[int] = None) -> dict:
+def evaluate_routing(
+    model: MoDTransformer,
+    batches: Iterable[torch.Tensor],
+    routing: str,
+    byte_lengths: Optional[torch.Tensor] = None,
+    progress=None,
+    eot_id: Optional[int] = None,
+) -> dict:
     """Loss, perplexity (torchmetrics), bits per byte and what every mixture did over ``batches``.
 
     Each batch is a (B, T+1) window tensor, or a chat batch (``split_batch``): loss, perplexity and bits
@@ -99,21 +106,40 @@ def evaluate_routing(model: MoDTransformer, batches: Iterable[torch.Tensor], rou
     return result
 
 
-def flops_per_token(model: MoDTransformer, seq_len: int, used_per_block: Optional[list[float]] = None,
-                    expert_passes: Optional[list[float]] = None, used_per_step: Optional[list[float]] = None) -> float:
+def flops_per_token(
+    model: MoDTransformer,
+    seq_len: int,
+    used_per_block: Optional[list[float]] = None,
+    expert_passes: Optional[list[float]] = None,
+    used_per_step: Optional[list[float]] = None,
+) -> float:
     """Average forward FLOPs per token over a sequence of ``seq_len``, with the measured capacity
     used (fraction processed) of each routed block (or recursion step) and expert passes per
     sequence of each mixture-of-experts MLP (default: training's)."""
     cfg = model.config
     tokens = None if used_per_block is None else [c * seq_len for c in used_per_block]
     steps = None if used_per_step is None else [c * seq_len for c in used_per_step]
-    return forward_flops(cfg, seq_len, tokens_per_routed_block=tokens, passes_per_expert_layer=expert_passes,
-                         tokens_per_recursion_step=steps) / seq_len
+    return (
+        forward_flops(
+            cfg,
+            seq_len,
+            tokens_per_routed_block=tokens,
+            passes_per_expert_layer=expert_passes,
+            tokens_per_recursion_step=steps,
+        )
+        / seq_len
+    )
 
 
 @torch.no_grad()
-def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: int, temperature: float = 0.8,
-                     top_k: Optional[int] = 50, seed: int = 1234) -> dict:
+def generation_share(
+    model: MoDTransformer,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    seed: int = 1234,
+) -> dict:
     """The share of generated tokens each routed block processes while the model samples its own
     continuations of ``prompts`` (B, T) with its causal decision (``config.causal_decision``):
     ``capacity_used.layer_i`` (the tokens fed back to the model: every one but the last sampled),
@@ -133,11 +159,21 @@ def generation_share(model: MoDTransformer, prompts: torch.Tensor, new_tokens: i
         return None
 
     generator = torch.Generator(device=prompts.device).manual_seed(seed)
-    generate(model, prompts, new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-             on_tokens=note_prefill, state=state)
+    generate(
+        model,
+        prompts,
+        new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        on_tokens=note_prefill,
+        state=state,
+    )
     fed = (new_tokens - 1) * prompts.size(0)
-    result = {f"capacity_used.{name}": float((count - prefilled[name]).sum()) / fed
-              for name, count in processed_counts(model, state).items()}
+    result = {
+        f"capacity_used.{name}": float((count - prefilled[name]).sum()) / fed
+        for name, count in processed_counts(model, state).items()
+    }
     result["capacity_used"] = statistics.mean(result.values())
     caches = kv_caches(state)
     result["kv_cache_share"] = float(sum(c.length.sum() for c in caches)) / (cfg.n_layers * float(state.seen.sum()))

@@ -26,14 +26,25 @@ instead of one per step; in training its steps compute their static slots
 (``ModelConfig.token_choice_slots``), at inference what the router picked (the metrics' ``ran_forward_flops``
 charges what ran).
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
 from ..model.config import ModelConfig
 
-__all__ = ["attention_flops", "block_flops", "decode_flops", "dense_twin", "expert_passes", "flops_ratio_vs_dense",
-           "forward_flops", "mlp_flops", "router_flops", "training_flops"]
+__all__ = [
+    "attention_flops",
+    "block_flops",
+    "decode_flops",
+    "dense_twin",
+    "expert_passes",
+    "flops_ratio_vs_dense",
+    "forward_flops",
+    "mlp_flops",
+    "router_flops",
+    "training_flops",
+]
 
 
 def mlp_flops(cfg: ModelConfig, n_tokens: float) -> float:
@@ -51,8 +62,9 @@ def expert_passes(cfg: ModelConfig, n_tokens: int, routing: Literal["topk", "cau
     return n_tokens * cfg.expert_top_k * cfg.n_experts / (cfg.n_experts + cfg.noop_experts)
 
 
-def attention_flops(cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full",
-                    shared_keys: Optional[int] = None) -> float:
+def attention_flops(
+    cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", shared_keys: Optional[int] = None
+) -> float:
     """Forward FLOPs of one attention sublayer on ``n_tokens`` tokens of one sequence: projections, scores
     and values. ``shared_keys``: it computes no keys or values and attends over that many of another pass's
     (recursive KV sharing)."""
@@ -79,13 +91,17 @@ def mlp_sublayer_flops(cfg: ModelConfig, n_tokens: int, experts: bool = False, p
 
 
 def block_flops(
-    cfg: ModelConfig, n_tokens: int, attention: Literal["full", "causal"] = "full", *,
-    experts: bool = False, passes: Optional[float] = None, shared_keys: Optional[int] = None,
+    cfg: ModelConfig,
+    n_tokens: int,
+    attention: Literal["full", "causal"] = "full",
+    *,
+    experts: bool = False,
+    passes: Optional[float] = None,
+    shared_keys: Optional[int] = None,
 ) -> float:
     """Forward FLOPs of one transformer block run on ``n_tokens`` tokens of one sequence: its attention
     (``attention_flops``) and MLP (``mlp_sublayer_flops``) sublayers."""
-    return (attention_flops(cfg, n_tokens, attention, shared_keys)
-            + mlp_sublayer_flops(cfg, n_tokens, experts, passes))
+    return attention_flops(cfg, n_tokens, attention, shared_keys) + mlp_sublayer_flops(cfg, n_tokens, experts, passes)
 
 
 def router_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -124,14 +140,18 @@ def forward_flops(
     if tokens_per_routed_block is None:
         tokens_per_routed_block = [cfg.topk_tokens(seq_len, c) for c in cfg.layer_capacities]
     if len(tokens_per_routed_block) != len(routed):
-        raise ValueError(f"tokens_per_routed_block has {len(tokens_per_routed_block)} entries, model has {len(routed)} routed blocks")
+        raise ValueError(
+            f"tokens_per_routed_block has {len(tokens_per_routed_block)} entries, model has {len(routed)} routed blocks"
+        )
     routed_tokens = dict(zip(routed, tokens_per_routed_block))
     with_experts = cfg.expert_layers
     if passes_per_expert_layer is None:
         passes_per_expert_layer = [None] * len(with_experts)
     if len(passes_per_expert_layer) != len(with_experts):
-        raise ValueError(f"passes_per_expert_layer has {len(passes_per_expert_layer)} entries, model has "
-                         f"{len(with_experts)} mixture-of-experts MLPs")
+        raise ValueError(
+            f"passes_per_expert_layer has {len(passes_per_expert_layer)} entries, model has "
+            f"{len(with_experts)} mixture-of-experts MLPs"
+        )
     passes = dict(zip(with_experts, passes_per_expert_layer))
 
     total = 0.0
@@ -139,8 +159,11 @@ def forward_flops(
     for layer in range(cfg.n_layers):
         mlp = dict(experts=layer in passes, passes=passes.get(layer))
         if layer in routed_tokens and attention_only:  # the picks attend; every token runs the MLP
-            total += (attention_flops(cfg, routed_tokens[layer], attention) + mlp_sublayer_flops(cfg, seq_len, **mlp)
-                      + router_flops(cfg, seq_len))
+            total += (
+                attention_flops(cfg, routed_tokens[layer], attention)
+                + mlp_sublayer_flops(cfg, seq_len, **mlp)
+                + router_flops(cfg, seq_len)
+            )
         elif layer in routed_tokens:
             total += block_flops(cfg, routed_tokens[layer], attention, **mlp) + router_flops(cfg, seq_len)
         else:
@@ -149,14 +172,17 @@ def forward_flops(
     return int(round(total))
 
 
-def _recursive_forward_flops(cfg: ModelConfig, seq_len: int, tokens: Optional[Sequence[float]],
-                             attention: Literal["full", "causal"]) -> int:
+def _recursive_forward_flops(
+    cfg: ModelConfig, seq_len: int, tokens: Optional[Sequence[float]], attention: Literal["full", "causal"]
+) -> int:
     if tokens is None and cfg.recursion_routing == "token_choice":  # training's static slots
         tokens = [cfg.token_choice_slots(seq_len, r) for r in range(cfg.recursions)]
     elif tokens is None:
         tokens = [cfg.topk_tokens(seq_len, c) for c in cfg.step_capacities]
     if len(tokens) != cfg.recursions:
-        raise ValueError(f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps")
+        raise ValueError(
+            f"tokens_per_recursion_step has {len(tokens)} entries, model has {cfg.recursions} recursion steps"
+        )
     total = 2 * cfg.unique_before * block_flops(cfg, seq_len, attention)
     if cfg.recursion_routing == "token_choice":
         total += 2 * seq_len * cfg.d_model * cfg.recursions
@@ -199,10 +225,22 @@ def decode_flops(cfg: ModelConfig, context: int, share: Optional[float] = None) 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
     """The same shape with no routing, dense MLPs and no recursion (every block its own): the
     baseline MoD's (and MoE's, and MoR's) costs are measured against."""
-    return ModelConfig(**{**cfg.to_dict(), "route_every": 0, "route_layers": None, "capacities": None,
-                          "route_part": "block", "n_experts": 0, "noop_experts": 0, "expert_top_k": 1,
-                          "recursions": 1, "recursion_capacities": None, "recursion_kv": "recursion_wise",
-                          "recursion_routing": "expert_choice"})
+    return ModelConfig(
+        **{
+            **cfg.to_dict(),
+            "route_every": 0,
+            "route_layers": None,
+            "capacities": None,
+            "route_part": "block",
+            "n_experts": 0,
+            "noop_experts": 0,
+            "expert_top_k": 1,
+            "recursions": 1,
+            "recursion_capacities": None,
+            "recursion_kv": "recursion_wise",
+            "recursion_routing": "expert_choice",
+        }
+    )
 
 
 def flops_ratio_vs_dense(cfg: ModelConfig, seq_len: int, **kwargs) -> float:

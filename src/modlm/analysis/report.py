@@ -3,16 +3,22 @@
 A result is the flat dict ``modlm.eval_cli.evaluate_checkpoint`` returns (keys such as
 ``topk.loss``, ``causal.capacity_used``, ``causal.causal_acc.layer_3``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 ROWS = [
-    ("loss (top-k)", "topk.loss", "{:.4f}"), ("ppl (top-k)", "topk.ppl", "{:.2f}"), ("bpb (top-k)", "topk.bpb", "{:.4f}"),
-    ("loss (causal)", "causal.loss", "{:.4f}"), ("ppl (causal)", "causal.ppl", "{:.2f}"), ("bpb (causal)", "causal.bpb", "{:.4f}"),
+    ("loss (top-k)", "topk.loss", "{:.4f}"),
+    ("ppl (top-k)", "topk.ppl", "{:.2f}"),
+    ("bpb (top-k)", "topk.bpb", "{:.4f}"),
+    ("loss (causal)", "causal.loss", "{:.4f}"),
+    ("ppl (causal)", "causal.ppl", "{:.2f}"),
+    ("bpb (causal)", "causal.bpb", "{:.4f}"),
     ("capacity used (causal)", "causal.capacity_used", "{:.3f}"),
     ("capacity used (generated)", "generate.capacity_used", "{:.3f}"),
-    ("FLOPs / token (causal)", "flops_per_token", "{:.4g}"), ("decode tokens/s (batch 1)", "decode_tokens_per_s", "{:.1f}"),
+    ("FLOPs / token (causal)", "flops_per_token", "{:.4g}"),
+    ("decode tokens/s (batch 1)", "decode_tokens_per_s", "{:.1f}"),
     ("decode tokens/s (batched)", "decode_tokens_per_s_batched", "{:.1f}"),
     ("parameters", "params", "{:,}"),
 ]
@@ -54,8 +60,11 @@ def plot(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [run_name(r["checkpoint"]) for r in results]
-    panels = [("causal.loss", "validation loss (causal)"), ("flops_per_token", "forward FLOPs / token"),
-              ("decode_tokens_per_s", "decode tokens / s")]
+    panels = [
+        ("causal.loss", "validation loss (causal)"),
+        ("flops_per_token", "forward FLOPs / token"),
+        ("decode_tokens_per_s", "decode tokens / s"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         ax.bar(names, [r[key] for r in results], color=["tab:green", "tab:gray", "tab:blue"][: len(results)])

@@ -26,6 +26,7 @@ With ``--tasks``, CKPT is scored on lm-evaluation-harness tasks instead (``modlm
 keys ``harness.<task>.<metric>``, the routing and what each routed block processed; see
 docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import json as json_lib
@@ -37,20 +38,25 @@ from typing import Literal, Optional
 
 import torch
 
-from .usage import parse_args
-from ..model.errors import UserError, run_command
-from ..model.version import __version__, describe
-from .generate import GenerateOptions
-from ..saved import SavedModel, load_saved
-from ..model.hf_format import upload_folder
-from ..training.export import model_card, write_export
-from ..saved.travel import unpack
 from ..analysis.batch import split_batch
-from ..analysis.evaluate import (decode_speed, decode_throughput, evaluate_routing, flops_per_token, generation_share,
-                                 token_byte_lengths)
+from ..analysis.evaluate import (
+    decode_speed,
+    decode_throughput,
+    evaluate_routing,
+    flops_per_token,
+    generation_share,
+    token_byte_lengths,
+)
 from ..analysis.report import plot as draw_plot
 from ..analysis.report import table
-
+from ..model.errors import UserError, run_command
+from ..model.hf_format import upload_folder
+from ..model.version import __version__, describe
+from ..saved import SavedModel, load_saved
+from ..saved.travel import unpack
+from ..training.export import model_card, write_export
+from .generate import GenerateOptions
+from .usage import parse_args
 
 EVERY_WINDOW = 2**62
 """``val_windows`` that reads every conversation of a chat file."""
@@ -173,20 +179,27 @@ def build_data(saved: SavedModel, options: DataOptions):
     """The data module of a saved model's validation windows and tokenizer, unless the options
     name others (see ``DataOptions``)."""
     from ..data import ModLMDataModule
-    from ..data.tokenizer import fingerprint
-
     from ..data.corpus import holds_chats
+    from ..data.tokenizer import fingerprint
 
     model, data = saved.model, saved.data
     settings = {**data, "seq_len": data.get("seq_len", model.config.max_seq_len), "num_workers": 0}
     settings["val_source"] = None  # the run's held-out file: its windows travel with the checkpoint
     if saved.tokenizer is not None:  # with the model's chat template beside it
         settings["chat_template"] = None
-        settings["tokenizer"] = str(unpack(saved.tokenizer, None, data.get("cache_dir"),
-                                           chat_template=saved.chat_template))
+        settings["tokenizer"] = str(
+            unpack(saved.tokenizer, None, data.get("cache_dir"), chat_template=saved.chat_template)
+        )
         if saved.validation_windows is not None and options.tokenizer is None:  # windows of its own tokenizer
-            settings["source"] = str(unpack(saved.tokenizer, saved.validation_windows, data.get("cache_dir"),
-                                            loss_mask=saved.validation_loss_mask, chat_template=saved.chat_template))
+            settings["source"] = str(
+                unpack(
+                    saved.tokenizer,
+                    saved.validation_windows,
+                    data.get("cache_dir"),
+                    loss_mask=saved.validation_loss_mask,
+                    chat_template=saved.chat_template,
+                )
+            )
             settings["val_windows"] = len(saved.validation_windows)
     for key in ("source", "tokenizer"):
         if getattr(options, key) is not None:
@@ -201,7 +214,8 @@ def build_data(saved: SavedModel, options: DataOptions):
         if want != have:
             raise EvalError(
                 f"tokenizer does not match the model: {dm.tokenizer_file} (fingerprint {have[:12]}) is not the "
-                f"tokenizer it was trained with ({want[:12]}, carried in {saved.path}): leave out --data.tokenizer")
+                f"tokenizer it was trained with ({want[:12]}, carried in {saved.path}): leave out --data.tokenizer"
+            )
     if dm.tokenizer_vocab_size > model.config.vocab_size:  # fewer is fine: a pretrained model's rows to spare
         raise EvalError(
             f"tokenizer does not match the model: {dm.tokenizer_vocab_size} tokens vs the model's "
@@ -225,10 +239,18 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
         raise EvalError(f"no validation windows for source {dm.source!r} (val_fraction or val_windows is 0?)")
     byte_lengths = token_byte_lengths(dm.tokenizer, model.config.vocab_size)
     autocast = torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16, enabled=run.precision == "bf16")
-    result = {"checkpoint": str(path), "modlm_version": __version__, "written_by": saved.written_by,
-              "params": model.num_params(), "routed_layers": model.config.routed_layers}
+    result = {
+        "checkpoint": str(path),
+        "modlm_version": __version__,
+        "written_by": saved.written_by,
+        "params": model.num_params(),
+        "routed_layers": model.config.routed_layers,
+    }
     modes = ["topk", "causal"] if model.config.routes_tokens else ["topk"]
-    with autocast, tqdm(total=len(batches) * len(modes), desc=f"evaluating {Path(path).name}", disable=run.quiet) as bar:
+    with (
+        autocast,
+        tqdm(total=len(batches) * len(modes), desc=f"evaluating {Path(path).name}", disable=run.quiet) as bar,
+    ):
         for mode in modes:
             figures = evaluate_routing(model, batches, mode, byte_lengths, progress=bar, eot_id=dm.eot_id)
             result.update({f"{mode}.{k}": v for k, v in figures.items()})
@@ -238,8 +260,11 @@ def evaluate_checkpoint(path: str, run: EvalRun) -> tuple[dict, SavedModel, obje
     seq_len = inputs[0].shape[1]
     used = [result[f"causal.capacity_used.layer_{i}"] for i in model.config.routed_layers] or None
     passes = [result.get(f"causal.expert_slots.layer_{i}", 0.0) for i in model.config.expert_layers] or None
-    steps = [result[f"causal.capacity_used.step_{r}"] for r in range(model.config.recursions)
-             if model.config.routes_recursion] or None
+    steps = [
+        result[f"causal.capacity_used.step_{r}"]
+        for r in range(model.config.recursions)
+        if model.config.routes_recursion
+    ] or None
     result["flops_per_token"] = flops_per_token(model, seq_len, used, passes, steps)
     result["flops_per_token_topk"] = flops_per_token(model, seq_len)
     prompt_len = min(run.prompt_tokens, model.config.max_seq_len // 2)  # leave room to generate
@@ -281,7 +306,11 @@ def execute(run: EvalRun) -> int:
         results.append(evaluate_checkpoint(run.compare, run)[0])
     print(table(results))
     if run.compare:
-        out = Path(run.plot) if run.plot else (Path(run.json).with_name("compare.png") if run.json else Path("compare.png"))
+        out = (
+            Path(run.plot)
+            if run.plot
+            else (Path(run.json).with_name("compare.png") if run.json else Path("compare.png"))
+        )
         draw_plot(results, out)
         print(f"plot: {out}")
     if run.json:

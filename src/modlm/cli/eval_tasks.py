@@ -6,6 +6,7 @@ tokenizer. What is printed: one line per task and metric; what is written: every
 dotted keys (``modlm.analysis.harness.tasks``), the JSON written whole at the end (a hidden name, then
 a rename), so a failed run leaves no partial file.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,10 @@ def summary(result: dict) -> str:
             lines.append(f"{task:<24} {metric:<24} {value:.4f}{spread}")
     leaking = " (leaking: top-k routing sees each scored continuation)" if result["harness.leaking"] else ""
     used = f", capacity used {result['harness.capacity_used']:.3f}" if "harness.capacity_used" in result else ""
-    lines.append(f"routing {result['harness.routing']}{leaking}, "
-                 f"forward FLOPs/token {result['harness.flops_per_token']:.4g}{used}")
+    lines.append(
+        f"routing {result['harness.routing']}{leaking}, "
+        f"forward FLOPs/token {result['harness.flops_per_token']:.4g}{used}"
+    )
     return "\n".join(lines)
 
 
@@ -56,8 +59,9 @@ def execute_tasks(run) -> int:
     """Score ``run.ckpt`` on ``run.tasks`` (``run``: ``modlm.cli.eval.EvalRun``); print the figures,
     write ``run.json``."""
     if run.compare or run.export or run.push_to_hub:
-        raise HarnessError("--tasks scores one model: leave out --compare, --export and --push_to_hub "
-                        "(run those without --tasks)")
+        raise HarnessError(
+            "--tasks scores one model: leave out --compare, --export and --push_to_hub (run those without --tasks)"
+        )
     if run.batch_size < 1:
         raise HarnessError(f"--batch_size {run.batch_size} is invalid: must be at least 1")
     if run.quiet:
@@ -66,17 +70,34 @@ def execute_tasks(run) -> int:
         disable_progress_bar()
     saved = load_saved(run.ckpt, run.device)
     if saved.tokenizer is None:
-        raise HarnessError(f"{run.ckpt} carries no tokenizer (its run's data module was not modlm's): the harness needs the model's own tokenizer")
+        raise HarnessError(
+            f"{run.ckpt} carries no tokenizer (its run's data module was not modlm's): the harness needs the "
+            "model's own tokenizer"
+        )
     model = saved.model
     if run.decision:
         model.config.causal_decision = run.decision
     autocast = torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16, enabled=run.precision == "bf16")
     with autocast:
-        figures = evaluate_tasks(model, saved.tokenizer, run.tasks, include_path=run.include_path,
-                                 num_fewshot=run.num_fewshot, limit=run.limit, batch_size=run.batch_size,
-                                 routing=run.routing, progress=not run.quiet)
-    result = {"checkpoint": str(run.ckpt), "modlm_version": __version__, "written_by": saved.written_by, "params": model.num_params(), "routed_layers": model.config.routed_layers,
-              **figures}
+        figures = evaluate_tasks(
+            model,
+            saved.tokenizer,
+            run.tasks,
+            include_path=run.include_path,
+            num_fewshot=run.num_fewshot,
+            limit=run.limit,
+            batch_size=run.batch_size,
+            routing=run.routing,
+            progress=not run.quiet,
+        )
+    result = {
+        "checkpoint": str(run.ckpt),
+        "modlm_version": __version__,
+        "written_by": saved.written_by,
+        "params": model.num_params(),
+        "routed_layers": model.config.routed_layers,
+        **figures,
+    }
     print(describe(saved.written_by))
     print(summary(result))
     if run.json:

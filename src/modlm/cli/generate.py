@@ -26,6 +26,7 @@ chat template (modlm's default where it has none, and the command says so) up to
 and prints the model's answer alone, which ends at the template's end-of-turn token. With
 ``--interactive`` the conversation goes on: each answer joins the messages the next prompt is rendered with.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,11 @@ from typing import Literal, Optional
 
 import torch
 
-from .usage import parse_args
 from ..data.tokenizer import end_of_text_id
 from ..model.errors import UserError, run_command
 from ..model.version import describe
 from ..saved import load_saved
+from .usage import parse_args
 
 
 @dataclass
@@ -85,19 +86,33 @@ class GenerateOptions:
 def parser():
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-    p = ArgumentParser(prog=os.path.basename(sys.argv[0]) or "modlm-generate",
-                       description="Sample continuations from a trained modlm model (no evaluation first).")
+    p = ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) or "modlm-generate",
+        description="Sample continuations from a trained modlm model (no evaluation first).",
+    )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
     p.add_argument("model", help="checkpoint (.ckpt), sharded checkpoint folder, export folder, or Hub id")
     p.add_argument("prompts", nargs="*", default=[], help="prompts (default: --prompt_file, else standard input)")
     p.add_class_arguments(GenerateOptions, as_group=False, skip={"interactive", "stop", "chat"})
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop a continuation where it produces TEXT (repeatable: --stop A --stop B)")
-    p.add_argument("--interactive", action=ActionYesNo, default=False,
-                   help="read a prompt, stream its continuation, and loop until end of input")
-    p.add_argument("--chat", action="store_true",  # a switch, taking no value
-                   help="each prompt is a user's message, rendered with the model's chat template; print the answer "
-                        "(with --interactive, a conversation)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop a continuation where it produces TEXT (repeatable: --stop A --stop B)",
+    )
+    p.add_argument(
+        "--interactive",
+        action=ActionYesNo,
+        default=False,
+        help="read a prompt, stream its continuation, and loop until end of input",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",  # a switch, taking no value
+        help="each prompt is a user's message, rendered with the model's chat template; print the answer "
+        "(with --interactive, a conversation)",
+    )
     return p
 
 
@@ -119,10 +134,12 @@ class Streamer:
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         shown = text[:cut] if cut >= 0 else text.rstrip("\ufffd")  # hold back a character not complete yet
         if cut < 0:  # a stop string may be arriving: hold back what could be its start
-            shown = shown[: len(shown) - max((k for s in self.stops for k in range(len(s), 0, -1)
-                                               if shown.endswith(s[:k])), default=0)]
+            shown = shown[
+                : len(shown)
+                - max((k for s in self.stops for k in range(len(s), 0, -1) if shown.endswith(s[:k])), default=0)
+            ]
         if len(shown) > self.printed:
-            self.out.write(shown[self.printed:])
+            self.out.write(shown[self.printed :])
             self.out.flush()
             self.printed = len(shown)
         return torch.tensor([cut >= 0])
@@ -145,8 +162,11 @@ class Prompts:
             from ..data.chat import ChatEncoder
 
             if saved.chat_template is None:
-                print("modlm: the model has no chat template: prompts are rendered with modlm's default "
-                      "(docs/fine-tuning.md)", file=sys.stderr)
+                print(
+                    "modlm: the model has no chat template: prompts are rendered with modlm's default "
+                    "(docs/fine-tuning.md)",
+                    file=sys.stderr,
+                )
             self.chat = ChatEncoder(saved.tokenizer.to_str(), saved.chat_template)
             self.stop_id = self.chat.end_of_turn_id
         self.system = [{"role": "system", "content": options.system}] if options.system else []
@@ -159,8 +179,9 @@ class Prompts:
         return self.chat.encode(messages, add_generation_prompt=True)[0]
 
 
-def continuations(saved, prompts: list, options: GenerateOptions, stream: bool,
-                  how: Optional[Prompts] = None) -> list[str]:
+def continuations(
+    saved, prompts: list, options: GenerateOptions, stream: bool, how: Optional[Prompts] = None
+) -> list[str]:
     """Each prompt's continuation text (``num_samples`` each, in order), streamed to stdout when
     ``stream`` (one prompt, one sample); ``how`` turns prompts into ids (default: as text)."""
     model, tokenizer = saved.model, saved.tokenizer
@@ -177,13 +198,22 @@ def continuations(saved, prompts: list, options: GenerateOptions, stream: bool,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
     texts = []
     for start in range(0, len(ids), options.batch_size):
-        batch = ids[start:start + options.batch_size]
+        batch = ids[start : start + options.batch_size]
         watch = Streamer(tokenizer, options.stop) if stream else StopStrings(tokenizer, options.stop, len(batch))
         with autocast:
-            out = model.generate(batch, new, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                                 eot_id=eot, generator=generator, on_tokens=watch, routing=options.routing)
+            out = model.generate(
+                batch,
+                new,
+                temperature=options.temperature,
+                top_k=options.top_k,
+                top_p=options.top_p,
+                eot_id=eot,
+                generator=generator,
+                on_tokens=watch,
+                routing=options.routing,
+            )
         for prompt_ids, row in zip(batch, out):
-            gen = row[len(prompt_ids):].tolist()
+            gen = row[len(prompt_ids) :].tolist()
             texts.append(cut_at_stop(tokenizer.decode([t for t in gen if t != eot]), options.stop))
     return texts
 
@@ -239,8 +269,11 @@ def lines_typed():
 def interactive(saved, options: GenerateOptions) -> None:
     if options.chat:
         return conversation(saved, options)
-    print("modlm: interactive generation. A base language model continues text: it has no chat template, and each "
-          "prompt is continued on its own (--chat: a conversation). End with Ctrl-D.", file=sys.stderr)
+    print(
+        "modlm: interactive generation. A base language model continues text: it has no chat template, and each "
+        "prompt is continued on its own (--chat: a conversation). End with Ctrl-D.",
+        file=sys.stderr,
+    )
     for prompt in lines_typed():
         sys.stdout.write(prompt)
         continuations(saved, [prompt], GenerateOptions(**{**options.__dict__, "num_samples": 1}), stream=True)
@@ -252,8 +285,10 @@ def conversation(saved, options: GenerateOptions) -> None:
     """``--chat --interactive``: a user's message, the model's answer streamed, and on, every turn rendered
     with the messages before it."""
     how = Prompts(saved, options)
-    print("modlm: chat. Each line is your message; the model answers with the conversation so far. End with Ctrl-D.",
-          file=sys.stderr)
+    print(
+        "modlm: chat. Each line is your message; the model answers with the conversation so far. End with Ctrl-D.",
+        file=sys.stderr,
+    )
     messages = list(how.system)
     single = GenerateOptions(**{**options.__dict__, "num_samples": 1})
     for prompt in lines_typed():
@@ -276,10 +311,15 @@ def execute(args) -> int:
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     saved = load_saved(args.model, device)
     if saved.tokenizer is None:
-        raise UserError(f"{args.model} carries no tokenizer (its run's data module was not modlm's): generating needs the model's own tokenizer")
+        raise UserError(
+            f"{args.model} carries no tokenizer (its run's data module was not modlm's): generating needs the "
+            "model's own tokenizer"
+        )
     if saved.tokenizer.get_vocab_size() > saved.model.config.vocab_size:
-        raise UserError(f"{args.model}: its tokenizer has {saved.tokenizer.get_vocab_size()} tokens, the model "
-                        f"{saved.model.config.vocab_size}")
+        raise UserError(
+            f"{args.model}: its tokenizer has {saved.tokenizer.get_vocab_size()} tokens, the model "
+            f"{saved.model.config.vocab_size}"
+        )
     if options.interactive:
         print(describe(saved.written_by), file=sys.stderr)  # stdout is the text alone
         interactive(saved, options)

@@ -8,6 +8,7 @@ message and the module that emits it; every other warning and note is left alone
 warnings are printed as one ``modlm: warning:`` line, without the file, line number and source
 line of modlm's code that Python's default format would echo after them.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ tokenizer is the one a run on SOURCE with the same settings would train or load 
 stored in OUT. Every default a training run also has is the data module's (``ModLMDataModule``).
 The folder's format is ``modlm.data.corpus.prepared``.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,10 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from .usage import parse_args
 from ..data import ModLMDataModule
 from ..data.prepare import PrepareSettings, prepare_corpus
 from ..model.errors import run_command
+from .usage import parse_args
 
 _DATA_DEFAULTS = ModLMDataModule.defaults()
 

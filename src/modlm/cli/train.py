@@ -24,6 +24,7 @@ What it adds to plain LightningCLI:
 * user errors end with one line on stderr and a non-zero exit, no traceback (``main``); so does a
   mistyped flag, with the closest valid names.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..model.config import ModelConfig
 from ..model.errors import UserError, run_command
+from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data, unpack_saved
 from ..training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from ..training.callbacks.checkpointing import RunCheckpoint, in_folder, saved_log_version
 from ..training.callbacks.dashboard import Dashboard
@@ -53,7 +55,6 @@ from ..training.callbacks.routing_stats import RoutingStats
 from ..training.callbacks.summary import FlopsModelSummary
 from ..training.callbacks.throughput import TokenThroughput
 from ..training.checkpoint import check_resume_shape, resolve_last
-from ..saved import CheckpointError, is_checkpoint, read_checkpoint, read_sharded_meta, saved_data, unpack_saved
 from ..training.loggers import StreamTensorBoardLogger
 from ..training.module import MoDLightningModule
 from ..training.parallel import end_process_group
@@ -103,7 +104,14 @@ def _datamodule_class():
 class ModLMCLI(LightningCLI):
     """LightningCLI with modlm's defaults; see the module docstring."""
 
-    def __init__(self, args=None, run: bool = True, datamodule_class=None, default_config: Optional[Path] = DEFAULT_CONFIG, **kwargs):
+    def __init__(
+        self,
+        args=None,
+        run: bool = True,
+        datamodule_class=None,
+        default_config: Optional[Path] = DEFAULT_CONFIG,
+        **kwargs,
+    ):
         defaults = [str(default_config)] if default_config is not None and Path(default_config).is_file() else []
         self._resumed: Optional[dict] = None  # what --ckpt_path holds (its step, its callbacks' state)
         self._precision_why: Optional[str] = None  # set where modlm chose the precision
@@ -130,12 +138,14 @@ class ModLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # ModelCheckpoint's arguments and behaviour (each save atomic: the trainer writes it).
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.filename": "{step:07d}",
-            "checkpoint.save_last": "link",  # last.ckpt: a link to the newest step checkpoint, not a copy
-            "checkpoint.save_top_k": -1,
-            "checkpoint.every_n_train_steps": 100,
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "{step:07d}",
+                "checkpoint.save_last": "link",  # last.ckpt: a link to the newest step checkpoint, not a copy
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 100,
+            }
+        )
         parser.add_lightning_class_args(Preemption, "preemption")  # SIGUSR1/SIGTERM: save at a step boundary
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
@@ -208,8 +218,11 @@ class ModLMCLI(LightningCLI):
         checkpoints carried their data falls back on its data settings, source included."""
         config = self.config[subcommand]
         defaults = parser.parse_args([subcommand])[subcommand].data  # what "not given" looks like
-        given = {key for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer")
-                 if config.data.get(key) != defaults.get(key)}
+        given = {
+            key
+            for key in ("source", "seq_len", "vocab_size", "val_windows", "tokenizer")
+            if config.data.get(key) != defaults.get(key)
+        }
         settings, tokenizer, windows = saved_data(ckpt_path)
         if tokenizer is not None:
             settings["tokenizer"] = str(self._unpack(ckpt_path, config, windows=False))
@@ -228,8 +241,14 @@ class ModLMCLI(LightningCLI):
         target = subparsers.get(subcommand, parser)
         prog = os.path.basename(sys.argv[0]) or "train.py"
         command = f"{prog} {subcommand}" if subcommand else prog
-        return UsageError(explain(str(err), option_names(target), f"{command} --help lists every option",
-                                  choices={"subcommand": list(subparsers)} if subparsers else None))
+        return UsageError(
+            explain(
+                str(err),
+                option_names(target),
+                f"{command} --help lists every option",
+                choices={"subcommand": list(subparsers)} if subparsers else None,
+            )
+        )
 
     @staticmethod
     def _unpack(ckpt_path: str, config, windows: bool) -> Path:
@@ -264,14 +283,18 @@ class ModLMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if trainer.get("logger") in (None, True):
             resumed = {}
-            if self.subcommand == "fit" and self._resumed and in_folder(config.get("ckpt_path"), config.checkpoint.dirpath):
+            if (
+                self.subcommand == "fit"
+                and self._resumed
+                and in_folder(config.get("ckpt_path"), config.checkpoint.dirpath)
+            ):
                 version = saved_log_version(self._resumed)
                 if version is not None:
                     resumed = {"version": version, "purge_step": self._resumed.get("global_step")}
-            kwargs.setdefault("logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(),
-                                                                **resumed))
-        self.trainer_defaults = {**self.trainer_defaults,
-                                 "callbacks": default_callbacks() + display_callbacks(trainer)}
+            kwargs.setdefault(
+                "logger", StreamTensorBoardLogger(save_dir=trainer.get("default_root_dir") or os.getcwd(), **resumed)
+            )
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": default_callbacks() + display_callbacks(trainer)}
         built = super().instantiate_trainer(**kwargs)
         # --throughput.enabled false: leave the monitor out entirely (nothing of it runs)
         built.callbacks[:] = [cb for cb in built.callbacks if not (isinstance(cb, TokenThroughput) and not cb.enabled)]
@@ -280,7 +303,8 @@ class ModLMCLI(LightningCLI):
 
     def _announce(self, trainer: pl.Trainer, config) -> None:
         """The run's two lines: its precision (with why) and device, and where its outputs go."""
-        devices = f"{trainer.num_devices * trainer.num_nodes} {type(trainer.accelerator).__name__.removesuffix('Accelerator').lower()}"
+        kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+        devices = f"{trainer.num_devices * trainer.num_nodes} {kind}"
         why = self._precision_why or "set by --trainer.precision or a config"
         rank_zero_info(f"modlm: precision {trainer.precision} on {devices} device(s) ({why})")
         where = []

@@ -6,6 +6,7 @@ parses with ``exit_on_error`` off instead and turns the parser's error into a ``
 line naming the unknown flag or value, the closest valid names (``difflib``), and the ``--help``
 that lists them all. ``--help`` and ``--print_config`` print and exit as before.
 """
+
 from __future__ import annotations
 
 import argparse

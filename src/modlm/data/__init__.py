@@ -16,6 +16,7 @@ LightningDataModule that joins them.
     batch = next(iter(dm.train_dataloader()))   # LongTensor (batch_size, seq_len + 1)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 """
+
 from .datamodule import ModLMDataModule
 from .errors import DataError, DataWarning
 from .tokenizer import EOT_TOKEN

@@ -30,6 +30,7 @@ turns the same whatever follows (every common template does; one that does not i
 answer pieces are tokenized separately, so an answer's tokens are those the model generates after the
 prompt, tokenized whole, at inference.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -93,12 +94,14 @@ def conversation_of(record: Any) -> list[dict]:
         prompt, completion = record["prompt"], record["completion"]
         if not (isinstance(prompt, (str, list)) and isinstance(completion, (str, list))):
             raise ChatError("'prompt' and 'completion' must each be a string or a list of messages")
-        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt) + \
-            ([{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion)
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt) + (
+            [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        )
     else:
         keys = ", ".join(map(repr, record)) if isinstance(record, dict) else _short(record)
-        raise ChatError(f"expected an object with 'messages' or with 'prompt' and 'completion', "
-                        f"got {keys or 'nothing'}")
+        raise ChatError(
+            f"expected an object with 'messages' or with 'prompt' and 'completion', got {keys or 'nothing'}"
+        )
     check_messages(messages)
     return messages
 
@@ -106,12 +109,16 @@ def conversation_of(record: Any) -> list[dict]:
 def is_chat_record(record: Any, text_field: str) -> bool:
     """Whether a data record is a conversation rather than a document: it has ``messages`` (or
     ``prompt`` and ``completion``) and no ``text_field``."""
-    return isinstance(record, dict) and text_field not in record and (
-        "messages" in record or ("prompt" in record and "completion" in record))
+    return (
+        isinstance(record, dict)
+        and text_field not in record
+        and ("messages" in record or ("prompt" in record and "completion" in record))
+    )
 
 
-def render_chat(messages: list[dict], template: Optional[str] = None, add_generation_prompt: bool = False,
-                **special_tokens) -> str:
+def render_chat(
+    messages: list[dict], template: Optional[str] = None, add_generation_prompt: bool = False, **special_tokens
+) -> str:
     """``messages`` rendered with ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``) by transformers' renderer,
     the template seeing ``messages``, ``add_generation_prompt`` (end with the assistant's header) and
     ``special_tokens`` (``eos_token="</s>"``, ...). A bad message, or a template that raises, is a ChatError."""
@@ -120,8 +127,12 @@ def render_chat(messages: list[dict], template: Optional[str] = None, add_genera
 
     check_messages(messages)
     try:
-        rendered, _ = render_jinja_template([messages], chat_template=template or DEFAULT_CHAT_TEMPLATE,
-                                            add_generation_prompt=add_generation_prompt, **special_tokens)
+        rendered, _ = render_jinja_template(
+            [messages],
+            chat_template=template or DEFAULT_CHAT_TEMPLATE,
+            add_generation_prompt=add_generation_prompt,
+            **special_tokens,
+        )
     except TemplateError as err:
         raise ChatError(f"the chat template refused the conversation: {str(err).strip().splitlines()[0]}") from None
     return rendered[0]
@@ -136,8 +147,10 @@ def chat_template_for(spec: Optional[str], tokenizer_file: Union[str, Path]) -> 
         if path.is_dir():
             found = read_chat_template(path)
             if found is None:
-                raise ChatError(f"chat template {spec!r}: the folder keeps none (no chat_template.jinja, no "
-                                "chat_template in tokenizer_config.json)")
+                raise ChatError(
+                    f"chat template {spec!r}: the folder keeps none (no chat_template.jinja, no "
+                    "chat_template in tokenizer_config.json)"
+                )
             return found
         if not path.is_file():
             raise ChatError(f"chat template {spec!r} does not exist (expected a .jinja file or a folder keeping one)")
@@ -188,19 +201,23 @@ class ChatEncoder:
         before, through = self.render(probe[:1], add_generation_prompt=True), self.render(probe)
         if not through.startswith(before):
             raise ChatError(self._unstable())
-        tail = self.tokenizer.encode(through[len(before):], add_special_tokens=False)
+        tail = self.tokenizer.encode(through[len(before) :], add_special_tokens=False)
         special = self._special_ids()
         found = next((token for i, token in zip(tail.ids, tail.tokens) if i in special), None)
         if found is None:
-            raise ChatError("the chat template ends an answer with no special token of the tokenizer (rendered: "
-                            f"{through[len(before):]!r}), so a generated answer could not end")
+            raise ChatError(
+                "the chat template ends an answer with no special token of the tokenizer (rendered: "
+                f"{through[len(before) :]!r}), so a generated answer could not end"
+            )
         return found
 
     @staticmethod
     def _unstable() -> str:
-        return ("the chat template renders the turns before an answer differently once the answer follows, so "
-                "the answer's tokens cannot be found for the loss; use a template that renders a conversation's "
-                "beginning the same whatever follows")
+        return (
+            "the chat template renders the turns before an answer differently once the answer follows, so "
+            "the answer's tokens cannot be found for the loss; use a template that renders a conversation's "
+            "beginning the same whatever follows"
+        )
 
     def answer_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
         """The character spans of ``text`` (``messages`` rendered) that carry the loss: each assistant turn
@@ -235,5 +252,14 @@ class ChatEncoder:
         return ids, loss
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ROLES", "ChatEncoder", "ChatError", "chat_template_for", "check_messages",
-           "conversation_of", "is_chat_record", "render_chat"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "ROLES",
+    "ChatEncoder",
+    "ChatError",
+    "chat_template_for",
+    "check_messages",
+    "conversation_of",
+    "is_chat_record",
+    "render_chat",
+]

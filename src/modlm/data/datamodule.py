@@ -26,6 +26,7 @@ Defaults. This signature owns the data settings' defaults (LightningCLI shows th
 the prepare command reads them from here); the window length and vocabulary size default to the
 model's (``ModelConfig``), so a default run's data and model agree.
 """
+
 import copy
 import dataclasses
 import inspect
@@ -138,8 +139,11 @@ class ModLMDataModule(L.LightningDataModule):
     def defaults(cls) -> dict:
         """Every setting's default, as this signature (their one owner) gives it: for the commands
         and scripts that take the same settings (the prepare command)."""
-        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+        return {
+            name: p.default
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
 
     # ---- lazily built pieces (usable right after __init__, no setup() needed) ----------
 
@@ -148,9 +152,16 @@ class ModLMDataModule(L.LightningDataModule):
         """The opened source (files indexed and split; hub reachability checked)."""
         # A corpus too small to hold whole documents out holds out their ends, enough for about one
         # window (byte-level BPE averages well over 2 characters a token; 4 leaves room).
-        return open_corpus(self.source, text_field=self.text_field, val_fraction=self.val_fraction,
-                           seed=self.seed, min_val_chars=4 * (self.seq_len + 1), seq_len=self.seq_len,
-                           val_source=self.val_source, chat_template=self.chat_template_spec)
+        return open_corpus(
+            self.source,
+            text_field=self.text_field,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            min_val_chars=4 * (self.seq_len + 1),
+            seq_len=self.seq_len,
+            val_source=self.val_source,
+            chat_template=self.chat_template_spec,
+        )
 
     @property
     def is_chat(self) -> bool:
@@ -227,7 +238,7 @@ class ModLMDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         _ = self.tokenizer  # fail early (bad source, offline hub) and train/load once
-        for logger in (self.trainer.loggers if self.trainer is not None else []):
+        for logger in self.trainer.loggers if self.trainer is not None else []:
             logger.log_hyperparams({f"data/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
         if stage in (None, "fit", "validate", "test"):
             _ = self.validation_windows, self.validation_loss_mask
@@ -237,8 +248,14 @@ class ModLMDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             # Workers tokenize in parallel already; also silences the tokenizers fork warning.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        stream = self.corpus.train_stream(self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size,
-                                          rank=rank, world_size=world, num_workers=self.num_workers)
+        stream = self.corpus.train_stream(
+            self.tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )
         loader = ResumableLoader(stream, self.num_workers, pin_memory=torch.cuda.is_available())
         # In a fit, Lightning fetches ahead; count only batches it actually trains on.
         loader.track_consumption = self.trainer is not None
@@ -251,8 +268,9 @@ class ModLMDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         windows, mask = self.validation_windows, self.validation_loss_mask
         per_rank = len(windows) // world  # equal counts, so ranks stay in lockstep
-        return FixedBatches(windows[rank::world][:per_rank], self.batch_size,
-                            None if mask is None else mask[rank::world][:per_rank])
+        return FixedBatches(
+            windows[rank::world][:per_rank], self.batch_size, None if mask is None else mask[rank::world][:per_rank]
+        )
 
     def test_dataloader(self) -> FixedBatches:
         """Same windows as validation (the corpus has no separate test split)."""

@@ -1,4 +1,5 @@
 """The exception and warning types of the data layer."""
+
 from ..model.errors import UserError
 
 

@@ -10,6 +10,7 @@ order from the seed and the saved epoch) read the same data:
 The two recipes (a string-seeded ``random.Random`` for files, ``epoch_seed`` for the rest) are
 kept as they were first written: changing either would change the batches of every existing run.
 """
+
 import random
 from typing import Iterable, TypeVar
 
@@ -40,7 +41,9 @@ _MASK64 = 2**64 - 1
 def _mix(x: np.ndarray, key: int, round_: int) -> np.ndarray:
     # splitmix64's finalizer on (x, key, round): a fast, well-spread round function.
     with np.errstate(over="ignore"):
-        z = x * np.uint64(0x9E3779B97F4A7C15) + np.uint64((key * 0xBF58476D1CE4E5B9 + round_ * 0x94D049BB133111EB) & _MASK64)
+        z = x * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
+            (key * 0xBF58476D1CE4E5B9 + round_ * 0x94D049BB133111EB) & _MASK64
+        )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))

@@ -6,6 +6,7 @@ order), each document followed by <|endoftext|>, and appended to fixed-size shar
 is written into ``<out>.partial`` and renamed to ``<out>`` at the end, ``meta.json`` last: a folder
 named ``<out>`` is always complete, and an existing one is never overwritten.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ import numpy as np
 from .corpus import open_corpus
 from .corpus.prepared import FORMAT, META_FILE, VERSION, PreparedCorpus, is_prepared, token_dtype
 from .errors import DataError
-from .tokenizer import (TOKENIZER_FILE, TokenizerSettings, encode_documents, end_of_text_id, fingerprint_json, in_chunks,
-                        tokenizer_from_str)
+from .tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerSettings,
+    encode_documents,
+    end_of_text_id,
+    fingerprint_json,
+    in_chunks,
+    tokenizer_from_str,
+)
 
 DOCS_PER_TASK = 256  # documents a pool process tokenizes per task (large enough to amortise the hand-off)
 
@@ -110,8 +118,9 @@ def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpu
     if is_prepared(source):
         raise DataError(f"data source {source!r} is already a prepared folder")
     # No minimum of held-out characters: the window length of the runs to come is not known here.
-    corpus = open_corpus(source, text_field=settings.text_field, val_fraction=settings.val_fraction,
-                         seed=settings.seed, min_val_chars=0)
+    corpus = open_corpus(
+        source, text_field=settings.text_field, val_fraction=settings.val_fraction, seed=settings.seed, min_val_chars=0
+    )
     tok, _ = corpus.tokenizer(settings.tokenizer_settings)
     tokenizer_json = tok.to_str()
     dtype = token_dtype(tok.get_vocab_size())
@@ -128,8 +137,10 @@ def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpu
     try:
         if pool is None:
             _init_worker(tokenizer_json)
-        for split, texts, total in (("train", corpus.train_texts(), corpus.num_train_docs),
-                                    ("val", corpus.val_texts(), corpus.num_val_docs)):
+        for split, texts, total in (
+            ("train", corpus.train_texts(), corpus.num_train_docs),
+            ("val", corpus.val_texts(), corpus.num_val_docs),
+        ):
             writer = ShardWriter(partial, split, shard_tokens, dtype)
             chunks = in_chunks(texts, DOCS_PER_TASK)
             encoded = pool.imap(_encode, chunks) if pool else map(_encode, chunks)
@@ -149,13 +160,20 @@ def prepare_corpus(source: str, out, settings: PrepareSettings) -> PreparedCorpu
         shutil.rmtree(partial)
         raise DataError(f"data source {source!r}: no training tokens")
     meta = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.str,
-        "vocab_size": tok.get_vocab_size(), "eot_id": end_of_text_id(tok),
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.str,
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": end_of_text_id(tok),
         "tokenizer_sha256": fingerprint_json(tokenizer_json),
-        "source": source, "source_id": corpus.source_id,
-        "text_field": settings.text_field, "val_fraction": settings.val_fraction, "shard_tokens": shard_tokens,
+        "source": source,
+        "source_id": corpus.source_id,
+        "text_field": settings.text_field,
+        "val_fraction": settings.val_fraction,
+        "shard_tokens": shard_tokens,
         "documents": {s: splits[s].pop("documents") for s in splits},
-        "train": splits["train"], "val": splits["val"],
+        "train": splits["train"],
+        "val": splits["val"],
     }
     (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(partial, out)

@@ -1,5 +1,6 @@
 """What the data layer tells the user while it works: one-line notes on rank 0 only (every rank
 would print the same), to stderr, before any process group exists (launchers set RANK)."""
+
 import os
 import sys
 

@@ -15,6 +15,7 @@ and the settings that change the result. Several ranks may start at once: one tr
 (holding an OS file lock, released even if it dies), the others wait for it, and the file is written to a
 temporary name then renamed, so nobody ever reads half a tokenizer.
 """
+
 import hashlib
 import json
 import os
@@ -86,8 +87,10 @@ def end_of_text(tok: Tokenizer) -> str:
     for token in END_OF_TEXT_TOKENS:
         if tok.token_to_id(token) is not None:
             return token
-    raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(END_OF_TEXT_TOKENS)}): "
-                    "documents could not be separated nor a generation end")
+    raise DataError(
+        f"the tokenizer has no end-of-text token (looked for {', '.join(END_OF_TEXT_TOKENS)}): "
+        "documents could not be separated nor a generation end"
+    )
 
 
 def end_of_text_id(tok: Tokenizer) -> int:
@@ -122,11 +125,14 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json",
-                                                               "chat_template.jinja"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja"])
+        )
     except Exception as e:  # noqa: BLE001 - offline, not found, gated: the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"tokenizer {repo_id!r}: not a local file or folder, and the Hub cannot give it ({first})") from None
+        raise DataError(
+            f"tokenizer {repo_id!r}: not a local file or folder, and the Hub cannot give it ({first})"
+        ) from None
 
 
 def open_tokenizer(spec: str) -> tuple[Tokenizer, Path]:
@@ -137,7 +143,9 @@ def open_tokenizer(spec: str) -> tuple[Tokenizer, Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
-    elif not path.exists() and (spec.startswith("hub:") or spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
+    elif not path.exists() and (
+        spec.startswith("hub:") or spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    ):
         path = _hub_tokenizer_folder(spec.removeprefix("hub:")) / TOKENIZER_FILE
     return load_tokenizer(path), path
 
@@ -196,7 +204,9 @@ def cached_tokenizer(folder: Path, train, wait_s: float = 3600.0) -> Tokenizer:
             _atomic_save(tok, target)
             return tok
     except Timeout:
-        raise DataError(f"timed out after {wait_s:.0f}s waiting for another process to write {target} (lock {lock})") from None
+        raise DataError(
+            f"timed out after {wait_s:.0f}s waiting for another process to write {target} (lock {lock})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -238,16 +248,22 @@ def resolve_tokenizer(settings: TokenizerSettings, corpus: TrainableCorpus) -> t
     vocab_size, max_chars = settings.vocab_size, settings.tokenizer_train_chars
     # The key's names and values are those of every earlier version: a cached tokenizer stays found.
     key = cache_key(
-        corpus.source_id, corpus.fingerprint(), vocab_size=vocab_size, max_chars=max_chars,
-        text_field=corpus.text_field, val_fraction=corpus.val_fraction,
+        corpus.source_id,
+        corpus.fingerprint(),
+        vocab_size=vocab_size,
+        max_chars=max_chars,
+        text_field=corpus.text_field,
+        val_fraction=corpus.val_fraction,
     )
     folder = (Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()) / key
 
     def train() -> Tokenizer:
         slow = max_chars >= ANNOUNCE_CHARS
         if slow:
-            note(f"training a {vocab_size}-token BPE on up to {max_chars:,} characters of {corpus.describe()} "
-                 f"(cached in {folder})")
+            note(
+                f"training a {vocab_size}-token BPE on up to {max_chars:,} characters of {corpus.describe()} "
+                f"(cached in {folder})"
+            )
         return train_tokenizer(corpus.train_texts(), vocab_size, max_chars, show_progress=slow and show_bars())
 
     tok = cached_tokenizer(folder, train)

@@ -5,6 +5,7 @@ The template is jinja text carried by the model (``MoDTransformer.chat_template`
 rendering it is the data layer's (``modlm.data.chat``, with transformers' renderer), so this file
 imports no template engine.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,4 +43,3 @@ def write_chat_template(folder: Union[str, Path], template: Optional[str]) -> No
     """Write ``template`` as ``folder/chat_template.jinja`` (nothing without one)."""
     if template is not None:
         (Path(folder) / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
-

@@ -4,6 +4,7 @@
 Every field has a docstring because LightningCLI shows them as ``--model.*`` help, and because a
 config is the first thing a researcher reads to know what a checkpoint is.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,26 @@ class ModelConfig:
     """Shape and routing of a Mixture-of-Depths decoder-only transformer."""
 
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = (
-        "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "qkv_bias", "mlp", "mlp_hidden",
-        "tie_embeddings", "route_every", "route_layers", "causal_method", "predictor_hidden", "n_experts",
-        "noop_experts", "moe_every", "recursions", "recursion_sharing", "recursion_routing",
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_size",
+        "qkv_bias",
+        "mlp",
+        "mlp_hidden",
+        "tie_embeddings",
+        "route_every",
+        "route_layers",
+        "causal_method",
+        "predictor_hidden",
+        "n_experts",
+        "noop_experts",
+        "moe_every",
+        "recursions",
+        "recursion_sharing",
+        "recursion_routing",
     )
     """The fields that decide which parameters exist and their shapes (``n_heads`` only splits
     them, but weights trained with other heads compute another function): saved weights load only
@@ -290,93 +308,166 @@ class ModelConfig:
             need(self.d_model % self.n_heads == 0, "n_heads", f"a divisor of d_model={self.d_model}")
             need((self.d_model // self.n_heads) % 2 == 0, "n_heads", "such that d_model / n_heads is even (RoPE)")
         else:
-            need(isinstance(self.head_size, int) and self.head_size > 0 and self.head_size % 2 == 0, "head_size",
-                 "a positive even integer (RoPE) or None")
-        need(self.n_kv_heads is None or (isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0
-                                         and self.n_heads % self.n_kv_heads == 0),
-             "n_kv_heads", f"None or a positive divisor of n_heads={self.n_heads}")
+            need(
+                isinstance(self.head_size, int) and self.head_size > 0 and self.head_size % 2 == 0,
+                "head_size",
+                "a positive even integer (RoPE) or None",
+            )
+        need(
+            self.n_kv_heads is None
+            or (isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+            "n_kv_heads",
+            f"None or a positive divisor of n_heads={self.n_heads}",
+        )
         need(isinstance(self.qkv_bias, bool), "qkv_bias", "true or false")
-        need(self.rope_scaling is None or _valid_rope_scaling(self.rope_scaling), "rope_scaling",
-             "None or {'rope_type': 'llama3', 'factor': > 0, 'low_freq_factor': > 0, 'high_freq_factor': > "
-             "low_freq_factor, 'original_max_position_embeddings': a positive integer}")
+        need(
+            self.rope_scaling is None or _valid_rope_scaling(self.rope_scaling),
+            "rope_scaling",
+            "None or {'rope_type': 'llama3', 'factor': > 0, 'low_freq_factor': > 0, 'high_freq_factor': > "
+            "low_freq_factor, 'original_max_position_embeddings': a positive integer}",
+        )
         need(self.mlp in ("swiglu", "gelu"), "mlp", "'swiglu' or 'gelu'")
-        need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
-             "mlp_hidden", "a positive integer or None")
+        need(
+            self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
+            "mlp_hidden",
+            "a positive integer or None",
+        )
         need(self.rope_theta > 0, "rope_theta", "> 0")
         need(self.norm_eps > 0, "norm_eps", "> 0")
         need(self.init_std > 0, "init_std", "> 0")
         need(isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1, "capacity", "in (0, 1]")
-        need(isinstance(self.route_every, int) and self.route_every >= 0, "route_every",
-             "an integer >= 0 (0 = dense)")
+        need(isinstance(self.route_every, int) and self.route_every >= 0, "route_every", "an integer >= 0 (0 = dense)")
         need(self.route_every <= self.n_layers, "route_every", f"<= n_layers={self.n_layers}")
-        need(self.route_layers is None or (
-            isinstance(self.route_layers, (list, tuple)) and all(isinstance(i, int) and 0 <= i < self.n_layers
-                                                                 for i in self.route_layers)
-            and list(self.route_layers) == sorted(set(self.route_layers))),
-             "route_layers", f"None or distinct block indices in [0, {self.n_layers}), ascending")
+        need(
+            self.route_layers is None
+            or (
+                isinstance(self.route_layers, (list, tuple))
+                and all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.route_layers)
+                and list(self.route_layers) == sorted(set(self.route_layers))
+            ),
+            "route_layers",
+            f"None or distinct block indices in [0, {self.n_layers}), ascending",
+        )
         n_routed = len(self.routed_layers)
-        need(self.capacities is None or (
-            isinstance(self.capacities, (list, tuple)) and len(self.capacities) == n_routed
-            and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in self.capacities)),
-             "capacities", f"None or one value in (0, 1] per routed block ({n_routed})")
-        need(isinstance(self.capacity_depth, (int, float)) and 0 <= self.capacity_depth < 1, "capacity_depth", "in [0, 1)")
+        need(
+            self.capacities is None
+            or (
+                isinstance(self.capacities, (list, tuple))
+                and len(self.capacities) == n_routed
+                and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in self.capacities)
+            ),
+            "capacities",
+            f"None or one value in (0, 1] per routed block ({n_routed})",
+        )
+        need(
+            isinstance(self.capacity_depth, (int, float)) and 0 <= self.capacity_depth < 1,
+            "capacity_depth",
+            "in [0, 1)",
+        )
         if self.capacities is None and isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1:
-            need(all(c <= 1 for c in self.layer_capacities), "capacity_depth",
-                 f"small enough that no routed block's capacity exceeds 1 (capacity={self.capacity})")
+            need(
+                all(c <= 1 for c in self.layer_capacities),
+                "capacity_depth",
+                f"small enough that no routed block's capacity exceeds 1 (capacity={self.capacity})",
+            )
         need(self.route_part in ("block", "attention"), "route_part", "'block' or 'attention'")
         need(self.router_weight in ("sigmoid", "raw", "2sigmoid"), "router_weight", "'sigmoid', 'raw' or '2sigmoid'")
         need(self.causal_method in ("router", "predictor"), "causal_method", "'router' or 'predictor'")
         need(self.router_aux_weight >= 0, "router_aux_weight", ">= 0")
         need(self.predictor_aux_weight >= 0, "predictor_aux_weight", ">= 0")
-        need(self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
-             "predictor_hidden", "a positive integer or None")
-        need(self.causal_decision in ("plain", "calibrated", "controlled"), "causal_decision",
-             "'plain', 'calibrated' or 'controlled'")
-        need(self.decision_logit in ("trained", "standardized_router"), "decision_logit", "'trained' or 'standardized_router'")
+        need(
+            self.predictor_hidden is None or (isinstance(self.predictor_hidden, int) and self.predictor_hidden > 0),
+            "predictor_hidden",
+            "a positive integer or None",
+        )
+        need(
+            self.causal_decision in ("plain", "calibrated", "controlled"),
+            "causal_decision",
+            "'plain', 'calibrated' or 'controlled'",
+        )
+        need(
+            self.decision_logit in ("trained", "standardized_router"),
+            "decision_logit",
+            "'trained' or 'standardized_router'",
+        )
         self._validate_recursion(need)
         need(isinstance(self.budget_gain, (int, float)) and self.budget_gain >= 0, "budget_gain", ">= 0")
         need(isinstance(self.n_experts, int) and self.n_experts >= 0, "n_experts", "an integer >= 0 (0 = no experts)")
         need(isinstance(self.noop_experts, int) and self.noop_experts >= 0, "noop_experts", "an integer >= 0")
         need(self.noop_experts == 0 or self.n_experts > 0, "noop_experts", "0 when n_experts is 0")
-        need(isinstance(self.expert_top_k, int) and 1 <= self.expert_top_k <= max(1, self.n_experts + self.noop_experts),
-             "expert_top_k", f"an integer in [1, n_experts + noop_experts = {self.n_experts + self.noop_experts}]")
+        need(
+            isinstance(self.expert_top_k, int) and 1 <= self.expert_top_k <= max(1, self.n_experts + self.noop_experts),
+            "expert_top_k",
+            f"an integer in [1, n_experts + noop_experts = {self.n_experts + self.noop_experts}]",
+        )
         need(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, "capacity_factor", "> 0")
-        need(isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.n_layers, "moe_every",
-             f"an integer in [1, n_layers={self.n_layers}]")
+        need(
+            isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.n_layers,
+            "moe_every",
+            f"an integer in [1, n_layers={self.n_layers}]",
+        )
         need(self.moe_aux_weight >= 0, "moe_aux_weight", ">= 0")
 
     def _validate_recursion(self, need) -> None:
-        need(isinstance(self.recursions, int) and self.recursions >= 1, "recursions", "an integer >= 1 (1 = no recursion)")
+        need(
+            isinstance(self.recursions, int) and self.recursions >= 1,
+            "recursions",
+            "an integer >= 1 (1 = no recursion)",
+        )
         need(self.recursion_sharing in ("cycle", "middle_cycle"), "recursion_sharing", "'cycle' or 'middle_cycle'")
-        need(self.recursion_routing in ("expert_choice", "token_choice", "dense"), "recursion_routing",
-             "'expert_choice', 'token_choice' or 'dense'")
-        need(isinstance(self.recursion_balance_weight, (int, float)) and self.recursion_balance_weight >= 0,
-             "recursion_balance_weight", ">= 0")
+        need(
+            self.recursion_routing in ("expert_choice", "token_choice", "dense"),
+            "recursion_routing",
+            "'expert_choice', 'token_choice' or 'dense'",
+        )
+        need(
+            isinstance(self.recursion_balance_weight, (int, float)) and self.recursion_balance_weight >= 0,
+            "recursion_balance_weight",
+            ">= 0",
+        )
         need(self.recursion_kv in ("recursion_wise", "shared"), "recursion_kv", "'recursion_wise' or 'shared'")
         if self.recursions == 1:  # a recursion knob set without a recursion would do nothing: refuse it
             base = "(a Mixture-of-Recursions knob: stack it on configs/mor.yaml)"
             need(self.recursion_capacities is None, "recursion_capacities", f"None when recursions is 1 {base}")
             need(self.recursion_kv == "recursion_wise", "recursion_kv", f"'recursion_wise' when recursions is 1 {base}")
-            need(self.recursion_routing == "expert_choice", "recursion_routing",
-                 f"'expert_choice' (the default) when recursions is 1 {base}")
+            need(
+                self.recursion_routing == "expert_choice",
+                "recursion_routing",
+                f"'expert_choice' (the default) when recursions is 1 {base}",
+            )
             return
         n = self.recursions
         if self.recursion_sharing == "cycle":
             need(self.n_layers % n == 0, "n_layers", f"a multiple of recursions={n} (cycle sharing)")
         else:
-            need(self.n_layers > 2 and (self.n_layers - 2) % n == 0, "n_layers",
-                 f"2 plus a positive multiple of recursions={n} (middle_cycle sharing: first and last block unique)")
-        need(self.route_every == 0 and not self.route_layers, "route_every",
-             "0 (and route_layers None or []) when recursions > 1: recursion routing replaces routed blocks")
+            need(
+                self.n_layers > 2 and (self.n_layers - 2) % n == 0,
+                "n_layers",
+                f"2 plus a positive multiple of recursions={n} (middle_cycle sharing: first and last block unique)",
+            )
+        need(
+            self.route_every == 0 and not self.route_layers,
+            "route_every",
+            "0 (and route_layers None or []) when recursions > 1: recursion routing replaces routed blocks",
+        )
         need(self.n_experts == 0, "n_experts", "0 when recursions > 1")
         capacities = self.recursion_capacities
-        need(capacities is None or self.recursion_routing == "expert_choice", "recursion_capacities",
-             "None unless recursion_routing is 'expert_choice' (the router decides token choice's shares)")
-        need(capacities is None or (
-            isinstance(capacities, (list, tuple)) and len(capacities) == n
-            and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in capacities)
-            and all(a >= b for a, b in zip(capacities, capacities[1:]))),
-             "recursion_capacities", f"None or {n} non-increasing values in (0, 1], one per recursion step")
+        need(
+            capacities is None or self.recursion_routing == "expert_choice",
+            "recursion_capacities",
+            "None unless recursion_routing is 'expert_choice' (the router decides token choice's shares)",
+        )
+        need(
+            capacities is None
+            or (
+                isinstance(capacities, (list, tuple))
+                and len(capacities) == n
+                and all(isinstance(c, (int, float)) and 0 < c <= 1 for c in capacities)
+                and all(a >= b for a, b in zip(capacities, capacities[1:]))
+            ),
+            "recursion_capacities",
+            f"None or {n} non-increasing values in (0, 1], one per recursion step",
+        )
 
     # --- derived quantities ---------------------------------------------------------------------
     @property

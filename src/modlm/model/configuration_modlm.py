@@ -5,6 +5,7 @@ into the folder, so ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(fold
 trust_remote_code=True)`` need transformers and torch, not modlm. The modlm fields live in the
 same ``config.json`` as transformers' keys; defaults and validation are ``ModelConfig``'s alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields

@@ -27,6 +27,7 @@ written.
 What a decision carries along a sequence while decoding (the controller's threshold, the running moments
 of the router logits) is a ``DecisionState`` per row, allocated once with the caches and updated in place.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -73,8 +74,9 @@ def trained_logit(r: torch.Tensor, p: Optional[torch.Tensor], valid, state) -> t
     return p if p is not None else r
 
 
-def standardized_router_logit(r: torch.Tensor, p, valid: Optional[torch.Tensor],
-                              state: Optional[DecisionState]) -> torch.Tensor:
+def standardized_router_logit(
+    r: torch.Tensor, p, valid: Optional[torch.Tensor], state: Optional[DecisionState]
+) -> torch.Tensor:
     """``(r_t - mean) / std`` over the row's real tokens up to and including t (and, with a ``state``, the
     row's earlier tokens, whose moments it carries and updates): top-k membership depends on where a
     token ranks in its sequence, and the router's scale drifts from one sequence to the next."""
@@ -116,8 +118,13 @@ class CausalDecision(nn.Module):
         """The standard deviation of the decision logits on the calibration windows (1 until calibrated):
         the unit of the ``Controlled`` rule's gain."""
 
-    def forward(self, r: torch.Tensor, p: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None,
-                state: Optional[DecisionState] = None) -> torch.Tensor:
+    def forward(
+        self,
+        r: torch.Tensor,
+        p: Optional[torch.Tensor],
+        valid: Optional[torch.Tensor] = None,
+        state: Optional[DecisionState] = None,
+    ) -> torch.Tensor:
         valid = None if valid is None else valid.expand_as(r)
         decided = self.rule(self.logit(r, p, valid, state), valid, state)
         return decided if valid is None else decided & valid

@@ -7,6 +7,7 @@ any other exception is a bug and shows its traceback. It lives at the bottom of 
 model folder, because the model raises it too and that folder must stand alone as an export's
 remote code.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,11 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def run_command(body: Callable[[], int], user_error: Optional[Callable[[BaseException], bool]] = None,
-                status: Optional[Callable[[BaseException], int]] = None) -> int:
+def run_command(
+    body: Callable[[], int],
+    user_error: Optional[Callable[[BaseException], bool]] = None,
+    status: Optional[Callable[[BaseException], int]] = None,
+) -> int:
     """How every modlm command line ends: ``body()``'s exit status, or, for an error the user must fix
     (``user_error(err)``; by default a ``UserError``), its first line on stderr as ``modlm: error: ...``
     and the status ``status(err)`` (by default 2). Any other exception is a bug and keeps its traceback;

@@ -9,6 +9,7 @@ This module drives any model with the decoding interface ``Decoder`` names (``Mo
 ``new_state``, ``prefill``, ``decode_step``) and imports none: the model imports it, for its
 ``generate`` method.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,13 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         raise UserError(f"top_p={top_p!r} is invalid: must be in (0, 1], or None for no nucleus filter")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """One token per row from (B, V) logits: greedy at temperature 0, else filtered sampling
     (settings as ``check_sampling`` accepts them)."""
     if temperature <= 0:

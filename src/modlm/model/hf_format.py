@@ -20,6 +20,7 @@ The name mapping lives here only; the model's modules know nothing of transforme
 support another architecture, add its ``model_type`` to ``ARCHITECTURES`` and what its config.json
 says differently to ``config_from_hf`` (and its names to ``_hf_names``, if they differ).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,21 @@ from .version import folder_record
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 """The ``model_type`` values modlm reads, and the one architecture class of each."""
 
-ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "qkv_bias", "mlp",
-                       "mlp_hidden", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps")
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_size",
+    "qkv_bias",
+    "mlp",
+    "mlp_hidden",
+    "tie_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+)
 """The ``ModelConfig`` fields a checkpoint's config.json decides: the function its weights compute.
 The rest (routing, capacity, context length, ...) is the caller's to choose."""
 
@@ -75,7 +89,9 @@ def resolve(path_or_id: Union[str, Path]) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise UnsupportedCheckpoint(f"{spec} is a file: name the folder holding config.json and the safetensors weights")
+        raise UnsupportedCheckpoint(
+            f"{spec} is a file: name the folder holding config.json and the safetensors weights"
+        )
     if not (spec.startswith("hub:") or spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
         raise UnsupportedCheckpoint(f"pretrained model not found: {spec}")
     from huggingface_hub import snapshot_download
@@ -84,8 +100,9 @@ def resolve(path_or_id: Union[str, Path]) -> Path:
         return Path(snapshot_download(spec.removeprefix("hub:"), allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsupportedCheckpoint(f"pretrained model not found: {spec} is no local folder, and the Hub cannot give it "
-                                    f"({first})") from None
+        raise UnsupportedCheckpoint(
+            f"pretrained model not found: {spec} is no local folder, and the Hub cannot give it ({first})"
+        ) from None
 
 
 def read_config(folder: Path) -> dict:
@@ -113,15 +130,20 @@ def _rope(hf: dict) -> tuple[float, Optional[dict]]:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedCheckpoint(f"unsupported: partial_rotary_factor={params.get('partial_rotary_factor', hf.get('partial_rotary_factor'))} "
-                                    "(RoPE over the whole head only)")
+        raise UnsupportedCheckpoint(
+            "unsupported: "
+            f"partial_rotary_factor={params.get('partial_rotary_factor', hf.get('partial_rotary_factor'))} "
+            "(RoPE over the whole head only)"
+        )
     if kind == "default":
         return float(theta), None
     if kind != "llama3":
         raise UnsupportedCheckpoint(f"unsupported: rope_type={kind!r} (modlm has plain RoPE and Llama 3's scaling)")
     scaling = {"rope_type": "llama3"}
     for key in ROPE_SCALING_KEYS[1:]:
-        value = params.get(key, hf.get("max_position_embeddings") if key == "original_max_position_embeddings" else None)
+        value = params.get(
+            key, hf.get("max_position_embeddings") if key == "original_max_position_embeddings" else None
+        )
         if value is None:
             raise UnsupportedCheckpoint(f"unsupported: rope_scaling without {key}")
         scaling[key] = value
@@ -132,8 +154,10 @@ def _refuse(hf: dict, model_type: str, max_seq_len: int) -> None:
     """One line naming the first thing in ``hf`` modlm does not compute (beyond the model type)."""
     architectures = hf.get("architectures") or [ARCHITECTURES[model_type]]
     if list(architectures) != [ARCHITECTURES[model_type]]:
-        raise UnsupportedCheckpoint(f"unsupported: architectures={architectures} (a {model_type} checkpoint is read as "
-                                    f"{ARCHITECTURES[model_type]} only)")
+        raise UnsupportedCheckpoint(
+            f"unsupported: architectures={architectures} (a {model_type} checkpoint is read as "
+            f"{ARCHITECTURES[model_type]} only)"
+        )
     checks = [
         ("hidden_act", hf.get("hidden_act", "silu"), lambda v: v == "silu", "SwiGLU MLPs with SiLU only"),
         ("mlp_bias", hf.get("mlp_bias", False), lambda v: not v, "MLPs without biases only"),
@@ -143,19 +167,42 @@ def _refuse(hf: dict, model_type: str, max_seq_len: int) -> None:
     for moe in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok"):
         checks.append((moe, hf.get(moe), lambda v: not v, "dense MLPs only (a mixture of experts does not import)"))
     if model_type in ("llama", "mistral"):
-        checks.append(("attention_bias", hf.get("attention_bias", False), lambda v: not v,
-                       "no attention biases (Qwen2's query/key/value biases are read as a qwen2 model)"))
+        checks.append(
+            (
+                "attention_bias",
+                hf.get("attention_bias", False),
+                lambda v: not v,
+                "no attention biases (Qwen2's query/key/value biases are read as a qwen2 model)",
+            )
+        )
     if model_type == "mistral":  # transformers' Mistral has a 4096-token window unless config.json says null
-        checks.append(("sliding_window", hf.get("sliding_window", 4096), lambda v: v is None or v >= max_seq_len,
-                       f"no sliding window shorter than the context ({max_seq_len} tokens)"))
+        checks.append(
+            (
+                "sliding_window",
+                hf.get("sliding_window", 4096),
+                lambda v: v is None or v >= max_seq_len,
+                f"no sliding window shorter than the context ({max_seq_len} tokens)",
+            )
+        )
     if model_type == "qwen2":
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        checks.append(("use_sliding_window", hf.get("use_sliding_window", False),
-                       lambda v: not v or window is None or window >= max_seq_len,
-                       f"no sliding window shorter than the context ({max_seq_len} tokens)"))
+        checks.append(
+            (
+                "use_sliding_window",
+                hf.get("use_sliding_window", False),
+                lambda v: not v or window is None or window >= max_seq_len,
+                f"no sliding window shorter than the context ({max_seq_len} tokens)",
+            )
+        )
         types = hf.get("layer_types") or []
-        checks.append(("layer_types", sorted(set(types)), lambda v: set(v) <= {"full_attention"} or window is None or window >= max_seq_len,
-                       "full attention in every layer"))
+        checks.append(
+            (
+                "layer_types",
+                sorted(set(types)),
+                lambda v: set(v) <= {"full_attention"} or window is None or window >= max_seq_len,
+                "full attention in every layer",
+            )
+        )
     for field, value, ok, allowed in checks:
         if not ok(value):
             raise UnsupportedCheckpoint(f"unsupported: {field}={value!r} (modlm computes {allowed})")
@@ -164,7 +211,8 @@ def _refuse(hf: dict, model_type: str, max_seq_len: int) -> None:
 def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     """The ``ModelConfig`` of a transformers ``config.json`` (a mapping), with ``overrides``: any field
     but the ones the checkpoint decides (``ARCHITECTURE_FIELDS``), which may only be restated. Without
-    ``route_every`` or ``route_layers`` the model is dense (``route_every=0``). With routed blocks and no ``router_weight`` given, the router weight is ``"2sigmoid"``: 1 at the zero
+    ``route_every`` or ``route_layers`` the model is dense (``route_every=0``). With routed blocks and no
+    ``router_weight`` given, the router weight is ``"2sigmoid"``: 1 at the zero
     routers an import starts with, so at capacity 1 the model computes the checkpoint's function."""
     hf = dict(hf)
     model_type = hf.get("model_type")
@@ -176,34 +224,45 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     try:
         d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         arch = {
-            "vocab_size": int(hf["vocab_size"]), "d_model": d_model, "n_layers": int(hf["num_hidden_layers"]),
-            "n_heads": n_heads, "mlp_hidden": int(hf["intermediate_size"]),
+            "vocab_size": int(hf["vocab_size"]),
+            "d_model": d_model,
+            "n_layers": int(hf["num_hidden_layers"]),
+            "n_heads": n_heads,
+            "mlp_hidden": int(hf["intermediate_size"]),
         }
     except KeyError as err:
         raise UnsupportedCheckpoint(f"config.json has no {err.args[0]}: not a complete {model_type} config") from None
     kv = hf.get("num_key_value_heads")
     head = hf.get("head_dim")
     theta, scaling = _rope(hf)
-    arch.update({
-        "n_kv_heads": None if kv in (None, n_heads) else int(kv),
-        "head_size": None if head is None or (d_model % n_heads == 0 and head == d_model // n_heads) else int(head),
-        "qkv_bias": model_type == "qwen2",
-        "mlp": "swiglu",
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-    })
+    arch.update(
+        {
+            "n_kv_heads": None if kv in (None, n_heads) else int(kv),
+            "head_size": None if head is None or (d_model % n_heads == 0 and head == d_model // n_heads) else int(head),
+            "qkv_bias": model_type == "qwen2",
+            "mlp": "swiglu",
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        }
+    )
     for field in ARCHITECTURE_FIELDS:
         if field in overrides and overrides[field] != arch[field]:
-            raise UserError(f"{field}={overrides[field]!r} conflicts with the pretrained checkpoint's {field}={arch[field]!r}: "
-                            "its weights decide it")
+            raise UserError(
+                f"{field}={overrides[field]!r} conflicts with the pretrained checkpoint's {field}={arch[field]!r}: "
+                "its weights decide it"
+            )
     for field in ("n_experts", "noop_experts"):
         if overrides.get(field):
-            raise UserError(f"{field}={overrides[field]!r}: a pretrained dense checkpoint has one MLP per block, not experts")
+            raise UserError(
+                f"{field}={overrides[field]!r}: a pretrained dense checkpoint has one MLP per block, not experts"
+            )
     if overrides.get("recursions", 1) != 1:
-        raise UserError(f"recursions={overrides['recursions']!r}: a pretrained checkpoint's blocks each have their own "
-                        "weights; converting them to a shared stack is not supported")
+        raise UserError(
+            f"recursions={overrides['recursions']!r}: a pretrained checkpoint's blocks each have their own "
+            "weights; converting them to a shared stack is not supported"
+        )
     values = {"route_every": 0, **overrides, **arch, "max_seq_len": max_seq_len}  # dense unless routing is asked for
     routed = ModelConfig(**{**values, "router_weight": values.get("router_weight", "sigmoid")}).routed_layers
     if routed and "router_weight" not in overrides:
@@ -232,7 +291,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     else:
         found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         extra = f" ({', '.join(found)}: pickled weights are never read; save with safe_serialization)" if found else ""
-        raise UnsupportedCheckpoint(f"{folder} holds no weights: expected model.safetensors or model.safetensors.index.json{extra}")
+        raise UnsupportedCheckpoint(
+            f"{folder} holds no weights: expected model.safetensors or model.safetensors.index.json{extra}"
+        )
     tensors = {}
     for path in files:
         if not path.is_file():
@@ -286,8 +347,10 @@ def state_dict_from_hf(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict
             out[prefix + "attn.qkv.bias"] = torch.cat([take(at + f"{p}_proj.bias") for p in "qkv"])
     left = sorted(name for name in set(hf) - used if not name.endswith("rotary_emb.inv_freq"))
     if left:
-        raise UnsupportedCheckpoint(f"unsupported: the checkpoint has tensors modlm has no place for ({', '.join(left[:3])}"
-                                    f"{', ...' if len(left) > 3 else ''})")
+        raise UnsupportedCheckpoint(
+            f"unsupported: the checkpoint has tensors modlm has no place for ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''})"
+        )
     return out
 
 
@@ -323,12 +386,20 @@ def load_hf(cls, path_or_id, **overrides):
     loaded = state_dict_from_hf(weights, cfg)
     for name, tensor in loaded.items():
         if tuple(tensor.shape) != tuple(state[name].shape):
-            raise UnsupportedCheckpoint(f"{name}: the checkpoint's {tuple(tensor.shape)} does not fit its config.json "
-                                        f"({tuple(state[name].shape)})")
+            raise UnsupportedCheckpoint(
+                f"{name}: the checkpoint's {tuple(tensor.shape)} does not fit its config.json "
+                f"({tuple(state[name].shape)})"
+            )
     for layer in cfg.routed_layers:
         loaded[f"blocks.{layer}.router.weight"] = torch.zeros_like(state[f"blocks.{layer}.router.weight"])
-    missing = [name for name in state if name not in loaded and ".predictor." not in name and ".decision." not in name
-               and not (cfg.tie_embeddings and name == "lm_head.weight")]
+    missing = [
+        name
+        for name in state
+        if name not in loaded
+        and ".predictor." not in name
+        and ".decision." not in name
+        and not (cfg.tie_embeddings and name == "lm_head.weight")
+    ]
     if missing:  # a bug here, not the user's: every tensor but the predictors and decisions comes from the checkpoint
         raise RuntimeError(f"from_hf left tensors unset: {missing[:3]}")
     model.load_state_dict(loaded, strict=False)
@@ -384,7 +455,9 @@ def tokenizer_text(tokenizer) -> str:
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
-        raise UserError(f"tokenizer {str(tokenizer)!r} does not exist (expected a tokenizer.json or a folder holding one)")
+        raise UserError(
+            f"tokenizer {str(tokenizer)!r} does not exist (expected a tokenizer.json or a folder holding one)"
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -465,8 +538,14 @@ def standard_config(config: ModelConfig, eos_id: int, bos_id: Optional[int], dty
         "dtype": str(dtype).removeprefix("torch."),
     }
     if qwen:
-        out.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers,
-                    "layer_types": ["full_attention"] * config.n_layers})
+        out.update(
+            {
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "max_window_layers": config.n_layers,
+                "layer_types": ["full_attention"] * config.n_layers,
+            }
+        )
     else:
         out.update({"attention_bias": False, "mlp_bias": False})
     return out
@@ -481,8 +560,9 @@ def remote_code_files(package: Path = MODEL_PACKAGE) -> list[str]:
     return sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
 
 
-def write_transformers_files(folder: Path, config: ModelConfig, eos_token: str, eos_id: int,
-                             chat: bool = False) -> None:
+def write_transformers_files(
+    folder: Path, config: ModelConfig, eos_token: str, eos_id: int, chat: bool = False
+) -> None:
     """Write the remote code, ``tokenizer_config.json`` and ``generation_config.json`` into ``folder``
     (``config.json``, ``model.safetensors``, ``tokenizer.json`` and the chat template are the model's and
     tokenizer's own)."""

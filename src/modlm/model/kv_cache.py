@@ -14,6 +14,7 @@ the spare slot, which no real query ever sees, so a full row is never written pa
 tokens at once (a prompt) take the exact path, which writes only the real entries and may read
 lengths on the host.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional

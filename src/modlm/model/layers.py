@@ -11,6 +11,7 @@ returns ``(x, info)``, where ``where`` (``Positions``) says where the tokens of 
 sequences and ``info`` is what the block's routers did: a routed block's ``RoutingInfo``, a plain
 block's ``ExpertInfo`` when its MLP is a mixture, else ``None``.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,9 @@ class CausalSelfAttention(nn.Module):
             v = qkv[2]
             groups = {}
         else:
-            q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
-                                         self.kv_heads * self.head_dim], dim=-1)
+            q, k, v = self.qkv(x).split(
+                [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+            )
             q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
             k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), where.cos, where.sin)
             v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -154,8 +156,13 @@ class Block(nn.Module):
         """The attention sublayer's update ``attn(norm(x))``."""
         return self.attn(self.attn_norm(x), where, cache)
 
-    def mlp_update(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cached: bool = False,
-                   ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+    def mlp_update(
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing = Routing.TOPK,
+        cached: bool = False,
+    ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """The MLP sublayer's update ``mlp(norm(x))`` and what its router did (None for the dense MLP);
         ``cached``: the pass extends a KV cache."""
         h = self.mlp_norm(x)
@@ -164,7 +171,11 @@ class Block(nn.Module):
         return self.mlp(h), None
 
     def residual_update(
-        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing = Routing.TOPK,
+        cache: Optional[KVCache] = None,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """``f(x)`` and what the MLP's router did (None for the dense MLP).
 
@@ -180,7 +191,11 @@ class Block(nn.Module):
         return KVCache(batch_size, max_len, self.attn.kv_heads, self.attn.head_dim, device, dtype)
 
     def forward(
-        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None,
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing = Routing.TOPK,
+        cache: Optional[KVCache] = None,
         residual: bool = True,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """``(x + f(x), info)``, or ``f(x)`` alone with ``residual=False`` (what a routed block asks
@@ -200,5 +215,7 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     for name, p in module.named_parameters():
         if p.dim() < 2:
             continue  # norms keep their ones, biases their zeros
-        std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else cfg.init_std  # expert down matrices are named so too
+        std = (
+            residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else cfg.init_std
+        )  # expert down matrices are named so too
         nn.init.normal_(p, mean=0.0, std=std)

@@ -8,6 +8,7 @@ order (``ModelOutput.mixtures``) and averages each kind's auxiliary losses; ever
 into figures is the kind's metrics in ``modlm.analysis.metrics``. Adding a mixture is its file (the
 module and its info) plus its metrics.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict

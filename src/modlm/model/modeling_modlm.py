@@ -8,10 +8,12 @@ one of its own ``Cache`` classes (those keep one entry per token in every layer,
 what a skipped token must not cost), the way models with their own recurrent state plug in.
 
 Greedy decoding gives ``MoDTransformer.generate(..., temperature=0)``'s tokens: the prompts go
-through ``prefill`` in one pass, then each new token through ``decode_step``, as there. Left-padded batches (transformers'
+through ``prefill`` in one pass, then each new token through ``decode_step``, as there. Left-padded batches
+(transformers'
 convention) are moved to modlm's real-tokens-first layout for the prompt pass, so each row is
 generated as if alone.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -123,7 +125,9 @@ class ModLMForCausalLM(PreTrainedModel, GenerationMixin):
             elif logits_to_keep == 1:  # what generation asks of a prompt: each row's last real token
                 logits = core.prefill(input_ids, cache.state, n_real, last_only=True).unsqueeze(1)
             else:
-                logits = unpermute(core.prefill(input_ids, cache.state, n_real), order)[:, -logits_to_keep:]  # (-0: all)
+                logits = unpermute(core.prefill(input_ids, cache.state, n_real), order)[
+                    :, -logits_to_keep:
+                ]  # (-0: all)
         else:
             if order is not None and routing != "causal":
                 raise UserError("padded rows need routing='causal' (top-k would rank the padding too)")

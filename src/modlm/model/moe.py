@@ -30,6 +30,7 @@ renormalised over the picks), which puts the router on the gradient path; the lo
 (Switch Transformer's ``n_choices * sum_e f_e * P_e``, over real and no-op experts) keeps picks
 spread, and in integrated MoDE it holds the no-op share near ``noop_experts / n_choices``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,8 +123,12 @@ class MixtureOfExperts(nn.Module):
             return F.linear(x.float(), self.router.weight.float()).softmax(dim=-1)
 
     def forward(
-        self, x: torch.Tensor, routing: Routing = Routing.TOPK, valid: Optional[torch.Tensor] = None,
-        cached: bool = False, policy: Optional[DecodePolicy] = None,
+        self,
+        x: torch.Tensor,
+        routing: Routing = Routing.TOPK,
+        valid: Optional[torch.Tensor] = None,
+        cached: bool = False,
+        policy: Optional[DecodePolicy] = None,
     ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """The MLP update of (B, n, d) tokens and what was routed.
 
@@ -148,8 +153,13 @@ class MixtureOfExperts(nn.Module):
             return y, None
         load_balance = None if cached else self._load_balance(probs, expert, valid)
         info = ExpertInfo(
-            layer=-1, n_experts=self.n_experts, n_choices=self.n_choices, expert=expert.detach(), computed=computed.detach(),
-            valid=None if valid is None else valid.detach(), slots_per_expert=slots,
+            layer=-1,
+            n_experts=self.n_experts,
+            n_choices=self.n_choices,
+            expert=expert.detach(),
+            computed=computed.detach(),
+            valid=None if valid is None else valid.detach(),
+            slots_per_expert=slots,
             load_balance=None if load_balance is None else load_balance.detach(),
             aux_loss=probs.new_zeros(()) if load_balance is None else self.cfg.moe_aux_weight * load_balance,
         )
@@ -195,7 +205,7 @@ class MixtureOfExperts(nn.Module):
         outs, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                outs.append(self._mlp(flat.index_select(0, token[start:start + count]), "one", e))
+                outs.append(self._mlp(flat.index_select(0, token[start : start + count]), "one", e))
             start += count
         if not outs:
             return x.new_zeros(x.shape)
@@ -218,7 +228,7 @@ class MixtureOfExperts(nn.Module):
         out = self._mlp(tokens, "forward")  # (n_experts, B * n, d)
         weight = torch.zeros(B * n, self.n_choices, dtype=out.dtype, device=x.device)
         weight.scatter_add_(1, expert.reshape(B * n, k), (gate * real).to(out.dtype).reshape(B * n, k))
-        return torch.einsum("etd,te->td", out, weight[:, :self.n_experts]).view(B, n, -1)
+        return torch.einsum("etd,te->td", out, weight[:, : self.n_experts]).view(B, n, -1)
 
     def _load_balance(self, probs, expert, valid) -> torch.Tensor:
         """``n_choices * sum_e f_e * P_e``: ``f_e`` the share of picks going to expert e (real or

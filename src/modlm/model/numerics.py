@@ -5,13 +5,16 @@ near-ties would be broken by rounding and a predictor logit near 0 would flip it
 both run in fp32 even under bf16 autocast (a few multiply-adds per token against the block's
 thousands), and with fp32 copies of their weights when the model itself is bf16.
 """
+
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-_AUTOCAST_DEVICE_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d)
+)
 """Device types with an autocast mode; looked up once here, because ``torch.amp.is_autocast_available``
 inside ``forward`` is opaque to ``torch.compile`` and broke the graph at every routed block."""
 

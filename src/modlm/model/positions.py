@@ -5,6 +5,7 @@ decoding step runs it on one new token per row; in both cases a token keeps the 
 original position. ``Positions`` carries that (and, for passes over a KV cache, what the cache needs)
 alongside the tokens of a block's input.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
     positions, which is what routed blocks and the KV cache need. Decoding computes the table of
     every position once per generation and indexes it (``DecodeState``).
     """
-    angles = positions.to(torch.float32).unsqueeze(-1) * inverse_frequencies(cfg, positions.device)  # broadcast, not a matmul
+    angles = positions.to(torch.float32).unsqueeze(-1) * inverse_frequencies(
+        cfg, positions.device
+    )  # broadcast, not a matmul
     return angles.cos(), angles.sin()
 
 
@@ -114,6 +117,8 @@ class Positions:
     def select_rows(self, rows: torch.Tensor) -> "Positions":
         """The positions of a subset of rows whose tokens are all real (a decoding step where only
         some rows do the work)."""
+
         def pick(t):
             return t if t.size(0) == 1 else t.index_select(0, rows)
+
         return replace(self, cos=pick(self.cos), sin=pick(self.sin), index=pick(self.index), n_real=None, rows=rows)

@@ -5,7 +5,8 @@ with expert-choice routing, one ``Router`` per step (``routing.py``: the router,
 decision every routed block has). Step r picks its tokens as a routed block does (top-k of its router
 in training, the causal decision at inference; gather, update at original positions, scale by the
 router weight, scatter-add), runs the stack on them, with one more rule, hierarchical filtering: it
-picks only among the tokens step r - 1 processed. So a token's depth is the number of steps that picked it, and it exits at the first
+picks only among the tokens step r - 1 processed. So a token's depth is the number of steps that picked it, and it
+exits at the first
 step that does not. Its k is ``ModelConfig.step_capacities[r]`` of the sequence, so every step but
 the first picks the share ``capacity[r] / capacity[r - 1]`` of the tokens it sees, and that share is
 what its causal decision aims at (a step whose share is 1 keeps, causally too, every token it may).
@@ -17,7 +18,8 @@ a routed block's causal picks, each update weighted by the depth's probability; 
 loss keeps the depths near uniform. In training (top-k routing) step r has a fixed number of slots,
 ``ModelConfig.token_choice_slots``, filled in temporal order (so the shapes are static and what a
 token gets depends on earlier tokens only; a token past them exits there), as a mixture of experts'
-capacity is; causal routing keeps every token its depth asks for. With ``recursion_routing="dense"`` every token takes every step
+capacity is; causal routing keeps every token its depth asks for. With ``recursion_routing="dense"`` every token
+takes every step
 and there are no routers: the recursive baseline.
 
 Keys and values (``ModelConfig.recursion_kv``): recursion-wise, each step has its own caches (a
@@ -26,6 +28,7 @@ tokens it processed, as a routed block does; shared (recursive KV sharing), the 
 and values are kept (a ``KVRecord`` per block over whole sequences, its ``KVCache`` when decoding)
 and every later step's queries attend over them (``SharedKV``), computing and caching none.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -38,9 +41,9 @@ from torch import nn
 from .config import ModelConfig, Routing
 from .kv_cache import KVCache, KVRecord, SharedKV, StackCache
 from .layers import Block
+from .mixture import MixtureInfo
 from .numerics import full_precision
 from .positions import Positions
-from .mixture import MixtureInfo
 from .routing import Router, RoutingInfo, pack_selected, update_picked, update_rows
 
 
@@ -91,8 +94,14 @@ class SharedStack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg, first_layer + j) for j in range(cfg.stack_layers))
 
-    def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
-                cache: Optional[StackCache] = None, residual: bool = True) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing = Routing.TOPK,
+        cache: Optional[StackCache] = None,
+        residual: bool = True,
+    ) -> tuple[torch.Tensor, None]:
         """``(x + f(x), None)``, or ``f(x)`` with ``residual=False``: the update built from its
         blocks' own updates (never as a difference of streams), so the router weight scales it
         without cancellation error."""
@@ -120,11 +129,13 @@ class Recursion(nn.Module):
         capacities = cfg.step_capacities
         self.steps = nn.ModuleList(
             Router(cfg, capacity=capacities[r], share=capacities[r] / (capacities[r - 1] if r else 1.0))
-            for r in cfg.routed_steps)
+            for r in cfg.routed_steps
+        )
         """Expert choice: step r's router; its decision aims at the share of the tokens step r - 1 processed
         that step r processes."""
-        self.depth_router = (nn.Linear(cfg.d_model, cfg.recursions, bias=False)
-                             if cfg.recursion_routing == "token_choice" else None)
+        self.depth_router = (
+            nn.Linear(cfg.d_model, cfg.recursions, bias=False) if cfg.recursion_routing == "token_choice" else None
+        )
 
     def reset_parameters(self) -> None:
         for router in self.steps:
@@ -146,6 +157,7 @@ class Recursion(nn.Module):
 
         def decision(step):
             return self.steps[step].decision.new_state(batch_size, device) if self.steps else None
+
         return [StackCache(caches(r), batch_size, decision(r), device) for r in range(cfg.recursions)]
 
     def step_positions(self, where: Positions, caches: list, records: Optional[list[KVRecord]], step: int) -> Positions:
@@ -161,8 +173,13 @@ class Recursion(nn.Module):
     def _stack_update(self, x, where, routing, cache):
         return self.stack(x, where, routing, cache, residual=False)
 
-    def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
-                cache: Optional[list[StackCache]] = None) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing = Routing.TOPK,
+        cache: Optional[list[StackCache]] = None,
+    ) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
         caches = cache if cache is not None else [None] * self.cfg.recursions
         records = None
         if self.shares_kv and cache is None:  # whole sequences: keep the first step's keys, with their positions
@@ -190,8 +207,9 @@ class Recursion(nn.Module):
             at = self.step_positions(where, caches, records, r)
             state = None if step_cache is None else step_cache.decision
             choice = router.choose(x, at, routing, state, whole=step_cache is None, eligible=eligible)
-            x, _ = update_picked(self._stack_update, x, router.weight_of(choice.r), choice.picks, choice.n_real, at,
-                                 step_cache, routing)
+            x, _ = update_picked(
+                self._stack_update, x, router.weight_of(choice.r), choice.picks, choice.n_real, at, step_cache, routing
+            )
             info = router.report(choice, routing, eligible)
             info.layer = r
             infos.append(info)
@@ -207,14 +225,18 @@ class Recursion(nn.Module):
             probs = F.linear(x.float(), self.depth_router.weight.float()).softmax(dim=-1)
         return probs.argmax(dim=-1) + 1, probs
 
-    def _token_choice(self, x, where: Positions, routing: Routing, caches: list, records) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
+    def _token_choice(
+        self, x, where: Positions, routing: Routing, caches: list, records
+    ) -> tuple[torch.Tensor, Optional[RecursionInfo]]:
         depth, probs = self.depths(x)
         gate = probs.gather(-1, (depth - 1).unsqueeze(-1)).squeeze(-1)  # the chosen depth's probability
         if where.policy is not None:  # one token per row
             real = None if where.n_real is None else where.n_real > 0
             for r, step_cache in enumerate(caches):
                 keep = depth[:, 0] > r if real is None else (depth[:, 0] > r) & real
-                x = update_rows(self._stack_update, x, keep, gate, self.step_positions(where, caches, records, r), step_cache)
+                x = update_rows(
+                    self._stack_update, x, keep, gate, self.step_positions(where, caches, records, r), step_cache
+                )
                 step_cache.count(keep)
             return x, None
         T = x.size(1)
@@ -229,16 +251,36 @@ class Recursion(nn.Module):
             else:  # causal: every token its depth asks for
                 selected = wants
                 picks, n_real = pack_selected(selected)
-            x, _ = update_picked(self._stack_update, x, gate, picks, n_real, self.step_positions(where, caches, records, r),
-                                 step_cache, routing)
+            x, _ = update_picked(
+                self._stack_update,
+                x,
+                gate,
+                picks,
+                n_real,
+                self.step_positions(where, caches, records, r),
+                step_cache,
+                routing,
+            )
             if step_cache is not None:
                 step_cache.count(selected.sum(dim=1))
-            infos.append(RoutingInfo(layer=r, selected=selected, router_logits=gate.detach(), predictor_logits=None,
-                                     topk=None, aux_losses={}, aux_loss=gate.new_zeros(()),
-                                     causal=routing == Routing.CAUSAL, eligible=taken))
+            infos.append(
+                RoutingInfo(
+                    layer=r,
+                    selected=selected,
+                    router_logits=gate.detach(),
+                    predictor_logits=None,
+                    topk=None,
+                    aux_losses={},
+                    aux_loss=gate.new_zeros(()),
+                    causal=routing == Routing.CAUSAL,
+                    eligible=taken,
+                )
+            )
             taken = selected
         balance = self.balance_loss(depth, probs, valid)
-        return x, RecursionInfo(infos, balance=self.cfg.recursion_balance_weight * balance, balance_loss=balance.detach())
+        return x, RecursionInfo(
+            infos, balance=self.cfg.recursion_balance_weight * balance, balance_loss=balance.detach()
+        )
 
     def balance_loss(self, depth: torch.Tensor, probs: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """``N_r * sum_d f_d * P_d``: f_d the share of (real) tokens given depth d, P_d the router's mean

@@ -34,6 +34,7 @@ the same router, not a routed block. When a routed block's MLP is a mixture of e
 sees the tokens the MLP runs on and routes them with the same mode (``moe.py``); ``RoutingInfo.experts``
 says what it did.
 """
+
 from __future__ import annotations
 
 import math
@@ -108,7 +109,9 @@ def pack_selected(selected: torch.Tensor, k: Optional[int] = None) -> tuple[torc
     return picks, n_real
 
 
-def update_picked(update, x, weight, picks, n_real, where: Positions, cache, routing) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+def update_picked(
+    update, x, weight, picks, n_real, where: Positions, cache, routing
+) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
     """Gather the picked tokens, run ``update`` (a residual update, ``(x, where, routing, cache) -> (f,
     info)``) on them alone, scale it by ``weight`` (B, T) and scatter-add it back; tokens not picked leave
     bit-for-bit unchanged. Also returns what the update's mixture-of-experts MLP did, if it has one."""
@@ -227,8 +230,15 @@ class Router(nn.Module):
                 p = F.linear(hidden, last.weight.float(), last.bias.float()).squeeze(-1)
         return r, p
 
-    def choose(self, x: torch.Tensor, where: Positions, routing: Routing, state: Optional[DecisionState] = None,
-               whole: bool = True, eligible: Optional[torch.Tensor] = None) -> Choice:
+    def choose(
+        self,
+        x: torch.Tensor,
+        where: Positions,
+        routing: Routing,
+        state: Optional[DecisionState] = None,
+        whole: bool = True,
+        eligible: Optional[torch.Tensor] = None,
+    ) -> Choice:
         """Pick tokens of (B, T, d) ``x``: top-k, or the causal decision (carrying ``state`` along the rows).
         ``whole``: the sequences are whole (no KV cache), so top-k membership, the causal decision's target,
         exists; ``eligible`` (B, T) bool: the only tokens it may pick (None: every token)."""
@@ -250,8 +260,9 @@ class Router(nn.Module):
         picks, n_real = pack_selected(selected)
         return Choice(r, p, picks, n_real, selected, topk)
 
-    def keep(self, x: torch.Tensor, where: Positions, state: Optional[DecisionState],
-             eligible: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(
+        self, x: torch.Tensor, where: Positions, state: Optional[DecisionState], eligible: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step: the router logits (B, 1) and whether each row processes its token (B,)."""
         r, p = self.scores(x)
         valid = None if where.n_real is None else (where.n_real > 0).unsqueeze(1)
@@ -259,11 +270,18 @@ class Router(nn.Module):
             valid = eligible if valid is None else valid & eligible
         return r, self.decision(r, p, valid, state)[:, 0]
 
-    def report(self, choice: Choice, routing: Routing, eligible: Optional[torch.Tensor] = None,
-               experts: Optional[ExpertInfo] = None) -> RoutingInfo:
+    def report(
+        self,
+        choice: Choice,
+        routing: Routing,
+        eligible: Optional[torch.Tensor] = None,
+        experts: Optional[ExpertInfo] = None,
+    ) -> RoutingInfo:
         """What it did, with its auxiliary losses when top-k membership is known."""
         r, p = choice.r, choice.p
-        aux_losses, aux = self.aux_losses(r, p, choice.topk, eligible) if choice.topk is not None else ({}, r.new_zeros(()))
+        aux_losses, aux = (
+            self.aux_losses(r, p, choice.topk, eligible) if choice.topk is not None else ({}, r.new_zeros(()))
+        )
         return RoutingInfo(
             layer=-1,  # the model names it
             selected=choice.selected.detach(),
@@ -319,17 +337,22 @@ class RoutedBlock(nn.Module):
         cache.decision = self.router.decision.new_state(batch_size, device)
         return cache
 
-    def update(self, x: torch.Tensor, where: Positions, routing: Routing, cache) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+    def update(
+        self, x: torch.Tensor, where: Positions, routing: Routing, cache
+    ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """The routed part's residual update of the picked tokens ``x``, and what its mixture of experts
         did: the whole block's."""
         return self.block(x, where, routing, cache, residual=False)
 
-    def after(self, x: torch.Tensor, where: Positions, routing: Routing, cache) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
+    def after(
+        self, x: torch.Tensor, where: Positions, routing: Routing, cache
+    ) -> tuple[torch.Tensor, Optional[ExpertInfo]]:
         """What every token gets after the routed part (nothing: the whole block was routed)."""
         return x, None
 
-    def forward(self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[RoutingInfo]]:
+    def forward(
+        self, x: torch.Tensor, where: Positions, routing: Routing = Routing.TOPK, cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, Optional[RoutingInfo]]:
         """Returns the new residual stream and what was routed.
 
         With a ``cache`` (a prompt or a decoding step; routing is then causal) top-k membership and the aux
@@ -342,8 +365,9 @@ class RoutedBlock(nn.Module):
             x = update_rows(self.update, x, keep, self.router.weight_of(r), where, cache)
             return self.after(x, where, routing, cache)[0], None
         choice = self.router.choose(x, where, routing, state, whole=cache is None)
-        x, experts = update_picked(self.update, x, self.router.weight_of(choice.r), choice.picks, choice.n_real,
-                                   where, cache, routing)
+        x, experts = update_picked(
+            self.update, x, self.router.weight_of(choice.r), choice.picks, choice.n_real, where, cache, routing
+        )
         x, after_experts = self.after(x, where, routing, cache)
         return x, self.router.report(choice, routing, experts=experts or after_experts)
 

@@ -15,6 +15,7 @@ Written here by hand because the per-row state is MoD's own: which tensors a row
 beside them (``ROW_BUFFERS``); the model writes every one of them in place, so a view's rows are the
 pool's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,8 +90,10 @@ class RowPool:
     def view(self, start: int, stop: int) -> DecodeState:
         """Rows [start, stop) of the pool as a state of their own, sharing its buffers."""
         state = _rows_of(self.full, start, stop)
-        state.caches = [[_rows_of(c, start, stop) for c in entry] if isinstance(entry, list)
-                        else _rows_of(entry, start, stop) for entry in self.full.caches]
+        state.caches = [
+            [_rows_of(c, start, stop) for c in entry] if isinstance(entry, list) else _rows_of(entry, start, stop)
+            for entry in self.full.caches
+        ]
         return state
 
     def _rebuild(self) -> None:

@@ -19,6 +19,7 @@ context-length check (``check_length``) for all of them:
 ``generate`` (``generate.py``) samples with the last two; the transformers export
 (``modeling_modlm.py``) calls the same three.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,10 @@ from torch import nn
 
 from .chat_template import read_chat_template, write_chat_template
 from .config import TOKENIZER_FILE, DecodePolicy, ModelConfig, Routing
+from .decision import calibrating
 from .errors import UserError
 from .generate import generate as _generate
 from .hf_format import load_hf, upload_folder, write_folder
-from .decision import calibrating
 from .kv_cache import DecodeState
 from .layers import Block, init_weights
 from .mixture import MixtureInfo, weighted_aux_loss
@@ -90,8 +91,12 @@ A Mixture-of-Depths transformer language model ([Raposo et al. 2024]({{ paper_ur
 
 
 class MoDTransformer(
-    nn.Module, PyTorchModelHubMixin, library_name="modlm", tags=["mixture-of-depths"],
-    paper_url="https://arxiv.org/abs/2404.02258", model_card_template=MODEL_CARD,
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="modlm",
+    tags=["mixture-of-depths"],
+    paper_url="https://arxiv.org/abs/2404.02258",
+    model_card_template=MODEL_CARD,
 ):
     """The model. ``save_pretrained(folder)`` / ``from_pretrained(folder or Hub id)`` /
     ``push_to_hub(repo)`` (huggingface_hub's mixin) keep it as ``model.safetensors``, a
@@ -292,8 +297,9 @@ class MoDTransformer(
         return DecodeState(caches, rope_tables(cfg, torch.arange(cfg.max_seq_len, device=device)), batch_size)
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, state: DecodeState, n_real: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
+    def prefill(
+        self, idx: torch.Tensor, state: DecodeState, n_real: Optional[torch.Tensor] = None, last_only: bool = False
+    ) -> torch.Tensor:
         """Feed new tokens (B, T) through the model with causal routing, extending ``state``.
 
         Each row continues where it left off (its own token count). ``n_real`` (B,) counts the real
@@ -319,8 +325,13 @@ class MoDTransformer(
         return self.logits(x)
 
     @torch.no_grad()
-    def decode_step(self, token: torch.Tensor, state: DecodeState, policy: Optional[DecodePolicy] = None,
-                    compute: Optional[Callable] = None) -> torch.Tensor:
+    def decode_step(
+        self,
+        token: torch.Tensor,
+        state: DecodeState,
+        policy: Optional[DecodePolicy] = None,
+        compute: Optional[Callable] = None,
+    ) -> torch.Tensor:
         """The hot loop of generation: one new token per row (B,) -> next-token logits (B, V).
 
         No host synchronisation. ``policy`` (default: ``DecodePolicy.for_device``) says what the
@@ -335,8 +346,9 @@ class MoDTransformer(
         state.filled += 1
         return logits
 
-    def decode_compute(self, token: torch.Tensor, state: DecodeState, policy: DecodePolicy,
-                       span: Optional[int]) -> torch.Tensor:
+    def decode_compute(
+        self, token: torch.Tensor, state: DecodeState, policy: DecodePolicy, span: Optional[int]
+    ) -> torch.Tensor:
         """What a decoding step computes: every block on one token per row with its cache (reading
         ``span`` slots, or all), then the head. Call ``decode_step``, which keeps the state's
         host-side bound."""

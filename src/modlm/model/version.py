@@ -11,6 +11,7 @@ Format 1: modlm before 0.2.0 (no record; the decision thresholds in the model co
 router weight on the block). Format 2: modlm 0.2.0 (routers as modules of their own, thresholds as their
 buffers).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -56,11 +57,22 @@ def check_format(record: Optional[Mapping], what: str) -> dict:
     record = dict(record or {"version": "before 0.2.0", "format": 1})
     if record.get("format") != FORMAT:
         version = record.get("version", "unknown")
-        raise FormatError(f"{what} was written by modlm {version} (format {record.get('format')}); this is modlm "
-                          f"{__version__} (format {FORMAT}): read it with the modlm that wrote it, or train again "
-                          "(docs/pretrained.md, checkpoints of earlier versions)")
+        raise FormatError(
+            f"{what} was written by modlm {version} (format {record.get('format')}); this is modlm "
+            f"{__version__} (format {FORMAT}): read it with the modlm that wrote it, or train again "
+            "(docs/pretrained.md, checkpoints of earlier versions)"
+        )
     return record
 
 
-__all__ = ["FORMAT", "FormatError", "VERSION_KEY", "__version__", "check_format", "describe", "folder_record",
-           "record_of_folder", "written_by"]
+__all__ = [
+    "FORMAT",
+    "FormatError",
+    "VERSION_KEY",
+    "__version__",
+    "check_format",
+    "describe",
+    "folder_record",
+    "record_of_folder",
+    "written_by",
+]

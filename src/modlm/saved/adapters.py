@@ -14,6 +14,7 @@ pretrained folder's path (``init_from``, with the run's hyperparameters) and a f
 files (``ADAPTER_BASE_KEY``). Reading it back builds the pretrained model again, checks the fingerprint, adds
 the adapters, loads what trained and merges (``merge_and_unload``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,14 +58,19 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--model.lora_dropout={self.dropout}: expected 0 <= dropout < 1")
         if not self.targets:
-            raise UserError("--model.lora_targets is empty: name the nn.Linear layers to adapt (qkv, proj, up, gate, "
-                            "down)")
+            raise UserError(
+                "--model.lora_targets is empty: name the nn.Linear layers to adapt (qkv, proj, up, gate, down)"
+            )
 
     @classmethod
     def from_hparams(cls, hparams: Mapping) -> "LoraSettings":
         """The settings a run's hyperparameters hold (``lora_rank`` ...)."""
-        return cls(hparams.get("lora_rank", cls.rank), hparams.get("lora_alpha", cls.alpha),
-                   hparams.get("lora_dropout", cls.dropout), tuple(hparams.get("lora_targets", cls.targets)))
+        return cls(
+            hparams.get("lora_rank", cls.rank),
+            hparams.get("lora_alpha", cls.alpha),
+            hparams.get("lora_dropout", cls.dropout),
+            tuple(hparams.get("lora_targets", cls.targets)),
+        )
 
 
 def routing_names(model: nn.Module) -> set[str]:
@@ -82,8 +88,11 @@ def targeted(model: nn.Module, targets) -> list[str]:
     """The names of the ``nn.Linear`` layers named ``targets`` (their last name part), routers and predictors
     aside (they train in full)."""
     routing = routing_names(model)
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-            and name.rpartition(".")[2] in set(targets) and f"{name}.weight" not in routing]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in set(targets) and f"{name}.weight" not in routing
+    ]
 
 
 def add_adapters(model: MoDTransformer, settings: LoraSettings):
@@ -94,10 +103,13 @@ def add_adapters(model: MoDTransformer, settings: LoraSettings):
 
     names = targeted(model, settings.targets)
     if not names:
-        raise UserError(f"--model.lora_targets {list(settings.targets)} names no nn.Linear layer of the model "
-                        "(its layers: qkv, proj, up, gate, down)")
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=names, bias="none")
+        raise UserError(
+            f"--model.lora_targets {list(settings.targets)} names no nn.Linear layer of the model "
+            "(its layers: qkv, proj, up, gate, down)"
+        )
+    config = LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names, bias="none"
+    )
     tuner = LoraModel(model, config, "default")
     routing = routing_names(model)
     for name, p in model.named_parameters():
@@ -124,8 +136,9 @@ def adapter_base(init_from: str) -> dict:
     return {"init_from": init_from, "fingerprint": weights_fingerprint(resolve(init_from))}
 
 
-def adapted_model(path: str, config: ModelConfig, hparams: Mapping, trained: Mapping[str, torch.Tensor],
-                  base: Optional[dict]) -> MoDTransformer:
+def adapted_model(
+    path: str, config: ModelConfig, hparams: Mapping, trained: Mapping[str, torch.Tensor], base: Optional[dict]
+) -> MoDTransformer:
     """A checkpoint of adapters read back: the pretrained model built again from its folder (its fingerprint
     checked), the adapters added, what trained loaded (a sharded checkpoint holds every weight: loaded too),
     the adapters merged; in eval mode."""
@@ -135,11 +148,15 @@ def adapted_model(path: str, config: ModelConfig, hparams: Mapping, trained: Map
     try:
         folder = resolve(init_from)
     except UserError as err:
-        raise CheckpointError(f"{path} holds LoRA adapters over {init_from}, which cannot be read now ({err}); "
-                              "the adapters need the pretrained model they were trained on") from None
+        raise CheckpointError(
+            f"{path} holds LoRA adapters over {init_from}, which cannot be read now ({err}); "
+            "the adapters need the pretrained model they were trained on"
+        ) from None
     if weights_fingerprint(folder) != base.get("fingerprint"):
-        raise CheckpointError(f"{path} holds LoRA adapters over {init_from}, whose weights files have changed since "
-                              "(another fingerprint): the adapters need the weights they were trained on")
+        raise CheckpointError(
+            f"{path} holds LoRA adapters over {init_from}, whose weights files have changed since "
+            "(another fingerprint): the adapters need the weights they were trained on"
+        )
     run = {k: v for k, v in config.to_dict().items() if k not in ARCHITECTURE_FIELDS}  # routing, context: the run's
     model = MoDTransformer.from_hf(folder, **run)
     tuner = add_adapters(model, LoraSettings.from_hparams(hparams))
@@ -155,5 +172,14 @@ def adapted_model(path: str, config: ModelConfig, hparams: Mapping, trained: Map
     return merged.eval()
 
 
-__all__ = ["ADAPTER_BASE_KEY", "LORA_TARGETS", "LoraSettings", "adapted_model", "adapter_base", "add_adapters",
-           "routing_names", "targeted", "weights_fingerprint"]
+__all__ = [
+    "ADAPTER_BASE_KEY",
+    "LORA_TARGETS",
+    "LoraSettings",
+    "adapted_model",
+    "adapter_base",
+    "add_adapters",
+    "routing_names",
+    "targeted",
+    "weights_fingerprint",
+]

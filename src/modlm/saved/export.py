@@ -1,6 +1,7 @@
 """Reading an export folder back: modlm's remote-code folder, or a standard transformers folder (a dense
 export, or a pretrained model). ``modlm.training.export`` writes them. Reading either needs no unpickling:
 safetensors and JSON."""
+
 from __future__ import annotations
 
 import json

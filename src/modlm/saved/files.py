@@ -1,6 +1,7 @@
 """Reading saved files: a checkpoint file (read once per version of the file, never unpickling code), an
 FSDP2 sharded checkpoint folder (consolidated with torch's distributed-checkpoint tools), and what is
 wrong with one that does not read."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ sharded checkpoint folder, an export folder, a standard transformers folder, or 
 The one reader every command that uses a trained model goes through (evaluation, generation, serving,
 benchmarks); the checkpoint format itself (what a run writes) is ``modlm.training``'s.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
 from ..model.version import VERSION_KEY, check_format
 from .adapters import ADAPTER_BASE_KEY, adapted_model
-from .travel import chat_template_of, data_settings, loss_mask_of, tokenizer_of, unpack, windows_of
 from .export import load_export
 from .files import CheckpointError, read_checkpoint, read_sharded, read_sharded_meta
+from .travel import chat_template_of, data_settings, loss_mask_of, tokenizer_of, unpack, windows_of
 
 
 @dataclass
@@ -66,7 +67,9 @@ def _hub_folder(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint not found: {repo_id} is no local path, and the Hub cannot give it ({first})") from None
+        raise CheckpointError(
+            f"checkpoint not found: {repo_id} is no local path, and the Hub cannot give it ({first})"
+        ) from None
 
 
 def saved_data(path) -> tuple[dict, Optional[Tokenizer], Optional[torch.Tensor]]:
@@ -87,9 +90,16 @@ def unpack_saved(path, cache_dir: Optional[str] = None, windows: bool = False) -
     ckpt = read_sharded_meta(p) if p.is_dir() else read_checkpoint(p, purpose="read checkpoint")
     tokenizer = tokenizer_of(ckpt)
     if tokenizer is None:
-        raise CheckpointError(f"{path} carries no tokenizer (its run's data module was not modlm's): name a tokenizer.json instead")
-    return unpack(tokenizer, windows_of(ckpt) if windows else None, cache_dir,
-                  loss_mask=loss_mask_of(ckpt) if windows else None, chat_template=chat_template_of(ckpt))
+        raise CheckpointError(
+            f"{path} carries no tokenizer (its run's data module was not modlm's): name a tokenizer.json instead"
+        )
+    return unpack(
+        tokenizer,
+        windows_of(ckpt) if windows else None,
+        cache_dir,
+        loss_mask=loss_mask_of(ckpt) if windows else None,
+        chat_template=chat_template_of(ckpt),
+    )
 
 
 def load_saved(path: str, device: str = "cpu") -> SavedModel:
@@ -129,20 +139,32 @@ def load_saved(path: str, device: str = "cpu") -> SavedModel:
     if tokenizer is not None:
         model.tokenizer_json = tokenizer.to_str()  # so that save_pretrained / push_to_hub carry it
     model.chat_template = chat_template_of(ckpt)
-    return SavedModel(model.to(device).eval(), data, tokenizer, windows_of(ckpt), str(path), trained(ckpt, config),
-                      loss_mask_of(ckpt), record)
+    return SavedModel(
+        model.to(device).eval(),
+        data,
+        tokenizer,
+        windows_of(ckpt),
+        str(path),
+        trained(ckpt, config),
+        loss_mask_of(ckpt),
+        record,
+    )
 
 
 def trained(ckpt: dict, config: ModelConfig) -> dict:
     """Steps, tokens and FLOPs of the training a checkpoint has had (tokens from the FLOPs meter's
     total: every rank's, at the windows' length)."""
     out = {"steps": ckpt.get("global_step")}
-    flops = next((state.get("total") for key, state in (ckpt.get("callbacks") or {}).items()
-                  if key.startswith("FlopsMeter") and isinstance(state, dict)), None)
+    flops = next(
+        (
+            state.get("total")
+            for key, state in (ckpt.get("callbacks") or {}).items()
+            if key.startswith("FlopsMeter") and isinstance(state, dict)
+        ),
+        None,
+    )
     seq_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len") or config.max_seq_len
     if flops:
         out["flops"] = flops
         out["tokens"] = round(flops / training_flops(config, seq_len) * seq_len)
     return out
-
-

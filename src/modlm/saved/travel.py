@@ -13,6 +13,7 @@ For the data module, a checkpoint's tokenizer and windows are unpacked into a pr
 (``unpack``): the data layer's own format (``meta.json``, ``tokenizer.json``, the windows as the
 validation tokens, no training tokens), so a checkpoint reads as any other ``--data.source``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,13 @@ def loss_mask_of(checkpoint: dict) -> Optional[torch.Tensor]:
     return None if mask is None else mask.bool()
 
 
-def unpack(tokenizer: Tokenizer, windows: Optional[torch.Tensor], cache_dir: Optional[str] = None,
-           loss_mask: Optional[torch.Tensor] = None, chat_template: Optional[str] = None) -> Path:
+def unpack(
+    tokenizer: Tokenizer,
+    windows: Optional[torch.Tensor],
+    cache_dir: Optional[str] = None,
+    loss_mask: Optional[torch.Tensor] = None,
+    chat_template: Optional[str] = None,
+) -> Path:
     """A prepared folder of ``tokenizer`` (with its ``chat_template``, when given) and ``windows``
     (validation tokens only; with their ``loss_mask``, chat windows), written once per content under
     ``<cache_dir>/saved/`` and reused; what ``--data.source`` and ``--data.tokenizer`` name when a command
@@ -89,16 +95,25 @@ def unpack(tokenizer: Tokenizer, windows: Optional[torch.Tensor], cache_dir: Opt
     (partial / "val-00000.bin").write_bytes(tokens.astype(dtype).tobytes())
     write_chat_template(partial, chat_template)
     meta = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.str, "vocab_size": tokenizer.get_vocab_size(),
-        "eot_id": end_of_text_id(tokenizer), "tokenizer_sha256": fingerprint_json(tokenizer_json),
-        "source": "the validation windows stored in a checkpoint", "source_id": f"checkpoint:{key}",
-        "documents": {"train": 0, "val": 0}, "train": {"files": [], "tokens": []},
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.str,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eot_id": end_of_text_id(tokenizer),
+        "tokenizer_sha256": fingerprint_json(tokenizer_json),
+        "source": "the validation windows stored in a checkpoint",
+        "source_id": f"checkpoint:{key}",
+        "documents": {"train": 0, "val": 0},
+        "train": {"files": [], "tokens": []},
         "val": {"files": ["val-00000.bin"], "tokens": [int(len(tokens))]},
     }
     if mask is not None:
         (partial / "val-loss-mask.bin").write_bytes(mask.tobytes())
-        meta["val_loss_mask"] = {"file": "val-loss-mask.bin", "windows": int(mask.shape[0]),
-                                 "seq_len": int(mask.shape[1])}
+        meta["val_loss_mask"] = {
+            "file": "val-loss-mask.bin",
+            "windows": int(mask.shape[0]),
+            "seq_len": int(mask.shape[1]),
+        }
     (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     try:
         os.replace(partial, folder)
@@ -113,4 +128,3 @@ def data_settings(saved: dict) -> dict:
     """Saved data settings (a checkpoint's data module hyperparameters, an export's ``data.json``) as
     ``--data.*`` values (Lightning's private keys left out)."""
     return {k: v for k, v in saved.items() if not k.startswith("_")}
-

@@ -1,4 +1,5 @@
 """``python -m modlm.serve MODEL ...``: ``modlm-serve``."""
+
 import sys
 
 from .command import main

@@ -8,6 +8,7 @@ Bodies are capped at ``max_body_bytes`` (413 past it); every refusal is an OpenA
 (``errors.py``). The app starts the engine's thread when it starts and stops it when it stops, after
 the server has finished (or, past its grace period, cancelled) the requests in flight.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -62,14 +63,22 @@ def bearer(api_key: str):
     def check(authorization: Optional[str] = Header(None)) -> None:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided: send the server's key as 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect API key provided: send the server's key as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+            )
 
     return check
 
 
-def create_app(completions: Completions, chat: ChatEncoder, end_of_text: Optional[int], api_key: Optional[str] = None,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    completions: Completions,
+    chat: ChatEncoder,
+    end_of_text: Optional[int],
+    api_key: Optional[str] = None,
+    max_body_bytes: int = 1 << 20,
+) -> FastAPI:
     """The app: completions end at the ``end_of_text`` token, chats at ``chat``'s end of turn."""
     engine = completions.engine
     created = int(time.time())
@@ -93,17 +102,33 @@ def create_app(completions: Completions, chat: ChatEncoder, end_of_text: Optiona
 
     @app.get("/v1/models", dependencies=keyed)
     async def models():
-        return {"object": "list", "data": [{"id": completions.name, "object": "model", "created": created,
-                                            "owned_by": "modlm", "max_model_len": completions.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": completions.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "modlm",
+                    "max_model_len": completions.context,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", dependencies=keyed)
     async def text_completions(body: CompletionRequest, request: Request):
         completions.check_model(body)
         body.refuse_unsupported()
-        prompt = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str) \
+        prompt = (
+            body.prompt[0]
+            if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str)
             else body.prompt
-        ids = (await run_in_threadpool(lambda: completions.tokenizer.encode(prompt).ids)) if isinstance(prompt, str) \
+        )
+        ids = (
+            (await run_in_threadpool(lambda: completions.tokenizer.encode(prompt).ids))
+            if isinstance(prompt, str)
             else list(prompt)
+        )
         max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, completions.context - len(ids)))

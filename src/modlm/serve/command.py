@@ -16,6 +16,7 @@ Requests are decoded together, joining the running batch between steps (``modlm.
 SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish for ``--shutdown_timeout``
 seconds, cancels what is left and exits.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,8 +28,8 @@ from typing import Literal, Optional
 
 import torch
 
-from ..data.tokenizer import end_of_text_id
 from ..cli.usage import parse_args
+from ..data.tokenizer import end_of_text_id
 from ..model.errors import UserError, run_command
 from ..saved import load_saved
 
@@ -77,8 +78,10 @@ class ServeOptions:
 def parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    p = ArgumentParser(prog=os.path.basename(sys.argv[0]) or "modlm-serve",
-                       description="Serve a trained modlm model behind an OpenAI-compatible API.")
+    p = ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) or "modlm-serve",
+        description="Serve a trained modlm model behind an OpenAI-compatible API.",
+    )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of any of these options")
     p.add_argument("model", help="checkpoint (.ckpt), sharded checkpoint folder, export folder, or Hub id")
     p.add_class_arguments(ServeOptions, as_group=False)
@@ -120,22 +123,36 @@ def build(model_path: str, options: ServeOptions, api_key: Optional[str]):
     saved = load_saved(model_path, device)
     tokenizer = saved.tokenizer
     if tokenizer is None:
-        raise UserError(f"{model_path} carries no tokenizer (its run's data module was not modlm's): serving needs the model's own tokenizer")
+        raise UserError(
+            f"{model_path} carries no tokenizer (its run's data module was not modlm's): serving needs the model's "
+            "own tokenizer"
+        )
     config = saved.model.config
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise UserError(f"{model_path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
-                        f"{config.vocab_size}")
+        raise UserError(
+            f"{model_path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, the model {config.vocab_size}"
+        )
     chat = ChatEncoder(tokenizer.to_str(), saved.chat_template)  # a template that cannot serve is refused here
     if saved.chat_template is None:
-        print("modlm: the model has no chat template: /v1/chat/completions renders with modlm's default "
-              "(docs/fine-tuning.md)", file=sys.stderr)
+        print(
+            "modlm: the model has no chat template: /v1/chat/completions renders with modlm's default "
+            "(docs/fine-tuning.md)",
+            file=sys.stderr,
+        )
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
-    engine = Engine(saved.model, max_batch=options.max_batch, max_queue=options.max_queue,
-                    prefill_chunk=options.prefill_chunk, autocast=autocast)
-    completions = Completions(engine, tokenizer, options.model_name or model_path, config.max_seq_len,
-                              config.vocab_size)
-    app = create_app(completions, chat, end_of_text_id(tokenizer), api_key=api_key,
-                     max_body_bytes=options.max_body_bytes)
+    engine = Engine(
+        saved.model,
+        max_batch=options.max_batch,
+        max_queue=options.max_queue,
+        prefill_chunk=options.prefill_chunk,
+        autocast=autocast,
+    )
+    completions = Completions(
+        engine, tokenizer, options.model_name or model_path, config.max_seq_len, config.vocab_size
+    )
+    app = create_app(
+        completions, chat, end_of_text_id(tokenizer), api_key=api_key, max_body_bytes=options.max_body_bytes
+    )
     return app, engine, saved
 
 
@@ -146,8 +163,11 @@ def start(argv):
     check(options)
     api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and not is_loopback(options.host):  # said first, before the model loads
-        print(f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port "
-              f"can use the model (set --api_key or {API_KEY_ENV})", file=sys.stderr)
+        print(
+            f"modlm: warning: listening on {options.host} with no API key: anyone who can reach this port "
+            f"can use the model (set --api_key or {API_KEY_ENV})",
+            file=sys.stderr,
+        )
     return (*build(args.model, options, api_key), args, options)
 
 
@@ -165,8 +185,12 @@ def main(argv=None) -> int:
     config = saved.model.config
     kind = f"{len(saved.model.routers())} routed blocks" if saved.model.routers() else "dense"
     name = options.model_name or args.model
-    print(f"modlm: serving {name} ({kind}, context {config.max_seq_len}) at http://{options.host}:{options.port}/v1; "
-          f"{options.max_batch} requests decoded together, {options.max_queue} may wait", file=sys.stderr)
+    print(
+        f"modlm: serving {name} ({kind}, context {config.max_seq_len}) at http://{options.host}:{options.port}/v1; "
+        f"{options.max_batch} requests decoded together, {options.max_queue} may wait",
+        file=sys.stderr,
+    )
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM, Ctrl-C: the requests in flight get the grace period
             engine.drain(options.shutdown_timeout)
@@ -174,8 +198,15 @@ def main(argv=None) -> int:
 
     # uvicorn's own limit only backs the engine's up: past the grace period the engine ends every request
     # with an error its client reads, and the connections close by themselves
-    server = Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                                   timeout_graceful_shutdown=options.shutdown_timeout + 10))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=options.host,
+            port=options.port,
+            log_level=options.log_level,
+            timeout_graceful_shutdown=options.shutdown_timeout + 10,
+        )
+    )
     # uvicorn re-raises the signal that stopped it once it has shut down: as KeyboardInterrupt, an exit status of 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

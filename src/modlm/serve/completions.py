@@ -5,6 +5,7 @@ The two endpoints differ only in how a choice is written (``TextFormat`` for ``/
 ``ChatFormat`` for ``/v1/chat/completions``); everything else (limits, sampling, streaming, a client
 that goes away) is ``Completions``'.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,12 @@ class ChatFormat:
     id_prefix = "chatcmpl-"
 
     def choice(self, text: str, finish_reason: Optional[str]) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
 
     def chunk(self, text: str, finish_reason: Optional[str]) -> dict:
         delta = {"content": text} if text else {}
@@ -71,8 +76,12 @@ class Completions:
 
     def check_model(self, body: Sampled) -> None:
         if body.model != self.name:
-            raise APIError(404, f"The model `{body.model}` does not exist: this server serves `{self.name}`",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{body.model}` does not exist: this server serves `{self.name}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def job(self, body: Sampled, prompt: list[int], max_tokens: Optional[int], end_id: Optional[int], emit) -> Job:
         """The engine's job for ``prompt``, ending at ``end_id``, or a 400 naming what does not fit.
@@ -83,20 +92,33 @@ class Completions:
             raise invalid("prompt", f"prompt: token ids must be in [0, {self.vocab_size})")
         room = self.context - len(prompt)
         if room < 1:
-            raise invalid("prompt", f"This model's maximum context length is {self.context} tokens; the prompt "
-                          f"has {len(prompt)}, leaving no room for a completion")
+            raise invalid(
+                "prompt",
+                f"This model's maximum context length is {self.context} tokens; the prompt "
+                f"has {len(prompt)}, leaving no room for a completion",
+            )
         if max_tokens is not None and max_tokens > room:
-            raise invalid("max_tokens", f"This model's maximum context length is {self.context} tokens. However, you "
-                          f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} "
-                          "in the completion). Please reduce the prompt or max_tokens.")
+            raise invalid(
+                "max_tokens",
+                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} "
+                "in the completion). Please reduce the prompt or max_tokens.",
+            )
         temperature = 1.0 if body.temperature is None else body.temperature
         top_p = None if body.top_p in (None, 1) else body.top_p
         sampling = Sampling(temperature=temperature, top_k=body.top_k, top_p=top_p, seed=body.seed)
-        return Job(prompt=prompt, max_tokens=room if max_tokens is None else max_tokens, sampling=sampling,
-                   stream=TextStream(self.tokenizer, body.stops()), emit=emit, end_id=end_id)
+        return Job(
+            prompt=prompt,
+            max_tokens=room if max_tokens is None else max_tokens,
+            sampling=sampling,
+            stream=TextStream(self.tokenizer, body.stops()),
+            emit=emit,
+            end_id=end_id,
+        )
 
-    async def answer(self, request: Request, body: Sampled, prompt: list[int], max_tokens: Optional[int],
-                     end_id: Optional[int], form) -> JSONResponse | StreamingResponse:
+    async def answer(
+        self, request: Request, body: Sampled, prompt: list[int], max_tokens: Optional[int], end_id: Optional[int], form
+    ) -> JSONResponse | StreamingResponse:
         """Run ``prompt`` until ``end_id`` (or ``max_tokens``, a stop string) and answer in ``form``
         (``TextFormat``, ``ChatFormat``), whole or streamed."""
         loop = asyncio.get_running_loop()
@@ -112,20 +134,27 @@ class Completions:
         try:
             self.engine.submit(job)
         except QueueFull as err:
-            raise APIError(503, f"The server is overloaded ({err}); retry later", type="server_error",
-                           code="server_overloaded") from None
+            raise APIError(
+                503, f"The server is overloaded ({err}); retry later", type="server_error", code="server_overloaded"
+            ) from None
         except Stopped as err:
             raise APIError(503, str(err), type="server_error", code="shutting_down") from None
         head = {"id": form.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": self.name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._events(job, updates, head, form, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._events(job, updates, head, form, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return JSONResponse(await self._whole(request, job, updates, head, form))
 
     def usage(self, job: Job) -> dict:
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
-                "total_tokens": len(job.prompt) + job.completion_tokens}
+        return {
+            "prompt_tokens": len(job.prompt),
+            "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.prompt) + job.completion_tokens,
+        }
 
     async def _whole(self, request: Request, job: Job, updates: asyncio.Queue, head: dict, form) -> dict:
         parts, finished = [], False
@@ -153,8 +182,9 @@ class Completions:
         choice = form.choice("".join(parts), update.finish_reason)
         return {**head, "object": form.object, "choices": [choice], "usage": self.usage(job)}
 
-    async def _events(self, job: Job, updates: asyncio.Queue, head: dict, form, include_usage: bool
-                      ) -> AsyncIterator[str]:
+    async def _events(
+        self, job: Job, updates: asyncio.Queue, head: dict, form, include_usage: bool
+    ) -> AsyncIterator[str]:
         """Server-sent events: a chunk per piece of text, the last with its finish reason, then the
         usage (when asked for) and ``[DONE]``. An error ends the stream with an error event."""
         finished = False

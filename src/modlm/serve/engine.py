@@ -11,6 +11,7 @@ draws what it would draw alone; a greedy row decodes what ``modlm-generate`` dec
 Written by hand, not taken from a serving library: the rows carry MoD's routed caches and
 per-row decision state, which only the model's own ``DecodeState`` knows how to hold.
 """
+
 from __future__ import annotations
 
 import threading
@@ -88,8 +89,14 @@ class Engine:
     waiting requests; ``prefill_chunk`` prompt tokens per turn (0: a whole prompt at once); under
     ``autocast`` (bf16, say), when given."""
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 32,
-                 autocast: Optional[torch.autocast] = None):
+    def __init__(
+        self,
+        model,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        prefill_chunk: int = 32,
+        autocast: Optional[torch.autocast] = None,
+    ):
         self.model = model
         self.device = next(model.parameters()).device
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
@@ -156,8 +163,12 @@ class Engine:
     def load(self) -> dict:
         """Running rows, requests waiting (and one being prefilled), row capacity, and how many
         requests have ended, by why (``stop``, ``length``, ``error``, ``cancelled``: its client went)."""
-        return {"running": self.pool.running, "waiting": len(self.waiting) + (self.filling is not None),
-                "max_batch": self.pool.capacity, "ended": dict(self.ended)}
+        return {
+            "running": self.pool.running,
+            "waiting": len(self.waiting) + (self.filling is not None),
+            "max_batch": self.pool.capacity,
+            "ended": dict(self.ended),
+        }
 
     # --- the loop (its own thread) -----------------------------------------------------------------
     @torch.inference_mode()
@@ -188,8 +199,9 @@ class Engine:
         self._drop_cancelled()
         self._prefill()
         if self.rows:
-            logits = self.model.decode_step(torch.tensor([job.last for job in self.rows], device=self.device),
-                                            self.pool.state)
+            logits = self.model.decode_step(
+                torch.tensor([job.last for job in self.rows], device=self.device), self.pool.state
+            )
             for job, token in zip(self.rows, self._sample(self.rows, logits)):
                 self._accept(job, token)
         self._release([row for row, job in enumerate(self.rows) if job.done])
@@ -206,7 +218,7 @@ class Engine:
             job.state = self.model.new_state(1)
             job.generator = _generator(job.sampling.seed, self.device)
         job = self.filling
-        chunk = job.prompt[job.fed:job.fed + self.prefill_chunk] if self.prefill_chunk else job.prompt
+        chunk = job.prompt[job.fed : job.fed + self.prefill_chunk] if self.prefill_chunk else job.prompt
         logits = self.model.prefill(torch.tensor([chunk], device=self.device), job.state, last_only=True)
         job.fed += len(chunk)
         if job.fed < len(job.prompt):
@@ -226,7 +238,7 @@ class Engine:
         for row, job in enumerate(jobs):
             s = job.sampling
             if s.temperature > 0:
-                row_logits = logits[row:row + 1].float()
+                row_logits = logits[row : row + 1].float()
                 tokens[row] = sample_next(row_logits, s.temperature, s.top_k, s.top_p, job.generator)[0]
         return tokens.tolist()
 

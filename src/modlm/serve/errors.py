@@ -4,6 +4,7 @@ Every refusal is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx 
 server's own failures): whatever a client sends, the answer is such a body and the next request is
 served.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,8 +18,14 @@ from starlette.exceptions import HTTPException
 class APIError(Exception):
     """A request refused with ``status`` and an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

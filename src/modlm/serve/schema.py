@@ -6,6 +6,7 @@ are accepted; a value that asks for something this server does not do is refused
 than ignored. ``top_k`` is an extension (OpenAI has none; vLLM and others read it the same way).
 Unknown fields are ignored, as OpenAI's API does.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -104,8 +105,10 @@ class ChatRequest(Sampled):
         for n, message in enumerate(self.messages, 1):
             content = message.get("content")
             if isinstance(content, list):
-                if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                           for part in content):
+                if not all(
+                    isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    for part in content
+                ):
                     raise invalid("messages", f"messages: message {n}: only text content is supported")
                 message = {**message, "content": "".join(part["text"] for part in content)}
             messages.append(message)

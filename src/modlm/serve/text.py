@@ -6,6 +6,7 @@ tokens too, so the end of the text that could be the start of one is held back u
 not to be; the stop string itself is never sent. The text sent, joined, is what ``modlm-generate``
 prints for the same tokens: the tokenizer's decoding of them, cut at the first stop string.
 """
+
 from __future__ import annotations
 
 from tokenizers import Tokenizer
@@ -50,10 +51,12 @@ class TextStream:
 
     def _held(self) -> int:
         """Characters at the end of ``text`` that could be the start of a stop string."""
-        return max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        return max(
+            (k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:k])),
+            default=0,
+        )
 
     def _send(self, upto: int) -> str:
-        out = self.text[self.sent:upto] if upto > self.sent else ""
+        out = self.text[self.sent : upto] if upto > self.sent else ""
         self.sent = max(self.sent, upto)
         return out

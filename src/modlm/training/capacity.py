@@ -13,6 +13,7 @@ resumed run follows the plan it started with. Each step the module sets every ro
 ``capacity`` (so ``k``, what top-k routing processes) from it, and charges the step's FLOPs at those
 ``k`` (``StepReport.routed_tokens``): ``flops/step`` follows the schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ class CapacitySchedule:
     block's target from step ``steps`` on, ``shape`` between (``linear``, or ``cosine``: a half
     cosine, slow at both ends)."""
 
-    def __init__(self, start: float, steps: int, targets: Sequence[float], shape: Literal["linear", "cosine"] = "cosine"):
+    def __init__(
+        self, start: float, steps: int, targets: Sequence[float], shape: Literal["linear", "cosine"] = "cosine"
+    ):
         targets = [float(t) for t in targets]
         if not targets:
             raise UserError("a capacity schedule needs routed blocks (route_every > 0 or route_layers)")
@@ -41,8 +44,10 @@ class CapacitySchedule:
             raise UserError(f"capacity_shape={shape!r} is invalid: must be 'linear' or 'cosine'")
         above = [t for t in targets if t > start + 1e-12]
         if above:
-            raise UserError(f"the capacity schedule ends above its start: capacity_start={start:g} is below the target "
-                            f"capacity {max(above):g} (a schedule only lowers the capacity)")
+            raise UserError(
+                f"the capacity schedule ends above its start: capacity_start={start:g} is below the target "
+                f"capacity {max(above):g} (a schedule only lowers the capacity)"
+            )
         self.start, self.steps, self.targets, self.shape = float(start), steps, targets, shape
 
     def progress(self, step: int) -> float:

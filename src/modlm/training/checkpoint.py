@@ -16,6 +16,7 @@ A Lightning checkpoint written by ``train.py`` holds the model weights under ``s
 the ``model.`` prefix, the module's hyperparameters, the data module's settings, and what travels
 with the model (its tokenizer and validation windows: ``modlm.training.travel``).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,8 @@ import torch
 from ..data import ModLMDataModule
 from ..data.tokenizer import fingerprint
 from ..model.config import ModelConfig
-from ..saved.travel import tokenizer_of
 from ..saved.files import CheckpointError, checkpoint_damage, read_checkpoint, read_sharded_meta
+from ..saved.travel import tokenizer_of
 from .pretrained import pretrained_config
 
 
@@ -112,9 +113,11 @@ def check_tokenizer_fits(checkpoint: dict, datamodule) -> None:
     want, have = fingerprint(saved), datamodule.tokenizer_fingerprint
     if want != have:
         raise CheckpointMismatchError(
-            f"the checkpoint's tokenizer (fingerprint {want[:12]}) is not this run's ({have[:12]}, {datamodule.tokenizer_file}): "
+            f"the checkpoint's tokenizer (fingerprint {want[:12]}) is not this run's ({have[:12]}, "
+            f"{datamodule.tokenizer_file}): "
             "the corpus or the tokenizer settings changed since it was trained; keep its tokenizer with "
-            "--data.tokenizer CHECKPOINT, or train from scratch")
+            "--data.tokenizer CHECKPOINT, or train from scratch"
+        )
 
 
 # --- writing without ever leaving half a checkpoint behind --------------------------------------
@@ -237,7 +240,9 @@ def resolve_last(checkpoint_dir, root_dir=None) -> Path | None:
     if damage is None:
         return newest
     intact = next((p for p in candidates[1:] if checkpoint_damage(p) is None), None)
-    hint = (f"resume from the newest intact one with --ckpt_path {intact}" if intact
-            else "no intact checkpoint is left; start afresh without --ckpt_path")
-    raise CheckpointError(f"the newest checkpoint {newest} is damaged ({damage}); {hint}, "
-                          "or move the damaged one away")
+    hint = (
+        f"resume from the newest intact one with --ckpt_path {intact}"
+        if intact
+        else "no intact checkpoint is left; start afresh without --ckpt_path"
+    )
+    raise CheckpointError(f"the newest checkpoint {newest} is damaged ({damage}); {hint}, or move the damaged one away")

@@ -15,6 +15,7 @@ An export folder is what ``MoDTransformer.to_hf`` writes (``modlm.model.hf_forma
 
 Reading either needs no unpickling: safetensors and JSON. No transformers import here.
 """
+
 from __future__ import annotations
 
 import ast
@@ -77,25 +78,41 @@ def model_card(config: ModelConfig, trained: dict, results: Optional[dict] = Non
     """The part of a model card that says what this model is: its routing, what it was trained on
     (steps, tokens, FLOPs) and, when given, ``eval.py``'s figures."""
     routed = config.routed_layers
-    lines = ["", "| | |", "|---|---|",
-             f"| shape | d_model {config.d_model}, {config.n_layers} blocks, {config.n_heads} heads, vocabulary {config.vocab_size}, context {config.max_seq_len} |",
-             (f"| routing | blocks {', '.join(map(str, routed))} routed at capacity "
-              f"{' / '.join(f'{c:g}' for c in dict.fromkeys(config.layer_capacities))} "
-              f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |") if routed
-             else "| routing | none: a dense model |"]
+    lines = [
+        "",
+        "| | |",
+        "|---|---|",
+        f"| shape | d_model {config.d_model}, {config.n_layers} blocks, {config.n_heads} heads, vocabulary "
+        f"{config.vocab_size}, context {config.max_seq_len} |",
+        (
+            f"| routing | blocks {', '.join(map(str, routed))} routed at capacity "
+            f"{' / '.join(f'{c:g}' for c in dict.fromkeys(config.layer_capacities))} "
+            f"(causal decision: {config.causal_method}; update weight: {config.router_weight}) |"
+        )
+        if routed
+        else "| routing | none: a dense model |",
+    ]
     if config.recursive:
-        lines.append(f"| recursion | a stack of {config.stack_layers} blocks shared by {config.recursions} recursion steps "
-                     f"({config.recursion_sharing}; {config.recursion_routing}, step capacities "
-                     f"{' / '.join(f'{c:.3g}' for c in config.step_capacities)}) |")
+        lines.append(
+            f"| recursion | a stack of {config.stack_layers} blocks shared by {config.recursions} recursion steps "
+            f"({config.recursion_sharing}; {config.recursion_routing}, step capacities "
+            f"{' / '.join(f'{c:.3g}' for c in config.step_capacities)}) |"
+        )
     if config.n_experts:
-        lines.append(f"| experts | {config.n_experts} per MLP of blocks {', '.join(map(str, config.expert_layers))}"
-                     f" (top-{config.expert_top_k}, {config.noop_experts} no-op) |")
+        lines.append(
+            f"| experts | {config.n_experts} per MLP of blocks {', '.join(map(str, config.expert_layers))}"
+            f" (top-{config.expert_top_k}, {config.noop_experts} no-op) |"
+        )
     for key, label in (("steps", "training steps"), ("tokens", "training tokens"), ("flops", "training FLOPs")):
         if trained.get(key):
             lines.append(f"| {label} | {trained[key]:.4g} |" if key == "flops" else f"| {label} | {trained[key]:,} |")
-    for key, label in (("topk.loss", "validation loss (top-k routing)"), ("causal.loss", "validation loss (causal routing)"),
-                       ("causal.capacity_used", "share processed by routed blocks (causal)"),
-                       ("flops_per_token", "forward FLOPs per token (causal)"), ("decode_tokens_per_s", "decode tokens/s (batch 1)")):
+    for key, label in (
+        ("topk.loss", "validation loss (top-k routing)"),
+        ("causal.loss", "validation loss (causal routing)"),
+        ("causal.capacity_used", "share processed by routed blocks (causal)"),
+        ("flops_per_token", "forward FLOPs per token (causal)"),
+        ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
+    ):
         if results and key in results:
             lines.append(f"| {label} | {results[key]:.4g} |")
     return "\n".join(lines) + "\n"

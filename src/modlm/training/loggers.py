@@ -8,6 +8,7 @@ A resumed run logs into its own version folder (the command line passes ``versio
 ``purge_step``, which ``SummaryWriter`` takes: TensorBoard then hides what the killed run logged
 after the checkpoint it resumes from), so each tag stays one curve.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -67,6 +68,8 @@ def tensorboard_writer(trainer) -> Optional["SummaryWriter"]:  # noqa: F821
     if trainer.loggers and trainer not in _told:
         _told.add(trainer)
         names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
-        rank_zero_warn(f"modlm: no TensorBoard logger ({names}): router histograms, the routing heat map "
-                       "and the dashboard layout are skipped; every scalar is logged as usual")
+        rank_zero_warn(
+            f"modlm: no TensorBoard logger ({names}): router histograms, the routing heat map "
+            "and the dashboard layout are skipped; every scalar is logged as usual"
+        )
     return None

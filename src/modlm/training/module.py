@@ -7,6 +7,7 @@ knobs sit next to them (``--model.lr``, ``--model.warmup_steps`` ...). ``save_hy
 stores all of it as plain values, so ``MoDLightningModule.load_from_checkpoint(path)`` rebuilds the
 model with no other input.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
@@ -24,17 +25,16 @@ from ..model.hf_format import ARCHITECTURE_FIELDS
 from ..model.routing import RoutedBlock
 from ..model.transformer import ModelOutput, MoDTransformer
 from ..model.version import VERSION_KEY, check_format, written_by
-from . import tags
+from ..saved.adapters import LORA_TARGETS, LoraSettings
+from . import tags, travel
 from .batch import loss_targets, split_batch
 from .capacity import CAPACITY_KEY, CapacitySchedule
-from . import travel
 from .checkpoint import RNG_KEY, check_state_dict_fits, check_tokenizer_fits, restore_rng_states, rng_states
 from .optim import WarmupCosine, build_adamw
-from .pretrained import pretrained_config
 from .parallel import parallelize, without_graphs
+from .pretrained import pretrained_config
 from .telemetry import StepReport
 from .tuning import tuning_for
-from ..saved.adapters import LORA_TARGETS, LoraSettings
 
 
 class MoDLightningModule(pl.LightningModule):
@@ -48,7 +48,9 @@ class MoDLightningModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         lr_decay_steps: Optional[int] = None,
         compile: bool = False,
-        compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None,
+        compile_mode: Optional[
+            Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+        ] = None,
         validate_causal: bool = True,
         init_from: Optional[str] = None,
         tune: Literal["full", "routers", "lora"] = "full",
@@ -121,32 +123,43 @@ class MoDLightningModule(pl.LightningModule):
             self.config, folder = pretrained_config(init_from, model_config)
             # what a checkpoint must say to rebuild this model without the folder (load_saved, eval.py)
             self.hparams.update(self.config.to_dict())
-            self.model = MoDTransformer.from_hf(folder, **{k: v for k, v in self.config.to_dict().items()
-                                                           if k not in ARCHITECTURE_FIELDS})
+            self.model = MoDTransformer.from_hf(
+                folder, **{k: v for k, v in self.config.to_dict().items() if k not in ARCHITECTURE_FIELDS}
+            )
             self.config = self.model.config
             self.model.train()
             if self.config.routed_layers and self.config.router_weight != "2sigmoid":
-                rank_zero_warn(f"modlm: --model.init_from with router_weight={self.config.router_weight!r}: the converted "
-                               "model does not start at the pretrained function (zero routers weigh every routed "
-                               "block's update by 0.5 with sigmoid, 0 with raw); router_weight 2sigmoid does")
+                rank_zero_warn(
+                    f"modlm: --model.init_from with router_weight={self.config.router_weight!r}: the converted "
+                    "model does not start at the pretrained function (zero routers weigh every routed "
+                    "block's update by 0.5 with sigmoid, 0 with raw); router_weight 2sigmoid does"
+                )
         else:
             self.config = ModelConfig(**model_config)
             self.model = MoDTransformer(self.config)
-        self.tuning = tuning_for(tune, init_from, LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
-                                 if tune == "lora" else LoraSettings())
+        self.tuning = tuning_for(
+            tune,
+            init_from,
+            LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(lora_targets))
+            if tune == "lora"
+            else LoraSettings(),
+        )
         """What trains, and what checkpoints keep (``modlm.training.tuning``)."""
         self.tuning.apply(self.model)
         self.strict_loading = self.tuning.strict_loading
         self.capacity_schedule: Optional[CapacitySchedule] = None
         """Where the routed blocks' capacities go during training (``capacity_start``); None: fixed."""
         if capacity_start is not None and self.config.recursive:
-            raise UserError("--model.capacity_start schedules routed blocks' capacities, and a recursive model has "
-                            "none: its recursion steps take --model.recursion_capacities")
+            raise UserError(
+                "--model.capacity_start schedules routed blocks' capacities, and a recursive model has "
+                "none: its recursion steps take --model.recursion_capacities"
+            )
         if capacity_start is not None and not self.config.routed_layers:  # a preset's schedule on a dense run
             rank_zero_info("modlm: no routed blocks (route_every 0): --model.capacity_start has nothing to schedule")
         elif capacity_start is not None:
-            self.capacity_schedule = CapacitySchedule(capacity_start, capacity_steps, self.config.layer_capacities,
-                                                      capacity_shape)
+            self.capacity_schedule = CapacitySchedule(
+                capacity_start, capacity_steps, self.config.layer_capacities, capacity_shape
+            )
             self._set_capacities(0)
         # Mean per-token cross-entropy over a validation/test run; torchmetrics syncs across ranks.
         self.val_loss = MeanMetric()
@@ -166,8 +179,13 @@ class MoDLightningModule(pl.LightningModule):
             return
         self._configured = True
         accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        parallelize(self.model, self.device_mesh, compile=self.hparams.compile, mode=self.hparams.compile_mode,
-                    accumulation=accumulation)
+        parallelize(
+            self.model,
+            self.device_mesh,
+            compile=self.hparams.compile,
+            mode=self.hparams.compile_mode,
+            accumulation=accumulation,
+        )
 
     def without_graphs(self):
         """The context of a pass without backward: no CUDA graphs (``modlm.training.parallel.without_graphs``)."""
@@ -186,7 +204,9 @@ class MoDLightningModule(pl.LightningModule):
             logger.log_hyperparams({f"model/{k}": v for k, v in self.hparams.items() if not k.startswith("_")})
 
     # --- steps -----------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, routing: Routing = Routing.TOPK, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+    def forward(
+        self, idx: torch.Tensor, routing: Routing = Routing.TOPK, targets: Optional[torch.Tensor] = None
+    ) -> ModelOutput:
         return self.model(idx, routing=routing, targets=targets)
 
     def routed_blocks(self) -> list[RoutedBlock]:
@@ -225,8 +245,11 @@ class MoDLightningModule(pl.LightningModule):
         counted = loss_targets(targets)  # the loss is the mean over these (a chat batch's assistant tokens)
         self.val_loss.update(out.loss, weight=counted)
         tokens = self.routed_tokens(idx.size(1))
-        report = StepReport(mixtures=out.mixtures, routed_tokens=tokens or [],
-                            flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0))
+        report = StepReport(
+            mixtures=out.mixtures,
+            routed_tokens=tokens or [],
+            flops=forward_flops(self.config, idx.size(1), tokens_per_routed_block=tokens) * idx.size(0),
+        )
         if self.config.routes_tokens and self.hparams.validate_causal:
             causal = self(idx, routing=Routing.CAUSAL, targets=targets)
             self.val_loss_causal.update(causal.loss, weight=counted)
@@ -269,8 +292,7 @@ class MoDLightningModule(pl.LightningModule):
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if max_steps is None or max_steps <= 0:
             raise UserError(
-                "the learning-rate schedule spans the planned run: set --trainer.max_steps "
-                "(or --model.lr_decay_steps)"
+                "the learning-rate schedule spans the planned run: set --trainer.max_steps (or --model.lr_decay_steps)"
             )
         return max_steps
 
@@ -286,7 +308,11 @@ class MoDLightningModule(pl.LightningModule):
         # WarmupCosine object's fields); say so if this run's max_steps disagrees with that plan.
         for config in self.trainer.lr_scheduler_configs:
             for fn in getattr(config.scheduler, "lr_lambdas", []):
-                if isinstance(fn, WarmupCosine) and self.hparams.lr_decay_steps is None and fn.total_steps != self.trainer.max_steps:
+                if (
+                    isinstance(fn, WarmupCosine)
+                    and self.hparams.lr_decay_steps is None
+                    and fn.total_steps != self.trainer.max_steps
+                ):
                     rank_zero_warn(
                         f"the LR schedule restored from the checkpoint spans {fn.total_steps} steps but "
                         f"--trainer.max_steps={self.trainer.max_steps}; keeping the checkpoint's schedule "

@@ -4,6 +4,7 @@ The schedule is a callable *object*, not a closure, on purpose: ``LambdaLR.state
 the ``__dict__`` of callable objects, so a checkpoint carries the schedule's plan (warmup, total
 steps, floor) and a resumed run follows the plan it started with, wherever it was interrupted.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,5 +59,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)

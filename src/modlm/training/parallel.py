@@ -14,6 +14,7 @@ CPU, where every test here runs, and FSDP2's per-parameter sharding covers what 
 by the config, not by a block's class, so sharded blocks route as before; routers and predictors (a few
 thousand parameters each) stay in the root unit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """``torch.compile`` modes that capture CUDA graphs."""
 
 
-def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Optional[str] = None,
-                accumulation: int = 1) -> nn.Module:
+def parallelize(
+    model: nn.Module, mesh=None, compile: bool = False, mode: Optional[str] = None, accumulation: int = 1
+) -> nn.Module:
     """Compile each transformer block (if asked, in ``torch.compile``'s ``mode``), then shard blocks
     and root over ``mesh`` (FSDP2).
 
@@ -75,12 +77,16 @@ def parallelize(model: nn.Module, mesh=None, compile: bool = False, mode: Option
     """
     if compile and mode in CUDA_GRAPH_MODES:
         if mesh is not None:
-            raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, which FSDP2's all-gathered weights do "
-                            "not fit: use max-autotune-no-cudagraphs (or default) with a sharded model")
+            raise UserError(
+                f"--model.compile_mode {mode} captures CUDA graphs, which FSDP2's all-gathered weights do "
+                "not fit: use max-autotune-no-cudagraphs (or default) with a sharded model"
+            )
         if accumulation > 1:
-            raise UserError(f"--model.compile_mode {mode} captures CUDA graphs, whose gradients gradient accumulation "
-                            f"(--trainer.accumulate_grad_batches {accumulation}) would overwrite: accumulate with "
-                            "max-autotune-no-cudagraphs (or default)")
+            raise UserError(
+                f"--model.compile_mode {mode} captures CUDA graphs, whose gradients gradient accumulation "
+                f"(--trainer.accumulate_grad_batches {accumulation}) would overwrite: accumulate with "
+                "max-autotune-no-cudagraphs (or default)"
+            )
     if compile:
         for block in model.blocks:
             block.compile(mode=mode)

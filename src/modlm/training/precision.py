@@ -8,6 +8,7 @@ GPUs (V100, T4) emulate bf16 too, and ``torch.cuda.is_bf16_supported()`` counts 
 asked ``including_emulation=False``, as here. So the rule is: bf16-mixed where native, otherwise
 fp32. An explicit ``--trainer.precision`` is never second-guessed.
 """
+
 from __future__ import annotations
 
 import platform

@@ -4,6 +4,7 @@ The architecture is the checkpoint's (``modlm.model.hf_format`` reads it); the r
 (routing, capacities, context length). Used where a fit is built (``MoDLightningModule``) and where a
 resumed fit is checked against its checkpoint (``checkpoint.check_resume_shape``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,10 +27,14 @@ def pretrained_config(init_from: str, run: dict) -> tuple[ModelConfig, Path]:
         value = run.get(field)
         if field == "vocab_size":
             if value is not None and value > arch[field]:
-                raise UserError(f"the tokenizer has {value} tokens, more than the pretrained model's vocabulary "
-                                f"({arch[field]}): use the model's own tokenizer (--data.tokenizer {init_from})")
+                raise UserError(
+                    f"the tokenizer has {value} tokens, more than the pretrained model's vocabulary "
+                    f"({arch[field]}): use the model's own tokenizer (--data.tokenizer {init_from})"
+                )
         elif value is not None and value != defaults[field] and value != arch[field]:
-            raise UserError(f"--model.{field}={value!r} conflicts with the pretrained checkpoint's {field}={arch[field]!r} "
-                            f"({init_from}): its weights decide it")
+            raise UserError(
+                f"--model.{field}={value!r} conflicts with the pretrained checkpoint's {field}={arch[field]!r} "
+                f"({init_from}): its weights decide it"
+            )
     overrides = {k: v for k, v in run.items() if k not in ARCHITECTURE_FIELDS and k in defaults}
     return config_from_hf(read_config(folder), **overrides), folder

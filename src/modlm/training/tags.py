@@ -18,6 +18,7 @@ keys are ``modlm.analysis.evaluate``'s.)
   train/device/items_per_sec, train/device/mfu    Lightning's ThroughputMonitor (items are tokens)
   harness/<task>/<metric>                         lm-evaluation-harness scores (``--harness.tasks``)
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -79,7 +80,6 @@ def recursion_depth_share(depth: int) -> str:
 def moe(figure: str, layer: int, expert: Optional[int] = None) -> str:
     """``moe/<figure>/layer_<i>``, with ``/expert_<e>`` for a per-expert figure."""
     return mixture("moe", f"{figure}.layer_{layer}" + ("" if expert is None else f".expert_{expert}"))
-
 
 
 def harness(task: str, metric: str) -> str:

@@ -6,6 +6,7 @@
 (``report_of``), never attributes of the module. (``flops_per_batch`` stays a module attribute: it
 is what Lightning's ``ThroughputMonitor`` reads.)
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

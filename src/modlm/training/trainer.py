@@ -9,6 +9,7 @@ runs, so this cannot wait for one). Then the save is atomic (``checkpoint.save_a
 name, then a rename): a job killed mid-save keeps its previous ``last.ckpt``, and a ``last.ckpt`` link
 is replaced, never written through. Everything else is Lightning's Trainer, argument for argument.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -19,12 +20,14 @@ from .checkpoint import save_atomically
 
 
 class ModLMTrainer(pl.Trainer):
-    def save_checkpoint(self, filepath, weights_only: Optional[bool] = False,
-                        storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, filepath, weights_only: Optional[bool] = False, storage_options: Optional[Any] = None
+    ) -> None:
         """``Trainer.save_checkpoint`` of a calibrated model, written under a hidden name and renamed onto
         ``filepath`` when complete (call it on every rank, as Lightning's)."""
         calibrate = getattr(self.lightning_module, "calibrate", None)
         if callable(calibrate):  # modlm's module: its routers' decisions fitted to the weights about to be saved
             calibrate()
-        save_atomically(self, filepath,
-                        lambda partial: pl.Trainer.save_checkpoint(self, partial, weights_only, storage_options))
+        save_atomically(
+            self, filepath, lambda partial: pl.Trainer.save_checkpoint(self, partial, weights_only, storage_options)
+        )

@@ -2,6 +2,7 @@
 windows (with their loss mask, for chat data; read back by ``modlm.saved.travel``); and the calibration of the
 routers' causal decisions on those windows, done before every save so that the thresholds the weights carry
 fit them."""
+
 from __future__ import annotations
 
 from typing import Optional

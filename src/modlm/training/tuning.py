@@ -6,10 +6,12 @@ checkpoints keep of the model.
   every checkpoint's optimizer state, holds only them); checkpoints keep every weight. Needs routed blocks.
 * ``lora``: peft's LoRA adapters on the attention and MLP projections (``modlm.saved.adapters``) plus the
   routers and predictors train; everything else is frozen. Needs ``--model.init_from``: a file checkpoint
-  keeps what trains (with the routers' decision thresholds) and what rebuilds the rest (the pretrained folder and its fingerprint), and is read back
+  keeps what trains (with the routers' decision thresholds) and what rebuilds the rest (the pretrained folder and
+  its fingerprint), and is read back
   merged by ``load_saved``. An FSDP2 sharded checkpoint keeps every weight (torch's distributed checkpoint
   loads into the whole model's state; a partial one would not load).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from ..model.errors import UserError
 from ..model.transformer import MoDTransformer
-from ..saved.adapters import ADAPTER_BASE_KEY, LoraSettings, add_adapters, adapter_base, routing_names
+from ..saved.adapters import ADAPTER_BASE_KEY, LoraSettings, adapter_base, add_adapters, routing_names
 
 
 class Tuning:
@@ -44,8 +46,10 @@ class RouterTuning(Tuning):
 
     def apply(self, model: MoDTransformer) -> None:
         if not model.routers():
-            raise UserError("--model.tune routers trains only routers and predictors, and this model has none "
-                            "(route_every 0): route some blocks, or use --model.tune full")
+            raise UserError(
+                "--model.tune routers trains only routers and predictors, and this model has none "
+                "(route_every 0): route some blocks, or use --model.tune full"
+            )
         model.requires_grad_(False)
         for router in model.routers():
             router.requires_grad_(True)
@@ -58,8 +62,10 @@ class LoraTuning(Tuning):
 
     def __init__(self, settings: LoraSettings, init_from: Optional[str]):
         if not init_from:
-            raise UserError("--model.tune lora adapts a pretrained model: name it with --model.init_from (a "
-                            "transformers folder or Hub id)")
+            raise UserError(
+                "--model.tune lora adapts a pretrained model: name it with --model.init_from (a "
+                "transformers folder or Hub id)"
+            )
         self.settings, self.init_from = settings, init_from
         self.trained: set[str] = set()
         self._base: Optional[dict] = None

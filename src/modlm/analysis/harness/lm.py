@@ -11,6 +11,7 @@ give: the routing mode (``modes.py``: causal by default, top-k batched by length
 leaking), generation through modlm's routed KV cache, and the tally of what each routed block
 processed (``usage.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,10 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .modes import mode_of
-from .usage import Usage, pass_counts
 from ...model.errors import UserError
 from ...model.hf_format import special_tokens
+from .modes import mode_of
+from .usage import Usage, pass_counts
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,15 @@ class ModLMHarness(TemplateLM):
         progress: show a progress bar per request type
     """
 
-    def __init__(self, model, tokenizer, routing: str = "causal", batch_size: int = 8, max_gen_toks: int = 256,
-                 progress: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        routing: str = "causal",
+        batch_size: int = 8,
+        max_gen_toks: int = 256,
+        progress: bool = False,
+    ):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -127,8 +135,12 @@ class ModLMHarness(TemplateLM):
         rows, owners = [], []
         for n, request in enumerate(requests):
             (string,) = request.args
-            windows = get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self._prefix_id,
-                                                max_seq_len=self.max_length, context_len=1)
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self._prefix_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for ctx, cont in map(make_disjoint_window, windows):
                 rows.append(Row(ctx + cont, len(cont), request.task_name))
                 owners.append(n)
@@ -141,24 +153,26 @@ class ModLMHarness(TemplateLM):
     def _score(self, rows: list[Row], request_type: str, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Log-probability of each row's scored tokens and whether each is the argmax, in batches of
         the mode; the input is the last ``max_seq_len`` tokens before the final one."""
-        inputs = [row.tokens[-(self.max_length + 1):][:-1] for row in rows]
+        inputs = [row.tokens[-(self.max_length + 1) :][:-1] for row in rows]
         for row in rows:
             if row.n_scored > self.max_length:
-                raise UserError(f"a continuation of {row.n_scored} tokens (task {row.task}) exceeds the model's "
-                                f"max_seq_len={self.max_length}")
+                raise UserError(
+                    f"a continuation of {row.n_scored} tokens (task {row.task}) exceeds the model's "
+                    f"max_seq_len={self.max_length}"
+                )
         results: list[Optional[tuple[float, bool]]] = [None] * len(rows)
         batches = self.mode.batches([len(x) for x in inputs], self.batch_size)
         for batch in tqdm(batches, desc=request_type, disable=disable_tqdm or not self.progress):
             lengths = [len(inputs[i]) for i in batch]
             ids = torch.full((len(batch), max(lengths)), self._eot_id, dtype=torch.long)
             for j, i in enumerate(batch):
-                ids[j, :lengths[j]] = torch.tensor(inputs[i])
+                ids[j, : lengths[j]] = torch.tensor(inputs[i])
             out = self.model(ids.to(self.device), routing=self.mode.routing)
             logprobs = F.log_softmax(out.logits.float(), dim=-1)
             for j, i in enumerate(batch):
                 n, k = lengths[j], rows[i].n_scored
                 target = torch.tensor(rows[i].tokens[-k:], device=logprobs.device)
-                scored = logprobs[j, n - k:n]
+                scored = logprobs[j, n - k : n]
                 results[i] = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
             for i, n, counts in zip(batch, lengths, pass_counts(self.model.config, out, lengths)):
                 self.usage.add(rows[i].task, request_type, n, counts)
@@ -184,8 +198,12 @@ class ModLMHarness(TemplateLM):
             batches = self.mode.batches([len(p) for p in prompts], self.batch_size)
             for batch in tqdm(batches, desc="generate_until", disable=disable_tqdm or not self.progress):
                 chosen = [prompts[i] for i in batch]
-                made = self._generate(chosen, min(max_new, self.max_length - max(map(len, chosen))), until,
-                                      [requests[members[i]].task_name for i in batch])
+                made = self._generate(
+                    chosen,
+                    min(max_new, self.max_length - max(map(len, chosen))),
+                    until,
+                    [requests[members[i]].task_name for i in batch],
+                )
                 for i, text in zip(batch, made):
                     texts[members[i]] = text
         return texts
@@ -206,5 +224,5 @@ class ModLMHarness(TemplateLM):
         outputs, fed, counts = self.mode.generate(self.model, prompts, new_tokens, self._eot_id, stop_rows)
         for task, n, count in zip(tasks, fed, counts):
             self.usage.add(task, "generate_until", n, count)
-        texts = [self.tok_decode(out[len(prompt):]) for out, prompt in zip(outputs, prompts)]
+        texts = [self.tok_decode(out[len(prompt) :]) for out, prompt in zip(outputs, prompts)]
         return [postprocess_generated_text(text, until, None) for text in texts]

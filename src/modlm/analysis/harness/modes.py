@@ -10,13 +10,14 @@ how text is generated, and whether a score can leak its continuation.
 
 A dense model computes the same in both, and runs as ``CausalMode``.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
-from .usage import state_counts, topk_counts
 from ...model.config import Routing
 from ...model.errors import UserError
+from .usage import state_counts, topk_counts
 
 Batches = list[list[int]]
 """Indices of rows, one list per forward pass."""
@@ -36,15 +37,17 @@ class CausalMode:
         """Rows of any lengths together, right-padded: padding comes after every real token, and a
         causal decision at a real token never reads a later position."""
         order = longest_first(lengths)
-        return [order[i:i + size] for i in range(0, len(order), size)]
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def generate(self, model, prompts: list[list[int]], new_tokens: int, eot_id: int,
-                 on_tokens: Callable) -> tuple[list[list[int]], list[int], list[dict]]:
+    def generate(
+        self, model, prompts: list[list[int]], new_tokens: int, eot_id: int, on_tokens: Callable
+    ) -> tuple[list[list[int]], list[int], list[dict]]:
         """Greedy continuations with the KV cache (``model.generate``); with what each row fed the
         model (tokens consumed) and what each routed unit processed, read from the caches."""
         state = model.new_state(len(prompts))
-        outputs = model.generate(prompts, new_tokens, temperature=0, eot_id=eot_id, on_tokens=on_tokens,
-                                 routing=self.routing, state=state)
+        outputs = model.generate(
+            prompts, new_tokens, temperature=0, eot_id=eot_id, on_tokens=on_tokens, routing=self.routing, state=state
+        )
         seen, counts = state_counts(model, state)
         return [o.tolist() for o in outputs], seen, counts
 
@@ -65,8 +68,9 @@ class TopkMode:
                 out.append([i])
         return out
 
-    def generate(self, model, prompts: list[list[int]], new_tokens: int, eot_id: int,
-                 on_tokens: Callable) -> tuple[list[list[int]], list[int], list[dict]]:
+    def generate(
+        self, model, prompts: list[list[int]], new_tokens: int, eot_id: int, on_tokens: Callable
+    ) -> tuple[list[list[int]], list[int], list[dict]]:
         """Greedy continuations, each new token from a whole top-k pass over the sequence so far
         (``generate(routing="topk")``: no cache); counted as one top-k pass over what was fed."""
         steps = []
@@ -75,8 +79,9 @@ class TopkMode:
             steps.append(1)
             return on_tokens(tokens)
 
-        outputs = model.generate(prompts, new_tokens, temperature=0, eot_id=eot_id, on_tokens=counted,
-                                 routing=self.routing)
+        outputs = model.generate(
+            prompts, new_tokens, temperature=0, eot_id=eot_id, on_tokens=counted, routing=self.routing
+        )
         fed = [len(p) + len(steps) - 1 for p in prompts]
         return [o.tolist() for o in outputs], fed, [topk_counts(model.config, n) for n in fed]
 

@@ -15,6 +15,7 @@ after a dot, as ``exact_match.strict-match``):
   routing of a log-likelihood task);
 * ``routing``, ``leaking``, ``tokens``, ``flops_per_token``, ``capacity_used.layer_<i>``: the run's.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -55,8 +56,10 @@ def task_manager(names: list[str], include_path: Optional[str] = None):
         if name not in manager.all_tasks and not Path(name).is_file():
             close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
             hint = f"; closest: {', '.join(close)}" if close else ""
-            raise HarnessError(f"unknown task {name!r} (not among lm-eval's {len(manager.all_tasks)} tasks, groups and "
-                               f"tags{' nor in ' + include_path if include_path else ''}){hint}")
+            raise HarnessError(
+                f"unknown task {name!r} (not among lm-eval's {len(manager.all_tasks)} tasks, groups and "
+                f"tags{' nor in ' + include_path if include_path else ''}){hint}"
+            )
     return manager
 
 
@@ -82,8 +85,10 @@ def load_tasks(names: list[str], manager) -> list:
             dataset = dataset or (quoted.group(1) if quoted else "a Hub dataset")
             offline = [v for v in HUB_OFFLINE if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
             why = f"offline mode is on ({', '.join(offline)})" if offline else "the Hub cannot be reached"
-            raise HarnessError(f"task {name}: its data is on the Hugging Face Hub ({dataset}) and {why}; run where the "
-                               "Hub is reachable, or give a local copy of the task with --include_path") from None
+            raise HarnessError(
+                f"task {name}: its data is on the Hugging Face Hub ({dataset}) and {why}; run where the "
+                "Hub is reachable, or give a local copy of the task with --include_path"
+            ) from None
         groups, tasks = found["groups"], found["tasks"]
         if name in groups:
             loaded.append(groups[name])
@@ -100,14 +105,27 @@ def quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_tasks(lm, tasks: list, manager, num_fewshot: Optional[int] = None, limit: Optional[float] = None,
-              bootstrap_iters: int = 100_000) -> dict:
+def run_tasks(
+    lm,
+    tasks: list,
+    manager,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    bootstrap_iters: int = 100_000,
+) -> dict:
     """``lm_eval.simple_evaluate`` of loaded tasks (``load_tasks``, from ``manager``) on ``lm``: lm-eval's
     result dict. (Without its manager, lm-eval would index all its own tasks again.)"""
     import lm_eval
 
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                   bootstrap_iters=bootstrap_iters, log_samples=False)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=bootstrap_iters,
+        log_samples=False,
+    )
 
 
 def metric_key(name: str) -> Optional[str]:
@@ -145,9 +163,18 @@ def flat_results(results: dict, lm) -> dict:
     return out
 
 
-def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str], include_path: Optional[str] = None,
-                   num_fewshot: Optional[int] = None, limit: Optional[float] = None, batch_size: int = 8,
-                   routing: str = "causal", progress: bool = False, bootstrap_iters: int = 100_000) -> dict:
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: str | Sequence[str],
+    include_path: Optional[str] = None,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    batch_size: int = 8,
+    routing: str = "causal",
+    progress: bool = False,
+    bootstrap_iters: int = 100_000,
+) -> dict:
     """Run lm-eval ``tasks`` on ``model`` (its ``tokenizers.Tokenizer`` beside it) and return the flat
     keys of ``flat_results``."""
     from .lm import ModLMHarness

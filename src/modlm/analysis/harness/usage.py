@@ -8,6 +8,7 @@ FLOPs of a row are ``forward_flops`` at the row's own length with each routed bl
 processed (mixture-of-experts MLPs at a balanced router's passes on the tokens they received), so a
 figure does not depend on how rows were batched or padded.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -16,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from ..flops import expert_passes, forward_flops
 from ...model.config import ModelConfig
 from ..evaluate import processed_counts
+from ..flops import expert_passes, forward_flops
 from ..metrics import selections
 
 
@@ -81,8 +82,9 @@ def row_flops(config: ModelConfig, length: int, counts: dict[str, int], routing:
         return float(forward_flops(config, length, tokens_per_recursion_step=per_unit))
     into = dict(zip(config.routed_layers, per_unit or []))
     passes = [expert_passes(config, into.get(layer, length), routing) for layer in config.expert_layers]
-    return float(forward_flops(config, length, tokens_per_routed_block=per_unit,
-                               passes_per_expert_layer=passes or None))
+    return float(
+        forward_flops(config, length, tokens_per_routed_block=per_unit, passes_per_expert_layer=passes or None)
+    )
 
 
 class Usage:

@@ -6,6 +6,7 @@ named once in ``KINDS`` below; everything else here works on any list of mixture
 (``callbacks/routing_stats.py``), evaluation (``evaluate.py``) and the FLOPs of a pass as it ran handle
 every kind without naming one, and a figure means the same thing in TensorBoard and in ``eval.py``'s JSON.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -23,15 +24,37 @@ from .experts import ExpertMetrics, dropped_fraction, expert_load, noop_fraction
 from .recursion import RecursionMetrics, depth_shares
 from .routed import RoutedMetrics, causal_decision, router_decision_counts
 
-KINDS: dict[type, KindMetrics] = {RoutingInfo: RoutedMetrics(), ExpertInfo: ExpertMetrics(), RecursionInfo: RecursionMetrics()}
+KINDS: dict[type, KindMetrics] = {
+    RoutingInfo: RoutedMetrics(),
+    ExpertInfo: ExpertMetrics(),
+    RecursionInfo: RecursionMetrics(),
+}
 """Each kind of mixture's info -> its metrics. Adding a mixture adds its entry here."""
 
 Tallies = dict[str, dict[str, torch.Tensor]]
 """Per kind (its prefix), tallies by key: device tensors that add up over batches and ranks."""
 
-__all__ = ["KINDS", "Tallies", "add_tallies", "aux_losses", "causal_decision", "decision_counts", "depth_shares",
-           "dropped_fraction", "expert_load", "figures", "histograms", "noop_fraction", "passes_per_row",
-           "quality_from_counts", "ran_forward_flops", "router_decision_counts", "selections", "tally", "token_depth"]
+__all__ = [
+    "KINDS",
+    "Tallies",
+    "add_tallies",
+    "aux_losses",
+    "causal_decision",
+    "decision_counts",
+    "depth_shares",
+    "dropped_fraction",
+    "expert_load",
+    "figures",
+    "histograms",
+    "noop_fraction",
+    "passes_per_row",
+    "quality_from_counts",
+    "ran_forward_flops",
+    "router_decision_counts",
+    "selections",
+    "tally",
+    "token_depth",
+]
 
 
 def by_kind(mixtures: Sequence[MixtureInfo]) -> list[tuple[KindMetrics, list]]:
@@ -40,8 +63,12 @@ def by_kind(mixtures: Sequence[MixtureInfo]) -> list[tuple[KindMetrics, list]]:
     return [(metrics, [m for m in mixtures if type(m) is kind]) for kind, metrics in KINDS.items()]
 
 
-def tally(mixtures: Sequence[MixtureInfo], cfg: ModelConfig, input_ids: Optional[torch.Tensor] = None,
-          eot_id: Optional[int] = None) -> Tallies:
+def tally(
+    mixtures: Sequence[MixtureInfo],
+    cfg: ModelConfig,
+    input_ids: Optional[torch.Tensor] = None,
+    eot_id: Optional[int] = None,
+) -> Tallies:
     """One pass's tallies, per kind (no host sync)."""
     out = {}
     for metrics, infos in by_kind(mixtures):

@@ -6,6 +6,7 @@ and ranks without a host sync, and ``figures`` turns summed tallies into floats 
 are the evaluation JSON's (``capacity_used.layer_3``); a TensorBoard tag is the kind's prefix and the key
 with dots as slashes (``router/capacity_used/layer_3``).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -23,8 +24,13 @@ def ratio(numerator, denominator) -> torch.Tensor:
 def decision_counts(decision: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[agreements, tokens, true positives, predicted positives, target positives] of a (B, T) bool
     decision against a bool target; counts add up over batches and ranks, ratios would not."""
-    counts = [(decision == target).sum(), torch.tensor(target.numel(), device=target.device),
-              (decision & target).sum(), decision.sum(), target.sum()]
+    counts = [
+        (decision == target).sum(),
+        torch.tensor(target.numel(), device=target.device),
+        (decision & target).sum(),
+        decision.sum(),
+        target.sum(),
+    ]
     return torch.stack(counts).double()  # on the device: no sync until the ratios are needed
 
 

@@ -1,14 +1,15 @@
 """Mixture-of-experts MLPs' figures (``ExpertInfo``), per MLP ``layer_i``:
 
-  load.layer_i.expert_e   share of the picks that went to real expert e (before capacity: what the
-                          router asked for)
-  noop_fraction           share of the picks that chose a no-op expert: MLP work skipped (integrated MoDE)
-  dropped                 share of the picks of real experts that their expert did not compute (over its
-                          training capacity)
-  expert_slots            expert MLP passes computed per sequence (what ``modlm.flops.expert_passes``
-                          counts, measured)
-  load_balance            the load-balancing loss, unweighted (1 = balanced), where computed
+load.layer_i.expert_e   share of the picks that went to real expert e (before capacity: what the
+                        router asked for)
+noop_fraction           share of the picks that chose a no-op expert: MLP work skipped (integrated MoDE)
+dropped                 share of the picks of real experts that their expert did not compute (over its
+                        training capacity)
+expert_slots            expert MLP passes computed per sequence (what ``modlm.flops.expert_passes``
+                        counts, measured)
+load_balance            the load-balancing loss, unweighted (1 = balanced), where computed
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -39,7 +40,7 @@ def expert_load(info: ExpertInfo) -> torch.Tensor:
 
 def noop_fraction(info: ExpertInfo) -> torch.Tensor:
     """Share of the picks that chose a no-op expert."""
-    return expert_load(info)[info.n_experts:].sum()
+    return expert_load(info)[info.n_experts :].sum()
 
 
 def dropped_fraction(info: ExpertInfo) -> torch.Tensor:
@@ -56,14 +57,16 @@ def passes_per_row(info: ExpertInfo) -> torch.Tensor:
 class ExpertMetrics(KindMetrics):
     prefix = "moe"
 
-    def tally(self, infos: Sequence[ExpertInfo], cfg: ModelConfig, input_ids=None, eot_id=None) -> dict[str, torch.Tensor]:
+    def tally(
+        self, infos: Sequence[ExpertInfo], cfg: ModelConfig, input_ids=None, eot_id=None
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for info in infos:
             where = f"layer_{info.layer}"
             picks = expert_picks(info)  # real experts first, then the no-op ones
             out[f"load.{where}"] = torch.cat([picks[: info.n_experts], picks.sum().unsqueeze(0)])
             if info.n_choices > info.n_experts:
-                out[f"noop_fraction.{where}"] = ratio(picks[info.n_experts:].sum(), picks.sum())
+                out[f"noop_fraction.{where}"] = ratio(picks[info.n_experts :].sum(), picks.sum())
             wanted = _real_picks(info) & (info.expert < info.n_experts)
             out[f"dropped.{where}"] = ratio((wanted & ~info.computed).sum(), wanted.sum())
             out[f"expert_slots.{where}"] = ratio(info.computed.sum(), info.computed.size(0))

@@ -8,6 +8,7 @@
 and over the tokens: ``depth_mean`` (recursion steps taken), ``depth_share.depth_d`` (the share that took
 exactly d steps), and a histogram of the steps taken (``depth``).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,7 +30,9 @@ def depth_shares(info: RecursionInfo) -> list[float]:
 class RecursionMetrics(KindMetrics):
     prefix = "recursion"
 
-    def tally(self, infos: Sequence[RecursionInfo], cfg: ModelConfig, input_ids=None, eot_id=None) -> dict[str, torch.Tensor]:
+    def tally(
+        self, infos: Sequence[RecursionInfo], cfg: ModelConfig, input_ids=None, eot_id=None
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for info in infos:
             for step in info.steps:

@@ -9,6 +9,7 @@
 
 and histograms of the router logits (``weight``) and of the positions picked (``selected_pos``).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -51,7 +52,9 @@ def router_tallies(info: RoutingInfo, where: str, random_routing: bool) -> dict[
 class RoutedMetrics(KindMetrics):
     prefix = "router"
 
-    def tally(self, infos: Sequence[RoutingInfo], cfg: ModelConfig, input_ids=None, eot_id=None) -> dict[str, torch.Tensor]:
+    def tally(
+        self, infos: Sequence[RoutingInfo], cfg: ModelConfig, input_ids=None, eot_id=None
+    ) -> dict[str, torch.Tensor]:
         out = {}
         for n, info in enumerate(infos):
             where, selected = f"layer_{info.layer}", info.selected

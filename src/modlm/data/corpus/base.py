@@ -23,6 +23,7 @@ epoch, and each yields its positions in increasing order, so a part's place in t
 position of its next document, which is all a resume needs (plus a token offset inside that
 document, kept by the packer).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -59,8 +60,9 @@ class Corpus(ABC):
         """The tokenizer of this corpus's tokens and the tokenizer.json it is stored in."""
 
     @abstractmethod
-    def train_stream(self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                     rank: int, world_size: int, num_workers: int) -> TrainStream:
+    def train_stream(
+        self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int
+    ) -> TrainStream:
         """Rank ``rank``'s training stream of batches (batch_size, seq_len + 1), from the start;
         DataError when the corpus cannot fill one batch or be shared by this many parts."""
 
@@ -120,10 +122,12 @@ class TextCorpus(Corpus):
     def tokenizer(self, settings: TokenizerSettings) -> tuple[Tokenizer, Path]:
         return resolve_tokenizer(settings, self)
 
-    def train_stream(self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                     rank: int, world_size: int, num_workers: int) -> TextStream:
-        return TextStream(self, tokenizer.to_str(), seq_len, batch_size,
-                          rank=rank, world_size=world_size, num_workers=num_workers)
+    def train_stream(
+        self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int
+    ) -> TextStream:
+        return TextStream(
+            self, tokenizer.to_str(), seq_len, batch_size, rank=rank, world_size=world_size, num_workers=num_workers
+        )
 
     def val_windows(self, tokenizer: Tokenizer, seq_len: int, max_windows: int) -> torch.Tensor:
         """The validation documents packed like training data."""

@@ -16,6 +16,7 @@ Windows: one conversation per window (``stream/chat.py`` says why). Validation: 
 ``val_source`` (every one, in order), or those the hashed split holds out (``val_fraction``); the first
 ``max_windows`` that fit. Their loss mask travels with them (``val_loss_mask``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -58,8 +59,14 @@ class ChatCorpus(Corpus):
     JSON text); ``val_records``: a held-out source likewise (None: ``records``' hashed split);
     ``chat_template``: ``--data.chat_template`` (None: the tokenizer's, else modlm's default)."""
 
-    def __init__(self, records: TextCorpus, val_records: Optional[TextCorpus], *, seq_len: int,
-                 chat_template: Optional[str] = None):
+    def __init__(
+        self,
+        records: TextCorpus,
+        val_records: Optional[TextCorpus],
+        *,
+        seq_len: int,
+        chat_template: Optional[str] = None,
+    ):
         self.records, self.val_records = records, val_records
         self.source = records.source
         self.seq_len = seq_len
@@ -133,8 +140,10 @@ class ChatCorpus(Corpus):
         if self.encoder is None:
             template = chat_template_for(self.chat_template_spec, path)
             if template is None:
-                note(f"the tokenizer {path} has no chat template: conversations are rendered with modlm's default "
-                     "(docs/fine-tuning.md)")
+                note(
+                    f"the tokenizer {path} has no chat template: conversations are rendered with modlm's default "
+                    "(docs/fine-tuning.md)"
+                )
             self.encoder = ChatEncoder(tok.to_str(), template)
             self.check()
         return tok, path
@@ -159,23 +168,31 @@ class ChatCorpus(Corpus):
         if counts.no_answer:
             left.append(f"{counts.no_answer:,} without an assistant turn (nothing to learn)")
         if counts.too_long:
-            left.append(f"{counts.too_long:,} longer than the {window}-token window (the longest has "
-                        f"{counts.longest:,} tokens: raise --data.seq_len to keep them)")
+            left.append(
+                f"{counts.too_long:,} longer than the {window}-token window (the longest has "
+                f"{counts.longest:,} tokens: raise --data.seq_len to keep them)"
+            )
         if counts.train == 0:
-            raise DataError(f"data source {self.source!r}: no conversation to train on"
-                            + (": " + "; ".join(left) if left else ""))
+            raise DataError(
+                f"data source {self.source!r}: no conversation to train on" + (": " + "; ".join(left) if left else "")
+            )
         if is_rank_zero():
-            note(f"chat data {self.source}: {counts.train:,} conversations to train on, {counts.val:,} to validate on, "
-                 f"one per {window}-token window")
+            note(
+                f"chat data {self.source}: {counts.train:,} conversations to train on, {counts.val:,} to validate on, "
+                f"one per {window}-token window"
+            )
             if left:
-                warnings.warn(f"data source {self.source!r}: left out of training and validation: " + "; ".join(left),
-                              DataWarning)
+                warnings.warn(
+                    f"data source {self.source!r}: left out of training and validation: " + "; ".join(left), DataWarning
+                )
         return counts
 
-    def train_stream(self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                     rank: int, world_size: int, num_workers: int) -> ChatStream:
-        return ChatStream(self, self._encoder(), seq_len, batch_size, rank=rank, world_size=world_size,
-                          num_workers=num_workers)
+    def train_stream(
+        self, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, num_workers: int
+    ) -> ChatStream:
+        return ChatStream(
+            self, self._encoder(), seq_len, batch_size, rank=rank, world_size=world_size, num_workers=num_workers
+        )
 
     def _encoder(self) -> ChatEncoder:
         if self.encoder is None:
@@ -194,10 +211,16 @@ class ChatCorpus(Corpus):
                 if any(loss) and len(ids) <= window:
                     rows.append(conversation_window(ids, loss, window, pad))
             if not rows:
-                raise DataError(f"data source {self.source!r}: no conversation to validate on; give held-out "
-                                "conversations with --data.val_source, or raise --data.val_fraction")
-            self._val = (seq_len, max_windows, torch.from_numpy(np.stack([t for t, _ in rows])),
-                         torch.from_numpy(np.stack([m for _, m in rows])))
+                raise DataError(
+                    f"data source {self.source!r}: no conversation to validate on; give held-out "
+                    "conversations with --data.val_source, or raise --data.val_fraction"
+                )
+            self._val = (
+                seq_len,
+                max_windows,
+                torch.from_numpy(np.stack([t for t, _ in rows])),
+                torch.from_numpy(np.stack([m for _, m in rows])),
+            )
         return self._val[2], self._val[3]
 
     def val_windows(self, tokenizer: Tokenizer, seq_len: int, max_windows: int) -> torch.Tensor:

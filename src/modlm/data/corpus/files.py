@@ -20,6 +20,7 @@ are disjoint, together cover the epoch, and each yields its positions in increas
 Split. Whole documents are held out by a hash of their path and record number (split.py); a corpus
 too small for that holds out the tail of every document instead.
 """
+
 import bisect
 import glob
 import hashlib
@@ -45,8 +46,14 @@ LARGE_CORPUS_BYTES = 1_000_000_000
 # Folders never part of the stdlib corpus: test suites (mostly generated or adversarial
 # text, and not "library code"), third-party packages, caches.
 STDLIB_EXCLUDED_DIRS = {
-    "test", "tests", "idle_test", "idlelib_test", "testing",
-    "site-packages", "dist-packages", "__pycache__",
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib_test",
+    "testing",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
 }
 _SKIPPED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".ipynb_checkpoints"}
 
@@ -69,8 +76,10 @@ def _walk(folder: Path) -> list[Path]:
     return found
 
 
-EXPECTED = (f"a {'/'.join(sorted(SUPPORTED_SUFFIXES))} file (or UTF-8 text without an extension), plain or "
-            f"{'/'.join(COMPRESSIONS)}-compressed, a folder of them, a glob, a URL of one of those, 'stdlib' or 'hub:NAME'")
+EXPECTED = (
+    f"a {'/'.join(sorted(SUPPORTED_SUFFIXES))} file (or UTF-8 text without an extension), plain or "
+    f"{'/'.join(COMPRESSIONS)}-compressed, a folder of them, a glob, a URL of one of those, 'stdlib' or 'hub:NAME'"
+)
 
 
 def _discover_url(source: str) -> tuple[RemoteFile, list[RemoteFile]]:
@@ -242,8 +251,9 @@ class FileCorpus(TextCorpus):
                 raise
             raise DataError(f"{path}: not readable as {compression(path)} ({e})") from None
         n = index.n_records
-        entry = FileEntry(path, rel, n, is_multi_record(path, index), index.size, marks=index.marks,
-                          groups=index.groups)
+        entry = FileEntry(
+            path, rel, n, is_multi_record(path, index), index.size, marks=index.marks, groups=index.groups
+        )
         entry.val_records = [r for r in range(n) if is_val(entry.key(r), self.val_fraction)]
         return entry
 
@@ -270,8 +280,10 @@ class FileCorpus(TextCorpus):
         return sum(e.size for e in self.entries) + self.num_train_docs
 
     def describe(self) -> str:
-        return (f"{self.source} ({len(self.entries)} files, {self.num_train_docs} train / "
-                f"{self.num_val_docs} val documents)")
+        return (
+            f"{self.source} ({len(self.entries)} files, {self.num_train_docs} train / "
+            f"{self.num_val_docs} val documents)"
+        )
 
     # ---- documents of one split, in a fixed order -------------------------------------
 
@@ -323,8 +335,9 @@ class FileCorpus(TextCorpus):
                 if lo < hi:
                     val = set(e.val_records)
                     # from the block's first train record through its last, no val record after it
-                    for record, text in read_records(e.path, self.text_field, e.train_record(lo),
-                                                     e.train_record(hi - 1) + 1, e.marks, e.size):
+                    for record, text in read_records(
+                        e.path, self.text_field, e.train_record(lo), e.train_record(hi - 1) + 1, e.marks, e.size
+                    ):
                         if record not in val:
                             pos = first + e.train_rank(record)
                             yield pos, (split_tail(text, self.tail_share)[0] if self.tail_share else text)

@@ -23,6 +23,7 @@ Part `part` of `num_parts` is `datasets.distributed.split_dataset_by_node` of th
 shuffled per epoch (seeded, order.py); positions count the rows of that part's stream; a resumed
 part re-reads (without tokenizing) the rows before its position.
 """
+
 import copy
 import json
 import os
@@ -73,7 +74,7 @@ def split_revision(source: str) -> tuple[str, Optional[str]]:
 
 def parse_hub_source(source: str) -> tuple[str, Optional[str]]:
     """'hub:NAME[:CONFIG][@REVISION]' -> (NAME, CONFIG or None)."""
-    name, _, config = split_revision(source)[0][len("hub:"):].partition(":")
+    name, _, config = split_revision(source)[0][len("hub:") :].partition(":")
     if not name:
         raise DataError(f"data source {source!r}: expected hub:NAME[:CONFIG], e.g. hub:roneneldan/TinyStories")
     return name, (config or None)
@@ -129,8 +130,9 @@ class HubCorpus(TextCorpus):
         from huggingface_hub import snapshot_download
 
         try:
-            return snapshot_download(self.name, repo_type="dataset", revision=self.requested_revision,
-                                     local_files_only=True)
+            return snapshot_download(
+                self.name, repo_type="dataset", revision=self.requested_revision, local_files_only=True
+            )
         except Exception:  # noqa: BLE001 - not cached (or not at that revision): the caller says so
             return None
 
@@ -175,8 +177,10 @@ class HubCorpus(TextCorpus):
         saved = pins.get("hub_revision")
         if saved and saved != self.revision:
             base = self.source.partition("@")[0]
-            raise DataError(f"the checkpoint read {base} at commit {saved}, this run opens commit "
-                            f"{self.revision}: resume with --data.source {base}@{saved}")
+            raise DataError(
+                f"the checkpoint read {base} at commit {saved}, this run opens commit "
+                f"{self.revision}: resume with --data.source {base}@{saved}"
+            )
 
     def as_records(self) -> "HubCorpus":
         """This dataset read row by row, each row whole as its JSON text (``text_field=None``)."""

@@ -30,6 +30,7 @@ would seek to, and a text file's pieces count its decompressed bytes; a compress
 decompressed into memory (parquet is read by seeking), so it is best left uncompressed (its pages
 are compressed already).
 """
+
 import json
 import warnings
 from dataclasses import dataclass
@@ -112,8 +113,9 @@ def _go_to(f, path: CorpusPath, offset: int) -> None:
         skip(f, offset)
 
 
-def read_text(path: CorpusPath, lo: int = 0, hi: Optional[int] = None,
-              size: Optional[int] = None) -> Iterator[tuple[int, str]]:
+def read_text(
+    path: CorpusPath, lo: int = 0, hi: Optional[int] = None, size: Optional[int] = None
+) -> Iterator[tuple[int, str]]:
     """A .txt/.md/.py file (or a text file without an extension) is one document, or one per piece
     when large; only the pieces in [lo, hi) are read. `size`: the file's decompressed bytes, where
     the caller knows them (else read again)."""
@@ -166,8 +168,7 @@ def line_marks(path: CorpusPath) -> tuple[int, list[int], int]:
     return n, marks, offset
 
 
-def _raw_lines(path: CorpusPath, lo: int, hi: Optional[int],
-               marks: Optional[list[int]]) -> Iterator[tuple[int, bytes]]:
+def _raw_lines(path: CorpusPath, lo: int, hi: Optional[int], marks: Optional[list[int]]) -> Iterator[tuple[int, bytes]]:
     """(line number, undecoded bytes) of lines [lo, hi); the lines between the nearest mark and
     `lo` are skipped without being decoded."""
     with open_bytes(path) as f:
@@ -188,8 +189,9 @@ def _raw_lines(path: CorpusPath, lo: int, hi: Optional[int],
             record += 1
 
 
-def read_jsonl(path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
-               marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
+def read_jsonl(
+    path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None, marks: Optional[list[int]] = None
+) -> Iterator[tuple[int, str]]:
     """One JSON object per line, the document in `text_field`. Blank lines are ignored;
     lines that are not JSON objects or lack a string `text_field` are skipped and counted
     (``text_field=None``: every line, unread, as its record). Only lines [lo, hi) are decoded;
@@ -236,8 +238,9 @@ def _is_json_array(path: CorpusPath) -> bool:
     return head.startswith(b"[")
 
 
-def read_json(path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
-              marks: Optional[list[int]] = None) -> Iterator[tuple[int, str]]:
+def read_json(
+    path: Path, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None, marks: Optional[list[int]] = None
+) -> Iterator[tuple[int, str]]:
     """A .json file is either a JSON array of objects (parsed whole, items [lo, hi) kept) or,
     like .jsonl, one object a line (``text_field=None``: each item as its JSON text)."""
     if not _is_json_array(path):
@@ -281,8 +284,7 @@ def parquet_rows(path: Path, text_field: str) -> int:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     if text_field not in meta.schema.names:
         raise DataError(
-            f"{path}: no '{text_field}' column (columns: {', '.join(meta.schema.names)}); "
-            f"set --data.text_field"
+            f"{path}: no '{text_field}' column (columns: {', '.join(meta.schema.names)}); set --data.text_field"
         )
     return meta.num_rows
 
@@ -365,8 +367,14 @@ def _json_array_len(path: CorpusPath) -> tuple[int, int]:
     return len(rows), len(raw)
 
 
-def read_records(path: CorpusPath, text_field: Optional[str], lo: int = 0, hi: Optional[int] = None,
-                 marks: Optional[list[int]] = None, size: Optional[int] = None) -> Iterator[tuple[int, str]]:
+def read_records(
+    path: CorpusPath,
+    text_field: Optional[str],
+    lo: int = 0,
+    hi: Optional[int] = None,
+    marks: Optional[list[int]] = None,
+    size: Optional[int] = None,
+) -> Iterator[tuple[int, str]]:
     """Records [lo, hi) of a file (all by default), dispatched on its format suffix; `marks` are a
     jsonl file's line marks and `size` its decompressed bytes, from `index_records`; ``text_field=None``:
     a jsonl or json file's records whole, as JSON text."""

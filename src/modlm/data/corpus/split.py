@@ -9,6 +9,7 @@ Tails. A corpus with too few documents to hold whole ones out (one file, a folde
 licences) holds out the end of every document instead: ``split_tail`` cuts a document into the head
 that trains and the tail that validates, deterministically and with no character in both.
 """
+
 import hashlib
 
 

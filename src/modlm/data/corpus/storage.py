@@ -11,6 +11,7 @@ compression one decides the format. A decompressing stream only goes forward: a 
 seek reads up to the byte instead (``skip``), so each part of the loader reads such a file from its
 start to its own records (the records, and so the exact resume, are the same as uncompressed).
 """
+
 from __future__ import annotations
 
 import io

@@ -15,6 +15,7 @@ Every stream kind answers the same four questions (``TrainStream``): where it st
 keeps of a position (``save``) and the position a saved one resumes at (``restore``). The
 ``ResumableLoader`` (loader.py) tracks positions; the data module only hands saved state back and forth.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,10 @@ class StreamPosition:
 
 def other_kind_of_source() -> DataError:
     """A checkpoint's data state was written by the other stream kind."""
-    return DataError("the checkpoint's data position is for another kind of source (prepared token shards "
-                     "vs text files); resume with the --data.source it was trained on")
+    return DataError(
+        "the checkpoint's data position is for another kind of source (prepared token shards "
+        "vs text files); resume with the --data.source it was trained on"
+    )
 
 
 class TrainStream(IterableDataset, ABC):

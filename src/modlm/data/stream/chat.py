@@ -18,6 +18,7 @@ window never holds part of one, so a worker's place after a batch is the positio
 (``offset`` 0). Conversations without an assistant token or longer than a window are skipped here; the
 corpus counted and reported them when it opened (``corpus/chat.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,16 @@ def parse_conversation(text: str, where: str) -> list[dict]:
 class ChatStream(TextStream):
     """Endless batches of one rank, one conversation per window, of its parts of a chat corpus."""
 
-    def __init__(self, corpus: DocumentParts, encoder: ChatEncoder, seq_len: int, batch_size: int,
-                 rank: int, world_size: int, num_workers: int):
+    def __init__(
+        self,
+        corpus: DocumentParts,
+        encoder: ChatEncoder,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ):
         super().__init__(corpus, encoder.tokenizer_json, seq_len, batch_size, rank, world_size, num_workers)
         self.encoder = encoder
         self.pad_id = encoder.tokenizer.token_to_id(encoder.special_tokens["pad_token"])
@@ -83,8 +92,10 @@ class ChatStream(TextStream):
                     found += 1
                     yield epoch, pos, ids, loss
             if found == 0 and start == 0:
-                raise DataError(f"data source {self.corpus.source!r}: part {part} of {self.num_parts} holds no "
-                                f"conversation to train on in epoch {epoch}; lower --data.num_workers")
+                raise DataError(
+                    f"data source {self.corpus.source!r}: part {part} of {self.num_parts} holds no "
+                    f"conversation to train on in epoch {epoch}; lower --data.num_workers"
+                )
             epoch, start = epoch + 1, 0
 
     def batches(self, worker: int, place: dict) -> Iterator[tuple[dict, int, dict]]:

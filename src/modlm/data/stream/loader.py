@@ -12,6 +12,7 @@ whole batches and send each with their place after it) and yields plain LongTens
 Iterating again (a new `iter()`) restarts from the consumed position, dropping batches
 that were fetched ahead, so the same windows come next in either case.
 """
+
 import warnings
 from collections import deque
 from typing import Optional

@@ -11,6 +11,7 @@ enough to resume.
 Validation windows are packed the same way (``first_windows``), from the validation documents in
 their fixed order, so that they are the same tokens on every run.
 """
+
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -39,7 +40,7 @@ def pack_windows(docs: Iterator[tuple[int, int, np.ndarray, int]], window: int) 
             while need:
                 doc = pending[0]
                 take = min(need, len(doc[2]) - doc[3])
-                pieces.append(doc[2][doc[3]:doc[3] + take])
+                pieces.append(doc[2][doc[3] : doc[3] + take])
                 doc[3] += take
                 need -= take
                 if doc[3] == len(doc[2]):

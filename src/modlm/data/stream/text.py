@@ -12,6 +12,7 @@ parts depend on it. A checkpoint keeps the position of every rank, with its layo
 same layout continues exactly, a run of another restarts every part at the beginning of the epoch
 the checkpoint had reached (with a DataWarning).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -40,8 +41,16 @@ class DocumentParts(Protocol):
 class TextStream(TrainStream):
     """Endless batches of one rank, tokenized from its parts of a text corpus."""
 
-    def __init__(self, corpus: DocumentParts, tokenizer_json: str, seq_len: int, batch_size: int,
-                 rank: int, world_size: int, num_workers: int):
+    def __init__(
+        self,
+        corpus: DocumentParts,
+        tokenizer_json: str,
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ):
         super().__init__(seq_len, batch_size, rank, world_size, num_workers)
         self.corpus = corpus
         self.tokenizer_json = tokenizer_json
@@ -85,8 +94,14 @@ class TextStream(TrainStream):
 
         The positions are gathered from every rank (a collective call): the checkpoint file is
         written by rank 0 alone."""
-        mine = {**position.to_dict(), "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.logical_workers, "seq_len": self.seq_len, "batch_size": self.batch_size}
+        mine = {
+            **position.to_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.logical_workers,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+        }
         ranks = [mine]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()

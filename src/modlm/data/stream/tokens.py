@@ -12,6 +12,7 @@ A worker's place is ``{"next": b}``: the rank's next batch is its ``b``-th since
 Worker ``w`` builds the rank's batches ``w, w + n, ...`` (the DataLoader's round-robin order), so
 the batches do not depend on the number of workers either.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -45,15 +46,26 @@ class TrainTokens(Protocol):
 class TokenStream(TrainStream):
     """Endless batches of one rank, read from prepared token shards."""
 
-    def __init__(self, corpus: TrainTokens, seq_len: int, batch_size: int, seed: int,
-                 rank: int, world_size: int, num_workers: int, consumed: int = 0):
+    def __init__(
+        self,
+        corpus: TrainTokens,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        consumed: int = 0,
+    ):
         super().__init__(seq_len, batch_size, rank, world_size, num_workers)
         self.corpus, self.seed = corpus, seed
         self.consumed = consumed  # windows all ranks consumed before this stream's batch 0
         self.windows_per_epoch = corpus.num_train_tokens // (seq_len + 1)
         if self.windows_per_epoch < batch_size:
-            raise DataError(f"prepared folder {corpus.source!r}: {corpus.num_train_tokens} training tokens cannot fill "
-                            f"one batch of {batch_size} x {seq_len + 1}; lower --data.batch_size or --data.seq_len")
+            raise DataError(
+                f"prepared folder {corpus.source!r}: {corpus.num_train_tokens} training tokens cannot fill "
+                f"one batch of {batch_size} x {seq_len + 1}; lower --data.batch_size or --data.seq_len"
+            )
         self._tokens = None
 
     def __getstate__(self):  # memory maps are reopened in each worker
@@ -83,8 +95,11 @@ class TokenStream(TrainStream):
         consumed = saved["consumed"]
         if saved["seq_len"] != self.seq_len:  # other windows: continue at the same token count
             consumed = saved["tokens"] // (self.seq_len + 1)
-            warnings.warn(f"checkpoint windows have seq_len {saved['seq_len']}, this run {self.seq_len}: continuing "
-                          f"after the same number of tokens ({saved['tokens']:,})", DataWarning)
+            warnings.warn(
+                f"checkpoint windows have seq_len {saved['seq_len']}, this run {self.seq_len}: continuing "
+                f"after the same number of tokens ({saved['tokens']:,})",
+                DataWarning,
+            )
         self.consumed = consumed
         return self.initial_position()
 

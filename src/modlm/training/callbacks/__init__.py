@@ -8,6 +8,7 @@ the routing and FLOPs telemetry (``routing_stats``, ``flops_meter``, ``routing_h
 in TensorBoard; ``throughput`` is Lightning's ``ThroughputMonitor`` counting tokens; ``harness``
 scores lm-evaluation-harness tasks every N steps when asked (``--harness.tasks``).
 """
+
 from .nonfinite import NonFiniteLossError, NonFiniteLossGuard
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard"]

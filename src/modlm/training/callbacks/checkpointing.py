@@ -21,6 +21,7 @@ folder now lives:
 The state also records the run's TensorBoard log version (``log_version``), so that the command
 line can log a resumed run into the same version folder (``saved_log_version``).
 """
+
 from __future__ import annotations
 
 import os
@@ -104,11 +105,17 @@ class RunCheckpoint(ModelCheckpoint):
         old = state_dict.get("dirpath")
         if self._own_run and old and self.dirpath and old != self.dirpath:  # this run's folder, moved or copied
             new = self.dirpath
-            state_dict = {**state_dict, "dirpath": new,
-                          **{key: _moved(state_dict.get(key), old, new)
-                             for key in ("best_model_path", "kth_best_model_path", "last_model_path")},
-                          "best_k_models": {_moved(path, old, new): score
-                                            for path, score in (state_dict.get("best_k_models") or {}).items()}}
+            state_dict = {
+                **state_dict,
+                "dirpath": new,
+                **{
+                    key: _moved(state_dict.get(key), old, new)
+                    for key in ("best_model_path", "kth_best_model_path", "last_model_path")
+                },
+                "best_k_models": {
+                    _moved(path, old, new): score for path, score in (state_dict.get("best_k_models") or {}).items()
+                },
+            }
         super().load_state_dict(state_dict)
         if self.save_last and not self.last_model_path and state_dict.get("dirpath") == self.dirpath:
             self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)

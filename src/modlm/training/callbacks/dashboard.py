@@ -26,6 +26,7 @@ The HParams tab gets the run's hyperparameters (``model/...``, ``data/...``, the
 ``max_steps`` and precision) with the validation losses and perplexities as its metrics (their
 latest values), so runs of one ``--logdir`` compare in one table.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,15 +44,21 @@ Chart = tuple[str, list[str]]  # title, tags drawn on it
 
 def loss_charts(cfg: ModelConfig) -> list[Chart]:
     val = [tags.eval_loss("val"), tags.eval_loss("val", causal=True)] if cfg.routes_tokens else [tags.eval_loss("val")]
-    charts = [("loss: train, validation (top-k), validation (causal)" if cfg.routes_tokens
-               else "loss: train, validation", [tags.TRAIN_LOSS, *val])]
+    charts = [
+        (
+            "loss: train, validation (top-k), validation (causal)" if cfg.routes_tokens else "loss: train, validation",
+            [tags.TRAIN_LOSS, *val],
+        )
+    ]
     if cfg.routes_tokens:
         aux = []
         if cfg.n_deciders:
             aux.append(tags.train_aux("predictor_bce" if cfg.causal_method == "predictor" else "router_bce"))
         if cfg.expert_layers:
             aux.append(tags.train_aux("load_balance"))
-        charts.append(("auxiliary loss (weighted total; unweighted routing BCE, load balance)", [tags.TRAIN_AUX_LOSS, *aux]))
+        charts.append(
+            ("auxiliary loss (weighted total; unweighted routing BCE, load balance)", [tags.TRAIN_AUX_LOSS, *aux])
+        )
     return charts
 
 
@@ -61,13 +68,21 @@ def routing_charts(cfg: ModelConfig) -> list[Chart]:
         return []
     per = lambda name, ls=layers: [tags.router(name, i) for i in ls]  # noqa: E731
     target = " / ".join(f"{c:g}" for c in dict.fromkeys(cfg.layer_capacities))  # per block when they differ
-    charts = [(f"capacity used per routed block (target {target}): top-k in training, causal in validation",
-               per("capacity_used") + per("val_capacity_used"))]
+    charts = [
+        (
+            f"capacity used per routed block (target {target}): top-k in training, causal in validation",
+            per("capacity_used") + per("val_capacity_used"),
+        )
+    ]
     if not cfg.random_routing:  # random picks have no causal decision to grade
-        charts += [(f"causal decision vs top-k: {what}, per routed block", per(f"causal_{name}"))
-                   for name, what in (("acc", "accuracy"), ("precision", "precision"), ("recall", "recall"))]
+        charts += [
+            (f"causal decision vs top-k: {what}, per routed block", per(f"causal_{name}"))
+            for name, what in (("acc", "accuracy"), ("precision", "precision"), ("recall", "recall"))
+        ]
     if len(layers) > 1:
-        charts.append(("overlap: share of a block's picks the next routed block picks too", per("overlap", layers[:-1])))
+        charts.append(
+            ("overlap: share of a block's picks the next routed block picks too", per("overlap", layers[:-1]))
+        )
     charts.append(("mean number of blocks a token passes through", [tags.DEPTH_MEAN]))
     return charts
 
@@ -78,25 +93,45 @@ def recursion_charts(cfg: ModelConfig) -> list[Chart]:
     per = lambda name: [tags.recursion(name, r) for r in range(cfg.recursions)]  # noqa: E731
     target = " / ".join(f"{c:.3g}" for c in cfg.step_capacities)
     if not cfg.routed_steps:  # token choice: the router's shares (within each step's slots in training)
-        charts = [(f"share of the sequence each recursion step processes (balanced: {target}): training (within its "
-                   "slots), causal in validation", per("capacity_used") + per("val_capacity_used")),
-                  ("depth load-balancing loss, unweighted (1 = balanced)", [tags.train_aux("recursion_balance")])]
+        charts = [
+            (
+                f"share of the sequence each recursion step processes (balanced: {target}): training (within its "
+                "slots), causal in validation",
+                per("capacity_used") + per("val_capacity_used"),
+            ),
+            ("depth load-balancing loss, unweighted (1 = balanced)", [tags.train_aux("recursion_balance")]),
+        ]
     else:
-        charts = [(f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
-                   "in validation", per("capacity_used") + per("val_capacity_used"))]
+        charts = [
+            (
+                f"share of the sequence each recursion step processes (target {target}): top-k in training, causal "
+                "in validation",
+                per("capacity_used") + per("val_capacity_used"),
+            )
+        ]
     if cfg.routed_steps and not cfg.random_routing:
-        charts.append(("causal decision vs top-k per recursion step, among the tokens it chose from: accuracy",
-                       per("causal_acc") + per("val_causal_acc")))
-    charts += [("mean recursion steps a token takes", [tags.RECURSION_DEPTH_MEAN]),
-               ("share of tokens taking exactly d recursion steps",
-                [tags.recursion_depth_share(d) for d in range(cfg.recursions + 1)])]
+        charts.append(
+            (
+                "causal decision vs top-k per recursion step, among the tokens it chose from: accuracy",
+                per("causal_acc") + per("val_causal_acc"),
+            )
+        )
+    charts += [
+        ("mean recursion steps a token takes", [tags.RECURSION_DEPTH_MEAN]),
+        (
+            "share of tokens taking exactly d recursion steps",
+            [tags.recursion_depth_share(d) for d in range(cfg.recursions + 1)],
+        ),
+    ]
     return charts
 
 
 def compute_charts(mfu_tags: list[str]) -> list[Chart]:
-    charts = [("training FLOPs per optimizer step (all ranks)", [tags.FLOPS_STEP]),
-              ("forward FLOPs / dense twin's", [tags.FLOPS_RATIO]),
-              ("tokens per second (this device)", [tags.TOKENS_PER_SEC])]
+    charts = [
+        ("training FLOPs per optimizer step (all ranks)", [tags.FLOPS_STEP]),
+        ("forward FLOPs / dense twin's", [tags.FLOPS_RATIO]),
+        ("tokens per second (this device)", [tags.TOKENS_PER_SEC]),
+    ]
     if mfu_tags:
         charts.append(("model FLOPs utilisation", mfu_tags))
     return charts
@@ -107,20 +142,34 @@ def expert_charts(cfg: ModelConfig) -> list[Chart]:
     if not layers:
         return []
     n_choices = cfg.n_experts + cfg.noop_experts
-    charts = [(f"expert load, block {i}: share of picks (balanced: {1 / n_choices:.3g} each)",
-               [tags.moe("load", i, e) for e in range(cfg.n_experts)]) for i in layers]
+    charts = [
+        (
+            f"expert load, block {i}: share of picks (balanced: {1 / n_choices:.3g} each)",
+            [tags.moe("load", i, e) for e in range(cfg.n_experts)],
+        )
+        for i in layers
+    ]
     per = lambda name: [tags.moe(name, i) for i in layers]  # noqa: E731
     if cfg.noop_experts:
-        charts.append((f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_choices:.3g})", per("noop_fraction")))
-    charts += [(f"picks dropped over capacity (capacity factor {cfg.capacity_factor:g})", per("dropped")),
-               ("load-balancing loss, unweighted (1 = balanced)", per("load_balance"))]
+        charts.append(
+            (f"no-op share of picks: MLP skipped (balanced: {cfg.noop_experts / n_choices:.3g})", per("noop_fraction"))
+        )
+    charts += [
+        (f"picks dropped over capacity (capacity factor {cfg.capacity_factor:g})", per("dropped")),
+        ("load-balancing loss, unweighted (1 = balanced)", per("load_balance")),
+    ]
     return charts
 
 
 def layout(cfg: ModelConfig, mfu_tags: list[str]) -> dict[str, list[Chart]]:
     """Category -> charts, in the order the page shows them (empty categories dropped)."""
-    groups = {"1 loss": loss_charts(cfg), "2 routing": routing_charts(cfg), "2 recursion": recursion_charts(cfg),
-              "3 compute": compute_charts(mfu_tags), "4 moe": expert_charts(cfg)}
+    groups = {
+        "1 loss": loss_charts(cfg),
+        "2 routing": routing_charts(cfg),
+        "2 recursion": recursion_charts(cfg),
+        "3 compute": compute_charts(mfu_tags),
+        "4 moe": expert_charts(cfg),
+    }
     return {name: charts for name, charts in groups.items() if charts}
 
 
@@ -138,8 +187,10 @@ def as_tensorboard_layout(groups: dict[str, list[Chart]]) -> dict:
     each exact tag is anchored and escaped."""
     import re
 
-    return {name: {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in names]] for title, names in charts}
-            for name, charts in groups.items()}
+    return {
+        name: {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in names]] for title, names in charts}
+        for name, charts in groups.items()
+    }
 
 
 class Dashboard(Callback):
@@ -177,6 +228,9 @@ class Dashboard(Callback):
         logger = next((lg for lg in trainer.loggers if hasattr(lg, "log_hparams_summary")), None)
         if logger is not None:
             metrics = hparams_metrics(cfg, pl_module.hparams.get("validate_causal", True))
-            params = {**dict(logger.hparams), "trainer/max_steps": trainer.max_steps,
-                      "trainer/precision": str(trainer.precision)}
+            params = {
+                **dict(logger.hparams),
+                "trainer/max_steps": trainer.max_steps,
+                "trainer/precision": str(trainer.precision),
+            }
             logger.log_hparams_summary(params, metrics)

@@ -17,6 +17,7 @@ between. At the first step the analytic count of a batch is cross-checked agains
 (``flops/measured_per_batch`` beside ``flops/analytic_per_batch``), with a warning when they differ
 by more than 2%.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,9 @@ from ..batch import split_batch
 from ..telemetry import report_of
 
 
-def measured_training_flops(cfg: ModelConfig, batch_size: int, seq_len: int,
-                            capacities: Optional[Sequence[float]] = None) -> int:
+def measured_training_flops(
+    cfg: ModelConfig, batch_size: int, seq_len: int, capacities: Optional[Sequence[float]] = None
+) -> int:
     """Forward + backward FLOPs of one batch as torch counts them, on a meta-device model (its routed
     blocks at ``capacities``, by default their configured ones)."""
     with torch.device("meta"):
@@ -109,7 +111,9 @@ class FlopsMeter(Callback):
         for logger in pl_module.loggers:
             logger.log_metrics({tags.FLOPS_MEASURED: measured, tags.FLOPS_ANALYTIC: analytic}, step=0)
         if abs(analytic / measured - 1) > self.tolerance:
-            rank_zero_warn(f"analytic FLOPs {analytic:.4g} differ from measured {measured:.4g} by more than {self.tolerance:.0%}")
+            rank_zero_warn(
+                f"analytic FLOPs {analytic:.4g} differ from measured {measured:.4g} by more than {self.tolerance:.0%}"
+            )
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t_last, self._since_last = None, 0.0  # do not count data start-up time as step time
@@ -122,4 +126,3 @@ class FlopsMeter(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.total = state_dict["total"]
-

@@ -8,20 +8,28 @@ alone, with the training precision's autocast, in eval mode, and hands the model
 the other ranks wait for it at their next collective. A sharded model (FSDP) cannot run a forward on
 one rank: score its checkpoints with ``modlm-eval CKPT --tasks ...`` instead.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 from lightning.pytorch.callbacks import Callback
 
-from .. import tags
 from ...model.errors import UserError
+from .. import tags
 
 
 class HarnessScores(Callback):
-    def __init__(self, tasks: Optional[list[str]] = None, every_n_steps: int = 500, include_path: Optional[str] = None,
-                 limit: Optional[int] = 100, num_fewshot: Optional[int] = None, batch_size: int = 8,
-                 routing: Literal["causal", "topk"] = "causal"):
+    def __init__(
+        self,
+        tasks: Optional[list[str]] = None,
+        every_n_steps: int = 500,
+        include_path: Optional[str] = None,
+        limit: Optional[int] = 100,
+        num_fewshot: Optional[int] = None,
+        batch_size: int = 8,
+        routing: Literal["causal", "topk"] = "causal",
+    ):
         """lm-evaluation-harness scores of a few tasks every N steps (off unless tasks are named).
 
         Args:
@@ -50,8 +58,10 @@ class HarnessScores(Callback):
         if self.every_n_steps < 1:
             raise UserError(f"--harness.every_n_steps={self.every_n_steps} is invalid: must be at least 1")
         if any(kind in type(trainer.strategy).__name__ for kind in ("FSDP", "ModelParallel")):
-            raise UserError("--harness.tasks scores on one rank, which a sharded model cannot do: score its "
-                            "checkpoints with modlm-eval CKPT --tasks instead")
+            raise UserError(
+                "--harness.tasks scores on one rank, which a sharded model cannot do: score its "
+                "checkpoints with modlm-eval CKPT --tasks instead"
+            )
         if trainer.global_rank == 0:
             from ...analysis.harness.tasks import load_tasks, quiet_lm_eval, task_manager
 

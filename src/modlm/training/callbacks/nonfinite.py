@@ -1,4 +1,5 @@
 """Stop training at a non-finite loss, before it can reach a checkpoint, without a sync per step."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,7 +38,11 @@ class NonFiniteLossGuard(pl.Callback):
 
     def _check(self, trainer: pl.Trainer) -> None:
         """Read the device-side record (a sync, at the moments named above); raise if a step was bad."""
-        record = self._first_bad if self._first_bad is not None else torch.tensor([-1.0, 0.0], device=trainer.strategy.root_device)
+        record = (
+            self._first_bad
+            if self._first_bad is not None
+            else torch.tensor([-1.0, 0.0], device=trainer.strategy.root_device)
+        )
         if trainer.world_size > 1:  # the earliest bad step of any rank (-1: none) decides for all
             steps = trainer.strategy.all_gather(record)
             bad = steps[steps[:, 0] >= 0]
@@ -50,11 +55,15 @@ class NonFiniteLossGuard(pl.Callback):
                 "the existing checkpoints are untouched. Lower --model.lr or check the data."
             )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             self._check(trainer)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._check(trainer)  # before the file is written: the save is refused
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -23,6 +23,7 @@ callback replaces, so while it does the broadcast is skipped (``_silence_lightni
 The checkpoint is ``<checkpoint dir>/preempted.ckpt``; ``--ckpt_path last`` picks the newest
 checkpoint whichever callback wrote it (``modlm.checkpoint.resolve_last``).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-
 
 PREEMPTED_NAME = "preempted.ckpt"
 
@@ -93,7 +93,9 @@ class Preemption(pl.Callback):
             self._silenced = None
 
     # --- agree, then save, at a step boundary -------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step == self._checked_step:
             return  # inside gradient accumulation: not a step boundary
         self._checked_step = trainer.global_step
@@ -107,8 +109,9 @@ class Preemption(pl.Callback):
         trainer.save_checkpoint(path)
         self.saved_path = path
         got = signal.Signals(self.received).name if self.received else "another rank's signal"
-        rank_zero_info(f"modlm: pre-empted ({got}) after step {trainer.global_step}: saved {path}; "
-                       "resume with --ckpt_path last")
+        rank_zero_info(
+            f"modlm: pre-empted ({got}) after step {trainer.global_step}: saved {path}; resume with --ckpt_path last"
+        )
         if usr1 and self.requeue and trainer.is_global_zero:
             self._requeue()
         trainer.should_stop = True

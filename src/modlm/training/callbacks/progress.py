@@ -11,6 +11,7 @@ So the module logs it without ``prog_bar`` (Lightning would convert it after eve
 bar reads it only when it refreshes: every ``refresh_rate`` optimizer steps, by default the trainer's
 ``log_every_n_steps`` (steps that read the device to log anyway), and at the last step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

@@ -3,13 +3,15 @@
 Every ``every_n_validations`` validation runs, the first sequence of the first validation batch
 (the same tokens every time, since validation windows are fixed) is drawn as a heat map: for each
 routed block (or recursion step of a Mixture-of-Recursions: R0, R1, ...), one row under top-k
-routing and one under causal routing, one column per position (the first ``max_positions``). Logged through the TensorBoard writer's figure API as the image
+routing and one under causal routing, one column per position (the first ``max_positions``). Logged through the
+TensorBoard writer's figure API as the image
 ``router/heatmap``.
 
 It is drawn to be read at TensorBoard's default card size (about 500 pixels wide): few, large
 cells; block names and a position scale in large type; the first tokens of the sequence in the
 title instead of one rotated label per column, which no card can show legibly.
 """
+
 from __future__ import annotations
 
 import torch

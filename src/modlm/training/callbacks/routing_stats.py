@@ -17,6 +17,7 @@ nothing between those steps. No kind is named here. Tag names are ``modlm.traini
 Histograms: each kind's (``router/weight/layer_i``: router logits; ``router/selected_pos/layer_i``:
 positions picked; ``recursion/depth``: recursion steps per token) and ``router/depth`` (blocks per token).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -55,7 +56,9 @@ class RoutingStats(Callback):
         step = trainer.global_step
         if step % (self.every_n_steps or trainer.log_every_n_steps) == 0:
             found = figures(tally(mixtures, cfg, split_batch(batch)[0], self._eot_id(trainer)))
-            scalars = {tags.mixture(prefix, key): value for prefix, values in found.items() for key, value in values.items()}
+            scalars = {
+                tags.mixture(prefix, key): value for prefix, values in found.items() for key, value in values.items()
+            }
             depth = token_depth(mixtures, cfg)
             if not isinstance(depth, int):  # some mixture decides how many blocks a token passes
                 scalars[tags.DEPTH_MEAN] = depth.float().mean().item()
@@ -80,16 +83,23 @@ class RoutingStats(Callback):
         report = report_of(outputs)
         if report is None or not report.causal_mixtures or trainer.sanity_checking:
             return
-        add_tallies(self._val_tallies, tally(report.causal_mixtures, pl_module.model.config, split_batch(batch)[0],
-                                             self._eot_id(trainer)))
+        add_tallies(
+            self._val_tallies,
+            tally(report.causal_mixtures, pl_module.model.config, split_batch(batch)[0], self._eot_id(trainer)),
+        )
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         """Every figure over every validation token of every rank (ratios of summed tallies, as ``eval.py``
         computes them, not means of per-batch ratios)."""
         if trainer.sanity_checking or not self._val_tallies:
             return
-        summed = {prefix: {key: trainer.strategy.reduce(value, reduce_op="sum") for key, value in found.items()}
-                  for prefix, found in self._val_tallies.items()}
-        scalars = {tags.mixture(prefix, key, validation=True): value
-                   for prefix, values in figures(summed).items() for key, value in values.items()}
+        summed = {
+            prefix: {key: trainer.strategy.reduce(value, reduce_op="sum") for key, value in found.items()}
+            for prefix, found in self._val_tallies.items()
+        }
+        scalars = {
+            tags.mixture(prefix, key, validation=True): value
+            for prefix, values in figures(summed).items()
+            for key, value in values.items()
+        }
         pl_module.log_dict(scalars, on_step=False, on_epoch=True)

@@ -6,6 +6,7 @@ module has none (its input is the data's windows), so the column and "Total FLOP
 batch size x window length tokens, top-k routing, exactly what ``FlopCounterMode`` counts), with no
 forward pass run. The table is otherwise Lightning's, and so is everything else about the callback.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,7 +30,9 @@ class _AnalyticSummary(Summary):
 
     @property
     def flop_counts(self) -> dict[str, dict]:
-        return {name: ({"analytic": self._analytic[name]} if name in self._analytic else {}) for name in self.layer_names}
+        return {
+            name: ({"analytic": self._analytic[name]} if name in self._analytic else {}) for name in self.layer_names
+        }
 
 
 def batch_forward_flops(trainer, pl_module) -> dict[str, int]:
@@ -55,6 +58,7 @@ class FlopsModelSummary(ModelSummary):
             return super()._summary(trainer, pl_module)
         with warnings.catch_warnings():
             # Mixed precision keeps fp32 weights, which is the 32 bits Lightning then counts: right, not a problem.
-            warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary",
-                                    category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"Precision \S+-mixed is not supported by the model summary", category=UserWarning
+            )
             return _AnalyticSummary(pl_module, self._max_depth, flops)

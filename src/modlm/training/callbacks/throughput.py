@@ -21,21 +21,25 @@ rates are over the last ``window_size`` logged steps (``log_every_n_steps`` apar
 test batches are timed as Lightning does. ``--throughput.enabled false`` leaves it out of the run
 (the CLI drops it from the trainer's callbacks, so nothing of it runs).
 """
+
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
 
 import torch
-
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..batch import batch_size, batch_tokens
 
-STAGE_PREFIX = {RunningStage.TRAINING: "train", RunningStage.VALIDATING: "val", RunningStage.TESTING: "test",
-                RunningStage.PREDICTING: "predict"}
+STAGE_PREFIX = {
+    RunningStage.TRAINING: "train",
+    RunningStage.VALIDATING: "val",
+    RunningStage.TESTING: "test",
+    RunningStage.PREDICTING: "predict",
+}
 """The first part of each card's name, per stage: modlm's ``val/`` where Lightning writes ``validate/``."""
 
 
@@ -69,8 +73,12 @@ class TokenThroughput(ThroughputMonitor):
         if not trainer._logger_connector.should_update_logs or trainer.fit_loop._should_accumulate():
             return
         self._throughputs[stage].update(
-            time=self._synchronized_clock(trainer) - self._t0s[stage], batches=self._batches[stage],
-            samples=self._samples[stage], lengths=self._lengths[stage], flops=self._flops_since_update or None)
+            time=self._synchronized_clock(trainer) - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._flops_since_update or None,
+        )
         self._flops_since_update = 0.0
 
     def _synchronized_clock(self, trainer) -> float:
@@ -98,7 +106,11 @@ class TokenThroughput(ThroughputMonitor):
 
     @rank_zero_only
     def on_validation_end(self, trainer, *args: Any) -> None:
-        if self._validating_in_fit(trainer) and not trainer.sanity_checking and self._samples.get(RunningStage.VALIDATING):
+        if (
+            self._validating_in_fit(trainer)
+            and not trainer.sanity_checking
+            and self._samples.get(RunningStage.VALIDATING)
+        ):
             self._log(trainer, RunningStage.VALIDATING, None)  # None: the step val/loss is logged at
         super().on_validation_end(trainer, *args)
 
@@ -107,8 +119,12 @@ class TokenThroughput(ThroughputMonitor):
         stage = RunningStage.TRAINING
         if stage not in self._t0s:  # not training on this rank (the monitor runs on rank 0 only)
             return dict(self._resumed or {})
-        return {"time": time.perf_counter() - self._t0s[stage], "batches": self._batches[stage],
-                "samples": self._samples[stage], "lengths": self._lengths[stage]}
+        return {
+            "time": time.perf_counter() - self._t0s[stage],
+            "batches": self._batches[stage],
+            "samples": self._samples[stage],
+            "lengths": self._lengths[stage],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed = dict(state_dict) if state_dict else None
