@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import REPO, run_train, tiny_args
 
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "README.md"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -22,18 +22,44 @@ def relative_links(page: Path) -> list[str]:
     """The link targets of a Markdown page that name a file of this repository (no URL, no bare anchor)."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # code blocks hold no links
     targets = [m.group(1) for m in LINK.finditer(text)]
-    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_leads_to_a_file(page):
-    missing = [t for t in relative_links(page) if not (page.parent / t.split("#")[0]).exists()]
+    missing = [t for t in relative_links(page) if not (page.parent / t.split("#")[0]).exists()]  # "#x": the page
     assert missing == []
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but ``-`` and ``_`` dropped, spaces
+    as ``-``, a repeated one numbered."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    found: set[str] = set()
+    for title in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        n, candidate = 0, slug
+        while candidate in found:
+            n += 1
+            candidate = f"{slug}-{n}"
+        found.add(candidate)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_anchor_names_a_heading_of_its_page(page):
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(target)
+    assert broken == []
 
 
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(REPO / t.split("#")[0]).resolve() for t in relative_links(REPO / "README.md")}
-    assert [p.name for p in PAGES[1:] if p.resolve() not in linked] == []
+    assert [p.name for p in PAGES[1:-1] if p.resolve() not in linked] == []
 
 
 def quickstart() -> list[list[str]]:
