@@ -1,4 +1,5 @@
 """The test run's own settings (``[tool.pytest.ini_options]`` in pyproject.toml) do what they say."""
+import os
 import shlex
 import warnings
 
@@ -54,3 +55,9 @@ def test_ci_runs_the_default_and_the_slow_tests():
     assert default[:3] == slow[:3] == ["python", "-m", "pytest"]
     assert "-m" not in default[3:]  # the configured selection
     assert slow[3:5] == ["-m", "slow"]
+
+
+def test_torch_runs_one_thread_here_and_in_the_processes_tests_start():
+    import torch
+
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"

@@ -395,9 +395,12 @@ def test_compile_traces_the_training_forward_without_graph_breaks():
     assert report.graph_count == 1
 
 
-@pytest.mark.parametrize("overrides", [dict(causal_method="predictor"), dict(causal_method="router", router_weight="raw"),
-                                       dict(n_experts=2, noop_experts=1, capacity_factor=0.75)],
-                         ids=["predictor", "router-raw", "staged-mode"])
+# one in the default run; the others (seconds of compiling each) with the slow tests
+@pytest.mark.parametrize("overrides", [
+    pytest.param(dict(causal_method="predictor"), marks=pytest.mark.slow),
+    dict(causal_method="router", router_weight="raw"),
+    pytest.param(dict(n_experts=2, noop_experts=1, capacity_factor=0.75), marks=pytest.mark.slow),
+], ids=["predictor", "router-raw", "staged-mode"])
 def test_compiled_training_step_equals_eager(overrides):
     """The compiled training forward run, not only traced: the whole model under ``torch.compile``
     (one graph, through AOTAutograd with the ``aot_eager`` backend: captured, functionalised and

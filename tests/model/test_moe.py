@@ -268,6 +268,7 @@ def test_cached_decoding_equals_causal_forward(variant, prefill, policy):
     torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["staged", "integrated"])
 def test_ragged_prompts_generate_like_single_prompts_and_trace_whole(variant):
     model = build(**VARIANTS[variant])

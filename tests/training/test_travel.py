@@ -18,6 +18,8 @@ from modlm.data.tokenizer import fingerprint, load_tokenizer
 from modlm.saved import load_saved
 from tests.helpers import REPO, run_train, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # training runs, a resume and a subprocess that reads a copied checkpoint
+
 EVAL_FLAGS = ["--quiet", "--decode_tokens", "4", "--prompt_tokens", "4"]
 
 
