@@ -186,7 +186,6 @@ def llama(tmp_path_factory, tiny_tokenizer):
     return pretrained_folder(tmp_path_factory.mktemp("llama") / "llama", corpus=tiny_tokenizer[0])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("files", list(PRESETS), ids=[preset_id(f) for f in PRESETS])
 def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
     """Model, data, trainer and callbacks build as the CLI builds them (GPU presets on the CPU, with

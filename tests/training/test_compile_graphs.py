@@ -21,8 +21,7 @@ VARIANTS = {
 }
 
 
-# the MoD blocks in the default run; every other kind of block with the slow tests
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=[] if v == "mod" else [pytest.mark.slow]) for v in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_kind_of_block_is_one_graph_for_every_depth_and_every_batch(variant):
     overrides, kinds = VARIANTS[variant]
     torch._dynamo.reset()
