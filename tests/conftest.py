@@ -1,4 +1,5 @@
-"""Test-wide setup: no network, and the tokenizer every tiny training run shares (trained once)."""
+"""Test-wide setup: no network, one thread per process, and the tokenizer every tiny training run shares
+(trained once)."""
 import os
 import shutil
 import sysconfig
@@ -12,6 +13,11 @@ from tests.helpers import TINY_DATA, VAL_FRACTION
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process (this one and every subprocess a test starts), set before torch is
+# imported: the tiny models gain nothing from a second thread, and on a machine whose cores are busy with
+# other work an OpenMP thread left waiting for a descheduled peer spins, which made the same tests 5 to 10
+# times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,11 @@
 """The test run's own settings (``[tool.pytest.ini_options]`` in pyproject.toml) do what they say."""
+import os
+import shlex
 import warnings
 
 import pytest
+
+from tests.helpers import REPO
 
 
 @pytest.fixture
@@ -30,3 +34,30 @@ def test_other_modules_deprecation_warnings_are_reported_not_raised(warning_filt
 
 def test_every_test_has_a_time_limit(request):
     assert float(request.config.getini("timeout")) == 300
+
+
+def test_the_default_run_leaves_out_the_slow_tests(request):
+    """``python -m pytest`` selects ``not slow`` (the configured ``-m``); a ``-m`` on the command line
+    comes later and replaces it, so ``python -m pytest -m slow`` selects the slow ones."""
+    assert request.config.getini("addopts") == ["-m", "not slow"]
+    assert any(line.startswith("slow: left out of the default run") for line in request.config.getini("markers"))
+
+
+def test_ci_runs_the_default_and_the_slow_tests():
+    """CI runs both test commands in one ``&&`` chain, its last line (under ``set -e`` a chain that fails
+    before its last command does not stop the script, so nothing may follow it): the script fails when
+    either run fails, and together they run every test."""
+    lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert "set -euo pipefail" in lines
+    runs = [shlex.split(command) for command in lines[-1].split("&&") if "pytest" in command]
+    assert len(runs) == 2
+    default, slow = runs
+    assert default[:3] == slow[:3] == ["python", "-m", "pytest"]
+    assert "-m" not in default[3:]  # the configured selection
+    assert slow[3:5] == ["-m", "slow"]
+
+
+def test_torch_runs_one_thread_here_and_in_the_processes_tests_start():
+    import torch
+
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"

@@ -100,6 +100,7 @@ def test_bad_inputs_end_with_one_line_and_status_2(checkpoints, tmp_path, tiny_t
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_script_runs_the_package_command(checkpoints, tmp_path):
     """``python eval.py`` is a thin entry point: the flags the benchmarks use reach ``modlm.cli.eval``."""
     import subprocess

@@ -68,6 +68,7 @@ def test_topk_routing_generates_too_and_the_version_is_shown(checkpoint, capsys)
     assert err.strip().splitlines()[-1] == f"modlm {modlm.__version__}; the model written by modlm {modlm.__version__}"
 
 
+@pytest.mark.slow
 def test_standard_input_and_interactive_mode(checkpoint):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "modlm.cli.generate", str(checkpoint), "--max_new_tokens", "4", "--temperature", "0"]
@@ -83,6 +84,7 @@ def test_standard_input_and_interactive_mode(checkpoint):
     assert lines[0].startswith("> import os") and lines[1].startswith("> class A:")
 
 
+@pytest.mark.slow
 def test_an_export_folder_generates_like_its_checkpoint(checkpoint, tmp_path, capsys):
     export = tmp_path / "export"
     assert eval_main([str(checkpoint), "--export", str(export), "--quiet", "--decode_tokens", "2",

@@ -12,6 +12,7 @@ from modlm.model.config import ModelConfig
 from tests.helpers import run_train, tiny_args, unexpected_lines
 
 
+@pytest.mark.slow
 def test_a_tiny_run_prints_only_lines_about_the_run(tmp_path, tiny_tokenizer):
     import torch
     from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count

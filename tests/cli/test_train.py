@@ -40,6 +40,7 @@ def test_no_config_means_the_default_config(capsys):
     assert printed["data"]["val_windows"] == 64 and printed["checkpoint"]["every_n_train_steps"] == 100
 
 
+@pytest.mark.slow
 def test_run_puts_every_output_under_default_root_dir(tmp_path, tiny_tokenizer, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -85,6 +86,7 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, cap
     assert "nope.ckpt" in error_line(capsys)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_is_refused_and_left_intact(tmp_path, tiny_tokenizer, capsys):
     """The command line's layer: before Lightning rebuilds the module from a checkpoint, a fit
     resumed (a file, or ``last``) with another ``--model`` shape is refused by the saved
@@ -102,6 +104,7 @@ def test_checkpoint_of_another_shape_is_refused_and_left_intact(tmp_path, tiny_t
     assert digest(last) == before
 
 
+@pytest.mark.slow
 def test_non_finite_loss_exits_1_and_keeps_the_runs_checkpoints(tmp_path, tiny_tokenizer, capsys):
     """The command line's layer of the non-finite-loss guard: every run has it, its error ends the
     run with exit code 1 and one line, and the run's own checkpointing (atomic saves, ``last.ckpt``
@@ -123,6 +126,7 @@ def test_non_finite_loss_exits_1_and_keeps_the_runs_checkpoints(tmp_path, tiny_t
     assert all(after[name] == saved[name] for name in saved if name != "last.ckpt")
 
 
+@pytest.mark.slow
 def test_last_link_is_replaced_not_written_through(tmp_path, tiny_tokenizer):
     """last.ckpt stays one name across resumes. A resumed run that ends before its next scheduled
     checkpoint writes a full last.ckpt: the link to the older step is replaced by a file of the new
@@ -142,6 +146,7 @@ def test_last_link_is_replaced_not_written_through(tmp_path, tiny_tokenizer):
     assert last.is_symlink() and last.resolve() == step8.resolve() and digest(step4) == before
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_run_folder_resumes_with_its_last_link(tmp_path, tiny_tokenizer, recwarn):
     """A run folder moved (``mv``) or copied (``cp -r``: every file gets the copy's time) and resumed
     with ``--ckpt_path last`` goes on from its last step: ``last.ckpt`` (a relative link) moves on to

@@ -9,19 +9,10 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.model.config import STATIC, DecodePolicy
 from modlm.model.positions import Positions, apply_rope, rope_tables
 from modlm.model.routing import RoutedAttention
+from tests.helpers.models import random_tokens, tiny_model
 
-V, T = 97, 32
-
-
-def build(seed=0, **overrides) -> MoDTransformer:
-    torch.manual_seed(seed)
-    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.25, route_every=2,
-                route_part="attention", init_std=0.3)
-    return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
-
-
-def tokens(batch=3, length=T, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+T = 32
+ATTENTION_ONLY = dict(route_part="attention", init_std=0.3)  # a larger init spreads the routers' scores
 
 
 def reference(block: RoutedAttention, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -43,7 +34,7 @@ def reference(block: RoutedAttention, x: torch.Tensor, selected: torch.Tensor) -
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_the_picks_attend_and_every_token_runs_the_mlp(routing):
-    model = build(capacity=0.5)
+    model = tiny_model(**ATTENTION_ONLY, capacity=0.5)
     block = model.blocks[1]
     assert isinstance(block, RoutedAttention)
     x = torch.randn(3, T, 32, generator=torch.Generator().manual_seed(2))
@@ -59,23 +50,23 @@ def test_the_picks_attend_and_every_token_runs_the_mlp(routing):
 
 def test_zero_routers_at_capacity_one_compute_the_plain_block():
     """The conversion's promise: 2*sigmoid(0) = 1 and every token picked is the pretrained function."""
-    routed = build(capacity=1.0, router_weight="2sigmoid")
+    routed = tiny_model(**ATTENTION_ONLY, capacity=1.0, router_weight="2sigmoid")
     for router in routed.routers():
         torch.nn.init.zeros_(router.weight)
     dense = MoDTransformer(ModelConfig(**{**routed.config.to_dict(), "route_every": 0, "route_part": "block"})).eval()
     dense.load_state_dict({k.replace(".block.", "."): v for k, v in routed.state_dict().items()
                            if ".router." not in k}, strict=True)
-    idx = tokens()
+    idx = random_tokens(3, T)
     for routing in ("topk", "causal"):
         torch.testing.assert_close(routed(idx, routing=routing).logits, dense(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_causal_routing_never_reads_a_later_token():
-    model = build()
-    model.calibrate(tokens(8, 48, seed=5))
-    idx = tokens()
+    model = tiny_model(**ATTENTION_ONLY)
+    model.calibrate(random_tokens(8, 48, seed=5))
+    idx = random_tokens(3, T)
     changed = idx.clone()
-    changed[:, 20:] = tokens(3, T - 20, seed=9)
+    changed[:, 20:] = random_tokens(3, T - 20, seed=9)
     a, b = model(idx, routing="causal"), model(changed, routing="causal")
     torch.testing.assert_close(b.logits[:, :20], a.logits[:, :20], rtol=0, atol=1e-5 * float(a.logits.abs().max()))
     for x, y in zip(a.routing, b.routing):
@@ -84,9 +75,9 @@ def test_causal_routing_never_reads_a_later_token():
 
 @pytest.mark.parametrize("policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"])
 def test_cached_decoding_equals_the_causal_pass_and_caches_only_the_picks(policy):
-    model = build()
-    model.calibrate(tokens(8, 48, seed=5))
-    idx = tokens(3, 40)
+    model = tiny_model(**ATTENTION_ONLY)
+    model.calibrate(random_tokens(8, 48, seed=5))
+    idx = random_tokens(3, 40)
     full = model(idx, routing="causal")
     state = model.new_state(3)
     steps = [model.prefill(idx[:, :9], state)]
@@ -102,8 +93,8 @@ def test_cached_decoding_equals_the_causal_pass_and_caches_only_the_picks(policy
 
 
 def test_routers_learn_from_the_loss_and_only_the_picks_reach_attention():
-    model = build().train()
-    idx = tokens(3, 33)
+    model = tiny_model(**ATTENTION_ONLY).train()
+    idx = random_tokens(3, 33)
     model(idx[:, :-1], targets=idx[:, 1:]).loss.backward()
     for router in model.routers():
         assert router.weight.grad.abs().sum() > 0

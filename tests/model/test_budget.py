@@ -6,21 +6,11 @@ import torch
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.config import STATIC, DecodePolicy
 from modlm.model.routing import RoutedBlock
+from tests.helpers.models import random_tokens, tiny_model
 
-V, T = 97, 48
+T = 48
 DECISIONS = [("plain", "trained"), ("calibrated", "trained"), ("controlled", "trained"),
              ("controlled", "standardized_router"), ("calibrated", "standardized_router")]
-
-
-def build(seed=0, **overrides) -> MoDTransformer:
-    torch.manual_seed(seed)
-    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.25, route_every=2,
-                init_std=0.3)
-    return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
-
-
-def tokens(batch, length, seed=1):
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def shares(out) -> list[float]:
@@ -28,14 +18,14 @@ def shares(out) -> list[float]:
 
 
 def test_calibration_makes_the_held_out_share_the_capacity():
-    model = build(causal_decision="calibrated")
-    held_out = tokens(8, T, seed=5)
+    model = tiny_model(init_std=0.3, causal_decision="calibrated")
+    held_out = random_tokens(8, T, seed=5)
     plain = shares(model(held_out, routing="causal"))  # thresholds 0: whatever the predictor says
     thresholds = model.calibrate(held_out)
     assert len(thresholds) == 2 and thresholds == [float(b.router.decision.threshold) for b in model.routed_blocks()]
     assert shares(model(held_out, routing="causal")) == [0.25, 0.25]  # exactly k of every block's tokens
     assert plain != [0.25, 0.25], "the test needs a model whose plain decision is off the capacity"
-    other = shares(model(tokens(8, T, seed=6), routing="causal"))
+    other = shares(model(random_tokens(8, T, seed=6), routing="causal"))
     assert all(abs(s - 0.25) < 0.06 for s in other)  # other windows: about the capacity
 
 
@@ -43,13 +33,13 @@ def test_the_controller_holds_the_share_where_the_plain_decision_drifts():
     """Logits pushed far above the threshold (a shifted router, as text that looks unlike the
     calibration windows): the plain decision processes every token, the controlled one holds its
     running share within a few percent of the capacity."""
-    model = build(causal_method="router")
-    model.calibrate(tokens(8, T, seed=5))
+    model = tiny_model(init_std=0.3, causal_method="router")
+    model.calibrate(random_tokens(8, T, seed=5))
     torch.manual_seed(3)
     for block in model.blocks:
         if isinstance(block, RoutedBlock):
             block.router.weight.data += 2 * block.router.weight.data.abs().mean() * torch.sign(torch.randn_like(block.router.weight))
-    idx = tokens(4, 64, seed=7)
+    idx = random_tokens(4, 64, seed=7)
     drifting = shares(model.reconfigured(causal_decision="calibrated")(idx, routing="causal"))
     held = shares(model.reconfigured(causal_decision="controlled")(idx, routing="causal"))
     assert max(abs(s - 0.25) for s in drifting) > 0.1, drifting
@@ -58,12 +48,12 @@ def test_the_controller_holds_the_share_where_the_plain_decision_drifts():
 
 @pytest.mark.parametrize("decision, logit", DECISIONS)
 def test_every_decision_is_causal(decision, logit):
-    model = build(causal_decision=decision, decision_logit=logit)
-    model.calibrate(tokens(8, T, seed=5))
-    idx = tokens(3, T)
+    model = tiny_model(init_std=0.3, causal_decision=decision, decision_logit=logit)
+    model.calibrate(random_tokens(8, T, seed=5))
+    idx = random_tokens(3, T)
     out = model(idx, routing="causal")
     changed = idx.clone()
-    changed[:, 30:] = tokens(3, T - 30, seed=9)
+    changed[:, 30:] = random_tokens(3, T - 30, seed=9)
     after = model(changed, routing="causal")
     torch.testing.assert_close(after.logits[:, :30], out.logits[:, :30], rtol=0, atol=1e-5 * float(out.logits.abs().max()))
     for a, b in zip(out.routing, after.routing):
@@ -73,9 +63,9 @@ def test_every_decision_is_causal(decision, logit):
 @pytest.mark.parametrize("policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"])
 @pytest.mark.parametrize("decision, logit", DECISIONS)
 def test_cached_decoding_equals_the_causal_pass(decision, logit, policy):
-    model = build(causal_decision=decision, decision_logit=logit)
-    model.calibrate(tokens(8, T, seed=5))
-    idx = tokens(3, 40)
+    model = tiny_model(init_std=0.3, causal_decision=decision, decision_logit=logit)
+    model.calibrate(random_tokens(8, T, seed=5))
+    idx = random_tokens(3, 40)
     full = model(idx, routing="causal")
     state = model.new_state(3)
     steps = [model.prefill(idx[:, :9], state)]
@@ -87,9 +77,9 @@ def test_cached_decoding_equals_the_causal_pass(decision, logit, policy):
 
 
 def test_ragged_prompts_keep_each_rows_own_controller():
-    model = build()
-    model.calibrate(tokens(8, T, seed=5))
-    prompts = [tokens(1, n, seed=n)[0] for n in (5, 17, 11)]
+    model = tiny_model(init_std=0.3)
+    model.calibrate(random_tokens(8, T, seed=5))
+    prompts = [random_tokens(1, n, seed=n)[0] for n in (5, 17, 11)]
     together = model.generate(prompts, max_new_tokens=12, temperature=0)
     for prompt, out in zip(prompts, together):
         assert torch.equal(out, model.generate(prompt, max_new_tokens=12, temperature=0))
@@ -99,24 +89,24 @@ def test_ragged_prompts_keep_each_rows_own_controller():
 def test_calibration_lives_in_the_weights_not_the_config(decision, logit):
     """A calibrated model's config is the one it had before, and a model rebuilt from that config plus the
     calibrated model's state dict decides token for token like it."""
-    model = build(causal_decision=decision, decision_logit=logit)
+    model = tiny_model(init_std=0.3, causal_decision=decision, decision_logit=logit)
     before = model.config.to_dict()
-    model.calibrate(tokens(8, T, seed=5))
+    model.calibrate(random_tokens(8, T, seed=5))
     assert model.config.to_dict() == before
     rebuilt = MoDTransformer(ModelConfig(**before)).eval()
     rebuilt.load_state_dict(model.state_dict())
-    idx = tokens(3, T, seed=11)
+    idx = random_tokens(3, T, seed=11)
     for a, b in zip(model(idx, routing="causal").routing, rebuilt(idx, routing="causal").routing):
         assert torch.equal(a.selected, b.selected)
-    uncalibrated = build(seed=0, causal_decision=decision, decision_logit=logit)
+    uncalibrated = tiny_model(seed=0, init_std=0.3, causal_decision=decision, decision_logit=logit)
     if decision != "plain":  # the rebuilt model decides with the thresholds, not with 0
         assert any(not torch.equal(a.selected, b.selected) for a, b in
                    zip(model(idx, routing="causal").routing, uncalibrated(idx, routing="causal").routing))
 
 
 def test_calibration_travels_with_save_pretrained(tmp_path):
-    model = build()
-    model.calibrate(tokens(8, T, seed=5))
+    model = tiny_model(init_std=0.3)
+    model.calibrate(random_tokens(8, T, seed=5))
     model.save_pretrained(tmp_path)
     loaded = MoDTransformer.from_pretrained(tmp_path)
     for mine, theirs in zip(model.routers(), loaded.routers()):

@@ -14,22 +14,9 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.model.version import FORMAT, FormatError
 from modlm.model.positions import Positions, apply_rope, rope_tables
 from modlm.model.routing import RoutedBlock, topk_indices
+from tests.helpers.models import V, random_tokens, tiny_config, tiny_model
 
-V, T = 97, 32
-
-
-def tiny(**overrides) -> ModelConfig:
-    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.25, route_every=2)
-    return ModelConfig(**{**base, **overrides})
-
-
-def build(seed=0, **overrides) -> MoDTransformer:
-    torch.manual_seed(seed)
-    return MoDTransformer(tiny(**overrides)).eval()
-
-
-def tokens(batch=3, length=T, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+T = 32
 
 
 def block_input(block_seed=0, batch=3, length=T, d=32):
@@ -38,7 +25,7 @@ def block_input(block_seed=0, batch=3, length=T, d=32):
 
 
 def routed_block(**overrides) -> RoutedBlock:
-    model = build(**overrides)
+    model = tiny_model(**overrides)
     return next(b for b in model.blocks if isinstance(b, RoutedBlock))
 
 
@@ -48,42 +35,42 @@ def full_rope(cfg, batch, length) -> Positions:
 
 # --- structure ------------------------------------------------------------------------------------
 def test_route_every_picks_blocks():
-    assert tiny(route_every=2, n_layers=6).routed_layers == [1, 3, 5]
-    assert tiny(route_every=3, n_layers=6).routed_layers == [2, 5]
-    assert tiny(route_every=1, n_layers=3).routed_layers == [0, 1, 2]
-    dense = build(route_every=0)
+    assert tiny_config(route_every=2, n_layers=6).routed_layers == [1, 3, 5]
+    assert tiny_config(route_every=3, n_layers=6).routed_layers == [2, 5]
+    assert tiny_config(route_every=1, n_layers=3).routed_layers == [0, 1, 2]
+    dense = tiny_model(route_every=0)
     assert dense.config.routed_layers == []
     assert not any(isinstance(b, RoutedBlock) for b in dense.blocks)
     assert not any("router" in name or "predictor" in name for name, _ in dense.named_parameters())
 
 
 def test_capacity_rounding():
-    cfg = tiny()
+    cfg = tiny_config()
     assert ModelConfig(capacity=0.125).topk_tokens(512) == 64
-    assert tiny(capacity=0.29).topk_tokens(100) == 29  # floor(28.999999999999996) would give 28
-    assert tiny(capacity=0.01).topk_tokens(10) == 1  # at least one token
-    assert tiny(capacity=1.0).topk_tokens(7) == 7
+    assert tiny_config(capacity=0.29).topk_tokens(100) == 29  # floor(28.999999999999996) would give 28
+    assert tiny_config(capacity=0.01).topk_tokens(10) == 1  # at least one token
+    assert tiny_config(capacity=1.0).topk_tokens(7) == 7
     assert cfg.topk_tokens(33) == 8
 
 
 def test_output_shapes_and_model_config():
-    cfg = tiny()
+    cfg = tiny_config()
     model = MoDTransformer(cfg)
     assert model.config is cfg
-    out = model(tokens())
+    out = model(random_tokens(3, T))
     assert out.logits.shape == (3, T, V)
     assert out.aux_loss.dim() == 0
     assert [r.layer for r in out.routing] == [1, 3]
     for r in out.routing:
         assert r.selected.shape == r.router_logits.shape == r.predictor_logits.shape == (3, T)
         assert r.selected.dtype == torch.bool
-    assert build(causal_method="router")(tokens()).routing[0].predictor_logits is None
+    assert tiny_model(causal_method="router")(random_tokens(3, T)).routing[0].predictor_logits is None
 
 
 def test_tied_embeddings():
-    model = build()
+    model = tiny_model()
     assert model.lm_head.weight is model.embed.weight
-    untied = build(tie_embeddings=False)
+    untied = tiny_model(tie_embeddings=False)
     assert untied.lm_head.weight is not untied.embed.weight
 
 
@@ -167,8 +154,8 @@ def test_gathered_block_equals_masked_full_length_reference(routing, causal_meth
 # --- gradients --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("router_weight", ["sigmoid", "raw"])
 def test_router_gets_gradient_from_the_language_model_loss(router_weight):
-    model = build(router_weight=router_weight).train()
-    idx = tokens()
+    model = tiny_model(router_weight=router_weight).train()
+    idx = random_tokens(3, T)
     out = model(idx[:, :-1], targets=idx[:, 1:])
     out.loss.backward()  # LM loss alone: the router weight on the residual path is the only route
     for block in model.blocks:
@@ -177,8 +164,8 @@ def test_router_gets_gradient_from_the_language_model_loss(router_weight):
 
 
 def test_predictor_loss_does_not_reach_the_trunk():
-    model = build(causal_method="predictor").train()
-    out = model(tokens())
+    model = tiny_model(causal_method="predictor").train()
+    out = model(random_tokens(3, T))
     out.aux_loss.backward()
     for name, p in model.named_parameters():
         if ".predictor." in name:
@@ -188,16 +175,16 @@ def test_predictor_loss_does_not_reach_the_trunk():
 
 
 def test_router_bce_trains_the_router():
-    model = build(causal_method="router").train()
-    model(tokens()).aux_loss.backward()
+    model = tiny_model(causal_method="router").train()
+    model(random_tokens(3, T)).aux_loss.backward()
     routers = [b.router.weight.grad for b in model.blocks if isinstance(b, RoutedBlock)]
     assert all(g is not None and g.abs().sum() > 0 for g in routers)
 
 
 def test_aux_loss_targets_are_each_rows_own_topk():
     for method in ("router", "predictor"):
-        model = build(causal_method=method, route_every=1)
-        idx = tokens(batch=4)
+        model = tiny_model(causal_method=method, route_every=1)
+        idx = random_tokens(4, T)
         out = model(idx)
         k = model.config.topk_tokens(T)
         terms = []
@@ -216,8 +203,8 @@ def test_aux_loss_targets_are_each_rows_own_topk():
 # --- causality ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("causal_method", ["router", "predictor"])
 def test_causal_routing_is_causal(causal_method):
-    model = build(causal_method=causal_method, capacity=0.5)
-    idx = tokens(batch=2)
+    model = tiny_model(causal_method=causal_method, capacity=0.5)
+    idx = random_tokens(2, T)
     base = model(idx, routing="causal")
     picked = torch.stack([r.selected for r in base.routing])
     assert picked.any() and not picked.all(), "the test needs a mix of processed and skipped tokens"
@@ -230,8 +217,8 @@ def test_causal_routing_is_causal(causal_method):
 
 def test_topk_routing_is_not_causal():
     """Documents why causal routing exists: under top-k, later tokens change earlier outputs."""
-    model = build(capacity=0.25)
-    idx = tokens(batch=2)
+    model = tiny_model(capacity=0.25)
+    idx = random_tokens(2, T)
     base = model(idx, routing="topk").logits
     changed = idx.clone()
     changed[:, T // 2:] = (changed[:, T // 2:] + 5) % V
@@ -241,8 +228,8 @@ def test_topk_routing_is_not_causal():
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_rows_are_independent(routing):
-    model = build(capacity=0.5)
-    idx = tokens(batch=4)
+    model = tiny_model(capacity=0.5)
+    idx = random_tokens(4, T)
     together = model(idx, routing=routing)
     for b in range(4):
         alone = model(idx[b : b + 1], routing=routing)
@@ -267,8 +254,8 @@ def test_causal_rows_may_select_nothing():
 
 
 def test_dense_model_ignores_routing_mode():
-    model = build(route_every=0)
-    idx = tokens()
+    model = tiny_model(route_every=0)
+    idx = random_tokens(3, T)
     topk, causal = model(idx, routing="topk"), model(idx, routing="causal")
     assert torch.equal(topk.logits, causal.logits)
     assert topk.routing == [] and topk.aux_loss.item() == 0.0
@@ -278,8 +265,8 @@ def test_random_routing_control_picks_at_random():
     """``random_routing``: top-k training picks k tokens per row at random, not by router score;
     the picks follow the torch seed (the same seed repeats them, another changes them), and causal
     routing keeps each token with probability ``capacity``. The router still weighs the update."""
-    model = build(random_routing=True, capacity=0.25)
-    idx = tokens(batch=4)
+    model = tiny_model(random_routing=True, capacity=0.25)
+    idx = random_tokens(4, T)
     k = model.config.topk_tokens(T)
     runs = {}
     for name, seed in (("a", 1), ("again", 1), ("other", 2)):
@@ -304,9 +291,9 @@ def test_random_routing_control_picks_at_random():
 def test_a_one_token_sequence():
     """T=1: top-k processes its one token (k is at least 1) and computes what full capacity does;
     causal routing gives the first position of a longer causal pass."""
-    model = build(capacity=0.25)
-    full = build(capacity=1.0)
-    idx = tokens(batch=3)
+    model = tiny_model(capacity=0.25)
+    full = tiny_model(capacity=1.0)
+    idx = random_tokens(3, T)
     one = model(idx[:, :1], targets=idx[:, 1:2])
     assert all(info.selected.shape == (3, 1) and info.selected.all() for info in one.routing)
     torch.testing.assert_close(one.logits, full(idx[:, :1]).logits, rtol=0, atol=0)
@@ -318,8 +305,8 @@ def test_a_one_token_sequence():
 def test_full_capacity_causal_routing_processes_every_token():
     """At ``capacity=1.0`` the predictor starts at the base rate of 1 (less 1e-3), so causal routing
     processes every token and equals top-k routing, which at full capacity processes them all."""
-    model = build(capacity=1.0, causal_method="predictor")
-    idx = tokens()
+    model = tiny_model(capacity=1.0, causal_method="predictor")
+    idx = random_tokens(3, T)
     causal, topk = model(idx, routing="causal"), model(idx, routing="topk")
     assert all(info.selected.all() for info in causal.routing + topk.routing)
     torch.testing.assert_close(causal.logits, topk.logits, rtol=0, atol=1e-5)
@@ -338,12 +325,12 @@ change the logits by far more than rounding. At these seeds the smallest fp32 ma
 
 
 def bf16_model(routing: str) -> MoDTransformer:
-    return build(seed=BF16_SEEDS[routing], capacity=0.25 if routing == "topk" else 0.5, init_std=0.1,
-                 causal_method="predictor")
+    return tiny_model(seed=BF16_SEEDS[routing], capacity=0.25 if routing == "topk" else 0.5, init_std=0.1,
+                      causal_method="predictor")
 
 
 def bf16_batch() -> torch.Tensor:
-    return tokens(batch=2, length=17)
+    return random_tokens(2, 17)
 
 
 def bf16_tolerance(reference: torch.Tensor) -> float:
@@ -402,26 +389,29 @@ def test_compile_traces_the_training_forward_without_graph_breaks():
     without compiling, so this is fast. Causal routing picks a data-dependent number of tokens, so
     it breaks the graph by design."""
     torch._dynamo.reset()
-    model = build().train()
-    idx = tokens()
+    model = tiny_model().train()
+    idx = random_tokens(3, T)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = torch._dynamo.explain(model)(idx[:, :-1], routing="topk", targets=idx[:, 1:])
     assert report.graph_break_count == 0, report.break_reasons
     assert report.graph_count == 1
 
 
-@pytest.mark.parametrize("overrides", [dict(causal_method="predictor"), dict(causal_method="router", router_weight="raw"),
-                                       dict(n_experts=2, noop_experts=1, capacity_factor=0.75)],
-                         ids=["predictor", "router-raw", "staged-mode"])
+# one in the default run; the others (seconds of compiling each) with the slow tests
+@pytest.mark.parametrize("overrides", [
+    pytest.param(dict(causal_method="predictor"), marks=pytest.mark.slow),
+    dict(causal_method="router", router_weight="raw"),
+    pytest.param(dict(n_experts=2, noop_experts=1, capacity_factor=0.75), marks=pytest.mark.slow),
+], ids=["predictor", "router-raw", "staged-mode"])
 def test_compiled_training_step_equals_eager(overrides):
     """The compiled training forward run, not only traced: the whole model under ``torch.compile``
     (one graph, through AOTAutograd with the ``aot_eager`` backend: captured, functionalised and
     run with its compiled backward, without inductor's C++ compilation) gives the eager losses,
     routing decisions and gradients. Inductor itself runs in ``test_module.py``'s compile test."""
     torch._dynamo.reset()
-    eager, compiled = build(**overrides).train(), build(**overrides).train()
+    eager, compiled = tiny_model(**overrides).train(), tiny_model(**overrides).train()
     step = torch.compile(compiled, backend="aot_eager", fullgraph=True)
-    idx = tokens()
+    idx = random_tokens(3, T)
     outs = []
     for run in (step, eager):
         out = run(idx[:, :-1], routing="topk", targets=idx[:, 1:])
@@ -451,7 +441,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
     import safetensors.torch
     from huggingface_hub import PyTorchModelHubMixin
 
-    model = build(tie_embeddings=tie_embeddings, causal_method="predictor", init_std=0.3)
+    model = tiny_model(tie_embeddings=tie_embeddings, causal_method="predictor", init_std=0.3)
     assert isinstance(model, PyTorchModelHubMixin) and callable(model.push_to_hub)
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
@@ -465,7 +455,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path, capsys, tie_embeddings):
     assert capsys.readouterr().out == ""
     assert loaded.config == model.config and not loaded.training
     assert (loaded.lm_head.weight is loaded.embed.weight) == tie_embeddings
-    idx = tokens(2, 20)
+    idx = random_tokens(2, 20)
     for routing in ("topk", "causal"):
         assert torch.equal(loaded(idx, routing=routing).logits, model(idx, routing=routing).logits)
     weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
@@ -494,9 +484,9 @@ def test_a_folder_of_another_format_is_refused_in_one_line(tmp_path):
 
 # --- errors -----------------------------------------------------------------------------------------
 def test_forward_rejects_bad_inputs():
-    model = build()
+    model = tiny_model()
     with pytest.raises(ValueError, match="routing"):
-        model(tokens(), routing="sometimes")
+        model(random_tokens(3, T), routing="sometimes")
     with pytest.raises(ValueError, match="max_seq_len"):
-        model(tokens(length=65))
+        model(random_tokens(3, 65))
 

@@ -14,8 +14,10 @@ from modlm.model.positions import Positions
 from modlm.analysis.metrics import dropped_fraction, expert_load, figures, noop_fraction, passes_per_row, tally
 from modlm.model.moe import MixtureOfExperts
 from tests.helpers import counted_flops
+from tests.helpers.models import V, random_tokens, tiny_config, tiny_model
 
-V, T, D = 97, 24, 32
+T, D = 24, 32
+MOE_DEFAULTS = dict(capacity=ModelConfig.capacity)  # the library's capacity, for the routed blocks here
 VARIANTS = {
     "moe": dict(route_every=0, n_experts=4),
     "staged": dict(route_every=2, capacity=0.5, n_experts=4),
@@ -25,13 +27,11 @@ VARIANTS = {
 
 
 def config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=V, d_model=D, n_layers=4, n_heads=4, max_seq_len=64)
-    return ModelConfig(**{**base, **overrides})
+    return tiny_config(**{**MOE_DEFAULTS, **overrides})
 
 
 def build(seed=0, **overrides) -> MoDTransformer:
-    torch.manual_seed(seed)
-    return MoDTransformer(config(**overrides)).eval()
+    return tiny_model(seed, **{**MOE_DEFAULTS, **overrides})
 
 
 def mixture(seed=0, **overrides) -> MixtureOfExperts:
@@ -40,10 +40,6 @@ def mixture(seed=0, **overrides) -> MixtureOfExperts:
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)  # a spread router: picks differ from token to token
     return moe
-
-
-def tokens(batch=3, length=T, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def hidden(batch=3, length=T, seed=2) -> torch.Tensor:
@@ -190,7 +186,7 @@ def test_expert_routers_learn_from_the_language_model_loss_alone(variant):
     assert len(mixtures) == model.config.n_layers
     for moe in mixtures:
         torch.nn.init.normal_(moe.router.weight, std=0.3)
-    idx = tokens()
+    idx = random_tokens(3, T)
     out = model(idx[:, :-1], "topk", targets=idx[:, 1:])
     assert all(info.aux_loss.item() == 0 for info in out.experts)
     out.loss.backward()
@@ -227,7 +223,7 @@ def test_one_expert_without_noop_equals_the_dense_model(routing, mlp):
     state = {k: (v.unsqueeze(0) if ".mlp." in k else v) for k, v in dense.state_dict().items()}
     missing, unexpected = moe.load_state_dict(state, strict=False)
     assert all(k.endswith("mlp.router.weight") for k in missing) and not unexpected
-    idx = tokens()
+    idx = random_tokens(3, T)
     torch.testing.assert_close(moe(idx, routing).logits, dense(idx, routing).logits, rtol=0, atol=1e-5)
     assert all((info.computed == 1).all() for info in moe(idx, routing).experts)
 
@@ -236,7 +232,7 @@ def test_one_expert_without_noop_equals_the_dense_model(routing, mlp):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_causal_routing_is_causal(variant):
     model = build(**VARIANTS[variant])
-    idx = tokens()
+    idx = random_tokens(3, T)
     changed = idx.clone()
     changed[:, 15:] = (changed[:, 15:] + 1) % V
     a, b = model(idx, "causal").logits, model(changed, "causal").logits
@@ -251,7 +247,7 @@ def test_training_capacity_is_causal_without_routed_blocks(variant):
     """Picks fill each expert's slots in temporal order, so what is dropped depends on earlier
     tokens only: without routed blocks the training forward is causal too."""
     model = build(**VARIANTS[variant], capacity_factor=0.6)
-    idx = tokens()
+    idx = random_tokens(3, T)
     out = model(idx, "topk")
     assert any(dropped_fraction(info) > 0 for info in out.experts), "the test needs drops"
     changed = idx.clone()
@@ -263,7 +259,7 @@ def test_training_capacity_is_causal_without_routed_blocks(variant):
 @pytest.mark.parametrize("prefill", [1, 9])
 def test_cached_decoding_equals_causal_forward(variant, prefill, policy):
     model = build(**VARIANTS[variant])
-    idx = tokens(3, 30)
+    idx = random_tokens(3, 30)
     full = model(idx, routing="causal")
     assert len(full.experts) >= 2
     state = model.new_state(3)
@@ -272,10 +268,11 @@ def test_cached_decoding_equals_causal_forward(variant, prefill, policy):
     torch.testing.assert_close(torch.cat(steps, dim=1), full.logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["staged", "integrated"])
 def test_ragged_prompts_generate_like_single_prompts_and_trace_whole(variant):
     model = build(**VARIANTS[variant])
-    prompts = [tokens(1, n, seed=n)[0] for n in (3, 11, 7)]
+    prompts = [random_tokens(1, n, seed=n)[0] for n in (3, 11, 7)]
     together = model.generate(prompts, max_new_tokens=6, temperature=0)
     for prompt, out in zip(prompts, together):
         assert torch.equal(out, model.generate(prompt.unsqueeze(0), max_new_tokens=6, temperature=0)[0])
@@ -291,7 +288,7 @@ def test_ragged_prompts_generate_like_single_prompts_and_trace_whole(variant):
 def test_rows_are_independent(variant, routing):
     """Capacity is per row: a row's picks and outputs do not depend on the rest of the batch."""
     model = build(**VARIANTS[variant], capacity_factor=0.75)
-    idx = tokens(4)
+    idx = random_tokens(4, T)
     together = model(idx, routing).logits
     for b in range(4):
         torch.testing.assert_close(model(idx[b : b + 1], routing).logits[0], together[b], rtol=0, atol=1e-5)
@@ -309,7 +306,7 @@ def test_load_balancing_loss_is_one_when_balanced_and_trains_the_router():
     assert moe.router.weight.grad.abs().sum() > 0  # through the mean router probabilities
     assert moe.up.weight.grad is None and moe.down.weight.grad is None  # the loss is the router's alone
     model = build(**VARIANTS["integrated"])
-    out = model(tokens(), "topk")
+    out = model(random_tokens(3, T), "topk")
     out.aux_loss.backward()
     torch.testing.assert_close(out.aux_loss, 0.01 * torch.stack([i.load_balance for i in out.experts]).mean())
     assert all(block.mlp.router.weight.grad.abs().sum() > 0 for block in model.blocks)
@@ -317,7 +314,7 @@ def test_load_balancing_loss_is_one_when_balanced_and_trains_the_router():
 
 def test_staged_aux_loss_adds_routing_and_load_balance():
     model = build(**VARIANTS["staged"]).train()
-    out = model(tokens(), "topk")
+    out = model(random_tokens(3, T), "topk")
     assert [i.layer for i in out.experts] == [0, 1, 2, 3] and [r.layer for r in out.routing] == [1, 3]
     assert out.routing[0].experts is out.experts[1]  # the routed block's experts saw its k picks
     assert out.experts[1].expert.shape[1] == model.config.topk_tokens(T)

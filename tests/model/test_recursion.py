@@ -14,22 +14,18 @@ from modlm.model.errors import UserError
 from modlm.model.layers import Block
 from modlm.model.recursion import Recursion
 from modlm.model.routing import update_picked
+from tests.helpers.models import random_tokens, tiny_config, tiny_model
 
-V = 97
+# a depth of five blocks, a shared stack in the middle taken up to three times; no MoD blocks
+RECURSION = dict(n_layers=5, route_every=0, recursions=3, capacity=ModelConfig.capacity)
 
 
 def config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, max_seq_len=64, route_every=0, recursions=3)
-    return ModelConfig(**{**base, **overrides})
+    return tiny_config(**{**RECURSION, **overrides})
 
 
 def build(seed=0, **overrides) -> MoDTransformer:
-    torch.manual_seed(seed)
-    return MoDTransformer(config(**overrides)).eval()
-
-
-def tokens(batch, length, seed=1) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return tiny_model(seed, **{**RECURSION, **overrides})
 
 
 def recursion_of(model) -> Recursion:
@@ -87,9 +83,9 @@ def test_default_schedule_and_shares():
     assert [s.decision.share for s in steps] == [0.5, 1.0, 0.25]
     assert [s.topk_tokens(32) for s in steps] == [16, 16, 4]
     # a step at share 1 keeps, under causal routing too, every token the step before kept
-    out = model(tokens(3, 32), routing="causal")
+    out = model(random_tokens(3, 32), routing="causal")
     assert torch.equal(out.recursion.steps[1].selected, out.recursion.steps[0].selected)
-    assert build()(tokens(3, 32), routing="causal").recursion.steps[0].selected.all()
+    assert build()(random_tokens(3, 32), routing="causal").recursion.steps[0].selected.all()
 
 
 def unrolled(model: MoDTransformer) -> MoDTransformer:
@@ -109,7 +105,7 @@ def unrolled(model: MoDTransformer) -> MoDTransformer:
 @pytest.mark.parametrize("sharing, n_layers", [("cycle", 6), ("middle_cycle", 8)])
 def test_dense_recursion_is_the_plain_model_with_shared_weights(sharing, n_layers):
     model = build(recursion_sharing=sharing, n_layers=n_layers, recursion_routing="dense", init_std=0.3)
-    idx = tokens(2, 24)
+    idx = random_tokens(2, 24)
     torch.testing.assert_close(model(idx).logits, unrolled(model)(idx).logits, rtol=0, atol=1e-5)
 
 
@@ -125,7 +121,7 @@ def test_expert_choice_at_full_capacity_with_neutral_routers_is_the_dense_recurs
     routed = zero_routers(build(recursion_capacities=[1.0, 1.0, 1.0], router_weight="2sigmoid", init_std=0.3))
     dense = build(recursion_routing="dense", init_std=0.3)
     dense.load_state_dict(routed.state_dict(), strict=False)
-    idx = tokens(2, 24)
+    idx = random_tokens(2, 24)
     torch.testing.assert_close(routed(idx).logits, dense(idx).logits, rtol=0, atol=1e-5)
 
 
@@ -133,7 +129,7 @@ def test_expert_choice_at_full_capacity_with_neutral_routers_is_the_dense_recurs
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_each_step_picks_among_the_tokens_of_the_step_before(routing):
     model = build(recursion_capacities=[0.75, 0.5, 0.25])
-    out = model(tokens(4, 32), routing=routing)
+    out = model(random_tokens(4, 32), routing=routing)
     steps = out.recursion.steps
     assert [s.layer for s in steps] == [0, 1, 2]
     for before, after in zip(steps, steps[1:]):
@@ -163,7 +159,7 @@ def test_a_step_leaves_the_tokens_it_does_not_pick_bit_for_bit_unchanged(monkeyp
         return out, experts
 
     monkeypatch.setattr(recursion, "update_picked", recorded)
-    model(tokens(3, 32))
+    model(random_tokens(3, 32))
     before, after, selected = seen[1]
     assert torch.equal(after[~selected], before[~selected])
     assert not torch.equal(after[selected], before[selected])
@@ -171,7 +167,7 @@ def test_a_step_leaves_the_tokens_it_does_not_pick_bit_for_bit_unchanged(monkeyp
 
 def test_routers_learn_from_the_language_model_loss_and_predictors_from_their_own():
     model = build().train()
-    idx = tokens(3, 33)
+    idx = random_tokens(3, 33)
     model(idx[:, :-1], targets=idx[:, 1:]).loss.backward()
     for step in recursion_of(model).steps:
         assert step.weight.grad.abs().sum() > 0
@@ -188,7 +184,7 @@ def test_the_causal_targets_are_each_steps_membership_among_its_eligible_tokens(
     """The BCE of step r is asked only about the tokens step r - 1 kept: the exited ones (target 0,
     never decided) do not enter its mean."""
     model = build(causal_method="router", recursion_capacities=[0.5, 0.25, 0.125])
-    out = model(tokens(2, 32))
+    out = model(random_tokens(2, 32))
     for before, step in zip([None] + out.recursion.steps, out.recursion.steps):
         mask = torch.ones_like(step.selected) if before is None else before.selected
         losses = torch.nn.functional.binary_cross_entropy_with_logits(step.router_logits, step.topk.float(), reduction="none")
@@ -205,10 +201,10 @@ def test_the_causal_targets_are_each_steps_membership_among_its_eligible_tokens(
 def test_causal_routing_never_reads_a_later_token(causal_method, causal_decision, sharing, n_layers, kv):
     model = build(causal_method=causal_method, causal_decision=causal_decision, recursion_sharing=sharing,
                   n_layers=n_layers, init_std=0.3, recursion_kv=kv)
-    idx = tokens(2, 32)
+    idx = random_tokens(2, 32)
     t = 20
     changed = idx.clone()
-    changed[:, t:] = tokens(2, 32 - t, seed=9)
+    changed[:, t:] = random_tokens(2, 32 - t, seed=9)
     a, b = model(idx, routing="causal"), model(changed, routing="causal")
     # up to fp32 rounding: rows pack other counts of picks, so matmuls of other shapes sum in another order
     tolerance = 1e-5 * float(a.logits.abs().max())
@@ -250,7 +246,7 @@ def decode(model, idx, prefill, policy):
 @torch.no_grad()
 def test_cached_decoding_equals_the_causal_forward(overrides, policy):
     model = build(init_std=0.3, **overrides)
-    idx = tokens(3, 40)
+    idx = random_tokens(3, 40)
     full = model(idx, routing="causal")
     if full.recursion is not None:
         assert len(full.recursion.depth.unique()) > 1, "the test needs tokens of different depths"
@@ -261,7 +257,7 @@ def test_cached_decoding_equals_the_causal_forward(overrides, policy):
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_each_steps_caches_hold_exactly_the_tokens_it_processed(policy):
     model = build(init_std=0.3, recursion_capacities=[0.75, 0.5, 0.25])
-    idx = tokens(2, 30)
+    idx = random_tokens(2, 30)
     full = model(idx, routing="causal")
     _, state = decode(model, idx, 6, POLICIES[policy])
     caches = state.caches[1]  # middle-cycle: unique block, recursion, unique block
@@ -281,7 +277,7 @@ def test_each_steps_caches_hold_exactly_the_tokens_it_processed(policy):
 
 def test_calibration_sets_one_threshold_per_step_at_its_share():
     model = build(causal_decision="calibrated", recursion_capacities=[0.75, 0.5, 0.25])
-    windows = tokens(8, 32, seed=5)
+    windows = random_tokens(8, 32, seed=5)
     thresholds = model.calibrate(windows)
     assert thresholds == [float(step.decision.threshold) for step in recursion_of(model).steps]
     out = model(windows, routing="causal")
@@ -296,7 +292,7 @@ def test_shared_kv_later_steps_compute_and_cache_no_keys():
     calls = []
     for block in rec.stack.blocks:
         block.attn.qkv.register_forward_hook(lambda m, args, out: calls.append(args[0].size(1)))
-    idx = tokens(2, 30)
+    idx = random_tokens(2, 30)
     out = model(idx)
     assert calls == [30] * model.config.stack_layers, "only the first step projects keys and values"
     state = model.new_state(2)
@@ -316,7 +312,7 @@ def test_shared_kv_queries_attend_over_the_first_steps_keys():
 
     model = build(recursion_kv="shared", recursion_routing="dense", recursion_sharing="cycle", n_layers=3, init_std=0.3)
     cfg, block = model.config, recursion_of(model).stack.blocks[0]
-    idx = tokens(2, 20)
+    idx = random_tokens(2, 20)
     cos, sin = rope_tables(cfg, torch.arange(20).unsqueeze(0))
     heads = lambda t: t.view(2, 20, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # noqa: E731
     h = model.embed(idx)
@@ -338,7 +334,7 @@ def test_generation_reports_the_caches_against_a_plain_models(kv):
 
     model = build(recursion_kv=kv, init_std=0.3)
     cfg = model.config
-    share = generation_share(model, tokens(2, 8), 12)
+    share = generation_share(model, random_tokens(2, 8), 12)
     caches = kv_caches(model.new_state(2))
     expected = 1.0 if kv == "recursion_wise" else (2 + cfg.stack_layers) / cfg.n_layers
     assert share["kv_cache_allocated_share"] == len(caches) / cfg.n_layers == expected
@@ -359,7 +355,7 @@ def test_token_choice_gives_each_token_its_depth_up_front(routing):
     assert not list(rec.steps) and rec.depth_router.weight.shape == (3, 32)
     seen = []
     rec.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    idx = tokens(3, 32)
+    idx = random_tokens(3, 32)
     out = model(idx, routing=routing)
     depth, probs = rec.depths(seen[0])
     assert len(depth.unique()) == 3, "the test needs every depth"
@@ -381,7 +377,7 @@ def test_token_choice_gives_each_token_its_depth_up_front(routing):
 
 def test_token_choice_with_slots_for_every_token_trains_the_causal_computation():
     model = build(recursion_routing="token_choice", init_std=0.3, capacity_factor=3.0)  # slots: the whole sequence
-    idx = tokens(3, 32)
+    idx = random_tokens(3, 32)
     causal, trained = model(idx, routing="causal"), model(idx)
     assert torch.equal(causal.recursion.depth, trained.recursion.depth)
     # the same tokens; the padded batches differ in width, so rounding may differ
@@ -391,9 +387,9 @@ def test_token_choice_with_slots_for_every_token_trains_the_causal_computation()
 @torch.no_grad()
 def test_token_choice_never_reads_a_later_token():
     model = build(recursion_routing="token_choice", init_std=0.3)
-    idx = tokens(2, 32)
+    idx = random_tokens(2, 32)
     changed = idx.clone()
-    changed[:, 20:] = tokens(2, 12, seed=9)
+    changed[:, 20:] = random_tokens(2, 12, seed=9)
     a, b = model(idx), model(changed)
     torch.testing.assert_close(a.logits[:, :20], b.logits[:, :20], rtol=0, atol=1e-5 * float(a.logits.abs().max()))
     assert torch.equal(a.recursion.depth[:, :20], b.recursion.depth[:, :20])
@@ -402,7 +398,7 @@ def test_token_choice_never_reads_a_later_token():
 def test_token_choice_router_learns_from_the_loss_and_the_balance():
     model = build(recursion_routing="token_choice").train()
     rec = recursion_of(model)
-    idx = tokens(3, 33)
+    idx = random_tokens(3, 33)
     model(idx[:, :-1], targets=idx[:, 1:]).loss.backward()  # through the weight of every update
     assert rec.depth_router.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)

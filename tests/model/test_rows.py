@@ -5,10 +5,12 @@ number of rows (a batch of 1 and of 4 round differently; the caches and decision
 import pytest
 import torch
 
-from modlm import ModelConfig, MoDTransformer
 from modlm.model.rows import RowPool
+from tests.helpers.models import tiny_model
 
 V = 61
+# a larger init: continuations vary, so greedy decoding really tests something
+MODEL = dict(vocab_size=V, max_seq_len=40, capacity=0.5, init_std=0.3)
 VARIANTS = {
     "mod": {},  # controlled causal decision: a threshold per row
     "dense": dict(route_every=0),
@@ -20,13 +22,6 @@ VARIANTS = {
     "recursion_shared_kv": dict(route_every=0, recursions=2, recursion_kv="shared", recursion_capacities=[0.5, 0.5]),
     "recursion_token_choice": dict(route_every=0, recursions=2, recursion_routing="token_choice"),
 }
-
-
-def build(**overrides) -> MoDTransformer:
-    torch.manual_seed(0)
-    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=40, capacity=0.5, route_every=2,
-                init_std=0.3)  # a larger init: continuations vary, so greedy decoding really tests something
-    return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
 
 
 def requests(n=5, seed=1):
@@ -91,7 +86,7 @@ def check(model, prompts, news, **how):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_joining_and_leaving_rows_decode_what_each_decodes_alone(variant):
-    check(build(**VARIANTS[variant]), *requests())
+    check(tiny_model(**MODEL, **VARIANTS[variant]), *requests())
 
 
 @pytest.mark.parametrize("variant", ["mod", "recursion_shared_kv"])
@@ -100,11 +95,11 @@ def test_a_row_taken_after_a_longer_request_sees_nothing_of_it(variant):
     long one left past their ends are never read (recursive KV sharing reads cached positions)."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, V, (n,), generator=g) for n in (14, 12, 1, 2)]
-    check(build(**VARIANTS[variant]), prompts, [4, 24, 12, 10], capacity=2, join_every=1)
+    check(tiny_model(**MODEL, **VARIANTS[variant]), prompts, [4, 24, 12, 10], capacity=2, join_every=1)
 
 
 def test_rows_move_into_the_places_of_rows_that_leave():
-    model = build()
+    model = tiny_model(**MODEL)
     pool = RowPool(model.new_state(4))
     for length in (3, 5, 2, 4):
         one = model.new_state(1)

@@ -33,6 +33,7 @@ def set_mtime(path, seconds: int) -> None:
     os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
 
 
+@pytest.mark.slow
 def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
     target = tmp_path / "checkpoints" / "last.ckpt"
     target.parent.mkdir()
@@ -116,7 +117,7 @@ class Payload:  # pickled by reference: loading it would mean importing and runn
     pass
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "pickled"])
+@pytest.mark.parametrize("kind", ["corrupt", pytest.param("pickled", marks=pytest.mark.slow)])
 def test_unreadable_checkpoint_file_is_one_line_and_exit_2(tmp_path, tiny_tokenizer, capsys, kind):
     path = tmp_path / f"{kind}.ckpt"
     if kind == "corrupt":
@@ -131,6 +132,7 @@ def test_unreadable_checkpoint_file_is_one_line_and_exit_2(tmp_path, tiny_tokeni
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_names_a_damaged_newest_checkpoint(tmp_path, tiny_tokenizer, capsys):
     root = tmp_path / "run"
     args = tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "2")

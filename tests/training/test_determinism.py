@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers import run_train, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # each test trains two whole runs in subprocesses
+
 ARGS = ("--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--data.num_workers", "1")
 
 

@@ -89,6 +89,7 @@ def strip_left_padding(sequences, mask, pad_id):
     return rows
 
 
+@pytest.mark.slow
 def test_folder_loads_and_generates_in_a_process_without_modlm(folders, tokenizer, tmp_path):
     """The folder is self-contained: a fresh interpreter in which ``import modlm`` fails loads it
     with the two auto classes (the tokenizer's as a user would call it) and generates modlm's tokens."""

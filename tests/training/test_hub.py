@@ -17,6 +17,8 @@ from tests.helpers import tiny_args
 from tests.helpers.fake_hub import fake_hub
 from tests.helpers.pretrained import cache_repo
 
+pytestmark = pytest.mark.slow  # each test trains a run or a model from a pretrained tokenizer
+
 EVAL_FLAGS = ["--quiet", "--decode_tokens", "2", "--prompt_tokens", "2"]
 GREEDY = ["--max_new_tokens", "6", "--temperature", "0"]
 

@@ -9,8 +9,12 @@ import json
 import re
 import warnings
 
+import pytest
+
 from modlm.cli.train import main
 from tests.helpers import scalars, tiny_args
+
+pytestmark = pytest.mark.slow  # each test trains a run through the command line
 
 CSV = "lightning.pytorch.loggers.CSVLogger"
 TENSORBOARD = "modlm.training.loggers.StreamTensorBoardLogger"

@@ -176,6 +176,7 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == bad_step - 1
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_each_block_and_the_compiled_blocks_compute_the_eager_step():
     """The module's layer of compilation: ``compile=True`` reaches every block through
     ``configure_model`` (idempotent: validate/test after fit call it again) and the compiled blocks,

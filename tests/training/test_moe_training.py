@@ -16,6 +16,8 @@ from modlm.cli.eval import main as eval_main
 from modlm.flops import forward_flops
 from tests.helpers import REPO, TINY_DATA, tiny_args
 
+pytestmark = pytest.mark.slow  # training runs of every expert preset and their evaluation
+
 PRESETS = ["moe", "mode_staged", "mode_integrated"]
 
 

@@ -22,6 +22,8 @@ from modlm.flops import training_flops
 from modlm.training.callbacks.throughput import TokenThroughput
 from tests.helpers import TINY_DATA, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # each test trains a run and traces every host read
+
 LOG_EVERY, STEPS = 4, 12
 READS = [(torch.Tensor, name) for name in ("item", "tolist", "cpu", "nonzero", "__bool__", "__float__", "__int__")]
 READS += [(torch, "nonzero"), (torch.cuda, "synchronize")]

@@ -12,6 +12,8 @@ import torch
 
 from tests.helpers import run_train, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # signals to training processes, one or two ranks, then a resume
+
 N, S = 8, 5  # steps in all; the signal lands while step S + 1 runs
 COMMON = ("--trainer.max_steps", str(N), "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "4",
           "--trainer.val_check_interval", "4")
@@ -48,14 +50,12 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, tiny_t
     assert_same_losses(want, got)
 
 
-@pytest.mark.slow
 def test_sigusr1_on_one_of_two_ranks_saves_on_both_and_resumes_exactly(tmp_path, tiny_tokenizer):
     want, got = preempt_and_resume(tmp_path, tiny_tokenizer, "SIGUSR1", "--trainer.accelerator", "cpu",
                                    "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert_same_losses(want, got)
 
 
-@pytest.mark.slow
 def test_two_ranks_agree_on_a_signal_only_after_the_steps_that_log(tmp_path, tiny_tokenizer):
     """Agreeing on a signal is a collective, a host sync of every rank on a GPU: in a 2-process run it
     happens only after the steps that log (which read the device anyway), and a signal that lands

@@ -51,6 +51,7 @@ def converted(tmp_path_factory, tiny_tokenizer, folder) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_fit_builds_the_pretrained_model_with_its_tokenizer(converted, folder):
     saved = load_saved(str(converted / "checkpoints" / "last.ckpt"))
     cfg = saved.model.config
@@ -64,6 +65,7 @@ def test_the_fit_builds_the_pretrained_model_with_its_tokenizer(converted, folde
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
 
 
+@pytest.mark.slow
 def test_flops_follow_the_capacity_schedule_and_resume_continues_it(converted, tmp_path, tiny_tokenizer, folder):
     log = scalars(next((converted / "lightning_logs").glob("version_*")))
     cfg = load_saved(str(converted / "checkpoints" / "last.ckpt")).model.config
@@ -89,6 +91,7 @@ def test_flops_follow_the_capacity_schedule_and_resume_continues_it(converted, t
     assert all(again["flops/step"][s] == log["flops/step"][s] for s in range(6, 12))
 
 
+@pytest.mark.slow
 def test_every_reader_takes_the_converted_checkpoint(converted, tmp_path, capsys):
     ckpt = str(converted / "checkpoints" / "last.ckpt")
     assert eval_main([ckpt, "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2", "--json", str(tmp_path / "e.json")]) == 0
@@ -99,6 +102,7 @@ def test_every_reader_takes_the_converted_checkpoint(converted, tmp_path, capsys
     assert capsys.readouterr().out.startswith("def f(")
 
 
+@pytest.mark.slow
 def test_router_only_tuning_trains_routers_and_predictors_alone(tmp_path, tiny_tokenizer, folder):
     root = tmp_path / "routers"
     assert train_main(["fit", *args(root, tiny_tokenizer[0], folder, "--model.tune", "routers", "--model.router_weight",
@@ -149,6 +153,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_tokeniz
     assert not root.exists()
 
 
+@pytest.mark.slow
 def test_a_dense_fine_tune_exports_as_a_plain_llama(tmp_path, tiny_tokenizer, folder, capsys):
     """route_every 0: the pretrained model fine-tuned dense; eval.py --export writes a standard
     LlamaForCausalLM folder (no code of ours) that transformers and modlm-generate read."""
@@ -193,6 +198,7 @@ def test_router_only_tuning_under_fsdp2(tmp_path, tiny_tokenizer, folder):
     assert float(saved["blocks.1.router.weight"].abs().max()) > 0
 
 
+@pytest.mark.slow
 def test_a_hub_id_starts_a_fit_from_the_local_cache(tmp_path, tiny_tokenizer, folder, monkeypatch):
     """``--model.init_from OWNER/NAME`` offline: weights, config and tokenizer from the Hugging Face
     cache (laid out here as a download leaves it)."""

@@ -15,6 +15,8 @@ from modlm.cli.train import main as train_main
 from modlm.flops import forward_flops, training_flops
 from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # training runs of every recursion preset, a resume, and their evaluation
+
 STEPS = 6
 MOR = ("--config", str(REPO / "configs" / "mor.yaml"))
 

@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import run_train, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # each test trains, kills and resumes runs in subprocesses
+
 N, K, SAVED = 12, 10, 8  # total steps; the killed run dies after step K, its last checkpoint is of step SAVED
 COMMON = ("--trainer.max_steps", str(N), "--checkpoint.every_n_train_steps", "4",
           "--trainer.val_check_interval", "6", "--data.num_workers", "1")

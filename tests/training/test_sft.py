@@ -147,11 +147,8 @@ def runs(tmp_path_factory, llama_chat, chats):
     return run
 
 
-SLOW_PRESETS = ("sft-dense", "sft_lora-converted")  # the other two cover both presets and both routings
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_PRESETS else [])
-                                  for n in PRESETS])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name, runs, llama_chat, chats, tmp_path,
                                                                          capsys):
     """Fit; the checkpoint carries the folder's chat template (and, for LoRA, only what trains); eval on the
@@ -189,6 +186,7 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.slow
 def test_a_merged_lora_export_gives_the_adapters_logits_in_transformers(runs, llama_chat, tmp_path):
     """load_saved merges the adapters (peft's merge_and_unload) into a plain model: its logits are the
     adapted model's, and the standard Llama folder it exports gives them in transformers, chat template
@@ -234,6 +232,7 @@ def test_lora_resumes_exactly(runs, llama_chat, chats, tmp_path):
     assert_same_losses_after_resume(want, got, killed_at=2, steps=6)
 
 
+@pytest.mark.slow
 def test_lora_checkpoints_need_their_pretrained_folder(runs, llama_chat, tmp_path, capsys):
     copy = shutil.copytree(llama_chat, tmp_path / "llama")
     ckpt = read_checkpoint(runs("sft_lora-dense") / "checkpoints" / "last.ckpt", purpose="read")

@@ -29,6 +29,7 @@ def scalar(acc, tag):
     return [e.value for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_every_tag_is_written(events):
     tags = events.Tags()
     expected_scalars = {
@@ -45,6 +46,7 @@ def test_every_tag_is_written(events):
     assert any(tag.endswith("items_per_sec") for tag in tags["scalars"])  # Lightning's ThroughputMonitor
 
 
+@pytest.mark.slow
 def test_values_follow_the_method(events):
     cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
                       max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
@@ -75,6 +77,7 @@ def written_layout(acc) -> dict[str, dict[str, list[str]]]:
     return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
 
 
+@pytest.mark.slow
 def test_dashboard_groups_only_tags_the_run_logs(events):
     import re
 
@@ -91,6 +94,7 @@ def test_dashboard_groups_only_tags_the_run_logs(events):
     assert ["^flops/mfu$"] in layout["3 compute"].values()  # --flops.peak_flops was given
 
 
+@pytest.mark.slow
 def test_no_constant_cards(events):
     assert not {"epoch", "hp_metric"} & set(events.Tags()["scalars"])
 

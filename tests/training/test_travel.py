@@ -19,6 +19,8 @@ from modlm.model.version import FORMAT, VERSION_KEY, __version__
 from modlm.saved import load_saved
 from tests.helpers import REPO, run_train, scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # training runs, a resume and a subprocess that reads a copied checkpoint
+
 EVAL_FLAGS = ["--quiet", "--decode_tokens", "4", "--prompt_tokens", "4"]
 
 
