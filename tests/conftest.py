@@ -1,5 +1,6 @@
 """Test-wide setup: no network, one thread per process, and the tokenizer every tiny training run shares
 (trained once)."""
+
 import os
 import shutil
 import sysconfig
@@ -31,6 +32,7 @@ def tiny_tokenizer(tmp_path_factory) -> tuple[str, str]:
     for path in sorted(stdlib.glob("*.py"))[:80]:
         shutil.copy(path, corpus / path.name)
     cache = tmp_path_factory.mktemp("tokenizer")
-    dm = ModLMDataModule(source=str(corpus), num_workers=0, cache_dir=str(cache),
-                         val_fraction=float(VAL_FRACTION), **TINY_DATA)
+    dm = ModLMDataModule(
+        source=str(corpus), num_workers=0, cache_dir=str(cache), val_fraction=float(VAL_FRACTION), **TINY_DATA
+    )
     return str(corpus), str(dm.tokenizer_file)

@@ -1,5 +1,6 @@
 """``bench/gpu_session.sh`` on a machine it cannot measure stops before writing anything: one line on
 stderr naming what is missing, exit status 2, no ``$OUT`` folder and no temporary folder left."""
+
 import os
 import shutil
 import subprocess
@@ -16,8 +17,14 @@ def session(script, tmp_path, **env):
     out = tmp_path / "out"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    done = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OUT": str(out), "TMPDIR": str(scratch), **env})
+    done = subprocess.run(
+        ["bash", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OUT": str(out), "TMPDIR": str(scratch), **env},
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
     assert not out.exists() and not list(scratch.glob("modlm_gpu.*"))  # (torch's import makes its own folder there)

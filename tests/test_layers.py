@@ -1,5 +1,6 @@
 """The package's layers, read from the source: which modules import which (top-level and lazy
 imports alike), so that the tree keeps the shape docs/ARCHITECTURE.md describes."""
+
 import ast
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def layer(module: str) -> str:
 def test_no_import_circle():
     """No module reaches itself through imports, lazy ones included (a package's ``__init__``
     re-exporting its modules is not a circle: nothing below imports the package back)."""
+
     def reach(start):
         seen, todo = set(), list(GRAPH[start])
         while todo:

@@ -1,4 +1,5 @@
 """The test run's own settings (``[tool.pytest.ini_options]`` in pyproject.toml) do what they say."""
+
 import os
 import shlex
 import warnings

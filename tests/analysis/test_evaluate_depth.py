@@ -1,4 +1,5 @@
 """How evaluation reports the spending of depth: per-token depth histogram and routed-block overlap."""
+
 import pytest
 import torch
 

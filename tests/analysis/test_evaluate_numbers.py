@@ -1,5 +1,6 @@
 """Evaluation's numbers recomputed by hand: the bytes each token stands for, and the loss, perplexity
 and bits per byte of a tiny model on a batch whose text is known."""
+
 import math
 
 import pytest
@@ -9,8 +10,7 @@ from modlm import ModelConfig, MoDTransformer
 from modlm.analysis.evaluate import evaluate_routing, token_byte_lengths
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
 
-TEXT = ("Le café coûte 3 € à Zürich; naïve façade, smörgåsbord. "
-        "def naïve(x): return x * 2  # über-simple\n") * 3
+TEXT = ("Le café coûte 3 € à Zürich; naïve façade, smörgåsbord. def naïve(x): return x * 2  # über-simple\n") * 3
 
 
 def byte_of_char() -> dict[str, int]:
@@ -54,11 +54,12 @@ def test_loss_perplexity_and_bits_per_byte_by_hand(tokenizer, routing):
     ids = tokenizer.encode(TEXT).ids
     ids = ids[:20] + [eot] + ids[20:]
     T = 16
-    windows = torch.tensor([ids[i * (T + 1):(i + 1) * (T + 1)] for i in range(4)])
+    windows = torch.tensor([ids[i * (T + 1) : (i + 1) * (T + 1)] for i in range(4)])
     batches = [windows[:2], windows[2:]]
     torch.manual_seed(0)
-    model = MoDTransformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=T,
-                                       capacity=0.5, init_std=0.3))
+    model = MoDTransformer(
+        ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=T, capacity=0.5, init_std=0.3)
+    )
     result = evaluate_routing(model, batches, routing, byte_lengths=token_byte_lengths(tokenizer, V))
 
     table = byte_of_char()
@@ -70,8 +71,9 @@ def test_loss_perplexity_and_bits_per_byte_by_hand(tokenizer, routing):
             targets = batch[:, 1:]
             nll -= float(log_probs.gather(-1, targets.unsqueeze(-1)).sum())
             n_targets += targets.numel()
-            n_bytes += sum(len(bytes(table[c] for c in tokenizer.id_to_token(t))) for t in targets.flatten().tolist()
-                           if t != eot)
+            n_bytes += sum(
+                len(bytes(table[c] for c in tokenizer.id_to_token(t))) for t in targets.flatten().tolist() if t != eot
+            )
     assert eot in windows[1, 1:], "an end-of-text target, which counts in the loss but has no bytes"
     assert result["tokens"] == n_targets == 4 * T
     assert result["loss"] == pytest.approx(nll / n_targets, rel=1e-6)

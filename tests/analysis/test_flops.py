@@ -5,6 +5,7 @@ static slots of every expert), and a causal pass is charged at what its padded b
 model's two documented estimates are not counts and are not compared with one: ``attention="causal"``
 credits half the score matrix, and ``expert_passes(..., "causal")`` assumes a balanced router.
 """
+
 import pytest
 import torch
 
@@ -55,18 +56,31 @@ def test_forward_and_training_flops_match_flop_counter(overrides, seq_len):
     assert BATCH * training_flops(cfg, seq_len) == counted(cfg, seq_len, backward=True)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(route_every=2, capacity=0.5),
-    dict(route_every=1, capacity=0.3, causal_method="router"),
-    dict(route_every=2, capacity=0.5, n_experts=4, noop_experts=1, expert_top_k=2),
-    dict(route_every=0, n_experts=3, noop_experts=3),
-    dict(route_every=0, recursions=2, recursion_capacities=[0.75, 0.5]),
-    dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
-    dict(route_every=0, recursions=2, recursion_kv="shared"),
-    dict(route_every=0, recursions=2, recursion_sharing="cycle", recursion_routing="token_choice", init_std=0.3),
-    dict(route_every=2, capacity=0.5, route_part="attention"),
-], ids=["mod", "mod-router", "staged-mode", "integrated-mode", "mor", "mor-cycle-router", "mor-shared-kv",
-        "mor-token-choice", "attention-only"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(route_every=2, capacity=0.5),
+        dict(route_every=1, capacity=0.3, causal_method="router"),
+        dict(route_every=2, capacity=0.5, n_experts=4, noop_experts=1, expert_top_k=2),
+        dict(route_every=0, n_experts=3, noop_experts=3),
+        dict(route_every=0, recursions=2, recursion_capacities=[0.75, 0.5]),
+        dict(route_every=0, recursions=4, recursion_sharing="cycle", causal_method="router"),
+        dict(route_every=0, recursions=2, recursion_kv="shared"),
+        dict(route_every=0, recursions=2, recursion_sharing="cycle", recursion_routing="token_choice", init_std=0.3),
+        dict(route_every=2, capacity=0.5, route_part="attention"),
+    ],
+    ids=[
+        "mod",
+        "mod-router",
+        "staged-mode",
+        "integrated-mode",
+        "mor",
+        "mor-cycle-router",
+        "mor-shared-kv",
+        "mor-token-choice",
+        "attention-only",
+    ],
+)
 def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
     """A causal pass (validation's second pass, evaluation) on real tensors: each routed block at
     the most tokens any row picked, each mixture at the picks it computed. SDPA's math backend
@@ -78,8 +92,9 @@ def test_a_causal_pass_costs_what_ran_forward_flops_charges(overrides):
 
     torch.manual_seed(0)
     # the plain decision: an untrained model's picks are then far from top-k's k
-    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, causal_decision="plain",
-                      **overrides)
+    cfg = ModelConfig(
+        vocab_size=100, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, causal_decision="plain", **overrides
+    )
     model = MoDTransformer(cfg).eval()
     idx = torch.randint(0, 100, (3, 40), generator=torch.Generator().manual_seed(1))
     counter = FlopCounterMode(display=False)

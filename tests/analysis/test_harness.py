@@ -7,6 +7,7 @@ continuation leaks into the routing), generation that stops at the stop strings 
 The models have random weights of a large spread (0.2), so their predictions vary from token to
 token and their greedy text is not one token repeated.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -72,8 +73,9 @@ def test_dense_model_generates_what_lm_evals_hf_model_generates(tokenizer, tmp_p
     model = build(routed=False)
     model.to_hf(tmp_path / "hf", tokenizer=tokenizer)
     theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=2, dtype="float32")
-    asks = requests("generate_until", [(stdlib_text(i, 80 + 20 * i), {"until": ["\n", "e"], "max_gen_toks": 12})
-                                       for i in range(4)])
+    asks = requests(
+        "generate_until", [(stdlib_text(i, 80 + 20 * i), {"until": ["\n", "e"], "max_gen_toks": 12}) for i in range(4)]
+    )
     got = ModLMHarness(model, tokenizer, batch_size=3).generate_until(asks)
     assert got == theirs.generate_until(asks, disable_tqdm=True)
     assert len(set(got)) > 1
@@ -87,8 +89,12 @@ def test_batching_gives_the_numbers_of_batch_size_one(tokenizer, routing):
     runs = {}
     for size in (1, 4):
         lm = ModLMHarness(model, tokenizer, routing=routing, batch_size=size)
-        runs[size] = (lm.loglikelihood(pairs), lm.loglikelihood_rolling(rolling), lm.generate_until(asks),
-                      lm.usage.tasks["t"])
+        runs[size] = (
+            lm.loglikelihood(pairs),
+            lm.loglikelihood_rolling(rolling),
+            lm.generate_until(asks),
+            lm.usage.tasks["t"],
+        )
     (ll1, roll1, gen1, use1), (ll4, roll4, gen4, use4) = runs[1], runs[4]
     assert [g for _, g in ll4] == [g for _, g in ll1]
     assert [lp for lp, _ in ll4] == pytest.approx([lp for lp, _ in ll1], rel=1e-5)
@@ -125,16 +131,16 @@ def test_generation_stops_at_a_stop_string_with_the_text_model_generate_gives(to
     prompt = stdlib_text(2, 40)
     ids = tokenizer.encode(prompt).ids
     lm = ModLMHarness(model, tokenizer, routing=routing)
-    free = model.generate(ids, 16, temperature=0, eot_id=lm.eot_token_id, routing=routing)[len(ids):].tolist()
+    free = model.generate(ids, 16, temperature=0, eot_id=lm.eot_token_id, routing=routing)[len(ids) :].tolist()
     text = tokenizer.decode(free)
     stop = text[6:8]  # a stop string the greedy continuation does reach, a few tokens in
     assert stop and stop in text and len(set(free)) > 2
     [got] = lm.generate_until(requests("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 16})]))
-    assert got == text[:text.index(stop)]
+    assert got == text[: text.index(stop)]
     usage = lm.usage.tasks["t"]
     assert usage.tokens < len(ids) + 15  # it stopped there: fewer tokens fed than the 16 it was allowed
     # what the routed blocks processed while generating: the decisions of one pass over what was fed
-    out = model(torch.tensor([(ids + free)[:usage.tokens]]), routing=routing)
+    out = model(torch.tensor([(ids + free)[: usage.tokens]]), routing=routing)
     counts = {f"layer_{info.layer}": int(info.selected.sum()) for info in out.routing}
     assert usage.processed == counts and 0 < counts["layer_1"] < usage.tokens
     assert usage.flops == forward_flops(model.config, usage.tokens, tokens_per_routed_block=list(counts.values()))
@@ -150,8 +156,11 @@ def test_tally_counts_what_each_routed_block_processed(tokenizer):
     want_tokens, want_flops, want = 0, 0.0, {name: 0 for name in units(model.config)}
     for request in pairs:  # each row alone, straight from the model's own routing
         context, continuation = request.args
-        row = (causal._encode_pair(context, continuation) if context
-               else ([causal.eot_token_id], causal.tok_encode(continuation)))
+        row = (
+            causal._encode_pair(context, continuation)
+            if context
+            else ([causal.eot_token_id], causal.tok_encode(continuation))
+        )
         ids = torch.tensor([(row[0] + row[1])[-49:][:-1]])  # the last 48 tokens before the final one, as scored
         out = model(ids, routing="causal")
         want_tokens += ids.numel()
@@ -168,8 +177,10 @@ def test_tally_counts_what_each_routed_block_processed(tokenizer):
 
     topk = ModLMHarness(model, tokenizer, routing="topk", batch_size=4)
     topk.loglikelihood(pairs)
-    lengths = [min(48, sum(map(len, causal._encode_pair(*r.args))) - 1) if r.args[0]
-               else len(causal.tok_encode(r.args[1])) for r in pairs]
+    lengths = [
+        min(48, sum(map(len, causal._encode_pair(*r.args))) - 1) if r.args[0] else len(causal.tok_encode(r.args[1]))
+        for r in pairs
+    ]
     assert topk.usage.tasks["t"].processed["layer_3"] == sum(model.config.topk_tokens(n, 0.5) for n in lengths)
     # top-k: every row at its own length, each routed block at its k (forward_flops' default)
     flops = topk.usage.figures(topk.usage.tasks["t"])["flops_per_token"]

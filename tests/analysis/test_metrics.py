@@ -1,10 +1,18 @@
 """Mixture metrics on hand-made routing decisions, where every figure can be counted by eye."""
+
 import pytest
 import torch
 
 from modlm import ModelConfig
-from modlm.analysis.metrics import (add_tallies, decision_counts, figures, quality_from_counts, router_decision_counts,
-                                    tally, token_depth)
+from modlm.analysis.metrics import (
+    add_tallies,
+    decision_counts,
+    figures,
+    quality_from_counts,
+    router_decision_counts,
+    tally,
+    token_depth,
+)
 from modlm.model.recursion import RecursionInfo
 from modlm.model.routing import RoutingInfo
 
@@ -14,18 +22,27 @@ CFG = ModelConfig(vocab_size=16, d_model=16, n_layers=4, n_heads=2, max_seq_len=
 def info(layer, selected, topk, predictor=None, eligible=None):
     selected = torch.tensor(selected, dtype=torch.bool)
     router = torch.where(selected, 1.0, -1.0)
-    return RoutingInfo(layer=layer, selected=selected, router_logits=router,
-                       predictor_logits=None if predictor is None else torch.tensor(predictor),
-                       topk=torch.tensor(topk, dtype=torch.bool), aux_losses={}, aux_loss=torch.zeros(()),
-                       eligible=None if eligible is None else torch.tensor(eligible, dtype=torch.bool))
+    return RoutingInfo(
+        layer=layer,
+        selected=selected,
+        router_logits=router,
+        predictor_logits=None if predictor is None else torch.tensor(predictor),
+        topk=torch.tensor(topk, dtype=torch.bool),
+        aux_losses={},
+        aux_loss=torch.zeros(()),
+        eligible=None if eligible is None else torch.tensor(eligible, dtype=torch.bool),
+    )
 
 
 def test_capacity_and_decision_counts():
     # predictor says yes at positions 0, 1; top-k picked 1, 2: 2 of 4 agree, 1 true positive
     a = info(1, [[1, 0, 0, 0]], [[0, 1, 1, 0]], predictor=[[2.0, 3.0, -1.0, -4.0]])
     assert router_decision_counts(a).tolist() == [2, 4, 1, 2, 2]
-    assert quality_from_counts(router_decision_counts(a)) == {"causal_acc": 0.5, "causal_precision": 0.5,
-                                                              "causal_recall": 0.5}
+    assert quality_from_counts(router_decision_counts(a)) == {
+        "causal_acc": 0.5,
+        "causal_precision": 0.5,
+        "causal_recall": 0.5,
+    }
     found = figures(tally([a], CFG))["router"]
     assert found["capacity_used.layer_1"] == 0.25 and found["causal_acc.layer_1"] == 0.5
     # without a predictor the router's own logits decide: they follow `selected` here
@@ -77,8 +94,15 @@ def test_recursion_figures_count_each_step_among_the_tokens_it_chose_from():
 
 def test_token_choice_steps_without_topk_report_shares_but_no_decision():
     # a recursion step whose depth was decided up front has no top-k to grade its decision against
-    step = RoutingInfo(layer=0, selected=torch.tensor([[True, False]]), router_logits=torch.ones(1, 2),
-                       predictor_logits=None, topk=None, aux_losses={}, aux_loss=torch.zeros(()))
+    step = RoutingInfo(
+        layer=0,
+        selected=torch.tensor([[True, False]]),
+        router_logits=torch.ones(1, 2),
+        predictor_logits=None,
+        topk=None,
+        aux_losses={},
+        aux_loss=torch.zeros(()),
+    )
     found = figures(tally([RecursionInfo([step])], CFG))["recursion"]
     assert found["capacity_used.step_0"] == 0.5 and not any(k.startswith("causal_") for k in found)
 
@@ -89,8 +113,17 @@ def test_expert_shares_add_up_over_batches():
 
     def expert(picks):
         picks = torch.tensor([picks]).unsqueeze(-1)  # (1, n, top-1)
-        return ExpertInfo(layer=0, n_experts=2, n_choices=4, expert=picks, computed=picks < 2, valid=None,
-                          slots_per_expert=None, load_balance=None, aux_loss=torch.zeros(()))
+        return ExpertInfo(
+            layer=0,
+            n_experts=2,
+            n_choices=4,
+            expert=picks,
+            computed=picks < 2,
+            valid=None,
+            slots_per_expert=None,
+            load_balance=None,
+            aux_loss=torch.zeros(()),
+        )
 
     cfg = ModelConfig(**{**CFG.to_dict(), "n_experts": 2, "noop_experts": 2, "route_every": 0})
     total = add_tallies(tally([expert([0, 0, 2, 3])], cfg), tally([expert([1, 0, 0, 0])], cfg))

@@ -6,6 +6,7 @@ GPU presets are instantiated on the CPU (``--trainer.accelerator cpu --trainer.d
 test corpus and tokenizer instead of their real data; their model shapes are checked on the meta
 device at the vocabulary size they ask for.
 """
+
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from modlm import ModelConfig, MoDTransformer
+from modlm.cli.train import ModLMCLI
 from modlm.training.callbacks import NonFiniteLossGuard
 from modlm.training.callbacks.checkpointing import RunCheckpoint
 from modlm.training.callbacks.preemption import Preemption
-from modlm.cli.train import ModLMCLI
 from modlm.training.module import MoDLightningModule
 from modlm.training.trainer import ModLMTrainer
 from tests.helpers import REPO, VAL_FRACTION
@@ -28,62 +29,174 @@ STRATEGIES = ("ddp.yaml", "fsdp.yaml")
 
 # The effective values of every documented preset (and stack of presets), beyond the default run's:
 # a preset that changes anything else, or stops changing one of these, fails here.
-GPU = {"trainer.default_root_dir": "runs/gpu", "trainer.accelerator": "gpu", "trainer.devices": 1,
-       "trainer.precision": "bf16-mixed", "trainer.max_steps": 20000, "trainer.val_check_interval": 1000,
-       "trainer.log_every_n_steps": 50, "model.d_model": 512, "model.n_layers": 8, "model.n_heads": 8, "model.lr": 0.001,
-       "model.warmup_steps": 500, "model.compile": True, "data.seq_len": 1024, "model.max_seq_len": 1024,
-       "data.batch_size": 32, "data.vocab_size": 32768, "data.val_windows": 512, "data.num_workers": 4,
-       "data.tokenizer_train_chars": 50_000_000, "checkpoint.every_n_train_steps": 1000}
+GPU = {
+    "trainer.default_root_dir": "runs/gpu",
+    "trainer.accelerator": "gpu",
+    "trainer.devices": 1,
+    "trainer.precision": "bf16-mixed",
+    "trainer.max_steps": 20000,
+    "trainer.val_check_interval": 1000,
+    "trainer.log_every_n_steps": 50,
+    "model.d_model": 512,
+    "model.n_layers": 8,
+    "model.n_heads": 8,
+    "model.lr": 0.001,
+    "model.warmup_steps": 500,
+    "model.compile": True,
+    "data.seq_len": 1024,
+    "model.max_seq_len": 1024,
+    "data.batch_size": 32,
+    "data.vocab_size": 32768,
+    "data.val_windows": 512,
+    "data.num_workers": 4,
+    "data.tokenizer_train_chars": 50_000_000,
+    "checkpoint.every_n_train_steps": 1000,
+}
 ALL_GPUS = {"trainer.devices": -1}
-FSDP2 = {"trainer.strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": {
-    "data_parallel_size": "auto", "tensor_parallel_size": "auto", "save_distributed_checkpoint": True}}}
-PAPER60M = {"trainer.default_root_dir": "runs/paper60m", "trainer.max_steps": 30000, "model.n_layers": 14,
-            "model.warmup_steps": 1000, "data.seq_len": 2048, "model.max_seq_len": 2048, "data.batch_size": 16,
-            "data.tokenizer_train_chars": 100_000_000}
-PAPER220M = {"trainer.default_root_dir": "runs/paper220m", "trainer.max_steps": 60000, "model.d_model": 1024,
-             "model.n_layers": 15, "model.n_heads": 16, "model.lr": 0.0006, "model.warmup_steps": 2000,
-             "data.seq_len": 2048, "model.max_seq_len": 2048, "data.batch_size": 8, "data.tokenizer_train_chars": 100_000_000}
-SFT = {"trainer.default_root_dir": "runs/sft", "trainer.max_steps": 300, "model.route_every": 0,
-       "model.router_weight": "2sigmoid", "model.capacity_start": 1.0, "model.capacity_steps": 150, "model.lr": 0.0001,
-       "model.warmup_steps": 20}
+FSDP2 = {
+    "trainer.strategy": {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {
+            "data_parallel_size": "auto",
+            "tensor_parallel_size": "auto",
+            "save_distributed_checkpoint": True,
+        },
+    }
+}
+PAPER60M = {
+    "trainer.default_root_dir": "runs/paper60m",
+    "trainer.max_steps": 30000,
+    "model.n_layers": 14,
+    "model.warmup_steps": 1000,
+    "data.seq_len": 2048,
+    "model.max_seq_len": 2048,
+    "data.batch_size": 16,
+    "data.tokenizer_train_chars": 100_000_000,
+}
+PAPER220M = {
+    "trainer.default_root_dir": "runs/paper220m",
+    "trainer.max_steps": 60000,
+    "model.d_model": 1024,
+    "model.n_layers": 15,
+    "model.n_heads": 16,
+    "model.lr": 0.0006,
+    "model.warmup_steps": 2000,
+    "data.seq_len": 2048,
+    "model.max_seq_len": 2048,
+    "data.batch_size": 8,
+    "data.tokenizer_train_chars": 100_000_000,
+}
+SFT = {
+    "trainer.default_root_dir": "runs/sft",
+    "trainer.max_steps": 300,
+    "model.route_every": 0,
+    "model.router_weight": "2sigmoid",
+    "model.capacity_start": 1.0,
+    "model.capacity_steps": 150,
+    "model.lr": 0.0001,
+    "model.warmup_steps": 20,
+}
 PRESETS = {
     (): {},
     ("dense.yaml",): {"trainer.default_root_dir": "runs/dense", "model.route_every": 0},
-    ("tiny.yaml",): {"trainer.default_root_dir": "runs/tiny", "trainer.precision": "32-true", "trainer.max_steps": 20,
-                     "trainer.val_check_interval": 10, "trainer.log_every_n_steps": 1, "model.d_model": 32,
-                     "model.n_layers": 2, "model.n_heads": 2, "model.capacity": 0.25, "model.warmup_steps": 5,
-                     "model.lr": 0.003, "data.seq_len": 32, "model.max_seq_len": 32, "data.batch_size": 4,
-                     "data.vocab_size": 512, "data.val_windows": 8, "data.num_workers": 0,
-                     "data.tokenizer_train_chars": 200_000, "checkpoint.every_n_train_steps": 10},
+    ("tiny.yaml",): {
+        "trainer.default_root_dir": "runs/tiny",
+        "trainer.precision": "32-true",
+        "trainer.max_steps": 20,
+        "trainer.val_check_interval": 10,
+        "trainer.log_every_n_steps": 1,
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.capacity": 0.25,
+        "model.warmup_steps": 5,
+        "model.lr": 0.003,
+        "data.seq_len": 32,
+        "model.max_seq_len": 32,
+        "data.batch_size": 4,
+        "data.vocab_size": 512,
+        "data.val_windows": 8,
+        "data.num_workers": 0,
+        "data.tokenizer_train_chars": 200_000,
+        "checkpoint.every_n_train_steps": 10,
+    },
     ("moe.yaml",): {"trainer.default_root_dir": "runs/moe", "model.route_every": 0, "model.n_experts": 4},
     ("mode_staged.yaml",): {"trainer.default_root_dir": "runs/mode_staged", "model.n_experts": 4},
-    ("mode_integrated.yaml",): {"trainer.default_root_dir": "runs/mode_integrated", "model.route_every": 0,
-                                "model.n_experts": 4, "model.noop_experts": 4},
-    ("mor.yaml",): {"trainer.default_root_dir": "runs/mor", "model.route_every": 0, "model.n_layers": 8,
-                    "model.recursions": 3},
-    ("mor.yaml", "mor_dense.yaml"): {"trainer.default_root_dir": "runs/mor_dense", "model.route_every": 0,
-                                     "model.n_layers": 8, "model.recursions": 3, "model.recursion_routing": "dense"},
-    ("mor.yaml", "mor_shared_kv.yaml"): {"trainer.default_root_dir": "runs/mor_shared_kv", "model.route_every": 0,
-                                         "model.n_layers": 8, "model.recursions": 3, "model.recursion_kv": "shared"},
-    ("mor.yaml", "mor_token_choice.yaml"): {"trainer.default_root_dir": "runs/mor_token_choice", "model.route_every": 0,
-                                            "model.n_layers": 8, "model.recursions": 3,
-                                            "model.recursion_routing": "token_choice"},
-    ("skip_attention.yaml",): {"trainer.default_root_dir": "runs/skip_attention", "model.route_part": "attention",
-                               "model.capacity": 0.25},
-    ("convert_full.yaml", "skip_attention.yaml"): {"trainer.default_root_dir": "runs/skip_attention",
-                                                   "trainer.max_steps": 200, "model.router_weight": "2sigmoid",
-                                                   "model.capacity_start": 1.0, "model.capacity_steps": 100,
-                                                   "model.lr": 0.0005, "model.warmup_steps": 20,
-                                                   "model.route_part": "attention", "model.capacity": 0.25},
-    ("convert_full.yaml",): {"trainer.default_root_dir": "runs/convert_full", "trainer.max_steps": 200,
-                             "model.router_weight": "2sigmoid", "model.capacity_start": 1.0, "model.capacity_steps": 100,
-                             "model.lr": 0.0005, "model.warmup_steps": 20},
-    ("convert_routers.yaml",): {"trainer.default_root_dir": "runs/convert_routers", "trainer.max_steps": 200,
-                                "model.tune": "routers", "model.router_weight": "2sigmoid", "model.capacity_start": 1.0,
-                                "model.capacity_steps": 100, "model.lr": 0.002, "model.warmup_steps": 20},
+    ("mode_integrated.yaml",): {
+        "trainer.default_root_dir": "runs/mode_integrated",
+        "model.route_every": 0,
+        "model.n_experts": 4,
+        "model.noop_experts": 4,
+    },
+    ("mor.yaml",): {
+        "trainer.default_root_dir": "runs/mor",
+        "model.route_every": 0,
+        "model.n_layers": 8,
+        "model.recursions": 3,
+    },
+    ("mor.yaml", "mor_dense.yaml"): {
+        "trainer.default_root_dir": "runs/mor_dense",
+        "model.route_every": 0,
+        "model.n_layers": 8,
+        "model.recursions": 3,
+        "model.recursion_routing": "dense",
+    },
+    ("mor.yaml", "mor_shared_kv.yaml"): {
+        "trainer.default_root_dir": "runs/mor_shared_kv",
+        "model.route_every": 0,
+        "model.n_layers": 8,
+        "model.recursions": 3,
+        "model.recursion_kv": "shared",
+    },
+    ("mor.yaml", "mor_token_choice.yaml"): {
+        "trainer.default_root_dir": "runs/mor_token_choice",
+        "model.route_every": 0,
+        "model.n_layers": 8,
+        "model.recursions": 3,
+        "model.recursion_routing": "token_choice",
+    },
+    ("skip_attention.yaml",): {
+        "trainer.default_root_dir": "runs/skip_attention",
+        "model.route_part": "attention",
+        "model.capacity": 0.25,
+    },
+    ("convert_full.yaml", "skip_attention.yaml"): {
+        "trainer.default_root_dir": "runs/skip_attention",
+        "trainer.max_steps": 200,
+        "model.router_weight": "2sigmoid",
+        "model.capacity_start": 1.0,
+        "model.capacity_steps": 100,
+        "model.lr": 0.0005,
+        "model.warmup_steps": 20,
+        "model.route_part": "attention",
+        "model.capacity": 0.25,
+    },
+    ("convert_full.yaml",): {
+        "trainer.default_root_dir": "runs/convert_full",
+        "trainer.max_steps": 200,
+        "model.router_weight": "2sigmoid",
+        "model.capacity_start": 1.0,
+        "model.capacity_steps": 100,
+        "model.lr": 0.0005,
+        "model.warmup_steps": 20,
+    },
+    ("convert_routers.yaml",): {
+        "trainer.default_root_dir": "runs/convert_routers",
+        "trainer.max_steps": 200,
+        "model.tune": "routers",
+        "model.router_weight": "2sigmoid",
+        "model.capacity_start": 1.0,
+        "model.capacity_steps": 100,
+        "model.lr": 0.002,
+        "model.warmup_steps": 20,
+    },
     ("sft.yaml",): SFT,
-    ("sft.yaml", "sft_lora.yaml"): {**SFT, "trainer.default_root_dir": "runs/sft_lora", "model.tune": "lora",
-                                    "model.lr": 0.001},
+    ("sft.yaml", "sft_lora.yaml"): {
+        **SFT,
+        "trainer.default_root_dir": "runs/sft_lora",
+        "model.tune": "lora",
+        "model.lr": 0.001,
+    },
     ("gpu.yaml",): GPU,
     ("gpu.yaml", "ddp.yaml"): {**GPU, **ALL_GPUS, "trainer.strategy": "ddp"},
     ("gpu.yaml", "fsdp.yaml"): {**GPU, **ALL_GPUS, **FSDP2},
@@ -93,8 +206,12 @@ PRESETS = {
 # Presets that start from a pretrained model (--model.init_from), instantiated from a small transformers Llama.
 PRETRAINED = {("sft.yaml", "sft_lora.yaml")}
 # Parameter counts the presets promise (tied embeddings, at their own vocab_size).
-PROMISED_PARAMS = {(): 7e6, ("gpu.yaml",): 42e6, ("gpu.yaml", "paper60m.yaml", "ddp.yaml"): 62e6,
-                   ("gpu.yaml", "paper220m.yaml", "fsdp.yaml"): 225e6}
+PROMISED_PARAMS = {
+    (): 7e6,
+    ("gpu.yaml",): 42e6,
+    ("gpu.yaml", "paper60m.yaml", "ddp.yaml"): 62e6,
+    ("gpu.yaml", "paper220m.yaml", "fsdp.yaml"): 225e6,
+}
 
 
 def preset_id(files) -> str:
@@ -115,8 +232,11 @@ class ParseOnly(ModLMCLI):
 def effective(files) -> dict:
     """Every resolved value of the model, data, trainer and checkpoint groups, by dotted key."""
     config = ParseOnly(args=config_args(files), run=False).config.as_dict()
-    return {f"{group}.{key}": value for group in ("model", "data", "trainer", "checkpoint")
-            for key, value in (config[group] or {}).items()}
+    return {
+        f"{group}.{key}": value
+        for group in ("model", "data", "trainer", "checkpoint")
+        for key, value in (config[group] or {}).items()
+    }
 
 
 def plain(value):
@@ -189,8 +309,16 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
     want = {**effective(()), **PRESETS[files]}
     strategy = want["trainer.strategy"]
     start = ["--model.init_from", str(llama)] if files in PRETRAINED else ["--data.tokenizer", tokenizer]
-    args = [*config_args(files), "--trainer.default_root_dir", str(tmp_path),
-            "--data.source", corpus, *start, "--data.val_fraction", VAL_FRACTION]
+    args = [
+        *config_args(files),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.source",
+        corpus,
+        *start,
+        "--data.val_fraction",
+        VAL_FRACTION,
+    ]
     if want["trainer.accelerator"] == "gpu":
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     cli = ModLMCLI(args=args, run=False)
@@ -216,8 +344,11 @@ def test_preset_instantiates(files, tmp_path, tiny_tokenizer, llama):
     if isinstance(strategy, dict) and strategy["class_path"].endswith("ModelParallelStrategy"):
         assert isinstance(trainer.strategy, ModelParallelStrategy)
 
-    fields = {k.removeprefix("model."): v for k, v in want.items()
-              if k.startswith("model.") and k.removeprefix("model.") in ModelConfig.__dataclass_fields__}
+    fields = {
+        k.removeprefix("model."): v
+        for k, v in want.items()
+        if k.startswith("model.") and k.removeprefix("model.") in ModelConfig.__dataclass_fields__
+    }
     cfg = ModelConfig(**{**fields, "vocab_size": want["data.vocab_size"]})
     with torch.device("meta"):
         n = MoDTransformer(cfg).num_params()

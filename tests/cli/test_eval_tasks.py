@@ -3,6 +3,7 @@
 are lm-eval's own ``hf`` model's on the same folder, a routed model's JSON states its routing, what
 each routed block processed and whether its scores leak, and bad input is one line with nothing
 written. lm-eval's task loading takes seconds per run: every test here is slow."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,19 @@ def folders(tmp_path_factory):
 
 
 def run(folders, model: str, out, *extra) -> tuple[int, dict]:
-    argv = [str(folders[model]), "--tasks", ALL, "--include_path", str(folders["tasks"]), "--json", str(out),
-            "--quiet", "--device", "cpu", *map(str, extra)]
+    argv = [
+        str(folders[model]),
+        "--tasks",
+        ALL,
+        "--include_path",
+        str(folders["tasks"]),
+        "--json",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
     code = eval_main(argv)
     return code, (json.loads(out.read_text()) if code == 0 else {})
 
@@ -46,8 +58,9 @@ def test_dense_figures_equal_lm_evals_hf_model_on_the_same_folder(folders, tmp_p
     assert code == 0
     hf = HFLM(pretrained=str(folders["dense"]), device="cpu", batch_size=1, dtype="float32")
     local = TaskManager(include_path=str(folders["tasks"]), include_defaults=False)
-    theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), num_fewshot=1, limit=8, log_samples=False,
-                                     task_manager=local)
+    theirs = lm_eval.simple_evaluate(
+        model=hf, tasks=list(TASKS), num_fewshot=1, limit=8, log_samples=False, task_manager=local
+    )
     compared = 0
     for task, metrics in theirs["results"].items():
         for name, value in metrics.items():

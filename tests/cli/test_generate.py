@@ -1,5 +1,6 @@
 """modlm-generate on a real tiny run's checkpoint: prompts from the command line, a file and
 standard input, streaming, samples, stop strings, top-k routing, an export folder, and bad input."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,12 @@ SAMPLE = ["--max_new_tokens", "12", "--temperature", "1.0", "--top_k", "null", "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("generate")
-    assert train_main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "4",
-                                         "--trainer.limit_val_batches", "0")]) == 0
+    assert (
+        train_main(
+            ["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0")]
+        )
+        == 0
+    )
     return root / "checkpoints" / "last.ckpt"
 
 
@@ -33,7 +38,9 @@ def generate(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_one_prompt_streams_its_continuation(checkpoint, capsys):
-    code, out, _ = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "12", "--temperature", "1.0", "--seed", "7")
+    code, out, _ = generate(
+        capsys, checkpoint, "def f(", "--max_new_tokens", "12", "--temperature", "1.0", "--seed", "7"
+    )
     assert code == 0 and out.startswith("def f(") and len(out) > len("def f(\n")
     again = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "12", "--temperature", "1.0", "--seed", "7")[1]
     other = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "12", "--temperature", "1.0", "--seed", "8")[1]
@@ -44,7 +51,9 @@ def test_prompts_from_the_command_line_and_a_file_give_the_same_samples(checkpoi
     code, out, _ = generate(capsys, checkpoint, "import os", "class A:", "--num_samples", "2", *SAMPLE)
     parts = out.rstrip("\n").split("\n" + "-" * 40 + "\n")
     assert code == 0 and len(parts) == 4
-    assert [p.startswith(prompt) for p, prompt in zip(parts, ["import os", "import os", "class A:", "class A:"])] == [True] * 4
+    assert [p.startswith(prompt) for p, prompt in zip(parts, ["import os", "import os", "class A:", "class A:"])] == [
+        True
+    ] * 4
     assert parts[0] != parts[1]  # two samples of one prompt
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\n")  # blank lines are not prompts
@@ -53,17 +62,19 @@ def test_prompts_from_the_command_line_and_a_file_give_the_same_samples(checkpoi
 
 def test_a_stop_string_ends_the_continuation_before_it(checkpoint, capsys):
     free = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "20", "--temperature", "1.0", "--seed", "3")[1]
-    continuation = free.rstrip("\n")[len("def f("):]
+    continuation = free.rstrip("\n")[len("def f(") :]
     assert len(continuation) > 6, "the test needs a continuation to cut"
     stop = continuation[3:6]
-    cut = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "20", "--temperature", "1.0", "--seed", "3",
-                   "--stop", stop)[1]
+    cut = generate(
+        capsys, checkpoint, "def f(", "--max_new_tokens", "20", "--temperature", "1.0", "--seed", "3", "--stop", stop
+    )[1]
     assert cut == "def f(" + continuation[: continuation.find(stop)] + "\n"
 
 
 def test_topk_routing_generates_too_and_the_version_is_shown(checkpoint, capsys):
-    code, out, err = generate(capsys, checkpoint, "def f(", "--max_new_tokens", "6", "--temperature", "0",
-                              "--routing", "topk")
+    code, out, err = generate(
+        capsys, checkpoint, "def f(", "--max_new_tokens", "6", "--temperature", "0", "--routing", "topk"
+    )
     assert code == 0 and out.startswith("def f(")
     assert err.strip().splitlines()[-1] == f"modlm {modlm.__version__}; the model written by modlm {modlm.__version__}"
 
@@ -76,8 +87,9 @@ def test_standard_input_and_interactive_mode(checkpoint):
     assert piped.returncode == 0, piped.stderr
     first, second = piped.stdout.split("-" * 40 + "\n")  # two prompts, two continuations
     assert first.startswith("import os") and second.startswith("class A:")
-    talk = subprocess.run(cmd + ["--interactive"], input="import os\nclass A:\n", capture_output=True, text=True,
-                          env=env, timeout=120)
+    talk = subprocess.run(
+        cmd + ["--interactive"], input="import os\nclass A:\n", capture_output=True, text=True, env=env, timeout=120
+    )
     assert talk.returncode == 0, talk.stderr
     assert "no chat template" in talk.stderr
     lines = talk.stdout.split("\n")
@@ -87,8 +99,10 @@ def test_standard_input_and_interactive_mode(checkpoint):
 @pytest.mark.slow
 def test_an_export_folder_generates_like_its_checkpoint(checkpoint, tmp_path, capsys):
     export = tmp_path / "export"
-    assert eval_main([str(checkpoint), "--export", str(export), "--quiet", "--decode_tokens", "2",
-                      "--prompt_tokens", "2"]) == 0
+    assert (
+        eval_main([str(checkpoint), "--export", str(export), "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2"])
+        == 0
+    )
     capsys.readouterr()
     want = generate(capsys, checkpoint, "def f(", *SAMPLE)[1]
     assert generate(capsys, export, "def f(", *SAMPLE)[1] == want
@@ -108,7 +122,10 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsys):
     }
     for message, argv in cases.items():
         code, out, err = generate(capsys, *argv)
-        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (message, err)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (
+            message,
+            err,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +141,11 @@ def chat_model(tmp_path_factory, tiny_tokenizer):
 
     folder = chatml_tokenizer_folder(tmp_path_factory.mktemp("chat") / "model", tiny_tokenizer[0])
     torch.manual_seed(0)
-    model = MoDTransformer(ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, max_seq_len=256, init_std=0.3,
-                                       tie_embeddings=False)).eval()
+    model = MoDTransformer(
+        ModelConfig(
+            vocab_size=400, d_model=32, n_layers=2, n_heads=2, max_seq_len=256, init_std=0.3, tie_embeddings=False
+        )
+    ).eval()
     model.tokenizer_json, model.chat_template = (folder / "tokenizer.json").read_text(), read_chat_template(folder)
     encoder = ChatEncoder(model.tokenizer_json, model.chat_template)
     ids = encoder.encode(QUESTION, add_generation_prompt=True)[0]
@@ -149,14 +169,24 @@ def reference_answer(folder, messages, new_tokens: int, stop: str = "<|im_end|>"
     encoder = ChatEncoder(saved.tokenizer.to_str(), saved.chat_template)
     ids = encoder.encode(messages, add_generation_prompt=True)[0]
     stop_id = saved.tokenizer.token_to_id(stop)
-    out = saved.model.generate([ids], new_tokens, temperature=0, eot_id=stop_id)[0][len(ids):].tolist()
+    out = saved.model.generate([ids], new_tokens, temperature=0, eot_id=stop_id)[0][len(ids) :].tolist()
     return saved.tokenizer.decode([t for t in out if t != stop_id])
 
 
 def test_chat_answers_a_message_rendered_with_the_models_template(chat_model, capsys):
     want = reference_answer(chat_model, QUESTION, 12)
-    code, out, err = generate(capsys, chat_model, "What is a tuple?", "--chat", "--system", "Be brief.",
-                              "--max_new_tokens", "12", "--temperature", "0")
+    code, out, err = generate(
+        capsys,
+        chat_model,
+        "What is a tuple?",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "0",
+    )
     assert code == 0 and out == want + "\n" and want.strip() and "no chat template" not in err
     unstopped = reference_answer(chat_model, QUESTION, 12, stop="<|endoftext|>")
     assert unstopped.startswith(want) and len(unstopped) > len(want)  # it ended at the end of turn
@@ -168,12 +198,19 @@ def test_an_interactive_chat_remembers_the_conversation(chat_model, capsys, monk
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is a tuple?\nAnd a list?\n"))
-    code, out, err = generate(capsys, chat_model, "--chat", "--interactive", "--max_new_tokens", "10",
-                              "--temperature", "0")
+    code, out, err = generate(
+        capsys, chat_model, "--chat", "--interactive", "--max_new_tokens", "10", "--temperature", "0"
+    )
     first = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"}], 10)
-    second = reference_answer(chat_model, [{"role": "user", "content": "What is a tuple?"},
-                                           {"role": "assistant", "content": first},
-                                           {"role": "user", "content": "And a list?"}], 10)
+    second = reference_answer(
+        chat_model,
+        [
+            {"role": "user", "content": "What is a tuple?"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And a list?"},
+        ],
+        10,
+    )
     alone = reference_answer(chat_model, [{"role": "user", "content": "And a list?"}], 10)
     assert code == 0 and out == f"> {first}\n> {second}\n> " and second != alone
     assert "Each line is your message" in err

@@ -4,6 +4,7 @@
 titles that are whole sentences; a mistyped flag or subcommand is one line naming the closest valid
 ones, with exit status 2 and no usage.
 """
+
 import re
 from dataclasses import fields
 
@@ -15,8 +16,17 @@ from modlm.cli import prepare as prepare_cli
 from modlm.cli.train import main
 from modlm.model.config import ModelConfig
 
-MODLM_GROUPS = ("model", "data", "preemption", "routing_stats", "flops", "routing_heatmap", "dashboard", "throughput",
-                "harness")
+MODLM_GROUPS = (
+    "model",
+    "data",
+    "preemption",
+    "routing_stats",
+    "flops",
+    "routing_heatmap",
+    "dashboard",
+    "throughput",
+    "harness",
+)
 LINKED = {"vocab_size", "max_seq_len"}  # set from the data's arguments, shown under "Linked arguments"
 
 
@@ -67,12 +77,15 @@ def test_group_titles_are_whole_sentences_and_linked_arguments_have_help(capsys)
     assert "Number of token ids" in linked and "Longest sequence the model accepts" in linked
 
 
-@pytest.mark.parametrize("argv, wanted", [
-    (["fit", "--model.capcity", "0.3"], "unknown option --model.capcity (did you mean --model.capacity?)"),
-    (["fit", "--trainer.max_stpes=3"], "unknown option --trainer.max_stpes (did you mean --trainer.max_steps?)"),
-    (["fti"], "unknown command 'fti': did you mean fit?"),
-    (["fit", "--model.capacity", "lots"], 'Parser key "model.capacity": Expected a'),
-])
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [
+        (["fit", "--model.capcity", "0.3"], "unknown option --model.capcity (did you mean --model.capacity?)"),
+        (["fit", "--trainer.max_stpes=3"], "unknown option --trainer.max_stpes (did you mean --trainer.max_steps?)"),
+        (["fti"], "unknown command 'fti': did you mean fit?"),
+        (["fit", "--model.capacity", "lots"], 'Parser key "model.capacity": Expected a'),
+    ],
+)
 def test_a_mistake_is_one_line_with_the_closest_names_and_exit_2(argv, wanted, capsys):
     assert main(argv) == 2
     out, err = capsys.readouterr()
@@ -80,11 +93,14 @@ def test_a_mistake_is_one_line_with_the_closest_names_and_exit_2(argv, wanted, c
     assert err.startswith("modlm: error: ") and wanted in err and "--help lists every option" in err
 
 
-@pytest.mark.parametrize("cli, argv, wanted", [
-    (eval_cli, ["run.ckpt", "--data.bach_size", "3"], "--data.batch_size"),
-    (prepare_cli, ["corpus", "out", "--num-proc", "3"], "--num_proc"),
-    (generate_cli, ["run.ckpt", "--temprature", "0.5"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "cli, argv, wanted",
+    [
+        (eval_cli, ["run.ckpt", "--data.bach_size", "3"], "--data.batch_size"),
+        (prepare_cli, ["corpus", "out", "--num-proc", "3"], "--num_proc"),
+        (generate_cli, ["run.ckpt", "--temprature", "0.5"], "--temperature"),
+    ],
+)
 def test_the_other_commands_answer_a_mistyped_flag_in_one_line(cli, argv, wanted, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

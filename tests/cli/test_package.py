@@ -3,6 +3,7 @@
 The slow test installs the package into a fresh virtual environment outside the checkout and runs
 the console scripts from an unrelated directory, as someone who ran ``pip install .`` would.
 """
+
 from __future__ import annotations
 
 import ast
@@ -71,10 +72,13 @@ def test_remote_code_needs_only_declared_dependencies():
 
 
 def test_console_scripts_and_presets_are_declared():
-    assert PYPROJECT["project"]["scripts"] == {"modlm-train": "modlm.cli.train:main", "modlm-eval": "modlm.cli.eval:main",
-                                               "modlm-prepare": "modlm.cli.prepare:main",
-                                               "modlm-generate": "modlm.cli.generate:main",
-                                               "modlm-serve": "modlm.serve.command:main"}
+    assert PYPROJECT["project"]["scripts"] == {
+        "modlm-train": "modlm.cli.train:main",
+        "modlm-eval": "modlm.cli.eval:main",
+        "modlm-prepare": "modlm.cli.prepare:main",
+        "modlm-generate": "modlm.cli.generate:main",
+        "modlm-serve": "modlm.serve.command:main",
+    }
     assert "pytest" in {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["test"]}
     assert (REPO / "configs").resolve() == (REPO / "src" / "modlm" / "configs").resolve()
     presets = {p.name for p in (REPO / "src" / "modlm" / "configs").glob("*.yaml")}
@@ -105,8 +109,12 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "outer_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -121,10 +129,17 @@ def test_pip_install_outside_the_checkout_gives_working_commands(tmp_path):
 
     # --no-index: every declared dependency must already be satisfied, or this fails.
     run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-index", "--no-build-isolation", source)
-    where = run(python, "-c", "import modlm, modlm.cli.train; print(modlm.__file__); print(modlm.cli.train.DEFAULT_CONFIG)").split()
+    where = run(
+        python, "-c", "import modlm, modlm.cli.train; print(modlm.__file__); print(modlm.cli.train.DEFAULT_CONFIG)"
+    ).split()
     assert where[0].startswith(site) and where[1].startswith(site)
     assert Path(where[1]).is_file()
-    assert run(python, "-c", "from importlib.metadata import metadata as m; print(m('modlm')['License-Expression'])").strip() == "MIT"
+    assert (
+        run(
+            python, "-c", "from importlib.metadata import metadata as m; print(m('modlm')['License-Expression'])"
+        ).strip()
+        == "MIT"
+    )
 
     bin_dir = venv / "bin"
     assert "--trainer.max_steps" in run(bin_dir / "modlm-train", "fit", "--help")

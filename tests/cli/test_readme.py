@@ -1,5 +1,6 @@
 """The README holds to the code: every relative link in README.md and docs/ leads to a file, and the
 quickstart's commands run (shortened to a tiny run), parsed from README.md itself so the two cannot drift."""
+
 from __future__ import annotations
 
 import os
@@ -73,7 +74,7 @@ def quickstart() -> list[list[str]]:
         while "&&" in words:
             i = words.index("&&")
             commands.append(words[:i])
-            words = words[i + 1:]
+            words = words[i + 1 :]
         if words:
             commands.append(words)
     return commands
@@ -81,8 +82,13 @@ def quickstart() -> list[list[str]]:
 
 def test_the_quickstart_names_install_train_tests_and_generate():
     programs = [" ".join(c[:3]) for c in quickstart()]
-    assert programs[:5] == ["pip install -r", "python train.py fit", "pip install -r", "python -m pytest",
-                            "python -m pytest"]
+    assert programs[:5] == [
+        "pip install -r",
+        "python train.py fit",
+        "pip install -r",
+        "python -m pytest",
+        "python -m pytest",
+    ]
     assert programs[5].startswith("modlm-generate ") and len(programs) == 6
 
 
@@ -99,14 +105,24 @@ def test_the_quickstart_commands_run(tmp_path, tiny_tokenizer):
     assert checkpoint.parts[: len(Path(root).parts)] == Path(root).parts
     run_root = tmp_path / root
     # The README's fit, shortened to a tiny run under tmp (the tiny preset's model and data, 2 steps).
-    done = run_train(*fit[2:], *tiny_args(run_root, tiny_tokenizer, "--trainer.max_steps", "2",
-                                            "--trainer.limit_val_batches", "0"))
+    done = run_train(
+        *fit[2:], *tiny_args(run_root, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     written = tmp_path / checkpoint
     assert written.exists()
     # modlm-generate as the package installs it (its entry point, run from this checkout's code).
-    argv = [sys.executable, "-c", "import sys; from modlm.cli.generate import main; sys.exit(main())",
-            str(written), *generate[2:], "--max_new_tokens", "8", "--seed", "1"]
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from modlm.cli.generate import main; sys.exit(main())",
+        str(written),
+        *generate[2:],
+        "--max_new_tokens",
+        "8",
+        "--seed",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(argv, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -3,6 +3,7 @@ arguments, TensorBoard tags, and user errors as one line with a non-zero exit.
 
 Runs ``modlm.cli.main`` in-process (what ``train.py`` calls) on the tiny preset.
 """
+
 import hashlib
 
 import pytest
@@ -55,8 +56,15 @@ def test_run_puts_every_output_under_default_root_dir(tmp_path, tiny_tokenizer, 
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
 
     tags = set(scalars(version))
-    assert {"train/loss", "train/aux_loss", "val/loss", "val/ppl", "val/loss_causal", "val/ppl_causal",
-            "lr-AdamW/pg1"} <= tags
+    assert {
+        "train/loss",
+        "train/aux_loss",
+        "val/loss",
+        "val/ppl",
+        "val/loss_causal",
+        "val/ppl_causal",
+        "lr-AdamW/pg1",
+    } <= tags
     assert {"train/device/flops_per_sec", "train/device/items_per_sec"} <= tags  # ThroughputMonitor, our FLOPs
 
     # vocab_size follows the tokenizer, max_seq_len the windows; the checkpoint rebuilds the model
@@ -93,7 +101,10 @@ def test_checkpoint_of_another_shape_is_refused_and_left_intact(tmp_path, tiny_t
     hyperparameters, naming the field and both values, in one line with exit code 2, and the
     checkpoint is left as it was. (The module's own tensor check is ``test_module.py``'s.)"""
     root = tmp_path / "run"
-    assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")]) == 0
+    assert (
+        main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0")])
+        == 0
+    )
     last = root / "checkpoints" / "last.ckpt"
     before = digest(last)
     for ckpt in (str(last), "last"):  # an explicit file, and the `last` lookup
@@ -115,8 +126,19 @@ def test_non_finite_loss_exits_1_and_keeps_the_runs_checkpoints(tmp_path, tiny_t
     args = tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "2")
     assert main(["fit", *args, "--trainer.max_steps", "4"]) == 0
     saved = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}
-    code = main(["fit", *args, "--trainer.max_steps", "8", "--ckpt_path", "last",
-                 "--trainer.callbacks+=tests.helpers.callbacks.PoisonAtStep", "--trainer.callbacks.step", "6"])
+    code = main(
+        [
+            "fit",
+            *args,
+            "--trainer.max_steps",
+            "8",
+            "--ckpt_path",
+            "last",
+            "--trainer.callbacks+=tests.helpers.callbacks.PoisonAtStep",
+            "--trainer.callbacks.step",
+            "6",
+        ]
+    )
     assert code == 1
     assert error_line(capsys).startswith("modlm: error: training loss is nan")
     after = {p.name: digest(p) for p in (root / "checkpoints").iterdir()}
@@ -157,21 +179,45 @@ def test_a_moved_or_copied_run_folder_resumes_with_its_last_link(tmp_path, tiny_
     import shutil
 
     def fit(root, steps, *extra):
-        assert main(["fit", *tiny_args(root, tiny_tokenizer, "--trainer.limit_val_batches", "0",
-                                       "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", str(steps),
-                                       "--model.lr_decay_steps", "8", *extra)]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    *tiny_args(
+                        root,
+                        tiny_tokenizer,
+                        "--trainer.limit_val_batches",
+                        "0",
+                        "--checkpoint.every_n_train_steps",
+                        "2",
+                        "--trainer.max_steps",
+                        str(steps),
+                        "--model.lr_decay_steps",
+                        "8",
+                        *extra,
+                    ),
+                ]
+            )
+            == 0
+        )
 
     def saved(root) -> dict:
         folder = root / "checkpoints"
-        return {p.name: (str(p.readlink()) if p.is_symlink() else torch.load(p, weights_only=True)["global_step"])
-                for p in folder.iterdir()}
+        return {
+            p.name: (str(p.readlink()) if p.is_symlink() else torch.load(p, weights_only=True)["global_step"])
+            for p in folder.iterdir()
+        }
 
     first, moved, copied = tmp_path / "first", tmp_path / "moved", tmp_path / "copied"
     fit(first, 4)
     shutil.move(first, moved)
     fit(moved, 6, "--ckpt_path", "last")
-    assert saved(moved) == {"last.ckpt": "step=0000006.ckpt", "step=0000002.ckpt": 2, "step=0000004.ckpt": 4,
-                            "step=0000006.ckpt": 6}
+    assert saved(moved) == {
+        "last.ckpt": "step=0000006.ckpt",
+        "step=0000002.ckpt": 2,
+        "step=0000004.ckpt": 4,
+        "step=0000006.ckpt": 6,
+    }
     shutil.copytree(moved, copied, symlinks=True, copy_function=shutil.copy)
     for age, path in enumerate(sorted((copied / "checkpoints").glob("step=*.ckpt"))):  # copied newest step first
         os.utime(path, ns=(10**18 - age * 10**9,) * 2)

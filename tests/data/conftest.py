@@ -1,5 +1,6 @@
 """Fixtures the data tests share: a small stdlib corpus and the prepared folder made from it, once
 a session (preparing costs seconds)."""
+
 import shutil
 import sysconfig
 from pathlib import Path
@@ -10,8 +11,22 @@ from modlm.data.prepare import PrepareSettings, prepare_corpus
 from tests.data.helpers import PREPARED_SETTINGS
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "struct.py", "token.py", "stat.py", "abc.py",
-         "copy.py", "glob.py", "heapq.py", "queue.py", "string.py", "fnmatch.py"]
+FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "this.py",
+    "struct.py",
+    "token.py",
+    "stat.py",
+    "abc.py",
+    "copy.py",
+    "glob.py",
+    "heapq.py",
+    "queue.py",
+    "string.py",
+    "fnmatch.py",
+]
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +42,17 @@ def prepared(corpus_folder, tmp_path_factory) -> tuple[Path, Path]:
     """(the prepared folder of ``corpus_folder``, the tokenizer cache it trained into)."""
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("prep") / "tokens"
-    prepare_corpus(str(corpus_folder), out, PrepareSettings(
-        tokenizer=None, text_field="text", cache_dir=str(cache), num_proc=2, shard_tokens=3000, progress=False,
-        **PREPARED_SETTINGS))
+    prepare_corpus(
+        str(corpus_folder),
+        out,
+        PrepareSettings(
+            tokenizer=None,
+            text_field="text",
+            cache_dir=str(cache),
+            num_proc=2,
+            shard_tokens=3000,
+            progress=False,
+            **PREPARED_SETTINGS,
+        ),
+    )
     return out, cache

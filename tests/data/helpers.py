@@ -1,5 +1,6 @@
 """What the data tests share: the data module's defaults, for the lower-level constructors that
 take the settings as required arguments (the data module's signature is their one owner)."""
+
 from modlm.data import ModLMDataModule
 from modlm.data.corpus import open_corpus
 from modlm.data.corpus.files import FileCorpus
@@ -32,6 +33,13 @@ SEQ, BATCH = 32, 4
 
 def prepared_dm(source, cache, **given) -> ModLMDataModule:
     """A data module with the prepared folder's settings (on it, or on the corpus it was made from)."""
-    settings = dict(source=str(source), seq_len=SEQ, batch_size=BATCH, val_windows=6, num_workers=0,
-                    cache_dir=str(cache), **PREPARED_SETTINGS)
+    settings = dict(
+        source=str(source),
+        seq_len=SEQ,
+        batch_size=BATCH,
+        val_windows=6,
+        num_workers=0,
+        cache_dir=str(cache),
+        **PREPARED_SETTINGS,
+    )
     return ModLMDataModule(**{**settings, **given})

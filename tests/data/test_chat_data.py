@@ -1,6 +1,7 @@
 """Chat data through the data module: a jsonl file of conversations (or prompt/completion pairs) read one
 conversation per window, the loss mask on the answers, a held-out file, exact resume, a hub dataset of
 conversations, and bad input refused naming its line or counted and reported."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,13 +30,22 @@ def pairs() -> list[dict]:
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory, pairs) -> Path:
     """Half the pairs as ``messages`` records, half as prompt/completion pairs."""
-    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl",
-                       [as_messages(p) if i % 2 else p for i, p in enumerate(pairs)])
+    return write_chats(
+        tmp_path_factory.mktemp("chats") / "chats.jsonl", [as_messages(p) if i % 2 else p for i, p in enumerate(pairs)]
+    )
 
 
 def make_dm(source, tokenizer, **given) -> ModLMDataModule:
-    settings = dict(source=str(source), tokenizer=tokenizer, seq_len=SEQ, batch_size=BATCH, val_fraction=0.2,
-                    val_windows=8, num_workers=0, seed=3)
+    settings = dict(
+        source=str(source),
+        tokenizer=tokenizer,
+        seq_len=SEQ,
+        batch_size=BATCH,
+        val_fraction=0.2,
+        val_windows=8,
+        num_workers=0,
+        seed=3,
+    )
     return ModLMDataModule(**{**settings, **given})
 
 
@@ -60,7 +70,7 @@ def test_each_window_holds_one_conversation_and_the_loss_its_answer(chats, tiny_
         for ids, answer in windows_of(batch):
             window = ids + [None]
             conversation = next(k for k in rendered if tuple(window[: len(k)]) == k)  # one conversation from the start
-            assert set(window[len(conversation):-1]) <= {eot}  # then padding only
+            assert set(window[len(conversation) : -1]) <= {eot}  # then padding only
             decoded = encoder.tokenizer.decode(answer, skip_special_tokens=False)
             assert decoded == rendered[conversation] + "<|endoftext|>"
             seen += 1
@@ -79,8 +89,9 @@ def test_a_conversation_is_computed_alike_whatever_shares_its_batch(tmp_path, ti
     assert torch.equal(batch_a["input_ids"][0], batch_b["input_ids"][0])
     assert not torch.equal(batch_a["input_ids"][1:], batch_b["input_ids"][1:])
     torch.manual_seed(0)
-    model = MoDTransformer(ModelConfig(vocab_size=512, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ,
-                                       capacity=0.125, init_std=0.3)).eval()
+    model = MoDTransformer(
+        ModelConfig(vocab_size=512, d_model=32, n_layers=4, n_heads=2, max_seq_len=SEQ, capacity=0.125, init_std=0.3)
+    ).eval()
     with torch.no_grad():
         out_a, out_b = model(batch_a["input_ids"], routing="topk"), model(batch_b["input_ids"], routing="topk")
     assert torch.equal(out_a.routing[0].selected[0], out_b.routing[0].selected[0])
@@ -95,7 +106,9 @@ def test_a_held_out_file_is_validated_whole_in_order(chats, tmp_path, tiny_token
     assert windows.shape == (6, SEQ + 1) and mask.shape == (6, SEQ)
     for row, m, pair in zip(windows, mask, pairs[:6]):
         ids, loss = encoder.encode(as_messages(pair)["messages"])
-        assert row[: len(ids)].tolist() == ids and m[: len(ids) - 1].tolist() == loss[1:] and not m[len(ids) - 1:].any()
+        assert (
+            row[: len(ids)].tolist() == ids and m[: len(ids) - 1].tolist() == loss[1:] and not m[len(ids) - 1 :].any()
+        )
     assert dm.corpus.counts.train == len(pairs)  # all of the training file trains
     batches = list(dm.val_dataloader())
     assert [b["input_ids"].shape[0] for b in batches] == [BATCH, 2]
@@ -117,12 +130,18 @@ def test_resume_continues_exactly(chats, tiny_tokenizer, num_workers):
     assert max(w["epoch"] for w in second.state_dict()["train"]["ranks"][0]["workers"]) >= 1
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "line 3: not JSON (Expecting property name enclosed in double quotes at column 2)"),
-    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "line 3: message 1: role 'robot' is not one of"),
-    (json.dumps({"text": "a document"}), "line 3: expected an object with 'messages' or with 'prompt' and"),
-    (json.dumps({"messages": [{"role": "user", "content": 7}]}), "line 3: message 1 (user): 'content' is 7"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 3: not JSON (Expecting property name enclosed in double quotes at column 2)"),
+        (
+            json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+            "line 3: message 1: role 'robot' is not one of",
+        ),
+        (json.dumps({"text": "a document"}), "line 3: expected an object with 'messages' or with 'prompt' and"),
+        (json.dumps({"messages": [{"role": "user", "content": 7}]}), "line 3: message 1 (user): 'content' is 7"),
+    ],
+)
 def test_a_malformed_line_is_refused_naming_it(tmp_path, tiny_tokenizer, pairs, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs[:2]) + line + "\n" + json.dumps(pairs[2]) + "\n")
@@ -139,8 +158,10 @@ def test_conversations_without_an_answer_or_too_long_are_counted_and_reported(tm
     with pytest.warns(DataWarning) as caught:
         _ = dm.tokenizer
     (warning,) = [str(w.message) for w in caught]
-    assert ("left out of training and validation: 3 without an assistant turn (nothing to learn); 2 longer than the "
-            f"{SEQ + 1}-token window (the longest has ") in warning and "raise --data.seq_len to keep them" in warning
+    assert (
+        "left out of training and validation: 3 without an assistant turn (nothing to learn); 2 longer than the "
+        f"{SEQ + 1}-token window (the longest has "
+    ) in warning and "raise --data.seq_len to keep them" in warning
     counts = dm.corpus.counts
     assert (counts.train, counts.val, counts.no_answer, counts.too_long) == (10, 0, 3, 2)
     err = capsys.readouterr().err
@@ -162,9 +183,22 @@ def test_what_chat_data_does_not_take(chats, tmp_path, tiny_tokenizer, pairs):
     with pytest.raises(DataError, match="--data.val_source .* holds no conversations"):
         _ = make_dm(chats, tiny_tokenizer[1], val_source=str(text)).corpus
     with pytest.raises(DataError, match="holds conversations, which are read as they are"):
-        prepare_corpus(str(chats), tmp_path / "prepared", PrepareSettings(
-            vocab_size=512, tokenizer=tiny_tokenizer[1], text_field="text", val_fraction=0.1, seed=1,
-            tokenizer_train_chars=1000, cache_dir=None, num_proc=1, shard_tokens=1000, progress=False))
+        prepare_corpus(
+            str(chats),
+            tmp_path / "prepared",
+            PrepareSettings(
+                vocab_size=512,
+                tokenizer=tiny_tokenizer[1],
+                text_field="text",
+                val_fraction=0.1,
+                seed=1,
+                tokenizer_train_chars=1000,
+                cache_dir=None,
+                num_proc=1,
+                shard_tokens=1000,
+                progress=False,
+            ),
+        )
     with pytest.raises(DataError, match="does not exist"):
         _ = make_dm(chats, tiny_tokenizer[1], chat_template=str(tmp_path / "missing.jinja")).tokenizer
 
@@ -177,8 +211,12 @@ def test_a_hub_dataset_of_conversations_from_the_local_cache(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     lines = lambda rows: "".join(json.dumps(as_messages(p)) + "\n" for p in rows)  # noqa: E731
-    cache_dataset(tmp_path / "hf", "someone/chats", "c" * 40,
-                  {"data/train.jsonl": lines(pairs[6:]), "data/validation.jsonl": lines(pairs[:6])})
+    cache_dataset(
+        tmp_path / "hf",
+        "someone/chats",
+        "c" * 40,
+        {"data/train.jsonl": lines(pairs[6:]), "data/validation.jsonl": lines(pairs[:6])},
+    )
     dm = make_dm("hub:someone/chats", tiny_tokenizer[1], val_windows=100)
     assert dm.is_chat and dm.corpus.pins() == {"hub_revision": "c" * 40}
     encoder = ChatEncoder(dm.tokenizer.to_str())

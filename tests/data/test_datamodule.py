@@ -1,5 +1,6 @@
 """The data module's settings: its defaults agree with the model's, so a default run's data fits
 its model."""
+
 from modlm.model.config import ModelConfig
 from tests.data.helpers import DATA_DEFAULTS
 

@@ -1,5 +1,6 @@
 """Two real processes (gloo): the checkpointed data state holds every rank's position, and
 each rank resumes its own part exactly."""
+
 import itertools
 import multiprocessing as mp
 import shutil
@@ -14,15 +15,32 @@ import torch.distributed as dist
 from modlm.data import ModLMDataModule
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",
-         "genericpath.py", "stat.py", "__future__.py"]
+FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "this.py",
+    "nturl2path.py",
+    "struct.py",
+    "token.py",
+    "genericpath.py",
+    "stat.py",
+    "__future__.py",
+]
 N, K = 8, 3
 
 
 def make_dm(tmp: Path) -> ModLMDataModule:
-    return ModLMDataModule(source=str(tmp / "corpus"), seq_len=32, batch_size=4, vocab_size=300,
-                           tokenizer_train_chars=20_000, val_fraction=0.2, num_workers=0,
-                           cache_dir=str(tmp / "cache"))
+    return ModLMDataModule(
+        source=str(tmp / "corpus"),
+        seq_len=32,
+        batch_size=4,
+        vocab_size=300,
+        tokenizer_train_chars=20_000,
+        val_fraction=0.2,
+        num_workers=0,
+        cache_dir=str(tmp / "cache"),
+    )
 
 
 def worker(rank: int, port: int, tmp: Path, phase: str) -> None:

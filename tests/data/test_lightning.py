@@ -1,6 +1,7 @@
 """Resume inside a real Lightning fit: the batches after a mid-run checkpoint are the ones an
 uninterrupted run trains on (Lightning fetches one batch ahead; that one must not be lost), from
 plain files and from compressed ones (.jsonl.gz, .txt.zst)."""
+
 import shutil
 import sysconfig
 from pathlib import Path
@@ -13,8 +14,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from modlm.data import ModLMDataModule
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",
-         "genericpath.py", "stat.py", "__future__.py"]
+FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "this.py",
+    "nturl2path.py",
+    "struct.py",
+    "token.py",
+    "genericpath.py",
+    "stat.py",
+    "__future__.py",
+]
 
 
 class TinyLM(L.LightningModule):
@@ -42,15 +53,34 @@ class TinyLM(L.LightningModule):
 
 
 def fit(tmp_path, corpus, max_steps, ckpt_path=None, ckpt_dir=None):
-    dm = ModLMDataModule(source=str(corpus), seq_len=32, batch_size=4, vocab_size=300, tokenizer_train_chars=20_000,
-                         val_fraction=0.2, val_windows=8, num_workers=2, seed=3, cache_dir=str(tmp_path / "cache"))
+    dm = ModLMDataModule(
+        source=str(corpus),
+        seq_len=32,
+        batch_size=4,
+        vocab_size=300,
+        tokenizer_train_chars=20_000,
+        val_fraction=0.2,
+        val_windows=8,
+        num_workers=2,
+        seed=3,
+        cache_dir=str(tmp_path / "cache"),
+    )
     model = TinyLM(dm.tokenizer_vocab_size)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")] \
-        if ckpt_dir else []
+    callbacks = (
+        [ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, filename="{step}")] if ckpt_dir else []
+    )
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks,
-        val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=1,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(ckpt_dir),
+        callbacks=callbacks,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=1,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen

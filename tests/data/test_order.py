@@ -1,4 +1,5 @@
 """Training order: the epoch seed and the stateless permutation of windows."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """The prepare command: it writes exactly the tokens the on-the-fly path would make, never overwrites,
 and its command line takes the training run's defaults and flags."""
+
 import json
 
 import numpy as np
@@ -24,7 +25,9 @@ def test_prepare_writes_the_tokens_of_every_document(corpus_folder, prepared):
     assert all(n == 3000 for n in meta["train"]["tokens"][:-1]) and len(meta["train"]["files"]) > 3
     eot = raw.eot_id
     for split, texts in (("train", raw.corpus.train_texts()), ("val", raw.corpus.val_texts())):
-        want = np.concatenate([np.asarray(raw.tokenizer.encode(t, add_special_tokens=False).ids + [eot]) for t in texts])
+        want = np.concatenate(
+            [np.asarray(raw.tokenizer.encode(t, add_special_tokens=False).ids + [eot]) for t in texts]
+        )
         got = np.concatenate([np.fromfile(out / f, dtype=meta["dtype"]) for f in meta[split]["files"]])
         assert np.array_equal(got.astype(np.int64), want), split
     assert meta["documents"] == {"train": raw.corpus.num_train_docs, "val": raw.corpus.num_val_docs}
@@ -48,11 +51,38 @@ def test_the_command_line_has_the_data_modules_defaults_and_the_same_flags():
     shared = ("vocab_size", "tokenizer", "text_field", "val_fraction", "seed", "tokenizer_train_chars", "cache_dir")
     assert {name: getattr(run, name) for name in shared} == {name: DATA_DEFAULTS[name] for name in shared}
     assert run.settings().progress and not parse(["SRC", "OUT", "--no_progress"]).settings().progress
-    flags = ["--vocab_size", "300", "--tokenizer", "t.json", "--text_field", "body", "--val_fraction", "0.1",
-             "--seed", "3", "--tokenizer_train_chars", "99", "--cache_dir", "c", "--num_proc", "3", "--shard_tokens", "7"]
+    flags = [
+        "--vocab_size",
+        "300",
+        "--tokenizer",
+        "t.json",
+        "--text_field",
+        "body",
+        "--val_fraction",
+        "0.1",
+        "--seed",
+        "3",
+        "--tokenizer_train_chars",
+        "99",
+        "--cache_dir",
+        "c",
+        "--num_proc",
+        "3",
+        "--shard_tokens",
+        "7",
+    ]
     assert parse(["SRC", "OUT", *flags, "--no_progress"]).settings() == PrepareSettings(
-        vocab_size=300, tokenizer="t.json", text_field="body", val_fraction=0.1, seed=3, tokenizer_train_chars=99,
-        cache_dir="c", num_proc=3, shard_tokens=7, progress=False)
+        vocab_size=300,
+        tokenizer="t.json",
+        text_field="body",
+        val_fraction=0.1,
+        seed=3,
+        tokenizer_train_chars=99,
+        cache_dir="c",
+        num_proc=3,
+        shard_tokens=7,
+        progress=False,
+    )
 
 
 def test_help_config_files_and_print_config(tmp_path, capsys):
@@ -60,8 +90,14 @@ def test_help_config_files_and_print_config(tmp_path, capsys):
         parse(["--help"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
-    for text in ("--config", "--print_config", "--no_progress", "tokens per shard file", "tokenizing processes",
-                 "the prepared folder to write"):
+    for text in (
+        "--config",
+        "--print_config",
+        "--no_progress",
+        "tokens per shard file",
+        "tokenizing processes",
+        "the prepared folder to write",
+    ):
         assert text in shown, text
     config = tmp_path / "prepare.yaml"
     config.write_text("source: SRC\nout: OUT\nvocab_size: 300\nno_progress: true\n")
@@ -89,6 +125,7 @@ def test_a_user_error_is_one_line_with_status_2_and_a_bug_keeps_its_traceback(tm
     def fail(error):
         def prepare(*args):
             raise error
+
         return prepare
 
     monkeypatch.setattr(cli, "prepare_corpus", fail(UserError("not a data error\nsecond line")))

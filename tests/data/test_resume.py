@@ -1,5 +1,6 @@
 """The data module's checkpointed state: the formats checkpoints hold (so that existing ones resume),
 a resume on another layout or window length, and a checkpoint of another kind of source."""
+
 import itertools
 
 import pytest
@@ -20,10 +21,19 @@ def test_a_text_state_holds_every_ranks_position_with_its_layout(corpus_folder, 
     state = dm.state_dict()
     assert list(state) == ["train"] and list(state["train"]) == ["ranks"]  # no pins for local files
     (rank,) = state["train"]["ranks"]
-    assert rank.keys() == {"workers", "next_worker", "batches", "rank", "world_size", "num_workers", "seq_len",
-                           "batch_size"}
-    assert [rank[k] for k in ("batches", "next_worker", "rank", "world_size", "num_workers", "seq_len", "batch_size")] \
-        == [6, 0, 0, 1, 2, SEQ, BATCH]
+    assert rank.keys() == {
+        "workers",
+        "next_worker",
+        "batches",
+        "rank",
+        "world_size",
+        "num_workers",
+        "seq_len",
+        "batch_size",
+    }
+    assert [
+        rank[k] for k in ("batches", "next_worker", "rank", "world_size", "num_workers", "seq_len", "batch_size")
+    ] == [6, 0, 0, 1, 2, SEQ, BATCH]
     assert len(rank["workers"]) == 2 and all(w.keys() == {"epoch", "pos", "offset"} for w in rank["workers"])
 
 
@@ -37,8 +47,11 @@ def test_a_text_position_of_another_layout_restarts_the_epoch_it_reached(corpus_
     epoch = epoch_reached(state)
     again = prepared_dm(corpus_folder, cache, num_workers=0)
     again.load_state_dict(state)
-    with pytest.warns(DataWarning, match=rf"1 rank\(s\) x 2 worker\(s\), this run has 1 x 1: restarting the data "
-                                         rf"stream at epoch {epoch}"):
+    with pytest.warns(
+        DataWarning,
+        match=rf"1 rank\(s\) x 2 worker\(s\), this run has 1 x 1: restarting the data "
+        rf"stream at epoch {epoch}",
+    ):
         loader = again.train_dataloader()
     start = {"epoch": epoch, "pos": 0, "offset": 0}
     assert loader.position().workers == [start]
@@ -55,8 +68,11 @@ def test_a_token_position_of_other_windows_continues_after_as_many_tokens(prepar
     assert state == {"train": {"consumed": 5 * BATCH, "seq_len": SEQ, "tokens": tokens}}
     again = prepared_dm(out, cache, seq_len=16)
     again.load_state_dict(state)
-    with pytest.warns(DataWarning, match=rf"seq_len {SEQ}, this run 16: continuing after the same number of tokens "
-                                         rf"\({tokens:,}\)"):
+    with pytest.warns(
+        DataWarning,
+        match=rf"seq_len {SEQ}, this run 16: continuing after the same number of tokens "
+        rf"\({tokens:,}\)",
+    ):
         again.train_dataloader()
     assert again.state_dict() == {"train": {"consumed": tokens // 17, "seq_len": 16, "tokens": tokens // 17 * 17}}
 

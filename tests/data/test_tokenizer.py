@@ -1,4 +1,5 @@
 """Byte-level BPE: round trip, caching, explicit path, concurrent writers."""
+
 import shutil
 import sysconfig
 import threading
@@ -25,8 +26,15 @@ def corpus_dir(tmp_path) -> Path:
 
 
 def make_dm(corpus_dir, tmp_path, **kw):
-    args = dict(source=str(corpus_dir), vocab_size=400, tokenizer_train_chars=100_000,
-                cache_dir=str(tmp_path / "cache"), val_fraction=0.3, seq_len=32, batch_size=4)
+    args = dict(
+        source=str(corpus_dir),
+        vocab_size=400,
+        tokenizer_train_chars=100_000,
+        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.3,
+        seq_len=32,
+        batch_size=4,
+    )
     return ModLMDataModule(**{**args, **kw})
 
 
@@ -88,8 +96,10 @@ def test_concurrent_processes_train_once(tmp_path):
         return tokmod.train_tokenizer(["some text here " * 50], vocab_size=300, max_chars=10_000)
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tokmod.cached_tokenizer(tmp_path / "k", train)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(tokmod.cached_tokenizer(tmp_path / "k", train)))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -107,16 +117,27 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     import sys
     import time
 
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from filelock import FileLock\n"
-        f"FileLock({str(tmp_path / 'k.lock')!r}).acquire()\n"
-        "print('held', flush=True)\n"
-        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from filelock import FileLock\n"
+                f"FileLock({str(tmp_path / 'k.lock')!r}).acquire()\n"
+                "print('held', flush=True)\n"
+                "time.sleep(600)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     start = time.monotonic()
-    tok = tokmod.cached_tokenizer(tmp_path / "k", lambda: tokmod.train_tokenizer(["text " * 50], 300, 10_000), wait_s=30)
+    tok = tokmod.cached_tokenizer(
+        tmp_path / "k", lambda: tokmod.train_tokenizer(["text " * 50], 300, 10_000), wait_s=30
+    )
     assert tok.get_vocab_size() >= 257 and time.monotonic() - start < 10
     assert (tmp_path / "k" / "tokenizer.json").is_file()

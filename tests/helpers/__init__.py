@@ -4,6 +4,7 @@ Test modules import them as ``tests.helpers`` (pytest puts the repository root o
 since ``tests`` is a package); the tokenizer tiny runs train on is the ``tiny_tokenizer`` fixture of
 ``conftest.py``. Callbacks that subprocesses load by name are in ``tests.helpers.callbacks``.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,43 +32,64 @@ def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
     """CLI arguments of a tiny run on the ``tiny_tokenizer`` corpus, every output under ``root``."""
     corpus, tokenizer = data
     return [
-        "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.source", corpus,
-        "--data.val_fraction", VAL_FRACTION,
-        "--data.tokenizer", tokenizer,
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--data.source",
+        corpus,
+        "--data.val_fraction",
+        VAL_FRACTION,
+        "--data.tokenizer",
+        tokenizer,
         *extra,
     ]
 
 
 def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess (from the repository root)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     # A fixed port left in the environment by an in-process test may be taken by another program;
     # without one, Lightning's launcher picks a free port.
     env.pop("MASTER_PORT", None)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-RUN_LINES = [re.compile(p) for p in (
-    r"Seed set to \d+",
-    r"modlm: precision \S+ on \d+ \w+ device\(s\) \(.+\)",
-    r"modlm: checkpoints in \S+; TensorBoard logs in \S+/lightning_logs/version_\d+ \(tensorboard --logdir \S+\)",
-    r"modlm: resuming from step \d+ of \S+\.ckpt",
-    r"`Trainer\.fit` stopped: `max_steps=\d+` reached\.",
-    # Lightning's model summary
-    r"\| Name +\| Type +\| Params +\| Mode +\| FLOPs",
-    r"-+",
-    r"\d+ +\| \w+ +\| \w+ +\| [\d.]+ ?[KMGT]? +\| (train|eval) +\| [\d.]+ ?[KMGTP]?",
-    r"[\d.]+ ?[KMGT]? +(Trainable params|Non-trainable params|Total params|Total estimated model params size \(MB\)"
-    r"|Modules in train mode|Modules in eval mode|Total Flops)",
-    # the progress bars
-    r"(Training step|Validation|Validation DataLoader 0): .*",
-)]
+RUN_LINES = [
+    re.compile(p)
+    for p in (
+        r"Seed set to \d+",
+        r"modlm: precision \S+ on \d+ \w+ device\(s\) \(.+\)",
+        r"modlm: checkpoints in \S+; TensorBoard logs in \S+/lightning_logs/version_\d+ \(tensorboard --logdir \S+\)",
+        r"modlm: resuming from step \d+ of \S+\.ckpt",
+        r"`Trainer\.fit` stopped: `max_steps=\d+` reached\.",
+        # Lightning's model summary
+        r"\| Name +\| Type +\| Params +\| Mode +\| FLOPs",
+        r"-+",
+        r"\d+ +\| \w+ +\| \w+ +\| [\d.]+ ?[KMGT]? +\| (train|eval) +\| [\d.]+ ?[KMGTP]?",
+        r"[\d.]+ ?[KMGT]? +(Trainable params|Non-trainable params|Total params|Total estimated model params size \(MB\)"
+        r"|Modules in train mode|Modules in eval mode|Total Flops)",
+        # the progress bars
+        r"(Training step|Validation|Validation DataLoader 0): .*",
+    )
+]
 """Every line a tiny run prints: each one about the run (its seed, precision, folders, resume, model,
 progress, end)."""
 

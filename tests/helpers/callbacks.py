@@ -1,6 +1,7 @@
 """Callbacks a training subprocess loads by name (``--trainer.callbacks+=tests.helpers.callbacks.KillAtStep``,
 with the repository root on ``PYTHONPATH``, as ``tests.helpers.run_train`` sets it) to die like a
 killed job, be pre-empted like a scheduled one, or diverge, and one that notes a rank's collectives."""
+
 from __future__ import annotations
 
 import collections
@@ -57,8 +58,18 @@ class CollectiveSpy(pl.Callback):
     move a host value to the device and read the result back: a host sync. (DDP's gradient buckets
     are all-reduced by its C++ reducer, on the device's stream, and are not seen here.)"""
 
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-             "broadcast_object_list", "barrier", "reduce_scatter_tensor", "gather", "scatter")
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "reduce_scatter_tensor",
+        "gather",
+        "scatter",
+    )
 
     def __init__(self):
         self.running = None
@@ -81,6 +92,7 @@ class CollectiveSpy(pl.Callback):
                 where = f" from {caller.name} ({Path(caller.filename).name})" if caller else ""
                 self.seen[self.running].append(name + where)
             return original(*args, **kwargs)
+
         return spy
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -1,5 +1,6 @@
 """Chat pieces the tests share: conversations, a ChatML tokenizer and template as chat models ship them, and
 chat files of question/answer pairs from real text (the standard library's docstrings)."""
+
 from __future__ import annotations
 
 import inspect
@@ -31,8 +32,11 @@ def chatml_tokenizer_folder(folder: Path, corpus: str, vocab_size: int = 400) ->
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator((p.read_text() for p in sorted(Path(corpus).glob("*.py"))[:20]), trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
@@ -67,5 +71,6 @@ def write_chats(path: Path, records: list) -> Path:
 
 
 def as_messages(pair: dict) -> dict:
-    return {"messages": [{"role": "user", "content": pair["prompt"]},
-                         {"role": "assistant", "content": pair["completion"]}]}
+    return {
+        "messages": [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["completion"]}]
+    }

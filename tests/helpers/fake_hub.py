@@ -1,6 +1,7 @@
 """A Hugging Face Hub on localhost, for pushing to offline: the few endpoints an upload uses (make a
 repository, ask how each file is uploaded, commit), answered by ``http.server`` and kept in memory.
 huggingface_hub talks to it over real HTTP, exactly as to the Hub; only the server is stand-in."""
+
 from __future__ import annotations
 
 import base64
@@ -32,20 +33,30 @@ def _handler(hub: FakeHub):
             hub.requests.append(("POST", self.path))
             if self.path.startswith("/api/repos/create"):
                 repo = json.loads(body)
-                name = f"{repo.get('organization') or 'user'}/{repo['name']}" if "/" not in repo["name"] else repo["name"]
+                name = (
+                    f"{repo.get('organization') or 'user'}/{repo['name']}" if "/" not in repo["name"] else repo["name"]
+                )
                 hub.files.setdefault(name, {})
                 return self._json({"url": f"{hub.url}/{name}"})
             if self.path.startswith("/api/validate-yaml"):  # a model card's metadata: accepted
                 return self._json({"errors": [], "warnings": []})
             if "/preupload/" in self.path:  # every file inline in the commit, none through LFS
-                return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                             for f in json.loads(body)["files"]]})
+                return self._json(
+                    {
+                        "files": [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                            for f in json.loads(body)["files"]
+                        ]
+                    }
+                )
             if "/commit/" in self.path:
                 repo = self.path.split("/api/models/")[1].split("/commit/")[0]
                 for line in body.decode().splitlines():
                     item = json.loads(line)
                     if item.get("key") == "file":
-                        hub.files.setdefault(repo, {})[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        hub.files.setdefault(repo, {})[item["value"]["path"]] = base64.b64decode(
+                            item["value"]["content"]
+                        )
                 return self._json({"commitUrl": f"{hub.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
             self._json({"error": "not here"}, 404)
 

@@ -14,6 +14,7 @@ six lines of a module, which of four of its lines follows) and ``line_end`` (gen
 line from the six lines before it and its first half, ``exact_match`` and ``chrf``, the character
 n-gram F-score, which credits a partly right completion).
 """
+
 from __future__ import annotations
 
 import ast
@@ -88,8 +89,11 @@ def line_questions(n: int, paths: list[Path], seed: int = 0, before: int = 6) ->
     questions = []
     for path in paths:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        usable = [i for i, line in enumerate(lines) if i >= before and 20 <= len(line.strip()) <= 80
-                  and not line.strip().startswith("#")]
+        usable = [
+            i
+            for i, line in enumerate(lines)
+            if i >= before and 20 <= len(line.strip()) <= 80 and not line.strip().startswith("#")
+        ]
         texts = sorted({lines[i] for i in usable})
         if len(texts) < 8:
             continue
@@ -98,11 +102,19 @@ def line_questions(n: int, paths: list[Path], seed: int = 0, before: int = 6) ->
             indent = len(line) - len(line.lstrip())
             if cut <= indent:
                 continue
-            seen = set(lines[i - before:i + 1])  # no distractor the context already shows
+            seen = set(lines[i - before : i + 1])  # no distractor the context already shows
             choices = rng.sample([t for t in texts if t not in seen], 3) + [line]
             rng.shuffle(choices)
-            questions.append({"context": "\n".join(lines[i - before:i]) + "\n", "line": line, "choices": choices,
-                              "answer": choices.index(line), "head": line[:cut + 1], "tail": line[cut + 1:]})
+            questions.append(
+                {
+                    "context": "\n".join(lines[i - before : i]) + "\n",
+                    "line": line,
+                    "choices": choices,
+                    "answer": choices.index(line),
+                    "head": line[: cut + 1],
+                    "tail": line[cut + 1 :],
+                }
+            )
     rng.shuffle(questions)
     return questions[:n]
 
@@ -219,8 +231,12 @@ def harness_tokenizer(vocab_size: int = 400):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((p.read_text()[:10_000] for p in first_modules()), trainer=trainer)
     return tok
 
@@ -235,20 +251,39 @@ def harness_model(routed: bool, seed: int = 0, max_seq_len: int = 48, **changes)
     from modlm.model.transformer import MoDTransformer
 
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=400, d_model=64, n_layers=4, n_heads=4, max_seq_len=max_seq_len, init_std=0.2,
-                         route_every=2 if routed else 0, capacity=0.5, **changes)
+    config = ModelConfig(
+        vocab_size=400,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=max_seq_len,
+        init_std=0.2,
+        route_every=2 if routed else 0,
+        capacity=0.5,
+        **changes,
+    )
     return MoDTransformer(config).eval()
 
 
-def write_tasks(folder: Path, questions: int = 8, stretches: int = 3, chars: int = 600, max_gen_toks: int = 8,
-                seed: int = 0, paths: list[Path] | None = None, lines: bool = False) -> Path:
+def write_tasks(
+    folder: Path,
+    questions: int = 8,
+    stretches: int = 3,
+    chars: int = 600,
+    max_gen_toks: int = 8,
+    seed: int = 0,
+    paths: list[Path] | None = None,
+    lines: bool = False,
+) -> Path:
     """The three tasks' data and YAML files in ``folder`` (an ``--include_path``), drawn from the
     modules ``paths`` (default ``first_modules()``), and with ``lines`` the two line tasks; returns
     the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = first_modules() if paths is None else paths
-    data = {"docstring_mc": docstring_questions(questions, paths, seed),
-            "stdlib_ppl": source_stretches(stretches, chars, paths)}
+    data = {
+        "docstring_mc": docstring_questions(questions, paths, seed),
+        "stdlib_ppl": source_stretches(stretches, chars, paths),
+    }
     data["docstring_gen"] = data["docstring_mc"]
     if lines:
         data["next_line"] = data["line_end"] = line_questions(questions, paths, seed)

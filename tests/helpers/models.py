@@ -5,6 +5,7 @@ tokens too, outside any test. A test passes what it needs beyond the shared shap
 module's own defaults (another vocabulary, a shorter context, a larger init) are written where it
 builds, not hidden in a helper of its own.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,17 +3,32 @@
 ``save_pretrained`` (safetensors) beside a byte-level BPE tokenizer, as a downloaded model's folder
 looks. No network: what a Hub id would give is laid out as the local Hugging Face cache holds it
 (``cache_repo``)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-SMALL = dict(vocab_size=416, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-             max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-5)
+SMALL = dict(
+    vocab_size=416,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
 """A small shape; the weights' spread (0.1) is larger than transformers' default so that attention is
 far from uniform and the logits vary (a parity test of near-constant logits would prove little)."""
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 """Llama 3's RoPE scaling with a short original context, so that 16-100 token inputs reach the
 rescaled frequencies."""
 
@@ -33,12 +48,21 @@ untied, with Llama 3's RoPE scaling and with heads wider than ``hidden_size / he
 def hf_model(kind: str, seed: int = 0, **changes):
     """transformers' model of ``kind`` (a ``KINDS`` key, or ``llama``/``mistral``/``qwen2``), in eval mode."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     family, extra = KINDS.get(kind, (kind, {}))
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**SMALL, **extra, **changes}))
     if family == "qwen2":  # transformers starts biases at 0: give them values, or they would test nothing
@@ -57,8 +81,9 @@ def tokenizer_folder(folder: Path, corpus: str, vocab_size: int = 400) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator((p.read_text() for p in sorted(Path(corpus).glob("*.py"))[:20]), trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))

@@ -6,6 +6,7 @@ the CPU ``enable_gqa`` stays.
 No GPU here: the folded path is chosen by ``fold_query_groups``, which the tests switch on as CUDA
 would. They check the SDPA calls it makes (arguments only: which kernel CUDA picks is torch's) and
 that it computes what an independent reference computes."""
+
 import math
 
 import pytest
@@ -41,6 +42,7 @@ def sdpa_calls(monkeypatch):
     def spy(q, k, v, *args, **kwargs):
         calls.append((q.size(1), k.size(1), v.size(1), kwargs.get("attn_mask") is not None, kwargs))
         return original(q, k, v, *args, **kwargs)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
 
@@ -59,8 +61,14 @@ def test_grouped_attention_under_a_mask_is_attention(monkeypatch, fold, batch, n
 
 MODELS = {
     "mod": dict(route_every=2, recursions=1, n_layers=4),
-    "mor-shared-kv": dict(route_every=0, recursions=3, recursion_kv="shared", causal_method="router",
-                          recursion_sharing="cycle", n_layers=6),
+    "mor-shared-kv": dict(
+        route_every=0,
+        recursions=3,
+        recursion_kv="shared",
+        causal_method="router",
+        recursion_sharing="cycle",
+        n_layers=6,
+    ),
 }
 
 
@@ -74,8 +82,9 @@ def test_folded_decoding_equals_the_causal_forward_without_a_grouped_flag(as_on_
     """A prompt and decoding steps through every masked path (a cache, shared keys), against the
     causal forward over the whole sequence, which runs without a mask."""
     torch.manual_seed(0)
-    net = MoDTransformer(ModelConfig(vocab_size=V, d_model=64, n_heads=8, n_kv_heads=2, max_seq_len=32,
-                                     init_std=0.3, **MODELS[model])).eval()
+    net = MoDTransformer(
+        ModelConfig(vocab_size=V, d_model=64, n_heads=8, n_kv_heads=2, max_seq_len=32, init_std=0.3, **MODELS[model])
+    ).eval()
     idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(1))
     full = net(idx, routing="causal").logits
     sdpa_calls.clear()

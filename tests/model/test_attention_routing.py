@@ -1,6 +1,7 @@
 """Attention-only routing (``route_part="attention"``): a routed block's router decides which tokens attend
 there and are its keys and values; every token runs the MLP. Everything full-block MoD has, checked against
 an independent full-length reference."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ def test_zero_routers_at_capacity_one_compute_the_plain_block():
     for router in routed.routers():
         torch.nn.init.zeros_(router.weight)
     dense = MoDTransformer(ModelConfig(**{**routed.config.to_dict(), "route_every": 0, "route_part": "block"})).eval()
-    dense.load_state_dict({k.replace(".block.", "."): v for k, v in routed.state_dict().items()
-                           if ".router." not in k}, strict=True)
+    dense.load_state_dict(
+        {k.replace(".block.", "."): v for k, v in routed.state_dict().items() if ".router." not in k}, strict=True
+    )
     idx = random_tokens(3, T)
     for routing in ("topk", "causal"):
         torch.testing.assert_close(routed(idx, routing=routing).logits, dense(idx).logits, rtol=0, atol=1e-5)
@@ -73,7 +75,9 @@ def test_causal_routing_never_reads_a_later_token():
         assert torch.equal(x.selected[:, :20], y.selected[:, :20])
 
 
-@pytest.mark.parametrize("policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"])
+@pytest.mark.parametrize(
+    "policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"]
+)
 def test_cached_decoding_equals_the_causal_pass_and_caches_only_the_picks(policy):
     model = tiny_model(**ATTENTION_ONLY)
     model.calibrate(random_tokens(8, 48, seed=5))

@@ -1,5 +1,6 @@
 """The inference budget: calibrated thresholds and the controlled decision keep a routed block at its
 capacity, stay strictly causal, and decode with the KV cache exactly as one causal pass computes."""
+
 import pytest
 import torch
 
@@ -9,8 +10,13 @@ from modlm.model.routing import RoutedBlock
 from tests.helpers.models import random_tokens, tiny_model
 
 T = 48
-DECISIONS = [("plain", "trained"), ("calibrated", "trained"), ("controlled", "trained"),
-             ("controlled", "standardized_router"), ("calibrated", "standardized_router")]
+DECISIONS = [
+    ("plain", "trained"),
+    ("calibrated", "trained"),
+    ("controlled", "trained"),
+    ("controlled", "standardized_router"),
+    ("calibrated", "standardized_router"),
+]
 
 
 def shares(out) -> list[float]:
@@ -38,7 +44,9 @@ def test_the_controller_holds_the_share_where_the_plain_decision_drifts():
     torch.manual_seed(3)
     for block in model.blocks:
         if isinstance(block, RoutedBlock):
-            block.router.weight.data += 2 * block.router.weight.data.abs().mean() * torch.sign(torch.randn_like(block.router.weight))
+            block.router.weight.data += (
+                2 * block.router.weight.data.abs().mean() * torch.sign(torch.randn_like(block.router.weight))
+            )
     idx = random_tokens(4, 64, seed=7)
     drifting = shares(model.reconfigured(causal_decision="calibrated")(idx, routing="causal"))
     held = shares(model.reconfigured(causal_decision="controlled")(idx, routing="causal"))
@@ -55,12 +63,16 @@ def test_every_decision_is_causal(decision, logit):
     changed = idx.clone()
     changed[:, 30:] = random_tokens(3, T - 30, seed=9)
     after = model(changed, routing="causal")
-    torch.testing.assert_close(after.logits[:, :30], out.logits[:, :30], rtol=0, atol=1e-5 * float(out.logits.abs().max()))
+    torch.testing.assert_close(
+        after.logits[:, :30], out.logits[:, :30], rtol=0, atol=1e-5 * float(out.logits.abs().max())
+    )
     for a, b in zip(out.routing, after.routing):
         assert torch.equal(a.selected[:, :30], b.selected[:, :30])
 
 
-@pytest.mark.parametrize("policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"])
+@pytest.mark.parametrize(
+    "policy", [DecodePolicy(host_decides=True, bounded_reads=True), STATIC], ids=["host", "static"]
+)
 @pytest.mark.parametrize("decision, logit", DECISIONS)
 def test_cached_decoding_equals_the_causal_pass(decision, logit, policy):
     model = tiny_model(init_std=0.3, causal_decision=decision, decision_logit=logit)
@@ -100,8 +112,10 @@ def test_calibration_lives_in_the_weights_not_the_config(decision, logit):
         assert torch.equal(a.selected, b.selected)
     uncalibrated = tiny_model(seed=0, init_std=0.3, causal_decision=decision, decision_logit=logit)
     if decision != "plain":  # the rebuilt model decides with the thresholds, not with 0
-        assert any(not torch.equal(a.selected, b.selected) for a, b in
-                   zip(model(idx, routing="causal").routing, uncalibrated(idx, routing="causal").routing))
+        assert any(
+            not torch.equal(a.selected, b.selected)
+            for a, b in zip(model(idx, routing="causal").routing, uncalibrated(idx, routing="causal").routing)
+        )
 
 
 def test_calibration_travels_with_save_pretrained(tmp_path):

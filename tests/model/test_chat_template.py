@@ -2,6 +2,7 @@
 ``tokenizer_config.json``), kept by ``save_pretrained``/``from_pretrained``, written by both kinds of
 ``to_hf`` export (whose tokenizer then keeps special tokens whole, so transformers tokenizes a conversation
 as modlm does), and read back by ``load_saved``."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,9 @@ def test_a_model_without_a_template_exports_as_before(tiny_tokenizer, tmp_path):
 
     tok = load_tokenizer(tiny_tokenizer[1])
     torch.manual_seed(0)
-    model = MoDTransformer(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2,
-                                       max_seq_len=32, route_every=0))
+    model = MoDTransformer(
+        ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=2, max_seq_len=32, route_every=0)
+    )
     assert model.chat_template is None
     model.to_hf(tmp_path / "plain", tok)
     assert not (tmp_path / "plain" / CHAT_TEMPLATE_FILE).exists()
@@ -89,8 +91,12 @@ def test_a_checkpoint_carries_its_template(llama_chat, tmp_path):
     from modlm.saved.travel import CHAT_TEMPLATE_KEY
 
     model = MoDTransformer.from_hf(llama_chat)
-    ckpt = {"hyper_parameters": model.config.to_dict(), "global_step": 0, CHAT_TEMPLATE_KEY: CHATML_TEMPLATE,
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    ckpt = {
+        "hyper_parameters": model.config.to_dict(),
+        "global_step": 0,
+        CHAT_TEMPLATE_KEY: CHATML_TEMPLATE,
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+    }
     torch.save(ckpt, tmp_path / "a.ckpt")
     del ckpt[CHAT_TEMPLATE_KEY]
     torch.save(ckpt, tmp_path / "b.ckpt")

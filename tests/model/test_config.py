@@ -1,4 +1,5 @@
 """ModelConfig validates itself and names the offending field."""
+
 import pytest
 
 from modlm import ModelConfig
@@ -30,8 +31,16 @@ from modlm import ModelConfig
         ("head_size", 7),  # odd: RoPE rotates pairs
         ("qkv_bias", "yes"),
         ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}),
-        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
-                          "original_max_position_embeddings": 8192}),  # high below low
+        (
+            "rope_scaling",
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 4.0,
+                "high_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),  # high below low
         ("route_layers", [6]),  # no block 6 in 6 blocks
         ("route_layers", [3, 1]),  # not ascending
         ("capacities", [0.5, 0.5]),  # 3 routed blocks
@@ -69,7 +78,8 @@ def test_rebuilt_from_saved_hyperparameters_and_tensor_differences():
     # capacity does not change tensors; d_model does; a field this run leaves unset is not compared
     assert ModelConfig.tensor_differences(saved, {"d_model": 64, "capacity": 0.25}) == []
     assert ModelConfig.tensor_differences(saved, {"d_model": 32, "n_heads": None}) == [
-        "d_model=64 in the checkpoint, 32 in this run"]
+        "d_model=64 in the checkpoint, 32 in this run"
+    ]
     assert "capacity" not in ModelConfig.TENSOR_FIELDS and "d_model" in ModelConfig.TENSOR_FIELDS
 
 
@@ -98,4 +108,6 @@ def test_routed_blocks_and_capacities_by_list_or_spread():
     assert cfg.routed_layers == [0, 4] and cfg.capacity_of(4) == 0.25 and cfg.topk_tokens(64, 0.5) == 32
     assert ModelConfig(route_layers=[]).routed_layers == []  # dense
     spread = ModelConfig(route_every=1, capacity=0.2, capacity_depth=0.5).layer_capacities
-    assert spread[0] == pytest.approx(0.3) and spread[-1] == pytest.approx(0.1) and sum(spread) / 6 == pytest.approx(0.2)
+    assert (
+        spread[0] == pytest.approx(0.3) and spread[-1] == pytest.approx(0.1) and sum(spread) / 6 == pytest.approx(0.2)
+    )

@@ -1,6 +1,7 @@
 """The edges of the decoding interface: prompt forms, padding at the end of the context, a full
 row given a padding token, sampling settings that mean nothing, autograd, and the predictor's
 precision under autocast."""
+
 import pytest
 import torch
 
@@ -62,11 +63,17 @@ def test_a_full_row_given_a_skipped_token_keeps_its_entries():
     assert int(cache.length[0]) == model.config.max_seq_len and n > 0
 
 
-@pytest.mark.parametrize("settings, match", [
-    (dict(top_k=0), "top_k=0"), (dict(top_k=-3), "top_k=-3"), (dict(top_p=0.0), "top_p=0.0"),
-    (dict(top_p=1.5), "top_p=1.5"), (dict(temperature=-1.0), "temperature=-1.0"),
-    (dict(temperature=float("nan")), "temperature=nan"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(top_k=0), "top_k=0"),
+        (dict(top_k=-3), "top_k=-3"),
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+    ],
+)
 def test_meaningless_sampling_settings_are_refused_by_name(settings, match):
     with pytest.raises(UserError, match=match):
         tiny_model(**MODEL).generate(random_tokens(3, vocab=V), max_new_tokens=2, **settings)

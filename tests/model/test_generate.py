@@ -4,6 +4,7 @@ Decoding steps run two ways: on the CPU a routed block reads its per-row decisio
 skips the rows that say no; under ``torch.compile`` (and on accelerators) every row runs the block
 and skipping rows are masked. Both must give the same logits and the same caches.
 """
+
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ def build(seed=0, **overrides) -> MoDTransformer:
     untrained model's argmax its last input token, so every greedy continuation repeats one token
     whatever attention and routing compute; at 0.3 continuations vary and depend on the context."""
     torch.manual_seed(seed)
-    base = dict(vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.5, route_every=2,
-                init_std=0.3)
+    base = dict(
+        vocab_size=V, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, capacity=0.5, route_every=2, init_std=0.3
+    )
     return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
 
 
@@ -54,8 +56,11 @@ METHODS = ["router", "predictor"]
 def policy(request) -> DecodePolicy:
     """Run the test with routed blocks skipping rows on the host, then with masked steps (as on an
     accelerator), then with masked steps that read every cache slot (as compiled)."""
-    return {"host_decides": DecodePolicy(host_decides=True, bounded_reads=True),
-            "masked": DecodePolicy(host_decides=False, bounded_reads=True), "static": STATIC}[request.param]
+    return {
+        "host_decides": DecodePolicy(host_decides=True, bounded_reads=True),
+        "masked": DecodePolicy(host_decides=False, bounded_reads=True),
+        "static": STATIC,
+    }[request.param]
 
 
 def decode(model, idx, prefill, policy=None):
@@ -94,7 +99,7 @@ def test_routed_block_cache_holds_exactly_the_processed_tokens(causal_method, po
             else:
                 expected = torch.arange(30)
             assert torch.equal(kv.positions[row, :n], expected), f"block {layer} row {row}"
-            assert (kv.positions[row, n:kv.max_len] == -1).all()
+            assert (kv.positions[row, n : kv.max_len] == -1).all()
     assert any(int(kv.length.min()) < 30 for kv in cache.caches), "routed blocks must store fewer tokens"
 
 
@@ -175,10 +180,11 @@ def test_decode_step_traces_whole_and_matches_eager(causal_method):
     model = build(causal_method=causal_method)
     prompts = ragged_prompts()
     traced = torch.compile(model.decode_compute, backend="eager", fullgraph=True, dynamic=False)
-    compiled = generate(model, prompts, 12, temperature=0,
-                        decode_step=lambda t, s: model.decode_step(t, s, STATIC, compute=traced))
+    compiled = generate(
+        model, prompts, 12, temperature=0, decode_step=lambda t, s: model.decode_step(t, s, STATIC, compute=traced)
+    )
     eager = generate(model, prompts, 12, temperature=0)
-    assert all(varied(out[len(p):]) for out, p in zip(eager, prompts))
+    assert all(varied(out[len(p) :]) for out, p in zip(eager, prompts))
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
 
@@ -200,7 +206,7 @@ def test_compile_decode_step_generates_what_eager_decoding_does(monkeypatch):
     eager = generate(model, prompts, 10, temperature=0)
     longest = max(len(p) for p in prompts)
     assert calls == list(range(longest, longest + 9)), "generate must drive every step through the compiled one"
-    assert all(varied(out[len(p):]) for out, p in zip(eager, prompts))
+    assert all(varied(out[len(p) :]) for out, p in zip(eager, prompts))
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
 
@@ -215,9 +221,11 @@ def test_compiled_decoding_writes_only_static_tensors_and_compiles_once(monkeypa
     emptied in place, and give eager decoding's tokens both times (a state not emptied would show the
     first call's keys to the second)."""
     graphs = []
+
     def capture(gm, example_inputs):
         graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
         return gm.forward
+
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": capture, "mode": None}))
     torch._dynamo.reset()
@@ -228,7 +236,7 @@ def test_compiled_decoding_writes_only_static_tensors_and_compiles_once(monkeypa
     state = step.new_state(len(prompts))
     second = generate(model, prompts, 10, temperature=0, decode_step=step)
     eager = generate(model, prompts, 10, temperature=0)
-    assert all(varied(out[len(p):]) for out, p in zip(eager, prompts))
+    assert all(varied(out[len(p) :]) for out, p in zip(eager, prompts))
     assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(first, second, eager))
     assert len(graphs) == 1, "one batch size, one compilation"
     assert step.new_state(len(prompts)) is state and state.filled == 0
@@ -249,11 +257,16 @@ def test_bounded_decoding_reads_exactly_the_filled_slots(monkeypatch):
     model.prefill(idx[:, :4], state)
     seen = []
     real_sdpa = layers.F.scaled_dot_product_attention
+
     def spy(q, k, v, **kw):
         seen.append(k.size(-2))
         return real_sdpa(q, k, v, **kw)
+
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
-    for policy in (DecodePolicy(host_decides=True, bounded_reads=True), DecodePolicy(host_decides=False, bounded_reads=True)):
+    for policy in (
+        DecodePolicy(host_decides=True, bounded_reads=True),
+        DecodePolicy(host_decides=False, bounded_reads=True),
+    ):
         for t in range(4, 8) if policy.host_decides else range(8, 12):
             seen.clear()
             filled = state.filled
@@ -275,7 +288,7 @@ def test_prompts_of_different_lengths_batch_like_single_prompts(causal_method):
         alone = model.generate(prompt.unsqueeze(0), max_new_tokens=8, temperature=0)[0]
         assert torch.equal(out, alone)
         assert torch.equal(out[: len(prompt)], prompt) and len(out) == len(prompt) + 8
-        assert varied(out[len(prompt):])
+        assert varied(out[len(prompt) :])
 
 
 @pytest.mark.parametrize("causal_method", METHODS)
@@ -333,11 +346,11 @@ def test_rows_stop_at_their_own_end_of_text():
             assert torch.equal(out[row, 5:], free[row]), f"row {row} must not stop"
             assert torch.equal(listed[row], out[row])
         else:
-            assert torch.equal(out[row, 5:6 + stop], free[row, : stop + 1]), f"row {row} before its stop"
-            assert (out[row, 6 + stop:] == eot).all(), f"row {row} must be padded with eot after its stop"
+            assert torch.equal(out[row, 5 : 6 + stop], free[row, : stop + 1]), f"row {row} before its stop"
+            assert (out[row, 6 + stop :] == eot).all(), f"row {row} must be padded with eot after its stop"
             assert torch.equal(listed[row], out[row, : 6 + stop]), "a list of prompts ends each at its eot"
     early = min(s for s in stops if s is not None)
-    assert not (free[stops.index(early), early + 1:] == eot).all(), "the padding must differ from free decoding"
+    assert not (free[stops.index(early), early + 1 :] == eot).all(), "the padding must differ from free decoding"
 
 
 def test_generation_ends_when_every_row_has_stopped():

@@ -2,6 +2,7 @@
 adapter ``modlm.model.hf_format``), against transformers' own models built here at a small size:
 the same logits and greedy tokens, standard folders transformers loads without remote code, the
 refusals, and the conversion to Mixture-of-Depths that starts at the pretrained function."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,14 @@ def test_cached_greedy_generation_gives_transformers_tokens(kind, folders):
     hf = hf_model(kind)
     model = MoDTransformer.from_hf(folders[kind])
     prompt = torch.randint(0, 416, (2, 12), generator=torch.Generator().manual_seed(3))
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
+    want = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     got = model.generate(prompt, max_new_tokens=24, temperature=0)
     assert torch.equal(got, want)
     assert all(len(set(row[-24:].tolist())) > 4 for row in got)  # continuations that vary
@@ -108,17 +115,24 @@ def edited(folder: Path, tmp_path: Path, **changes) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind, changes, field", [
-    ("llama-gqa-untied", {"model_type": "gpt2"}, "model_type='gpt2'"),
-    ("llama-gqa-untied", {"architectures": ["LlamaForSequenceClassification"]}, "architectures="),
-    ("llama-gqa-untied", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ("llama-gqa-untied", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='yarn'"),
-    ("llama-gqa-untied", {"attention_bias": True}, "attention_bias=True"),
-    ("llama-gqa-untied", {"mlp_bias": True}, "mlp_bias=True"),
-    ("llama-gqa-untied", {"num_local_experts": 8}, "num_local_experts=8"),
-    ("mistral", {"sliding_window": 64}, "sliding_window=64"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 32}, "use_sliding_window=True"),
-])
+@pytest.mark.parametrize(
+    "kind, changes, field",
+    [
+        ("llama-gqa-untied", {"model_type": "gpt2"}, "model_type='gpt2'"),
+        ("llama-gqa-untied", {"architectures": ["LlamaForSequenceClassification"]}, "architectures="),
+        ("llama-gqa-untied", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        (
+            "llama-gqa-untied",
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
+            "rope_type='yarn'",
+        ),
+        ("llama-gqa-untied", {"attention_bias": True}, "attention_bias=True"),
+        ("llama-gqa-untied", {"mlp_bias": True}, "mlp_bias=True"),
+        ("llama-gqa-untied", {"num_local_experts": 8}, "num_local_experts=8"),
+        ("mistral", {"sliding_window": 64}, "sliding_window=64"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 32}, "use_sliding_window=True"),
+    ],
+)
 def test_unsupported_checkpoints_are_refused_naming_the_field(folders, tmp_path, kind, changes, field):
     folder = edited(folders[kind], tmp_path, **changes)
     with pytest.raises(UnsupportedCheckpoint) as err:
@@ -161,9 +175,10 @@ def test_overrides_may_not_change_what_the_weights_decide(folders):
 
 
 # --- out: standard transformers folders ------------------------------------------------------------
-@pytest.mark.parametrize("kind, architecture", [("llama-mha-tied", "LlamaForCausalLM"),
-                                                ("llama3-rope", "LlamaForCausalLM"),
-                                                ("qwen2", "Qwen2ForCausalLM")])
+@pytest.mark.parametrize(
+    "kind, architecture",
+    [("llama-mha-tied", "LlamaForCausalLM"), ("llama3-rope", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")],
+)
 def test_a_dense_model_exports_as_a_standard_transformers_model(kind, architecture, folders, tmp_path, tiny_tokenizer):
     import transformers
 
@@ -189,8 +204,19 @@ def test_a_modlm_dense_model_round_trips_through_a_llama_folder(tmp_path, tiny_t
     """modlm's own dense model (its init, untied, GQA, a head size of its own) is a Llama as it is."""
     import transformers
 
-    cfg = ModelConfig(vocab_size=512, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, head_size=16, route_every=0,
-                      tie_embeddings=False, max_seq_len=64, rope_theta=5e4, norm_eps=1e-6)
+    cfg = ModelConfig(
+        vocab_size=512,
+        d_model=48,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=2,
+        head_size=16,
+        route_every=0,
+        tie_embeddings=False,
+        max_seq_len=64,
+        rope_theta=5e4,
+        norm_eps=1e-6,
+    )
     model = MoDTransformer(cfg).eval()
     with torch.no_grad():  # norm gains away from 1, so that a misplaced norm would show
         for name, p in model.named_parameters():
@@ -204,13 +230,16 @@ def test_a_modlm_dense_model_round_trips_through_a_llama_folder(tmp_path, tiny_t
         want = model(idx).logits
         assert logits_gap(want, hf(idx).logits)[1] < TOLERANCE
         assert torch.equal(back(idx).logits, want)
-    assert {f: getattr(back.config, f) for f in ("n_kv_heads", "head_size", "rope_theta", "norm_eps", "max_seq_len")} == \
-        {"n_kv_heads": 2, "head_size": 16, "rope_theta": 5e4, "norm_eps": 1e-6, "max_seq_len": 64}
+    assert {
+        f: getattr(back.config, f) for f in ("n_kv_heads", "head_size", "rope_theta", "norm_eps", "max_seq_len")
+    } == {"n_kv_heads": 2, "head_size": 16, "rope_theta": 5e4, "norm_eps": 1e-6, "max_seq_len": 64}
 
 
 def test_models_that_are_not_llamas_keep_the_remote_code_export(tmp_path, tiny_tokenizer):
-    for cfg in (ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, route_every=2),
-                ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, route_every=0, mlp="gelu")):
+    for cfg in (
+        ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, route_every=2),
+        ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, route_every=0, mlp="gelu"),
+    ):
         out = tmp_path / cfg.mlp
         assert MoDTransformer(cfg).to_hf(out, tokenizer=tiny_tokenizer[1]) == "remote-code"
         assert json.loads((out / "config.json").read_text())["architectures"] == ["ModLMForCausalLM"]
@@ -227,8 +256,12 @@ def test_at_capacity_one_the_converted_model_is_the_pretrained_one(folders):
     idx = torch.randint(0, 416, (2, 60), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = dense(idx).logits
-        for routing in ({"route_every": 2}, {"route_every": 1}, {"route_layers": [0, 3]},
-                        {"route_every": 2, "route_part": "attention"}):
+        for routing in (
+            {"route_every": 2},
+            {"route_every": 1},
+            {"route_layers": [0, 3]},
+            {"route_every": 2, "route_part": "attention"},
+        ):
             mod = MoDTransformer.from_hf(folders["llama-gqa-untied"], capacity=1.0, **routing)
             assert mod.config.router_weight == "2sigmoid" and mod.config.routed_layers
             assert all(float(mod.blocks[i].router.weight.abs().max()) == 0 for i in mod.config.routed_layers)
@@ -238,7 +271,9 @@ def test_at_capacity_one_the_converted_model_is_the_pretrained_one(folders):
                 exact = routing.get("route_part") != "attention"
                 gap = logits_gap(want, mod(idx, routing=mode).logits)
                 assert (gap[0] == 0.0) if exact else (gap[1] < 1e-6), (routing, mode, gap)
-        halved = MoDTransformer.from_hf(folders["llama-gqa-untied"], capacity=1.0, route_every=2, router_weight="sigmoid")
+        halved = MoDTransformer.from_hf(
+            folders["llama-gqa-untied"], capacity=1.0, route_every=2, router_weight="sigmoid"
+        )
         assert logits_gap(want, halved(idx, routing="topk").logits)[1] > 1e-2
 
 
@@ -261,10 +296,12 @@ def test_reading_a_folder_needs_no_transformers(folders):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "import torch\nfrom modlm import MoDTransformer\n"
-            f"m = MoDTransformer.from_hf({str(folders['qwen2'])!r})\n"
-            "print(float(m(torch.arange(20).unsqueeze(0)).logits.sum()))")
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import torch\nfrom modlm import MoDTransformer\n"
+        f"m = MoDTransformer.from_hf({str(folders['qwen2'])!r})\n"
+        "print(float(m(torch.arange(20).unsqueeze(0)).logits.sum()))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     want = float(MoDTransformer.from_hf(folders["qwen2"])(torch.arange(20).unsqueeze(0)).logits.sum())

@@ -3,6 +3,7 @@
 Every test uses a tiny model and a fixed seed; each asserts an exact property of the method,
 and most of them catch one of the bugs found in public MoD code.
 """
+
 import contextlib
 
 import pytest
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 
 import modlm
 from modlm import ModelConfig, MoDTransformer
-from modlm.model.version import FORMAT, FormatError
 from modlm.model.positions import Positions, apply_rope, rope_tables
 from modlm.model.routing import RoutedBlock, topk_indices
+from modlm.model.version import FORMAT, FormatError
 from tests.helpers.models import V, random_tokens, tiny_config, tiny_model
 
 T = 32
@@ -210,7 +211,7 @@ def test_causal_routing_is_causal(causal_method):
     assert picked.any() and not picked.all(), "the test needs a mix of processed and skipped tokens"
     for t in (0, 7, 20, T - 2):
         changed = idx.clone()
-        changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(T - t - 1)) % V
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + torch.arange(T - t - 1)) % V
         out = model(changed, routing="causal")
         torch.testing.assert_close(out.logits[:, : t + 1], base.logits[:, : t + 1], rtol=0, atol=1e-5)
 
@@ -221,7 +222,7 @@ def test_topk_routing_is_not_causal():
     idx = random_tokens(2, T)
     base = model(idx, routing="topk").logits
     changed = idx.clone()
-    changed[:, T // 2:] = (changed[:, T // 2:] + 5) % V
+    changed[:, T // 2 :] = (changed[:, T // 2 :] + 5) % V
     out = model(changed, routing="topk").logits
     assert not torch.allclose(out[:, : T // 2], base[:, : T // 2], atol=1e-4)
 
@@ -325,8 +326,9 @@ change the logits by far more than rounding. At these seeds the smallest fp32 ma
 
 
 def bf16_model(routing: str) -> MoDTransformer:
-    return tiny_model(seed=BF16_SEEDS[routing], capacity=0.25 if routing == "topk" else 0.5, init_std=0.1,
-                      causal_method="predictor")
+    return tiny_model(
+        seed=BF16_SEEDS[routing], capacity=0.25 if routing == "topk" else 0.5, init_std=0.1, causal_method="predictor"
+    )
 
 
 def bf16_batch() -> torch.Tensor:
@@ -398,11 +400,15 @@ def test_compile_traces_the_training_forward_without_graph_breaks():
 
 
 # one in the default run; the others (seconds of compiling each) with the slow tests
-@pytest.mark.parametrize("overrides", [
-    pytest.param(dict(causal_method="predictor"), marks=pytest.mark.slow),
-    dict(causal_method="router", router_weight="raw"),
-    pytest.param(dict(n_experts=2, noop_experts=1, capacity_factor=0.75), marks=pytest.mark.slow),
-], ids=["predictor", "router-raw", "staged-mode"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(causal_method="predictor"), marks=pytest.mark.slow),
+        dict(causal_method="router", router_weight="raw"),
+        pytest.param(dict(n_experts=2, noop_experts=1, capacity_factor=0.75), marks=pytest.mark.slow),
+    ],
+    ids=["predictor", "router-raw", "staged-mode"],
+)
 def test_compiled_training_step_equals_eager(overrides):
     """The compiled training forward run, not only traced: the whole model under ``torch.compile``
     (one graph, through AOTAutograd with the ``aot_eager`` backend: captured, functionalised and
@@ -471,7 +477,7 @@ def test_a_folder_of_another_format_is_refused_in_one_line(tmp_path):
     fit."""
     import json
 
-    model = build()
+    model = tiny_model()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert MoDTransformer.from_pretrained(tmp_path).config == model.config
@@ -489,4 +495,3 @@ def test_forward_rejects_bad_inputs():
         model(random_tokens(3, T), routing="sometimes")
     with pytest.raises(ValueError, match="max_seq_len"):
         model(random_tokens(3, 65))
-

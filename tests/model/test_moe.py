@@ -1,18 +1,19 @@
 """Invariants of the mixture-of-experts MLP and of both MoDE variants: which tokens each expert
 computes, what a no-op pick does, the one-expert reduction to the dense MLP, causality, cached
 decoding, row independence, the load-balancing gradient and the FLOPs model."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.model.config import STATIC, DecodePolicy
+from modlm.analysis.metrics import dropped_fraction, expert_load, figures, noop_fraction, passes_per_row, tally
 from modlm.flops import expert_passes, forward_flops, training_flops
+from modlm.model.config import STATIC, DecodePolicy
 from modlm.model.generate import generate
 from modlm.model.layers import Block
-from modlm.model.positions import Positions
-from modlm.analysis.metrics import dropped_fraction, expert_load, figures, noop_fraction, passes_per_row, tally
 from modlm.model.moe import MixtureOfExperts
+from modlm.model.positions import Positions
 from tests.helpers import counted_flops
 from tests.helpers.models import V, random_tokens, tiny_config, tiny_model
 
@@ -69,10 +70,12 @@ def test_training_dispatch_gives_each_expert_its_first_picks_in_temporal_order()
         for b in range(B):
             mine = (info.expert[b, :, 0] == e).nonzero().flatten()
             kept = mine[:C]
-            slots = buf[e, b * C:(b + 1) * C]
+            slots = buf[e, b * C : (b + 1) * C]
             assert torch.equal(slots[: len(kept)], x[b, kept])
-            assert (slots[len(kept):] == 0).all()
-            assert torch.equal(info.computed[b, :, 0].nonzero().flatten()[info.expert[b, info.computed[b, :, 0], 0] == e], kept)
+            assert (slots[len(kept) :] == 0).all()
+            assert torch.equal(
+                info.computed[b, :, 0].nonzero().flatten()[info.expert[b, info.computed[b, :, 0], 0] == e], kept
+            )
     assert dropped_fraction(info) > 0, "the test needs picks over capacity"
     dropped_or_noop = ~info.computed[..., 0]
     assert (y[dropped_or_noop] == 0).all() and (y[~dropped_or_noop] != 0).all()
@@ -164,8 +167,11 @@ def test_a_static_decoding_step_reads_the_expert_weights_in_place():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             read = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            made.extend((t.numel(), str(func)) for t in tree_leaves(out)  # views of an input are no copy
-                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read)
+            made.extend(
+                (t.numel(), str(func))
+                for t in tree_leaves(out)  # views of an input are no copy
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read
+            )
             return out
 
     moe = mixture(n_experts=4, noop_experts=1, expert_top_k=2)
@@ -377,9 +383,13 @@ def test_expert_figures_by_hand():
 
 
 def test_config_errors_are_one_line():
-    for fields, field in [(dict(noop_experts=2), "noop_experts"), (dict(n_experts=2, expert_top_k=3), "expert_top_k"),
-                          (dict(n_experts=2, capacity_factor=0), "capacity_factor"), (dict(n_experts=-1), "n_experts"),
-                          (dict(n_experts=2, moe_every=9), "moe_every")]:
+    for fields, field in [
+        (dict(noop_experts=2), "noop_experts"),
+        (dict(n_experts=2, expert_top_k=3), "expert_top_k"),
+        (dict(n_experts=2, capacity_factor=0), "capacity_factor"),
+        (dict(n_experts=-1), "n_experts"),
+        (dict(n_experts=2, moe_every=9), "moe_every"),
+    ]:
         with pytest.raises(ValueError, match=f"ModelConfig.{field}=") as err:
             config(**fields)
         assert "\n" not in str(err.value)

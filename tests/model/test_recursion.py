@@ -5,6 +5,7 @@ what a plain model with the shared weights copied computes; expert choice filter
 and leaves exited tokens untouched; causal routing never reads a later token; cached decoding
 equals the causal forward pass, and each step's caches hold exactly the tokens it processed.
 """
+
 import pytest
 import torch
 
@@ -52,21 +53,24 @@ def test_sharing_schemes_build_their_unique_blocks():
     assert vanilla.num_params() - dense.num_params() == 4 * block_params
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(recursions=0), "recursions=0"),
-    (dict(recursion_sharing="cycle", n_layers=5), "n_layers=5 is invalid: must be a multiple of recursions=3"),
-    (dict(n_layers=6), "n_layers=6 is invalid: must be 2 plus a positive multiple"),
-    (dict(route_every=2), "route_every=2 is invalid: must be 0"),
-    (dict(n_experts=2), "n_experts=2 is invalid"),
-    (dict(recursion_capacities=[0.5, 1.0, 0.25]), "recursion_capacities"),
-    (dict(recursion_capacities=[1.0, 0.5]), "recursion_capacities"),
-    (dict(recursion_sharing="sometimes"), "recursion_sharing"),
-    (dict(recursion_routing="token"), "recursion_routing"),
-    (dict(recursions=1, recursion_capacities=[1.0]), "recursion_capacities"),
-    (dict(recursion_routing="token_choice", recursion_capacities=[1.0, 0.5, 0.25]), "recursion_capacities"),
-    (dict(recursion_balance_weight=-1.0), "recursion_balance_weight"),
-    (dict(recursions=1, recursion_kv="shared"), "recursion_kv"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(recursions=0), "recursions=0"),
+        (dict(recursion_sharing="cycle", n_layers=5), "n_layers=5 is invalid: must be a multiple of recursions=3"),
+        (dict(n_layers=6), "n_layers=6 is invalid: must be 2 plus a positive multiple"),
+        (dict(route_every=2), "route_every=2 is invalid: must be 0"),
+        (dict(n_experts=2), "n_experts=2 is invalid"),
+        (dict(recursion_capacities=[0.5, 1.0, 0.25]), "recursion_capacities"),
+        (dict(recursion_capacities=[1.0, 0.5]), "recursion_capacities"),
+        (dict(recursion_sharing="sometimes"), "recursion_sharing"),
+        (dict(recursion_routing="token"), "recursion_routing"),
+        (dict(recursions=1, recursion_capacities=[1.0]), "recursion_capacities"),
+        (dict(recursion_routing="token_choice", recursion_capacities=[1.0, 0.5, 0.25]), "recursion_capacities"),
+        (dict(recursion_balance_weight=-1.0), "recursion_balance_weight"),
+        (dict(recursions=1, recursion_kv="shared"), "recursion_kv"),
+    ],
+)
 def test_bad_recursion_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(UserError, match=message) as error:
         config(**overrides)
@@ -92,9 +96,15 @@ def unrolled(model: MoDTransformer) -> MoDTransformer:
     """The plain model of ``n_layers`` blocks, block i holding a copy of the weights a token meets
     at depth i in ``model`` (a dense recursion)."""
     cfg = model.config
-    plain = MoDTransformer(ModelConfig(**{**cfg.to_dict(), "recursions": 1, "recursion_routing": "expert_choice"})).eval()
+    plain = MoDTransformer(
+        ModelConfig(**{**cfg.to_dict(), "recursions": 1, "recursion_routing": "expert_choice"})
+    ).eval()
     stack = recursion_of(model).stack.blocks
-    order = list(model.blocks[:cfg.unique_before]) + list(stack) * cfg.recursions + list(model.blocks[len(model.blocks) - cfg.unique_before:])
+    order = (
+        list(model.blocks[: cfg.unique_before])
+        + list(stack) * cfg.recursions
+        + list(model.blocks[len(model.blocks) - cfg.unique_before :])
+    )
     for target, source in zip(plain.blocks, order, strict=True):
         target.load_state_dict(source.state_dict())
     plain.embed.load_state_dict(model.embed.state_dict())
@@ -187,20 +197,33 @@ def test_the_causal_targets_are_each_steps_membership_among_its_eligible_tokens(
     out = model(random_tokens(2, 32))
     for before, step in zip([None] + out.recursion.steps, out.recursion.steps):
         mask = torch.ones_like(step.selected) if before is None else before.selected
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(step.router_logits, step.topk.float(), reduction="none")
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            step.router_logits, step.topk.float(), reduction="none"
+        )
         torch.testing.assert_close(step.aux_losses["router_bce"], losses[mask].mean())
 
 
 # --- causality ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("causal_method, causal_decision, sharing, n_layers", [
-    ("router", "plain", "cycle", 6), ("predictor", "controlled", "middle_cycle", 5),
-    ("router", "controlled", "middle_cycle", 5), ("predictor", "plain", "cycle", 6),
-])
+@pytest.mark.parametrize(
+    "causal_method, causal_decision, sharing, n_layers",
+    [
+        ("router", "plain", "cycle", 6),
+        ("predictor", "controlled", "middle_cycle", 5),
+        ("router", "controlled", "middle_cycle", 5),
+        ("predictor", "plain", "cycle", 6),
+    ],
+)
 @pytest.mark.parametrize("kv", ["recursion_wise", "shared"])
 @torch.no_grad()
 def test_causal_routing_never_reads_a_later_token(causal_method, causal_decision, sharing, n_layers, kv):
-    model = build(causal_method=causal_method, causal_decision=causal_decision, recursion_sharing=sharing,
-                  n_layers=n_layers, init_std=0.3, recursion_kv=kv)
+    model = build(
+        causal_method=causal_method,
+        causal_decision=causal_decision,
+        recursion_sharing=sharing,
+        n_layers=n_layers,
+        init_std=0.3,
+        recursion_kv=kv,
+    )
     idx = random_tokens(2, 32)
     t = 20
     changed = idx.clone()
@@ -219,8 +242,11 @@ def test_causal_routing_never_reads_a_later_token(causal_method, causal_decision
 
 
 # --- recursion-wise KV caches ---------------------------------------------------------------------
-POLICIES = {"host_decides": DecodePolicy(host_decides=True, bounded_reads=True),
-            "masked": DecodePolicy(host_decides=False, bounded_reads=True), "static": STATIC}
+POLICIES = {
+    "host_decides": DecodePolicy(host_decides=True, bounded_reads=True),
+    "masked": DecodePolicy(host_decides=False, bounded_reads=True),
+    "static": STATIC,
+}
 
 
 def decode(model, idx, prefill, policy):
@@ -231,18 +257,31 @@ def decode(model, idx, prefill, policy):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("overrides", [
-    dict(causal_method="predictor"),
-    dict(causal_method="router", causal_decision="plain", recursion_sharing="cycle", n_layers=6),
-    dict(recursion_capacities=[0.75, 0.5, 0.25], decision_logit="standardized_router"),
-    dict(recursion_routing="dense"),
-    dict(recursion_kv="shared", recursion_capacities=[0.75, 0.5, 0.25]),
-    dict(recursion_kv="shared", causal_method="router", recursion_sharing="cycle", n_layers=6, n_kv_heads=2),
-    dict(recursion_kv="shared", recursion_routing="dense"),
-    dict(recursion_routing="token_choice"),
-    dict(recursion_routing="token_choice", recursion_kv="shared", recursion_sharing="cycle", n_layers=6),
-], ids=["predictor", "router-cycle", "standardized", "dense", "shared", "shared-router-cycle-gqa", "shared-dense",
-        "token-choice", "token-choice-shared-cycle"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(causal_method="predictor"),
+        dict(causal_method="router", causal_decision="plain", recursion_sharing="cycle", n_layers=6),
+        dict(recursion_capacities=[0.75, 0.5, 0.25], decision_logit="standardized_router"),
+        dict(recursion_routing="dense"),
+        dict(recursion_kv="shared", recursion_capacities=[0.75, 0.5, 0.25]),
+        dict(recursion_kv="shared", causal_method="router", recursion_sharing="cycle", n_layers=6, n_kv_heads=2),
+        dict(recursion_kv="shared", recursion_routing="dense"),
+        dict(recursion_routing="token_choice"),
+        dict(recursion_routing="token_choice", recursion_kv="shared", recursion_sharing="cycle", n_layers=6),
+    ],
+    ids=[
+        "predictor",
+        "router-cycle",
+        "standardized",
+        "dense",
+        "shared",
+        "shared-router-cycle-gqa",
+        "shared-dense",
+        "token-choice",
+        "token-choice-shared-cycle",
+    ],
+)
 @torch.no_grad()
 def test_cached_decoding_equals_the_causal_forward(overrides, policy):
     model = build(init_std=0.3, **overrides)
@@ -267,7 +306,7 @@ def test_each_steps_caches_hold_exactly_the_tokens_it_processed(policy):
             for row in range(2):
                 n = int(kv.length[row])
                 assert torch.equal(kv.positions[row, :n], step.selected[row].nonzero().flatten())
-                assert (kv.positions[row, n:kv.max_len] == -1).all()
+                assert (kv.positions[row, n : kv.max_len] == -1).all()
     assert int(caches[2].blocks[0].length.max()) < int(caches[0].blocks[0].length.min())
     for kv in (state.caches[0], state.caches[2]):
         assert kv.length.tolist() == [30, 30]
@@ -325,7 +364,6 @@ def test_shared_kv_queries_attend_over_the_first_steps_keys():
         a = block.attn.proj(y.transpose(1, 2).reshape(2, 20, -1))
         h = h + a + block.mlp(block.mlp_norm(h + a))
     torch.testing.assert_close(model(idx).logits, model.logits(h), rtol=0, atol=1e-5)
-
 
 
 @pytest.mark.parametrize("kv", ["recursion_wise", "shared"])

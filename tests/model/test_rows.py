@@ -2,6 +2,7 @@
 it decode what each decodes alone, for every kind of routed cache and decision state: the same
 tokens, and logits equal up to the rounding of matrix products, which CPU kernels choose by the
 number of rows (a batch of 1 and of 4 round differently; the caches and decisions are the same)."""
+
 import pytest
 import torch
 
@@ -55,7 +56,7 @@ def serve(model, prompts, news, capacity=3, join_every=2, chunk=4):
         if filling is not None:
             i, one = filling
             fed = int(one.seen[0])
-            logits = model.prefill(prompts[i][fed:fed + chunk].unsqueeze(0), one, last_only=True)
+            logits = model.prefill(prompts[i][fed : fed + chunk].unsqueeze(0), one, last_only=True)
             if fed + chunk >= len(prompts[i]):
                 rows[pool.join(one)] = i
                 out[i].append(logits[0])
@@ -78,10 +79,11 @@ def check(model, prompts, news, **how):
     served = serve(model, prompts, news, **how)
     for prompt, new, logits in zip(prompts, news, served):
         torch.testing.assert_close(logits, alone(model, prompt, new), rtol=0, atol=1e-4)
-        generated = model.generate(prompt, max_new_tokens=new, temperature=0)[len(prompt):]
+        generated = model.generate(prompt, max_new_tokens=new, temperature=0)[len(prompt) :]
         assert torch.equal(logits.argmax(-1), generated)
-    assert sum(len(set(steps.argmax(-1).tolist())) for steps in served) > 2 * len(served), \
+    assert sum(len(set(steps.argmax(-1).tolist())) for steps in served) > 2 * len(served), (
         "continuations must vary for this to test decoding"
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -8,6 +8,7 @@ for one token in about two million, so with the fixed seeds the test is determin
 pass for almost any other seed too; a temperature ignored or a filter one token too wide moves some
 frequency by 0.03 or more, over ten times the band.
 """
+
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def draw(temperature, top_k=None, top_p=None, seed=0) -> list[torch.Tensor]:
     """``N`` draws per row of ``LOGITS``, as token frequencies (one (V,) tensor per row)."""
     logits = LOGITS.repeat_interleave(N, dim=0)
     tokens = sample_next(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
-    return [torch.bincount(tokens[r * N:(r + 1) * N], minlength=V).double() / N for r in range(len(LOGITS))]
+    return [torch.bincount(tokens[r * N : (r + 1) * N], minlength=V).double() / N for r in range(len(LOGITS))]
 
 
 def assert_distribution(freq: torch.Tensor, want: dict[int, float]) -> None:

@@ -1,6 +1,7 @@
 """The decode loop on its own (no HTTP): requests that join a running batch between steps get what
 ``modlm-generate`` gives each alone, seeded samples are the seed's, a request whose client has gone
 frees its row, the waiting line is bounded, and a turn that fails fails its requests, not the loop."""
+
 from __future__ import annotations
 
 import threading
@@ -55,8 +56,14 @@ def job(saved, prompt, max_tokens, sampling=None, stops=(), end_id=None) -> tupl
     out = Collector()
     ids = saved.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
     end_id = end_of_text_id(saved.tokenizer) if end_id is None else end_id
-    return Job(prompt=ids, max_tokens=max_tokens, sampling=sampling or Sampling(temperature=0),
-               stream=TextStream(saved.tokenizer, list(stops)), emit=out, end_id=end_id), out
+    return Job(
+        prompt=ids,
+        max_tokens=max_tokens,
+        sampling=sampling or Sampling(temperature=0),
+        stream=TextStream(saved.tokenizer, list(stops)),
+        emit=out,
+        end_id=end_id,
+    ), out
 
 
 def engine(saved, **settings) -> Engine:
@@ -95,8 +102,10 @@ def test_requests_joining_a_running_batch_get_what_each_gets_alone(saved):
         assert all(out.done.wait(30) for out in outs)
     finally:
         e.stop()
-    want = [alone(saved, p, max_new_tokens=n, temperature=0, stop=stops.get(i, []))
-            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    want = [
+        alone(saved, p, max_new_tokens=n, temperature=0, stop=stops.get(i, []))
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths))
+    ]
     assert [out.text for out in outs] == want
     assert len(set(want)) == len(want) and all(len(set(w)) > 3 for w in want[:2]), "continuations must vary"
     assert outs[2].reason == "stop" and outs[0].reason == "length"
@@ -106,7 +115,7 @@ def test_a_request_ends_at_its_end_of_text_token(saved):
     """The request's end token is here a token greedy decoding gives (the served model never predicts
     its end-of-text token): the request ends there, its text the tokens before it."""
     ids = saved.tokenizer.encode(PROMPTS[0]).ids
-    tokens = saved.model.generate(ids, max_new_tokens=12, temperature=0)[len(ids):].tolist()
+    tokens = saved.model.generate(ids, max_new_tokens=12, temperature=0)[len(ids) :].tolist()
     at = next(i for i in range(2, 12) if tokens[i] not in tokens[:i])
     e = engine(saved)
     try:

@@ -2,6 +2,7 @@
 driven by the ``openai`` package. Greedy text is ``modlm-generate``'s whoever else is served, a stream
 joins to the whole answer, bad input gets a 4xx and the next request is served, the key is checked,
 a full line answers 503, a client that goes away frees its row, and SIGTERM drains and exits."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -24,8 +25,16 @@ from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.slow  # each server is a process that loads torch and the model
 NAME = "tiny-mod"
-PROMPTS = ["def f(", "import os\nimport sys\n", "class A:", "    return x", "for i in range(10):\n    ", "x", "# a",
-           "y = ["]
+PROMPTS = [
+    "def f(",
+    "import os\nimport sys\n",
+    "class A:",
+    "    return x",
+    "for i in range(10):\n    ",
+    "x",
+    "# a",
+    "y = [",
+]
 
 
 class Server:
@@ -34,13 +43,34 @@ class Server:
     def __init__(self, folder, *args, env=None, log=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        environment = {
+            **os.environ,
+            "PYTHONPATH": str(REPO / "src"),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
+        }
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modlm.serve", str(folder), "--port", str(self.port), "--model_name", NAME,
-             "--log_level", "warning", "--threads", "1", *map(str, args)],
-            env=environment, stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "modlm.serve",
+                str(folder),
+                "--port",
+                str(self.port),
+                "--model_name",
+                NAME,
+                "--log_level",
+                "warning",
+                "--threads",
+                "1",
+                *map(str, args),
+            ],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w") if log else subprocess.DEVNULL,
+        )
         end = time.monotonic() + 180
         while time.monotonic() < end:
             assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}"
@@ -72,8 +102,12 @@ class Server:
     def stream(self, body: dict):
         """A streamed completion as an iterator of its non-empty lines; leaving the block hangs up."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        connection.request("POST", "/v1/completions", body=json.dumps({"model": NAME, "stream": True, **body}),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps({"model": NAME, "stream": True, **body}),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         assert response.status == 200
         try:
@@ -141,8 +175,9 @@ def complete(client, prompt, stream=False, **settings):
         r = client.completions.create(model=NAME, prompt=prompt, **settings)
         return r.choices[0].text, r.choices[0].finish_reason, r.usage
     text, reason, usage = "", None, None
-    for chunk in client.completions.create(model=NAME, prompt=prompt, stream=True,
-                                           stream_options={"include_usage": True}, **settings):
+    for chunk in client.completions.create(
+        model=NAME, prompt=prompt, stream=True, stream_options={"include_usage": True}, **settings
+    ):
         if chunk.choices:
             text += chunk.choices[0].text
             reason = chunk.choices[0].finish_reason or reason
@@ -156,15 +191,27 @@ def test_greedy_text_is_modlm_generates_whoever_else_is_served(server, saved):
     stops = {2: ["e"]}
     client = server.client()
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        futures = [pool.submit(complete, client, p, i % 2 == 1, max_tokens=n, temperature=0, stop=stops.get(i))
-                   for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+        futures = [
+            pool.submit(complete, client, p, i % 2 == 1, max_tokens=n, temperature=0, stop=stops.get(i))
+            for i, (p, n) in enumerate(zip(PROMPTS, lengths))
+        ]
         got = [f.result() for f in futures]
-    want = [alone(saved, p, max_new_tokens=n, temperature=0, stop=stops.get(i, []))
-            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    want = [
+        alone(saved, p, max_new_tokens=n, temperature=0, stop=stops.get(i, []))
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths))
+    ]
     assert [text for text, _, _ in got] == want
     assert len(set(want)) == len(want) and all(len(set(w)) > 3 for w in want[:2]), "continuations must vary"
-    assert [reason for _, reason, _ in got] == ["length", "length", "stop", "length", "length", "length", "length",
-                                                "length"]
+    assert [reason for _, reason, _ in got] == [
+        "length",
+        "length",
+        "stop",
+        "length",
+        "length",
+        "length",
+        "length",
+        "length",
+    ]
     for (_, reason, usage), prompt, n in zip(got, PROMPTS, lengths):
         assert usage.prompt_tokens == len(saved.tokenizer.encode(prompt).ids)
         assert usage.completion_tokens == n if reason == "length" else usage.completion_tokens < n
@@ -202,13 +249,16 @@ def test_a_chat_answers_what_modlm_generate_chat_answers(server, saved):
     assert len(set(answer.content)) > 3, "the answer must vary for this to test decoding"
     prompt = continuations_prompt(saved, CONVERSATION)
     assert whole.usage.prompt_tokens == len(prompt) and whole.usage.completion_tokens == 30
-    chunks = list(client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.content
     assert chunks[-1].choices[0].finish_reason == "length"
-    parts = [{**m, "content": [{"type": "text", "text": m["content"][:5]}, {"type": "text", "text": m["content"][5:]}]}
-             for m in CONVERSATION]
+    parts = [
+        {**m, "content": [{"type": "text", "text": m["content"][:5]}, {"type": "text", "text": m["content"][5:]}]}
+        for m in CONVERSATION
+    ]
     again = client.chat.completions.create(model=NAME, messages=parts, max_tokens=30, temperature=0)
     assert again.choices[0].message.content == answer.content
 
@@ -256,9 +306,9 @@ BAD = {  # body -> (status, the message names this)
     '{"model": "tiny-mod", "prompt": "' + "x " * 9000 + '"}': (400, "maximum context length"),
     '{"model": "someone-else", "prompt": "x"}': (404, "does not exist"),
     '{"prompt": "x"}': (400, "model"),
-    'not json at all': (400, "not valid JSON"),
+    "not json at all": (400, "not valid JSON"),
     '{"model": "tiny-mod", "prompt": "x"': (400, "not valid JSON"),
-    '[1, 2, 3]': (400, "valid dictionary"),
+    "[1, 2, 3]": (400, "valid dictionary"),
 }
 
 

@@ -1,6 +1,7 @@
 """A continuation's text as its tokens arrive (``TextStream``): what is sent joins to the tokenizer's
 decoding cut at the first stop string, a stop string split across tokens is never sent in part, and
 a character split across tokens waits for its last byte."""
+
 import pytest
 from tokenizers import Tokenizer
 

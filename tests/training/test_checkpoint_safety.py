@@ -5,6 +5,7 @@ the previous ``last.ckpt``; ``--ckpt_path last`` takes the newest checkpoint whi
 it and refuses, naming both, a damaged newest one; a corrupt or pickled-object file is a one-line
 user error (exit 2) with nothing executed.
 """
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import textwrap
 import pytest
 import torch
 
+from modlm.cli.train import main
 from modlm.saved import CheckpointError, checkpoint_damage
 from modlm.training.checkpoint import checkpoint_candidates, resolve_last
-from modlm.cli.train import main
 from tests.helpers import REPO, tiny_args
 
 
@@ -50,7 +51,8 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path):
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda name=None: None))
+        trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda
+        name=None: None))
         save_atomically(trainer, {str(target)!r}, save_checkpoint)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -90,7 +92,11 @@ def test_last_is_the_newest_checkpoint_whichever_callback_wrote_it(tmp_path):
     (ckpts / ".last.ckpt.partial").write_bytes(b"half")  # a save in progress is never a candidate
     set_mtime(ckpts / ".last.ckpt.partial", 500)
     assert [p.name for p in checkpoint_candidates(ckpts, root)] == [
-        "hpc_ckpt_1.ckpt", "preempted.ckpt", "last.ckpt", "step=0000004.ckpt"]
+        "hpc_ckpt_1.ckpt",
+        "preempted.ckpt",
+        "last.ckpt",
+        "step=0000004.ckpt",
+    ]
 
 
 def test_a_damaged_newest_checkpoint_is_named_with_the_newest_intact_one(tmp_path):

@@ -5,6 +5,7 @@ a graph per block and, past dynamo's recompile limit (8), run uncompiled without
 
 Dynamo's own counters are read; the graphs are captured with the ``eager`` backend (what dynamo
 traces is the same for every backend, and tracing is fast)."""
+
 import pytest
 import torch
 from torch._dynamo.utils import counters

@@ -7,6 +7,7 @@ Every compiled function is forced onto a backend that runs the traced code as it
 whether autograd was recording (``torch.compiler.set_stance(force_backend=...)``, in place of
 inductor and its graphs); it must never run in a pass without backward. Why those passes break
 under CUDA graphs is ``modlm.training.parallel.without_graphs``'s docstring."""
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +29,9 @@ def compiled_runs() -> tuple[list, object]:
         def run(*args):
             runs.append(torch.is_grad_enabled())
             return graph(*args)
+
         return run
+
     return runs, backend
 
 
@@ -67,9 +70,22 @@ def test_a_fit_runs_compiled_code_only_in_passes_with_a_backward(tmp_path, tiny_
     """Training steps run the compiled blocks; the sanity check, both validations and both saves'
     calibrations do not, and the saves still carry their calibrated thresholds."""
     runs, backend = compiled_runs()
-    args = tiny_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-                     "--checkpoint.every_n_train_steps", "2", "--trainer.num_sanity_val_steps", "1",
-                     "--model.compile", "true", "--model.compile_mode", "reduce-overhead")
+    args = tiny_args(
+        tmp_path,
+        tiny_tokenizer,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--trainer.num_sanity_val_steps",
+        "1",
+        "--model.compile",
+        "true",
+        "--model.compile_mode",
+        "reduce-overhead",
+    )
     torch._dynamo.reset()
     with torch.compiler.set_stance("default", force_backend=backend):
         assert train_main(["fit", *args]) == 0

@@ -4,6 +4,7 @@ Everything random in a run (weight init, data order, dropout-free routing) flows
 ``seed_everything`` and the data stream's own seeded order, and torch's CPU kernels reduce in a
 fixed order for a fixed thread count, so nothing may differ between the two runs.
 """
+
 import pytest
 
 from tests.helpers import run_train, scalars, tiny_args

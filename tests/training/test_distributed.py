@@ -11,14 +11,31 @@ import torch.distributed as dist
 
 from modlm import ModelConfig, MoDTransformer
 from modlm.model.errors import UserError
-from tests.helpers import (assert_same_losses_after_resume as assert_same_losses_after_resume_, free_port, run_train, scalars,
-                           tiny_args)
+from tests.helpers import (
+    assert_same_losses_after_resume as assert_same_losses_after_resume_,
+)
+from tests.helpers import (
+    free_port,
+    run_train,
+    scalars,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.slow
 
 N, K = 8, 4
-TWO_CPUS = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.lr_decay_steps", str(N),
-            "--checkpoint.every_n_train_steps", str(K), "--trainer.val_check_interval", str(K))
+TWO_CPUS = (
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "2",
+    "--model.lr_decay_steps",
+    str(N),
+    "--checkpoint.every_n_train_steps",
+    str(K),
+    "--trainer.val_check_interval",
+    str(K),
+)
 
 
 def train_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
@@ -28,11 +45,15 @@ def train_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
     first = run_train("fit", *tiny_args(tmp_path / "cut", data, *TWO_CPUS, *strategy, "--trainer.max_steps", str(K)))
     assert first.returncode == 0, first.stderr[-4000:]
     assert (tmp_path / "cut" / "checkpoints" / "last.ckpt").exists()
-    resumed = run_train("fit", *tiny_args(tmp_path / "cut", data, *TWO_CPUS, *strategy,
-                                          "--trainer.max_steps", str(N), "--ckpt_path", "last"))
+    resumed = run_train(
+        "fit",
+        *tiny_args(tmp_path / "cut", data, *TWO_CPUS, *strategy, "--trainer.max_steps", str(N), "--ckpt_path", "last"),
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    return (scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
-            scalars(tmp_path / "cut" / "lightning_logs" / "version_0"))  # the resumed run goes on in it
+    return (
+        scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
+        scalars(tmp_path / "cut" / "lightning_logs" / "version_0"),
+    )  # the resumed run goes on in it
 
 
 def assert_same_losses_after_resume(want: dict, got: dict) -> None:
@@ -70,8 +91,9 @@ def test_fsdp2_two_processes_train_and_resume(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
 def test_reduced_precision_single_process(tmp_path, tiny_tokenizer, precision):
     root = tmp_path / precision
-    done = run_train("fit", *tiny_args(root, tiny_tokenizer, "--trainer.precision", precision,
-                                       "--trainer.max_steps", "10"))
+    done = run_train(
+        "fit", *tiny_args(root, tiny_tokenizer, "--trainer.precision", precision, "--trainer.max_steps", "10")
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     logged = scalars(root / "lightning_logs" / "version_0")
     losses = [logged["train/loss"][s] for s in sorted(logged["train/loss"])]

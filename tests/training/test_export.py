@@ -2,6 +2,7 @@
 as a fast tokenizer, and generation through transformers' ``generate`` that decodes exactly as
 ``MoDTransformer.generate`` does (causal routing, modlm's KV cache with no entry for skipped tokens).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from modlm import ModelConfig, MoDTransformer
-from modlm.saved import load_saved
-from modlm.training.export import write_export as export
 from modlm.data.tokenizer import EOT_TOKEN, train_tokenizer
+from modlm.saved import load_saved
 from modlm.training.export import ENTRY_FILES, relative_imports, remote_code_files
+from modlm.training.export import write_export as export
 
 # transformers copies remote code under HF_MODULES_CACHE (read once, when it is imported): keep
 # the tests' copies out of the user's cache.
@@ -43,13 +44,22 @@ def tiny_model(tokenizer, **overrides) -> MoDTransformer:
     # init_std 0.3: a random model whose greedy continuations vary (at 0.02 they repeat one token)
     # and whose causal decisions process some tokens and skip others.
     torch.manual_seed(0)
-    base = dict(vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=4, n_heads=4, max_seq_len=64,
-                capacity=0.5, init_std=0.3)
+    base = dict(
+        vocab_size=tokenizer.get_vocab_size(),
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        max_seq_len=64,
+        capacity=0.5,
+        init_std=0.3,
+    )
     return MoDTransformer(ModelConfig(**{**base, **overrides})).eval()
 
 
-CONFIGS = {"predictor-tied": dict(causal_method="predictor"),
-           "router-untied": dict(causal_method="router", tie_embeddings=False)}
+CONFIGS = {
+    "predictor-tied": dict(causal_method="predictor"),
+    "router-untied": dict(causal_method="router", tie_embeddings=False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,7 @@ def strip_left_padding(sequences, mask, pad_id):
     """transformers' rows without the left padding (and the padding after an early end)."""
     rows = []
     for row, m in zip(sequences.tolist(), mask.tolist()):
-        row = row[m.index(1):]
+        row = row[m.index(1) :]
         while row and row[-1] == pad_id and len(row) > 1 and row[-2] == pad_id:
             row.pop()
         rows.append(row)
@@ -114,8 +124,15 @@ print(json.dumps({{"module": type(model).__module__, "file": sys.modules[type(mo
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["module"].startswith("transformers_modules.") and got["file"].startswith(str(tmp_path / "modules"))
@@ -150,14 +167,17 @@ def test_generation_uses_causal_routing_and_caches_only_processed_tokens(exporte
     calls = []
     prefill, decode_step = core.prefill, core.decode_step
     monkeypatch.setattr(core, "prefill", lambda idx, *a, **k: calls.append(tuple(idx.shape)) or prefill(idx, *a, **k))
-    monkeypatch.setattr(core, "decode_step", lambda tok, *a, **k: calls.append((tok.size(0), 1)) or decode_step(tok, *a, **k))
+    monkeypatch.setattr(
+        core, "decode_step", lambda tok, *a, **k: calls.append((tok.size(0), 1)) or decode_step(tok, *a, **k)
+    )
     ids = [tokenizer.encode(p).ids for p in PROMPTS]
     width = max(map(len, ids))
     batch = torch.tensor([[0] * (width - len(r)) + r for r in ids])
     mask = (torch.arange(width) >= torch.tensor([width - len(r) for r in ids]).unsqueeze(1)).long()
     new = 12
-    out = hf.generate(input_ids=batch, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                      return_dict_in_generate=True)
+    out = hf.generate(
+        input_ids=batch, attention_mask=mask, max_new_tokens=new, do_sample=False, return_dict_in_generate=True
+    )
     assert calls == [(3, width)] + [(3, 1)] * (new - 1)  # one prompt pass, then one token per row per step
     state = out.cache.state
     monkeypatch.undo()
@@ -192,14 +212,17 @@ def test_forward_matches_modlm_in_both_routing_modes(exported, tokenizer):
         # a left-padded row gives its unpadded logits at its real positions, with and without a cache
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), idx], dim=1)
         mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(idx)], dim=1)
-        torch.testing.assert_close(hf(padded, attention_mask=mask, use_cache=False).logits[:, 3:], causal,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            hf(padded, attention_mask=mask, use_cache=False).logits[:, 3:], causal, rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(hf(padded, attention_mask=mask).logits[:, 3:], causal, rtol=1e-5, atol=1e-5)
         # labels: mean next-token cross-entropy, -100 ignored
         labels = idx.clone()
         labels[0, :4] = -100
         loss = hf(idx, labels=labels, use_cache=False).loss
-        torch.testing.assert_close(loss, F.cross_entropy(causal[0, 3:-1], idx[0, 4:]), rtol=1e-6, atol=0)  # summed in another order
+        torch.testing.assert_close(
+            loss, F.cross_entropy(causal[0, 3:-1], idx[0, 4:]), rtol=1e-6, atol=0
+        )  # summed in another order
         with pytest.raises(ValueError, match="causal routing only"):
             hf(idx, routing="topk")
         with pytest.raises(ValueError, match="max_seq_len"):
@@ -249,8 +272,16 @@ def test_modlm_reads_its_export_folder_back(exported, tokenizer):
     assert (hf.lm_head.weight is hf.embed.weight) == model.config.tie_embeddings
     assert hf.config.hidden_size == model.config.d_model and hf.config.num_hidden_layers == model.config.n_layers
     names = {p.name for p in folder.iterdir()}
-    assert names == {"config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
-                     "generation_config.json", "data.json", *remote_code_files()}
+    assert names == {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "data.json",
+        *remote_code_files(),
+    }
     for name in remote_code_files():  # copies, not rewrites, of modlm's own files
         assert (folder / name).read_bytes() == (SRC / "modlm" / "model" / name).read_bytes()
 

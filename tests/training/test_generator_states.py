@@ -4,6 +4,7 @@ its own device what the uninterrupted run would have drawn next (random routing 
 No GPU here: ``torch.cuda`` is given two devices with a CPU generator each, as one process of a
 2-GPU run sees them (every device's generator seeded alike, only the rank's own device drawn from).
 The CPU generator is the real one."""
+
 import pytest
 import torch
 

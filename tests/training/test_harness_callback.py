@@ -1,5 +1,6 @@
 """``--harness.tasks``: lm-evaluation-harness scores in TensorBoard while training, every N steps,
 off by default; a wrong task name stops the run before its first step."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,22 @@ pytestmark = pytest.mark.slow
 
 def test_scores_land_in_tensorboard_every_n_steps(tmp_path, tiny_tokenizer):
     folder = write_tasks(tmp_path / "tasks", questions=6, chars=200)
-    args = tiny_args(tmp_path / "run", tiny_tokenizer, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-                     "--harness.tasks", "[docstring_mc, stdlib_ppl]", "--harness.include_path", str(folder),
-                     "--harness.every_n_steps", "2", "--harness.limit", "4")
+    args = tiny_args(
+        tmp_path / "run",
+        tiny_tokenizer,
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--harness.tasks",
+        "[docstring_mc, stdlib_ppl]",
+        "--harness.include_path",
+        str(folder),
+        "--harness.every_n_steps",
+        "2",
+        "--harness.limit",
+        "4",
+    )
     assert train_main(["fit", *args]) == 0
     logged = scalars(next((tmp_path / "run" / "lightning_logs").iterdir()))
     for metric in ("acc", "acc_norm", "capacity_used"):
@@ -35,8 +49,9 @@ def test_off_by_default_and_a_wrong_name_stops_the_run_at_once(tmp_path, tiny_to
     logged = scalars(next((tmp_path / "run" / "lightning_logs").iterdir()))
     assert not [tag for tag in logged if tag.startswith("harness/")]
     folder = write_tasks(tmp_path / "tasks", questions=4, chars=200)
-    wrong = tiny_args(tmp_path / "wrong", tiny_tokenizer, "--harness.tasks", "[docstring_mcq]",
-                      "--harness.include_path", str(folder))
+    wrong = tiny_args(
+        tmp_path / "wrong", tiny_tokenizer, "--harness.tasks", "[docstring_mcq]", "--harness.include_path", str(folder)
+    )
     assert train_main(["fit", *wrong]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'docstring_mcq'" in err and "closest: docstring_mc" in err

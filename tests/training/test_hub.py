@@ -1,5 +1,6 @@
 """Hub pushes carry the model, its tokenizer and a model card; every reader takes a Hub id (offline,
 from the local Hugging Face cache); a pretrained tokenizer (a folder or a Hub id) trains a model."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,17 @@ def test_push_to_hub_carries_weights_tokenizer_code_and_a_model_card(checkpoint,
     with fake_hub(monkeypatch) as hub:
         assert eval_main([str(checkpoint), "--push_to_hub", "someone/tiny-mod", *EVAL_FLAGS]) == 0
     files = hub.files["someone/tiny-mod"]
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "data.json",
-            "modeling_modlm.py", "configuration_modlm.py", "transformer.py"} <= set(files)
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "data.json",
+        "modeling_modlm.py",
+        "configuration_modlm.py",
+        "transformer.py",
+    } <= set(files)
     saved = load_saved(str(checkpoint))
     assert files["tokenizer.json"].decode() == saved.tokenizer.to_str()
     card = files["README.md"].decode()
@@ -76,8 +86,9 @@ def pretrained_tokenizer_folder(folder: Path, corpus: str) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator((p.read_text() for p in sorted(Path(corpus).glob("*.py"))[:20]), trainer=trainer)
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
@@ -89,8 +100,10 @@ def test_a_pretrained_tokenizer_sets_the_vocabulary_and_the_end_of_text(tmp_path
     from huggingface_hub import constants
 
     folder = pretrained_tokenizer_folder(tmp_path / "tok", tiny_tokenizer[0])
-    args = [a if a != tiny_tokenizer[1] else str(folder) for a in tiny_args(tmp_path / "run", tiny_tokenizer,
-                                                                           "--trainer.max_steps", "2")]
+    args = [
+        a if a != tiny_tokenizer[1] else str(folder)
+        for a in tiny_args(tmp_path / "run", tiny_tokenizer, "--trainer.max_steps", "2")
+    ]
     assert train_main(["fit", *args]) == 0
     saved = load_saved(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
     assert saved.model.config.vocab_size == 400 == saved.tokenizer.get_vocab_size()

@@ -4,6 +4,7 @@ Scalars are logged through Lightning, so a CSV logger must receive every one Ten
 what only TensorBoard's writer can take (histograms, the heat map image, the dashboard layout) is
 skipped with exactly one warning.
 """
+
 import csv
 import json
 import re
@@ -35,8 +36,9 @@ def csv_columns(root) -> set[str]:
 
 def fit(root, tiny_tokenizer, *extra) -> list[str]:
     """Run a tiny fit; return the messages of modlm's skipped-output warnings."""
-    args = tiny_args(root, tiny_tokenizer, "--trainer.max_steps", "10", "--routing_stats.histogram_every_n_steps", "5",
-                     *extra)
+    args = tiny_args(
+        root, tiny_tokenizer, "--trainer.max_steps", "10", "--routing_stats.histogram_every_n_steps", "5", *extra
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["fit", *args]) == 0
@@ -47,12 +49,21 @@ def test_csv_logger_gets_every_scalar_and_one_warning_and_throughput_can_be_off(
     both = tmp_path / "both"
     assert fit(both, tiny_tokenizer, "--trainer.logger", logger_arg(TENSORBOARD, CSV, save_dir=both)) == []
     tensorboard_tags = set(scalars(both / "lightning_logs" / "version_0"))
-    assert {"train/loss", "val/loss", "router/capacity_used/layer_1", "flops/step", "flops/measured_per_batch",
-            "train/device/items_per_sec", "lr-AdamW/pg1"} <= tensorboard_tags
+    assert {
+        "train/loss",
+        "val/loss",
+        "router/capacity_used/layer_1",
+        "flops/step",
+        "flops/measured_per_batch",
+        "train/device/items_per_sec",
+        "lr-AdamW/pg1",
+    } <= tensorboard_tags
     assert csv_columns(both) == tensorboard_tags  # the same scalars, whichever logger
 
     alone = tmp_path / "csv"  # and without the throughput monitor, which the flag leaves out entirely
-    told = fit(alone, tiny_tokenizer, "--throughput.enabled", "false", "--trainer.logger", logger_arg(CSV, save_dir=alone))
+    told = fit(
+        alone, tiny_tokenizer, "--throughput.enabled", "false", "--trainer.logger", logger_arg(CSV, save_dir=alone)
+    )
     assert len(told) == 1 and "CSVLogger" in told[0] and "histograms" in told[0] and "heat map" in told[0]
     dropped = tensorboard_tags - csv_columns(alone)
     assert csv_columns(alone) <= tensorboard_tags and "train/device/items_per_sec" in dropped
@@ -77,8 +88,13 @@ def test_hyperparameters_are_model_and_data_and_fill_the_hparams_tab(tmp_path, t
     events.Reload()
     content = events.PluginTagToContent("hparams")
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["val/loss", "val/ppl", "val/loss_causal", "val/ppl_causal",
-                                                             "train/loss"]
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "val/loss",
+        "val/ppl",
+        "val/loss_causal",
+        "val/ppl_causal",
+        "train/loss",
+    ]
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["model/capacity"].number_value == 0.25
     assert start.hparams["data/source"].string_value == tiny_tokenizer[0]

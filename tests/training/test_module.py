@@ -2,6 +2,7 @@
 
 Random token windows and tiny models; every test fixes its seed and asserts an exact property.
 """
+
 import math
 
 import lightning.pytorch as pl
@@ -10,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from modlm.flops import training_flops
+from modlm.training.batch import split_batch
 from modlm.training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from modlm.training.checkpoint import CheckpointMismatchError
-from modlm.training.batch import split_batch
 from modlm.training.module import MoDLightningModule
 from modlm.training.optim import WarmupCosine, param_groups
 
@@ -31,9 +32,17 @@ def windows(n=32, seed=1) -> torch.Tensor:
 
 def trainer(tmp_path, max_steps=4, **kwargs) -> pl.Trainer:
     defaults = dict(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        val_check_interval=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 
@@ -167,8 +176,13 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
                 pl_module.model.norm.weight.data.fill_(float("nan"))
 
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_last=True, save_top_k=-1)
-    t = trainer(tmp_path, max_steps=6, limit_val_batches=0, enable_checkpointing=True,
-                callbacks=[Poison(), NonFiniteLossGuard(), ckpt])
+    t = trainer(
+        tmp_path,
+        max_steps=6,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[Poison(), NonFiniteLossGuard(), ckpt],
+    )
     with pytest.raises(NonFiniteLossError, match=f"step {bad_step}"):
         t.fit(m, DataLoader(data, batch_size=4))
     saved = sorted(p.name for p in (tmp_path / "ck").iterdir())
@@ -220,4 +234,6 @@ def test_validation_charges_the_causal_pass_at_what_it_computed():
     assert k_max != [m.config.topk_tokens(T)] * len(k_max), "the test needs a causal pass of another size"
     want = 4 * (forward_flops(m.config, T) + forward_flops(m.config, T, tokens_per_routed_block=k_max))
     assert report.flops == want == m.flops_per_batch
-    assert [torch.equal(a.selected, b.selected) for a, b in zip(report.causal_mixtures, causal.routing)] == [True] * len(k_max)
+    assert [torch.equal(a.selected, b.selected) for a, b in zip(report.causal_mixtures, causal.routing)] == [
+        True
+    ] * len(k_max)

@@ -7,6 +7,7 @@ layout: the resumed steps must log exactly the uninterrupted run's losses. FSDP2
 ``ModelParallelStrategy``'s default mesh, (nodes x processes per node) = 2 x 2: shards within a
 node, replicas across nodes (HSDP).
 """
+
 import os
 import signal
 import subprocess
@@ -18,15 +19,32 @@ import pytest
 import torch
 
 from modlm.data.prepare import PrepareSettings, prepare_corpus
-from tests.helpers import (assert_same_losses_after_resume, free_port, REPO, TINY_DATA, VAL_FRACTION, run_train, scalars,
-                           tiny_args)
-
+from tests.helpers import (
+    REPO,
+    TINY_DATA,
+    VAL_FRACTION,
+    assert_same_losses_after_resume,
+    free_port,
+    run_train,
+    scalars,
+    tiny_args,
+)
 
 N, K = 6, 4
 LAUNCH_TIMEOUT = 200  # seconds; a launch takes ~30 s on 2 cores
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)]  # three launches a test
-COMMON = ("--trainer.accelerator", "cpu", "--model.lr_decay_steps", str(N), "--trainer.max_steps", str(N),
-          "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", str(N))
+COMMON = (
+    "--trainer.accelerator",
+    "cpu",
+    "--model.lr_decay_steps",
+    str(N),
+    "--trainer.max_steps",
+    str(N),
+    "--checkpoint.every_n_train_steps",
+    "2",
+    "--trainer.val_check_interval",
+    str(N),
+)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -53,13 +71,46 @@ def torchrun_two_nodes(*args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subp
     each node printed, rather than leaving them running.
     """
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-         "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-         str(REPO / "train.py"), "fit", "--trainer.num_nodes", "2", "--trainer.devices", "2", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "2",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(REPO / "train.py"),
+                "fit",
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.devices",
+                "2",
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     deadline = time.monotonic() + timeout
     done = []
     try:
@@ -72,23 +123,38 @@ def torchrun_two_nodes(*args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subp
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        printed = [run.stdout + run.stderr for run in done] + ["".join(proc.communicate()) for proc in nodes[len(done):]]
-        pytest.fail(f"the two-node launch ran over {timeout:.0f} s\n"
-                    + "".join(f"--- node {n} printed (end) ---\n{text[-3000:]}\n" for n, text in enumerate(printed)))
+        printed = [run.stdout + run.stderr for run in done] + [
+            "".join(proc.communicate()) for proc in nodes[len(done) :]
+        ]
+        pytest.fail(
+            f"the two-node launch ran over {timeout:.0f} s\n"
+            + "".join(f"--- node {n} printed (end) ---\n{text[-3000:]}\n" for n, text in enumerate(printed))
+        )
     return done
 
 
 def kill_and_resume(tmp_path, data, *strategy: str) -> tuple[dict, dict]:
     full = torchrun_two_nodes(*tiny_args(tmp_path / "full", data, *COMMON, *strategy))
     assert all(n.returncode == 0 for n in full), full[0].stderr[-4000:] + full[1].stderr[-2000:]
-    killed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy,
-                                           "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep", "--trainer.callbacks.step", str(K)))
+    killed = torchrun_two_nodes(
+        *tiny_args(
+            tmp_path / "cut",
+            data,
+            *COMMON,
+            *strategy,
+            "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
+            "--trainer.callbacks.step",
+            str(K),
+        )
+    )
     assert all(n.returncode != 0 for n in killed)  # every worker died by SIGKILL, so both agents fail
     assert "Signal 9" in killed[0].stderr + killed[1].stderr or "SIGKILL" in killed[0].stderr + killed[1].stderr
     resumed = torchrun_two_nodes(*tiny_args(tmp_path / "cut", data, *COMMON, *strategy, "--ckpt_path", "last"))
     assert all(n.returncode == 0 for n in resumed), resumed[0].stderr[-4000:]
-    return (scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
-            scalars(tmp_path / "cut" / "lightning_logs" / "version_0"))  # the resumed run goes on in it
+    return (
+        scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
+        scalars(tmp_path / "cut" / "lightning_logs" / "version_0"),
+    )  # the resumed run goes on in it
 
 
 def test_two_nodes_ddp_killed_and_resumed(tmp_path, tiny_tokenizer):
@@ -106,16 +172,48 @@ def test_two_nodes_fsdp2_hsdp_mesh_killed_and_resumed(tmp_path, tiny_tokenizer):
 def test_prepared_shards_resume_on_another_number_of_processes(tmp_path, tiny_tokenizer):
     corpus, tokenizer = tiny_tokenizer
     shards = tmp_path / "tokens"
-    prepare_corpus(corpus, shards, PrepareSettings(
-        vocab_size=TINY_DATA["vocab_size"], tokenizer=tokenizer, text_field="text", val_fraction=float(VAL_FRACTION),
-        seed=1234, tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"], cache_dir=None, num_proc=2,
-        shard_tokens=10_000, progress=False))
-    args = tiny_args(tmp_path / "run", (str(shards), tokenizer), "--trainer.accelerator", "cpu",
-                     "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "2", "--trainer.val_check_interval", "2")
+    prepare_corpus(
+        corpus,
+        shards,
+        PrepareSettings(
+            vocab_size=TINY_DATA["vocab_size"],
+            tokenizer=tokenizer,
+            text_field="text",
+            val_fraction=float(VAL_FRACTION),
+            seed=1234,
+            tokenizer_train_chars=TINY_DATA["tokenizer_train_chars"],
+            cache_dir=None,
+            num_proc=2,
+            shard_tokens=10_000,
+            progress=False,
+        ),
+    )
+    args = tiny_args(
+        tmp_path / "run",
+        (str(shards), tokenizer),
+        "--trainer.accelerator",
+        "cpu",
+        "--model.lr_decay_steps",
+        str(N),
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+    )
     two = run_train("fit", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(K))
     assert two.returncode == 0, two.stderr[-4000:]
-    one = run_train("fit", *args, "--trainer.devices", "1", "--data.num_workers", "2", "--trainer.max_steps", str(N),
-                    "--ckpt_path", "last")
+    one = run_train(
+        "fit",
+        *args,
+        "--trainer.devices",
+        "1",
+        "--data.num_workers",
+        "2",
+        "--trainer.max_steps",
+        str(N),
+        "--ckpt_path",
+        "last",
+    )
     assert one.returncode == 0, one.stderr[-4000:]
     assert "restarting the data stream" not in one.stderr
     batch = TINY_DATA["batch_size"]

@@ -7,6 +7,7 @@ while a step that does not log is running (the run's own callbacks, Lightning's 
 included). The optimizer's step counters are the one exception: they are host tensors on every
 device (``torch.optim``), so reading them costs no sync.
 """
+
 from __future__ import annotations
 
 import collections
@@ -55,6 +56,7 @@ def host_reads(monkeypatch):
                 if "torch/optim/" not in stack:
                     seen[StepWatch.running].append((name, stack))
             return original(*args, **kwargs)
+
         return wrapper
 
     for owner, name in READS:
@@ -66,10 +68,21 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("bar", ["false", "true"], ids=["no-progress-bar", "progress-bar"])
 def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer, host_reads, bar):
     """With the progress bar too: it reads ``train/loss`` when it refreshes, on logging steps."""
-    args = tiny_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps",
-                     str(LOG_EVERY), "--trainer.val_check_interval", str(STEPS), "--checkpoint.every_n_train_steps",
-                     str(STEPS), "--trainer.callbacks+=tests.training.test_no_sync.StepWatch",
-                     "--trainer.enable_progress_bar", bar)
+    args = tiny_args(
+        tmp_path,
+        tiny_tokenizer,
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.log_every_n_steps",
+        str(LOG_EVERY),
+        "--trainer.val_check_interval",
+        str(STEPS),
+        "--checkpoint.every_n_train_steps",
+        str(STEPS),
+        "--trainer.callbacks+=tests.training.test_no_sync.StepWatch",
+        "--trainer.enable_progress_bar",
+        bar,
+    )
     assert train_main(["fit", *args, "--throughput.window_size", "2"]) == 0
     plain = {step: calls for step, calls in host_reads.items() if step % LOG_EVERY}
     assert not plain, next(iter(plain.values()))[0][1]
@@ -78,11 +91,21 @@ def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer
     # its FLOPs against its tokens over the same window, are exact
     got = scalars(tmp_path / "lightning_logs" / "version_0")
     tokens_per_step = TINY_DATA["batch_size"] * TINY_DATA["seq_len"]
-    assert got["train/lengths"] == {step: tokens_per_step * (step + 1) for step in range(LOG_EVERY - 1, STEPS, LOG_EVERY)}
-    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
-                      max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
+    assert got["train/lengths"] == {
+        step: tokens_per_step * (step + 1) for step in range(LOG_EVERY - 1, STEPS, LOG_EVERY)
+    }
+    cfg = ModelConfig(
+        vocab_size=TINY_DATA["vocab_size"],
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=TINY_DATA["seq_len"],
+        capacity=0.25,
+    )
     flops_per_token = training_flops(cfg, TINY_DATA["seq_len"]) / TINY_DATA["seq_len"]
     rates = got["train/device/items_per_sec"]
     assert len(rates) == STEPS // LOG_EVERY - 1  # a window of two timed steps
     for step, items in rates.items():
-        assert got["train/device/flops_per_sec"][step] / items == pytest.approx(flops_per_token, rel=1e-6)  # TensorBoard keeps float32
+        assert got["train/device/flops_per_sec"][step] / items == pytest.approx(
+            flops_per_token, rel=1e-6
+        )  # TensorBoard keeps float32

@@ -5,6 +5,7 @@ an uninterrupted run.
 The signal reaches rank 0 only, during step S + 1; the save must hold S + 1 steps on every rank
 (the other rank learns of it through the agreement at the step boundary).
 """
+
 import json
 
 import pytest
@@ -15,16 +16,35 @@ from tests.helpers import run_train, scalars, tiny_args
 pytestmark = pytest.mark.slow  # signals to training processes, one or two ranks, then a resume
 
 N, S = 8, 5  # steps in all; the signal lands while step S + 1 runs
-COMMON = ("--trainer.max_steps", str(N), "--model.lr_decay_steps", str(N), "--checkpoint.every_n_train_steps", "4",
-          "--trainer.val_check_interval", "4")
+COMMON = (
+    "--trainer.max_steps",
+    str(N),
+    "--model.lr_decay_steps",
+    str(N),
+    "--checkpoint.every_n_train_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "4",
+)
 
 
 def preempt_and_resume(tmp_path, data, signal_name: str, *extra: str) -> tuple[dict, dict]:
     full = run_train("fit", *tiny_args(tmp_path / "full", data, *COMMON, *extra))
     assert full.returncode == 0, full.stderr[-3000:]
-    cut = run_train("fit", *tiny_args(tmp_path / "cut", data, *COMMON, *extra,
-                                      "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep",
-                                      "--trainer.callbacks.step", str(S), "--trainer.callbacks.signal", signal_name))
+    cut = run_train(
+        "fit",
+        *tiny_args(
+            tmp_path / "cut",
+            data,
+            *COMMON,
+            *extra,
+            "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep",
+            "--trainer.callbacks.step",
+            str(S),
+            "--trainer.callbacks.signal",
+            signal_name,
+        ),
+    )
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert f"pre-empted ({signal_name}) after step {S + 1}" in cut.stderr + cut.stdout
     saved = tmp_path / "cut" / "checkpoints" / "preempted.ckpt"
@@ -34,8 +54,10 @@ def preempt_and_resume(tmp_path, data, signal_name: str, *extra: str) -> tuple[d
     resumed = run_train("fit", *tiny_args(tmp_path / "cut", data, *COMMON, *extra, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {S + 1} of {saved}" in resumed.stderr + resumed.stdout
-    return (scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
-            scalars(tmp_path / "cut" / "lightning_logs" / "version_0"))  # the resumed run goes on in it
+    return (
+        scalars(tmp_path / "full" / "lightning_logs" / "version_0"),
+        scalars(tmp_path / "cut" / "lightning_logs" / "version_0"),
+    )  # the resumed run goes on in it
 
 
 def assert_same_losses(want: dict, got: dict) -> None:
@@ -51,8 +73,17 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_exactly(tmp_path, tiny_t
 
 
 def test_sigusr1_on_one_of_two_ranks_saves_on_both_and_resumes_exactly(tmp_path, tiny_tokenizer):
-    want, got = preempt_and_resume(tmp_path, tiny_tokenizer, "SIGUSR1", "--trainer.accelerator", "cpu",
-                                   "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    want, got = preempt_and_resume(
+        tmp_path,
+        tiny_tokenizer,
+        "SIGUSR1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     assert_same_losses(want, got)
 
 
@@ -62,12 +93,35 @@ def test_two_ranks_agree_on_a_signal_only_after_the_steps_that_log(tmp_path, tin
     during step 6 is acted on after step 8, the next step that logs. Every collective both ranks call
     while a step runs is watched (``CollectiveSpy``)."""
     log_every = 4
-    done = run_train("fit", *tiny_args(
-        tmp_path, tiny_tokenizer, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_steps", "12", "--model.lr_decay_steps", "12", "--trainer.log_every_n_steps", str(log_every),
-        "--trainer.val_check_interval", "12", "--checkpoint.every_n_train_steps", "12",
-        "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep", "--trainer.callbacks.step", "5",
-        "--trainer.callbacks.signal", "SIGUSR1", "--trainer.callbacks+=tests.helpers.callbacks.CollectiveSpy"))
+    done = run_train(
+        "fit",
+        *tiny_args(
+            tmp_path,
+            tiny_tokenizer,
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.max_steps",
+            "12",
+            "--model.lr_decay_steps",
+            "12",
+            "--trainer.log_every_n_steps",
+            str(log_every),
+            "--trainer.val_check_interval",
+            "12",
+            "--checkpoint.every_n_train_steps",
+            "12",
+            "--trainer.callbacks+=tests.helpers.callbacks.SignalAtStep",
+            "--trainer.callbacks.step",
+            "5",
+            "--trainer.callbacks.signal",
+            "SIGUSR1",
+            "--trainer.callbacks+=tests.helpers.callbacks.CollectiveSpy",
+        ),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pre-empted (SIGUSR1) after step 8" in done.stderr + done.stdout
     assert torch.load(tmp_path / "checkpoints" / "preempted.ckpt", weights_only=True)["global_step"] == 8

@@ -1,6 +1,7 @@
 """Fits that start from a pretrained transformers model (``--model.init_from``): converted to
 Mixture-of-Depths with a capacity schedule, fine-tuned in full or router-only, resumed exactly, read
 back by every command; and the bad input refused with one line, nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from modlm.cli.eval import main as eval_main
 from modlm.cli.generate import main as generate_main
 from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
-from modlm.training.capacity import CapacitySchedule
 from modlm.saved import load_saved, read_checkpoint
+from modlm.training.capacity import CapacitySchedule
 from tests.helpers import VAL_FRACTION, assert_same_losses_after_resume, run_train, scalars
 from tests.helpers.pretrained import pretrained_folder
 
@@ -26,12 +27,39 @@ SEQ, BATCH = 32, 4
 def args(root: Path, corpus: str, folder: Path, *extra: str) -> list[str]:
     """A small fit from ``folder`` on the test corpus (the default config: tiny.yaml's model shape
     would conflict with the checkpoint's)."""
-    return ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.precision", "32-true", "--trainer.log_every_n_steps", "1",
-            "--trainer.val_check_interval", "6", "--checkpoint.every_n_train_steps", "6", "--data.source", corpus,
-            "--data.val_fraction", VAL_FRACTION, "--data.seq_len", str(SEQ), "--data.batch_size", str(BATCH),
-            "--data.val_windows", "8", "--data.num_workers", "0", "--model.warmup_steps", "2",
-            "--model.init_from", str(folder), *extra]
+    return [
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "6",
+        "--checkpoint.every_n_train_steps",
+        "6",
+        "--data.source",
+        corpus,
+        "--data.val_fraction",
+        VAL_FRACTION,
+        "--data.seq_len",
+        str(SEQ),
+        "--data.batch_size",
+        str(BATCH),
+        "--data.val_windows",
+        "8",
+        "--data.num_workers",
+        "0",
+        "--model.warmup_steps",
+        "2",
+        "--model.init_from",
+        str(folder),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +68,18 @@ def folder(tmp_path_factory, tiny_tokenizer) -> Path:
     return pretrained_folder(tmp_path_factory.mktemp("llama") / "llama", "llama-gqa-untied", corpus=tiny_tokenizer[0])
 
 
-SCHEDULE = ("--model.router_weight", "2sigmoid", "--model.capacity", "0.25", "--model.capacity_start", "1.0",
-            "--model.capacity_steps", "10", "--model.capacity_shape", "cosine")
+SCHEDULE = (
+    "--model.router_weight",
+    "2sigmoid",
+    "--model.capacity",
+    "0.25",
+    "--model.capacity_start",
+    "1.0",
+    "--model.capacity_steps",
+    "10",
+    "--model.capacity_shape",
+    "cosine",
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +111,9 @@ def test_flops_follow_the_capacity_schedule_and_resume_continues_it(converted, t
     for step in range(12):
         tokens = [cfg.topk_tokens(SEQ, c) for c in schedule(step)]
         assert log["flops/step"][step] == BATCH * training_flops(cfg, SEQ, tokens_per_routed_block=tokens), step
-        assert log["flops/ratio_vs_dense"][step] == pytest.approx(flops_ratio_vs_dense(cfg, SEQ, tokens_per_routed_block=tokens))
+        assert log["flops/ratio_vs_dense"][step] == pytest.approx(
+            flops_ratio_vs_dense(cfg, SEQ, tokens_per_routed_block=tokens)
+        )
     assert log["flops/step"][0] > log["flops/step"][5] > log["flops/step"][10] == log["flops/step"][11]
     assert log["flops/measured_per_batch"][0] == log["flops/analytic_per_batch"][0]  # the cross-check at capacity 1
     ckpt = read_checkpoint(converted / "checkpoints" / "step=0000006.ckpt", purpose="read")
@@ -82,10 +122,19 @@ def test_flops_follow_the_capacity_schedule_and_resume_continues_it(converted, t
     # resumed from step 6 (with another schedule asked for: the checkpoint's plan wins): the same run
     root = tmp_path / "resumed"
     (root / "checkpoints").mkdir(parents=True)
-    (root / "checkpoints" / "step=0000006.ckpt").write_bytes((converted / "checkpoints" / "step=0000006.ckpt").read_bytes())
+    (root / "checkpoints" / "step=0000006.ckpt").write_bytes(
+        (converted / "checkpoints" / "step=0000006.ckpt").read_bytes()
+    )
     changed = [a if a != "10" else "3" for a in SCHEDULE]
-    assert train_main(["fit", *args(root, tiny_tokenizer[0], folder, *changed, "--trainer.max_steps", "12",
-                                    "--ckpt_path", "last")]) == 0
+    assert (
+        train_main(
+            [
+                "fit",
+                *args(root, tiny_tokenizer[0], folder, *changed, "--trainer.max_steps", "12", "--ckpt_path", "last"),
+            ]
+        )
+        == 0
+    )
     again = scalars(next((root / "lightning_logs").glob("version_*")))
     assert_same_losses_after_resume(log, again, killed_at=6, steps=12, first_logged=6)  # a folder of its own
     assert all(again["flops/step"][s] == log["flops/step"][s] for s in range(6, 12))
@@ -94,7 +143,10 @@ def test_flops_follow_the_capacity_schedule_and_resume_continues_it(converted, t
 @pytest.mark.slow
 def test_every_reader_takes_the_converted_checkpoint(converted, tmp_path, capsys):
     ckpt = str(converted / "checkpoints" / "last.ckpt")
-    assert eval_main([ckpt, "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2", "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        eval_main([ckpt, "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2", "--json", str(tmp_path / "e.json")])
+        == 0
+    )
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["routed_layers"] == [1, 3] and "causal.loss" in result
     capsys.readouterr()
@@ -105,8 +157,25 @@ def test_every_reader_takes_the_converted_checkpoint(converted, tmp_path, capsys
 @pytest.mark.slow
 def test_router_only_tuning_trains_routers_and_predictors_alone(tmp_path, tiny_tokenizer, folder):
     root = tmp_path / "routers"
-    assert train_main(["fit", *args(root, tiny_tokenizer[0], folder, "--model.tune", "routers", "--model.router_weight",
-                                    "2sigmoid", "--trainer.max_steps", "4")]) == 0
+    assert (
+        train_main(
+            [
+                "fit",
+                *args(
+                    root,
+                    tiny_tokenizer[0],
+                    folder,
+                    "--model.tune",
+                    "routers",
+                    "--model.router_weight",
+                    "2sigmoid",
+                    "--trainer.max_steps",
+                    "4",
+                ),
+            ]
+        )
+        == 0
+    )
     ckpt = read_checkpoint(root / "checkpoints" / "last.ckpt", purpose="read")
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     start = MoDTransformer.from_hf(folder, route_every=2, max_seq_len=SEQ).state_dict()
@@ -127,15 +196,20 @@ def test_router_only_tuning_trains_routers_and_predictors_alone(tmp_path, tiny_t
     assert sizes == sorted(start[k].numel() for k in weights)
 
 
-@pytest.mark.parametrize("extra, edit, message", [
-    (("--model.tune", "routers", "--model.route_every", "0"), None, "--model.tune routers trains only routers"),
-    (("--model.capacity_start", "0.1", "--model.capacity_steps", "10"), None, "ends above its start"),
-    (("--model.d_model", "128"), None, "--model.d_model=128 conflicts with the pretrained checkpoint's d_model=64"),
-    ((), {"model_type": "gpt2"}, "unsupported: model_type='gpt2'"),
-    ((), {"hidden_act": "gelu_new"}, "unsupported: hidden_act='gelu_new'"),
-    ((), "no weights", "holds no weights"),
-])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_tokenizer, folder, capsys, extra, edit, message):
+@pytest.mark.parametrize(
+    "extra, edit, message",
+    [
+        (("--model.tune", "routers", "--model.route_every", "0"), None, "--model.tune routers trains only routers"),
+        (("--model.capacity_start", "0.1", "--model.capacity_steps", "10"), None, "ends above its start"),
+        (("--model.d_model", "128"), None, "--model.d_model=128 conflicts with the pretrained checkpoint's d_model=64"),
+        ((), {"model_type": "gpt2"}, "unsupported: model_type='gpt2'"),
+        ((), {"hidden_act": "gelu_new"}, "unsupported: hidden_act='gelu_new'"),
+        ((), "no weights", "holds no weights"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    tmp_path, tiny_tokenizer, folder, capsys, extra, edit, message
+):
     source = folder
     if edit is not None:
         source = tmp_path / "edited"
@@ -160,8 +234,12 @@ def test_a_dense_fine_tune_exports_as_a_plain_llama(tmp_path, tiny_tokenizer, fo
     import transformers
 
     root = tmp_path / "dense"
-    assert train_main(["fit", *args(root, tiny_tokenizer[0], folder, "--model.route_every", "0",
-                                    "--trainer.max_steps", "2")]) == 0
+    assert (
+        train_main(
+            ["fit", *args(root, tiny_tokenizer[0], folder, "--model.route_every", "0", "--trainer.max_steps", "2")]
+        )
+        == 0
+    )
     out = tmp_path / "export"
     ckpt = str(root / "checkpoints" / "last.ckpt")
     assert eval_main([ckpt, "--quiet", "--decode_tokens", "2", "--prompt_tokens", "2", "--export", str(out)]) == 0
@@ -185,10 +263,26 @@ def test_router_only_tuning_under_fsdp2(tmp_path, tiny_tokenizer, folder):
     """Two processes, every block a fully_shard unit holding frozen and trained parameters: the run
     trains, and the frozen weights come back unchanged from the sharded checkpoint."""
     root = tmp_path / "fsdp"
-    done = run_train("fit", *args(root, tiny_tokenizer[0], folder, "--model.tune", "routers", "--model.router_weight",
-                                  "2sigmoid", "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
-                                  "--trainer.devices", "2", "--trainer.strategy",
-                                  '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'))
+    done = run_train(
+        "fit",
+        *args(
+            root,
+            tiny_tokenizer[0],
+            folder,
+            "--model.tune",
+            "routers",
+            "--model.router_weight",
+            "2sigmoid",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',
+        ),
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     saved = load_saved(str(root / "checkpoints" / "last.ckpt")).model.state_dict()
     start = MoDTransformer.from_hf(folder, route_every=2, max_seq_len=SEQ).state_dict()

@@ -1,6 +1,7 @@
 """A Mixture-of-Recursions preset trains through the command line and writes its recursion tags
 with the values the method fixes: each step's top-k share, the depth distribution it implies, the
 exact FLOPs; and a run resumed from its checkpoint logs the losses of the uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,23 @@ def mor_args(root, data, *extra, preset=None):
 @pytest.fixture(scope="module")
 def events(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("mor")
-    args = ["fit", *mor_args(root, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "3",
-                             "--trainer.log_every_n_steps", "1", "--routing_stats.every_n_steps", "1",
-                             "--routing_stats.histogram_every_n_steps", "2")]
+    args = [
+        "fit",
+        *mor_args(
+            root,
+            tiny_tokenizer,
+            "--trainer.max_steps",
+            str(STEPS),
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--routing_stats.every_n_steps",
+            "1",
+            "--routing_stats.histogram_every_n_steps",
+            "2",
+        ),
+    ]
     assert train_main(args) == 0
     (log_dir,) = list(root.glob("lightning_logs/version_*"))
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
@@ -48,8 +63,15 @@ def values(acc, tag):
 
 def test_recursion_tags_follow_the_schedule(events):
     seq = TINY_DATA["seq_len"]
-    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=seq,
-                      route_every=0, recursions=3)
+    cfg = ModelConfig(
+        vocab_size=TINY_DATA["vocab_size"],
+        d_model=32,
+        n_layers=8,
+        n_heads=2,
+        max_seq_len=seq,
+        route_every=0,
+        recursions=3,
+    )
     k = [cfg.topk_tokens(seq, c) for c in cfg.step_capacities]
     assert k == [32, 21, 10]
     for step in range(3):
@@ -85,10 +107,20 @@ def test_dashboard_draws_a_recursion_group(events):
 
 def test_a_resumed_recursive_run_logs_the_losses_of_the_uninterrupted_one(tmp_path, tiny_tokenizer):
     n, cut = 6, 3
-    common = ("--trainer.max_steps", str(n), "--checkpoint.every_n_train_steps", str(cut),
-              "--trainer.val_check_interval", str(n), "--model.lr_decay_steps", str(n))  # one LR plan for the cut run too
+    common = (
+        "--trainer.max_steps",
+        str(n),
+        "--checkpoint.every_n_train_steps",
+        str(cut),
+        "--trainer.val_check_interval",
+        str(n),
+        "--model.lr_decay_steps",
+        str(n),
+    )  # one LR plan for the cut run too
     assert train_main(["fit", *mor_args(tmp_path / "full", tiny_tokenizer, *common)]) == 0
-    assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--trainer.max_steps", str(cut))]) == 0
+    assert (
+        train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--trainer.max_steps", str(cut))]) == 0
+    )
     assert train_main(["fit", *mor_args(tmp_path / "cut", tiny_tokenizer, *common, "--ckpt_path", "last")]) == 0
     want = scalars(tmp_path / "full" / "lightning_logs" / "version_0")
     got = scalars(tmp_path / "cut" / "lightning_logs" / "version_0")  # a resumed run goes on in its own folder
@@ -99,8 +131,18 @@ def test_token_choice_trains_with_its_balance_and_the_router_s_shares_and_evalua
     """Its steps train in static slots: the shares are what the router picked within them (hierarchical,
     the first step every token), the meta-device FLOPs cross-check runs and agrees, validation runs the
     causal computation too, and eval.py reports it (a step with no top-k has no decision figures)."""
-    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                             preset="mor_token_choice.yaml")]
+    args = [
+        "fit",
+        *mor_args(
+            tmp_path,
+            tiny_tokenizer,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            preset="mor_token_choice.yaml",
+        ),
+    ]
     assert train_main(args) == 0
     got = scalars(tmp_path / "lightning_logs" / "version_0")
     assert all(0 < v <= 3 for v in got["train/aux_recursion_balance"].values())  # N_r at most
@@ -109,11 +151,25 @@ def test_token_choice_trains_with_its_balance_and_the_router_s_shares_and_evalua
     assert got["flops/measured_per_batch"][0] == got["flops/analytic_per_batch"][0]
     assert "val/loss" in got and "val/loss_causal" in got
     out = tmp_path / "eval.json"
-    assert eval_main([str(tmp_path / "checkpoints" / "last.ckpt"), "--json", str(out), "--quiet",
-                      "--decode_tokens", "4", "--prompt_tokens", "4"]) == 0
+    assert (
+        eval_main(
+            [
+                str(tmp_path / "checkpoints" / "last.ckpt"),
+                "--json",
+                str(out),
+                "--quiet",
+                "--decode_tokens",
+                "4",
+                "--prompt_tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     ev = json.loads(out.read_text())
-    assert ev["causal.capacity_used.step_0"] == 1.0 and sum(ev[f"causal.depth_share.depth_{d}"] for d in range(4)) == \
-        pytest.approx(1.0)
+    assert ev["causal.capacity_used.step_0"] == 1.0 and sum(
+        ev[f"causal.depth_share.depth_{d}"] for d in range(4)
+    ) == pytest.approx(1.0)
     assert not any(key.startswith("causal.causal_acc.step_") for key in ev)
 
 
@@ -125,13 +181,30 @@ def test_every_recursion_preset_trains_and_evaluates_from_the_command_line(tmp_p
     imply, and the KV cache held while sampling against the plain model's (shared keys and values cache
     the unique blocks and the first step's stack only, 4 of 8 blocks; the dense recursion routes
     nothing and has no sampling figures). Token choice has its own test."""
-    args = ["fit", *mor_args(tmp_path, tiny_tokenizer, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
-                             preset=preset)]
+    args = [
+        "fit",
+        *mor_args(
+            tmp_path, tiny_tokenizer, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", preset=preset
+        ),
+    ]
     assert train_main(args) == 0
     got = scalars(tmp_path / "lightning_logs" / "version_0")
     out = tmp_path / "eval.json"
-    assert eval_main([str(tmp_path / "checkpoints" / "last.ckpt"), "--json", str(out), "--quiet",
-                      "--decode_tokens", "4", "--prompt_tokens", "4"]) == 0
+    assert (
+        eval_main(
+            [
+                str(tmp_path / "checkpoints" / "last.ckpt"),
+                "--json",
+                str(out),
+                "--quiet",
+                "--decode_tokens",
+                "4",
+                "--prompt_tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     ev = json.loads(out.read_text())
     seq = TINY_DATA["seq_len"]
     shape = dict(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=seq, route_every=0)
@@ -147,7 +220,8 @@ def test_every_recursion_preset_trains_and_evaluates_from_the_command_line(tmp_p
         k = [recursive.topk_tokens(seq, c) for c in recursive.step_capacities]
         assert [ev[f"topk.capacity_used.step_{r}"] for r in range(3)] == [n / seq for n in k]
         assert [ev[f"topk.depth_share.depth_{d}"] for d in range(4)] == pytest.approx(
-            [0.0, (k[0] - k[1]) / seq, (k[1] - k[2]) / seq, k[2] / seq])
+            [0.0, (k[0] - k[1]) / seq, (k[1] - k[2]) / seq, k[2] / seq]
+        )
         causal = [ev[f"causal.depth_share.depth_{d}"] for d in range(4)]
         assert causal[0] == 0.0 and sum(causal) == pytest.approx(1.0)  # every token takes the first step
         assert ev["causal.capacity_used.step_0"] == ev["generate.capacity_used.step_0"] == 1.0

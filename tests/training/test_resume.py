@@ -7,6 +7,7 @@ Lightning in the checkpoint). The killed run dies by SIGKILL, with a dataloader 
 steps after its last checkpoint: the resumed run goes on in the killed run's TensorBoard version
 folder, where those two steps are logged again and TensorBoard shows each tag as one curve.
 """
+
 import signal
 
 import pytest
@@ -16,8 +17,16 @@ from tests.helpers import run_train, scalars, tiny_args
 pytestmark = pytest.mark.slow  # each test trains, kills and resumes runs in subprocesses
 
 N, K, SAVED = 12, 10, 8  # total steps; the killed run dies after step K, its last checkpoint is of step SAVED
-COMMON = ("--trainer.max_steps", str(N), "--checkpoint.every_n_train_steps", "4",
-          "--trainer.val_check_interval", "6", "--data.num_workers", "1")
+COMMON = (
+    "--trainer.max_steps",
+    str(N),
+    "--checkpoint.every_n_train_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "6",
+    "--data.num_workers",
+    "1",
+)
 
 
 @pytest.mark.parametrize("routing", ["learned", "random"])
@@ -27,9 +36,17 @@ def test_killed_and_resumed_run_logs_identical_losses(tmp_path, tiny_tokenizer, 
     full = run_train("fit", *tiny_args(tmp_path / "full", tiny_tokenizer, *common))
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = run_train("fit", *tiny_args(tmp_path / "cut", tiny_tokenizer, *common,
-                                         "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
-                                         "--trainer.callbacks.step", str(K)))
+    killed = run_train(
+        "fit",
+        *tiny_args(
+            tmp_path / "cut",
+            tiny_tokenizer,
+            *common,
+            "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
+            "--trainer.callbacks.step",
+            str(K),
+        ),
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt", "step=0000004.ckpt", f"step={SAVED:07d}.ckpt"]

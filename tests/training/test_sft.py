@@ -2,6 +2,7 @@
 with a chat template (full and LoRA, dense and converted to Mixture-of-Depths), the loss mask reaching the
 training and validation loss, LoRA's trainable share, checkpoints and exact resume, merged exports that
 transformers loads with modlm's logits, and bad input refused with one line, nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -46,36 +47,79 @@ def chats(tmp_path_factory) -> dict[str, Path]:
     ``val_more``: each held-out conversation with a user turn after its answer."""
     pairs = [p for p in docstring_pairs() if len(p["completion"]) < 100]
     root = tmp_path_factory.mktemp("chats")
-    more = [{"messages": as_messages(p)["messages"] + [{"role": "user", "content": "Thanks! And an example?"}]}
-            for p in pairs[:8]]
-    return {"train": write_chats(root / "train.jsonl", pairs[8:]), "val": write_chats(root / "val.jsonl", pairs[:8]),
-            "val_more": write_chats(root / "val_more.jsonl", more)}
+    more = [
+        {"messages": as_messages(p)["messages"] + [{"role": "user", "content": "Thanks! And an example?"}]}
+        for p in pairs[:8]
+    ]
+    return {
+        "train": write_chats(root / "train.jsonl", pairs[8:]),
+        "val": write_chats(root / "val.jsonl", pairs[:8]),
+        "val_more": write_chats(root / "val_more.jsonl", more),
+    }
 
 
 def fit_args(root: Path, folder: Path, chats: dict, *extra: str, init_from: bool = True) -> list[str]:
     """A short fit from ``folder`` (or, without ``init_from``, from scratch with its tokenizer) on the chats."""
     start = ["--model.init_from", str(folder)] if init_from else ["--data.tokenizer", str(folder)]
-    return ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.precision", "32-true",
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2", "--model.warmup_steps", "1",
-            *start, "--data.source", str(chats["train"]), "--data.val_source", str(chats["val"]),
-            "--data.seq_len", str(SEQ), "--data.batch_size", str(BATCH), "--data.num_workers", "0", *extra]
+    return [
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--model.warmup_steps",
+        "1",
+        *start,
+        "--data.source",
+        str(chats["train"]),
+        "--data.val_source",
+        str(chats["val"]),
+        "--data.seq_len",
+        str(SEQ),
+        "--data.batch_size",
+        str(BATCH),
+        "--data.num_workers",
+        "0",
+        *extra,
+    ]
 
 
 def module_for(folder: Path, **model) -> MoDLightningModule:
-    return MoDLightningModule(init_from=str(folder), vocab_size=400, max_seq_len=SEQ, warmup_steps=1, lr_decay_steps=4,
-                              **model)
+    return MoDLightningModule(
+        init_from=str(folder), vocab_size=400, max_seq_len=SEQ, warmup_steps=1, lr_decay_steps=4, **model
+    )
 
 
 def data_for(folder: Path, chats: dict, val: str) -> ModLMDataModule:
-    return ModLMDataModule(source=str(chats[val]), val_source=str(chats[val]), tokenizer=str(folder), seq_len=SEQ,
-                           batch_size=BATCH, num_workers=0)
+    return ModLMDataModule(
+        source=str(chats[val]),
+        val_source=str(chats[val]),
+        tokenizer=str(folder),
+        seq_len=SEQ,
+        batch_size=BATCH,
+        num_workers=0,
+    )
 
 
 def quiet_trainer(**given) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, **given)
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **given,
+    )
 
 
 @pytest.mark.parametrize("routing", ["dense", "converted"])
@@ -95,8 +139,12 @@ def test_a_user_turn_after_the_last_answer_changes_no_loss(routing, llama_chat, 
         evaluated = evaluate_routing(module.model, batches, "causal")
         trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
         trainer.fit(module, datamodule=dm)
-        results[val] = {**{k: validated[k] for k in keys}, "eval": evaluated["loss"], "tokens": evaluated["tokens"],
-                        "train": float(trainer.callback_metrics["train/loss"])}
+        results[val] = {
+            **{k: validated[k] for k in keys},
+            "eval": evaluated["loss"],
+            "tokens": evaluated["tokens"],
+            "train": float(trainer.callback_metrics["train/loss"]),
+        }
         assert validated[keys[0]] == pytest.approx(evaluated["loss"], abs=1e-5)  # weighted by assistant tokens
     assert results["val"]["tokens"] == results["val_more"]["tokens"] > 0
     for key, value in results["val"].items():
@@ -149,8 +197,9 @@ def runs(tmp_path_factory, llama_chat, chats):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name, runs, llama_chat, chats, tmp_path,
-                                                                         capsys):
+def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(
+    name, runs, llama_chat, chats, tmp_path, capsys
+):
     """Fit; the checkpoint carries the folder's chat template (and, for LoRA, only what trains); eval on the
     held-out file scores what the run validated; the export keeps the template; generation chats."""
     root = runs(name)
@@ -168,8 +217,25 @@ def test_a_preset_runs_end_to_end_from_a_llama_folder_with_a_chat_template(name,
     logged = scalars(next((root / "lightning_logs").glob("version_*")))
     key = "val/loss_causal" if converted else "val/loss"
     out = tmp_path / "eval.json"
-    assert eval_main([ckpt, "--quiet", "--data.source", str(chats["val"]), "--json", str(out), "--decode_tokens", "2",
-                      "--prompt_tokens", "2", "--export", str(tmp_path / "export")]) == 0
+    assert (
+        eval_main(
+            [
+                ckpt,
+                "--quiet",
+                "--data.source",
+                str(chats["val"]),
+                "--json",
+                str(out),
+                "--decode_tokens",
+                "2",
+                "--prompt_tokens",
+                "2",
+                "--export",
+                str(tmp_path / "export"),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["causal.loss"] == pytest.approx(logged[key][3], abs=1e-5)
     # the held-out windows and their loss mask travel with the checkpoint: the same loss with no data named
@@ -244,8 +310,10 @@ def test_lora_checkpoints_need_their_pretrained_folder(runs, llama_chat, tmp_pat
     data[-4:] = bytes(4)  # the last weight's last value changed
     weights.write_bytes(bytes(data))
     shutil.rmtree(tmp_path / "gone", ignore_errors=True)
-    for edit, message in ((None, "whose weights files have changed since"),
-                          (str(tmp_path / "gone"), "which cannot be read now")):
+    for edit, message in (
+        (None, "whose weights files have changed since"),
+        (str(tmp_path / "gone"), "which cannot be read now"),
+    ):
         if edit:
             ckpt["hyper_parameters"]["init_from"] = edit
             torch.save(ckpt, tmp_path / "moved.ckpt")
@@ -255,13 +323,16 @@ def test_lora_checkpoints_need_their_pretrained_folder(runs, llama_chat, tmp_pat
         assert len(err) == 1 and message in err[0], err
 
 
-@pytest.mark.parametrize("extra, edit, message", [
-    ((), "bad line", "val.jsonl line 3: message 1: role 'bot' is not one of system, user, assistant"),
-    ((), "not json", "val.jsonl line 3: not JSON"),
-    (("--model.tune", "lora"), "no init_from", "--model.tune lora adapts a pretrained model"),
-    (("--model.lora_rank", "0", "--model.tune", "lora"), None, "--model.lora_rank=0: expected >= 1"),
-    (("--model.tune", "lora", "--model.lora_targets", "[router]"), None, "names no nn.Linear layer"),
-])
+@pytest.mark.parametrize(
+    "extra, edit, message",
+    [
+        ((), "bad line", "val.jsonl line 3: message 1: role 'bot' is not one of system, user, assistant"),
+        ((), "not json", "val.jsonl line 3: not JSON"),
+        (("--model.tune", "lora"), "no init_from", "--model.tune lora adapts a pretrained model"),
+        (("--model.lora_rank", "0", "--model.tune", "lora"), None, "--model.lora_rank=0: expected >= 1"),
+        (("--model.tune", "lora", "--model.lora_targets", "[router]"), None, "names no nn.Linear layer"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(extra, edit, message, llama_chat, chats, tmp_path, capsys):
     files = dict(chats)
     if edit in ("bad line", "not json"):
@@ -284,15 +355,27 @@ def test_lora_under_fsdp2_trains_and_resumes(tmp_path, llama_chat, chats):
     trained adapters; 4 steps, then resumed to 6 from its sharded checkpoint, log the losses of 6 in one go;
     the sharded checkpoint reads back merged, the frozen weights the pretrained ones."""
     lora = [a for c in (SFT, SFT_LORA) for a in ("--config", str(c))]
-    fsdp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--model.lr_decay_steps", "6",
-            "--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
+    fsdp = (
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--model.lr_decay_steps",
+        "6",
+        "--trainer.strategy",
+        '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',
+    )
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for root, steps, more in ((whole, "6", ()), (cut, "4", ()), (cut, "6", ("--ckpt_path", "last"))):
         done = run_train("fit", *lora, *fit_args(root, llama_chat, chats, *fsdp, *more), "--trainer.max_steps", steps)
         assert done.returncode == 0, done.stderr[-4000:]
     assert (cut / "checkpoints" / "last.ckpt").is_dir()
-    assert_same_losses_after_resume(scalars(whole / "lightning_logs" / "version_0"),
-                                    scalars(cut / "lightning_logs" / "version_0"), killed_at=4, steps=6)
+    assert_same_losses_after_resume(
+        scalars(whole / "lightning_logs" / "version_0"),
+        scalars(cut / "lightning_logs" / "version_0"),
+        killed_at=4,
+        steps=6,
+    )
     merged = load_saved(str(whole / "checkpoints" / "last.ckpt")).model.state_dict()
     start = MoDTransformer.from_hf(llama_chat, max_seq_len=SEQ, route_every=0).state_dict()
     assert torch.equal(merged["lm_head.weight"], start["lm_head.weight"])

@@ -1,4 +1,5 @@
 """A real tiny training run writes every routing and FLOPs tag with the right values."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,9 +16,25 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def events(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("telemetry")
-    args = ["fit", *tiny_args(root, tiny_tokenizer, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "3",
-                              "--trainer.log_every_n_steps", "1", "--routing_stats.every_n_steps", "1",
-                              "--routing_stats.histogram_every_n_steps", "2", "--flops.peak_flops", "1e11")]
+    args = [
+        "fit",
+        *tiny_args(
+            root,
+            tiny_tokenizer,
+            "--trainer.max_steps",
+            str(STEPS),
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--routing_stats.every_n_steps",
+            "1",
+            "--routing_stats.histogram_every_n_steps",
+            "2",
+            "--flops.peak_flops",
+            "1e11",
+        ),
+    ]
     assert train_main(args) == 0
     (log_dir,) = list(root.glob("lightning_logs/version_*"))
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
@@ -33,12 +50,29 @@ def scalar(acc, tag):
 def test_every_tag_is_written(events):
     tags = events.Tags()
     expected_scalars = {
-        "train/loss", "train/aux_loss", "train/aux_predictor_bce", "val/loss", "val/ppl", "val/loss_causal",
-        "router/capacity_used/layer_1", "router/val_capacity_used/layer_1", "router/causal_acc/layer_1",
-        "router/val_causal_acc/layer_1", "router/val_causal_precision/layer_1", "router/val_causal_recall/layer_1",
-        "router/causal_precision/layer_1", "router/causal_recall/layer_1", "router/selected_first/layer_1",
-        "router/selected_eot/layer_1", "router/depth_mean", "flops/step", "flops/total", "flops/ratio_vs_dense",
-        "flops/mfu", "flops/measured_per_batch", "flops/analytic_per_batch",
+        "train/loss",
+        "train/aux_loss",
+        "train/aux_predictor_bce",
+        "val/loss",
+        "val/ppl",
+        "val/loss_causal",
+        "router/capacity_used/layer_1",
+        "router/val_capacity_used/layer_1",
+        "router/causal_acc/layer_1",
+        "router/val_causal_acc/layer_1",
+        "router/val_causal_precision/layer_1",
+        "router/val_causal_recall/layer_1",
+        "router/causal_precision/layer_1",
+        "router/causal_recall/layer_1",
+        "router/selected_first/layer_1",
+        "router/selected_eot/layer_1",
+        "router/depth_mean",
+        "flops/step",
+        "flops/total",
+        "flops/ratio_vs_dense",
+        "flops/mfu",
+        "flops/measured_per_batch",
+        "flops/analytic_per_batch",
     }
     assert expected_scalars <= set(tags["scalars"]), expected_scalars - set(tags["scalars"])
     assert {"router/weight/layer_1", "router/selected_pos/layer_1", "router/depth"} <= set(tags["histograms"])
@@ -48,8 +82,14 @@ def test_every_tag_is_written(events):
 
 @pytest.mark.slow
 def test_values_follow_the_method(events):
-    cfg = ModelConfig(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=2, n_heads=2,
-                      max_seq_len=TINY_DATA["seq_len"], capacity=0.25)
+    cfg = ModelConfig(
+        vocab_size=TINY_DATA["vocab_size"],
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=TINY_DATA["seq_len"],
+        capacity=0.25,
+    )
     seq, batch = TINY_DATA["seq_len"], TINY_DATA["batch_size"]
     k_over_t = cfg.topk_tokens(seq) / seq
     assert all(v == k_over_t for v in scalar(events, "router/capacity_used/layer_1"))
@@ -105,9 +145,19 @@ def test_dense_layout_has_no_routing_charts():
     dense = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, route_every=0)
     groups = layout(dense, mfu_tags=[])
     assert list(groups) == ["1 loss", "3 compute"]
-    assert all(not t.startswith("router/") and t != "val/loss_causal"
-               for charts in groups.values() for _, tags in charts for t in tags)
+    assert all(
+        not t.startswith("router/") and t != "val/loss_causal"
+        for charts in groups.values()
+        for _, tags in charts
+        for t in tags
+    )
     routed = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, route_every=2, capacity=0.25)
-    (capacity,) = [tags for title, tags in layout(routed, [])["2 routing"] if "capacity used" in title and "(target 0.25)" in title]
-    assert capacity == ["router/capacity_used/layer_1", "router/capacity_used/layer_3",
-                        "router/val_capacity_used/layer_1", "router/val_capacity_used/layer_3"]
+    (capacity,) = [
+        tags for title, tags in layout(routed, [])["2 routing"] if "capacity used" in title and "(target 0.25)" in title
+    ]
+    assert capacity == [
+        "router/capacity_used/layer_1",
+        "router/capacity_used/layer_3",
+        "router/val_capacity_used/layer_1",
+        "router/val_capacity_used/layer_3",
+    ]

@@ -1,6 +1,7 @@
 """A trained model travels: a checkpoint copied alone (its corpus gone) evaluates, validates,
 generates and exports with the numbers it has in place; a resumed run whose tokenizer is not the
 checkpoint's is refused naming both fingerprints; ``predict`` is not offered."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def travelled(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("travel")
     corpus = root / "corpus"
     shutil.copytree(tiny_tokenizer[0], corpus)
-    args = tiny_args(root / "run", (str(corpus), tiny_tokenizer[1]), "--trainer.max_steps", "4",
-                     "--trainer.val_check_interval", "2")
+    args = tiny_args(
+        root / "run", (str(corpus), tiny_tokenizer[1]), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"
+    )
     assert train_main(["fit", *args]) == 0
     in_place = root / "run" / "checkpoints" / "last.ckpt"
     alone = root / "elsewhere" / "model.ckpt"
@@ -67,8 +69,17 @@ def test_a_copied_checkpoint_evaluates_validates_generates_and_exports_without_i
         assert there[key] == here[key], key
 
     val = tmp_path / "val"
-    run = ["validate", "--ckpt_path", str(alone), "--trainer.default_root_dir", str(val),
-           "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+    run = [
+        "validate",
+        "--ckpt_path",
+        str(alone),
+        "--trainer.default_root_dir",
+        str(val),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32-true",
+    ]
     assert train_main(run) == 0
     (version,) = (val / "lightning_logs").glob("version_*")
     (loss,) = scalars(version)["val/loss"].values()
@@ -82,8 +93,9 @@ def test_a_copied_checkpoint_evaluates_validates_generates_and_exports_without_i
     assert (export / "tokenizer.json").is_file() and (export / "model.safetensors").is_file()
 
 
-def test_a_checkpoint_records_its_modlm_and_one_of_another_format_is_refused_in_one_line(travelled, tmp_path, capsys,
-                                                                                         tiny_tokenizer):
+def test_a_checkpoint_records_its_modlm_and_one_of_another_format_is_refused_in_one_line(
+    travelled, tmp_path, capsys, tiny_tokenizer
+):
     """Every checkpoint names the modlm that wrote it; evaluating, generating from or resuming one of another
     format (one of modlm before 0.2.0 records nothing) stops in one line naming that version, reading nothing
     into a model it may not fit, and the checkpoint is left as it was."""
@@ -113,9 +125,22 @@ def test_resuming_with_another_tokenizer_is_refused_naming_both_fingerprints(tmp
     corpus.mkdir()
     for path in sorted((REPO / "src" / "modlm" / "model").glob("*.py"))[:6]:
         shutil.copy(path, corpus / path.name)
-    args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--trainer.enable_progress_bar", "false", "--data.source", str(corpus), "--data.val_fraction", "0.2",
-            "--data.cache_dir", str(tmp_path / "cache"), "--trainer.limit_val_batches", "0"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.source",
+        str(corpus),
+        "--data.val_fraction",
+        "0.2",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.limit_val_batches",
+        "0",
+    ]
     assert train_main(["fit", *args, "--trainer.max_steps", "2"]) == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     before = torch.load(last, weights_only=True)["tokenizer"]["sha256"]
@@ -128,6 +153,10 @@ def test_resuming_with_another_tokenizer_is_refused_naming_both_fingerprints(tmp
 
 
 def test_predict_is_not_offered():
-    done = subprocess.run([sys.executable, str(REPO / "train.py"), "predict"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "predict"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2 and done.stderr.splitlines() == [
-        "modlm: error: unknown command 'predict': expected one of fit, validate, test; train.py --help lists every option"]
+        "modlm: error: unknown command 'predict': expected one of fit, validate, test; train.py --help lists every "
+        "option"
+    ]

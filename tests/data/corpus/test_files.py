@@ -1,4 +1,5 @@
 """Corpus discovery, each source kind, the train/val split and bad input."""
+
 import json
 import shutil
 import sysconfig
@@ -14,8 +15,22 @@ from modlm.data.corpus.split import is_val
 from tests.data.helpers import file_corpus, open_source
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SMALL = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py",
-         "keyword.py", "numbers.py", "queue.py", "sched.py", "shlex.py", "string.py", "this.py"]
+SMALL = [
+    "abc.py",
+    "bisect.py",
+    "colorsys.py",
+    "copy.py",
+    "fnmatch.py",
+    "glob.py",
+    "heapq.py",
+    "keyword.py",
+    "numbers.py",
+    "queue.py",
+    "sched.py",
+    "shlex.py",
+    "string.py",
+    "this.py",
+]
 
 
 def copy_stdlib(folder: Path, names=SMALL) -> Path:
@@ -78,8 +93,11 @@ def test_jsonl_bad_lines_are_skipped_and_reported(tmp_path):
     lines[9] = ""
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     corpus = file_corpus(str(path), val_fraction=0.0)
-    with pytest.warns(DataWarning, match=r"d\.jsonl: skipped 2 line\(s\): not JSON at line\(s\) 4; "
-                                         r"no string 'text' field at line\(s\) 8"):
+    with pytest.warns(
+        DataWarning,
+        match=r"d\.jsonl: skipped 2 line\(s\): not JSON at line\(s\) 4; "
+        r"no string 'text' field at line\(s\) 8",
+    ):
         docs = all_docs(corpus)
     assert [t for _, t in docs] == [f"doc {i} ü" for i in range(20) if i not in (3, 7, 9)]
 
@@ -89,8 +107,9 @@ def test_text_field_json_array_and_parquet(tmp_path):
     folder.mkdir()
     (folder / "a.jsonl").write_text("\n".join(json.dumps({"body": f"jsonl {i}"}) for i in range(10)))
     (folder / "b.json").write_text(json.dumps([{"body": f"json {i}"} for i in range(10)]))
-    pq.write_table(pa.table({"body": [f"parquet {i}" for i in range(10)] + [None], "n": list(range(11))}),
-                   folder / "c.parquet")
+    pq.write_table(
+        pa.table({"body": [f"parquet {i}" for i in range(10)] + [None], "n": list(range(11))}), folder / "c.parquet"
+    )
     (folder / "d.txt").write_text("a text file")
     corpus = file_corpus(str(folder), text_field="body", val_fraction=0.2)
     with pytest.warns(DataWarning, match=r"c\.parquet: skipped 1 row"):
@@ -109,14 +128,17 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     assert "ok \ufffd\ufffd then \ufffd and valid \ufffd end" in texts
 
 
-@pytest.mark.parametrize("source, message", [
-    ("{tmp}/nope", "does not exist"),
-    ("{tmp}/*.nothing", "matched no supported files"),
-    ("{tmp}/emptydir", "holds no .txt"),
-    ("{tmp}/blank", "is empty"),
-    ("{tmp}/data.csv", "unsupported file type"),
-    ("", "expected a path"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{tmp}/nope", "does not exist"),
+        ("{tmp}/*.nothing", "matched no supported files"),
+        ("{tmp}/emptydir", "holds no .txt"),
+        ("{tmp}/blank", "is empty"),
+        ("{tmp}/data.csv", "unsupported file type"),
+        ("", "expected a path"),
+    ],
+)
 def test_bad_sources_raise_data_error(tmp_path, source, message):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "emptydir" / "x.csv").write_text("a,b")

@@ -1,4 +1,5 @@
 """hub:NAME sources: fail fast offline; the streamed parts on a local stream; the pinned commit."""
+
 import itertools
 import json
 import time
@@ -74,7 +75,9 @@ def test_every_epoch_shuffles_the_stream_with_the_seed_it_always_had(tmp_path, m
     corpus.seed = 10**6 + 7  # large enough for the 32-bit reduction to matter
     stream_type, seeds = type(corpus._stream), []
     real = stream_type.shuffle
-    monkeypatch.setattr(stream_type, "shuffle", lambda self, seed=None, **kw: seeds.append(seed) or real(self, seed=seed, **kw))
+    monkeypatch.setattr(
+        stream_type, "shuffle", lambda self, seed=None, **kw: seeds.append(seed) or real(self, seed=seed, **kw)
+    )
     for epoch in (0, 1, 5):
         next(corpus.part_docs(0, 2, epoch))
     assert seeds == [3577587349, 3577587350, 3577587354]
@@ -135,8 +138,16 @@ def test_hub_revision_is_pinned_in_the_cache_key_and_the_checkpoint(tmp_path, mo
         hub_corpus("hub:org/set@nope")
 
     def dm(source):
-        return ModLMDataModule(source=source, seq_len=8, batch_size=2, vocab_size=300, val_windows=2,
-                               num_workers=0, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+        return ModLMDataModule(
+            source=source,
+            seq_len=8,
+            batch_size=2,
+            vocab_size=300,
+            val_windows=2,
+            num_workers=0,
+            val_fraction=0.3,
+            cache_dir=str(tmp_path / "cache"),
+        )
 
     first = dm("hub:org/set@v1")
     next(iter(first.train_dataloader()))
@@ -175,21 +186,31 @@ def test_offline_a_dataset_in_the_local_cache_is_read_from_it(tmp_path, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     rows = lambda tag: "".join(json.dumps({"text": f"{tag} story {i}"}) + "\n" for i in range(40))  # noqa: E731
     cache_dataset(tmp_path / "hf", "someone/stories", "a" * 40, {"data/train.jsonl": rows("old")}, branch="v1")
-    cache_dataset(tmp_path / "hf", "someone/stories", "b" * 40,
-                  {"data/train.jsonl": rows("new"), "data/validation.jsonl": rows("held")})
+    cache_dataset(
+        tmp_path / "hf",
+        "someone/stories",
+        "b" * 40,
+        {"data/train.jsonl": rows("new"), "data/validation.jsonl": rows("held")},
+    )
 
     corpus = hub_corpus("hub:someone/stories", val_fraction=0.2)
     assert corpus.revision == "b" * 40 and corpus.pins() == {"hub_revision": "b" * 40}
-    assert corpus.own_validation and corpus.describe().startswith("hub:someone/stories (from the local cache at commit bbbb")
+    assert corpus.own_validation and corpus.describe().startswith(
+        "hub:someone/stories (from the local cache at commit bbbb"
+    )
     assert {text for _, text in corpus.part_docs(0, 1, epoch=0)} == {f"new story {i}" for i in range(40)}
     assert sorted(corpus.val_texts()) == sorted(f"held story {i}" for i in range(40))
 
     old = hub_corpus("hub:someone/stories@v1", val_fraction=0.2)
     assert old.revision == "a" * 40 and not old.own_validation
     assert set(old.train_texts()) | set(old.val_texts()) == {f"old story {i}" for i in range(40)}
-    with pytest.raises(DataError, match=r"read hub:someone/stories at commit a{40}.*--data.source hub:someone/stories@a{40}"):
+    with pytest.raises(
+        DataError, match=r"read hub:someone/stories at commit a{40}.*--data.source hub:someone/stories@a{40}"
+    ):
         corpus.check_pins(old.pins())
 
     for missing in ("hub:someone/stories@v2", "hub:nobody/else"):
-        with pytest.raises(DataError, match=r"unreachable \(HF_HUB_OFFLINE is set\) and the dataset is not in the local"):
+        with pytest.raises(
+            DataError, match=r"unreachable \(HF_HUB_OFFLINE is set\) and the dataset is not in the local"
+        ):
             hub_corpus(missing)

@@ -1,5 +1,6 @@
 """Each part (one per rank x dataloader worker) reads only its share of a file, and the shares cover
 the corpus exactly once."""
+
 import json
 import warnings
 

@@ -1,5 +1,6 @@
 """Prepared folders: a damaged or half-written one, or a run naming another tokenizer, is a one-line
 DataError that says what to do."""
+
 import shutil
 
 import pytest

@@ -3,6 +3,7 @@
 When hashing whole documents leaves the validation split empty, the end of every document is held
 out instead (deterministically, never also trained on, and said in a warning); only a corpus too
 small for one training batch is refused."""
+
 import pytest
 
 from modlm.data import DataError, DataWarning, ModLMDataModule
@@ -10,9 +11,11 @@ from modlm.data.corpus.split import split_tail
 from tests.data.helpers import file_corpus
 from tests.helpers import REPO
 
-LICENCE = ("Permission is hereby granted, free of charge, to any person obtaining a copy\n"
-           "of this software and associated documentation files, to deal in the Software\n"
-           "without restriction, including without limitation the rights to use, copy, modify.\n") * 12
+LICENCE = (
+    "Permission is hereby granted, free of charge, to any person obtaining a copy\n"
+    "of this software and associated documentation files, to deal in the Software\n"
+    "without restriction, including without limitation the rights to use, copy, modify.\n"
+) * 12
 
 
 def test_split_tail_cuts_at_a_line_and_loses_nothing():
@@ -25,8 +28,16 @@ def test_split_tail_cuts_at_a_line_and_loses_nothing():
 
 
 def test_the_readme_example_one_markdown_file_trains_and_validates(tmp_path):
-    dm = ModLMDataModule(source=str(REPO / "README.md"), seq_len=64, batch_size=4, vocab_size=300,
-                         tokenizer_train_chars=20_000, val_windows=4, num_workers=0, cache_dir=str(tmp_path))
+    dm = ModLMDataModule(
+        source=str(REPO / "README.md"),
+        seq_len=64,
+        batch_size=4,
+        vocab_size=300,
+        tokenizer_train_chars=20_000,
+        val_windows=4,
+        num_workers=0,
+        cache_dir=str(tmp_path),
+    )
     with pytest.warns(DataWarning, match=r"README.md.*1 document\(s\).*holding out the last"):
         dm.setup("fit")
     val = dm.val_dataloader()
@@ -61,7 +72,14 @@ def test_a_folder_of_licences_without_extensions(tmp_path):
 
 def test_only_a_corpus_too_small_for_one_batch_is_refused(tmp_path):
     (tmp_path / "tiny.txt").write_text("just a few words\n")
-    dm = ModLMDataModule(source=str(tmp_path / "tiny.txt"), seq_len=64, batch_size=4, vocab_size=300,
-                         val_fraction=0.0, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    dm = ModLMDataModule(
+        source=str(tmp_path / "tiny.txt"),
+        seq_len=64,
+        batch_size=4,
+        vocab_size=300,
+        val_fraction=0.0,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(DataError, match=r"too small for one training batch: at most 18 tokens.*4 x 65 = 260"):
         dm.train_dataloader()

@@ -1,6 +1,7 @@
 """Corpora as people store them: compressed files (.gz, .zst, .bz2) of every format, and files at
 fsspec URLs (fsspec's in-memory filesystem and file:// stand in for s3://, gs://, hf://), read as
 the same documents, parts and resumed parts as the plain local files."""
+
 import bz2
 import gzip
 import importlib.util
@@ -48,19 +49,28 @@ def write_corpus(folder: Path) -> dict[str, bytes]:
     (folder / "docs.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "sub").mkdir()
     (folder / "sub" / "array.json").write_text(json.dumps([{"text": t} for t in lines[:25]]))
-    pq.write_table(pa.table({"text": [json.loads(line)["text"] for line in lines[:40]]}),
-                   folder / "sub" / "rows.parquet", row_group_size=9)
+    pq.write_table(
+        pa.table({"text": [json.loads(line)["text"] for line in lines[:40]]}),
+        folder / "sub" / "rows.parquet",
+        row_group_size=9,
+    )
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def everything(corpus, parts=(1, 3, 5)) -> dict:
     """What a corpus reads: its counts, both splits, every part's documents, and a part resumed."""
-    got = {"docs": (corpus.num_train_docs, corpus.num_val_docs), "bound": corpus.max_train_tokens,
-           "train": list(corpus.train_texts()), "val": list(corpus.val_texts())}
+    got = {
+        "docs": (corpus.num_train_docs, corpus.num_val_docs),
+        "bound": corpus.max_train_tokens,
+        "train": list(corpus.train_texts()),
+        "val": list(corpus.val_texts()),
+    }
     for n in parts:
         for part in range(n):
             got[n, part] = list(corpus.part_docs(part, n, epoch=1))
-            got[n, part, "resumed"] = list(corpus.part_docs(part, n, epoch=1, start=got[n, part][len(got[n, part]) // 2][0]))
+            got[n, part, "resumed"] = list(
+                corpus.part_docs(part, n, epoch=1, start=got[n, part][len(got[n, part]) // 2][0])
+            )
     return got
 
 
@@ -122,7 +132,9 @@ def test_files_at_fsspec_urls_read_as_local_files(tmp_path, small_pieces):
         memory.pipe("/other/a.jsonl.gz", gzip.compress(files["docs.jsonl"]))
         globbed = read_at("memory://other/*.jsonl*")
         assert [e.relpath for e in globbed.entries] == ["a.jsonl.gz"]
-        assert list(globbed.train_texts()) + list(globbed.val_texts()) and globbed.entries[0].size == len(files["docs.jsonl"])
+        assert list(globbed.train_texts()) + list(globbed.val_texts()) and globbed.entries[0].size == len(
+            files["docs.jsonl"]
+        )
     finally:  # the in-memory filesystem lives as long as the process
         for folder in ("/corpus", "/other"):
             if memory.exists(folder):

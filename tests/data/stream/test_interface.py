@@ -1,5 +1,6 @@
 """The two training streams behind one interface: each starts where it is told, leaves itself as it
 was, saves its position and continues exactly from a saved one."""
+
 import itertools
 import json
 
@@ -20,8 +21,9 @@ def source(request, corpus_folder, prepared):
 
 
 def rank_stream(dm, num_workers: int = 0):
-    return dm.corpus.train_stream(dm.tokenizer, seq_len=dm.seq_len, batch_size=dm.batch_size,
-                                  rank=0, world_size=1, num_workers=num_workers)
+    return dm.corpus.train_stream(
+        dm.tokenizer, seq_len=dm.seq_len, batch_size=dm.batch_size, rank=0, world_size=1, num_workers=num_workers
+    )
 
 
 def same(a, b) -> bool:

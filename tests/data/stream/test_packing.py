@@ -1,4 +1,5 @@
 """Packing: every token of the documents lands in exactly one window, and positions resume."""
+
 import numpy as np
 
 from modlm.data.stream.packing import pack_windows
@@ -20,8 +21,9 @@ def test_the_position_after_a_window_is_enough_to_resume():
     full = list(pack_windows(((0, i, d, 0) for i, d in enumerate(docs)), window=4))
     for k, (_, place) in enumerate(full):
         pos, offset = place["pos"], place["offset"]
-        rest = ((0, i, d[offset:] if i == pos else d, offset if i == pos else 0)
-                for i, d in enumerate(docs) if i >= pos)
+        rest = (
+            (0, i, d[offset:] if i == pos else d, offset if i == pos else 0) for i, d in enumerate(docs) if i >= pos
+        )
         again = list(pack_windows(rest, window=4))
         assert len(again) == len(full) - k - 1
-        assert all(np.array_equal(a, b) and pa == pb for (a, pa), (b, pb) in zip(again, full[k + 1:]))
+        assert all(np.array_equal(a, b) and pa == pb for (a, pa), (b, pb) in zip(again, full[k + 1 :]))

@@ -1,4 +1,5 @@
 """The text stream: parts over ranks x workers, epochs, resume and validation windows."""
+
 import itertools
 import json
 import shutil
@@ -13,8 +14,18 @@ from modlm.data import DataError, ModLMDataModule
 from modlm.data.stream.text import TextStream
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "nturl2path.py", "struct.py", "token.py",
-         "genericpath.py", "stat.py", "__future__.py"]  # ~30 kB: a few thousand tokens, epochs go by fast
+FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "this.py",
+    "nturl2path.py",
+    "struct.py",
+    "token.py",
+    "genericpath.py",
+    "stat.py",
+    "__future__.py",
+]  # ~30 kB: a few thousand tokens, epochs go by fast
 SEQ, BATCH = 64, 8
 
 
@@ -25,7 +36,8 @@ def corpus_dir(tmp_path_factory) -> Path:
         shutil.copy(STDLIB / name, folder / name)
     # Many small records in one file: parts must split inside files too.
     (folder / "records.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"record {i}: " + "ab" * (i % 7)}) for i in range(60)))
+        "\n".join(json.dumps({"text": f"record {i}: " + "ab" * (i % 7)}) for i in range(60))
+    )
     return folder
 
 
@@ -35,9 +47,18 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def make_dm(corpus_dir, cache_dir, **kw) -> ModLMDataModule:
-    args = dict(source=str(corpus_dir), seq_len=SEQ, batch_size=BATCH, vocab_size=400,
-                tokenizer_train_chars=50_000, val_fraction=0.2, val_windows=10, num_workers=2,
-                seed=7, cache_dir=str(cache_dir))
+    args = dict(
+        source=str(corpus_dir),
+        seq_len=SEQ,
+        batch_size=BATCH,
+        vocab_size=400,
+        tokenizer_train_chars=50_000,
+        val_fraction=0.2,
+        val_windows=10,
+        num_workers=2,
+        seed=7,
+        cache_dir=str(cache_dir),
+    )
     return ModLMDataModule(**{**args, **kw})
 
 

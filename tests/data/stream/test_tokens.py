@@ -1,5 +1,6 @@
 """The token stream: every window once an epoch whatever the layout, batches that are exactly the
 prepared folder's windows, and a resume on any number of ranks/workers."""
+
 import itertools
 import json
 
@@ -13,8 +14,9 @@ from tests.data.helpers import BATCH, SEQ, prepared_dm
 
 def token_stream(corpus, rank=0, world_size=1, num_workers=0, consumed=0) -> TokenStream:
     """A rank's token stream of the prepared folder's windows (one process unless told)."""
-    return TokenStream(corpus, SEQ, BATCH, seed=7, rank=rank, world_size=world_size, num_workers=num_workers,
-                       consumed=consumed)
+    return TokenStream(
+        corpus, SEQ, BATCH, seed=7, rank=rank, world_size=world_size, num_workers=num_workers, consumed=consumed
+    )
 
 
 def test_an_epoch_visits_every_window_once_on_any_layout(prepared):
@@ -29,7 +31,9 @@ def test_an_epoch_visits_every_window_once_on_any_layout(prepared):
         assert sorted(first.tolist()) == list(range(per_epoch)), (world, workers)
         # the global order is the same permutation whatever the layout
         single = token_stream(corpus)
-        assert np.array_equal(first[: BATCH * world * 2], np.concatenate([single.window_ids(b) for b in range(2 * world)]))
+        assert np.array_equal(
+            first[: BATCH * world * 2], np.concatenate([single.window_ids(b) for b in range(2 * world)])
+        )
 
 
 def test_batches_are_the_windows_and_do_not_depend_on_workers(prepared):
@@ -43,7 +47,7 @@ def test_batches_are_the_windows_and_do_not_depend_on_workers(prepared):
     for b, batch in enumerate(got0):
         assert batch.shape == (BATCH, SEQ + 1) and batch.dtype == torch.long
         for row, w in zip(batch, stream.window_ids(b)):
-            assert np.array_equal(row.numpy(), tokens[w * (SEQ + 1):(w + 1) * (SEQ + 1)])
+            assert np.array_equal(row.numpy(), tokens[w * (SEQ + 1) : (w + 1) * (SEQ + 1)])
 
 
 def test_resume_is_exact_and_layout_free(prepared):
@@ -64,8 +68,10 @@ def test_resume_is_exact_and_layout_free(prepared):
     corpus = first.corpus
     ranks = [token_stream(corpus, rank=r, world_size=2, consumed=5 * BATCH) for r in range(2)]
     single = token_stream(corpus)
-    assert np.array_equal(np.concatenate([ranks[0].window_ids(0), ranks[1].window_ids(0)]),
-                          np.concatenate([single.window_ids(5), single.window_ids(6)]))
+    assert np.array_equal(
+        np.concatenate([ranks[0].window_ids(0), ranks[1].window_ids(0)]),
+        np.concatenate([single.window_ids(5), single.window_ids(6)]),
+    )
 
 
 def test_windows_follow_the_permutation_of_each_epochs_seed(prepared):
