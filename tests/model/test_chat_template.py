@@ -88,10 +88,12 @@ def test_a_model_without_a_template_exports_as_before(tiny_tokenizer, tmp_path):
 
 def test_a_checkpoint_carries_its_template(llama_chat, tmp_path):
     """The key a run writes (``chat_template``) is read back onto the model, which exports it."""
+    from modlm.model.version import VERSION_KEY, written_by
     from modlm.saved.travel import CHAT_TEMPLATE_KEY
 
     model = MoDTransformer.from_hf(llama_chat)
     ckpt = {
+        VERSION_KEY: written_by(),
         "hyper_parameters": model.config.to_dict(),
         "global_step": 0,
         CHAT_TEMPLATE_KEY: CHATML_TEMPLATE,
