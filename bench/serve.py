@@ -35,6 +35,7 @@ from pathlib import Path
 import openai
 import torch
 
+from modlm.data.tokenizer import fingerprint
 from modlm.model.kv_cache import KVCache, StackCache
 from modlm.saved import load_saved
 
@@ -224,9 +225,15 @@ def main(argv=None) -> None:
 
     prompts, memory = {}, {}
     count = max(args.clients) * args.requests
-    for name, path in models.items():
+    shared = {}  # tokenizer fingerprint -> prompts: a folder without validation windows (a transformers
+    for name, path in models.items():  # folder) is prompted with those of a model with its tokenizer
         saved = load_saved(path)
-        prompts[name] = {kind: prompts_of(saved, n, count) for kind, n in (("short", args.short), ("long", args.long))}
+        key = fingerprint(saved.tokenizer)
+        if saved.validation_windows is None and key in shared:
+            prompts[name] = shared[key]
+        else:
+            lengths = (("short", args.short), ("long", args.long))
+            prompts[name] = shared.setdefault(key, {kind: prompts_of(saved, n, count) for kind, n in lengths})
         memory[name] = {kind: kv_memory(saved.model, prompts[name][kind][0], args.new_tokens) for kind in prompts[name]}
         del saved
 
