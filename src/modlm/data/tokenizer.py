@@ -29,6 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..model.config import END_OF_TEXT_TOKENS, TOKENIZER_FILE
+from ..model.errors import first_line
 from .errors import DataError
 from .progress import note, show_bars
 
@@ -129,7 +130,7 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
             snapshot_download(repo_id, allow_patterns=[TOKENIZER_FILE, "tokenizer_config.json", "chat_template.jinja"])
         )
     except Exception as e:  # noqa: BLE001 - offline, not found, gated: the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(
             f"tokenizer {repo_id!r}: not a local file or folder, and the Hub cannot give it ({first})"
         ) from None

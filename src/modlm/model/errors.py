@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 
 class UserError(ValueError):
@@ -25,10 +25,15 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's to fix (a ``UserError``)."""
+    return isinstance(err, UserError)
+
+
 def run_command(
     body: Callable[[], int],
-    user_error: Optional[Callable[[BaseException], bool]] = None,
-    status: Optional[Callable[[BaseException], int]] = None,
+    user_error: Callable[[BaseException], bool] = is_user_error,
+    status: Callable[[BaseException], int] = lambda err: 2,
 ) -> int:
     """How every modlm command line ends: ``body()``'s exit status, or, for an error the user must fix
     (``user_error(err)``; by default a ``UserError``), its first line on stderr as ``modlm: error: ...``
@@ -37,12 +42,7 @@ def run_command(
     try:
         return body()
     except Exception as err:  # noqa: BLE001 - classified below, re-raised unless the user's to fix
-        if os.environ.get("MODLM_DEBUG") or not (user_error or is_user_error)(err):
+        if os.environ.get("MODLM_DEBUG") or not user_error(err):
             raise
         print(f"modlm: error: {first_line(err)}", file=sys.stderr)
-        return (status or (lambda _: 2))(err)
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` is the user's to fix (a ``UserError``)."""
-    return isinstance(err, UserError)
+        return status(err)

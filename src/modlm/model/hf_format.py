@@ -99,7 +99,7 @@ def resolve(path_or_id: Union[str, Path]) -> Path:
     try:
         return Path(snapshot_download(spec.removeprefix("hub:"), allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UnsupportedCheckpoint(
             f"pretrained model not found: {spec} is no local folder, and the Hub cannot give it ({first})"
         ) from None

@@ -40,15 +40,15 @@ def describe(record: Optional[Mapping]) -> str:
 
 
 def folder_record() -> dict:
-    """``written_by()`` as an export folder's ``config.json`` keys."""
-    return {"modlm_version": __version__, "modlm_format": FORMAT}
+    """``written_by()`` as an export folder's ``config.json`` keys (``modlm_version``, ``modlm_format``)."""
+    return {f"modlm_{key}": value for key, value in written_by().items()}
 
 
 def record_of_folder(config: Mapping) -> Optional[dict]:
     """What a folder's ``config.json`` records of the modlm that wrote it (None: nothing, before 0.2.0)."""
     if "modlm_format" not in config:
         return None
-    return {"version": config.get("modlm_version"), "format": config["modlm_format"]}
+    return {key: config.get(f"modlm_{key}") for key in written_by()}
 
 
 def check_format(record: Optional[Mapping], what: str) -> dict:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..model.errors import UserError
+from ..model.errors import UserError, first_line
 
 
 class CheckpointError(UserError):
@@ -59,7 +59,7 @@ def _read(path: Path):
             # mmap: tensors are not read until used; weights_only: never unpickles code
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 - corrupt, truncated, or objects that are not plain data
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             if any(m in reason.lower() for m in ("weights only", "weights_only", "unsupported global")):
                 ckpt = "it holds pickled objects other than tensors and plain values (modlm never unpickles code)"
             else:

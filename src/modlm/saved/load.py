@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from ..analysis.flops import training_flops
 from ..data.tokenizer import load_tokenizer
 from ..model.config import ModelConfig
-from ..model.errors import UserError
+from ..model.errors import UserError, first_line
 from ..model.transformer import MoDTransformer
 from ..model.version import VERSION_KEY, check_format
 from .adapters import ADAPTER_BASE_KEY, adapted_model
@@ -66,7 +66,7 @@ def _hub_folder(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # noqa: BLE001 - offline, not found, gated: the user's to fix
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(
             f"checkpoint not found: {repo_id} is no local path, and the Hub cannot give it ({first})"
         ) from None

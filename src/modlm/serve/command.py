@@ -172,14 +172,13 @@ def start(argv):
 
 
 def main(argv=None) -> int:
-    """Serve until SIGTERM or Ctrl-C; 0 then, 2 on a user error (one line on stderr; ``MODLM_DEBUG=1``
-    re-raises)."""
+    """Serve until SIGTERM or Ctrl-C; 0 then, 2 on a user error (``run_command``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    built = []
-    status = run_command(lambda: built.append(start(argv)) or 0)
-    if status:
-        return status
-    app, engine, saved, args, options = built[0]
+    return run_command(lambda: serve(*start(argv)))
+
+
+def serve(app, engine, saved, args, options: ServeOptions) -> int:
+    """Run the server ``start`` built until SIGTERM or Ctrl-C, the requests in flight drained."""
     import uvicorn
 
     config = saved.model.config

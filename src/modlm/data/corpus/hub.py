@@ -32,6 +32,7 @@ import threading
 from typing import Iterator, Optional
 from urllib.parse import urlparse
 
+from ...model.errors import first_line
 from ..errors import DataError
 from ..order import epoch_seed
 from .base import TextCorpus
@@ -122,7 +123,7 @@ class HubCorpus(TextCorpus):
             return HfApi().dataset_info(self.name, revision=self.requested_revision).sha
         except Exception as e:  # noqa: BLE001 - not found, gated, no such revision: all the user's to fix
             what = f"revision {self.requested_revision!r} of " if self.requested_revision else ""
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise DataError(f"data source {self.source!r}: cannot resolve {what}the dataset ({first})") from None
 
     def _cached_snapshot(self) -> Optional[str]:
