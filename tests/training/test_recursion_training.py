@@ -61,6 +61,14 @@ def values(acc, tag):
     return [e.value for e in acc.Scalars(tag)]
 
 
+def evaluated(root) -> dict:
+    """``eval.py`` on a run's last checkpoint (a short decode test): its JSON."""
+    out = root / "eval.json"
+    flags = ["--json", str(out), "--quiet", "--decode_tokens", "4", "--prompt_tokens", "4"]
+    assert eval_main([str(root / "checkpoints" / "last.ckpt"), *flags]) == 0
+    return json.loads(out.read_text())
+
+
 def test_recursion_tags_follow_the_schedule(events):
     seq = TINY_DATA["seq_len"]
     cfg = ModelConfig(
@@ -150,23 +158,7 @@ def test_token_choice_trains_with_its_balance_and_the_router_s_shares_and_evalua
     assert shares[0] == [1.0, 1.0] and all(a >= b for a, b in zip(shares[1], shares[2]))
     assert got["flops/measured_per_batch"][0] == got["flops/analytic_per_batch"][0]
     assert "val/loss" in got and "val/loss_causal" in got
-    out = tmp_path / "eval.json"
-    assert (
-        eval_main(
-            [
-                str(tmp_path / "checkpoints" / "last.ckpt"),
-                "--json",
-                str(out),
-                "--quiet",
-                "--decode_tokens",
-                "4",
-                "--prompt_tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
-    ev = json.loads(out.read_text())
+    ev = evaluated(tmp_path)
     assert ev["causal.capacity_used.step_0"] == 1.0 and sum(
         ev[f"causal.depth_share.depth_{d}"] for d in range(4)
     ) == pytest.approx(1.0)
@@ -189,23 +181,7 @@ def test_every_recursion_preset_trains_and_evaluates_from_the_command_line(tmp_p
     ]
     assert train_main(args) == 0
     got = scalars(tmp_path / "lightning_logs" / "version_0")
-    out = tmp_path / "eval.json"
-    assert (
-        eval_main(
-            [
-                str(tmp_path / "checkpoints" / "last.ckpt"),
-                "--json",
-                str(out),
-                "--quiet",
-                "--decode_tokens",
-                "4",
-                "--prompt_tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
-    ev = json.loads(out.read_text())
+    ev = evaluated(tmp_path)
     seq = TINY_DATA["seq_len"]
     shape = dict(vocab_size=TINY_DATA["vocab_size"], d_model=32, n_layers=8, n_heads=2, max_seq_len=seq, route_every=0)
     fields = yaml.safe_load((REPO / "configs" / preset).read_text())["model"] if preset else {}
