@@ -113,16 +113,22 @@ def chain_gap(lm: ModLMHarness, context: list[int], first: list[int], second: li
 def test_causal_scores_obey_the_chain_rule_and_topk_scores_leak(tokenizer):
     """Causal routing decides each token from the tokens up to it: scoring a continuation whole or in
     two parts gives the same log-probability. Top-k routing ranks the whole string, so appending the
-    second part changes how the context and the first part are processed."""
+    second part changes how the context and the first part are processed: whether it changes them for
+    one string depends on the string, so eight seeded random ones (the same wherever the tests run,
+    unlike the standard library's files), and most of them leak."""
     model = build(routed=True)
-    ids = tokenizer.encode(stdlib_text(7, 300)).ids
-    context, first, second = ids[:20], ids[20:26], ids[26:34]
+    strings = torch.randint(1, 400, (8, 34), generator=torch.Generator().manual_seed(7)).tolist()
     causal = ModLMHarness(model, tokenizer, routing="causal")
-    assert chain_gap(causal, context, first, second) == pytest.approx(0, abs=1e-4)
-    assert abs(chain_gap(ModLMHarness(model, tokenizer, routing="topk"), context, first, second)) > 0.05
+    topk = ModLMHarness(model, tokenizer, routing="topk")
     dense = ModLMHarness(build(routed=False), tokenizer, routing="topk")  # nothing routed: nothing to leak
     assert dense.mode.name == "causal" and not dense.mode.leaks
-    assert chain_gap(dense, context, first, second) == pytest.approx(0, abs=1e-4)
+    leaks = 0
+    for ids in strings:
+        context, first, second = ids[:20], ids[20:26], ids[26:34]
+        assert chain_gap(causal, context, first, second) == pytest.approx(0, abs=1e-4)
+        assert chain_gap(dense, context, first, second) == pytest.approx(0, abs=1e-4)
+        leaks += abs(chain_gap(topk, context, first, second)) > 0.05
+    assert leaks >= 5  # six do here
 
 
 @pytest.mark.parametrize("routing", ["causal", "topk"])

@@ -143,6 +143,23 @@ def test_a_seeded_request_draws_what_it_draws_alone(saved):
     assert out.text != alone(saved, PROMPTS[0], max_new_tokens=24, seed=12, **sampling)
 
 
+def test_a_request_is_running_when_its_first_text_comes_and_counted_once(saved):
+    """The load a consumer reads at each text it gets: from the first text on it is running, never in
+    two places or none (a prompt prefilled whose row is not taken yet), and a one-token request too."""
+    e = engine(saved)
+    try:
+        for max_tokens in (6, 1):
+            seen = []
+            j, out = job(saved, PROMPTS[0], max_tokens)
+            j.emit = lambda update, out=out: (seen.append(e.load()), out(update))
+            e.submit(j)
+            assert out.done.wait(30) and out.reason == "length"
+            assert [(s["running"], s["waiting"]) for s in seen] == [(1, 0)] * len(seen) and seen
+            assert wait_for(lambda: e.load()["running"] == 0)
+    finally:
+        e.stop()
+
+
 def test_a_cancelled_request_frees_its_row_and_the_line_is_bounded(saved):
     e = engine(saved, max_batch=1, max_queue=1)
     try:

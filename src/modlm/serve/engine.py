@@ -163,12 +163,13 @@ class Engine:
     def load(self) -> dict:
         """Running rows, requests waiting (and one being prefilled), row capacity, and how many
         requests have ended, by why (``stop``, ``length``, ``error``, ``cancelled``: its client went)."""
-        return {
-            "running": self.pool.running,
-            "waiting": len(self.waiting) + (self.filling is not None),
-            "max_batch": self.pool.capacity,
-            "ended": dict(self.ended),
-        }
+        with self.lock:  # a request is in one place: moves between them happen under the lock
+            return {
+                "running": self.pool.running,
+                "waiting": len(self.waiting) + (self.filling is not None),
+                "max_batch": self.pool.capacity,
+                "ended": dict(self.ended),
+            }
 
     # --- the loop (its own thread) -----------------------------------------------------------------
     @torch.inference_mode()
@@ -223,13 +224,17 @@ class Engine:
         job.fed += len(chunk)
         if job.fed < len(job.prompt):
             return
-        self.filling = None
-        self._accept(job, self._sample([job], logits)[0])
-        if not job.done:
+        token = self._sample([job], logits)[0]
+        with self.lock:  # from prefilled to running in one move, as load() sees it
             row = self.pool.join(job.state)
             assert row == len(self.rows)
             self.rows.append(job)
-        job.state = None
+            self.filling = job.state = None
+        # accepted once it runs: whoever sees its first text sees it running (its row, if that token ended
+        # it, goes at once: the rows of a turn's step are jobs not done)
+        self._accept(job, token)
+        if job.done:
+            self._release([row])
 
     def _sample(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
         """Each row's next token with its own settings: greedy rows by one argmax, the others one
