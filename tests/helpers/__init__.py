@@ -28,18 +28,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
-    """CLI arguments of a tiny run on the ``tiny_tokenizer`` corpus, every output under ``root``."""
-    corpus, tokenizer = data
+def quiet_run(root: Path) -> list[str]:
+    """CLI arguments every in-test run starts with: its outputs under ``root``, no progress bar, no summary."""
     return [
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
         "--trainer.default_root_dir",
         str(root),
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.enable_model_summary",
         "false",
+    ]
+
+
+def exact_fit(root: Path, every: int) -> list[str]:
+    """``quiet_run`` in fp32 (exact comparisons), a log every step, validation and a checkpoint every
+    ``every`` steps: the short fits from a pretrained folder."""
+    return [
+        *quiet_run(root),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.val_check_interval",
+        str(every),
+        "--checkpoint.every_n_train_steps",
+        str(every),
+    ]
+
+
+def tiny_args(root: Path, data: tuple[str, str], *extra: str) -> list[str]:
+    """CLI arguments of a tiny run on the ``tiny_tokenizer`` corpus, every output under ``root``."""
+    corpus, tokenizer = data
+    return [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        *quiet_run(root),
         "--data.source",
         corpus,
         "--data.val_fraction",
@@ -100,6 +123,40 @@ def unexpected_lines(output: str) -> list[str]:
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
     lines = [line.strip() for line in re.split(r"[\r\n]", text)]
     return [line for line in lines if line and not any(p.fullmatch(line) for p in RUN_LINES)]
+
+
+def tiny_preset_config():
+    """The ``ModelConfig`` a run of configs/tiny.yaml builds on the tiny data (written out, not read from
+    the preset: the tests check the preset against it)."""
+    from modlm import ModelConfig
+
+    return ModelConfig(
+        vocab_size=TINY_DATA["vocab_size"],
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=TINY_DATA["seq_len"],
+        capacity=0.25,
+    )
+
+
+def fit_events(root: Path, args: list[str]):
+    """``train.py fit ARGS`` in this process, then its one TensorBoard folder under ``root`` read whole
+    (an ``EventAccumulator``: scalars, histograms, images, tensors)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modlm.cli.train import main as train_main
+
+    assert train_main(["fit", *args]) == 0
+    (log_dir,) = list(root.glob("lightning_logs/version_*"))
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def logged(acc, tag: str) -> list[float]:
+    """The values of one scalar tag of an ``EventAccumulator``, in order."""
+    return [e.value for e in acc.Scalars(tag)]
 
 
 def scalars(version_dir: Path) -> dict[str, dict[int, float]]:

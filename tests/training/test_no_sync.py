@@ -17,11 +17,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from modlm import ModelConfig
 from modlm.cli.train import main as train_main
 from modlm.flops import training_flops
 from modlm.training.callbacks.throughput import TokenThroughput
-from tests.helpers import TINY_DATA, scalars, tiny_args
+from tests.helpers import TINY_DATA, scalars, tiny_args, tiny_preset_config
 
 pytestmark = pytest.mark.slow  # each test trains a run and traces every host read
 
@@ -94,14 +93,7 @@ def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path, tiny_tokenizer
     assert got["train/lengths"] == {
         step: tokens_per_step * (step + 1) for step in range(LOG_EVERY - 1, STEPS, LOG_EVERY)
     }
-    cfg = ModelConfig(
-        vocab_size=TINY_DATA["vocab_size"],
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        max_seq_len=TINY_DATA["seq_len"],
-        capacity=0.25,
-    )
+    cfg = tiny_preset_config()
     flops_per_token = training_flops(cfg, TINY_DATA["seq_len"]) / TINY_DATA["seq_len"]
     rates = got["train/device/items_per_sec"]
     assert len(rates) == STEPS // LOG_EVERY - 1  # a window of two timed steps

@@ -8,13 +8,12 @@ import json
 
 import pytest
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
 from modlm.cli.eval import main as eval_main
 from modlm.cli.train import main as train_main
 from modlm.flops import forward_flops, training_flops
-from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, scalars, tiny_args
+from tests.helpers import REPO, TINY_DATA, assert_same_losses_after_resume, fit_events, logged, scalars, tiny_args
 
 pytestmark = pytest.mark.slow  # training runs of every recursion preset, a resume, and their evaluation
 
@@ -33,9 +32,9 @@ def mor_args(root, data, *extra, preset=None):
 @pytest.fixture(scope="module")
 def events(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("mor")
-    args = [
-        "fit",
-        *mor_args(
+    return fit_events(
+        root,
+        mor_args(
             root,
             tiny_tokenizer,
             "--trainer.max_steps",
@@ -49,16 +48,7 @@ def events(tmp_path_factory, tiny_tokenizer):
             "--routing_stats.histogram_every_n_steps",
             "2",
         ),
-    ]
-    assert train_main(args) == 0
-    (log_dir,) = list(root.glob("lightning_logs/version_*"))
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def values(acc, tag):
-    return [e.value for e in acc.Scalars(tag)]
+    )
 
 
 def evaluated(root) -> dict:
@@ -83,21 +73,21 @@ def test_recursion_tags_follow_the_schedule(events):
     k = [cfg.topk_tokens(seq, c) for c in cfg.step_capacities]
     assert k == [32, 21, 10]
     for step in range(3):
-        assert values(events, f"recursion/capacity_used/step_{step}") == [k[step] / seq] * STEPS
-        assert len(values(events, f"recursion/val_capacity_used/step_{step}")) == STEPS // 3
-        assert all(0 <= v <= 1 for v in values(events, f"recursion/val_causal_acc/step_{step}"))
-        assert all(0 <= v <= 1 for v in values(events, f"recursion/causal_acc/step_{step}"))
-    assert values(events, "recursion/depth_mean") == [pytest.approx(sum(k) / seq)] * STEPS
+        assert logged(events, f"recursion/capacity_used/step_{step}") == [k[step] / seq] * STEPS
+        assert len(logged(events, f"recursion/val_capacity_used/step_{step}")) == STEPS // 3
+        assert all(0 <= v <= 1 for v in logged(events, f"recursion/val_causal_acc/step_{step}"))
+        assert all(0 <= v <= 1 for v in logged(events, f"recursion/causal_acc/step_{step}"))
+    assert logged(events, "recursion/depth_mean") == [pytest.approx(sum(k) / seq)] * STEPS
     # hierarchical filtering: k_r tokens took at least r + 1 steps, so exactly k_r - k_{r+1} took r + 1
-    shares = [values(events, f"recursion/depth_share/depth_{d}") for d in range(4)]
+    shares = [logged(events, f"recursion/depth_share/depth_{d}") for d in range(4)]
     assert shares == [[pytest.approx(s)] * STEPS for s in (0, (32 - 21) / seq, (21 - 10) / seq, 10 / seq)]
-    assert all(v > 0 for v in values(events, "train/aux_predictor_bce"))
+    assert all(v > 0 for v in logged(events, "train/aux_predictor_bce"))
     assert len(events.Histograms("recursion/depth")) == STEPS // 2
     assert events.Images("router/heatmap")[0].width > 100
     per_step = TINY_DATA["batch_size"] * training_flops(cfg, seq)
-    assert values(events, "flops/step") == [pytest.approx(per_step)] * STEPS
+    assert logged(events, "flops/step") == [pytest.approx(per_step)] * STEPS
     # the first step's cross-check counts a meta-device model's FLOPs with torch: equal
-    assert values(events, "flops/analytic_per_batch") == values(events, "flops/measured_per_batch") == [per_step]
+    assert logged(events, "flops/analytic_per_batch") == logged(events, "flops/measured_per_batch") == [per_step]
 
 
 def test_dashboard_draws_a_recursion_group(events):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from modlm import ModelConfig
-from modlm.cli.train import main as train_main
 from modlm.flops import flops_ratio_vs_dense, training_flops
-from tests.helpers import TINY_DATA, tiny_args
+from tests.helpers import TINY_DATA, fit_events, logged, tiny_args, tiny_preset_config
 
 STEPS = 6
 
@@ -16,9 +14,9 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def events(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("telemetry")
-    args = [
-        "fit",
-        *tiny_args(
+    return fit_events(
+        root,
+        tiny_args(
             root,
             tiny_tokenizer,
             "--trainer.max_steps",
@@ -34,16 +32,7 @@ def events(tmp_path_factory, tiny_tokenizer):
             "--flops.peak_flops",
             "1e11",
         ),
-    ]
-    assert train_main(args) == 0
-    (log_dir,) = list(root.glob("lightning_logs/version_*"))
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
-    acc.Reload()
-    return acc
-
-
-def scalar(acc, tag):
-    return [e.value for e in acc.Scalars(tag)]
+    )
 
 
 @pytest.mark.slow
@@ -82,27 +71,20 @@ def test_every_tag_is_written(events):
 
 @pytest.mark.slow
 def test_values_follow_the_method(events):
-    cfg = ModelConfig(
-        vocab_size=TINY_DATA["vocab_size"],
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        max_seq_len=TINY_DATA["seq_len"],
-        capacity=0.25,
-    )
+    cfg = tiny_preset_config()
     seq, batch = TINY_DATA["seq_len"], TINY_DATA["batch_size"]
     k_over_t = cfg.topk_tokens(seq) / seq
-    assert all(v == k_over_t for v in scalar(events, "router/capacity_used/layer_1"))
-    assert all(v == 1 + k_over_t for v in scalar(events, "router/depth_mean"))  # one dense block + routed share
-    assert all(0 <= v <= 1 for v in scalar(events, "router/causal_acc/layer_1"))
-    assert all(0 <= v <= 1 for v in scalar(events, "router/val_capacity_used/layer_1"))
-    assert len(scalar(events, "router/val_causal_acc/layer_1")) == STEPS // 3  # once per validation run
-    assert all(0 <= v <= 1 for v in scalar(events, "router/val_causal_acc/layer_1"))
+    assert all(v == k_over_t for v in logged(events, "router/capacity_used/layer_1"))
+    assert all(v == 1 + k_over_t for v in logged(events, "router/depth_mean"))  # one dense block + routed share
+    assert all(0 <= v <= 1 for v in logged(events, "router/causal_acc/layer_1"))
+    assert all(0 <= v <= 1 for v in logged(events, "router/val_capacity_used/layer_1"))
+    assert len(logged(events, "router/val_causal_acc/layer_1")) == STEPS // 3  # once per validation run
+    assert all(0 <= v <= 1 for v in logged(events, "router/val_causal_acc/layer_1"))
     per_step = batch * training_flops(cfg, seq)
-    assert scalar(events, "flops/step") == [pytest.approx(per_step)] * STEPS
-    assert scalar(events, "flops/total")[-1] == pytest.approx(STEPS * per_step)
-    assert scalar(events, "flops/ratio_vs_dense")[0] == pytest.approx(flops_ratio_vs_dense(cfg, seq))
-    measured, analytic = scalar(events, "flops/measured_per_batch"), scalar(events, "flops/analytic_per_batch")
+    assert logged(events, "flops/step") == [pytest.approx(per_step)] * STEPS
+    assert logged(events, "flops/total")[-1] == pytest.approx(STEPS * per_step)
+    assert logged(events, "flops/ratio_vs_dense")[0] == pytest.approx(flops_ratio_vs_dense(cfg, seq))
+    measured, analytic = logged(events, "flops/measured_per_batch"), logged(events, "flops/analytic_per_batch")
     assert analytic == [pytest.approx(per_step)] and abs(analytic[0] / measured[0] - 1) < 0.02
     assert len(events.Histograms("router/selected_pos/layer_1")) == STEPS // 2
     assert events.Images("router/heatmap")[0].width > 100
