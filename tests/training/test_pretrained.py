@@ -18,7 +18,7 @@ from modlm.cli.train import main as train_main
 from modlm.data.tokenizer import fingerprint, load_tokenizer
 from modlm.saved import load_saved, read_checkpoint
 from modlm.training.capacity import CapacitySchedule
-from tests.helpers import VAL_FRACTION, assert_same_losses_after_resume, run_train, scalars
+from tests.helpers import VAL_FRACTION, assert_same_losses_after_resume, exact_fit, run_train, scalars
 from tests.helpers.pretrained import pretrained_folder
 
 SEQ, BATCH = 32, 4
@@ -28,20 +28,7 @@ def args(root: Path, corpus: str, folder: Path, *extra: str) -> list[str]:
     """A small fit from ``folder`` on the test corpus (the default config: tiny.yaml's model shape
     would conflict with the checkpoint's)."""
     return [
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.val_check_interval",
-        "6",
-        "--checkpoint.every_n_train_steps",
-        "6",
+        *exact_fit(root, 6),
         "--data.source",
         corpus,
         "--data.val_fraction",

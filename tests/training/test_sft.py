@@ -24,7 +24,7 @@ from modlm.data import ModLMDataModule
 from modlm.saved import load_saved, read_checkpoint
 from modlm.saved.adapters import ADAPTER_BASE_KEY, LoraSettings, add_adapters
 from modlm.training.module import MoDLightningModule
-from tests.helpers import REPO, assert_same_losses_after_resume, run_train, scalars
+from tests.helpers import REPO, assert_same_losses_after_resume, exact_fit, run_train, scalars
 from tests.helpers.chat import CHATML_TEMPLATE, as_messages, chatml_tokenizer_folder, docstring_pairs, write_chats
 from tests.helpers.pretrained import pretrained_folder
 
@@ -62,20 +62,7 @@ def fit_args(root: Path, folder: Path, chats: dict, *extra: str, init_from: bool
     """A short fit from ``folder`` (or, without ``init_from``, from scratch with its tokenizer) on the chats."""
     start = ["--model.init_from", str(folder)] if init_from else ["--data.tokenizer", str(folder)]
     return [
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.val_check_interval",
-        "2",
-        "--checkpoint.every_n_train_steps",
-        "2",
+        *exact_fit(root, 2),
         "--model.warmup_steps",
         "1",
         *start,
