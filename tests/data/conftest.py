@@ -1,16 +1,13 @@
 """Fixtures the data tests share: a small stdlib corpus and the prepared folder made from it, once
 a session (preparing costs seconds)."""
 
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
 
 from modlm.data.prepare import PrepareSettings, prepare_corpus
-from tests.data.helpers import PREPARED_SETTINGS
+from tests.data.helpers import PREPARED_SETTINGS, copy_stdlib
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = [
     "bisect.py",
     "colorsys.py",
@@ -31,10 +28,7 @@ FILES = [
 
 @pytest.fixture(scope="session")
 def corpus_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for name in FILES:
-        shutil.copy(STDLIB / name, folder / name)
-    return folder
+    return copy_stdlib(tmp_path_factory.mktemp("corpus"), FILES)
 
 
 @pytest.fixture(scope="session")

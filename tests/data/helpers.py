@@ -1,12 +1,38 @@
 """What the data tests share: the data module's defaults, for the lower-level constructors that
 take the settings as required arguments (the data module's signature is their one owner)."""
 
+import shutil
+import sysconfig
+from pathlib import Path
+
 from modlm.data import ModLMDataModule
 from modlm.data.corpus import open_corpus
 from modlm.data.corpus.files import FileCorpus
 from modlm.data.corpus.hub import HubCorpus
 
 DATA_DEFAULTS = ModLMDataModule.defaults()
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SMALL_FILES = [
+    "bisect.py",
+    "colorsys.py",
+    "keyword.py",
+    "this.py",
+    "nturl2path.py",
+    "struct.py",
+    "token.py",
+    "genericpath.py",
+    "stat.py",
+    "__future__.py",
+]
+"""Ten small standard-library modules, ~30 kB: a few thousand tokens, so epochs go by fast."""
+
+
+def copy_stdlib(folder: Path, names=SMALL_FILES) -> Path:
+    """``names`` from the standard library into ``folder`` (made if missing): a corpus of files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(STDLIB / name, folder / name)
+    return folder
 
 
 def corpus_settings(**given) -> dict:

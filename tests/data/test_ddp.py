@@ -3,9 +3,7 @@ each rank resumes its own part exactly."""
 
 import itertools
 import multiprocessing as mp
-import shutil
 import socket
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,8 @@ import torch
 import torch.distributed as dist
 
 from modlm.data import ModLMDataModule
+from tests.data.helpers import copy_stdlib
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = [
-    "bisect.py",
-    "colorsys.py",
-    "keyword.py",
-    "this.py",
-    "nturl2path.py",
-    "struct.py",
-    "token.py",
-    "genericpath.py",
-    "stat.py",
-    "__future__.py",
-]
 N, K = 8, 3
 
 
@@ -76,9 +62,7 @@ def run_two(tmp: Path, phase: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_save_all_positions_and_resume(tmp_path):
-    (tmp_path / "corpus").mkdir()
-    for name in FILES:
-        shutil.copy(STDLIB / name, tmp_path / "corpus" / name)
+    copy_stdlib(tmp_path / "corpus")
     _ = make_dm(tmp_path).tokenizer  # train once, before the processes start
     run_two(tmp_path, "straight")
     state = torch.load(tmp_path / "state.pt")

@@ -2,8 +2,6 @@
 uninterrupted run trains on (Lightning fetches one batch ahead; that one must not be lost), from
 plain files and from compressed ones (.jsonl.gz, .txt.zst)."""
 
-import shutil
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -12,20 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from modlm.data import ModLMDataModule
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = [
-    "bisect.py",
-    "colorsys.py",
-    "keyword.py",
-    "this.py",
-    "nturl2path.py",
-    "struct.py",
-    "token.py",
-    "genericpath.py",
-    "stat.py",
-    "__future__.py",
-]
+from tests.data.helpers import SMALL_FILES, STDLIB, copy_stdlib
 
 
 class TinyLM(L.LightningModule):
@@ -89,18 +74,17 @@ def fit(tmp_path, corpus, max_steps, ckpt_path=None, ckpt_dir=None):
 def write_corpus(corpus: Path, stored: str) -> None:
     """The files as they are, or as people ship corpora: a gzipped jsonl (a document per line) and
     zstd-compressed text files."""
-    corpus.mkdir()
     if stored == "plain":
-        for name in FILES:
-            shutil.copy(STDLIB / name, corpus / name)
+        copy_stdlib(corpus)
         return
+    corpus.mkdir()
     import gzip
     import json
 
     zstandard = pytest.importorskip("zstandard")
-    lines = "".join(json.dumps({"text": (STDLIB / name).read_text()}) + "\n" for name in FILES[:6])
+    lines = "".join(json.dumps({"text": (STDLIB / name).read_text()}) + "\n" for name in SMALL_FILES[:6])
     (corpus / "docs.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
-    for name in FILES[6:]:
+    for name in SMALL_FILES[6:]:
         (corpus / f"{name}.txt.zst").write_bytes(zstandard.ZstdCompressor().compress((STDLIB / name).read_bytes()))
 
 

@@ -6,7 +6,6 @@ import bz2
 import gzip
 import importlib.util
 import json
-import sysconfig
 from pathlib import Path
 
 import fsspec
@@ -16,9 +15,8 @@ import pytest
 
 from modlm.data import DataError
 from modlm.data.corpus import readers
-from tests.data.helpers import file_corpus
+from tests.data.helpers import STDLIB, file_corpus
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 NAMES = ["bisect.py", "colorsys.py", "keyword.py", "this.py", "stat.py", "token.py", "heapq.py", "shlex.py"]
 
 

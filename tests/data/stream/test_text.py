@@ -2,8 +2,6 @@
 
 import itertools
 import json
-import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -12,28 +10,14 @@ import torch
 
 from modlm.data import DataError, ModLMDataModule
 from modlm.data.stream.text import TextStream
+from tests.data.helpers import copy_stdlib
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = [
-    "bisect.py",
-    "colorsys.py",
-    "keyword.py",
-    "this.py",
-    "nturl2path.py",
-    "struct.py",
-    "token.py",
-    "genericpath.py",
-    "stat.py",
-    "__future__.py",
-]  # ~30 kB: a few thousand tokens, epochs go by fast
 SEQ, BATCH = 64, 8
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for name in FILES:
-        shutil.copy(STDLIB / name, folder / name)
+    folder = copy_stdlib(tmp_path_factory.mktemp("corpus"))
     # Many small records in one file: parts must split inside files too.
     (folder / "records.jsonl").write_text(
         "\n".join(json.dumps({"text": f"record {i}: " + "ab" * (i % 7)}) for i in range(60))
@@ -171,10 +155,7 @@ def test_validation_windows_fixed_and_split_over_ranks(corpus_dir, cache_dir, mo
 
 
 def test_too_many_parts_and_bad_args(corpus_dir, cache_dir, tmp_path):
-    folder = tmp_path / "two"
-    folder.mkdir()
-    for name in ("copy.py", "glob.py", "heapq.py"):
-        shutil.copy(STDLIB / name, folder / name)
+    folder = copy_stdlib(tmp_path / "two", ["copy.py", "glob.py", "heapq.py"])
     dm = make_dm(folder, cache_dir, val_fraction=0.0, num_workers=4)
     with pytest.raises(DataError, match="cannot be shared by 1 rank"):
         dm.train_dataloader()
