@@ -1,9 +1,6 @@
 """Corpus discovery, each source kind, the train/val split and bad input."""
 
 import json
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,9 +9,8 @@ import pytest
 from modlm.data import DataError, DataWarning
 from modlm.data.corpus.files import stdlib_files
 from modlm.data.corpus.split import is_val
-from tests.data.helpers import file_corpus, open_source
+from tests.data.helpers import copy_stdlib, file_corpus, open_source
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL = [
     "abc.py",
     "bisect.py",
@@ -33,13 +29,6 @@ SMALL = [
 ]
 
 
-def copy_stdlib(folder: Path, names=SMALL) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy(STDLIB / name, folder / name)
-    return folder
-
-
 def all_docs(corpus) -> list:
     return list(corpus.part_docs(0, 1, epoch=0))
 
@@ -55,7 +44,7 @@ def test_stdlib_discovery_excludes_tests_and_site_packages():
 
 
 def test_text_folder_one_doc_per_file(tmp_path):
-    folder = copy_stdlib(tmp_path / "c")
+    folder = copy_stdlib(tmp_path / "c", SMALL)
     (folder / "notes.md").write_text("# Héllo\n\nwörld ✓\n", encoding="utf-8")
     (folder / "plain.txt").write_text("just text\n")
     corpus = file_corpus(str(folder), val_fraction=0.2)
@@ -66,7 +55,7 @@ def test_text_folder_one_doc_per_file(tmp_path):
 
 
 def test_single_file_and_glob(tmp_path):
-    folder = copy_stdlib(tmp_path / "c")
+    folder = copy_stdlib(tmp_path / "c", SMALL)
     one = file_corpus(str(folder / "copy.py"), val_fraction=0.0)
     assert [t for _, t in all_docs(one)] == [(folder / "copy.py").read_text()]
     globbed = file_corpus(str(tmp_path / "c" / "[a-h]*.py"), val_fraction=0.0)
@@ -74,7 +63,7 @@ def test_single_file_and_glob(tmp_path):
 
 
 def test_split_is_deterministic_disjoint_and_seed_independent(tmp_path):
-    folder = copy_stdlib(tmp_path / "c")
+    folder = copy_stdlib(tmp_path / "c", SMALL)
     a = file_corpus(str(folder), val_fraction=0.3, seed=1)
     b = file_corpus(str(folder), val_fraction=0.3, seed=2)
     train_a = {t for _, t in all_docs(a)}
